@@ -1,0 +1,149 @@
+//! Structural validation (`holdfast image check`): signatures, checksums, table bounds,
+//! overlaps and parent linkage. A check collects every problem it can find instead of
+//! stopping at the first, so an operator sees the whole extent of the damage.
+
+use crate::backing::{Backing, FileBacking};
+use crate::{Format, OpenCtx};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How bad a problem is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Damage: data may be unreadable or wrong.
+    Error,
+    /// Worth knowing, but every byte still reads correctly (a stale header copy, a
+    /// log waiting for replay, leaked space).
+    Warning,
+}
+
+/// One finding.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub severity: Severity,
+    /// The structure concerned ("header 1", "BAT entry 17", "L2 table"...).
+    pub structure: String,
+    /// Byte offset in the file, when known.
+    pub offset: Option<u64>,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        match self.offset {
+            Some(o) => write!(f, "{sev}: {} at offset {o:#x}: {}", self.structure, self.detail),
+            None => write!(f, "{sev}: {}: {}", self.structure, self.detail),
+        }
+    }
+}
+
+/// The result of checking one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub path: PathBuf,
+    /// `None` when the file could not even be read.
+    pub format: Option<Format>,
+    pub problems: Vec<Problem>,
+    /// Short lines saying what was examined (for the operator's confidence).
+    pub checked: Vec<String>,
+}
+
+impl CheckReport {
+    fn new(path: &Path) -> Self {
+        CheckReport {
+            path: path.to_path_buf(),
+            format: None,
+            problems: Vec::new(),
+            checked: Vec::new(),
+        }
+    }
+
+    /// Records damage.
+    pub fn error(&mut self, structure: impl Into<String>, offset: Option<u64>, detail: impl Into<String>) {
+        self.problems.push(Problem {
+            severity: Severity::Error,
+            structure: structure.into(),
+            offset,
+            detail: detail.into(),
+        });
+    }
+
+    /// Records something harmless but notable.
+    pub fn warning(&mut self, structure: impl Into<String>, offset: Option<u64>, detail: impl Into<String>) {
+        self.problems.push(Problem {
+            severity: Severity::Warning,
+            structure: structure.into(),
+            offset,
+            detail: detail.into(),
+        });
+    }
+
+    /// Records an [`Error`](crate::Error) returned by a parser as damage.
+    pub fn from_error(&mut self, structure: &str, err: &crate::Error) {
+        let offset = match err {
+            crate::Error::Corrupt { offset, .. } | crate::Error::Truncated { offset, .. } => {
+                Some(*offset)
+            }
+            _ => None,
+        };
+        self.error(structure, offset, err.to_string());
+    }
+
+    /// Notes what was examined.
+    pub fn checked(&mut self, what: impl Into<String>) {
+        self.checked.push(what.into());
+    }
+
+    /// True when at least one problem is an error.
+    pub fn is_damaged(&self) -> bool {
+        self.problems.iter().any(|p| p.severity == Severity::Error)
+    }
+}
+
+/// Checks the image at `path`.
+pub fn check(path: &Path) -> CheckReport {
+    match FileBacking::open(path) {
+        Ok(f) => check_backing(f),
+        Err(e) => {
+            let mut r = CheckReport::new(path);
+            r.from_error("file", &e);
+            r
+        }
+    }
+}
+
+/// Checks an image from any [`Backing`].
+pub fn check_backing(file: Arc<dyn Backing>) -> CheckReport {
+    let mut r = CheckReport::new(file.path());
+    let format = match crate::detect(file.as_ref()) {
+        Ok(f) => f,
+        Err(e) => {
+            r.from_error("file signature", &e);
+            return r;
+        }
+    };
+    r.format = Some(format);
+    let ctx = match OpenCtx::new().enter(file.path()) {
+        Ok(c) => c,
+        Err(e) => {
+            r.from_error("parent chain", &e);
+            return r;
+        }
+    };
+    match format {
+        Format::Raw => r.checked(format!(
+            "raw image of {} bytes: no metadata to check",
+            file.len()
+        )),
+        Format::Vhd => crate::vhd::check(file, &ctx, &mut r),
+        Format::Vhdx => crate::vhdx::check(file, &ctx, &mut r),
+        Format::Qcow2 => crate::qcow2::check(file, &ctx, &mut r),
+    }
+    r
+}
