@@ -229,11 +229,8 @@ impl Sink for Qcow2Writer {
         }
         self.pwrite(&buf, rt_off)?;
         self.next_host = rt_off + table * cs;
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(&self.path, "fsync", e))?;
-
-        // Header last: until it is written the file is not a qcow2 image.
+        // Header last: until it is written the file is not a qcow2 image. One fsync
+        // at the end is enough: the file only gets its final name after `finish`.
         let mut h = [0u8; HEADER_LEN + 8];
         h[0..4].copy_from_slice(&MAGIC);
         h[4..8].copy_from_slice(&3u32.to_be_bytes());
