@@ -11,7 +11,11 @@ pub(crate) fn open(file: Arc<dyn Backing>, _ctx: &OpenCtx) -> Result<Box<dyn Vir
 }
 
 pub(crate) fn check(file: Arc<dyn Backing>, _ctx: &OpenCtx, report: &mut CheckReport) {
-    report.error("file", None, format!("{}: vhdx check not implemented yet", file.path().display()));
+    report.error(
+        "file",
+        None,
+        format!("{}: vhdx check not implemented yet", file.path().display()),
+    );
 }
 
 pub(crate) fn create(path: &Path, _opts: &CreateOptions) -> Result<Box<dyn Sink>> {
@@ -20,5 +24,8 @@ pub(crate) fn create(path: &Path, _opts: &CreateOptions) -> Result<Box<dyn Sink>
 
 /// Replays a dirty log into the file.
 pub(crate) fn replay_log_in_place(path: &Path) -> Result<Option<String>> {
-    Err(Error::unsupported(path, "vhdx log replay not implemented yet"))
+    Err(Error::unsupported(
+        path,
+        "vhdx log replay not implemented yet",
+    ))
 }
