@@ -1086,4 +1086,77 @@ mod tests {
         assert_eq!(bm.bits[5], 0xFF);
         assert_eq!(bm.dirty, Some((0, 6)));
     }
+
+    fn read_u64(b: &[u8], at: u64) -> u64 {
+        le::u64(b, at as usize)
+    }
+
+    #[test]
+    fn differencing_block_states_and_bitmap() {
+        let d = tempfile::tempdir().unwrap();
+        let parent = d.path().join("p.vhdx");
+        let mut o = CreateOptions::new(Format::Vhdx, Subformat::Dynamic, 8 * MIB);
+        o.block_size = Some(MIB);
+        let mut s = create(&parent, &o).unwrap();
+        s.write_data(0, &[1u8; 8192]).unwrap();
+        s.finish().unwrap();
+
+        let child = d.path().join("c.avhdx");
+        let mut o = CreateOptions::new(Format::Vhdx, Subformat::Differencing, 0);
+        o.block_size = Some(MIB);
+        o.parent = Some(parent.clone());
+        let mut s = create(&child, &o).unwrap();
+        s.write_data(0, &[7u8; 4096]).unwrap(); // block 0: partial
+        s.write_zero(MIB, MIB).unwrap(); // block 1: zero
+        s.write_data(2 * MIB, &vec![9u8; MIB as usize]).unwrap(); // block 2: full
+        s.write_data(3 * MIB + 512, &[3u8; 512]).unwrap(); // block 3: partial
+        s.write_zero(3 * MIB + 1024, 1024).unwrap();
+        s.write_zero(4 * MIB, 512 * 1024).unwrap(); // block 4: partial, zeros only
+        s.write_data(4 * MIB + 512 * 1024, &[5u8; 512 * 1024])
+            .unwrap(); // ... then full
+        s.finish().unwrap();
+
+        let b = std::fs::read(&child).unwrap();
+        let parent_facts = parse_parent(FileBacking::open(&child).unwrap().as_ref()).unwrap();
+        assert_eq!(parent_facts.virtual_size, 8 * MIB);
+        let g = Geometry::new(8 * MIB, MIB, 512, true).unwrap();
+        assert_eq!((g.chunk_ratio, g.bat_entries), (4096, 4097));
+        let bat: Vec<u64> = (0..g.bat_entries)
+            .map(|i| read_u64(&b, BAT_OFFSET + 8 * i))
+            .collect();
+        let st: Vec<u64> = bat.iter().take(8).map(|e| e & STATE_MASK).collect();
+        assert_eq!(st, [7, 2, 6, 7, 6, 0, 0, 0]);
+        assert_eq!(bat[1], PAYLOAD_ZERO, "ZERO entries carry no offset");
+        let sb = bat[4096];
+        assert_eq!(sb & STATE_MASK, SB_PRESENT);
+        let off = |e: u64| (e & !(MIB - 1)) as usize;
+        assert_eq!(b[off(bat[0])..off(bat[0]) + 4096], [7u8; 4096]);
+        assert_eq!(b[off(bat[0]) + 4096], 0);
+        assert_eq!(b[off(bat[2]) + 1000], 9);
+        assert_eq!(b[off(bat[3]) + 512], 3);
+        assert_eq!(b[off(bat[4]) + 600 * 1024], 5);
+        let bm = &b[off(sb)..off(sb) + MIB as usize];
+        // block 0: sectors 0..8; block 3: sectors 6145..6147; blocks 1, 2 and 4 whole.
+        assert_eq!(bm[0], 0xFF);
+        assert_eq!(bm[1], 0);
+        assert!(
+            bm[256..512].iter().all(|&x| x == 0xFF),
+            "block 1 zeros are present"
+        );
+        assert_eq!(bm[768], 0b0000_1110);
+        assert_eq!(bm[769], 0);
+        assert!(bm[1280..].iter().all(|&x| x == 0));
+        // the locator names the parent by its DataWriteGuid
+        let pf = parse_parent(FileBacking::open(&parent).unwrap().as_ref()).unwrap();
+        let text = String::from_utf16_lossy(
+            &b[(METADATA_OFFSET + 64 * KIB) as usize..(METADATA_OFFSET + 128 * KIB) as usize]
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect::<Vec<_>>(),
+        );
+        assert!(text.contains(&guid_string(&pf.data_write_guid)));
+        assert!(text.contains(".\\p.vhdx"));
+        // the file ends right after the bitmap block
+        assert_eq!(b.len(), off(sb) + MIB as usize);
+    }
 }
