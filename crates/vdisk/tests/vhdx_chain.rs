@@ -1,11 +1,13 @@
-//! AVHDX chains written by vdisk's differencing writer, read back through vdisk's
-//! reader (qemu-img cannot open differencing VHDX) and compared with a flattened raw
-//! copy at every step.
+//! AVHDX chains written by vdisk's differencing writer, read back (qemu-img cannot
+//! open differencing VHDX) through a naive test-only reader and through vdisk's own
+//! reader, and compared with a flattened raw copy at every step.
 mod common;
+mod vhdx_common;
 use common::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use vdisk::{CreateOptions, Format, Subformat};
+use vhdx_common::TestVhdx;
 
 const MIB: u64 = 1 << 20;
 
@@ -83,14 +85,47 @@ fn write_child(
     sink.finish().unwrap();
 }
 
-fn assert_clean(p: &Path) {
-    let r = vdisk::check::check(p);
-    assert!(!r.is_damaged(), "{}: {:?}", p.display(), r.problems);
+/// Which reader verifies the layers.
+#[derive(Clone, Copy, PartialEq)]
+enum Reader {
+    /// The naive reader in `vhdx_common` (independent of vdisk's reader).
+    Test,
+    /// vdisk's reader, plus its structural check.
+    Vdisk,
+}
+
+fn verify(reader: Reader, img: &Path, raw: &Path, sector: u64, differencing: bool) {
+    match reader {
+        Reader::Test => {
+            let t = TestVhdx::open(img);
+            assert_eq!(t.sector, sector);
+            assert_eq!(t.parent.is_some(), differencing);
+            t.assert_matches_raw(raw);
+        }
+        Reader::Vdisk => {
+            let disk = vdisk::open(img).unwrap();
+            let info = disk.info();
+            assert_eq!(info.logical_sector_size as u64, sector);
+            assert_eq!(info.parent.is_some(), differencing);
+            if differencing {
+                assert_eq!(info.subformat, Subformat::Differencing);
+            }
+            assert_disk_matches_raw(disk.as_ref(), raw);
+            let r = vdisk::check::check(img);
+            assert!(!r.is_damaged(), "{}: {:?}", img.display(), r.problems);
+        }
+    }
 }
 
 /// Base (from `make_base`), then three children, each checked against the flattened
 /// raw of its step; earlier layers must still read as they did.
-fn chain(sector: u64, size: u64, child_blocks: [u64; 3], make_base: impl Fn(&Path, &Path)) {
+fn chain(
+    reader: Reader,
+    sector: u64,
+    size: u64,
+    child_blocks: [u64; 3],
+    make_base: impl Fn(&Path, &Path),
+) {
     let d = tmp();
     let sub = d.path().join("snapshots");
     std::fs::create_dir(&sub).unwrap();
@@ -110,68 +145,111 @@ fn chain(sector: u64, size: u64, child_blocks: [u64; 3], make_base: impl Fn(&Pat
             path(&d, &format!("child{}.avhdx", k + 1))
         };
         write_child(&child, &parent, &raw, &ranges, block, sector as u32);
-        let disk = vdisk::open(&child).unwrap();
-        let info = disk.info();
-        assert_eq!(info.subformat, Subformat::Differencing);
-        assert_eq!(info.logical_sector_size as u64, sector);
-        assert!(info.parent.is_some());
-        assert_disk_matches_raw(disk.as_ref(), &raw);
-        assert_clean(&child);
+        verify(reader, &child, &raw, sector, true);
         layers.push((child, raw));
     }
-    for (img, raw) in &layers {
-        let disk = vdisk::open(img).unwrap();
-        assert_disk_matches_raw(disk.as_ref(), raw);
+    for (i, (img, raw)) in layers.iter().enumerate() {
+        verify(reader, img, raw, sector, i > 0);
     }
 }
 
+fn qemu_base(raw: &Path, base: &Path) {
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        "block_size=8M",
+        s(raw),
+        s(base),
+    ]);
+}
+
+fn own_base_4096(raw: &Path, base: &Path) {
+    let mut o = CreateOptions::new(Format::Vhdx, Subformat::Dynamic, 0);
+    o.logical_sector_size = 4096;
+    o.block_size = Some(MIB);
+    vdisk::convert(raw, base, &o, &mut |_, _| {}).unwrap();
+}
+
+fn fixed_base(raw: &Path, base: &Path) {
+    let mut o = CreateOptions::new(Format::Vhdx, Subformat::Fixed, 0);
+    o.block_size = Some(2 * MIB);
+    vdisk::convert(raw, base, &o, &mut |_, _| {}).unwrap();
+}
+
 #[test]
-#[ignore = "needs the VHDX reader from branch vhdx"]
 fn chain_of_three_on_qemu_base() {
     chain(
+        Reader::Test,
         512,
         24 * MIB + 3 * 512,
         [MIB, 2 * MIB, 8 * MIB],
-        |raw, base| {
-            qemu_img(&[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vhdx",
-                "-o",
-                "block_size=8M",
-                s(raw),
-                s(base),
-            ]);
-        },
+        qemu_base,
+    );
+}
+
+#[test]
+fn chain_of_three_on_own_base_4096() {
+    chain(
+        Reader::Test,
+        4096,
+        20 * MIB + 4096,
+        [MIB, 4 * MIB, MIB],
+        own_base_4096,
+    );
+}
+
+#[test]
+fn chain_on_fixed_base() {
+    chain(
+        Reader::Test,
+        512,
+        10 * MIB,
+        [MIB, MIB, 32 * MIB],
+        fixed_base,
     );
 }
 
 #[test]
 #[ignore = "needs the VHDX reader from branch vhdx"]
-fn chain_of_three_on_own_base_4096() {
-    chain(4096, 20 * MIB + 4096, [MIB, 4 * MIB, MIB], |raw, base| {
-        let mut o = CreateOptions::new(Format::Vhdx, Subformat::Dynamic, 0);
-        o.logical_sector_size = 4096;
-        o.block_size = Some(MIB);
-        vdisk::convert(raw, base, &o, &mut |_, _| {}).unwrap();
-    });
+fn vdisk_reader_chain_of_three_on_qemu_base() {
+    chain(
+        Reader::Vdisk,
+        512,
+        24 * MIB + 3 * 512,
+        [MIB, 2 * MIB, 8 * MIB],
+        qemu_base,
+    );
 }
 
 #[test]
 #[ignore = "needs the VHDX reader from branch vhdx"]
-fn chain_on_fixed_base() {
-    chain(512, 10 * MIB, [MIB, MIB, 32 * MIB], |raw, base| {
-        let mut o = CreateOptions::new(Format::Vhdx, Subformat::Fixed, 0);
-        o.block_size = Some(2 * MIB);
-        vdisk::convert(raw, base, &o, &mut |_, _| {}).unwrap();
-    });
+fn vdisk_reader_chain_of_three_on_own_base_4096() {
+    chain(
+        Reader::Vdisk,
+        4096,
+        20 * MIB + 4096,
+        [MIB, 4 * MIB, MIB],
+        own_base_4096,
+    );
 }
 
 #[test]
 #[ignore = "needs the VHDX reader from branch vhdx"]
-fn empty_child_shows_parent_and_zero_child_hides_it() {
+fn vdisk_reader_chain_on_fixed_base() {
+    chain(
+        Reader::Vdisk,
+        512,
+        10 * MIB,
+        [MIB, MIB, 32 * MIB],
+        fixed_base,
+    );
+}
+
+fn empty_and_zero_children(reader: Reader) {
     let d = tmp();
     let raw = path(&d, "r.img");
     gen_raw(&raw, 8 * MIB, 5);
@@ -180,8 +258,7 @@ fn empty_child_shows_parent_and_zero_child_hides_it() {
     // nothing written: reads the parent
     let empty = path(&d, "empty.avhdx");
     write_child(&empty, &base, &raw, &[], MIB, 512);
-    let disk = vdisk::open(&empty).unwrap();
-    assert_disk_matches_raw(disk.as_ref(), &raw);
+    verify(reader, &empty, &raw, 512, true);
     // everything zeroed: reads zeros although the parent has data
     let zeros = path(&d, "zeros.img");
     std::fs::File::create(&zeros)
@@ -190,8 +267,18 @@ fn empty_child_shows_parent_and_zero_child_hides_it() {
         .unwrap();
     let zc = path(&d, "zero.avhdx");
     write_child(&zc, &base, &zeros, &[(0, 8 * MIB)], MIB, 512);
-    let disk = vdisk::open(&zc).unwrap();
-    assert_disk_matches_raw(disk.as_ref(), &zeros);
+    verify(reader, &zc, &zeros, 512, true);
     // whole-block zeros need no data blocks at all
     assert!(std::fs::metadata(&zc).unwrap().len() <= 4 * MIB);
+}
+
+#[test]
+fn empty_child_shows_parent_and_zero_child_hides_it() {
+    empty_and_zero_children(Reader::Test);
+}
+
+#[test]
+#[ignore = "needs the VHDX reader from branch vhdx"]
+fn vdisk_reader_empty_and_zero_children() {
+    empty_and_zero_children(Reader::Vdisk);
 }

@@ -1,10 +1,12 @@
 //! The VHDX writer against qemu-img: `qemu-img check` must be clean and `qemu-img
 //! compare` must find the written image identical to the raw it came from.
 mod common;
+mod vhdx_common;
 use common::*;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use vdisk::{CreateOptions, Format, Subformat};
+use vhdx_common::TestVhdx;
 
 const MIB: u64 = 1 << 20;
 
@@ -29,6 +31,8 @@ fn convert_and_verify(sub: Subformat, block: u64, sector: u32, size: u64, seed: 
     vdisk::convert(&src, &dst, &opts(sub, 0, block, sector), &mut |_, _| {}).unwrap();
     qemu_check(&dst, "vhdx");
     qemu_compare(&src, "raw", &dst, "vhdx");
+    // the test-only reader must agree with qemu where qemu can judge
+    TestVhdx::open(&dst).assert_matches_raw(&src);
     assert_eq!(qemu_virtual_size(&dst, "vhdx"), size);
     let info = qemu_img(&["info", "-f", "vhdx", "--output=json", s(&dst)]);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
@@ -50,20 +54,39 @@ fn fixed_convert_block_sizes_512() {
     convert_and_verify(Subformat::Fixed, 32 * MIB, 512, 40 * MIB + 512, 23);
 }
 
+/// How to verify what qemu-img cannot read.
+#[derive(Clone, Copy, PartialEq)]
+enum Reader {
+    /// The naive test-only reader in `vhdx_common`.
+    Test,
+    /// vdisk's reader and check.
+    Vdisk,
+}
+
+fn verify_own(reader: Reader, img: &Path, raw: &Path) {
+    match reader {
+        Reader::Test => TestVhdx::open(img).assert_matches_raw(raw),
+        Reader::Vdisk => {
+            let disk = vdisk::open(img).unwrap();
+            assert_eq!(disk.info().logical_sector_size, 4096);
+            assert_disk_matches_raw(disk.as_ref(), raw);
+            let report = vdisk::check::check(img);
+            assert!(!report.is_damaged(), "{:?}", report.problems);
+        }
+    }
+}
+
 /// qemu-img (10.0) refuses VHDX with 4096-byte logical sectors ("Operation not
-/// supported"), so these images are verified through vdisk's own reader.
-fn convert_4096_and_verify(sub: Subformat, block: u64, size: u64, seed: u64) {
+/// supported"), so these images are verified with our readers.
+fn convert_4096_and_verify(reader: Reader, sub: Subformat, block: u64, size: u64, seed: u64) {
     eprintln!("convert 4096 {sub:?} block {block} size {size}");
     let d = tmp();
     let src = path(&d, "src.img");
     gen_raw(&src, size, seed);
     let dst = path(&d, "dst.vhdx");
     vdisk::convert(&src, &dst, &opts(sub, 0, block, 4096), &mut |_, _| {}).unwrap();
-    let disk = vdisk::open(&dst).unwrap();
-    assert_eq!(disk.info().logical_sector_size, 4096);
-    assert_disk_matches_raw(disk.as_ref(), &src);
-    let report = vdisk::check::check(&dst);
-    assert!(!report.is_damaged(), "{:?}", report.problems);
+    assert_eq!(TestVhdx::open(&dst).sector, 4096);
+    verify_own(reader, &dst, &src);
 }
 
 #[test]
@@ -81,12 +104,21 @@ fn qemu_refuses_4096_sector_vhdx() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not supported"));
 }
 
+fn convert_4096(reader: Reader) {
+    convert_4096_and_verify(reader, Subformat::Dynamic, MIB, 13 * MIB + 3 * 4096, 31);
+    convert_4096_and_verify(reader, Subformat::Dynamic, 32 * MIB, 40 * MIB + 4096, 32);
+    convert_4096_and_verify(reader, Subformat::Fixed, 8 * MIB, 21 * MIB + 4096, 33);
+}
+
+#[test]
+fn convert_4096_logical_sectors() {
+    convert_4096(Reader::Test);
+}
+
 #[test]
 #[ignore = "needs the VHDX reader from branch vhdx"]
-fn convert_4096_logical_sectors() {
-    convert_4096_and_verify(Subformat::Dynamic, MIB, 13 * MIB + 3 * 4096, 31);
-    convert_4096_and_verify(Subformat::Dynamic, 32 * MIB, 40 * MIB + 4096, 32);
-    convert_4096_and_verify(Subformat::Fixed, 8 * MIB, 21 * MIB + 4096, 33);
+fn vdisk_reader_convert_4096_logical_sectors() {
+    convert_4096(Reader::Vdisk);
 }
 
 #[test]
@@ -106,6 +138,17 @@ fn default_block_size_is_32_mib() {
 /// Feeds a sink directly with a deterministic mix of data pieces, zero ranges and
 /// untouched ranges at sector (not block) granularity, mirroring the data into a raw.
 fn sink_and_verify(sub: Subformat, block: u64, sector: u32, size: u64, seed: u64) {
+    sink_and_verify_with(Reader::Test, sub, block, sector, size, seed);
+}
+
+fn sink_and_verify_with(
+    reader: Reader,
+    sub: Subformat,
+    block: u64,
+    sector: u32,
+    size: u64,
+    seed: u64,
+) {
     eprintln!("sink {sub:?} block {block} sector {sector} size {size}");
     let d = tmp();
     let raw = path(&d, "ref.img");
@@ -134,9 +177,9 @@ fn sink_and_verify(sub: Subformat, block: u64, sector: u32, size: u64, seed: u64
     if sector == 512 {
         qemu_check(&dst, "vhdx");
         qemu_compare(&raw, "raw", &dst, "vhdx");
+        TestVhdx::open(&dst).assert_matches_raw(&raw);
     } else {
-        let disk = vdisk::open(&dst).unwrap();
-        assert_disk_matches_raw(disk.as_ref(), &raw);
+        verify_own(reader, &dst, &raw);
     }
 }
 
@@ -147,11 +190,27 @@ fn sink_partial_blocks_and_zeros() {
     sink_and_verify(Subformat::Fixed, MIB, 512, 9 * MIB + 1024, 53);
 }
 
+fn sink_4096(reader: Reader) {
+    sink_and_verify_with(
+        reader,
+        Subformat::Dynamic,
+        2 * MIB,
+        4096,
+        19 * MIB + 4096,
+        54,
+    );
+    sink_and_verify_with(reader, Subformat::Fixed, 32 * MIB, 4096, 33 * MIB, 55);
+}
+
+#[test]
+fn sink_partial_blocks_4096() {
+    sink_4096(Reader::Test);
+}
+
 #[test]
 #[ignore = "needs the VHDX reader from branch vhdx"]
-fn sink_partial_blocks_4096() {
-    sink_and_verify(Subformat::Dynamic, 2 * MIB, 4096, 19 * MIB + 4096, 54);
-    sink_and_verify(Subformat::Fixed, 32 * MIB, 4096, 33 * MIB, 55);
+fn vdisk_reader_sink_partial_blocks_4096() {
+    sink_4096(Reader::Vdisk);
 }
 
 #[test]
