@@ -343,3 +343,27 @@ fn differencing_header_and_locator() {
     o2.logical_sector_size = 4096;
     assert!(vdisk::create(&sub.join("c3.avhdx"), &o2).is_err());
 }
+
+#[test]
+fn large_sparse_disk_has_small_file() {
+    let d = tmp();
+    let dst = path(&d, "big.vhdx");
+    let size = 2u64 << 40;
+    let mut sink = vdisk::create(&dst, &opts(Subformat::Dynamic, size, 32 * MIB, 512)).unwrap();
+    sink.write_data(MIB, &[1u8; 4096]).unwrap();
+    sink.write_zero(2 * MIB, size / 2).unwrap();
+    sink.write_data(size - 512, &[2u8; 512]).unwrap();
+    sink.finish().unwrap();
+    qemu_check(&dst, "vhdx");
+    assert_eq!(qemu_virtual_size(&dst, "vhdx"), size);
+    // metadata (3 MiB) + BAT (1 MiB for 65536 + 511 entries) + two 32 MiB blocks
+    assert_eq!(std::fs::metadata(&dst).unwrap().len(), 4 * MIB + 64 * MIB);
+    let t = TestVhdx::open(&dst);
+    let mut b = [0u8; 512];
+    t.read_sector((size - 512) / 512, &mut b);
+    assert_eq!(b, [2u8; 512]);
+    t.read_sector(MIB / 512, &mut b);
+    assert_eq!(b, [1u8; 512]);
+    t.read_sector(size / 1024, &mut b);
+    assert_eq!(b, [0u8; 512]);
+}
