@@ -208,12 +208,17 @@ fn align_up(v: u64, a: u64) -> u64 {
 /// Sizes derived from the virtual size, block size and sector size, per MS-VHDX 2.5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Geometry {
+    /// Bytes of the virtual disk.
     pub virtual_size: u64,
+    /// Payload block size in bytes.
     pub block_size: u64,
+    /// Logical sector size in bytes (512 or 4096).
     pub logical_sector: u64,
     /// Payload blocks per sector bitmap block.
     pub chunk_ratio: u64,
+    /// Payload blocks covering the virtual disk.
     pub payload_blocks: u64,
+    /// BAT entries, payload and sector bitmap entries interleaved.
     pub bat_entries: u64,
 }
 
