@@ -1,4 +1,6 @@
-//! VHDX (to be implemented).
+//! VHDX (reader to be implemented on branch `vhdx`; the writer lives in `write`).
+
+mod write;
 use crate::backing::Backing;
 use crate::check::CheckReport;
 use crate::sink::{CreateOptions, Sink};
@@ -18,8 +20,8 @@ pub(crate) fn check(file: Arc<dyn Backing>, _ctx: &OpenCtx, report: &mut CheckRe
     );
 }
 
-pub(crate) fn create(path: &Path, _opts: &CreateOptions) -> Result<Box<dyn Sink>> {
-    Err(Error::unsupported(path, "vhdx writer not implemented yet"))
+pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
+    write::create(path, opts)
 }
 
 /// Replays a dirty log into the file.
