@@ -157,7 +157,7 @@ fn qemu_zero_clusters() {
 #[test]
 fn qemu_backing_chain_depth_three() {
     let d = tmp();
-    let base = make(&d, "base.qcow2", 8 << 20, 41, &[]);
+    make(&d, "base.qcow2", 8 << 20, 41, &[]);
     let mid = path(&d, "mid.qcow2");
     let top = path(&d, "top.qcow2");
     qemu_img(&[
