@@ -30,7 +30,11 @@ pub trait Backing: Send + Sync + Debug {
     /// (`SEEK_DATA`/`SEEK_HOLE`); everything else reads as zeros. The default says
     /// "all of it".
     fn data_regions(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
-        Ok(if len == 0 { vec![] } else { vec![(offset, len)] })
+        Ok(if len == 0 {
+            vec![]
+        } else {
+            vec![(offset, len)]
+        })
     }
 
     /// Reads `len` bytes into a new buffer. `len` must already be validated against a
@@ -171,7 +175,11 @@ fn seek_data_regions(
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
         if hole <= data {
             break;
         }
@@ -300,7 +308,10 @@ mod tests {
         let r = b.data_regions(0, 16 << 20).unwrap();
         // tmpfs/ext4 both report the single written block (possibly rounded to a page)
         assert!(!r.is_empty());
-        assert!(r.iter().all(|&(o, l)| o <= 8 << 20 && o + l >= (8 << 20) + 4096));
+        assert!(
+            r.iter()
+                .all(|&(o, l)| o <= 8 << 20 && o + l >= (8 << 20) + 4096)
+        );
         assert!(r.iter().map(|r| r.1).sum::<u64>() < 16 << 20);
     }
 }

@@ -37,7 +37,11 @@ impl std::fmt::Display for Problem {
             Severity::Warning => "warning",
         };
         match self.offset {
-            Some(o) => write!(f, "{sev}: {} at offset {o:#x}: {}", self.structure, self.detail),
+            Some(o) => write!(
+                f,
+                "{sev}: {} at offset {o:#x}: {}",
+                self.structure, self.detail
+            ),
             None => write!(f, "{sev}: {}: {}", self.structure, self.detail),
         }
     }
@@ -65,7 +69,12 @@ impl CheckReport {
     }
 
     /// Records damage.
-    pub fn error(&mut self, structure: impl Into<String>, offset: Option<u64>, detail: impl Into<String>) {
+    pub fn error(
+        &mut self,
+        structure: impl Into<String>,
+        offset: Option<u64>,
+        detail: impl Into<String>,
+    ) {
         self.problems.push(Problem {
             severity: Severity::Error,
             structure: structure.into(),
@@ -75,7 +84,12 @@ impl CheckReport {
     }
 
     /// Records something harmless but notable.
-    pub fn warning(&mut self, structure: impl Into<String>, offset: Option<u64>, detail: impl Into<String>) {
+    pub fn warning(
+        &mut self,
+        structure: impl Into<String>,
+        offset: Option<u64>,
+        detail: impl Into<String>,
+    ) {
         self.problems.push(Problem {
             severity: Severity::Warning,
             structure: structure.into(),

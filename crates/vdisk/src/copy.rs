@@ -9,9 +9,9 @@ use crate::sink::{CreateOptions, Sink};
 use crate::{Error, Result, VirtualDisk};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::Mutex;
 
 /// Largest piece read at once.
 const PIECE: u64 = 4 << 20;
@@ -204,8 +204,7 @@ fn work(
 }
 
 fn read_piece(src: &dyn VirtualDisk, task: Task, mut buf: Vec<u8>) -> Result<Done> {
-    let len = usize::try_from(task.len)
-        .map_err(|_| Error::Invalid("piece too large".into()))?;
+    let len = usize::try_from(task.len).map_err(|_| Error::Invalid("piece too large".into()))?;
     buf.resize(len, 0);
     src.read_at(&mut buf, task.offset)?;
     let runs = zero_runs(&buf, task.offset);
@@ -340,11 +339,7 @@ impl TempPath {
             .file_name()
             .ok_or_else(|| Error::Invalid(format!("{}: not a file name", dst.display())))?;
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let tmp_name = format!(
-            ".{}.tmp-{}-{n}",
-            name.to_string_lossy(),
-            std::process::id()
-        );
+        let tmp_name = format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id());
         Ok(TempPath {
             path: dst.with_file_name(tmp_name),
             keep: false,
@@ -391,11 +386,16 @@ mod tests {
         let mut b = vec![0u8; 3 * 4096];
         b[4096 + 7] = 1;
         let r = zero_runs(&b, 0);
-        assert_eq!(r, vec![(0, 4096, true), (4096, 4096, false), (8192, 4096, true)]);
+        assert_eq!(
+            r,
+            vec![(0, 4096, true), (4096, 4096, false), (8192, 4096, true)]
+        );
         // unaligned base: first run ends at the next 4 KiB boundary of the disk
         let r = zero_runs(&b[..4096], 512);
         assert_eq!(r, vec![(0, 4096, true)]);
         assert!(is_zero(&[0u8; 33]));
-        assert!(!is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+        assert!(!is_zero(&[
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ]));
     }
 }

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The operating system refused an operation on a file.
-    #[error("{}: {op}: {source}", path.display())]
+    #[error("{}: {op}: {err}", path.display())]
     Io {
         path: PathBuf,
         op: &'static str,
-        #[source]
-        source: std::io::Error,
+        /// Not a `#[source]`: the message already includes it, and chained printing
+        /// would repeat it.
+        err: std::io::Error,
     },
     /// A structure extends past the end of the file.
     #[error("{}: truncated: {structure} at offset {offset:#x} needs {len} bytes but the file ends at {file_len:#x}", path.display())]
@@ -38,7 +39,9 @@ pub enum Error {
     #[error("{}: parent: {detail}", path.display())]
     Parent { path: PathBuf, detail: String },
     /// A read or write outside the virtual disk.
-    #[error("out of range: offset {offset:#x} + length {len:#x} is beyond the virtual size {size:#x}")]
+    #[error(
+        "out of range: offset {offset:#x} + length {len:#x} is beyond the virtual size {size:#x}"
+    )]
     OutOfRange { offset: u64, len: u64, size: u64 },
     /// A caller asked for something impossible (bad option, bad size...).
     #[error("{0}")]
@@ -85,7 +88,7 @@ impl Error {
         Error::Io {
             path: path.into(),
             op,
-            source,
+            err: source,
         }
     }
 }

@@ -85,9 +85,21 @@ mod tests {
         assert_eq!(
             v,
             vec![
-                Extent { offset: 0, length: 15, state: ExtentState::Data },
-                Extent { offset: 15, length: 5, state: ExtentState::Zero },
-                Extent { offset: 25, length: 5, state: ExtentState::Zero },
+                Extent {
+                    offset: 0,
+                    length: 15,
+                    state: ExtentState::Data
+                },
+                Extent {
+                    offset: 15,
+                    length: 5,
+                    state: ExtentState::Zero
+                },
+                Extent {
+                    offset: 25,
+                    length: 5,
+                    state: ExtentState::Zero
+                },
             ]
         );
     }

@@ -177,7 +177,10 @@ impl OpenCtx {
         {
             return Err(Error::parent(
                 first,
-                format!("loop in the parent chain: {} appears twice", canon.display()),
+                format!(
+                    "loop in the parent chain: {} appears twice",
+                    canon.display()
+                ),
             ));
         }
         if self.chain.len() >= MAX_CHAIN_DEPTH {
@@ -217,10 +220,7 @@ impl OpenCtx {
         {
             return Err(Error::parent(
                 child,
-                format!(
-                    "parent {} is {format}, expected {want}",
-                    parent.display()
-                ),
+                format!("parent {} is {format}, expected {want}", parent.display()),
             ));
         }
         open_backing_ctx(file, self)

@@ -11,7 +11,11 @@ pub(crate) fn open(file: Arc<dyn Backing>, _ctx: &OpenCtx) -> Result<Box<dyn Vir
 }
 
 pub(crate) fn check(file: Arc<dyn Backing>, _ctx: &OpenCtx, report: &mut CheckReport) {
-    report.error("file", None, format!("{}: qcow2 check not implemented yet", file.path().display()));
+    report.error(
+        "file",
+        None,
+        format!("{}: qcow2 check not implemented yet", file.path().display()),
+    );
 }
 
 pub(crate) fn create(path: &Path, _opts: &CreateOptions) -> Result<Box<dyn Sink>> {

@@ -117,7 +117,7 @@ impl OrderCheck {
                 self.next
             )));
         }
-        if offset % self.sector != 0 || (len % self.sector != 0 && end != self.size) {
+        if !offset.is_multiple_of(self.sector) || (!len.is_multiple_of(self.sector) && end != self.size) {
             return Err(Error::Invalid(format!(
                 "writer: range {offset:#x}+{len:#x} is not aligned to {}-byte sectors",
                 self.sector

@@ -12,7 +12,11 @@ fn raw_reads_and_maps_holes() {
     assert_eq!(disk.info().format, Format::Raw);
     assert_disk_matches_raw(disk.as_ref(), &src);
     let map = disk.map(0, disk.virtual_size()).unwrap();
-    assert!(map.iter().any(|e| e.state == vdisk::ExtentState::Unallocated), "holes must be reported");
+    assert!(
+        map.iter()
+            .any(|e| e.state == vdisk::ExtentState::Unallocated),
+        "holes must be reported"
+    );
 }
 
 #[test]
@@ -25,9 +29,17 @@ fn raw_convert_is_sparse_and_identical() {
     let stats = vdisk::convert(&src, &dst, &opts, &mut |_, _| {}).unwrap();
     qemu_compare(&src, "raw", &dst, "raw");
     assert!(stats.zero_bytes > 0);
-    let alloc = std::fs::metadata(&dst).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap();
-    assert!(alloc < 16 << 20, "output must be sparse, {alloc} bytes allocated");
+    let alloc = std::fs::metadata(&dst)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap();
+    assert!(
+        alloc < 16 << 20,
+        "output must be sparse, {alloc} bytes allocated"
+    );
     // no temporary file left behind
-    let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }

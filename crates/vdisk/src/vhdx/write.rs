@@ -1,11 +1,1167 @@
-//! VHDX writer: written on the `vhdxw` branch; this stub keeps the crate building
-//! until that branch is merged.
+//! VHDX writer (MS-VHDX 1.0): fixed, dynamic and differencing (AVHDX) images, streamed
+//! through a [`Sink`].
+//!
+//! File layout (the same as qemu-img's, so tools that assume it are happy):
+//! header section (file identifier, two headers, two region tables) in the first MiB,
+//! an empty 1 MiB log at 1 MiB, the metadata region at 2 MiB, the BAT at 3 MiB, then
+//! data blocks (1 MiB aligned, since every block size is a multiple of 1 MiB).
+//!
+//! Data blocks are allocated at the end of the file on the first data written into
+//! them; parts never written are file holes and read as zeros. The BAT lives in memory
+//! (8 bytes per entry) and is written by `finish`, followed by the metadata and, last,
+//! the headers, so a file cut short never looks like a valid image.
+//!
+//! This module is self-contained (its own constants and encoders) so that it does not
+//! depend on the reader's internals.
 
-use crate::sink::{CreateOptions, Sink};
-use crate::{Error, Result};
-use std::path::Path;
+use crate::backing::{Backing, FileBacking, le};
+use crate::sink::{CreateOptions, OrderCheck, Sink, create_file};
+use crate::{Error, Format, Result, Subformat};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
 
-/// Creates a VHDX image (not available in this branch).
-pub(crate) fn create(path: &Path, _opts: &CreateOptions) -> Result<Box<dyn Sink>> {
-    Err(Error::unsupported(path, "vhdx writer not implemented yet"))
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+const HEADER1_OFFSET: u64 = 64 * KIB;
+const HEADER2_OFFSET: u64 = 128 * KIB;
+const HEADER_SIZE: usize = 4096;
+const REGION1_OFFSET: u64 = 192 * KIB;
+const REGION2_OFFSET: u64 = 256 * KIB;
+const REGION_TABLE_SIZE: usize = 64 * KIB as usize;
+const LOG_OFFSET: u64 = MIB;
+const LOG_LENGTH: u64 = MIB;
+const METADATA_OFFSET: u64 = 2 * MIB;
+const METADATA_LENGTH: u64 = MIB;
+/// The metadata table occupies the first 64 KiB of the metadata region; items follow.
+const METADATA_TABLE_SIZE: usize = 64 * KIB as usize;
+const BAT_OFFSET: u64 = 3 * MIB;
+
+/// Largest virtual disk the specification allows.
+pub(crate) const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
+/// Hyper-V's default block size.
+pub(crate) const DEFAULT_BLOCK_SIZE: u64 = 32 * MIB;
+const MIN_BLOCK_SIZE: u64 = MIB;
+const MAX_BLOCK_SIZE: u64 = 256 * MIB;
+/// A sector bitmap block: 1 MiB, one bit per sector, covering 2^23 sectors.
+const SECTOR_BITMAP_SIZE: u64 = MIB;
+const SECTORS_PER_BITMAP: u64 = 1 << 23;
+
+// BAT entry states.
+const PAYLOAD_NOT_PRESENT: u64 = 0;
+const PAYLOAD_ZERO: u64 = 2;
+const PAYLOAD_FULLY_PRESENT: u64 = 6;
+const PAYLOAD_PARTIALLY_PRESENT: u64 = 7;
+const SB_PRESENT: u64 = 6;
+const STATE_MASK: u64 = 7;
+
+// File parameter flags.
+const LEAVE_BLOCKS_ALLOCATED: u32 = 1;
+const HAS_PARENT: u32 = 2;
+
+// Metadata entry flags.
+const META_IS_VIRTUAL_DISK: u32 = 2;
+const META_IS_REQUIRED: u32 = 4;
+
+/// A GUID in its on-disk (Microsoft, mixed-endian) byte order.
+type Guid = [u8; 16];
+
+/// Builds the on-disk bytes of the GUID `d1-d2-d3-d4`.
+const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> Guid {
+    let a = d1.to_le_bytes();
+    let b = d2.to_le_bytes();
+    let c = d3.to_le_bytes();
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
+        d4[6], d4[7],
+    ]
+}
+
+const BAT_REGION: Guid = guid(
+    0x2DC2_7766,
+    0xF623,
+    0x4200,
+    [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
+);
+const METADATA_REGION: Guid = guid(
+    0x8B7C_A206,
+    0x4790,
+    0x4B9A,
+    [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
+);
+const FILE_PARAMETERS: Guid = guid(
+    0xCAA1_6737,
+    0xFA36,
+    0x4D43,
+    [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
+);
+const VIRTUAL_DISK_SIZE: Guid = guid(
+    0x2FA5_4224,
+    0xCD1B,
+    0x4876,
+    [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
+);
+const PAGE83_DATA: Guid = guid(
+    0xBECA_12AB,
+    0xB2E6,
+    0x4523,
+    [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
+);
+const LOGICAL_SECTOR_SIZE: Guid = guid(
+    0x8141_BF1D,
+    0xA96F,
+    0x4709,
+    [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F],
+);
+const PHYSICAL_SECTOR_SIZE: Guid = guid(
+    0xCDA3_48C7,
+    0x445D,
+    0x4471,
+    [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56],
+);
+const PARENT_LOCATOR: Guid = guid(
+    0xA8D3_5F2D,
+    0xB30B,
+    0x454D,
+    [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C],
+);
+const LOCATOR_TYPE_VHDX: Guid = guid(
+    0xB04A_EFB7,
+    0xD19E,
+    0x4A81,
+    [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13],
+);
+
+/// A fresh random GUID. No `rand` crate: std's `RandomState` is seeded from the OS per
+/// process; mixing in the time, the pid and a counter keeps successive GUIDs distinct.
+fn new_guid() -> Guid {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let state = std::collections::hash_map::RandomState::new();
+    let mut g = [0u8; 16];
+    for (i, half) in g.chunks_exact_mut(8).enumerate() {
+        let h = state.hash_one((nanos, std::process::id(), n, i));
+        half.copy_from_slice(&h.to_le_bytes());
+    }
+    // Mark it as an RFC 4122 version-4 GUID (Data3 is stored little-endian).
+    g[7] = (g[7] & 0x0F) | 0x40;
+    g[8] = (g[8] & 0x3F) | 0x80;
+    g
+}
+
+/// `{XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX}`, braced and upper-case as Hyper-V writes it.
+fn guid_string(g: &Guid) -> String {
+    let d1 = u32::from_le_bytes([g[0], g[1], g[2], g[3]]);
+    let d2 = u16::from_le_bytes([g[4], g[5]]);
+    let d3 = u16::from_le_bytes([g[6], g[7]]);
+    format!(
+        "{{{d1:08X}-{d2:04X}-{d3:04X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}}}",
+        g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+    )
+}
+
+fn utf16le(s: &str) -> Vec<u8> {
+    s.encode_utf16().flat_map(u16::to_le_bytes).collect()
+}
+
+fn put_u16(b: &mut [u8], at: usize, v: u16) {
+    if let Some(d) = b.get_mut(at..at + 2) {
+        d.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    if let Some(d) = b.get_mut(at..at + 4) {
+        d.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    if let Some(d) = b.get_mut(at..at + 8) {
+        d.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn put(b: &mut [u8], at: usize, v: &[u8]) {
+    if let Some(d) = b.get_mut(at..at + v.len()) {
+        d.copy_from_slice(v);
+    }
+}
+
+/// Stores the CRC-32C of `b` (computed with the checksum field at 4..8 zeroed).
+fn seal(b: &mut [u8]) {
+    put_u32(b, 4, 0);
+    let crc = crc32c::crc32c(b);
+    put_u32(b, 4, crc);
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a).saturating_mul(a)
+}
+
+/// Sizes derived from the virtual size, block size and sector size, per MS-VHDX 2.5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    /// Bytes of the virtual disk.
+    pub virtual_size: u64,
+    /// Payload block size in bytes.
+    pub block_size: u64,
+    /// Logical sector size in bytes (512 or 4096).
+    pub logical_sector: u64,
+    /// Payload blocks per sector bitmap block.
+    pub chunk_ratio: u64,
+    /// Payload blocks covering the virtual disk.
+    pub payload_blocks: u64,
+    /// BAT entries, payload and sector bitmap entries interleaved.
+    pub bat_entries: u64,
+}
+
+impl Geometry {
+    /// Validates the parameters and computes the BAT size.
+    pub(crate) fn new(
+        virtual_size: u64,
+        block_size: u64,
+        logical_sector: u64,
+        differencing: bool,
+    ) -> Result<Geometry> {
+        if logical_sector != 512 && logical_sector != 4096 {
+            return Err(Error::Invalid(format!(
+                "vhdx: logical sector size {logical_sector} (expected 512 or 4096)"
+            )));
+        }
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
+            return Err(Error::Invalid(format!(
+                "vhdx: block size {block_size} must be a power of two from 1 MiB to 256 MiB"
+            )));
+        }
+        if virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(Error::Invalid(format!(
+                "vhdx: virtual size {virtual_size} exceeds the 64 TiB maximum"
+            )));
+        }
+        if !virtual_size.is_multiple_of(logical_sector) {
+            return Err(Error::Invalid(format!(
+                "vhdx: virtual size {virtual_size} is not a multiple of the {logical_sector}-byte logical sector"
+            )));
+        }
+        // Both factors are powers of two with 2^23 * 512 >= 256 MiB, so this is >= 1.
+        let chunk_ratio = (SECTORS_PER_BITMAP * logical_sector) / block_size;
+        let payload_blocks = virtual_size.div_ceil(block_size);
+        let bat_entries = if differencing {
+            payload_blocks
+                .div_ceil(chunk_ratio)
+                .saturating_mul(chunk_ratio + 1)
+        } else {
+            payload_blocks + payload_blocks.saturating_sub(1) / chunk_ratio
+        };
+        Ok(Geometry {
+            virtual_size,
+            block_size,
+            logical_sector,
+            chunk_ratio,
+            payload_blocks,
+            bat_entries,
+        })
+    }
+
+    /// BAT index of payload block `block`.
+    pub(crate) fn payload_index(&self, block: u64) -> u64 {
+        block + block / self.chunk_ratio
+    }
+
+    /// BAT index of the sector bitmap entry of chunk `chunk`.
+    pub(crate) fn bitmap_index(&self, chunk: u64) -> u64 {
+        chunk * (self.chunk_ratio + 1) + self.chunk_ratio
+    }
+
+    /// Bytes of the BAT region (a whole number of MiB, at least one).
+    fn bat_region_len(&self) -> u64 {
+        align_up(self.bat_entries.saturating_mul(8), MIB).max(MIB)
+    }
+
+    /// Bytes of the virtual disk inside block `block` (the last may be short).
+    fn block_len(&self, block: u64) -> u64 {
+        let start = block.saturating_mul(self.block_size);
+        self.virtual_size.saturating_sub(start).min(self.block_size)
+    }
+}
+
+/// What a differencing child needs from its parent.
+#[derive(Debug, Clone)]
+struct ParentFacts {
+    data_write_guid: Guid,
+    virtual_size: u64,
+    logical_sector: u64,
+}
+
+/// Reads the current header and the size metadata of the VHDX `parent`. A minimal
+/// parser (header, region table, metadata table) kept here so the writer does not
+/// depend on the reader.
+fn read_parent(child: &Path, parent: &Path) -> Result<ParentFacts> {
+    if !parent.exists() {
+        return Err(Error::parent(
+            child,
+            format!("parent {} does not exist", parent.display()),
+        ));
+    }
+    let file = FileBacking::open(parent)?;
+    let format = crate::detect(file.as_ref())?;
+    if format != Format::Vhdx {
+        return Err(Error::parent(
+            child,
+            format!("parent {} is {format}, expected vhdx", parent.display()),
+        ));
+    }
+    parse_parent(file.as_ref())
+}
+
+fn parse_parent(file: &dyn Backing) -> Result<ParentFacts> {
+    let path = file.path();
+    let mut best: Option<(u64, Guid)> = None;
+    for off in [HEADER1_OFFSET, HEADER2_OFFSET] {
+        let mut h = vec![0u8; HEADER_SIZE];
+        if file.read_exact_at(&mut h, off, "VHDX header").is_err() {
+            continue;
+        }
+        let stored = le::u32(&h, 4);
+        put_u32(&mut h, 4, 0);
+        if h.get(..4) != Some(b"head".as_slice()) || crc32c::crc32c(&h) != stored {
+            continue;
+        }
+        let seq = le::u64(&h, 8);
+        let mut g = [0u8; 16];
+        if let Some(src) = h.get(32..48) {
+            g.copy_from_slice(src);
+        }
+        if best.is_none_or(|(s, _)| seq > s) {
+            best = Some((seq, g));
+        }
+    }
+    let (_, data_write_guid) = best.ok_or_else(|| {
+        Error::corrupt(
+            path,
+            "VHDX header",
+            HEADER1_OFFSET,
+            "neither header is valid",
+        )
+    })?;
+
+    let mut region = None;
+    for off in [REGION1_OFFSET, REGION2_OFFSET] {
+        let mut r = vec![0u8; REGION_TABLE_SIZE];
+        if file
+            .read_exact_at(&mut r, off, "VHDX region table")
+            .is_err()
+        {
+            continue;
+        }
+        let stored = le::u32(&r, 4);
+        put_u32(&mut r, 4, 0);
+        if r.get(..4) == Some(b"regi".as_slice()) && crc32c::crc32c(&r) == stored {
+            region = Some(r);
+            break;
+        }
+    }
+    let region = region.ok_or_else(|| {
+        Error::corrupt(
+            path,
+            "VHDX region table",
+            REGION1_OFFSET,
+            "neither region table is valid",
+        )
+    })?;
+    let count = (le::u32(&region, 8) as usize).min(2047);
+    let mut meta = None;
+    for e in region
+        .get(16..)
+        .unwrap_or_default()
+        .chunks_exact(32)
+        .take(count)
+    {
+        if e.get(..16) == Some(METADATA_REGION.as_slice()) {
+            meta = Some((le::u64(e, 16), u64::from(le::u32(e, 24))));
+        }
+    }
+    let (meta_off, meta_len) = meta.ok_or_else(|| {
+        Error::corrupt(
+            path,
+            "VHDX region table",
+            REGION1_OFFSET,
+            "no metadata region",
+        )
+    })?;
+    let table = file.read_vec(meta_off, METADATA_TABLE_SIZE, "VHDX metadata table")?;
+    if table.get(..8) != Some(b"metadata".as_slice()) {
+        return Err(Error::corrupt(
+            path,
+            "VHDX metadata table",
+            meta_off,
+            "bad signature",
+        ));
+    }
+    let count = usize::from(le::u16(&table, 10)).min(2047);
+    let item = |id: &Guid, want: u32| -> Result<u64> {
+        let e = table
+            .get(32..)
+            .unwrap_or_default()
+            .chunks_exact(32)
+            .take(count)
+            .find(|e| e.get(..16) == Some(id.as_slice()))
+            .ok_or_else(|| {
+                Error::corrupt(
+                    path,
+                    "VHDX metadata table",
+                    meta_off,
+                    "a required item is missing",
+                )
+            })?;
+        let (off, len) = (le::u32(e, 16), le::u32(e, 20));
+        if len < want || u64::from(off).saturating_add(u64::from(want)) > meta_len {
+            return Err(Error::corrupt(
+                path,
+                "VHDX metadata item",
+                meta_off.saturating_add(u64::from(off)),
+                format!("item of {len} bytes at {off:#x} does not fit the metadata region"),
+            ));
+        }
+        let at = meta_off.saturating_add(u64::from(off));
+        let v = file.read_vec(at, want as usize, "VHDX metadata item")?;
+        Ok(if want == 8 {
+            le::u64(&v, 0)
+        } else {
+            u64::from(le::u32(&v, 0))
+        })
+    };
+    let virtual_size = item(&VIRTUAL_DISK_SIZE, 8)?;
+    let logical_sector = item(&LOGICAL_SECTOR_SIZE, 4)?;
+    Ok(ParentFacts {
+        data_write_guid,
+        virtual_size,
+        logical_sector,
+    })
+}
+
+/// `relative_path` of a parent locator: the way from the child's folder to the parent,
+/// Windows style (`.\name`, `..\dir\name`), as Hyper-V writes it.
+fn relative_win_path(child_dir: &Path, parent: &Path) -> Option<String> {
+    let from: Vec<Component> = child_dir.components().collect();
+    let to: Vec<Component> = parent.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    // Different roots (nothing in common) cannot be expressed relatively.
+    if common == 0 {
+        return None;
+    }
+    let mut parts: Vec<String> = Vec::new();
+    let ups = from.len().saturating_sub(common);
+    if ups == 0 {
+        parts.push(".".into());
+    }
+    parts.extend(std::iter::repeat_n("..".to_string(), ups));
+    for c in to.get(common..)? {
+        match c {
+            Component::Normal(n) => parts.push(n.to_str()?.to_string()),
+            _ => return None,
+        }
+    }
+    Some(parts.join("\\"))
+}
+
+/// The Parent Locator metadata item (MS-VHDX 2.6.2.6).
+fn parent_locator(pairs: &[(&str, String)]) -> Result<Vec<u8>> {
+    let header = 20 + 12 * pairs.len();
+    let mut out = vec![0u8; header];
+    put(&mut out, 0, &LOCATOR_TYPE_VHDX);
+    put_u16(&mut out, 18, pairs.len() as u16);
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        let (k, v) = (utf16le(k), utf16le(v));
+        let (kl, vl) = match (u16::try_from(k.len()), u16::try_from(v.len())) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return Err(Error::Invalid("vhdx: parent path too long".into())),
+        };
+        let ko = out.len() as u32;
+        out.extend_from_slice(&k);
+        let vo = out.len() as u32;
+        out.extend_from_slice(&v);
+        let e = 20 + 12 * i;
+        put_u32(&mut out, e, ko);
+        put_u32(&mut out, e + 4, vo);
+        put_u16(&mut out, e + 8, kl);
+        put_u16(&mut out, e + 10, vl);
+    }
+    Ok(out)
+}
+
+/// Everything written by `finish` besides the BAT.
+#[derive(Debug)]
+struct Layout {
+    file_write_guid: Guid,
+    data_write_guid: Guid,
+    page83: Guid,
+    physical_sector: u32,
+    file_flags: u32,
+    /// Parent locator item, for differencing images.
+    locator: Option<Vec<u8>>,
+}
+
+/// The sector bitmap of the chunk being written (differencing only).
+#[derive(Debug)]
+struct ChunkBitmap {
+    chunk: u64,
+    bits: Vec<u8>,
+    /// Byte range of `bits` that holds set bits.
+    dirty: Option<(usize, usize)>,
+    /// Some block of this chunk is PARTIALLY_PRESENT, so the bitmap must be stored.
+    needed: bool,
+}
+
+/// The block currently receiving writes (differencing only).
+#[derive(Debug, Clone, Copy)]
+struct CurrentBlock {
+    block: u64,
+    /// Bytes of the block mentioned by write_data or write_zero.
+    covered: u64,
+}
+
+/// Streaming VHDX writer.
+#[derive(Debug)]
+struct VhdxWriter {
+    file: File,
+    path: PathBuf,
+    order: OrderCheck,
+    geo: Geometry,
+    kind: Subformat,
+    bat: Vec<u64>,
+    /// End of the allocated part of the file (where the next block goes).
+    next_free: u64,
+    layout: Layout,
+    cur: Option<CurrentBlock>,
+    bitmap: Option<ChunkBitmap>,
+}
+
+/// Creates a VHDX image at `path` and returns its writer.
+pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
+    let block_size = opts.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+    let physical = opts.physical_sector_size;
+    if physical != 512 && physical != 4096 {
+        return Err(Error::Invalid(format!(
+            "vhdx: physical sector size {physical} (expected 512 or 4096)"
+        )));
+    }
+    let differencing = opts.subformat == Subformat::Differencing;
+    let mut virtual_size = opts.virtual_size;
+    let mut logical = u64::from(opts.logical_sector_size);
+    let mut parent_facts = None;
+    match (&opts.parent, differencing) {
+        (Some(_), false) => {
+            return Err(Error::Invalid(
+                "vhdx: only a differencing image has a parent".into(),
+            ));
+        }
+        (None, true) => {
+            return Err(Error::Invalid(
+                "vhdx: a differencing image needs a parent".into(),
+            ));
+        }
+        (Some(parent), true) => {
+            let facts = read_parent(path, parent)?;
+            // The child's geometry comes from the parent; a caller that states a size
+            // (0 = "take the parent's") must agree with it.
+            if virtual_size != 0 && virtual_size != facts.virtual_size {
+                return Err(Error::Invalid(format!(
+                    "vhdx: differencing image of {virtual_size} bytes, but parent {} is {} bytes",
+                    parent.display(),
+                    facts.virtual_size
+                )));
+            }
+            if logical != facts.logical_sector {
+                return Err(Error::Invalid(format!(
+                    "vhdx: logical sector size {logical}, but parent {} uses {}",
+                    parent.display(),
+                    facts.logical_sector
+                )));
+            }
+            virtual_size = facts.virtual_size;
+            logical = facts.logical_sector;
+            parent_facts = Some(facts);
+        }
+        (None, false) => {}
+    }
+    let geo = Geometry::new(virtual_size, block_size, logical, differencing)?;
+    let bat_len = usize::try_from(geo.bat_entries)
+        .map_err(|_| Error::Invalid("vhdx: BAT too large".into()))?;
+
+    let locator = match (&opts.parent, &parent_facts) {
+        (Some(parent), Some(facts)) => {
+            let abs = std::path::absolute(parent).map_err(|e| Error::io(parent, "resolve", e))?;
+            let abs_str = abs
+                .to_str()
+                .ok_or_else(|| Error::Invalid(format!("{}: not valid UTF-8", abs.display())))?
+                .to_string();
+            let child_dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            let child_dir =
+                std::fs::canonicalize(child_dir).map_err(|e| Error::io(child_dir, "resolve", e))?;
+            let parent_canon =
+                std::fs::canonicalize(parent).map_err(|e| Error::io(parent, "resolve", e))?;
+            let mut pairs = vec![("parent_linkage", guid_string(&facts.data_write_guid))];
+            if let Some(rel) = relative_win_path(&child_dir, &parent_canon) {
+                pairs.push(("relative_path", rel));
+            }
+            pairs.push(("absolute_win32_path", abs_str));
+            Some(parent_locator(&pairs)?)
+        }
+        _ => None,
+    };
+
+    let file = create_file(path)?;
+    let data_start = BAT_OFFSET + geo.bat_region_len();
+    let mut bat = vec![PAYLOAD_NOT_PRESENT; bat_len];
+    let mut next_free = data_start;
+    if opts.subformat == Subformat::Fixed {
+        // Every block is preallocated in order; the file is sized up front, so blocks
+        // never written are holes that read as zeros.
+        for b in 0..geo.payload_blocks {
+            let off = data_start + b * geo.block_size;
+            if let Some(e) = bat.get_mut(geo.payload_index(b) as usize) {
+                *e = off | PAYLOAD_FULLY_PRESENT;
+            }
+        }
+        next_free = data_start + geo.payload_blocks * geo.block_size;
+        file.set_len(next_free)
+            .map_err(|e| Error::io(path, "set length", e))?;
+    }
+    let file_flags = match opts.subformat {
+        Subformat::Fixed => LEAVE_BLOCKS_ALLOCATED,
+        Subformat::Dynamic => 0,
+        Subformat::Differencing => HAS_PARENT,
+    };
+    Ok(Box::new(VhdxWriter {
+        file,
+        path: path.to_path_buf(),
+        order: OrderCheck::new(virtual_size, logical as u32),
+        geo,
+        kind: opts.subformat,
+        bat,
+        next_free,
+        layout: Layout {
+            file_write_guid: new_guid(),
+            data_write_guid: new_guid(),
+            page83: new_guid(),
+            physical_sector: physical,
+            file_flags,
+            locator,
+        },
+        cur: None,
+        bitmap: None,
+    }))
+}
+
+impl VhdxWriter {
+    fn pwrite(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| Error::io(&self.path, "write", e))
+    }
+
+    fn entry_mut(&mut self, index: u64) -> Result<&mut u64> {
+        let path = &self.path;
+        self.bat.get_mut(index as usize).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: BAT index {index} out of range",
+                path.display()
+            ))
+        })
+    }
+
+    /// File offset of payload block `block`, allocating it at the end of the file if it
+    /// has none yet (new blocks start PARTIALLY_PRESENT in a differencing image until
+    /// `finish_block` knows better, FULLY_PRESENT otherwise).
+    fn block_offset(&mut self, block: u64) -> Result<u64> {
+        let idx = self.geo.payload_index(block);
+        let state = if self.kind == Subformat::Differencing {
+            PAYLOAD_PARTIALLY_PRESENT
+        } else {
+            PAYLOAD_FULLY_PRESENT
+        };
+        let next = self.next_free;
+        let bs = self.geo.block_size;
+        let e = self.entry_mut(idx)?;
+        let s = *e & STATE_MASK;
+        if s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT {
+            return Ok(*e & !(MIB - 1));
+        }
+        *e = next | state;
+        self.next_free = next + bs;
+        Ok(next)
+    }
+
+    /// Differencing: records that `[offset, offset+len)`, inside one block, now
+    /// belongs to this file (data or zeros), closing the previous block if needed.
+    fn touch(&mut self, offset: u64, len: u64) -> Result<()> {
+        let block = offset / self.geo.block_size;
+        match self.cur {
+            Some(c) if c.block == block => {}
+            Some(c) => {
+                self.finish_block(c)?;
+                self.cur = Some(CurrentBlock { block, covered: 0 });
+            }
+            None => self.cur = Some(CurrentBlock { block, covered: 0 }),
+        }
+        if let Some(c) = self.cur.as_mut() {
+            c.covered += len;
+        }
+        let chunk = block / self.geo.chunk_ratio;
+        if self.bitmap.as_ref().is_some_and(|b| b.chunk != chunk) {
+            self.flush_bitmap()?;
+        }
+        let bm = self.bitmap.get_or_insert_with(|| ChunkBitmap {
+            chunk,
+            bits: vec![0u8; SECTOR_BITMAP_SIZE as usize],
+            dirty: None,
+            needed: false,
+        });
+        bm.chunk = chunk;
+        let chunk_start = chunk * self.geo.chunk_ratio * self.geo.block_size;
+        let first = (offset - chunk_start) / self.geo.logical_sector;
+        let count = len.div_ceil(self.geo.logical_sector);
+        set_bits(bm, first, count);
+        Ok(())
+    }
+
+    /// Differencing: decides the final state of a block once nothing more can arrive
+    /// for it.
+    fn finish_block(&mut self, c: CurrentBlock) -> Result<()> {
+        let idx = self.geo.payload_index(c.block);
+        let allocated = self
+            .bat
+            .get(idx as usize)
+            .is_some_and(|e| *e & STATE_MASK == PAYLOAD_PARTIALLY_PRESENT);
+        if c.covered >= self.geo.block_len(c.block) {
+            let e = self.entry_mut(idx)?;
+            *e = if allocated {
+                (*e & !STATE_MASK) | PAYLOAD_FULLY_PRESENT
+            } else {
+                // Only zeros: hide the parent without storing anything.
+                PAYLOAD_ZERO
+            };
+        } else {
+            // Partly written (maybe only with zeros, which stay holes in the block).
+            self.block_offset(c.block)?;
+            if let Some(bm) = self.bitmap.as_mut() {
+                bm.needed = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Differencing: stores the current chunk's sector bitmap if a block needs it.
+    fn flush_bitmap(&mut self) -> Result<()> {
+        let Some(bm) = self.bitmap.as_mut() else {
+            return Ok(());
+        };
+        let (chunk, needed, dirty) = (bm.chunk, bm.needed, bm.dirty);
+        if needed {
+            let off = self.next_free;
+            self.next_free += SECTOR_BITMAP_SIZE;
+            if let Some((lo, hi)) = dirty
+                && let Some(b) = self.bitmap.as_ref().and_then(|b| b.bits.get(lo..hi))
+            {
+                // Untouched parts of the bitmap block stay holes (zeros).
+                self.pwrite(b, off + lo as u64)?;
+            }
+            let idx = self.geo.bitmap_index(chunk);
+            *self.entry_mut(idx)? = off | SB_PRESENT;
+        }
+        if let Some(bm) = self.bitmap.as_mut() {
+            if let Some((lo, hi)) = bm.dirty.take()
+                && let Some(b) = bm.bits.get_mut(lo..hi)
+            {
+                b.fill(0);
+            }
+            bm.needed = false;
+        }
+        Ok(())
+    }
+
+    fn write_headers_and_metadata(&self) -> Result<()> {
+        let l = &self.layout;
+        // File identifier.
+        let mut id = vec![0u8; 64 * KIB as usize];
+        put(&mut id, 0, b"vhdxfile");
+        put(&mut id, 8, &utf16le("holdfast"));
+        self.pwrite(&id, 0)?;
+
+        // Region tables (identical copies).
+        let mut rt = vec![0u8; REGION_TABLE_SIZE];
+        put(&mut rt, 0, b"regi");
+        put_u32(&mut rt, 8, 2);
+        let regions = [
+            (BAT_REGION, BAT_OFFSET, self.geo.bat_region_len()),
+            (METADATA_REGION, METADATA_OFFSET, METADATA_LENGTH),
+        ];
+        for (i, (g, off, len)) in regions.iter().enumerate() {
+            let e = 16 + 32 * i;
+            put(&mut rt, e, g);
+            put_u64(&mut rt, e + 16, *off);
+            put_u32(&mut rt, e + 24, *len as u32);
+            // Required, as Hyper-V writes it.
+            put_u32(&mut rt, e + 28, 1);
+        }
+        seal(&mut rt);
+        self.pwrite(&rt, REGION1_OFFSET)?;
+        self.pwrite(&rt, REGION2_OFFSET)?;
+
+        // Metadata region: table, then the items.
+        let mut fp = [0u8; 8];
+        put_u32(&mut fp, 0, self.geo.block_size as u32);
+        put_u32(&mut fp, 4, l.file_flags);
+        let vs = self.geo.virtual_size.to_le_bytes();
+        let ls = (self.geo.logical_sector as u32).to_le_bytes();
+        let ps = l.physical_sector.to_le_bytes();
+        let mut items: Vec<(Guid, &[u8], u32)> = vec![
+            (FILE_PARAMETERS, &fp, META_IS_REQUIRED),
+            (
+                VIRTUAL_DISK_SIZE,
+                &vs,
+                META_IS_VIRTUAL_DISK | META_IS_REQUIRED,
+            ),
+            (
+                PAGE83_DATA,
+                &l.page83,
+                META_IS_VIRTUAL_DISK | META_IS_REQUIRED,
+            ),
+            (
+                LOGICAL_SECTOR_SIZE,
+                &ls,
+                META_IS_VIRTUAL_DISK | META_IS_REQUIRED,
+            ),
+            (
+                PHYSICAL_SECTOR_SIZE,
+                &ps,
+                META_IS_VIRTUAL_DISK | META_IS_REQUIRED,
+            ),
+        ];
+        if let Some(loc) = &l.locator {
+            items.push((PARENT_LOCATOR, loc, META_IS_REQUIRED));
+        }
+        let mut meta = vec![0u8; METADATA_TABLE_SIZE];
+        put(&mut meta, 0, b"metadata");
+        put_u16(&mut meta, 10, items.len() as u16);
+        for (i, (g, data, flags)) in items.iter().enumerate() {
+            let item_off = meta.len();
+            meta.extend_from_slice(data);
+            // Keep items 8-byte aligned.
+            meta.resize(align_up(meta.len() as u64, 8) as usize, 0);
+            let e = 32 + 32 * i;
+            put(&mut meta, e, g);
+            put_u32(&mut meta, e + 16, item_off as u32);
+            put_u32(&mut meta, e + 20, data.len() as u32);
+            put_u32(&mut meta, e + 24, *flags);
+        }
+        if meta.len() as u64 > METADATA_LENGTH {
+            return Err(Error::Invalid(
+                "vhdx: metadata does not fit its region".into(),
+            ));
+        }
+        self.pwrite(&meta, METADATA_OFFSET)?;
+
+        // Headers last, so the image only becomes valid once everything else is there.
+        let mut h = vec![0u8; HEADER_SIZE];
+        put(&mut h, 0, b"head");
+        put(&mut h, 16, &l.file_write_guid);
+        put(&mut h, 32, &l.data_write_guid);
+        // LogGuid (48..64) stays zero: the log is empty.
+        put_u16(&mut h, 64, 0);
+        put_u16(&mut h, 66, 1);
+        put_u32(&mut h, 68, LOG_LENGTH as u32);
+        put_u64(&mut h, 72, LOG_OFFSET);
+        for (seq, off) in [(0u64, HEADER1_OFFSET), (1, HEADER2_OFFSET)] {
+            put_u64(&mut h, 8, seq);
+            seal(&mut h);
+            self.pwrite(&h, off)?;
+        }
+        Ok(())
+    }
+
+    fn write_bat(&self) -> Result<()> {
+        // Serialised a MiB at a time to keep memory bounded.
+        let mut buf = Vec::with_capacity(MIB as usize);
+        let mut off = BAT_OFFSET;
+        for chunk in self.bat.chunks((MIB / 8) as usize) {
+            buf.clear();
+            buf.extend(chunk.iter().flat_map(|e| e.to_le_bytes()));
+            self.pwrite(&buf, off)?;
+            off += buf.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Sets `count` bits from bit `first` (bit 0 of byte 0 is the first sector).
+fn set_bits(bm: &mut ChunkBitmap, first: u64, count: u64) {
+    if count == 0 {
+        return;
+    }
+    let end = (first + count).min(SECTORS_PER_BITMAP);
+    let (lo_byte, hi_byte) = ((first / 8) as usize, end.div_ceil(8) as usize);
+    let mut bit = first;
+    // Leading partial byte, whole bytes in bulk, trailing partial byte.
+    while bit < end && !bit.is_multiple_of(8) {
+        if let Some(b) = bm.bits.get_mut((bit / 8) as usize) {
+            *b |= 1 << (bit % 8);
+        }
+        bit += 1;
+    }
+    let whole_end = end - end % 8;
+    if bit < whole_end
+        && let Some(s) = bm
+            .bits
+            .get_mut((bit / 8) as usize..(whole_end / 8) as usize)
+    {
+        s.fill(0xFF);
+        bit = whole_end;
+    }
+    while bit < end {
+        if let Some(b) = bm.bits.get_mut((bit / 8) as usize) {
+            *b |= 1 << (bit % 8);
+        }
+        bit += 1;
+    }
+    bm.dirty = Some(match bm.dirty {
+        Some((lo, hi)) => (lo.min(lo_byte), hi.max(hi_byte)),
+        None => (lo_byte, hi_byte),
+    });
+}
+
+impl Sink for VhdxWriter {
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.order.advance(offset, data.len() as u64)?;
+        let bs = self.geo.block_size;
+        let mut pos = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let block = pos / bs;
+            let within = pos % bs;
+            let n = (bs - within).min(rest.len() as u64) as usize;
+            let (piece, tail) = rest.split_at(n);
+            if self.kind == Subformat::Differencing {
+                self.touch(pos, n as u64)?;
+            }
+            let file_off = self.block_offset(block)?;
+            self.pwrite(piece, file_off + within)?;
+            pos += n as u64;
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    fn write_zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.order.advance(offset, len)?;
+        if self.kind != Subformat::Differencing {
+            // Unallocated blocks and holes inside allocated ones already read as zeros.
+            return Ok(());
+        }
+        let bs = self.geo.block_size;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let n = (bs - pos % bs).min(end - pos);
+            self.touch(pos, n)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        if let Some(c) = self.cur.take() {
+            self.finish_block(c)?;
+        }
+        self.flush_bitmap()?;
+        // The last block must lie wholly inside the file even if its tail was never
+        // written (qemu-img check and Hyper-V both insist).
+        self.file
+            .set_len(self.next_free)
+            .map_err(|e| Error::io(&self.path, "set length", e))?;
+        self.write_bat()?;
+        self.write_headers_and_metadata()?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(&self.path, "fsync", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bat_geometry_matches_spec_formulas() {
+        // (size, block, sector, differencing) -> (chunk ratio, payload blocks, entries)
+        let cases = [
+            // 512-byte sectors, 32 MiB blocks: chunk ratio 2^23*512/2^25 = 128.
+            (
+                10 * (1u64 << 30),
+                32 * MIB,
+                512,
+                false,
+                128,
+                320,
+                320 + 319 / 128,
+            ),
+            (10 * (1u64 << 30), 32 * MIB, 512, true, 128, 320, 3 * 129),
+            // 4096-byte sectors, 1 MiB blocks: 2^23*4096/2^20 = 32768.
+            (100 * MIB + 4096, MIB, 4096, false, 32768, 101, 101),
+            (100 * MIB + 4096, MIB, 4096, true, 32768, 101, 32769),
+            // 256 MiB blocks, 512 sectors: 16.
+            (
+                64 << 40,
+                256 * MIB,
+                512,
+                false,
+                16,
+                262_144,
+                262_144 + 262_143 / 16,
+            ),
+            // exactly one chunk: no interleaved bitmap entry needed.
+            (128 * 32 * MIB, 32 * MIB, 512, false, 128, 128, 128),
+            (128 * 32 * MIB + 512, 32 * MIB, 512, false, 128, 129, 130),
+            (0, 32 * MIB, 512, false, 128, 0, 0),
+        ];
+        for (size, bs, ss, diff, cr, pb, entries) in cases {
+            let g = Geometry::new(size, bs, ss, diff).unwrap();
+            assert_eq!(
+                (g.chunk_ratio, g.payload_blocks, g.bat_entries),
+                (cr, pb, entries),
+                "{size} {bs} {ss} {diff}"
+            );
+        }
+        let g = Geometry::new(1 << 30, 32 * MIB, 512, true).unwrap();
+        assert_eq!(g.payload_index(127), 127);
+        assert_eq!(g.payload_index(128), 129);
+        assert_eq!(g.bitmap_index(0), 128);
+        assert_eq!(g.bitmap_index(1), 257);
+        assert!(Geometry::new(1000, MIB, 512, false).is_err());
+        assert!(Geometry::new(4096, 3 * MIB, 512, false).is_err());
+        assert!(Geometry::new(4096, 512 * MIB, 512, false).is_err());
+        assert!(Geometry::new(4096, MIB, 1024, false).is_err());
+        assert!(Geometry::new((64 << 40) + 512, MIB, 512, false).is_err());
+        assert!(Geometry::new(512, MIB, 4096, false).is_err());
+    }
+
+    #[test]
+    fn guid_encoding_and_string() {
+        assert_eq!(
+            guid_string(&BAT_REGION),
+            "{2DC27766-F623-4200-9D64-115E9BFD4A08}"
+        );
+        assert_eq!(&BAT_REGION[..4], &[0x66, 0x77, 0xC2, 0x2D]);
+        let (a, b) = (new_guid(), new_guid());
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn relative_paths_windows_style() {
+        let r = |a: &str, b: &str| relative_win_path(Path::new(a), Path::new(b));
+        assert_eq!(r("/d/x", "/d/x/p.vhdx").as_deref(), Some(".\\p.vhdx"));
+        assert_eq!(r("/d/x", "/d/y/p.vhdx").as_deref(), Some("..\\y\\p.vhdx"));
+        assert_eq!(r("/d/x/z", "/d/p.vhdx").as_deref(), Some("..\\..\\p.vhdx"));
+    }
+
+    #[test]
+    fn bitmap_bits() {
+        let mut bm = ChunkBitmap {
+            chunk: 0,
+            bits: vec![0u8; 8],
+            dirty: None,
+            needed: false,
+        };
+        set_bits(&mut bm, 3, 14);
+        assert_eq!(&bm.bits[..3], &[0xF8, 0xFF, 0x01]);
+        assert_eq!(bm.dirty, Some((0, 3)));
+        set_bits(&mut bm, 40, 8);
+        assert_eq!(bm.bits[5], 0xFF);
+        assert_eq!(bm.dirty, Some((0, 6)));
+    }
+
+    fn read_u64(b: &[u8], at: u64) -> u64 {
+        le::u64(b, at as usize)
+    }
+
+    #[test]
+    fn differencing_block_states_and_bitmap() {
+        let d = tempfile::tempdir().unwrap();
+        let parent = d.path().join("p.vhdx");
+        let mut o = CreateOptions::new(Format::Vhdx, Subformat::Dynamic, 8 * MIB);
+        o.block_size = Some(MIB);
+        let mut s = create(&parent, &o).unwrap();
+        s.write_data(0, &[1u8; 8192]).unwrap();
+        s.finish().unwrap();
+
+        let child = d.path().join("c.avhdx");
+        let mut o = CreateOptions::new(Format::Vhdx, Subformat::Differencing, 0);
+        o.block_size = Some(MIB);
+        o.parent = Some(parent.clone());
+        let mut s = create(&child, &o).unwrap();
+        s.write_data(0, &[7u8; 4096]).unwrap(); // block 0: partial
+        s.write_zero(MIB, MIB).unwrap(); // block 1: zero
+        s.write_data(2 * MIB, &vec![9u8; MIB as usize]).unwrap(); // block 2: full
+        s.write_data(3 * MIB + 512, &[3u8; 512]).unwrap(); // block 3: partial
+        s.write_zero(3 * MIB + 1024, 1024).unwrap();
+        s.write_zero(4 * MIB, 512 * 1024).unwrap(); // block 4: partial, zeros only
+        s.write_data(4 * MIB + 512 * 1024, &[5u8; 512 * 1024])
+            .unwrap(); // ... then full
+        s.finish().unwrap();
+
+        let b = std::fs::read(&child).unwrap();
+        let parent_facts = parse_parent(FileBacking::open(&child).unwrap().as_ref()).unwrap();
+        assert_eq!(parent_facts.virtual_size, 8 * MIB);
+        let g = Geometry::new(8 * MIB, MIB, 512, true).unwrap();
+        assert_eq!((g.chunk_ratio, g.bat_entries), (4096, 4097));
+        let bat: Vec<u64> = (0..g.bat_entries)
+            .map(|i| read_u64(&b, BAT_OFFSET + 8 * i))
+            .collect();
+        let st: Vec<u64> = bat.iter().take(8).map(|e| e & STATE_MASK).collect();
+        assert_eq!(st, [7, 2, 6, 7, 6, 0, 0, 0]);
+        assert_eq!(bat[1], PAYLOAD_ZERO, "ZERO entries carry no offset");
+        let sb = bat[4096];
+        assert_eq!(sb & STATE_MASK, SB_PRESENT);
+        let off = |e: u64| (e & !(MIB - 1)) as usize;
+        assert_eq!(b[off(bat[0])..off(bat[0]) + 4096], [7u8; 4096]);
+        assert_eq!(b[off(bat[0]) + 4096], 0);
+        assert_eq!(b[off(bat[2]) + 1000], 9);
+        assert_eq!(b[off(bat[3]) + 512], 3);
+        assert_eq!(b[off(bat[4]) + 600 * 1024], 5);
+        let bm = &b[off(sb)..off(sb) + MIB as usize];
+        // block 0: sectors 0..8; block 3: sectors 6145..6147; blocks 1, 2 and 4 whole.
+        assert_eq!(bm[0], 0xFF);
+        assert_eq!(bm[1], 0);
+        assert!(
+            bm[256..512].iter().all(|&x| x == 0xFF),
+            "block 1 zeros are present"
+        );
+        assert_eq!(bm[768], 0b0000_1110);
+        assert_eq!(bm[769], 0);
+        assert!(bm[1280..].iter().all(|&x| x == 0));
+        // the locator names the parent by its DataWriteGuid
+        let pf = parse_parent(FileBacking::open(&parent).unwrap().as_ref()).unwrap();
+        let text = String::from_utf16_lossy(
+            &b[(METADATA_OFFSET + 64 * KIB) as usize..(METADATA_OFFSET + 128 * KIB) as usize]
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect::<Vec<_>>(),
+        );
+        assert!(text.contains(&guid_string(&pf.data_write_guid)));
+        assert!(text.contains(".\\p.vhdx"));
+        // the file ends right after the bitmap block
+        assert_eq!(b.len(), off(sb) + MIB as usize);
+    }
 }

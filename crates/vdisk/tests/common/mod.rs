@@ -114,7 +114,12 @@ pub fn s(p: &Path) -> &str {
 pub fn assert_disk_matches_raw(disk: &dyn vdisk::VirtualDisk, raw: &Path) {
     let f = std::fs::File::open(raw).unwrap();
     let size = f.metadata().unwrap().len();
-    assert_eq!(disk.virtual_size(), size, "virtual size differs from {}", raw.display());
+    assert_eq!(
+        disk.virtual_size(),
+        size,
+        "virtual size differs from {}",
+        raw.display()
+    );
     let mut a = vec![0u8; 1 << 20];
     let mut b = vec![0u8; 1 << 20];
     let mut pos = 0;
@@ -123,7 +128,11 @@ pub fn assert_disk_matches_raw(disk: &dyn vdisk::VirtualDisk, raw: &Path) {
         disk.read_at(&mut a[..n], pos).unwrap();
         f.read_exact_at(&mut b[..n], pos).unwrap();
         if a[..n] != b[..n] {
-            let i = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y).unwrap();
+            let i = a[..n]
+                .iter()
+                .zip(&b[..n])
+                .position(|(x, y)| x != y)
+                .unwrap();
             panic!("content differs at offset {:#x}", pos + i as u64);
         }
         pos += n as u64;
@@ -148,7 +157,11 @@ pub fn assert_disk_matches_raw(disk: &dyn vdisk::VirtualDisk, raw: &Path) {
             while p < e.end() {
                 let n = (e.end() - p).min(1 << 20) as usize;
                 f.read_exact_at(&mut b[..n], p).unwrap();
-                assert!(b[..n].iter().all(|&x| x == 0), "map says {:?} at {p:#x} but raw has data", e.state);
+                assert!(
+                    b[..n].iter().all(|&x| x == 0),
+                    "map says {:?} at {p:#x} but raw has data",
+                    e.state
+                );
                 p += n as u64;
             }
         }
@@ -169,7 +182,12 @@ pub fn path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
 /// extreme values, truncation) to `image` and runs open, map, reads and check on each
 /// result. Any panic fails the test; errors are expected. Returns how many mutants
 /// still opened (so callers can assert the mutations were not all trivially fatal).
-pub fn mutate_and_exercise(image: &[u8], rounds: usize, seed: u64, hot: &[(usize, usize)]) -> usize {
+pub fn mutate_and_exercise(
+    image: &[u8],
+    rounds: usize,
+    seed: u64,
+    hot: &[(usize, usize)],
+) -> usize {
     let mut rng = Rng::new(seed);
     let mut opened = 0;
     for _ in 0..rounds {
@@ -226,14 +244,20 @@ pub const ALLOC_CAP: usize = 256 << 20;
 unsafe impl std::alloc::GlobalAlloc for CappedAlloc {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         if layout.size() > ALLOC_CAP {
-            eprintln!("CappedAlloc: refused an allocation of {} bytes", layout.size());
+            eprintln!(
+                "CappedAlloc: refused an allocation of {} bytes",
+                layout.size()
+            );
             return std::ptr::null_mut();
         }
         unsafe { std::alloc::System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         if layout.size() > ALLOC_CAP {
-            eprintln!("CappedAlloc: refused an allocation of {} bytes", layout.size());
+            eprintln!(
+                "CappedAlloc: refused an allocation of {} bytes",
+                layout.size()
+            );
             return std::ptr::null_mut();
         }
         unsafe { std::alloc::System.alloc_zeroed(layout) }

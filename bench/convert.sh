@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Conversion benchmark: holdfast vs qemu-img on the shared 4 GiB VM-disk workload, in
+# one run on one machine (hot page cache, best of RUNS).
+#
+#   bench/convert.sh [SIZE] [RUNS]        default 4G 3
+#
+# Cases: raw -> VHDX, VHDX -> raw, qcow2 -> raw. Each tool converts the same input
+# file; the VHDX and qcow2 inputs are made once by qemu-img. Both tools fsync their
+# output (qemu-img flushes at the end of convert; holdfast fsyncs before rename).
+# Prints a table of wall time, ratio (holdfast / qemu-img) and peak RSS, and writes it
+# to bench/results/convert-SIZE-STAMP.md.
+# Needs ../shared/bench/gen_disk.py (or GEN=path/to/gen_disk.py).
+set -euo pipefail
+SIZE=${1:-4G}
+RUNS=${2:-3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+GEN=${GEN:-$ROOT/../shared/bench/gen_disk.py}
+WORK=${PERF_DIR:-/tmp/perf}/convert
+OUT=$HERE/results
+mkdir -p "$WORK" "$OUT"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+REPORT=$OUT/convert-$SIZE-$STAMP.md
+
+cargo build --release --locked -p holdfast --quiet --manifest-path "$ROOT/Cargo.toml"
+HF=$ROOT/target/release/holdfast
+
+SRC=$WORK/disk-$SIZE.raw
+[ -f "$SRC" ] || python3 "$GEN" gen "$SRC" --size "$SIZE" --seed 42 >/dev/null
+[ -f "$WORK/in.vhdx" ] || qemu-img convert -f raw -O vhdx "$SRC" "$WORK/in.vhdx"
+[ -f "$WORK/in.qcow2" ] || qemu-img convert -f raw -O qcow2 "$SRC" "$WORK/in.qcow2"
+
+# run NAME INPUT OUTPUT CMD...: best wall time and its peak RSS over RUNS runs
+best_t=0 best_rss=0
+run() {
+  local input=$1 output=$2; shift 2
+  best_t=999999 best_rss=0
+  for _ in $(seq "$RUNS"); do
+    rm -f "$output"; sync
+    cat "$input" >/dev/null
+    local tf; tf=$(mktemp)
+    local t0 t1
+    t0=$(date +%s.%N)
+    /usr/bin/time -f '%M' -o "$tf" "$@" >/dev/null 2>&1
+    t1=$(date +%s.%N)
+    local t; t=$(echo "$t1 - $t0" | bc)
+    local rss; rss=$(tail -1 "$tf"); rm -f "$tf"
+    if (($(echo "$t < $best_t" | bc))); then best_t=$t best_rss=$rss; fi
+  done
+}
+
+{
+  echo "# holdfast image convert vs qemu-img convert ($SIZE workload, best of $RUNS, $(date -u +%F))"
+  echo
+  echo "| case | qemu-img | holdfast | ratio | qemu-img RSS | holdfast RSS |"
+  echo "|---|---|---|---|---|---|"
+} >"$REPORT"
+
+bench_case() {  # NAME INPUT QEMU_IN_FMT QEMU_OUT_FMT HF_FORMAT EXT
+  local name=$1 input=$2 qin=$3 qout=$4 hfmt=$5 ext=$6
+  run "$input" "$WORK/out-q.$ext" qemu-img convert -f "$qin" -O "$qout" "$input" "$WORK/out-q.$ext"
+  local qt=$best_t qr=$best_rss
+  run "$input" "$WORK/out-h.$ext" "$HF" image convert --quiet --overwrite "$input" "$WORK/out-h.$ext" --format "$hfmt"
+  local ht=$best_t hr=$best_rss
+  qemu-img compare -q -f raw -F "$qout" "$SRC" "$WORK/out-h.$ext" || { echo "MISMATCH in $name" >&2; exit 1; }
+  printf '| %s | %.2f s | %.2f s | %.2fx | %d MiB | %d MiB |\n' "$name" "$qt" "$ht" \
+    "$(echo "$ht / $qt" | bc -l)" $((qr / 1024)) $((hr / 1024)) | tee -a "$REPORT"
+  rm -f "$WORK/out-q.$ext" "$WORK/out-h.$ext"
+}
+
+bench_case "raw -> vhdx" "$SRC" raw vhdx vhdx vhdx
+bench_case "vhdx -> raw" "$WORK/in.vhdx" vhdx raw raw raw
+bench_case "qcow2 -> raw" "$WORK/in.qcow2" qcow2 raw raw raw
+echo
+echo "report: $REPORT"
