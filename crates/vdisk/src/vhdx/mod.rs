@@ -253,11 +253,19 @@ pub(crate) fn parse(file: Arc<dyn Backing>, diag: &mut Diag) -> Option<Parsed> {
         }
     }
     if tables.is_empty() {
+        let why: Vec<String> = diag
+            .soft
+            .iter()
+            .rev()
+            .take(2)
+            .rev()
+            .map(|e| e.to_string())
+            .collect();
         diag.hard.push(Error::corrupt(
             &path,
             "VHDX region tables",
             REGION_TABLE_OFFSETS[0],
-            "both region tables are invalid",
+            format!("both region tables are invalid: {}", why.join("; ")),
         ));
         return None;
     }
