@@ -618,6 +618,23 @@ fn absurd_metadata_values_are_refused() {
     let p = copy_of(&d, &img, "oddsize.vhdx");
     wr(&p, vs, &(8 * MIB + 100).to_le_bytes());
     assert_refused(&p, "virtual disk size");
+    // an unknown metadata item flagged IsRequired
+    let p = copy_of(&d, &img, "reqitem.vhdx");
+    let m = meta_region(&p);
+    let mut t = rd(&p, m, 64 << 10);
+    let page83 = guid(
+        0xBECA12AB,
+        0xB2E6,
+        0x4523,
+        [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
+    );
+    let i = (0..5)
+        .find(|i| t[32 + 32 * i..48 + 32 * i] == page83)
+        .unwrap();
+    t[32 + 32 * i] ^= 0xFF;
+    t[32 + 32 * i + 24] |= 4;
+    wr(&p, m, &t);
+    assert_refused(&p, "unknown required metadata item");
     for (i, bs) in [3 * MIB as u32, 0, 1 << 31, 512 << 20]
         .into_iter()
         .enumerate()
