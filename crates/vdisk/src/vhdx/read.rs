@@ -516,6 +516,9 @@ impl VirtualDisk for VhdxDisk {
     }
 }
 
+/// Most allocated blocks compared for overlaps (24 bytes each).
+const MAX_TRACKED: usize = 1 << 22;
+
 /// Most problems of one kind listed individually.
 const MAX_LISTED: usize = 50;
 
@@ -550,6 +553,7 @@ pub(crate) fn check_bat(p: &Parsed, report: &mut CheckReport) {
     // Allocations to compare for overlaps; bounded by the number of MiB in the file.
     let max_alloc = (file_len / MIB) as usize + 1;
     let mut allocs: Vec<(u64, u64, u64)> = Vec::new();
+    let mut untracked = 0u64;
     let mut listed = 0usize;
     let mut more = 0usize;
     let mut problem = |report: &mut CheckReport, at: u64, d: String| {
@@ -672,7 +676,9 @@ pub(crate) fn check_bat(p: &Parsed, report: &mut CheckReport) {
                 );
                 continue;
             }
-            if allocs.len() < max_alloc {
+            if allocs.len() >= MAX_TRACKED {
+                untracked += 1;
+            } else if allocs.len() < max_alloc {
                 allocs.push((off, end, i));
             } else {
                 problem(
@@ -703,6 +709,15 @@ pub(crate) fn check_bat(p: &Parsed, report: &mut CheckReport) {
         if prev.is_none_or(|pv| a.1 > pv.1) {
             prev = Some(a);
         }
+    }
+    if untracked > 0 {
+        report.warning(
+            "VHDX BAT",
+            Some(p.bat_region.file_offset),
+            format!(
+                "{untracked} blocks beyond the first {MAX_TRACKED} were not checked for overlaps"
+            ),
+        );
     }
     if more > 0 {
         report.error(
