@@ -140,7 +140,7 @@ fn map_json_lists_extents_covering_the_disk() {
         assert!(["data", "zero", "unallocated"].contains(&e["state"].as_str().unwrap()));
     }
     assert_eq!(pos, 20 << 20);
-    assert!(data >= 3 << 20 && data < 8 << 20, "data bytes {data}");
+    assert!((3 << 20..8 << 20).contains(&data), "data bytes {data}");
     let text = ok(&["image", "map", s(&q)]);
     assert!(
         text.contains("data") && text.contains("unallocated"),

@@ -214,7 +214,6 @@ fn chain_on_fixed_base() {
 }
 
 #[test]
-#[ignore = "needs the VHDX reader from branch vhdx"]
 fn vdisk_reader_chain_of_three_on_qemu_base() {
     chain(
         Reader::Vdisk,
@@ -226,7 +225,6 @@ fn vdisk_reader_chain_of_three_on_qemu_base() {
 }
 
 #[test]
-#[ignore = "needs the VHDX reader from branch vhdx"]
 fn vdisk_reader_chain_of_three_on_own_base_4096() {
     chain(
         Reader::Vdisk,
@@ -238,7 +236,6 @@ fn vdisk_reader_chain_of_three_on_own_base_4096() {
 }
 
 #[test]
-#[ignore = "needs the VHDX reader from branch vhdx"]
 fn vdisk_reader_chain_on_fixed_base() {
     chain(
         Reader::Vdisk,
@@ -278,7 +275,6 @@ fn empty_child_shows_parent_and_zero_child_hides_it() {
 }
 
 #[test]
-#[ignore = "needs the VHDX reader from branch vhdx"]
 fn vdisk_reader_empty_and_zero_children() {
     empty_and_zero_children(Reader::Vdisk);
 }

@@ -116,7 +116,6 @@ fn convert_4096_logical_sectors() {
 }
 
 #[test]
-#[ignore = "needs the VHDX reader from branch vhdx"]
 fn vdisk_reader_convert_4096_logical_sectors() {
     convert_4096(Reader::Vdisk);
 }
@@ -208,7 +207,6 @@ fn sink_partial_blocks_4096() {
 }
 
 #[test]
-#[ignore = "needs the VHDX reader from branch vhdx"]
 fn vdisk_reader_sink_partial_blocks_4096() {
     sink_4096(Reader::Vdisk);
 }

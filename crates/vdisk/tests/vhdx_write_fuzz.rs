@@ -80,7 +80,6 @@ fn damaged_parents_never_panic() {
 }
 
 #[test]
-#[ignore = "needs the VHDX reader from branch vhdx"]
 fn writer_output_through_reader_mutations() {
     let d = tmp();
     let image = small_image(&d);
