@@ -5,7 +5,7 @@
 //! bounded by a fixed pool of piece buffers, whatever the disk size.
 
 use crate::extent::ExtentState;
-use crate::sink::{CreateOptions, Sink};
+use crate::sink::{CreateOptions, Placement, Sink};
 use crate::{Error, Result, VirtualDisk};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 /// Largest piece read at once.
-const PIECE: u64 = 4 << 20;
+const PIECE: u64 = 2 << 20;
 /// How much of the disk is mapped at a time (bounds the extent list).
 const WINDOW: u64 = 1 << 30;
 /// Granularity of zero detection inside data (what `qemu-img convert -S 4k` does).
@@ -61,38 +61,59 @@ pub fn copy_ranges(
         prev_end = crate::extent::map_range_end(off, len, size)?;
     }
 
-    let workers = std::thread::available_parallelism()
+    // Readers read and scan pieces; writers write placed data; the caller's thread
+    // keeps the sink's bookkeeping in order. On two cores this overlaps reading,
+    // page-cache copies of the output and metadata work.
+    let readers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 4);
-    let nbufs = workers + 2;
+    // One writer: ext4 (like most file systems) serialises buffered writes to one file
+    // on the inode lock, and a second writer only spins on it.
+    let writers = 1;
+    let nbufs = readers + writers + 4;
     let abort = AtomicBool::new(false);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
     let (task_tx, task_rx) = sync_channel::<Result<Task>>(nbufs);
     let task_rx = Mutex::new(task_rx);
     let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(nbufs);
     for _ in 0..nbufs {
         pool_tx
-            .send(Vec::with_capacity(PIECE as usize))
+            .send(Vec::new())
             .map_err(|_| Error::Invalid("copy: buffer pool closed".into()))?;
     }
     let pool_rx = Mutex::new(pool_rx);
     let (done_tx, done_rx) = sync_channel::<Result<Done>>(nbufs);
+    let (write_tx, write_rx) = sync_channel::<WriteJob>(nbufs);
+    let write_rx = Mutex::new(write_rx);
 
-    std::thread::scope(|s| {
-        // Producer: turns the extent map into ordered tasks.
+    let r = std::thread::scope(|s| {
         let abort_ref = &abort;
         s.spawn(move || produce(src, ranges, task_tx, abort_ref));
-        for _ in 0..workers {
+        for _ in 0..readers {
             let done_tx = done_tx.clone();
             let (task_rx, pool_rx, abort) = (&task_rx, &pool_rx, &abort);
             s.spawn(move || work(src, task_rx, pool_rx, done_tx, abort));
         }
         drop(done_tx);
-        let r = consume(sink, done_rx, pool_tx, progress);
+        for _ in 0..writers {
+            let pool_tx = pool_tx.clone();
+            let (write_rx, abort, failure) = (&write_rx, &abort, &failure);
+            s.spawn(move || write_placed(write_rx, pool_tx, abort, failure));
+        }
+        let r = consume(sink, done_rx, pool_tx, write_tx, &abort, progress);
         if r.is_err() {
             abort.store(true, Ordering::Relaxed);
         }
         r
-    })
+    });
+    // Every writer has finished here (the scope joined them): report their failure.
+    if let Some(e) = failure
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        return Err(e);
+    }
+    r
 }
 
 struct Task {
@@ -106,9 +127,18 @@ struct Done {
     idx: u64,
     offset: u64,
     len: u64,
-    buf: Option<Vec<u8>>,
+    /// False for zero/unallocated extents (nothing was read).
+    data: bool,
+    buf: Vec<u8>,
     /// (relative offset, length, is_zero) runs covering the piece.
     runs: Vec<(u64, u64, bool)>,
+}
+
+/// Data the sink has placed, for a writer thread to store.
+struct WriteJob {
+    buf: Vec<u8>,
+    /// (placement, start of its data in `buf`)
+    writes: Vec<(Placement, usize)>,
 }
 
 fn produce(
@@ -193,7 +223,8 @@ fn work(
                 idx: task.idx,
                 offset: task.offset,
                 len: task.len,
-                buf: Some(buf),
+                data: false,
+                buf,
                 runs: vec![(0, task.len, true)],
             }),
         };
@@ -205,14 +236,19 @@ fn work(
 
 fn read_piece(src: &dyn VirtualDisk, task: Task, mut buf: Vec<u8>) -> Result<Done> {
     let len = usize::try_from(task.len).map_err(|_| Error::Invalid("piece too large".into()))?;
-    buf.resize(len, 0);
-    src.read_at(&mut buf, task.offset)?;
-    let runs = zero_runs(&buf, task.offset);
+    // Buffers keep their length between uses: no zero-filling on every piece.
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let piece = &mut buf[..len];
+    src.read_at(piece, task.offset)?;
+    let runs = zero_runs(piece, task.offset);
     Ok(Done {
         idx: task.idx,
         offset: task.offset,
         len: task.len,
-        buf: Some(buf),
+        data: true,
+        buf,
         runs,
     })
 }
@@ -249,6 +285,8 @@ fn consume(
     sink: &mut dyn Sink,
     done: Receiver<Result<Done>>,
     pool: SyncSender<Vec<u8>>,
+    writes: SyncSender<WriteJob>,
+    abort: &AtomicBool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<CopyStats> {
     let mut stats = CopyStats::default();
@@ -256,32 +294,51 @@ fn consume(
     let mut next = 0u64;
     let mut covered = 0u64;
     for r in done.iter() {
+        if abort.load(Ordering::Relaxed) {
+            // A writer failed; its error is reported by the caller.
+            return Ok(stats);
+        }
         let d = r?;
         pending.insert(d.idx, d);
         while let Some(d) = pending.remove(&next) {
             next += 1;
-            if let Some(buf) = &d.buf
-                && !buf.is_empty()
-            {
+            if d.data {
                 stats.bytes_read += d.len;
             }
+            let mut placed = Vec::new();
             for &(rel, len, zero) in &d.runs {
                 let off = d.offset + rel;
+                let start = rel as usize;
                 if zero {
                     sink.write_zero(off, len)?;
                     stats.zero_bytes += len;
-                } else if let Some(buf) = &d.buf {
-                    let s = rel as usize;
-                    sink.write_data(off, &buf[s..s + len as usize])?;
-                    stats.bytes_written += len;
+                    continue;
+                }
+                stats.bytes_written += len;
+                match sink.place_data(off, len)? {
+                    Some(p) => placed.push((p, start)),
+                    None => {
+                        let data = d
+                            .buf
+                            .get(start..start + len as usize)
+                            .ok_or_else(|| Error::Invalid("copy: run outside its piece".into()))?;
+                        sink.write_data(off, data)?;
+                    }
                 }
             }
             covered += d.len;
             progress(covered);
-            if let Some(mut b) = d.buf {
-                b.clear();
+            if placed.is_empty() {
                 // The pool never holds more than it started with, so this cannot block.
-                let _ = pool.try_send(b);
+                let _ = pool.try_send(d.buf);
+            } else if writes
+                .send(WriteJob {
+                    buf: d.buf,
+                    writes: placed,
+                })
+                .is_err()
+            {
+                return Err(Error::Invalid("copy: writers stopped early".into()));
             }
         }
     }
@@ -289,6 +346,39 @@ fn consume(
         return Err(Error::Invalid("copy: a reader stopped early".into()));
     }
     Ok(stats)
+}
+
+/// Writer thread: stores placed data, then returns the buffer to the pool.
+fn write_placed(
+    jobs: &Mutex<Receiver<WriteJob>>,
+    pool: SyncSender<Vec<u8>>,
+    abort: &AtomicBool,
+    failure: &Mutex<Option<Error>>,
+) {
+    loop {
+        let job = match jobs.lock().map(|j| j.recv()) {
+            Ok(Ok(j)) => j,
+            _ => return,
+        };
+        if !abort.load(Ordering::Relaxed) {
+            for (p, start) in &job.writes {
+                let r = job
+                    .buf
+                    .get(*start..)
+                    .ok_or_else(|| Error::Invalid("copy: placement outside its piece".into()))
+                    .and_then(|data| p.write(data));
+                if let Err(e) = r {
+                    abort.store(true, Ordering::Relaxed);
+                    let mut f = failure
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    f.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        let _ = pool.try_send(job.buf);
+    }
 }
 
 /// Converts the image at `src` into a new image at `dst` described by `opts`

@@ -3,10 +3,8 @@
 
 use crate::backing::Backing;
 use crate::extent::{ExtentState, map_range_end, push_extent};
-use crate::sink::{CreateOptions, OrderCheck, Sink, create_file};
+use crate::sink::{CreateOptions, OrderCheck, OutFile, Placement, Sink, create_file};
 use crate::{DiskInfo, Error, Extent, Format, Result, Subformat, VirtualDisk, check_range};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,7 +64,7 @@ impl VirtualDisk for RawDisk {
 /// Writer of sparse raw images.
 #[derive(Debug)]
 pub struct RawWriter {
-    file: File,
+    file: Arc<OutFile>,
     path: PathBuf,
     order: OrderCheck,
 }
@@ -80,7 +78,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
     file.set_len(opts.virtual_size)
         .map_err(|e| Error::io(path, "set length", e))?;
     Ok(Box::new(RawWriter {
-        file,
+        file: Arc::new(file),
         path: path.to_path_buf(),
         // Raw has no sector constraint of its own.
         order: OrderCheck::new(opts.virtual_size, 1),
@@ -93,6 +91,15 @@ impl Sink for RawWriter {
         self.file
             .write_all_at(data, offset)
             .map_err(|e| Error::io(&self.path, "write", e))
+    }
+
+    fn place_data(&mut self, offset: u64, len: u64) -> Result<Option<Placement>> {
+        self.order.advance(offset, len)?;
+        let len = usize::try_from(len).map_err(|_| Error::Invalid("write too large".into()))?;
+        Ok(Some(Placement {
+            file: self.file.clone(),
+            pieces: vec![(0, offset, len)],
+        }))
     }
 
     fn write_zero(&mut self, offset: u64, len: u64) -> Result<()> {

@@ -7,11 +7,10 @@
 //! refcount table are appended, and the header is written last.
 
 use super::{COPIED, MAGIC, MAX_L1_BYTES, OFFSET_MASK};
-use crate::sink::{CreateOptions, OrderCheck, Sink, create_file};
+use crate::sink::{CreateOptions, OrderCheck, OutFile, Placement, Sink, create_file};
 use crate::{Error, Result, Subformat};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Default cluster size (as qemu-img).
 const DEFAULT_CLUSTER: u64 = 64 << 10;
@@ -21,7 +20,7 @@ const HEADER_LEN: usize = 112;
 /// Writer of qcow2 v3 images (refcount_order 4, no compression, no backing file).
 #[derive(Debug)]
 pub(crate) struct Qcow2Writer {
-    file: File,
+    file: Arc<OutFile>,
     path: PathBuf,
     order: OrderCheck,
     size: u64,
@@ -69,7 +68,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn crate:
     }
     let file = create_file(path)?;
     Ok(Box::new(Qcow2Writer {
-        file,
+        file: Arc::new(file),
         path: path.to_path_buf(),
         order: OrderCheck::new(size, opts.logical_sector_size),
         size,
@@ -83,6 +82,50 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn crate:
 }
 
 impl Qcow2Writer {
+    /// Allocates clusters for `[offset, offset+len)` (L2 entries, at the end of the
+    /// file) and returns where each host-contiguous run of it goes.
+    fn place(&mut self, offset: u64, len: u64) -> Result<Vec<(usize, u64, usize)>> {
+        self.order.advance(offset, len)?;
+        let cb = self.cluster_bits;
+        let cs = self.cs();
+        let l2_bits = cb - 3;
+        let end = offset + len;
+        let mut pos = offset;
+        // Host-contiguous runs: (start in the data, host offset, length).
+        let mut runs: Vec<(usize, u64, usize)> = Vec::new();
+        while pos < end {
+            let ci = pos >> cb;
+            let l1i = ci >> l2_bits;
+            if self.l2_index != Some(l1i) {
+                self.flush_l2()?;
+                self.l2_index = Some(l1i);
+            }
+            let l2i = (ci & ((1u64 << l2_bits) - 1)) as usize;
+            let cend = ((ci + 1) << cb).min(end);
+            let existing = self.l2.get(l2i).map_or(0, |e| e & OFFSET_MASK);
+            let host = if existing != 0 {
+                existing
+            } else {
+                let h = self.next_host;
+                self.next_host += cs;
+                if let Some(slot) = self.l2.get_mut(l2i) {
+                    *slot = h | COPIED;
+                }
+                self.l2_used = true;
+                h
+            };
+            let h = host + (pos & (cs - 1));
+            let n = (cend - pos) as usize;
+            let s = (pos - offset) as usize;
+            match runs.last_mut() {
+                Some(last) if last.1 + last.2 as u64 == h => last.2 += n,
+                _ => runs.push((s, h, n)),
+            }
+            pos = cend;
+        }
+        Ok(runs)
+    }
+
     fn cs(&self) -> u64 {
         1u64 << self.cluster_bits
     }
@@ -117,52 +160,19 @@ impl Qcow2Writer {
 
 impl Sink for Qcow2Writer {
     fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.order.advance(offset, data.len() as u64)?;
-        let cb = self.cluster_bits;
-        let cs = self.cs();
-        let l2_bits = cb - 3;
-        let end = offset + data.len() as u64;
-        let mut pos = offset;
-        // Pending host-contiguous run: (host offset, start in `data`, length).
-        let mut run: Option<(u64, usize, usize)> = None;
-        while pos < end {
-            let ci = pos >> cb;
-            let l1i = ci >> l2_bits;
-            if self.l2_index != Some(l1i) {
-                self.flush_l2()?;
-                self.l2_index = Some(l1i);
-            }
-            let l2i = (ci & ((1u64 << l2_bits) - 1)) as usize;
-            let cend = ((ci + 1) << cb).min(end);
-            let existing = self.l2.get(l2i).map_or(0, |e| e & OFFSET_MASK);
-            let host = if existing != 0 {
-                existing
-            } else {
-                let h = self.next_host;
-                self.next_host += cs;
-                if let Some(slot) = self.l2.get_mut(l2i) {
-                    *slot = h | COPIED;
-                }
-                self.l2_used = true;
-                h
-            };
-            let h = host + (pos & (cs - 1));
-            let n = (cend - pos) as usize;
-            let s = (pos - offset) as usize;
-            run = match run {
-                Some((rh, rs, rl)) if rh + rl as u64 == h => Some((rh, rs, rl + n)),
-                Some((rh, rs, rl)) => {
-                    self.pwrite(data.get(rs..rs + rl).unwrap_or_default(), rh)?;
-                    Some((h, s, n))
-                }
-                None => Some((h, s, n)),
-            };
-            pos = cend;
+        let pieces = self.place(offset, data.len() as u64)?;
+        Placement {
+            file: self.file.clone(),
+            pieces,
         }
-        if let Some((rh, rs, rl)) = run {
-            self.pwrite(data.get(rs..rs + rl).unwrap_or_default(), rh)?;
-        }
-        Ok(())
+        .write(data)
+    }
+
+    fn place_data(&mut self, offset: u64, len: u64) -> Result<Option<Placement>> {
+        Ok(Some(Placement {
+            file: self.file.clone(),
+            pieces: self.place(offset, len)?,
+        }))
     }
 
     fn write_zero(&mut self, offset: u64, len: u64) -> Result<()> {

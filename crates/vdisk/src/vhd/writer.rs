@@ -10,10 +10,8 @@ use super::{
     TYPE_FIXED, UNALLOCATED, bitmap_size, checksum, choose_footer, size_rule,
 };
 use crate::backing::FileBacking;
-use crate::sink::{CreateOptions, OrderCheck, Sink, create_file};
+use crate::sink::{CreateOptions, OrderCheck, OutFile, Sink, create_file};
 use crate::{Error, Format, Result, Subformat};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
 /// Default block size of dynamic images.
@@ -220,7 +218,7 @@ struct SparseState {
 
 /// Writer of VHD images.
 pub struct VhdWriter {
-    file: File,
+    file: OutFile,
     path: PathBuf,
     order: OrderCheck,
     size: u64,

@@ -15,11 +15,10 @@
 //! depend on the reader's internals.
 
 use crate::backing::{Backing, FileBacking, le};
-use crate::sink::{CreateOptions, OrderCheck, Sink, create_file};
+use crate::sink::{CreateOptions, OrderCheck, OutFile, Placement, Sink, create_file};
 use crate::{Error, Format, Result, Subformat};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -532,7 +531,7 @@ struct CurrentBlock {
 /// Streaming VHDX writer.
 #[derive(Debug)]
 struct VhdxWriter {
-    file: File,
+    file: Arc<OutFile>,
     path: PathBuf,
     order: OrderCheck,
     geo: Geometry,
@@ -645,7 +644,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
         Subformat::Differencing => HAS_PARENT,
     };
     Ok(Box::new(VhdxWriter {
-        file,
+        file: Arc::new(file),
         path: path.to_path_buf(),
         order: OrderCheck::new(virtual_size, logical as u32),
         geo,
@@ -666,6 +665,33 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
 }
 
 impl VhdxWriter {
+    /// Allocates (and, in a differencing image, records) the blocks for
+    /// `[offset, offset+len)` and returns where each part goes in the file.
+    fn place(&mut self, offset: u64, len: u64) -> Result<Vec<(usize, u64, usize)>> {
+        self.order.advance(offset, len)?;
+        let bs = self.geo.block_size;
+        let end = offset + len;
+        let mut pos = offset;
+        let mut out: Vec<(usize, u64, usize)> = Vec::new();
+        while pos < end {
+            let block = pos / bs;
+            let within = pos % bs;
+            let n = (bs - within).min(end - pos);
+            if self.kind == Subformat::Differencing {
+                self.touch(pos, n)?;
+            }
+            let at = self.block_offset(block)? + within;
+            let rel = (pos - offset) as usize;
+            // Consecutive blocks are usually adjacent in the file: one write for both.
+            match out.last_mut() {
+                Some(last) if last.1 + last.2 as u64 == at => last.2 += n as usize,
+                _ => out.push((rel, at, n as usize)),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
     fn pwrite(&self, data: &[u8], offset: u64) -> Result<()> {
         self.file
             .write_all_at(data, offset)
@@ -944,24 +970,19 @@ fn set_bits(bm: &mut ChunkBitmap, first: u64, count: u64) {
 
 impl Sink for VhdxWriter {
     fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.order.advance(offset, data.len() as u64)?;
-        let bs = self.geo.block_size;
-        let mut pos = offset;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let block = pos / bs;
-            let within = pos % bs;
-            let n = (bs - within).min(rest.len() as u64) as usize;
-            let (piece, tail) = rest.split_at(n);
-            if self.kind == Subformat::Differencing {
-                self.touch(pos, n as u64)?;
-            }
-            let file_off = self.block_offset(block)?;
-            self.pwrite(piece, file_off + within)?;
-            pos += n as u64;
-            rest = tail;
+        let placed = self.place(offset, data.len() as u64)?;
+        Placement {
+            file: self.file.clone(),
+            pieces: placed,
         }
-        Ok(())
+        .write(data)
+    }
+
+    fn place_data(&mut self, offset: u64, len: u64) -> Result<Option<Placement>> {
+        Ok(Some(Placement {
+            file: self.file.clone(),
+            pieces: self.place(offset, len)?,
+        }))
     }
 
     fn write_zero(&mut self, offset: u64, len: u64) -> Result<()> {
