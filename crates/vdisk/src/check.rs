@@ -98,15 +98,30 @@ impl CheckReport {
         });
     }
 
-    /// Records an [`Error`](crate::Error) returned by a parser as damage.
+    /// Records an [`Error`](crate::Error) returned by a parser as damage. The report
+    /// is about one file already, so the message drops the path and keeps the
+    /// structure and offset as fields.
     pub fn from_error(&mut self, structure: &str, err: &crate::Error) {
-        let offset = match err {
-            crate::Error::Corrupt { offset, .. } | crate::Error::Truncated { offset, .. } => {
-                Some(*offset)
-            }
-            _ => None,
-        };
-        self.error(structure, offset, err.to_string());
+        match err {
+            crate::Error::Corrupt {
+                structure: s,
+                offset,
+                detail,
+                ..
+            } => self.error(*s, Some(*offset), detail.clone()),
+            crate::Error::Truncated {
+                structure: s,
+                offset,
+                len,
+                file_len,
+                ..
+            } => self.error(
+                *s,
+                Some(*offset),
+                format!("needs {len} bytes but the file ends at {file_len:#x}"),
+            ),
+            other => self.error(structure, None, other.to_string()),
+        }
     }
 
     /// Notes what was examined.

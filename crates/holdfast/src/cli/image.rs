@@ -160,8 +160,15 @@ fn print_info(out: &mut impl Write, i: &DiskInfo, depth: usize) -> std::io::Resu
         human(i.allocated_bytes),
         i.allocated_bytes
     )?;
+    let width = i
+        .details
+        .iter()
+        .map(|(k, _)| k.len() + 2)
+        .max()
+        .unwrap_or(0)
+        .max(18);
     for (k, v) in &i.details {
-        writeln!(out, "{pad}{:<18}{v}", format!("{k}:"))?;
+        writeln!(out, "{pad}{:<width$}{v}", format!("{k}:"))?;
     }
     if let Some(p) = &i.parent {
         writeln!(out, "{pad}parent:")?;
