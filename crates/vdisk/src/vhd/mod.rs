@@ -16,7 +16,7 @@ pub(crate) use check::check;
 pub(crate) use writer::create;
 
 use crate::backing::{Backing, FileBacking, be};
-use crate::extent::{ExtentState, map_range_end, push_extent};
+use crate::extent::{ExtentState, data_region_extents, map_range_end, push_extent};
 use crate::{
     DiskInfo, Error, Extent, Format, OpenCtx, Result, Subformat, VirtualDisk, check_range,
 };
@@ -856,18 +856,7 @@ impl VirtualDisk for VhdDisk {
         let end = map_range_end(offset, length, self.size)?;
         let mut out = Vec::new();
         let s = match &self.layout {
-            Layout::Fixed => {
-                let mut pos = offset;
-                for (o, l) in self.file.data_regions(offset, length)? {
-                    let o = o.clamp(pos, end);
-                    let e = o.saturating_add(l).min(end);
-                    push_extent(&mut out, pos, o - pos, ExtentState::Unallocated);
-                    push_extent(&mut out, o, e.saturating_sub(o), ExtentState::Data);
-                    pos = e.max(pos);
-                }
-                push_extent(&mut out, pos, end - pos, ExtentState::Unallocated);
-                return Ok(out);
-            }
+            Layout::Fixed => return data_region_extents(self.file.as_ref(), offset, end),
             Layout::Sparse(s) => s,
         };
         let push_parent =

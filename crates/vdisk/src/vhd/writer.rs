@@ -352,9 +352,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
 
 impl VhdWriter {
     fn write(&self, data: &[u8], at: u64) -> Result<()> {
-        self.file
-            .write_all_at(data, at)
-            .map_err(|e| Error::io(&self.path, "write", e))
+        self.file.write_at(data, at)
     }
 
     /// Writes out the bitmap of the differencing block being filled.
@@ -367,9 +365,7 @@ impl VhdWriter {
         };
         if let Some((idx, bits)) = slot.take() {
             let at = s.bat.get(idx as usize).map_or(0, |&e| u64::from(e) * 512);
-            self.file
-                .write_all_at(&bits, at)
-                .map_err(|e| Error::io(&self.path, "write", e))?;
+            self.file.write_at(&bits, at)?;
         }
         Ok(())
     }
@@ -406,9 +402,7 @@ impl VhdWriter {
         match &mut s.diff_bitmap {
             Some(slot) => *slot = Some((idx, vec![0u8; s.bitmap_size as usize])),
             None => {
-                self.file
-                    .write_all_at(&s.ones, at)
-                    .map_err(|e| Error::io(&self.path, "write", e))?;
+                self.file.write_at(&s.ones, at)?;
             }
         }
         Ok(at)
@@ -511,9 +505,7 @@ impl Sink for VhdWriter {
             }
         };
         self.write(&self.footer, end)?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(&self.path, "fsync", e))
+        self.file.sync()
     }
 }
 

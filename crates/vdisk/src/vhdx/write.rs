@@ -693,9 +693,7 @@ impl VhdxWriter {
     }
 
     fn pwrite(&self, data: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| Error::io(&self.path, "write", e))
+        self.file.write_at(data, offset)
     }
 
     fn entry_mut(&mut self, index: u64) -> Result<&mut u64> {
@@ -1014,9 +1012,7 @@ impl Sink for VhdxWriter {
             .map_err(|e| Error::io(&self.path, "set length", e))?;
         self.write_bat()?;
         self.write_headers_and_metadata()?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(&self.path, "fsync", e))
+        self.file.sync()
     }
 }
 
