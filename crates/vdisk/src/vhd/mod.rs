@@ -15,7 +15,7 @@ mod writer;
 pub(crate) use check::check;
 pub(crate) use writer::create;
 
-use crate::backing::{Backing, FileBacking, be};
+use crate::backing::{Backing, FileBacking, be, le};
 use crate::extent::{ExtentState, data_region_extents, map_range_end, push_extent};
 use crate::{
     DiskInfo, Error, Extent, Format, OpenCtx, Result, Subformat, VirtualDisk, check_range,
@@ -411,16 +411,6 @@ pub(crate) fn block_span(g: &Geometry, idx: u64, size: u64) -> u64 {
     g.bitmap_size + size.saturating_sub(start).min(g.block_size)
 }
 
-/// Decodes a locator's path (UTF-16LE for `W2ru`/`W2ku`).
-fn decode_utf16le(b: &[u8]) -> String {
-    let units: Vec<u16> = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    String::from_utf16_lossy(&units)
-}
-
 /// Reads a locator's path, or says why it cannot be read.
 pub(crate) fn read_locator(file: &dyn Backing, l: &Locator) -> std::result::Result<String, String> {
     if l.length == 0 || l.length > MAX_LOCATOR {
@@ -430,7 +420,7 @@ pub(crate) fn read_locator(file: &dyn Backing, l: &Locator) -> std::result::Resu
         ));
     }
     match file.read_vec(l.offset, l.length as usize, "VHD parent locator") {
-        Ok(b) => Ok(decode_utf16le(&b)),
+        Ok(b) => Ok(le::utf16(&b)),
         Err(e) => Err(e.to_string()),
     }
 }

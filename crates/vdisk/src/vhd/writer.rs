@@ -9,7 +9,7 @@ use super::{
     DYN_HEADER_SIZE, FOOTER_SIZE, MAX_BLOCK, MAX_SIZE, MIN_BLOCK, TYPE_DIFFERENCING, TYPE_DYNAMIC,
     TYPE_FIXED, UNALLOCATED, bitmap_size, checksum, choose_footer, size_rule,
 };
-use crate::backing::FileBacking;
+use crate::backing::{FileBacking, le};
 use crate::sink::{CreateOptions, OrderCheck, OutFile, Sink, create_file};
 use crate::{Error, Format, Result, Subformat};
 use std::path::{Component, Path, PathBuf};
@@ -147,10 +147,6 @@ fn relative_windows(from: &Path, to: &Path) -> Option<String> {
         parts.insert(0, ".".into());
     }
     Some(parts.join("\\"))
-}
-
-fn utf16le(s: &str) -> Vec<u8> {
-    s.encode_utf16().flat_map(u16::to_le_bytes).collect()
 }
 
 /// What a differencing writer records about its parent.
@@ -301,9 +297,9 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
         put(&mut h, 64, &name);
         let mut entries = Vec::new();
         if let Some(rel) = &l.relative {
-            entries.push((*b"W2ru", utf16le(rel)));
+            entries.push((*b"W2ru", le::utf16_bytes(rel)));
         }
-        entries.push((*b"W2ku", utf16le(&l.absolute)));
+        entries.push((*b"W2ku", le::utf16_bytes(&l.absolute)));
         for (i, (code, data)) in entries.into_iter().enumerate() {
             let at = 576 + 24 * i;
             let space = (data.len() as u64).div_ceil(512) * 512;

@@ -236,21 +236,6 @@ pub(crate) fn put(buf: &mut [u8], at: usize, v: &[u8]) {
     }
 }
 
-/// Decodes UTF-16LE bytes (stops at a NUL; odd trailing byte ignored).
-pub(crate) fn utf16le(b: &[u8]) -> String {
-    let units: Vec<u16> = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    String::from_utf16_lossy(&units)
-}
-
-/// Encodes a string as UTF-16LE bytes.
-pub(crate) fn to_utf16le(s: &str) -> Vec<u8> {
-    s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
-}
-
 /// A VHDX header (one of the two copies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Header {
@@ -474,7 +459,7 @@ pub(crate) fn parse_file_identifier(b: &[u8], path: &Path) -> Result<String> {
             "signature is not \"vhdxfile\"",
         ));
     }
-    Ok(utf16le(
+    Ok(le::utf16(
         b.get(CREATOR_OFFSET..CREATOR_OFFSET + CREATOR_LEN)
             .unwrap_or(&[]),
     ))

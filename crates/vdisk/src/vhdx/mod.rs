@@ -639,7 +639,7 @@ fn parse_locator(b: &[u8], path: &Path, off: u64) -> Result<Vec<(String, String)
                 "entry {i}: key or value length is not a positive even number"
             )));
         }
-        out.push((utf16le(k), utf16le(v)));
+        out.push((le::utf16(k), le::utf16(v)));
     }
     Ok(out)
 }

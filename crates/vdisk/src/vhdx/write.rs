@@ -23,7 +23,6 @@ use super::layout::{
     PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_PARTIALLY_PRESENT, PAYLOAD_ZERO,
     REGION_BAT, REGION_METADATA, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, RegionEntry, SB_PRESENT,
     SECTORS_PER_BITMAP, bat_entry, bat_offset, bat_state, crc32c_zeroed, encode_region_table, put,
-    to_utf16le,
 };
 use crate::backing::{Backing, FileBacking, le};
 use crate::sink::{CreateOptions, OrderCheck, OutFile, Placement, Sink, create_file};
@@ -246,7 +245,7 @@ fn parent_locator(pairs: &[(&str, String)]) -> Result<Vec<u8>> {
     put(&mut out, 0, &PARENT_LOCATOR_TYPE.0);
     put(&mut out, 18, &(pairs.len() as u16).to_le_bytes());
     for (i, (k, v)) in pairs.iter().enumerate() {
-        let (k, v) = (to_utf16le(k), to_utf16le(v));
+        let (k, v) = (le::utf16_bytes(k), le::utf16_bytes(v));
         let (kl, vl) = match (u16::try_from(k.len()), u16::try_from(v.len())) {
             (Ok(a), Ok(b)) => (a, b),
             _ => return Err(Error::Invalid("vhdx: parent path too long".into())),
@@ -584,7 +583,7 @@ impl VhdxWriter {
         // File identifier.
         let mut id = vec![0u8; FILE_IDENTIFIER_SIZE];
         put(&mut id, 0, FILE_SIGNATURE);
-        put(&mut id, CREATOR_OFFSET, &to_utf16le("holdfast"));
+        put(&mut id, CREATOR_OFFSET, &le::utf16_bytes("holdfast"));
         self.file.write_at(&id, 0)?;
 
         // Region tables (identical copies), both regions required as Hyper-V writes them.
