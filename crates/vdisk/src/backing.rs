@@ -257,6 +257,20 @@ pub mod le {
             u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
         })
     }
+    /// Decodes UTF-16LE bytes (stops at a NUL; odd trailing byte ignored; invalid
+    /// units become U+FFFD).
+    pub fn utf16(b: &[u8]) -> String {
+        let units: Vec<u16> = b
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .take_while(|&u| u != 0)
+            .collect();
+        String::from_utf16_lossy(&units)
+    }
+    /// Encodes a string as UTF-16LE bytes (no terminating NUL).
+    pub fn utf16_bytes(s: &str) -> Vec<u8> {
+        s.encode_utf16().flat_map(u16::to_le_bytes).collect()
+    }
 }
 
 /// Big-endian counterparts of [`le`] (VHD and qcow2 are big-endian).

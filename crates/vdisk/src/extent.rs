@@ -1,5 +1,6 @@
 //! Extent maps: which parts of a virtual disk hold data, explicit zeros, or nothing.
 
+use crate::backing::Backing;
 use serde::Serialize;
 
 /// What a range of the virtual disk holds.
@@ -68,6 +69,32 @@ pub fn map_range_end(offset: u64, length: u64, size: u64) -> crate::Result<u64> 
             size,
         }),
     }
+}
+
+/// Extents of `[offset, end)` of a disk whose virtual offsets are offsets in `file`
+/// (raw, fixed VHD): the host file's data regions are `Data`, its holes
+/// `Unallocated`. `end` must come from [`map_range_end`].
+pub(crate) fn data_region_extents(
+    file: &dyn Backing,
+    offset: u64,
+    end: u64,
+) -> crate::Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    for (o, l) in file.data_regions(offset, end.saturating_sub(offset))? {
+        let o = o.clamp(pos, end);
+        let e = o.saturating_add(l).min(end);
+        push_extent(&mut out, pos, o - pos, ExtentState::Unallocated);
+        push_extent(&mut out, o, e.saturating_sub(o), ExtentState::Data);
+        pos = e.max(pos);
+    }
+    push_extent(
+        &mut out,
+        pos,
+        end.saturating_sub(pos),
+        ExtentState::Unallocated,
+    );
+    Ok(out)
 }
 
 #[cfg(test)]

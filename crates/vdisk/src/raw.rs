@@ -2,10 +2,10 @@
 //! unallocated, and the writer leaves zero ranges as holes.
 
 use crate::backing::Backing;
-use crate::extent::{ExtentState, map_range_end, push_extent};
+use crate::extent::{data_region_extents, map_range_end};
 use crate::sink::{CreateOptions, OrderCheck, OutFile, Placement, Sink, create_file};
 use crate::{DiskInfo, Error, Extent, Format, Result, Subformat, VirtualDisk, check_range};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// A raw image open for reading.
@@ -47,17 +47,7 @@ impl VirtualDisk for RawDisk {
 
     fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         let end = map_range_end(offset, length, self.file.len())?;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        for (o, l) in self.file.data_regions(offset, length)? {
-            let o = o.clamp(pos, end);
-            let e = o.saturating_add(l).min(end);
-            push_extent(&mut out, pos, o - pos, ExtentState::Unallocated);
-            push_extent(&mut out, o, e.saturating_sub(o), ExtentState::Data);
-            pos = e.max(pos);
-        }
-        push_extent(&mut out, pos, end - pos, ExtentState::Unallocated);
-        Ok(out)
+        data_region_extents(self.file.as_ref(), offset, end)
     }
 }
 
@@ -65,7 +55,6 @@ impl VirtualDisk for RawDisk {
 #[derive(Debug)]
 pub struct RawWriter {
     file: Arc<OutFile>,
-    path: PathBuf,
     order: OrderCheck,
 }
 
@@ -79,7 +68,6 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
         .map_err(|e| Error::io(path, "set length", e))?;
     Ok(Box::new(RawWriter {
         file: Arc::new(file),
-        path: path.to_path_buf(),
         // Raw has no sector constraint of its own.
         order: OrderCheck::new(opts.virtual_size, 1),
     }))
@@ -88,9 +76,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
 impl Sink for RawWriter {
     fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.order.advance(offset, data.len() as u64)?;
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| Error::io(&self.path, "write", e))
+        self.file.write_at(data, offset)
     }
 
     fn place_data(&mut self, offset: u64, len: u64) -> Result<Option<Placement>> {
@@ -108,16 +94,14 @@ impl Sink for RawWriter {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(&self.path, "fsync", e))
+        self.file.sync()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::MemBacking;
+    use crate::{ExtentState, MemBacking};
 
     #[test]
     fn raw_map_and_read() {

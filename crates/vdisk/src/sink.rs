@@ -243,6 +243,12 @@ impl OutFile {
         self.file.sync_all()
     }
 
+    /// [`OutFile::sync_all`] with the error naming the file.
+    pub fn sync(&self) -> Result<()> {
+        self.sync_all()
+            .map_err(|e| Error::io(&self.path, "fsync", e))
+    }
+
     /// The underlying file.
     pub fn file(&self) -> &std::fs::File {
         &self.file

@@ -9,7 +9,7 @@
 use super::{COPIED, MAGIC, MAX_L1_BYTES, OFFSET_MASK};
 use crate::sink::{CreateOptions, OrderCheck, OutFile, Placement, Sink, create_file};
 use crate::{Error, Result, Subformat};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Default cluster size (as qemu-img).
@@ -21,7 +21,6 @@ const HEADER_LEN: usize = 112;
 #[derive(Debug)]
 pub(crate) struct Qcow2Writer {
     file: Arc<OutFile>,
-    path: PathBuf,
     order: OrderCheck,
     size: u64,
     cluster_bits: u32,
@@ -69,7 +68,6 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn crate:
     let file = create_file(path)?;
     Ok(Box::new(Qcow2Writer {
         file: Arc::new(file),
-        path: path.to_path_buf(),
         order: OrderCheck::new(size, opts.logical_sector_size),
         size,
         cluster_bits,
@@ -131,9 +129,7 @@ impl Qcow2Writer {
     }
 
     fn pwrite(&self, data: &[u8], at: u64) -> Result<()> {
-        self.file
-            .write_all_at(data, at)
-            .map_err(|e| Error::io(&self.path, "write", e))
+        self.file.write_at(data, at)
     }
 
     /// Appends the current L2 table (if it holds anything) and records it in the L1.
@@ -254,8 +250,6 @@ impl Sink for Qcow2Writer {
         h[100..104].copy_from_slice(&(HEADER_LEN as u32).to_be_bytes());
         // Bytes 112..120: the end-of-extensions marker (type 0, length 0).
         self.pwrite(&h, 0)?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(&self.path, "fsync", e))
+        self.file.sync()
     }
 }

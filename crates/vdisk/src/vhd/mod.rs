@@ -15,8 +15,8 @@ mod writer;
 pub(crate) use check::check;
 pub(crate) use writer::create;
 
-use crate::backing::{Backing, FileBacking, be};
-use crate::extent::{ExtentState, map_range_end, push_extent};
+use crate::backing::{Backing, FileBacking, be, le};
+use crate::extent::{ExtentState, data_region_extents, map_range_end, push_extent};
 use crate::{
     DiskInfo, Error, Extent, Format, OpenCtx, Result, Subformat, VirtualDisk, check_range,
 };
@@ -411,16 +411,6 @@ pub(crate) fn block_span(g: &Geometry, idx: u64, size: u64) -> u64 {
     g.bitmap_size + size.saturating_sub(start).min(g.block_size)
 }
 
-/// Decodes a locator's path (UTF-16LE for `W2ru`/`W2ku`).
-fn decode_utf16le(b: &[u8]) -> String {
-    let units: Vec<u16> = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    String::from_utf16_lossy(&units)
-}
-
 /// Reads a locator's path, or says why it cannot be read.
 pub(crate) fn read_locator(file: &dyn Backing, l: &Locator) -> std::result::Result<String, String> {
     if l.length == 0 || l.length > MAX_LOCATOR {
@@ -430,7 +420,7 @@ pub(crate) fn read_locator(file: &dyn Backing, l: &Locator) -> std::result::Resu
         ));
     }
     match file.read_vec(l.offset, l.length as usize, "VHD parent locator") {
-        Ok(b) => Ok(decode_utf16le(&b)),
+        Ok(b) => Ok(le::utf16(&b)),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -856,18 +846,7 @@ impl VirtualDisk for VhdDisk {
         let end = map_range_end(offset, length, self.size)?;
         let mut out = Vec::new();
         let s = match &self.layout {
-            Layout::Fixed => {
-                let mut pos = offset;
-                for (o, l) in self.file.data_regions(offset, length)? {
-                    let o = o.clamp(pos, end);
-                    let e = o.saturating_add(l).min(end);
-                    push_extent(&mut out, pos, o - pos, ExtentState::Unallocated);
-                    push_extent(&mut out, o, e.saturating_sub(o), ExtentState::Data);
-                    pos = e.max(pos);
-                }
-                push_extent(&mut out, pos, end - pos, ExtentState::Unallocated);
-                return Ok(out);
-            }
+            Layout::Fixed => return data_region_extents(self.file.as_ref(), offset, end),
             Layout::Sparse(s) => s,
         };
         let push_parent =

@@ -9,7 +9,7 @@ use super::{
     DYN_HEADER_SIZE, FOOTER_SIZE, MAX_BLOCK, MAX_SIZE, MIN_BLOCK, TYPE_DIFFERENCING, TYPE_DYNAMIC,
     TYPE_FIXED, UNALLOCATED, bitmap_size, checksum, choose_footer, size_rule,
 };
-use crate::backing::FileBacking;
+use crate::backing::{FileBacking, le};
 use crate::sink::{CreateOptions, OrderCheck, OutFile, Sink, create_file};
 use crate::{Error, Format, Result, Subformat};
 use std::path::{Component, Path, PathBuf};
@@ -147,10 +147,6 @@ fn relative_windows(from: &Path, to: &Path) -> Option<String> {
         parts.insert(0, ".".into());
     }
     Some(parts.join("\\"))
-}
-
-fn utf16le(s: &str) -> Vec<u8> {
-    s.encode_utf16().flat_map(u16::to_le_bytes).collect()
 }
 
 /// What a differencing writer records about its parent.
@@ -301,9 +297,9 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
         put(&mut h, 64, &name);
         let mut entries = Vec::new();
         if let Some(rel) = &l.relative {
-            entries.push((*b"W2ru", utf16le(rel)));
+            entries.push((*b"W2ru", le::utf16_bytes(rel)));
         }
-        entries.push((*b"W2ku", utf16le(&l.absolute)));
+        entries.push((*b"W2ku", le::utf16_bytes(&l.absolute)));
         for (i, (code, data)) in entries.into_iter().enumerate() {
             let at = 576 + 24 * i;
             let space = (data.len() as u64).div_ceil(512) * 512;
@@ -352,9 +348,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
 
 impl VhdWriter {
     fn write(&self, data: &[u8], at: u64) -> Result<()> {
-        self.file
-            .write_all_at(data, at)
-            .map_err(|e| Error::io(&self.path, "write", e))
+        self.file.write_at(data, at)
     }
 
     /// Writes out the bitmap of the differencing block being filled.
@@ -367,9 +361,7 @@ impl VhdWriter {
         };
         if let Some((idx, bits)) = slot.take() {
             let at = s.bat.get(idx as usize).map_or(0, |&e| u64::from(e) * 512);
-            self.file
-                .write_all_at(&bits, at)
-                .map_err(|e| Error::io(&self.path, "write", e))?;
+            self.file.write_at(&bits, at)?;
         }
         Ok(())
     }
@@ -406,9 +398,7 @@ impl VhdWriter {
         match &mut s.diff_bitmap {
             Some(slot) => *slot = Some((idx, vec![0u8; s.bitmap_size as usize])),
             None => {
-                self.file
-                    .write_all_at(&s.ones, at)
-                    .map_err(|e| Error::io(&self.path, "write", e))?;
+                self.file.write_at(&s.ones, at)?;
             }
         }
         Ok(at)
@@ -511,9 +501,7 @@ impl Sink for VhdWriter {
             }
         };
         self.write(&self.footer, end)?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(&self.path, "fsync", e))
+        self.file.sync()
     }
 }
 

@@ -12,6 +12,8 @@ pub(crate) const FILE_SIGNATURE: &[u8; 8] = b"vhdxfile";
 /// Offset and length of the UTF-16LE creator string in the file identifier.
 pub(crate) const CREATOR_OFFSET: usize = 8;
 pub(crate) const CREATOR_LEN: usize = 512;
+/// Size of the file identifier (the first 64 KiB of the file).
+pub(crate) const FILE_IDENTIFIER_SIZE: usize = 64 << 10;
 /// Offsets of the two headers; each is 4 KiB (the rest of its 64 KiB is reserved).
 pub(crate) const HEADER_OFFSETS: [u64; 2] = [64 << 10, 128 << 10];
 pub(crate) const HEADER_SIZE: usize = 4096;
@@ -45,6 +47,11 @@ pub(crate) const PAYLOAD_PARTIALLY_PRESENT: u64 = 7;
 pub(crate) const SB_NOT_PRESENT: u64 = 0;
 pub(crate) const SB_PRESENT: u64 = 6;
 
+/// File parameters flag: a fixed disk, every block allocated.
+pub(crate) const FILE_FLAG_LEAVE_BLOCKS_ALLOCATED: u32 = 1;
+/// File parameters flag: a differencing disk, with a parent locator.
+pub(crate) const FILE_FLAG_HAS_PARENT: u32 = 2;
+
 /// State bits of a BAT entry.
 pub(crate) fn bat_state(entry: u64) -> u64 {
     entry & 7
@@ -61,7 +68,6 @@ pub(crate) fn bat_reserved(entry: u64) -> u64 {
 }
 
 /// Builds a BAT entry.
-#[allow(dead_code)] // for the writer
 pub(crate) fn bat_entry(state: u64, file_offset: u64) -> u64 {
     (file_offset & !(MIB - 1)) | (state & 7)
 }
@@ -230,22 +236,6 @@ pub(crate) fn put(buf: &mut [u8], at: usize, v: &[u8]) {
     }
 }
 
-/// Decodes UTF-16LE bytes (stops at a NUL; odd trailing byte ignored).
-pub(crate) fn utf16le(b: &[u8]) -> String {
-    let units: Vec<u16> = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    String::from_utf16_lossy(&units)
-}
-
-/// Encodes a string as UTF-16LE bytes.
-#[allow(dead_code)] // for the writer
-pub(crate) fn to_utf16le(s: &str) -> Vec<u8> {
-    s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
-}
-
 /// A VHDX header (one of the two copies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Header {
@@ -379,7 +369,6 @@ pub(crate) fn parse_region_table(b: &[u8], path: &Path, offset: u64) -> Result<V
 }
 
 /// Encodes a region table (64 KiB with CRC).
-#[allow(dead_code)] // for the writer
 pub(crate) fn encode_region_table(entries: &[RegionEntry]) -> Vec<u8> {
     let mut b = vec![0u8; REGION_TABLE_SIZE];
     put(&mut b, 0, b"regi");
@@ -470,42 +459,101 @@ pub(crate) fn parse_file_identifier(b: &[u8], path: &Path) -> Result<String> {
             "signature is not \"vhdxfile\"",
         ));
     }
-    Ok(utf16le(
+    Ok(le::utf16(
         b.get(CREATOR_OFFSET..CREATOR_OFFSET + CREATOR_LEN)
             .unwrap_or(&[]),
     ))
 }
 
-/// Block geometry derived from the metadata.
+/// Sizes derived from the virtual size, block size and sector size (MS-VHDX 2.5),
+/// shared by the reader and the writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Geometry {
+    /// Payload block size in bytes.
     pub(crate) block_size: u64,
+    /// Logical sector size in bytes (512 or 4096).
     pub(crate) logical_sector: u64,
+    /// Bytes of the virtual disk.
     pub(crate) virtual_size: u64,
+    /// Payload blocks per sector bitmap block.
     pub(crate) chunk_ratio: u64,
+    /// Payload blocks covering the virtual disk.
     pub(crate) payload_blocks: u64,
-    /// Number of BAT entries the disk needs.
+    /// BAT entries, payload and sector bitmap entries interleaved.
     pub(crate) bat_entries: u64,
 }
 
 impl Geometry {
-    /// Computes the geometry from validated metadata values.
+    /// Computes the geometry from metadata values the reader has validated (zero
+    /// sizes are taken as one, so nothing divides by zero).
     pub(crate) fn new(
         block_size: u32,
         logical_sector: u32,
         virtual_size: u64,
         has_parent: bool,
     ) -> Geometry {
-        let block_size = u64::from(block_size.max(1));
-        let logical_sector = u64::from(logical_sector.max(1));
+        Geometry::compute(
+            u64::from(block_size.max(1)),
+            u64::from(logical_sector.max(1)),
+            virtual_size,
+            has_parent,
+        )
+    }
+
+    /// Validates writer parameters (sector 512 or 4096, block size a power of two
+    /// from 1 MiB to 256 MiB, size at most 64 TiB and a multiple of the sector) and
+    /// computes the geometry.
+    pub(crate) fn validated(
+        virtual_size: u64,
+        block_size: u64,
+        logical_sector: u64,
+        differencing: bool,
+    ) -> Result<Geometry> {
+        if logical_sector != 512 && logical_sector != 4096 {
+            return Err(Error::Invalid(format!(
+                "vhdx: logical sector size {logical_sector} (expected 512 or 4096)"
+            )));
+        }
+        if !block_size.is_power_of_two()
+            || !(u64::from(MIN_BLOCK_SIZE)..=u64::from(MAX_BLOCK_SIZE)).contains(&block_size)
+        {
+            return Err(Error::Invalid(format!(
+                "vhdx: block size {block_size} must be a power of two from 1 MiB to 256 MiB"
+            )));
+        }
+        if virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(Error::Invalid(format!(
+                "vhdx: virtual size {virtual_size} exceeds the 64 TiB maximum"
+            )));
+        }
+        if !virtual_size.is_multiple_of(logical_sector) {
+            return Err(Error::Invalid(format!(
+                "vhdx: virtual size {virtual_size} is not a multiple of the {logical_sector}-byte logical sector"
+            )));
+        }
+        Ok(Geometry::compute(
+            block_size,
+            logical_sector,
+            virtual_size,
+            differencing,
+        ))
+    }
+
+    /// The formulas; `block_size` and `logical_sector` must be non-zero.
+    fn compute(
+        block_size: u64,
+        logical_sector: u64,
+        virtual_size: u64,
+        has_parent: bool,
+    ) -> Geometry {
         let chunk_ratio = (SECTORS_PER_BITMAP * logical_sector / block_size).max(1);
         let payload_blocks = virtual_size.div_ceil(block_size);
         let bat_entries = if has_parent {
-            payload_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
-        } else if payload_blocks == 0 {
-            0
+            payload_blocks
+                .div_ceil(chunk_ratio)
+                .saturating_mul(chunk_ratio + 1)
         } else {
-            payload_blocks + (payload_blocks - 1) / chunk_ratio
+            payload_blocks + payload_blocks.saturating_sub(1) / chunk_ratio
         };
         Geometry {
             block_size,
@@ -525,6 +573,21 @@ impl Geometry {
     /// BAT index of the sector-bitmap entry of chunk `chunk`.
     pub(crate) fn bitmap_index(&self, chunk: u64) -> u64 {
         chunk * (self.chunk_ratio + 1) + self.chunk_ratio
+    }
+
+    /// Bytes of a BAT region holding every entry (a whole number of MiB, at least one).
+    pub(crate) fn bat_region_len(&self) -> u64 {
+        self.bat_entries
+            .saturating_mul(8)
+            .div_ceil(MIB)
+            .saturating_mul(MIB)
+            .max(MIB)
+    }
+
+    /// Bytes of the virtual disk inside block `block` (the last may be short).
+    pub(crate) fn block_len(&self, block: u64) -> u64 {
+        let start = block.saturating_mul(self.block_size);
+        self.virtual_size.saturating_sub(start).min(self.block_size)
     }
 }
 
@@ -578,5 +641,59 @@ mod tests {
         let d = Geometry::new(32 << 20, 512, 100 << 30, true);
         assert_eq!(d.bat_entries, 25 * 129);
         assert_eq!(Geometry::new(1 << 20, 512, 0, false).bat_entries, 0);
+    }
+
+    #[test]
+    fn validated_geometry_matches_spec_formulas() {
+        // (size, block, sector, differencing) -> (chunk ratio, payload blocks, entries)
+        let cases = [
+            // 512-byte sectors, 32 MiB blocks: chunk ratio 2^23*512/2^25 = 128.
+            (
+                10 * (1u64 << 30),
+                32 * MIB,
+                512,
+                false,
+                128,
+                320,
+                320 + 319 / 128,
+            ),
+            (10 * (1u64 << 30), 32 * MIB, 512, true, 128, 320, 3 * 129),
+            // 4096-byte sectors, 1 MiB blocks: 2^23*4096/2^20 = 32768.
+            (100 * MIB + 4096, MIB, 4096, false, 32768, 101, 101),
+            (100 * MIB + 4096, MIB, 4096, true, 32768, 101, 32769),
+            // 256 MiB blocks, 512 sectors: 16.
+            (
+                64 << 40,
+                256 * MIB,
+                512,
+                false,
+                16,
+                262_144,
+                262_144 + 262_143 / 16,
+            ),
+            // exactly one chunk: no interleaved bitmap entry needed.
+            (128 * 32 * MIB, 32 * MIB, 512, false, 128, 128, 128),
+            (128 * 32 * MIB + 512, 32 * MIB, 512, false, 128, 129, 130),
+            (0, 32 * MIB, 512, false, 128, 0, 0),
+        ];
+        for (size, bs, ss, diff, cr, pb, entries) in cases {
+            let g = Geometry::validated(size, bs, ss, diff).unwrap();
+            assert_eq!(
+                (g.chunk_ratio, g.payload_blocks, g.bat_entries),
+                (cr, pb, entries),
+                "{size} {bs} {ss} {diff}"
+            );
+        }
+        let g = Geometry::validated(1 << 30, 32 * MIB, 512, true).unwrap();
+        assert_eq!(g.payload_index(127), 127);
+        assert_eq!(g.payload_index(128), 129);
+        assert_eq!(g.bitmap_index(0), 128);
+        assert_eq!(g.bitmap_index(1), 257);
+        assert!(Geometry::validated(1000, MIB, 512, false).is_err());
+        assert!(Geometry::validated(4096, 3 * MIB, 512, false).is_err());
+        assert!(Geometry::validated(4096, 512 * MIB, 512, false).is_err());
+        assert!(Geometry::validated(4096, MIB, 1024, false).is_err());
+        assert!(Geometry::validated((64 << 40) + 512, MIB, 512, false).is_err());
+        assert!(Geometry::validated(512, MIB, 4096, false).is_err());
     }
 }

@@ -572,7 +572,7 @@ fn parse_metadata(file: &dyn Backing, region: &RegionEntry, diag: &mut Diag) -> 
             ),
         ));
     }
-    let has_parent = flags & 2 != 0;
+    let has_parent = flags & FILE_FLAG_HAS_PARENT != 0;
     if has_parent && locator.is_none() {
         diag.hard.push(missing("parent locator (HasParent is set)"));
     }
@@ -595,7 +595,7 @@ fn parse_metadata(file: &dyn Backing, region: &RegionEntry, diag: &mut Diag) -> 
     }
     Some(Metadata {
         block_size,
-        leave_allocated: flags & 1 != 0,
+        leave_allocated: flags & FILE_FLAG_LEAVE_BLOCKS_ALLOCATED != 0,
         has_parent,
         virtual_size: vsize,
         logical_sector: logical,
@@ -639,7 +639,7 @@ fn parse_locator(b: &[u8], path: &Path, off: u64) -> Result<Vec<(String, String)
                 "entry {i}: key or value length is not a positive even number"
             )));
         }
-        out.push((utf16le(k), utf16le(v)));
+        out.push((le::utf16(k), le::utf16(v)));
     }
     Ok(out)
 }

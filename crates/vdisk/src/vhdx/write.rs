@@ -11,126 +11,33 @@
 //! (8 bytes per entry) and is written by `finish`, followed by the metadata and, last,
 //! the headers, so a file cut short never looks like a valid image.
 //!
-//! This module is self-contained (its own constants and encoders) so that it does not
-//! depend on the reader's internals.
+//! The on-disk constants, GUIDs, CRC-32C, encoders and block geometry come from
+//! [`super::layout`], shared with the reader.
 
+use super::layout::{
+    BITMAP_BLOCK_SIZE, CREATOR_OFFSET, FILE_FLAG_HAS_PARENT, FILE_FLAG_LEAVE_BLOCKS_ALLOCATED,
+    FILE_IDENTIFIER_SIZE, FILE_SIGNATURE, Geometry, Guid, HEADER_OFFSETS, HEADER_SIZE, Header,
+    MAX_METADATA_ENTRIES, MAX_REGION_ENTRIES, META_FILE_PARAMETERS, META_FLAG_REQUIRED,
+    META_FLAG_VIRTUAL_DISK, META_LOGICAL_SECTOR, META_PAGE83, META_PARENT_LOCATOR,
+    META_PHYSICAL_SECTOR, META_VIRTUAL_DISK_SIZE, METADATA_TABLE_SIZE, MIB, PARENT_LOCATOR_TYPE,
+    PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_PARTIALLY_PRESENT, PAYLOAD_ZERO,
+    REGION_BAT, REGION_METADATA, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, RegionEntry, SB_PRESENT,
+    SECTORS_PER_BITMAP, bat_entry, bat_offset, bat_state, crc32c_zeroed, encode_region_table, put,
+};
 use crate::backing::{Backing, FileBacking, le};
 use crate::sink::{CreateOptions, OrderCheck, OutFile, Placement, Sink, create_file};
 use crate::{Error, Format, Result, Subformat};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-
-const HEADER1_OFFSET: u64 = 64 * KIB;
-const HEADER2_OFFSET: u64 = 128 * KIB;
-const HEADER_SIZE: usize = 4096;
-const REGION1_OFFSET: u64 = 192 * KIB;
-const REGION2_OFFSET: u64 = 256 * KIB;
-const REGION_TABLE_SIZE: usize = 64 * KIB as usize;
 const LOG_OFFSET: u64 = MIB;
 const LOG_LENGTH: u64 = MIB;
 const METADATA_OFFSET: u64 = 2 * MIB;
 const METADATA_LENGTH: u64 = MIB;
-/// The metadata table occupies the first 64 KiB of the metadata region; items follow.
-const METADATA_TABLE_SIZE: usize = 64 * KIB as usize;
 const BAT_OFFSET: u64 = 3 * MIB;
 
-/// Largest virtual disk the specification allows.
-pub(crate) const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 /// Hyper-V's default block size.
 pub(crate) const DEFAULT_BLOCK_SIZE: u64 = 32 * MIB;
-const MIN_BLOCK_SIZE: u64 = MIB;
-const MAX_BLOCK_SIZE: u64 = 256 * MIB;
-/// A sector bitmap block: 1 MiB, one bit per sector, covering 2^23 sectors.
-const SECTOR_BITMAP_SIZE: u64 = MIB;
-const SECTORS_PER_BITMAP: u64 = 1 << 23;
-
-// BAT entry states.
-const PAYLOAD_NOT_PRESENT: u64 = 0;
-const PAYLOAD_ZERO: u64 = 2;
-const PAYLOAD_FULLY_PRESENT: u64 = 6;
-const PAYLOAD_PARTIALLY_PRESENT: u64 = 7;
-const SB_PRESENT: u64 = 6;
-const STATE_MASK: u64 = 7;
-
-// File parameter flags.
-const LEAVE_BLOCKS_ALLOCATED: u32 = 1;
-const HAS_PARENT: u32 = 2;
-
-// Metadata entry flags.
-const META_IS_VIRTUAL_DISK: u32 = 2;
-const META_IS_REQUIRED: u32 = 4;
-
-/// A GUID in its on-disk (Microsoft, mixed-endian) byte order.
-type Guid = [u8; 16];
-
-/// Builds the on-disk bytes of the GUID `d1-d2-d3-d4`.
-const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> Guid {
-    let a = d1.to_le_bytes();
-    let b = d2.to_le_bytes();
-    let c = d3.to_le_bytes();
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
-        d4[6], d4[7],
-    ]
-}
-
-const BAT_REGION: Guid = guid(
-    0x2DC2_7766,
-    0xF623,
-    0x4200,
-    [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
-);
-const METADATA_REGION: Guid = guid(
-    0x8B7C_A206,
-    0x4790,
-    0x4B9A,
-    [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
-);
-const FILE_PARAMETERS: Guid = guid(
-    0xCAA1_6737,
-    0xFA36,
-    0x4D43,
-    [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
-);
-const VIRTUAL_DISK_SIZE: Guid = guid(
-    0x2FA5_4224,
-    0xCD1B,
-    0x4876,
-    [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
-);
-const PAGE83_DATA: Guid = guid(
-    0xBECA_12AB,
-    0xB2E6,
-    0x4523,
-    [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
-);
-const LOGICAL_SECTOR_SIZE: Guid = guid(
-    0x8141_BF1D,
-    0xA96F,
-    0x4709,
-    [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F],
-);
-const PHYSICAL_SECTOR_SIZE: Guid = guid(
-    0xCDA3_48C7,
-    0x445D,
-    0x4471,
-    [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56],
-);
-const PARENT_LOCATOR: Guid = guid(
-    0xA8D3_5F2D,
-    0xB30B,
-    0x454D,
-    [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C],
-);
-const LOCATOR_TYPE_VHDX: Guid = guid(
-    0xB04A_EFB7,
-    0xD19E,
-    0x4A81,
-    [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13],
-);
 
 /// A fresh random GUID. No `rand` crate: std's `RandomState` is seeded from the OS per
 /// process; mixing in the time, the pid and a counter keeps successive GUIDs distinct.
@@ -151,145 +58,11 @@ fn new_guid() -> Guid {
     // Mark it as an RFC 4122 version-4 GUID (Data3 is stored little-endian).
     g[7] = (g[7] & 0x0F) | 0x40;
     g[8] = (g[8] & 0x3F) | 0x80;
-    g
-}
-
-/// `{XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX}`, braced and upper-case as Hyper-V writes it.
-fn guid_string(g: &Guid) -> String {
-    let d1 = u32::from_le_bytes([g[0], g[1], g[2], g[3]]);
-    let d2 = u16::from_le_bytes([g[4], g[5]]);
-    let d3 = u16::from_le_bytes([g[6], g[7]]);
-    format!(
-        "{{{d1:08X}-{d2:04X}-{d3:04X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}}}",
-        g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
-    )
-}
-
-fn utf16le(s: &str) -> Vec<u8> {
-    s.encode_utf16().flat_map(u16::to_le_bytes).collect()
-}
-
-fn put_u16(b: &mut [u8], at: usize, v: u16) {
-    if let Some(d) = b.get_mut(at..at + 2) {
-        d.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    if let Some(d) = b.get_mut(at..at + 4) {
-        d.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    if let Some(d) = b.get_mut(at..at + 8) {
-        d.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn put(b: &mut [u8], at: usize, v: &[u8]) {
-    if let Some(d) = b.get_mut(at..at + v.len()) {
-        d.copy_from_slice(v);
-    }
-}
-
-/// Stores the CRC-32C of `b` (computed with the checksum field at 4..8 zeroed).
-fn seal(b: &mut [u8]) {
-    put_u32(b, 4, 0);
-    let crc = crc32c::crc32c(b);
-    put_u32(b, 4, crc);
+    Guid(g)
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a).saturating_mul(a)
-}
-
-/// Sizes derived from the virtual size, block size and sector size, per MS-VHDX 2.5.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Geometry {
-    /// Bytes of the virtual disk.
-    pub virtual_size: u64,
-    /// Payload block size in bytes.
-    pub block_size: u64,
-    /// Logical sector size in bytes (512 or 4096).
-    pub logical_sector: u64,
-    /// Payload blocks per sector bitmap block.
-    pub chunk_ratio: u64,
-    /// Payload blocks covering the virtual disk.
-    pub payload_blocks: u64,
-    /// BAT entries, payload and sector bitmap entries interleaved.
-    pub bat_entries: u64,
-}
-
-impl Geometry {
-    /// Validates the parameters and computes the BAT size.
-    pub(crate) fn new(
-        virtual_size: u64,
-        block_size: u64,
-        logical_sector: u64,
-        differencing: bool,
-    ) -> Result<Geometry> {
-        if logical_sector != 512 && logical_sector != 4096 {
-            return Err(Error::Invalid(format!(
-                "vhdx: logical sector size {logical_sector} (expected 512 or 4096)"
-            )));
-        }
-        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
-        {
-            return Err(Error::Invalid(format!(
-                "vhdx: block size {block_size} must be a power of two from 1 MiB to 256 MiB"
-            )));
-        }
-        if virtual_size > MAX_VIRTUAL_SIZE {
-            return Err(Error::Invalid(format!(
-                "vhdx: virtual size {virtual_size} exceeds the 64 TiB maximum"
-            )));
-        }
-        if !virtual_size.is_multiple_of(logical_sector) {
-            return Err(Error::Invalid(format!(
-                "vhdx: virtual size {virtual_size} is not a multiple of the {logical_sector}-byte logical sector"
-            )));
-        }
-        // Both factors are powers of two with 2^23 * 512 >= 256 MiB, so this is >= 1.
-        let chunk_ratio = (SECTORS_PER_BITMAP * logical_sector) / block_size;
-        let payload_blocks = virtual_size.div_ceil(block_size);
-        let bat_entries = if differencing {
-            payload_blocks
-                .div_ceil(chunk_ratio)
-                .saturating_mul(chunk_ratio + 1)
-        } else {
-            payload_blocks + payload_blocks.saturating_sub(1) / chunk_ratio
-        };
-        Ok(Geometry {
-            virtual_size,
-            block_size,
-            logical_sector,
-            chunk_ratio,
-            payload_blocks,
-            bat_entries,
-        })
-    }
-
-    /// BAT index of payload block `block`.
-    pub(crate) fn payload_index(&self, block: u64) -> u64 {
-        block + block / self.chunk_ratio
-    }
-
-    /// BAT index of the sector bitmap entry of chunk `chunk`.
-    pub(crate) fn bitmap_index(&self, chunk: u64) -> u64 {
-        chunk * (self.chunk_ratio + 1) + self.chunk_ratio
-    }
-
-    /// Bytes of the BAT region (a whole number of MiB, at least one).
-    fn bat_region_len(&self) -> u64 {
-        align_up(self.bat_entries.saturating_mul(8), MIB).max(MIB)
-    }
-
-    /// Bytes of the virtual disk inside block `block` (the last may be short).
-    fn block_len(&self, block: u64) -> u64 {
-        let start = block.saturating_mul(self.block_size);
-        self.virtual_size.saturating_sub(start).min(self.block_size)
-    }
 }
 
 /// What a differencing child needs from its parent.
@@ -324,21 +97,16 @@ fn read_parent(child: &Path, parent: &Path) -> Result<ParentFacts> {
 fn parse_parent(file: &dyn Backing) -> Result<ParentFacts> {
     let path = file.path();
     let mut best: Option<(u64, Guid)> = None;
-    for off in [HEADER1_OFFSET, HEADER2_OFFSET] {
+    for off in HEADER_OFFSETS {
         let mut h = vec![0u8; HEADER_SIZE];
         if file.read_exact_at(&mut h, off, "VHDX header").is_err() {
             continue;
         }
-        let stored = le::u32(&h, 4);
-        put_u32(&mut h, 4, 0);
-        if h.get(..4) != Some(b"head".as_slice()) || crc32c::crc32c(&h) != stored {
+        if h.get(..4) != Some(b"head".as_slice()) || crc32c_zeroed(&h, 4) != le::u32(&h, 4) {
             continue;
         }
         let seq = le::u64(&h, 8);
-        let mut g = [0u8; 16];
-        if let Some(src) = h.get(32..48) {
-            g.copy_from_slice(src);
-        }
+        let g = Guid::read(&h, 32);
         if best.is_none_or(|(s, _)| seq > s) {
             best = Some((seq, g));
         }
@@ -347,13 +115,13 @@ fn parse_parent(file: &dyn Backing) -> Result<ParentFacts> {
         Error::corrupt(
             path,
             "VHDX header",
-            HEADER1_OFFSET,
+            HEADER_OFFSETS[0],
             "neither header is valid",
         )
     })?;
 
     let mut region = None;
-    for off in [REGION1_OFFSET, REGION2_OFFSET] {
+    for off in REGION_TABLE_OFFSETS {
         let mut r = vec![0u8; REGION_TABLE_SIZE];
         if file
             .read_exact_at(&mut r, off, "VHDX region table")
@@ -361,9 +129,7 @@ fn parse_parent(file: &dyn Backing) -> Result<ParentFacts> {
         {
             continue;
         }
-        let stored = le::u32(&r, 4);
-        put_u32(&mut r, 4, 0);
-        if r.get(..4) == Some(b"regi".as_slice()) && crc32c::crc32c(&r) == stored {
+        if r.get(..4) == Some(b"regi".as_slice()) && crc32c_zeroed(&r, 4) == le::u32(&r, 4) {
             region = Some(r);
             break;
         }
@@ -372,11 +138,11 @@ fn parse_parent(file: &dyn Backing) -> Result<ParentFacts> {
         Error::corrupt(
             path,
             "VHDX region table",
-            REGION1_OFFSET,
+            REGION_TABLE_OFFSETS[0],
             "neither region table is valid",
         )
     })?;
-    let count = (le::u32(&region, 8) as usize).min(2047);
+    let count = (le::u32(&region, 8) as usize).min(MAX_REGION_ENTRIES as usize);
     let mut meta = None;
     for e in region
         .get(16..)
@@ -384,7 +150,7 @@ fn parse_parent(file: &dyn Backing) -> Result<ParentFacts> {
         .chunks_exact(32)
         .take(count)
     {
-        if e.get(..16) == Some(METADATA_REGION.as_slice()) {
+        if Guid::read(e, 0) == REGION_METADATA {
             meta = Some((le::u64(e, 16), u64::from(le::u32(e, 24))));
         }
     }
@@ -392,7 +158,7 @@ fn parse_parent(file: &dyn Backing) -> Result<ParentFacts> {
         Error::corrupt(
             path,
             "VHDX region table",
-            REGION1_OFFSET,
+            REGION_TABLE_OFFSETS[0],
             "no metadata region",
         )
     })?;
@@ -405,14 +171,14 @@ fn parse_parent(file: &dyn Backing) -> Result<ParentFacts> {
             "bad signature",
         ));
     }
-    let count = usize::from(le::u16(&table, 10)).min(2047);
+    let count = usize::from(le::u16(&table, 10).min(MAX_METADATA_ENTRIES));
     let item = |id: &Guid, want: u32| -> Result<u64> {
         let e = table
             .get(32..)
             .unwrap_or_default()
             .chunks_exact(32)
             .take(count)
-            .find(|e| e.get(..16) == Some(id.as_slice()))
+            .find(|e| Guid::read(e, 0) == *id)
             .ok_or_else(|| {
                 Error::corrupt(
                     path,
@@ -438,8 +204,8 @@ fn parse_parent(file: &dyn Backing) -> Result<ParentFacts> {
             u64::from(le::u32(&v, 0))
         })
     };
-    let virtual_size = item(&VIRTUAL_DISK_SIZE, 8)?;
-    let logical_sector = item(&LOGICAL_SECTOR_SIZE, 4)?;
+    let virtual_size = item(&META_VIRTUAL_DISK_SIZE, 8)?;
+    let logical_sector = item(&META_LOGICAL_SECTOR, 4)?;
     Ok(ParentFacts {
         data_write_guid,
         virtual_size,
@@ -476,10 +242,10 @@ fn relative_win_path(child_dir: &Path, parent: &Path) -> Option<String> {
 fn parent_locator(pairs: &[(&str, String)]) -> Result<Vec<u8>> {
     let header = 20 + 12 * pairs.len();
     let mut out = vec![0u8; header];
-    put(&mut out, 0, &LOCATOR_TYPE_VHDX);
-    put_u16(&mut out, 18, pairs.len() as u16);
+    put(&mut out, 0, &PARENT_LOCATOR_TYPE.0);
+    put(&mut out, 18, &(pairs.len() as u16).to_le_bytes());
     for (i, (k, v)) in pairs.iter().enumerate() {
-        let (k, v) = (utf16le(k), utf16le(v));
+        let (k, v) = (le::utf16_bytes(k), le::utf16_bytes(v));
         let (kl, vl) = match (u16::try_from(k.len()), u16::try_from(v.len())) {
             (Ok(a), Ok(b)) => (a, b),
             _ => return Err(Error::Invalid("vhdx: parent path too long".into())),
@@ -489,10 +255,10 @@ fn parent_locator(pairs: &[(&str, String)]) -> Result<Vec<u8>> {
         let vo = out.len() as u32;
         out.extend_from_slice(&v);
         let e = 20 + 12 * i;
-        put_u32(&mut out, e, ko);
-        put_u32(&mut out, e + 4, vo);
-        put_u16(&mut out, e + 8, kl);
-        put_u16(&mut out, e + 10, vl);
+        put(&mut out, e, &ko.to_le_bytes());
+        put(&mut out, e + 4, &vo.to_le_bytes());
+        put(&mut out, e + 8, &kl.to_le_bytes());
+        put(&mut out, e + 10, &vl.to_le_bytes());
     }
     Ok(out)
 }
@@ -592,7 +358,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
         }
         (None, false) => {}
     }
-    let geo = Geometry::new(virtual_size, block_size, logical, differencing)?;
+    let geo = Geometry::validated(virtual_size, block_size, logical, differencing)?;
     let bat_len = usize::try_from(geo.bat_entries)
         .map_err(|_| Error::Invalid("vhdx: BAT too large".into()))?;
 
@@ -611,7 +377,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
                 std::fs::canonicalize(child_dir).map_err(|e| Error::io(child_dir, "resolve", e))?;
             let parent_canon =
                 std::fs::canonicalize(parent).map_err(|e| Error::io(parent, "resolve", e))?;
-            let mut pairs = vec![("parent_linkage", guid_string(&facts.data_write_guid))];
+            let mut pairs = vec![("parent_linkage", facts.data_write_guid.to_string())];
             if let Some(rel) = relative_win_path(&child_dir, &parent_canon) {
                 pairs.push(("relative_path", rel));
             }
@@ -631,7 +397,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
         for b in 0..geo.payload_blocks {
             let off = data_start + b * geo.block_size;
             if let Some(e) = bat.get_mut(geo.payload_index(b) as usize) {
-                *e = off | PAYLOAD_FULLY_PRESENT;
+                *e = bat_entry(PAYLOAD_FULLY_PRESENT, off);
             }
         }
         next_free = data_start + geo.payload_blocks * geo.block_size;
@@ -639,9 +405,9 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
             .map_err(|e| Error::io(path, "set length", e))?;
     }
     let file_flags = match opts.subformat {
-        Subformat::Fixed => LEAVE_BLOCKS_ALLOCATED,
+        Subformat::Fixed => FILE_FLAG_LEAVE_BLOCKS_ALLOCATED,
         Subformat::Dynamic => 0,
-        Subformat::Differencing => HAS_PARENT,
+        Subformat::Differencing => FILE_FLAG_HAS_PARENT,
     };
     Ok(Box::new(VhdxWriter {
         file: Arc::new(file),
@@ -692,12 +458,6 @@ impl VhdxWriter {
         Ok(out)
     }
 
-    fn pwrite(&self, data: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| Error::io(&self.path, "write", e))
-    }
-
     fn entry_mut(&mut self, index: u64) -> Result<&mut u64> {
         let path = &self.path;
         self.bat.get_mut(index as usize).ok_or_else(|| {
@@ -721,11 +481,11 @@ impl VhdxWriter {
         let next = self.next_free;
         let bs = self.geo.block_size;
         let e = self.entry_mut(idx)?;
-        let s = *e & STATE_MASK;
+        let s = bat_state(*e);
         if s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT {
-            return Ok(*e & !(MIB - 1));
+            return Ok(bat_offset(*e));
         }
-        *e = next | state;
+        *e = bat_entry(state, next);
         self.next_free = next + bs;
         Ok(next)
     }
@@ -751,7 +511,7 @@ impl VhdxWriter {
         }
         let bm = self.bitmap.get_or_insert_with(|| ChunkBitmap {
             chunk,
-            bits: vec![0u8; SECTOR_BITMAP_SIZE as usize],
+            bits: vec![0u8; BITMAP_BLOCK_SIZE as usize],
             dirty: None,
             needed: false,
         });
@@ -770,11 +530,11 @@ impl VhdxWriter {
         let allocated = self
             .bat
             .get(idx as usize)
-            .is_some_and(|e| *e & STATE_MASK == PAYLOAD_PARTIALLY_PRESENT);
+            .is_some_and(|e| bat_state(*e) == PAYLOAD_PARTIALLY_PRESENT);
         if c.covered >= self.geo.block_len(c.block) {
             let e = self.entry_mut(idx)?;
             *e = if allocated {
-                (*e & !STATE_MASK) | PAYLOAD_FULLY_PRESENT
+                bat_entry(PAYLOAD_FULLY_PRESENT, bat_offset(*e))
             } else {
                 // Only zeros: hide the parent without storing anything.
                 PAYLOAD_ZERO
@@ -797,15 +557,15 @@ impl VhdxWriter {
         let (chunk, needed, dirty) = (bm.chunk, bm.needed, bm.dirty);
         if needed {
             let off = self.next_free;
-            self.next_free += SECTOR_BITMAP_SIZE;
+            self.next_free += BITMAP_BLOCK_SIZE;
             if let Some((lo, hi)) = dirty
                 && let Some(b) = self.bitmap.as_ref().and_then(|b| b.bits.get(lo..hi))
             {
                 // Untouched parts of the bitmap block stay holes (zeros).
-                self.pwrite(b, off + lo as u64)?;
+                self.file.write_at(b, off + lo as u64)?;
             }
             let idx = self.geo.bitmap_index(chunk);
-            *self.entry_mut(idx)? = off | SB_PRESENT;
+            *self.entry_mut(idx)? = bat_entry(SB_PRESENT, off);
         }
         if let Some(bm) = self.bitmap.as_mut() {
             if let Some((lo, hi)) = bm.dirty.take()
@@ -821,99 +581,79 @@ impl VhdxWriter {
     fn write_headers_and_metadata(&self) -> Result<()> {
         let l = &self.layout;
         // File identifier.
-        let mut id = vec![0u8; 64 * KIB as usize];
-        put(&mut id, 0, b"vhdxfile");
-        put(&mut id, 8, &utf16le("holdfast"));
-        self.pwrite(&id, 0)?;
+        let mut id = vec![0u8; FILE_IDENTIFIER_SIZE];
+        put(&mut id, 0, FILE_SIGNATURE);
+        put(&mut id, CREATOR_OFFSET, &le::utf16_bytes("holdfast"));
+        self.file.write_at(&id, 0)?;
 
-        // Region tables (identical copies).
-        let mut rt = vec![0u8; REGION_TABLE_SIZE];
-        put(&mut rt, 0, b"regi");
-        put_u32(&mut rt, 8, 2);
-        let regions = [
-            (BAT_REGION, BAT_OFFSET, self.geo.bat_region_len()),
-            (METADATA_REGION, METADATA_OFFSET, METADATA_LENGTH),
-        ];
-        for (i, (g, off, len)) in regions.iter().enumerate() {
-            let e = 16 + 32 * i;
-            put(&mut rt, e, g);
-            put_u64(&mut rt, e + 16, *off);
-            put_u32(&mut rt, e + 24, *len as u32);
-            // Required, as Hyper-V writes it.
-            put_u32(&mut rt, e + 28, 1);
+        // Region tables (identical copies), both regions required as Hyper-V writes them.
+        let region = |guid, file_offset, length: u64| RegionEntry {
+            guid,
+            file_offset,
+            length: length as u32,
+            required: true,
+        };
+        let rt = encode_region_table(&[
+            region(REGION_BAT, BAT_OFFSET, self.geo.bat_region_len()),
+            region(REGION_METADATA, METADATA_OFFSET, METADATA_LENGTH),
+        ]);
+        for off in REGION_TABLE_OFFSETS {
+            self.file.write_at(&rt, off)?;
         }
-        seal(&mut rt);
-        self.pwrite(&rt, REGION1_OFFSET)?;
-        self.pwrite(&rt, REGION2_OFFSET)?;
 
         // Metadata region: table, then the items.
         let mut fp = [0u8; 8];
-        put_u32(&mut fp, 0, self.geo.block_size as u32);
-        put_u32(&mut fp, 4, l.file_flags);
+        put(&mut fp, 0, &(self.geo.block_size as u32).to_le_bytes());
+        put(&mut fp, 4, &l.file_flags.to_le_bytes());
         let vs = self.geo.virtual_size.to_le_bytes();
         let ls = (self.geo.logical_sector as u32).to_le_bytes();
         let ps = l.physical_sector.to_le_bytes();
+        let disk_required = META_FLAG_VIRTUAL_DISK | META_FLAG_REQUIRED;
         let mut items: Vec<(Guid, &[u8], u32)> = vec![
-            (FILE_PARAMETERS, &fp, META_IS_REQUIRED),
-            (
-                VIRTUAL_DISK_SIZE,
-                &vs,
-                META_IS_VIRTUAL_DISK | META_IS_REQUIRED,
-            ),
-            (
-                PAGE83_DATA,
-                &l.page83,
-                META_IS_VIRTUAL_DISK | META_IS_REQUIRED,
-            ),
-            (
-                LOGICAL_SECTOR_SIZE,
-                &ls,
-                META_IS_VIRTUAL_DISK | META_IS_REQUIRED,
-            ),
-            (
-                PHYSICAL_SECTOR_SIZE,
-                &ps,
-                META_IS_VIRTUAL_DISK | META_IS_REQUIRED,
-            ),
+            (META_FILE_PARAMETERS, &fp, META_FLAG_REQUIRED),
+            (META_VIRTUAL_DISK_SIZE, &vs, disk_required),
+            (META_PAGE83, &l.page83.0, disk_required),
+            (META_LOGICAL_SECTOR, &ls, disk_required),
+            (META_PHYSICAL_SECTOR, &ps, disk_required),
         ];
         if let Some(loc) = &l.locator {
-            items.push((PARENT_LOCATOR, loc, META_IS_REQUIRED));
+            items.push((META_PARENT_LOCATOR, loc, META_FLAG_REQUIRED));
         }
         let mut meta = vec![0u8; METADATA_TABLE_SIZE];
         put(&mut meta, 0, b"metadata");
-        put_u16(&mut meta, 10, items.len() as u16);
+        put(&mut meta, 10, &(items.len() as u16).to_le_bytes());
         for (i, (g, data, flags)) in items.iter().enumerate() {
             let item_off = meta.len();
             meta.extend_from_slice(data);
             // Keep items 8-byte aligned.
             meta.resize(align_up(meta.len() as u64, 8) as usize, 0);
             let e = 32 + 32 * i;
-            put(&mut meta, e, g);
-            put_u32(&mut meta, e + 16, item_off as u32);
-            put_u32(&mut meta, e + 20, data.len() as u32);
-            put_u32(&mut meta, e + 24, *flags);
+            put(&mut meta, e, &g.0);
+            put(&mut meta, e + 16, &(item_off as u32).to_le_bytes());
+            put(&mut meta, e + 20, &(data.len() as u32).to_le_bytes());
+            put(&mut meta, e + 24, &flags.to_le_bytes());
         }
         if meta.len() as u64 > METADATA_LENGTH {
             return Err(Error::Invalid(
                 "vhdx: metadata does not fit its region".into(),
             ));
         }
-        self.pwrite(&meta, METADATA_OFFSET)?;
+        self.file.write_at(&meta, METADATA_OFFSET)?;
 
         // Headers last, so the image only becomes valid once everything else is there.
-        let mut h = vec![0u8; HEADER_SIZE];
-        put(&mut h, 0, b"head");
-        put(&mut h, 16, &l.file_write_guid);
-        put(&mut h, 32, &l.data_write_guid);
-        // LogGuid (48..64) stays zero: the log is empty.
-        put_u16(&mut h, 64, 0);
-        put_u16(&mut h, 66, 1);
-        put_u32(&mut h, 68, LOG_LENGTH as u32);
-        put_u64(&mut h, 72, LOG_OFFSET);
-        for (seq, off) in [(0u64, HEADER1_OFFSET), (1, HEADER2_OFFSET)] {
-            put_u64(&mut h, 8, seq);
-            seal(&mut h);
-            self.pwrite(&h, off)?;
+        // The log is empty: LogGuid stays zero.
+        for (sequence, off) in (0u64..).zip(HEADER_OFFSETS) {
+            let h = Header {
+                sequence,
+                file_write_guid: l.file_write_guid,
+                data_write_guid: l.data_write_guid,
+                log_guid: Guid::default(),
+                log_version: 0,
+                version: 1,
+                log_length: LOG_LENGTH as u32,
+                log_offset: LOG_OFFSET,
+            };
+            self.file.write_at(&h.encode(), off)?;
         }
         Ok(())
     }
@@ -925,7 +665,7 @@ impl VhdxWriter {
         for chunk in self.bat.chunks((MIB / 8) as usize) {
             buf.clear();
             buf.extend(chunk.iter().flat_map(|e| e.to_le_bytes()));
-            self.pwrite(&buf, off)?;
+            self.file.write_at(&buf, off)?;
             off += buf.len() as u64;
         }
         Ok(())
@@ -1014,9 +754,7 @@ impl Sink for VhdxWriter {
             .map_err(|e| Error::io(&self.path, "set length", e))?;
         self.write_bat()?;
         self.write_headers_and_metadata()?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(&self.path, "fsync", e))
+        self.file.sync()
     }
 }
 
@@ -1025,68 +763,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bat_geometry_matches_spec_formulas() {
-        // (size, block, sector, differencing) -> (chunk ratio, payload blocks, entries)
-        let cases = [
-            // 512-byte sectors, 32 MiB blocks: chunk ratio 2^23*512/2^25 = 128.
-            (
-                10 * (1u64 << 30),
-                32 * MIB,
-                512,
-                false,
-                128,
-                320,
-                320 + 319 / 128,
-            ),
-            (10 * (1u64 << 30), 32 * MIB, 512, true, 128, 320, 3 * 129),
-            // 4096-byte sectors, 1 MiB blocks: 2^23*4096/2^20 = 32768.
-            (100 * MIB + 4096, MIB, 4096, false, 32768, 101, 101),
-            (100 * MIB + 4096, MIB, 4096, true, 32768, 101, 32769),
-            // 256 MiB blocks, 512 sectors: 16.
-            (
-                64 << 40,
-                256 * MIB,
-                512,
-                false,
-                16,
-                262_144,
-                262_144 + 262_143 / 16,
-            ),
-            // exactly one chunk: no interleaved bitmap entry needed.
-            (128 * 32 * MIB, 32 * MIB, 512, false, 128, 128, 128),
-            (128 * 32 * MIB + 512, 32 * MIB, 512, false, 128, 129, 130),
-            (0, 32 * MIB, 512, false, 128, 0, 0),
-        ];
-        for (size, bs, ss, diff, cr, pb, entries) in cases {
-            let g = Geometry::new(size, bs, ss, diff).unwrap();
-            assert_eq!(
-                (g.chunk_ratio, g.payload_blocks, g.bat_entries),
-                (cr, pb, entries),
-                "{size} {bs} {ss} {diff}"
-            );
-        }
-        let g = Geometry::new(1 << 30, 32 * MIB, 512, true).unwrap();
-        assert_eq!(g.payload_index(127), 127);
-        assert_eq!(g.payload_index(128), 129);
-        assert_eq!(g.bitmap_index(0), 128);
-        assert_eq!(g.bitmap_index(1), 257);
-        assert!(Geometry::new(1000, MIB, 512, false).is_err());
-        assert!(Geometry::new(4096, 3 * MIB, 512, false).is_err());
-        assert!(Geometry::new(4096, 512 * MIB, 512, false).is_err());
-        assert!(Geometry::new(4096, MIB, 1024, false).is_err());
-        assert!(Geometry::new((64 << 40) + 512, MIB, 512, false).is_err());
-        assert!(Geometry::new(512, MIB, 4096, false).is_err());
-    }
-
-    #[test]
-    fn guid_encoding_and_string() {
-        assert_eq!(
-            guid_string(&BAT_REGION),
-            "{2DC27766-F623-4200-9D64-115E9BFD4A08}"
-        );
-        assert_eq!(&BAT_REGION[..4], &[0x66, 0x77, 0xC2, 0x2D]);
+    fn new_guids_differ() {
         let (a, b) = (new_guid(), new_guid());
         assert_ne!(a, b);
+        assert_eq!(a.0[7] & 0xF0, 0x40, "version 4");
     }
 
     #[test]
@@ -1145,16 +825,16 @@ mod tests {
         let b = std::fs::read(&child).unwrap();
         let parent_facts = parse_parent(FileBacking::open(&child).unwrap().as_ref()).unwrap();
         assert_eq!(parent_facts.virtual_size, 8 * MIB);
-        let g = Geometry::new(8 * MIB, MIB, 512, true).unwrap();
+        let g = Geometry::validated(8 * MIB, MIB, 512, true).unwrap();
         assert_eq!((g.chunk_ratio, g.bat_entries), (4096, 4097));
         let bat: Vec<u64> = (0..g.bat_entries)
             .map(|i| read_u64(&b, BAT_OFFSET + 8 * i))
             .collect();
-        let st: Vec<u64> = bat.iter().take(8).map(|e| e & STATE_MASK).collect();
+        let st: Vec<u64> = bat.iter().take(8).map(|&e| bat_state(e)).collect();
         assert_eq!(st, [7, 2, 6, 7, 6, 0, 0, 0]);
         assert_eq!(bat[1], PAYLOAD_ZERO, "ZERO entries carry no offset");
         let sb = bat[4096];
-        assert_eq!(sb & STATE_MASK, SB_PRESENT);
+        assert_eq!(bat_state(sb), SB_PRESENT);
         let off = |e: u64| (e & !(MIB - 1)) as usize;
         assert_eq!(b[off(bat[0])..off(bat[0]) + 4096], [7u8; 4096]);
         assert_eq!(b[off(bat[0]) + 4096], 0);
@@ -1175,12 +855,13 @@ mod tests {
         // the locator names the parent by its DataWriteGuid
         let pf = parse_parent(FileBacking::open(&parent).unwrap().as_ref()).unwrap();
         let text = String::from_utf16_lossy(
-            &b[(METADATA_OFFSET + 64 * KIB) as usize..(METADATA_OFFSET + 128 * KIB) as usize]
+            &b[METADATA_OFFSET as usize + METADATA_TABLE_SIZE
+                ..METADATA_OFFSET as usize + 2 * METADATA_TABLE_SIZE]
                 .chunks_exact(2)
                 .map(|c| u16::from_le_bytes([c[0], c[1]]))
                 .collect::<Vec<_>>(),
         );
-        assert!(text.contains(&guid_string(&pf.data_write_guid)));
+        assert!(text.contains(&pf.data_write_guid.to_string()));
         assert!(text.contains(".\\p.vhdx"));
         // the file ends right after the bitmap block
         assert_eq!(b.len(), off(sb) + MIB as usize);
