@@ -74,11 +74,6 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
 }
 
 impl Sink for RawWriter {
-    fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.order.advance(offset, data.len() as u64)?;
-        self.file.write_at(data, offset)
-    }
-
     fn place_data(&mut self, offset: u64, len: u64) -> Result<Option<Placement>> {
         self.order.advance(offset, len)?;
         let len = usize::try_from(len).map_err(|_| Error::Invalid("write too large".into()))?;

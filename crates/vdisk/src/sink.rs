@@ -17,8 +17,16 @@ use std::path::{Path, PathBuf};
 /// - nothing is durable until [`Sink::finish`] returns; on error the caller deletes the
 ///   file.
 pub trait Sink: Send {
-    /// Stores `data` at virtual offset `offset`.
-    fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Stores `data` at virtual offset `offset`. Writers that implement
+    /// [`Sink::place_data`] get this for free.
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        match self.place_data(offset, data.len() as u64)? {
+            Some(p) => p.write(data),
+            None => Err(Error::Invalid(
+                "writer implements neither write_data nor place_data".into(),
+            )),
+        }
+    }
     /// Declares that `[offset, offset+len)` reads as zeros. Non-differencing writers may
     /// leave it unallocated; differencing writers must record it so the parent does not
     /// show through.
@@ -30,7 +38,8 @@ pub trait Sink: Send {
     /// data)` would do for `len` bytes, except writing them, and says where they go.
     /// The caller then writes the bytes through [`Placement::write`] (on any thread,
     /// in any order relative to other placed writes) before calling `finish`.
-    /// `None` means this writer has no fast path: call `write_data` instead.
+    /// `None` means this writer has no fast path: call `write_data` instead. A writer
+    /// implements at least one of the two.
     fn place_data(&mut self, offset: u64, len: u64) -> Result<Option<Placement>> {
         let _ = (offset, len);
         Ok(None)

@@ -155,15 +155,6 @@ impl Qcow2Writer {
 }
 
 impl Sink for Qcow2Writer {
-    fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let pieces = self.place(offset, data.len() as u64)?;
-        Placement {
-            file: self.file.clone(),
-            pieces,
-        }
-        .write(data)
-    }
-
     fn place_data(&mut self, offset: u64, len: u64) -> Result<Option<Placement>> {
         Ok(Some(Placement {
             file: self.file.clone(),

@@ -709,15 +709,6 @@ fn set_bits(bm: &mut ChunkBitmap, first: u64, count: u64) {
 }
 
 impl Sink for VhdxWriter {
-    fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let placed = self.place(offset, data.len() as u64)?;
-        Placement {
-            file: self.file.clone(),
-            pieces: placed,
-        }
-        .write(data)
-    }
-
     fn place_data(&mut self, offset: u64, len: u64) -> Result<Option<Placement>> {
         Ok(Some(Placement {
             file: self.file.clone(),
