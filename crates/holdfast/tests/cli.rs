@@ -302,3 +302,34 @@ fn bad_arguments_are_refused() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/disk.vhdx"));
 }
+
+#[test]
+fn no_fsync_writes_the_same_image() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = sample(d.path());
+    let a = d.path().join("a.vhdx");
+    let b = d.path().join("b.qcow2");
+    ok(&[
+        "image",
+        "convert",
+        s(&raw),
+        s(&a),
+        "--format",
+        "vhdx",
+        "--no-fsync",
+        "--quiet",
+    ]);
+    ok(&[
+        "image",
+        "convert",
+        s(&a),
+        s(&b),
+        "--format",
+        "qcow2",
+        "--no-fsync",
+        "--quiet",
+    ]);
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&b)]);
+    qemu_img(&["check", "-f", "qcow2", s(&b)]);
+    no_temp_files(d.path());
+}

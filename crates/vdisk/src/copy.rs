@@ -410,7 +410,7 @@ pub fn write_image(
     let mut sink = crate::sink::create(tmp.path(), opts)?;
     let stats = copy(disk, sink.as_mut(), &mut |done| progress(done, total))?;
     sink.finish()?;
-    tmp.persist(dst)?;
+    tmp.persist(dst, opts.durable)?;
     Ok(stats)
 }
 
@@ -441,11 +441,12 @@ impl TempPath {
         &self.path
     }
 
-    /// Renames the (already fsynced) file to `dst` and fsyncs the folder.
-    pub fn persist(mut self, dst: &Path) -> Result<()> {
+    /// Renames the (already fsynced) file to `dst` and, when `durable`, fsyncs the
+    /// folder so the rename survives a crash.
+    pub fn persist(mut self, dst: &Path, durable: bool) -> Result<()> {
         std::fs::rename(&self.path, dst).map_err(|e| Error::io(dst, "rename into place", e))?;
         self.keep = true;
-        fsync_parent(dst)
+        if durable { fsync_parent(dst) } else { Ok(()) }
     }
 }
 

@@ -63,7 +63,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
     if opts.parent.is_some() {
         return Err(Error::Invalid("raw images have no parent".into()));
     }
-    let file = create_file(path)?;
+    let file = create_file(path, opts)?;
     file.set_len(opts.virtual_size)
         .map_err(|e| Error::io(path, "set length", e))?;
     Ok(Box::new(RawWriter {

@@ -82,6 +82,11 @@ pub struct CreateOptions {
     pub block_size: Option<u64>,
     /// Parent image of a differencing image.
     pub parent: Option<PathBuf>,
+    /// Make the image durable: fsync it in `finish` (and its folder after the rename
+    /// in [`crate::copy::write_image`]). `false` leaves flushing to the operating
+    /// system, as `qemu-img convert` does: faster, but a crash soon after may leave
+    /// the image incomplete. Default `true`.
+    pub durable: bool,
 }
 
 impl CreateOptions {
@@ -95,6 +100,7 @@ impl CreateOptions {
             physical_sector_size: 4096,
             block_size: None,
             parent: None,
+            durable: true,
         }
     }
 }
@@ -114,14 +120,19 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
     }
 }
 
-/// Creates `path` exclusively for writing (never truncates an existing file).
-pub(crate) fn create_file(path: &Path) -> Result<OutFile> {
+/// Creates `path` exclusively for writing (never truncates an existing file), durable
+/// or not as `opts` says.
+pub(crate) fn create_file(path: &Path, opts: &CreateOptions) -> Result<OutFile> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(path)
-        .map(|f| OutFile::new(f, path))
+        .map(|f| {
+            let mut out = OutFile::new(f, path);
+            out.durable = opts.durable;
+            out
+        })
         .map_err(|e| Error::io(path, "create", e))
 }
 
@@ -181,6 +192,8 @@ impl OrderCheck {
 pub struct OutFile {
     file: std::fs::File,
     path: PathBuf,
+    /// When false, no early writeback and no fsync (see [`CreateOptions::durable`]).
+    durable: bool,
     /// (lowest offset, highest end, bytes) written since the last kick.
     pending: std::sync::Mutex<(u64, u64, u64)>,
 }
@@ -194,6 +207,7 @@ impl OutFile {
         OutFile {
             file,
             path: path.to_path_buf(),
+            durable: true,
             pending: std::sync::Mutex::new((u64::MAX, 0, 0)),
         }
     }
@@ -218,7 +232,9 @@ impl OutFile {
                 None
             }
         };
-        if let Some((lo, hi)) = kick {
+        if let Some((lo, hi)) = kick
+            && self.durable
+        {
             self.start_writeback(lo, hi);
         }
         Ok(())
@@ -252,8 +268,12 @@ impl OutFile {
         self.file.sync_all()
     }
 
-    /// [`OutFile::sync_all`] with the error naming the file.
+    /// [`OutFile::sync_all`] with the error naming the file; nothing when the file
+    /// was created non-durable.
     pub fn sync(&self) -> Result<()> {
+        if !self.durable {
+            return Ok(());
+        }
         self.sync_all()
             .map_err(|e| Error::io(&self.path, "fsync", e))
     }

@@ -65,7 +65,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn crate:
             "qcow2 virtual size {size} needs an L1 table over 32 MiB with {cs}-byte clusters"
         )));
     }
-    let file = create_file(path)?;
+    let file = create_file(path, opts)?;
     Ok(Box::new(Qcow2Writer {
         file: Arc::new(file),
         order: OrderCheck::new(size, opts.logical_sector_size),

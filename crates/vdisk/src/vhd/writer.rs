@@ -245,7 +245,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
     let uid = new_unique_id();
     let ts = vhd_timestamp();
     if opts.subformat == Subformat::Fixed {
-        let file = create_file(path)?;
+        let file = create_file(path, opts)?;
         file.set_len(size + FOOTER_SIZE)
             .map_err(|e| Error::io(path, "set length", e))?;
         return Ok(Box::new(VhdWriter {
@@ -315,7 +315,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
     let sum = checksum(&h, 36);
     put(&mut h, 36, &sum.to_be_bytes());
 
-    let file = create_file(path)?;
+    let file = create_file(path, opts)?;
     let bmsz = bitmap_size(block_size);
     let disk_type = if diff {
         TYPE_DIFFERENCING

@@ -387,7 +387,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>>
         _ => None,
     };
 
-    let file = create_file(path)?;
+    let file = create_file(path, opts)?;
     let data_start = BAT_OFFSET + geo.bat_region_len();
     let mut bat = vec![PAYLOAD_NOT_PRESENT; bat_len];
     let mut next_free = data_start;
