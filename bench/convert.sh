@@ -14,7 +14,8 @@
 # is removed, everything is synced, the input is read once (hot cache) and the machine
 # idles SETTLE seconds (default 4; this microVM's freed memory is slow to touch again
 # for a moment, which otherwise favours whichever tool runs right after a delete).
-# Prints a table of best wall times, ratios and peak RSS, and writes it to
+# Prints a table of best wall times (variants interleaved round by round), ratios and
+# the highest peak RSS seen, and writes it to
 # bench/results/convert-SIZE-STAMP.md.
 # Needs ../shared/bench/gen_disk.py (or GEN=path/to/gen_disk.py).
 set -euo pipefail
@@ -37,25 +38,21 @@ SRC=$WORK/disk-$SIZE.raw
 [ -f "$WORK/in.vhdx" ] || qemu-img convert -f raw -O vhdx "$SRC" "$WORK/in.vhdx"
 [ -f "$WORK/in.qcow2" ] || qemu-img convert -f raw -O qcow2 "$SRC" "$WORK/in.qcow2"
 
-# run NAME INPUT OUTPUT CMD...: best wall time and its peak RSS over RUNS runs
-best_t=0 best_rss=0
-run() {
+# once INPUT OUTPUT CMD...: one timed run; sets t (seconds) and rss (KiB)
+t=0 rss=0
+once() {
   local input=$1 output=$2; shift 2
-  best_t=999999 best_rss=0
-  for _ in $(seq "$RUNS"); do
-    rm -f "$output"; sync
-    cat "$input" >/dev/null
-    sleep "${SETTLE:-4}"
-    local tf; tf=$(mktemp)
-    local t0 t1
-    t0=$(date +%s.%N)
-    /usr/bin/time -f '%M' -o "$tf" "$@" >/dev/null 2>&1
-    t1=$(date +%s.%N)
-    local t; t=$(echo "$t1 - $t0" | bc)
-    local rss; rss=$(tail -1 "$tf"); rm -f "$tf"
-    if (($(echo "$t < $best_t" | bc))); then best_t=$t best_rss=$rss; fi
-  done
+  rm -f "$output"; sync
+  cat "$input" >/dev/null
+  sleep "${SETTLE:-4}"
+  local tf t0 t1; tf=$(mktemp)
+  t0=$(date +%s.%N)
+  /usr/bin/time -f '%M' -o "$tf" "$@" >/dev/null 2>&1
+  t1=$(date +%s.%N)
+  t=$(echo "$t1 - $t0" | bc)
+  rss=$(tail -1 "$tf"); rm -f "$tf"
 }
+min() { if (($(echo "$1 < $2" | bc))); then echo "$1"; else echo "$2"; fi; }
 
 {
   echo "# holdfast image convert vs qemu-img convert ($SIZE workload, best of $RUNS, $(date -u +%F))"
@@ -66,19 +63,25 @@ run() {
 
 bench_case() {  # NAME INPUT QEMU_IN_FMT QEMU_OUT_FMT HF_FORMAT EXT
   local name=$1 input=$2 qin=$3 qout=$4 hfmt=$5 ext=$6
-  run "$input" "$WORK/out-q.$ext" qemu-img convert -f "$qin" -O "$qout" "$input" "$WORK/out-q.$ext"
-  local qt=$best_t qr=$best_rss
-  run "$input" "$WORK/out-q.$ext" sh -c "qemu-img convert -f $qin -O $qout '$input' '$WORK/out-q.$ext' && sync"
-  local qst=$best_t
-  run "$input" "$WORK/out-h.$ext" "$HF" image convert --quiet --overwrite --no-fsync "$input" "$WORK/out-h.$ext" --format "$hfmt"
-  local hnt=$best_t
-  run "$input" "$WORK/out-h.$ext" "$HF" image convert --quiet --overwrite "$input" "$WORK/out-h.$ext" --format "$hfmt"
-  local ht=$best_t hr=$best_rss
-  qemu-img compare -q -f raw -F "$qout" "$SRC" "$WORK/out-h.$ext" || { echo "MISMATCH in $name" >&2; exit 1; }
+  local oq=$WORK/out-q.$ext oh=$WORK/out-h.$ext
+  local qt=999 qst=999 hnt=999 ht=999 qr=0 hr=0
+  # The four variants take turns in every round, so that none always runs right
+  # after another tool's output was deleted (which changes page-cache speed here).
+  for _ in $(seq "$RUNS"); do
+    once "$input" "$oq" qemu-img convert -f "$qin" -O "$qout" "$input" "$oq"
+    qt=$(min "$t" "$qt"); ((rss > qr)) && qr=$rss
+    once "$input" "$oh" "$HF" image convert --quiet --overwrite --no-fsync "$input" "$oh" --format "$hfmt"
+    hnt=$(min "$t" "$hnt")
+    once "$input" "$oq" sh -c "qemu-img convert -f $qin -O $qout '$input' '$oq' && sync"
+    qst=$(min "$t" "$qst")
+    once "$input" "$oh" "$HF" image convert --quiet --overwrite "$input" "$oh" --format "$hfmt"
+    ht=$(min "$t" "$ht"); ((rss > hr)) && hr=$rss
+  done
+  qemu-img compare -q -f raw -F "$qout" "$SRC" "$oh" || { echo "MISMATCH in $name" >&2; exit 1; }
   printf '| %s | %.2f s | %.2f s | %.2fx | %.2f s | %.2f s | %.2fx | %d MiB | %d MiB |\n' "$name" \
     "$qt" "$hnt" "$(echo "$hnt / $qt" | bc -l)" "$qst" "$ht" "$(echo "$ht / $qst" | bc -l)" \
     $((qr / 1024)) $((hr / 1024)) | tee -a "$REPORT"
-  rm -f "$WORK/out-q.$ext" "$WORK/out-h.$ext"
+  rm -f "$oq" "$oh"
 }
 
 bench_case "raw -> vhdx" "$SRC" raw vhdx vhdx vhdx

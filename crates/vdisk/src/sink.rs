@@ -192,9 +192,9 @@ impl OrderCheck {
 pub struct OutFile {
     file: std::fs::File,
     path: PathBuf,
-    /// When false, no fsync (see [`CreateOptions::durable`]). Early writeback stays:
-    /// it is not about durability but about not piling up gigabytes of dirty pages,
-    /// which makes every later page-cache write slower here.
+    /// When false, neither early writeback nor fsync: flushing is left to the
+    /// operating system, exactly as `qemu-img convert` does (see
+    /// [`CreateOptions::durable`]).
     durable: bool,
     /// (lowest offset, highest end, bytes) written since the last kick.
     pending: std::sync::Mutex<(u64, u64, u64)>,
@@ -234,7 +234,9 @@ impl OutFile {
                 None
             }
         };
-        if let Some((lo, hi)) = kick {
+        if let Some((lo, hi)) = kick
+            && self.durable
+        {
             self.start_writeback(lo, hi);
         }
         Ok(())
