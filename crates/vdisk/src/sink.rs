@@ -214,10 +214,21 @@ impl OutFile {
         }
     }
 
+    /// Largest single write. Linux 6.x page caches allocate folios as large as the
+    /// write (up to 2 MiB); allocating those needs memory compaction once memory is
+    /// fragmented, and on this project's machines 2 MiB writes into the page cache
+    /// measured 2-4x slower than 128 KiB ones (`dd bs=2M` 3.3-4.0 s, `bs=128K` 0.9 s
+    /// for 2.4 GiB).
+    pub const WRITE_MAX: usize = 128 << 10;
+
     /// Positioned write of all of `buf`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file.write_all_at(buf, offset)?;
+        let mut at = offset;
+        for piece in buf.chunks(Self::WRITE_MAX) {
+            self.file.write_all_at(piece, at)?;
+            at = at.saturating_add(piece.len() as u64);
+        }
         let kick = {
             let mut p = self
                 .pending
