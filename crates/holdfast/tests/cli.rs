@@ -238,8 +238,14 @@ fn damaged_input_fails_cleanly_and_leaves_nothing_behind() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("s.qcow2"), "error must name the file: {err}");
-    assert!(err.contains("beyond the end of the file"), "error must say what is wrong: {err}");
-    assert!(err.contains("offset 0x"), "error must name the offset: {err}");
+    assert!(
+        err.contains("beyond the end of the file"),
+        "error must say what is wrong: {err}"
+    );
+    assert!(
+        err.contains("offset 0x"),
+        "error must name the offset: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.exists());
     no_temp_files(d.path());
