@@ -359,11 +359,7 @@ fn dirty_log_is_replayed_in_memory_then_in_place() {
     assert_disk_matches_raw(disk.as_ref(), &expect);
     let r = vdisk::check::check(&img);
     assert!(!r.is_damaged(), "{:?}", r.problems);
-    assert!(
-        r.problems.iter().any(|p| p.detail.contains("dirty log")),
-        "{:?}",
-        r.problems
-    );
+    assert_problem(&r, "dirty log");
     drop(disk);
     assert_eq!(
         hash(&img),
@@ -581,13 +577,7 @@ fn bat_entries_beyond_eof_or_over_metadata() {
     wr(&p, bat + 16, &(meta_region(&img) | 6).to_le_bytes());
     let r = vdisk::check::check(&p);
     assert!(r.is_damaged());
-    assert!(
-        r.problems
-            .iter()
-            .any(|q| q.detail.contains("overlaps the metadata region")),
-        "{:?}",
-        r.problems
-    );
+    assert_problem(&r, "overlaps the metadata region");
     // two entries pointing at the same block
     let p = copy_of(&d, &img, "twice.vhdx");
     let e1 = rd(&p, bat + 8, 8);
@@ -596,13 +586,7 @@ fn bat_entries_beyond_eof_or_over_metadata() {
     if let Some(v) = victim {
         wr(&p, bat + 8 * v, &e1);
         let r = vdisk::check::check(&p);
-        assert!(
-            r.problems
-                .iter()
-                .any(|q| q.detail.contains("overlaps the block of entry")),
-            "{:?}",
-            r.problems
-        );
+        assert_problem(&r, "overlaps the block of entry");
     }
 }
 

@@ -273,3 +273,13 @@ unsafe impl std::alloc::GlobalAlloc for CappedAlloc {
         unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
     }
 }
+
+/// Asserts that a check report has a problem whose detail contains `needle`, printing
+/// every problem when it has not.
+pub fn assert_problem(r: &vdisk::CheckReport, needle: &str) {
+    assert!(
+        r.problems.iter().any(|p| p.detail.contains(needle)),
+        "no problem mentions {needle:?}: {:#?}",
+        r.problems
+    );
+}
