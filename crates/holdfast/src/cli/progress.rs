@@ -31,6 +31,13 @@ impl Progress {
         }
     }
 
+    /// Sets the total.
+    pub fn set_len(&self, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+        }
+    }
+
     /// Removes the bar.
     pub fn finish(&self) {
         if let Some(b) = &self.bar {

@@ -1,0 +1,668 @@
+//! Taking a recovery point: read (only what changed, when told), hash, deduplicate,
+//! compress, encrypt and pack blocks, then write the index pieces and the manifest.
+//!
+//! Pipeline (bounded: a fixed pool of segment buffers and at most two packs in memory):
+//! one reader thread maps and reads 4 MiB segments → N worker threads hash, check the
+//! blob index and compress/encrypt new blocks → this thread puts results back in disk
+//! order, fills packs and index pieces → one uploader thread stores finished packs
+//! (temporary name, fsync, rename, fsync of the folder).
+
+use crate::error::{Error, Result};
+use crate::format::{self, Kind, PackBuilder, PackEntry};
+use crate::id::Id;
+use crate::manifest::{
+    Consistency, DiskRecord, MANIFEST_FORMAT, MANIFEST_VERSION, Manifest, Source, Stats,
+};
+use crate::ranges::RangeCursor;
+use crate::store::{BlobIndex, Datastore};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use vdisk::VirtualDisk;
+
+/// Which recovery point a backup builds on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseChoice {
+    /// The latest recovery point of the same source, if any.
+    Latest,
+    /// A given recovery point (of the same source).
+    Point(String),
+    /// None: read and store everything (still deduplicated against the datastore).
+    None,
+}
+
+/// One disk to back up.
+#[derive(Debug)]
+pub struct DiskInput<'a> {
+    pub disk: &'a dyn VirtualDisk,
+    /// File name of the image (recorded).
+    pub name: String,
+    /// Format of the image (recorded; restore writes it back in this format by default).
+    pub format: String,
+    /// Changed ranges since the base recovery point (sorted, merged, in range), from
+    /// hypervisor change tracking; `None` = read everything and compare by checksum.
+    pub changed: Option<Vec<(u64, u64)>>,
+}
+
+/// A backup to take.
+#[derive(Debug)]
+pub struct BackupRequest<'a> {
+    pub source: Source,
+    pub consistency: Consistency,
+    pub base: BaseChoice,
+    pub disks: Vec<DiskInput<'a>>,
+}
+
+#[derive(Clone, Copy)]
+enum Plan {
+    Zero,
+    Reuse(Id),
+    Read,
+}
+
+enum Work {
+    /// A whole index piece taken from the base unchanged.
+    Piece { id: Id, blocks: u64 },
+    Blocks {
+        first: u64,
+        plans: Vec<Plan>,
+        buf: Vec<u8>,
+        read: u64,
+    },
+}
+
+enum Done {
+    Zero,
+    Reuse(Id),
+    Known(Id),
+    New {
+        id: Id,
+        plain: u32,
+        start: usize,
+        end: usize,
+    },
+}
+
+enum Processed {
+    Piece {
+        id: Id,
+        blocks: u64,
+    },
+    Blocks {
+        done: Vec<Done>,
+        framed: Vec<u8>,
+        read: u64,
+    },
+}
+
+/// Finished packs on their way to storage.
+type PackMsg = (Vec<u8>, Id, Vec<PackEntry>);
+
+impl Datastore {
+    /// Takes a recovery point of `req.disks`; returns its manifest once it is durable
+    /// and visible. `progress(done, total)` counts virtual bytes.
+    pub fn backup(
+        &self,
+        req: BackupRequest<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest> {
+        let _lock = self.backend.lock(false, true)?;
+        let started = crate::time::now();
+        let index = self.blob_index()?;
+        let base = self.resolve_base(&req)?;
+        let bs = self.config.block_size as u64;
+        for (i, d) in req.disks.iter().enumerate() {
+            let size = d.disk.virtual_size();
+            if let Some(ch) = &d.changed {
+                let b = base.as_ref().ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "changed ranges were given for disk {i}, but source {:?} has no earlier recovery point to apply them to; the first backup reads everything",
+                        req.source.name
+                    ))
+                })?;
+                let bd = b.disks.get(i).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "changed ranges were given for disk {i}, but recovery point {} has only {} disk(s)",
+                        b.id,
+                        b.disks.len()
+                    ))
+                })?;
+                if bd.virtual_size != size {
+                    return Err(Error::Invalid(format!(
+                        "disk {i} ({}) is {size} bytes but was {} bytes in recovery point {}: change tracking does not cover a resize; back up without --changed-ranges",
+                        d.name, bd.virtual_size, b.id
+                    )));
+                }
+                if bd.block_size as u64 != bs
+                    || bd.piece_blocks != self.config.piece_blocks
+                    || bd.pieces.len() as u64 != bd.blocks().div_ceil(bd.piece_blocks as u64)
+                {
+                    return Err(Error::Invalid(format!(
+                        "recovery point {} disk {i} has an index layout this datastore does not use; back up without --changed-ranges",
+                        b.id
+                    )));
+                }
+                if let Some(&(o, l)) = ch.last()
+                    && o.checked_add(l).is_none_or(|e| e > size)
+                {
+                    return Err(Error::Invalid(format!(
+                        "disk {i}: changed range {o}+{l} ends past the disk's size {size}"
+                    )));
+                }
+            }
+        }
+
+        let total: u64 = req.disks.iter().map(|d| d.disk.virtual_size()).sum();
+        let id = format!(
+            "{}-{}",
+            crate::time::compact(started),
+            crate::crypto::random_hex(4)?
+        );
+        let mut stats = Stats::default();
+        let mut records = Vec::new();
+        let packs = std::thread::scope(|scope| -> Result<Vec<(Id, Vec<PackEntry>)>> {
+            let (up_tx, up_rx) = sync_channel::<PackMsg>(0);
+            let uploader = scope.spawn(move || self.upload_packs(up_rx));
+            let mut w = Writer {
+                store: self,
+                index: &index,
+                pack: PackBuilder::new(self.config.pack_size as usize),
+                session: HashSet::new(),
+                up: Some(up_tx),
+                zstd: zstd::bulk::Compressor::new(self.config.zstd_level)
+                    .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
+                framed: Vec::new(),
+            };
+            let mut done_before = 0u64;
+            let mut run = || -> Result<()> {
+                for (i, d) in req.disks.iter().enumerate() {
+                    let base_disk = base.as_ref().and_then(|b| b.disks.get(i));
+                    let rec =
+                        self.backup_disk(i as u32, d, base_disk, &index, &mut w, &mut |n| {
+                            progress(done_before + n, total)
+                        })?;
+                    done_before += d.disk.virtual_size();
+                    stats.add(&rec.stats);
+                    records.push(rec);
+                }
+                w.flush_pack()
+            };
+            let r = run();
+            w.up = None;
+            let up = uploader
+                .join()
+                .map_err(|_| Error::Invalid("pack uploader thread panicked".into()))?;
+            // The uploader's error (disk full...) is the cause of any send failure.
+            let packs = up?;
+            r?;
+            Ok(packs)
+        })?;
+        let packs_bytes: u64 = packs
+            .iter()
+            .map(|(_, e)| e.iter().map(|x| x.len as u64).sum::<u64>())
+            .sum();
+        self.write_index(&id, &packs)?;
+        stats.bytes_stored = packs_bytes;
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            version: MANIFEST_VERSION,
+            id,
+            source: req.source,
+            created: crate::time::rfc3339(started),
+            created_unix: started,
+            base: base.map(|b| b.id),
+            consistency: req.consistency,
+            disks: records,
+            stats,
+        };
+        self.write_manifest(&manifest)?;
+        Ok(manifest)
+    }
+
+    fn resolve_base(&self, req: &BackupRequest<'_>) -> Result<Option<Manifest>> {
+        match &req.base {
+            BaseChoice::None => Ok(None),
+            BaseChoice::Point(id) => self.find_point(&req.source.name, Some(id)).map(Some),
+            BaseChoice::Latest => match self.find_point(&req.source.name, None) {
+                Ok(m) => Ok(Some(m)),
+                Err(Error::Invalid(_)) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    fn upload_packs(&self, rx: Receiver<PackMsg>) -> Result<Vec<(Id, Vec<PackEntry>)>> {
+        let mut out = Vec::new();
+        for (bytes, id, entries) in rx {
+            self.backend.put(&format::pack_key(&id), &bytes)?;
+            out.push((id, entries));
+        }
+        Ok(out)
+    }
+
+    fn backup_disk(
+        &self,
+        disk_no: u32,
+        input: &DiskInput<'_>,
+        base: Option<&DiskRecord>,
+        index: &BlobIndex,
+        w: &mut Writer<'_>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<DiskRecord> {
+        let disk = input.disk;
+        let info = disk.info();
+        let size = disk.virtual_size();
+        let bs = self.config.block_size as u64;
+        let pb = self.config.piece_blocks as u64;
+        let nblocks = size.div_ceil(bs);
+        let seg_blocks = gcd(pb, (4u64 << 20) / bs).max(1);
+        let changed = input.changed.as_deref();
+        // A base is only consulted block by block when change tracking says what changed.
+        let base = base.filter(|_| changed.is_some());
+        let threads = self.threads;
+        let (job_tx, job_rx) = sync_channel::<Result<(u64, Work)>>(threads);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (out_tx, out_rx) = sync_channel::<Result<(u64, Processed)>>(threads);
+        let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(2 * threads + 2);
+        for _ in 0..2 * threads + 2 {
+            let _ = pool_tx.try_send(Vec::new());
+        }
+        let mut rec = DiskRecord {
+            index: disk_no,
+            name: input.name.clone(),
+            format: input.format.clone(),
+            virtual_size: size,
+            logical_sector_size: info.logical_sector_size,
+            physical_sector_size: info.physical_sector_size,
+            block_size: bs as u32,
+            piece_blocks: pb as u32,
+            pieces: Vec::new(),
+            stats: Stats {
+                changed_bytes: changed.map(|c| c.iter().map(|r| r.1).sum()),
+                ..Stats::default()
+            },
+        };
+        std::thread::scope(|scope| -> Result<()> {
+            // Reader.
+            let reader = scope.spawn(move || {
+                let mut seq = 0u64;
+                let r = self.read_segments(
+                    disk,
+                    size,
+                    nblocks,
+                    seg_blocks,
+                    base,
+                    changed,
+                    index,
+                    &pool_rx,
+                    &mut |w| {
+                        let ok = job_tx.send(Ok((seq, w))).is_ok();
+                        seq += 1;
+                        ok
+                    },
+                );
+                if let Err(e) = r {
+                    let _ = job_tx.send(Err(e));
+                }
+                seq
+            });
+            // Workers.
+            for _ in 0..threads {
+                let job_rx = job_rx.clone();
+                let out_tx = out_tx.clone();
+                let pool_tx = pool_tx.clone();
+                scope.spawn(move || self.work(index, bs, size, &job_rx, &out_tx, &pool_tx));
+            }
+            drop(out_tx);
+            drop(pool_tx);
+            // Writer, in disk order.
+            let mut consume = |out_rx: Receiver<Result<(u64, Processed)>>| -> Result<u64> {
+                let mut pending = BTreeMap::new();
+                let mut next = 0u64;
+                let mut block = 0u64;
+                let mut piece: Vec<u8> = Vec::with_capacity(pb as usize * 32);
+                for msg in out_rx {
+                    let (seq, p) = msg?;
+                    pending.insert(seq, p);
+                    while let Some(p) = pending.remove(&next) {
+                        next += 1;
+                        match p {
+                            Processed::Piece { id, blocks } => {
+                                rec.pieces.push(id.to_hex());
+                                rec.stats.blocks_reused += blocks;
+                                block += blocks;
+                            }
+                            Processed::Blocks { done, framed, read } => {
+                                rec.stats.bytes_read += read;
+                                for d in done {
+                                    let id = match d {
+                                        Done::Zero => {
+                                            rec.stats.blocks_zero += 1;
+                                            Id::ZERO
+                                        }
+                                        Done::Reuse(id) => {
+                                            rec.stats.blocks_reused += 1;
+                                            id
+                                        }
+                                        Done::Known(id) => {
+                                            rec.stats.blocks_dedup += 1;
+                                            id
+                                        }
+                                        Done::New {
+                                            id,
+                                            plain,
+                                            start,
+                                            end,
+                                        } => {
+                                            if w.add(Kind::Data, id, plain, &framed[start..end])? {
+                                                rec.stats.blocks_new += 1;
+                                                rec.stats.bytes_new += plain as u64;
+                                                rec.stats.bytes_stored += (end - start) as u64;
+                                            } else {
+                                                rec.stats.blocks_dedup += 1;
+                                            }
+                                            id
+                                        }
+                                    };
+                                    piece.extend_from_slice(&id.0);
+                                    block += 1;
+                                    if block.is_multiple_of(pb) || block == nblocks {
+                                        let pid = w.add_piece(&piece)?;
+                                        rec.pieces.push(pid.to_hex());
+                                        piece.clear();
+                                    }
+                                }
+                            }
+                        }
+                        progress((block * bs).min(size));
+                    }
+                }
+                if block != nblocks || !piece.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "internal: disk {disk_no} ended at block {block} of {nblocks}"
+                    )));
+                }
+                Ok(next)
+            };
+            let consumed = consume(out_rx);
+            let produced = reader
+                .join()
+                .map_err(|_| Error::Invalid("reader thread panicked".into()))?;
+            let consumed = consumed?;
+            if consumed != produced {
+                return Err(Error::Invalid(format!(
+                    "internal: {produced} segments read but {consumed} written"
+                )));
+            }
+            Ok(())
+        })?;
+        Ok(rec)
+    }
+
+    /// The reader: decides per block (zero / reuse / read), reads what must be read.
+    /// `send` returns false when the pipeline has stopped.
+    #[allow(clippy::too_many_arguments)]
+    fn read_segments(
+        &self,
+        disk: &dyn VirtualDisk,
+        size: u64,
+        nblocks: u64,
+        seg_blocks: u64,
+        base: Option<&DiskRecord>,
+        changed: Option<&[(u64, u64)]>,
+        index: &BlobIndex,
+        pool: &Receiver<Vec<u8>>,
+        send: &mut dyn FnMut(Work) -> bool,
+    ) -> Result<()> {
+        let bs = self.config.block_size as u64;
+        let pb = self.config.piece_blocks as u64;
+        let mut cursor = changed.map(RangeCursor::new);
+        for p in 0..nblocks.div_ceil(pb) {
+            let first = p * pb;
+            let end = (first + pb).min(nblocks);
+            let mut base_ids: Option<Vec<Id>> = None;
+            if let (Some(bd), Some(cur)) = (base, cursor.as_mut()) {
+                let pid = bd
+                    .pieces
+                    .get(p as usize)
+                    .and_then(|h| Id::from_hex(h))
+                    .ok_or_else(|| Error::Invalid(format!("base index piece {p} is malformed")))?;
+                let touched = cur.intersects(first * bs, (end * bs).min(size));
+                if !touched && index.contains(&pid) {
+                    if !send(Work::Piece {
+                        id: pid,
+                        blocks: end - first,
+                    }) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                // A damaged or missing base piece: read its blocks instead (heals).
+                base_ids = self
+                    .read_piece(index, pid)
+                    .ok()
+                    .filter(|ids| ids.len() as u64 == end - first);
+            }
+            let mut s = first;
+            while s < end {
+                let e = (s + seg_blocks).min(end);
+                let n = (e - s) as usize;
+                let mut plans = vec![Plan::Read; n];
+                if let (Some(ids), Some(cur)) = (&base_ids, cursor.as_mut()) {
+                    for (i, plan) in plans.iter_mut().enumerate() {
+                        let b = s + i as u64;
+                        let bid = ids[(b - first) as usize];
+                        let changed = cur.intersects(b * bs, ((b + 1) * bs).min(size));
+                        // Reuse unless changed, or the block's blob is known damaged.
+                        if !changed && (bid.is_zero() || index.contains(&bid)) {
+                            *plan = Plan::Reuse(bid);
+                        }
+                    }
+                }
+                let off = s * bs;
+                let len = (e * bs).min(size) - off;
+                let mut buf = Vec::new();
+                let mut read = 0u64;
+                if plans.iter().any(|p| matches!(p, Plan::Read)) {
+                    for ext in disk.map(off, len)? {
+                        if !ext.state.reads_as_zero() {
+                            continue;
+                        }
+                        // Blocks wholly inside a zero/unallocated extent are not read.
+                        let b0 = ext.offset.div_ceil(bs).max(s);
+                        let b1 = (if ext.end() >= size {
+                            nblocks
+                        } else {
+                            ext.end() / bs
+                        })
+                        .min(e);
+                        for b in b0..b1 {
+                            let pl = &mut plans[(b - s) as usize];
+                            if matches!(pl, Plan::Read) {
+                                *pl = Plan::Zero;
+                            }
+                        }
+                    }
+                    buf = match pool.recv() {
+                        Ok(b) => b,
+                        Err(_) => return Ok(()),
+                    };
+                    buf.resize(len as usize, 0);
+                    let mut i = 0;
+                    while i < n {
+                        if !matches!(plans[i], Plan::Read) {
+                            i += 1;
+                            continue;
+                        }
+                        let mut j = i;
+                        while j < n && matches!(plans[j], Plan::Read) {
+                            j += 1;
+                        }
+                        let a = i as u64 * bs;
+                        let z = (j as u64 * bs).min(len);
+                        disk.read_at(&mut buf[a as usize..z as usize], off + a)?;
+                        read += z - a;
+                        i = j;
+                    }
+                }
+                if !send(Work::Blocks {
+                    first: s,
+                    plans,
+                    buf,
+                    read,
+                }) {
+                    return Ok(());
+                }
+                s = e;
+            }
+        }
+        Ok(())
+    }
+
+    /// A worker: hashes read blocks, and compresses/encrypts those the datastore lacks.
+    fn work(
+        &self,
+        index: &BlobIndex,
+        bs: u64,
+        size: u64,
+        jobs: &Mutex<Receiver<Result<(u64, Work)>>>,
+        out: &SyncSender<Result<(u64, Processed)>>,
+        pool: &SyncSender<Vec<u8>>,
+    ) {
+        let mut zstd = match zstd::bulk::Compressor::new(self.config.zstd_level) {
+            Ok(z) => z,
+            Err(e) => {
+                let _ = out.send(Err(Error::Invalid(format!("zstd: {e}"))));
+                return;
+            }
+        };
+        let mut one = Vec::new();
+        loop {
+            let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            };
+            let res = job.and_then(|(seq, w)| match w {
+                Work::Piece { id, blocks } => Ok((seq, Processed::Piece { id, blocks })),
+                Work::Blocks {
+                    first,
+                    plans,
+                    buf,
+                    read,
+                } => {
+                    let mut done = Vec::with_capacity(plans.len());
+                    let mut framed = Vec::new();
+                    for (i, plan) in plans.iter().enumerate() {
+                        done.push(match *plan {
+                            Plan::Zero => Done::Zero,
+                            Plan::Reuse(id) => Done::Reuse(id),
+                            Plan::Read => {
+                                let a = i * bs as usize;
+                                let z = (a + bs as usize).min((size - first * bs) as usize);
+                                let data = &buf[a..z];
+                                if vdisk::copy::is_zero(data) {
+                                    Done::Zero
+                                } else {
+                                    let id = self.keys.id(data);
+                                    if index.contains(&id) {
+                                        Done::Known(id)
+                                    } else {
+                                        format::encode_blob(
+                                            &self.keys,
+                                            &mut zstd,
+                                            Kind::Data,
+                                            id,
+                                            data,
+                                            &mut one,
+                                        )?;
+                                        let start = framed.len();
+                                        framed.extend_from_slice(&one);
+                                        Done::New {
+                                            id,
+                                            plain: data.len() as u32,
+                                            start,
+                                            end: framed.len(),
+                                        }
+                                    }
+                                }
+                            }
+                        });
+                    }
+                    let _ = pool.try_send(buf);
+                    Ok((seq, Processed::Blocks { done, framed, read }))
+                }
+            });
+            if out.send(res).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Fills packs and hands finished ones to the uploader.
+struct Writer<'a> {
+    store: &'a Datastore,
+    index: &'a BlobIndex,
+    pack: PackBuilder,
+    /// Blobs already added by this backup.
+    session: HashSet<Id>,
+    up: Option<SyncSender<PackMsg>>,
+    zstd: zstd::bulk::Compressor<'static>,
+    framed: Vec<u8>,
+}
+
+impl Writer<'_> {
+    /// Adds a framed blob unless this backup already stored it; true when added.
+    fn add(&mut self, kind: Kind, id: Id, plain: u32, framed: &[u8]) -> Result<bool> {
+        if !self.session.insert(id) {
+            return Ok(false);
+        }
+        self.pack.add(kind, id, plain, framed)?;
+        if self.pack.len() >= self.store.config.pack_size as usize {
+            self.flush_pack()?;
+        }
+        Ok(true)
+    }
+
+    /// Stores an index piece (deduplicated like data); returns its id.
+    fn add_piece(&mut self, ids: &[u8]) -> Result<Id> {
+        let id = self.store.keys.id(ids);
+        if !self.index.contains(&id) && !self.session.contains(&id) {
+            let mut framed = std::mem::take(&mut self.framed);
+            format::encode_blob(
+                &self.store.keys,
+                &mut self.zstd,
+                Kind::Index,
+                id,
+                ids,
+                &mut framed,
+            )?;
+            self.add(Kind::Index, id, ids.len() as u32, &framed)?;
+            self.framed = framed;
+        }
+        Ok(id)
+    }
+
+    fn flush_pack(&mut self) -> Result<()> {
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        let pack = std::mem::replace(
+            &mut self.pack,
+            PackBuilder::new(self.store.config.pack_size as usize),
+        );
+        let msg = pack.finish();
+        let up = self
+            .up
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("internal: pack writer closed".into()))?;
+        // A send fails only when the uploader stopped on an error; the caller joins it
+        // and reports that error.
+        up.send(msg)
+            .map_err(|_| Error::Invalid("storing a pack failed".into()))
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}

@@ -1,0 +1,203 @@
+//! gc: removes what no recovery point references, and compacts packs that are mostly
+//! dead. Runs under the exclusive lock, so no backup is writing meanwhile (backups wait
+//! for gc, and gc waits for running backups).
+//!
+//! Crash safety: new packs and the new consolidated index file are durable before any
+//! old index file is removed, and old index files are removed before old packs. A
+//! crash at any point leaves duplicates or orphans (removed by the next gc), never a
+//! reference to something missing.
+
+use crate::error::{Error, Result};
+use crate::format::{self, PackBuilder, PackEntry};
+use crate::id::Id;
+use crate::store::Datastore;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+/// Packs whose live bytes are below this fraction are rewritten.
+const REPACK_BELOW: f64 = 0.5;
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub points: u64,
+    pub live_blobs: u64,
+    pub packs_before: u64,
+    pub packs_deleted: u64,
+    pub packs_repacked: u64,
+    pub packs_written: u64,
+    /// Bytes the datastore shrank by (packs, index files, leftovers).
+    pub bytes_freed: i64,
+    /// Temporary files of interrupted writes removed.
+    pub leftover_bytes: u64,
+}
+
+impl Datastore {
+    /// Reclaims unreferenced data. `progress` receives messages (waiting for backups...).
+    pub fn gc(&self, notice: &mut dyn FnMut(&str)) -> Result<GcReport> {
+        let _lock = match self.backend.lock(true, false) {
+            Ok(l) => l,
+            Err(_) => {
+                notice("waiting for running backups, verify or prune to finish");
+                self.backend.lock(true, true)?
+            }
+        };
+        let mut report = GcReport::default();
+        let (points, unreadable) = self.points()?;
+        if let Some(d) = unreadable.first() {
+            return Err(Error::Invalid(format!(
+                "{}: cannot read this recovery point ({}); gc would not know what it references. Restore the file, or remove the recovery point with `holdfast forget`, then run gc again",
+                d.key, d.error
+            )));
+        }
+        report.points = points.len() as u64;
+        let index = self.blob_index()?;
+        // Mark.
+        let mut live: HashSet<Id> = HashSet::new();
+        for m in &points {
+            for d in &m.disks {
+                for h in &d.pieces {
+                    let pid = Id::from_hex(h).ok_or_else(|| {
+                        Error::corrupt(format!("points/{}", m.id), format!("bad piece id {h:?}"))
+                    })?;
+                    if !live.insert(pid) {
+                        continue;
+                    }
+                    let ids = self.read_piece(&index, pid).map_err(|e| {
+                        Error::Invalid(format!(
+                            "recovery point {} disk {}: {e}; gc stops rather than guess what it references (run verify)",
+                            m.id, d.index
+                        ))
+                    })?;
+                    live.extend(ids.into_iter().filter(|id| !id.is_zero()));
+                }
+            }
+        }
+        report.live_blobs = live.len() as u64;
+        // The chosen location of each live blob; anything else is dead.
+        let mut files = Vec::new();
+        let mut damaged_files = Vec::new();
+        let tables = self.pack_tables(&mut files, &mut damaged_files)?;
+        report.packs_before = tables.len() as u64;
+        let damaged_packs: HashSet<String> = damaged_files.iter().map(|(k, _)| k.clone()).collect();
+        let mut keep_tables: Vec<(Id, Vec<PackEntry>)> = Vec::new();
+        let mut drop_packs: Vec<Id> = Vec::new();
+        let mut moves: Vec<(Id, PackEntry)> = Vec::new();
+        let mut taken: HashSet<Id> = HashSet::new();
+        let sizes: HashMap<String, u64> = self
+            .backend
+            .list("packs/")?
+            .into_iter()
+            .map(|e| (e.key, e.size))
+            .collect();
+        for (pack, entries) in &tables {
+            let no = index.packs.iter().position(|p| p == pack);
+            let is_live = |e: &PackEntry| {
+                live.contains(&e.id)
+                    && index
+                        .map
+                        .get(&e.id)
+                        .is_some_and(|l| Some(l.pack as usize) == no && l.offset == e.offset)
+            };
+            let total: u64 = entries.iter().map(|e| e.len as u64).sum();
+            let live_entries: Vec<&PackEntry> = entries.iter().filter(|e| is_live(e)).collect();
+            let live_bytes: u64 = live_entries.iter().map(|e| e.len as u64).sum();
+            if live_entries.is_empty() {
+                drop_packs.push(*pack);
+            } else if (live_bytes as f64) < REPACK_BELOW * total as f64
+                || damaged_packs.contains(&format::pack_key(pack))
+            {
+                drop_packs.push(*pack);
+                for e in live_entries {
+                    taken.insert(e.id);
+                    moves.push((*pack, *e));
+                }
+                report.packs_repacked += 1;
+            } else {
+                for e in &live_entries {
+                    taken.insert(e.id);
+                }
+                keep_tables.push((*pack, entries.clone()));
+            }
+        }
+        if let Some(missing) = live.iter().find(|id| !taken.contains(id)) {
+            return Err(Error::Invalid(format!(
+                "blob {missing} is referenced but has no good copy; gc stops so nothing more is lost (run verify, then a backup to heal)"
+            )));
+        }
+        // Compact: copy live blobs (checked) into new packs.
+        let mut new_tables = Vec::new();
+        let mut pb = PackBuilder::new(self.config.pack_size as usize);
+        let mut plain = Vec::new();
+        let mut written: i64 = 0;
+        for (pack, e) in moves {
+            let key = format::pack_key(&pack);
+            let mut buf = vec![0u8; e.len as usize];
+            self.backend.get_range(&key, e.offset as u64, &mut buf)?;
+            let framed = buf.clone();
+            format::decode_blob(
+                &self.keys,
+                &key,
+                e.offset as u64,
+                e.id,
+                &mut buf,
+                &mut plain,
+            )?;
+            pb.add(e.kind, e.id, e.plain_len, &framed)?;
+            if pb.len() >= self.config.pack_size as usize {
+                let full =
+                    std::mem::replace(&mut pb, PackBuilder::new(self.config.pack_size as usize));
+                written += self.store_pack(full, &mut new_tables)? as i64;
+            }
+        }
+        if !pb.is_empty() {
+            written += self.store_pack(pb, &mut new_tables)? as i64;
+        }
+        report.packs_written = new_tables.len() as u64;
+        // New consolidated index, then remove old index files, then old packs.
+        let mut all = keep_tables;
+        all.extend(new_tables);
+        let name = format!(
+            "gc-{}-{}",
+            crate::time::compact(crate::time::now()),
+            crate::crypto::random_hex(4)?
+        );
+        let new_index = format::encode_index(&all);
+        let old_index: Vec<(String, u64)> = self
+            .backend
+            .list("index/")?
+            .into_iter()
+            .map(|e| (e.key, e.size))
+            .collect();
+        self.backend.put(&format!("index/{name}"), &new_index)?;
+        written += new_index.len() as i64;
+        let mut freed: i64 = 0;
+        for (key, size) in old_index {
+            self.backend.delete(&key)?;
+            freed += size as i64;
+        }
+        for pack in &drop_packs {
+            let key = format::pack_key(pack);
+            self.backend.delete(&key)?;
+            freed += sizes.get(&key).copied().unwrap_or(0) as i64;
+        }
+        report.packs_deleted = drop_packs.len() as u64;
+        // Damaged copies that are gone no longer need recording.
+        let dropped: HashSet<Id> = drop_packs.into_iter().collect();
+        let damaged: Vec<_> = self
+            .damaged()?
+            .into_iter()
+            .filter(|(p, _)| !dropped.contains(p))
+            .collect();
+        self.write_damaged(&damaged)?;
+        report.leftover_bytes = self.backend.remove_leftovers()?;
+        report.bytes_freed = freed + report.leftover_bytes as i64 - written;
+        Ok(report)
+    }
+
+    fn store_pack(&self, pb: PackBuilder, tables: &mut Vec<(Id, Vec<PackEntry>)>) -> Result<u64> {
+        let (bytes, id, entries) = pb.finish();
+        self.backend.put(&format::pack_key(&id), &bytes)?;
+        tables.push((id, entries));
+        Ok(bytes.len() as u64)
+    }
+}

@@ -1,0 +1,37 @@
+//! Holdfast's datastore: where recovery points of virtual disks live.
+//!
+//! A recovery point is a manifest listing its disks; each disk is an index of
+//! fixed-size blocks (64 KiB by default), each block a content id or "zero". Blocks are
+//! stored once as blobs (zstd-compressed when that pays, AES-256-GCM-encrypted when the
+//! datastore is), many blobs to a pack file; index pieces are blobs too. Every
+//! recovery point is therefore a full image by reference, and an incremental stores
+//! only the blocks that changed, plus the index pieces that changed.
+//!
+//! docs/datastore-format.md describes the on-disk format; ARCHITECTURE.md places this
+//! crate in the whole.
+
+pub mod backend;
+mod backup;
+pub mod crypto;
+pub mod error;
+pub mod format;
+mod gc;
+pub mod id;
+pub mod manifest;
+pub mod prune;
+pub mod ranges;
+mod restore;
+mod store;
+pub mod time;
+mod verify;
+
+pub use backend::{Backend, LocalBackend};
+pub use backup::{BackupRequest, BaseChoice, DiskInput};
+pub use error::{Error, Result};
+pub use gc::GcReport;
+pub use id::Id;
+pub use manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
+pub use prune::{Decision, Retention};
+pub use restore::PointDisk;
+pub use store::{BlobIndex, CreateOptions, DamagedPoint, Datastore, default_key_path};
+pub use verify::{DiskDamage, FileDamage, PointDamage, VerifyReport};
