@@ -231,11 +231,16 @@ impl Datastore {
         }
     }
 
+    /// Writes packs as they come, then makes them all durable and visible.
     fn upload_packs(&self, rx: Receiver<PackMsg>) -> Result<Vec<(Id, Vec<PackEntry>)>> {
         let mut out = Vec::new();
+        let mut staged = Vec::new();
         for (bytes, id, entries) in rx {
-            self.backend.put(&format::pack_key(&id), &bytes)?;
+            staged.push(self.backend.stage(&format::pack_key(&id), &bytes)?);
             out.push((id, entries));
+        }
+        for s in staged {
+            s.commit()?;
         }
         Ok(out)
     }

@@ -60,6 +60,14 @@ impl VerifyReport {
     }
 }
 
+/// The reason alone: the key and offset are reported beside it.
+fn detail(e: crate::Error) -> String {
+    match e {
+        crate::Error::Corrupt { detail, .. } => detail,
+        e => e.to_string(),
+    }
+}
+
 impl Datastore {
     /// Reads and checks everything. Records damaged blob copies so that later backups
     /// store those blocks again (heal) and gc drops the damaged copies.
