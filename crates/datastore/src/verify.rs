@@ -135,9 +135,7 @@ impl Datastore {
                                 });
                             match r {
                                 Ok(_) => ok_ids.push(e.id),
-                                Err(err) => {
-                                    bad_here.push(((*pack, e.offset), e.id, err.to_string()))
-                                }
+                                Err(err) => bad_here.push(((*pack, e.offset), e.id, detail(err))),
                             }
                             bytes += e.len as u64;
                         }
