@@ -92,11 +92,38 @@ enum Processed {
         done: Vec<Done>,
         framed: Vec<u8>,
         read: u64,
+        /// The segment's buffer, returned to the reader's pool once written out.
+        buf: Vec<u8>,
     },
 }
 
 /// Finished packs on their way to storage.
-type PackMsg = (Vec<u8>, Id, Vec<PackEntry>);
+type PackMsg = (Vec<u8>, Vec<PackEntry>);
+
+/// Buffers handed back for reuse: fewer page faults, and no heap growth from freeing
+/// and re-allocating large blocks.
+#[derive(Debug, Default)]
+struct FreeList(Mutex<Vec<Vec<u8>>>);
+
+impl FreeList {
+    fn take(&self) -> Vec<u8> {
+        let mut v = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        v.clear();
+        v
+    }
+
+    fn give(&self, v: Vec<u8>, max: usize) {
+        let mut l = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if l.len() < max {
+            l.push(v);
+        }
+    }
+}
 
 impl Datastore {
     /// Takes a recovery point of `req.disks`; returns its manifest once it is durable
@@ -160,15 +187,18 @@ impl Datastore {
         );
         let mut stats = Stats::default();
         let mut records = Vec::new();
+        let spare_packs = FreeList::default();
+        let spare = &spare_packs;
         let packs = std::thread::scope(|scope| -> Result<Vec<(Id, Vec<PackEntry>)>> {
             let (up_tx, up_rx) = sync_channel::<PackMsg>(0);
-            let uploader = scope.spawn(move || self.upload_packs(up_rx));
+            let uploader = scope.spawn(move || self.upload_packs(up_rx, spare));
             let mut w = Writer {
                 store: self,
                 index: &index,
                 pack: PackBuilder::new(self.config.pack_size as usize),
                 session: HashSet::new(),
                 up: Some(up_tx),
+                spare,
                 zstd: zstd::bulk::Compressor::new(self.config.zstd_level)
                     .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
                 framed: Vec::new(),
@@ -232,11 +262,17 @@ impl Datastore {
     }
 
     /// Writes packs as they come, then makes them all durable and visible.
-    fn upload_packs(&self, rx: Receiver<PackMsg>) -> Result<Vec<(Id, Vec<PackEntry>)>> {
+    fn upload_packs(
+        &self,
+        rx: Receiver<PackMsg>,
+        spare: &FreeList,
+    ) -> Result<Vec<(Id, Vec<PackEntry>)>> {
         let mut out = Vec::new();
         let mut staged = Vec::new();
-        for (bytes, id, entries) in rx {
+        for (bytes, entries) in rx {
+            let id = format::pack_id(&bytes);
             staged.push(self.backend.stage(&format::pack_key(&id), &bytes)?);
+            spare.give(bytes, 1);
             out.push((id, entries));
         }
         for s in staged {
@@ -268,8 +304,10 @@ impl Datastore {
         let (job_tx, job_rx) = sync_channel::<Result<(u64, Work)>>(threads);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (out_tx, out_rx) = sync_channel::<Result<(u64, Processed)>>(threads);
-        let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(2 * threads + 2);
-        for _ in 0..2 * threads + 2 {
+        let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(threads + 2);
+        let framed_pool = FreeList::default();
+        let framed_pool = &framed_pool;
+        for _ in 0..threads + 2 {
             let _ = pool_tx.try_send(Vec::new());
         }
         let mut rec = DiskRecord {
@@ -315,13 +353,15 @@ impl Datastore {
             for _ in 0..threads {
                 let job_rx = job_rx.clone();
                 let out_tx = out_tx.clone();
-                let pool_tx = pool_tx.clone();
-                scope.spawn(move || self.work(index, bs, size, &job_rx, &out_tx, &pool_tx));
+                scope.spawn(move || self.work(index, bs, size, &job_rx, &out_tx, framed_pool));
             }
             drop(out_tx);
-            drop(pool_tx);
+            // Segment buffers go back to the reader only once written out, which bounds
+            // the segments in flight (and the re-ordering) by the pool's size.
             // Writer, in disk order.
-            let mut consume = |out_rx: Receiver<Result<(u64, Processed)>>| -> Result<u64> {
+            let mut consume = |out_rx: Receiver<Result<(u64, Processed)>>,
+                               pool_tx: SyncSender<Vec<u8>>|
+             -> Result<u64> {
                 let mut pending = BTreeMap::new();
                 let mut next = 0u64;
                 let mut block = 0u64;
@@ -337,7 +377,12 @@ impl Datastore {
                                 rec.stats.blocks_reused += blocks;
                                 block += blocks;
                             }
-                            Processed::Blocks { done, framed, read } => {
+                            Processed::Blocks {
+                                done,
+                                framed,
+                                read,
+                                buf,
+                            } => {
                                 rec.stats.bytes_read += read;
                                 for d in done {
                                     let id = match d {
@@ -377,6 +422,10 @@ impl Datastore {
                                         piece.clear();
                                     }
                                 }
+                                framed_pool.give(framed, threads + 2);
+                                if buf.capacity() > 0 {
+                                    let _ = pool_tx.try_send(buf);
+                                }
                             }
                         }
                         progress((block * bs).min(size));
@@ -389,7 +438,9 @@ impl Datastore {
                 }
                 Ok(next)
             };
-            let consumed = consume(out_rx);
+            // The consumer owns the last sender of the pool: when it stops, the reader's
+            // wait for a buffer ends.
+            let consumed = consume(out_rx, pool_tx);
             let produced = reader
                 .join()
                 .map_err(|_| Error::Invalid("reader thread panicked".into()))?;
@@ -532,7 +583,7 @@ impl Datastore {
         size: u64,
         jobs: &Mutex<Receiver<Result<(u64, Work)>>>,
         out: &SyncSender<Result<(u64, Processed)>>,
-        pool: &SyncSender<Vec<u8>>,
+        framed_pool: &FreeList,
     ) {
         let mut zstd = match zstd::bulk::Compressor::new(self.config.zstd_level) {
             Ok(z) => z,
@@ -556,7 +607,7 @@ impl Datastore {
                     read,
                 } => {
                     let mut done = Vec::with_capacity(plans.len());
-                    let mut framed = Vec::new();
+                    let mut framed = framed_pool.take();
                     for (i, plan) in plans.iter().enumerate() {
                         done.push(match *plan {
                             Plan::Zero => Done::Zero,
@@ -593,8 +644,15 @@ impl Datastore {
                             }
                         });
                     }
-                    let _ = pool.try_send(buf);
-                    Ok((seq, Processed::Blocks { done, framed, read }))
+                    Ok((
+                        seq,
+                        Processed::Blocks {
+                            done,
+                            framed,
+                            read,
+                            buf,
+                        },
+                    ))
                 }
             });
             if out.send(res).is_err() {
@@ -612,6 +670,8 @@ struct Writer<'a> {
     /// Blobs already added by this backup.
     session: HashSet<Id>,
     up: Option<SyncSender<PackMsg>>,
+    /// Pack buffers the uploader is done with.
+    spare: &'a FreeList,
     zstd: zstd::bulk::Compressor<'static>,
     framed: Vec<u8>,
 }
@@ -652,10 +712,11 @@ impl Writer<'_> {
         if self.pack.is_empty() {
             return Ok(());
         }
-        let pack = std::mem::replace(
-            &mut self.pack,
-            PackBuilder::new(self.store.config.pack_size as usize),
-        );
+        let fresh = match self.spare.take() {
+            b if b.capacity() > 0 => PackBuilder::with_buffer(b),
+            _ => PackBuilder::new(self.store.config.pack_size as usize),
+        };
+        let pack = std::mem::replace(&mut self.pack, fresh);
         let msg = pack.finish();
         let up = self
             .up

@@ -264,7 +264,12 @@ pub struct PackBuilder {
 
 impl PackBuilder {
     pub fn new(capacity: usize) -> PackBuilder {
-        let mut buf = Vec::with_capacity(capacity + (1 << 20));
+        PackBuilder::with_buffer(Vec::with_capacity(capacity + (1 << 20)))
+    }
+
+    /// A pack filled in `buf` (cleared), so a pack's memory can be reused.
+    pub fn with_buffer(mut buf: Vec<u8>) -> PackBuilder {
+        buf.clear();
         buf.extend_from_slice(PACK_MAGIC);
         PackBuilder {
             buf,
@@ -295,9 +300,9 @@ impl PackBuilder {
         Ok(())
     }
 
-    /// Appends the trailer; returns the pack's bytes, its id (BLAKE3 of the bytes) and
-    /// its entries.
-    pub fn finish(mut self) -> (Vec<u8>, Id, Vec<PackEntry>) {
+    /// Appends the trailer; returns the pack's bytes and its entries. The pack's id is
+    /// [`pack_id`] of the bytes.
+    pub fn finish(mut self) -> (Vec<u8>, Vec<PackEntry>) {
         let start = self.buf.len();
         for e in &self.entries {
             e.encode(&mut self.buf);
@@ -307,9 +312,13 @@ impl PackBuilder {
         let crc = crc32c::crc32c(&self.buf[start..]);
         self.buf.extend_from_slice(&crc.to_le_bytes());
         self.buf.extend_from_slice(PACK_END);
-        let id = Id(*blake3::hash(&self.buf).as_bytes());
-        (self.buf, id, self.entries)
+        (self.buf, self.entries)
     }
+}
+
+/// A pack's id: BLAKE3 of its bytes.
+pub fn pack_id(bytes: &[u8]) -> Id {
+    Id(*blake3::hash(bytes).as_bytes())
 }
 
 /// The storage key of a pack.
@@ -525,7 +534,8 @@ mod tests {
             encode_blob(&keys, &mut z, Kind::Data, id, &data, &mut framed).unwrap();
             pb.add(Kind::Data, id, 1000, &framed).unwrap();
         }
-        let (bytes, id, entries) = pb.finish();
+        let (bytes, entries) = pb.finish();
+        let id = pack_id(&bytes);
         let n = bytes.len() as u64;
         assert_eq!(parse_pack_trailer("k", n, &bytes).unwrap(), entries);
         assert_eq!(

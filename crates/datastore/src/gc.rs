@@ -195,7 +195,8 @@ impl Datastore {
     }
 
     fn store_pack(&self, pb: PackBuilder, tables: &mut Vec<(Id, Vec<PackEntry>)>) -> Result<u64> {
-        let (bytes, id, entries) = pb.finish();
+        let (bytes, entries) = pb.finish();
+        let id = format::pack_id(&bytes);
         self.backend.put(&format::pack_key(&id), &bytes)?;
         tables.push((id, entries));
         Ok(bytes.len() as u64)

@@ -21,7 +21,7 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// Index entries per index piece (64 MiB of disk at the default block size).
 pub const DEFAULT_PIECE_BLOCKS: u32 = 1024;
 /// Target size of a pack file.
-pub const DEFAULT_PACK_SIZE: u32 = 16 << 20;
+pub const DEFAULT_PACK_SIZE: u32 = 8 << 20;
 
 /// `holdfast-datastore.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
