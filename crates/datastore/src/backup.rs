@@ -134,7 +134,7 @@ impl Datastore {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Manifest> {
         let _lock = self.backend.lock(false, true)?;
-        let started = crate::time::now();
+        let (started, micros) = crate::time::now_micros();
         let index = self.blob_index()?;
         let base = self.resolve_base(&req)?;
         let bs = self.config.block_size as u64;
@@ -169,20 +169,14 @@ impl Datastore {
                         b.id
                     )));
                 }
-                if let Some(&(o, l)) = ch.last()
-                    && o.checked_add(l).is_none_or(|e| e > size)
-                {
-                    return Err(Error::Invalid(format!(
-                        "disk {i}: changed range {o}+{l} ends past the disk's size {size}"
-                    )));
-                }
+                check_ranges(i, ch, size)?;
             }
         }
 
         let total: u64 = req.disks.iter().map(|d| d.disk.virtual_size()).sum();
         let id = format!(
             "{}-{}",
-            crate::time::compact(started),
+            crate::time::id_stamp(started, micros),
             crate::crypto::random_hex(4)?
         );
         let mut stats = Stats::default();
@@ -727,6 +721,26 @@ impl Writer<'_> {
         up.send(msg)
             .map_err(|_| Error::Invalid("storing a pack failed".into()))
     }
+}
+
+/// Changed ranges must be sorted, non-empty, not overlapping and inside the disk (the
+/// reader walks them with a forward-only cursor).
+fn check_ranges(disk: usize, ranges: &[(u64, u64)], size: u64) -> Result<()> {
+    let mut prev_end = 0u64;
+    for &(o, l) in ranges {
+        let end = o.checked_add(l).filter(|&e| e <= size).ok_or_else(|| {
+            Error::Invalid(format!(
+                "disk {disk}: changed range {o}+{l} ends past the disk's size {size}"
+            ))
+        })?;
+        if l == 0 || o < prev_end {
+            return Err(Error::Invalid(format!(
+                "disk {disk}: changed range {o}+{l} is empty, out of order or overlaps the previous one (ranges must be sorted and disjoint)"
+            )));
+        }
+        prev_end = end;
+    }
+    Ok(())
 }
 
 fn gcd(a: u64, b: u64) -> u64 {

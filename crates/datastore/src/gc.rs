@@ -29,6 +29,11 @@ pub struct GcReport {
     pub bytes_freed: i64,
     /// Temporary files of interrupted writes removed.
     pub leftover_bytes: u64,
+    /// Referenced blobs whose only copies are damaged (kept; the next backup that reads
+    /// their blocks heals them).
+    pub unhealed_blobs: u64,
+    /// Referenced blobs with no copy at all (a pack was lost): run verify.
+    pub missing_blobs: u64,
 }
 
 impl Datastore {
@@ -78,7 +83,10 @@ impl Datastore {
         let mut damaged_files = Vec::new();
         let tables = self.pack_tables(&mut files, &mut damaged_files)?;
         report.packs_before = tables.len() as u64;
-        let damaged_packs: HashSet<String> = damaged_files.iter().map(|(k, _)| k.clone()).collect();
+        let mut damaged_packs: HashSet<String> =
+            damaged_files.iter().map(|(k, _)| k.clone()).collect();
+        // Packs holding a copy verify found damaged are rewritten without it.
+        damaged_packs.extend(self.damaged()?.iter().map(|(p, _)| format::pack_key(p)));
         let mut keep_tables: Vec<(Id, Vec<PackEntry>)> = Vec::new();
         let mut drop_packs: Vec<Id> = Vec::new();
         let mut moves: Vec<(Id, PackEntry)> = Vec::new();
@@ -89,8 +97,21 @@ impl Datastore {
             .into_iter()
             .map(|e| (e.key, e.size))
             .collect();
+        let pack_no: HashMap<Id, usize> = index
+            .packs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i))
+            .collect();
+        // Live blobs whose only copies are damaged: their packs are kept untouched (a
+        // damaged copy cannot be moved), and they are reported; a backup heals them.
+        let unhealed: HashSet<Id> = live
+            .iter()
+            .filter(|id| !index.map.contains_key(id))
+            .copied()
+            .collect();
         for (pack, entries) in &tables {
-            let no = index.packs.iter().position(|p| p == pack);
+            let no = pack_no.get(pack).copied();
             let is_live = |e: &PackEntry| {
                 live.contains(&e.id)
                     && index
@@ -101,7 +122,13 @@ impl Datastore {
             let total: u64 = entries.iter().map(|e| e.len as u64).sum();
             let live_entries: Vec<&PackEntry> = entries.iter().filter(|e| is_live(e)).collect();
             let live_bytes: u64 = live_entries.iter().map(|e| e.len as u64).sum();
-            if live_entries.is_empty() {
+            let holds_unhealed = entries.iter().any(|e| unhealed.contains(&e.id));
+            if holds_unhealed {
+                for e in entries.iter().filter(|e| live.contains(&e.id)) {
+                    taken.insert(e.id);
+                }
+                keep_tables.push((*pack, entries.clone()));
+            } else if live_entries.is_empty() {
                 drop_packs.push(*pack);
             } else if (live_bytes as f64) < REPACK_BELOW * total as f64
                 || damaged_packs.contains(&format::pack_key(pack))
@@ -119,11 +146,8 @@ impl Datastore {
                 keep_tables.push((*pack, entries.clone()));
             }
         }
-        if let Some(missing) = live.iter().find(|id| !taken.contains(id)) {
-            return Err(Error::Invalid(format!(
-                "blob {missing} is referenced but has no good copy; gc stops so nothing more is lost (run verify, then a backup to heal)"
-            )));
-        }
+        report.unhealed_blobs = unhealed.len() as u64;
+        report.missing_blobs = live.iter().filter(|id| !taken.contains(id)).count() as u64;
         // Compact: copy live blobs (checked) into new packs.
         let mut new_tables = Vec::new();
         let mut pb = PackBuilder::new(self.config.pack_size as usize);

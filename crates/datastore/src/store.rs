@@ -111,6 +111,9 @@ impl BlobIndex {
 /// A blob location found damaged by verify: (pack id, offset).
 pub type BadLoc = (Id, u32);
 
+/// The offset recorded in the damaged list for a pack whose trailer is damaged.
+pub const TRAILER_DAMAGED: u32 = u32::MAX;
+
 /// An open datastore.
 #[derive(Debug)]
 pub struct Datastore {
@@ -280,7 +283,11 @@ impl Datastore {
 
     /// Reads one recovery point's manifest.
     pub fn point(&self, id: &str) -> Result<Manifest> {
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
             return Err(Error::Invalid(format!("{id:?} is not a recovery point id")));
         }
         let key = Self::point_key(id);

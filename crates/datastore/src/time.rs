@@ -65,6 +65,20 @@ pub fn parse(s: &str) -> Option<i64> {
     Some(days_from_civil(y, m, d) * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
+/// A recovery-point id's time part: `20261125T190405.123456Z` (sorts by time, to the
+/// microsecond, so "latest" is well defined for backups taken in the same second).
+pub fn id_stamp(unix: i64, micros: u32) -> String {
+    format!("{}.{micros:06}Z", compact(unix).trim_end_matches('Z'))
+}
+
+/// Seconds and microseconds since the epoch now.
+pub fn now_micros() -> (i64, u32) {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_secs() as i64, d.subsec_micros()))
+        .unwrap_or((0, 0))
+}
+
 /// Seconds since the epoch now.
 pub fn now() -> i64 {
     std::time::SystemTime::now()
@@ -99,6 +113,7 @@ mod tests {
         assert_eq!(parse("2000-02-29T00:00:00Z"), Some(951_782_400));
         assert_eq!(parse("2026-11-24 18:00"), parse("2026-11-24T18:00:00Z"));
         assert_eq!(compact(0), "19700101T000000Z");
+        assert_eq!(id_stamp(0, 42), "19700101T000000.000042Z");
         assert_eq!(parse("2026-13-01"), None);
     }
 }

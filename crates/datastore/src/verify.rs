@@ -101,8 +101,15 @@ impl Datastore {
             .iter()
             .map(|(_, e)| e.iter().map(|x| x.len as u64).sum::<u64>())
             .sum();
+        let sizes: std::collections::HashMap<String, u64> = self
+            .backend
+            .list("packs/")?
+            .into_iter()
+            .map(|e| (e.key, e.size))
+            .collect();
         let good: Mutex<HashSet<Id>> = Mutex::new(HashSet::new());
         let bad: Mutex<Vec<(BadLoc, Id, String)>> = Mutex::new(Vec::new());
+        let bad_trailers: Mutex<Vec<(Id, String)>> = Mutex::new(Vec::new());
         let next = AtomicUsize::new(0);
         let done = Mutex::new((0u64, progress));
         std::thread::scope(|s| {
@@ -139,6 +146,22 @@ impl Datastore {
                             }
                             bytes += e.len as u64;
                         }
+                        // The trailer is what rebuilds the index if an index file is lost.
+                        let trailer = match sizes.get(&key) {
+                            Some(&size) => self.read_trailer(&key, size),
+                            None => Err(crate::Error::Missing { key: key.clone() }),
+                        };
+                        let trailer_problem = match trailer {
+                            Ok(t) if t == *entries => None,
+                            Ok(_) => Some("pack trailer does not match the index file".to_string()),
+                            Err(e) => Some(detail(e)),
+                        };
+                        if let Some(p) = trailer_problem {
+                            bad_trailers
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push((*pack, p));
+                        }
                         good.lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .extend(ok_ids);
@@ -158,8 +181,20 @@ impl Datastore {
         report.packs = tables.len() as u64;
         report.blobs = tables.iter().map(|(_, e)| e.len() as u64).sum();
         report.bytes = total;
+        let bad_trailers = bad_trailers.into_inner().unwrap_or_else(|p| p.into_inner());
         // Record damaged locations before reading indexes, so pieces come from good copies.
-        let bad_locs: Vec<BadLoc> = bad.iter().map(|b| b.0).collect();
+        // A damaged trailer is recorded as offset u32::MAX: gc then rewrites the pack.
+        let mut bad_locs: Vec<BadLoc> = bad.iter().map(|b| b.0).collect();
+        for (pack, problem) in &bad_trailers {
+            bad_locs.push((*pack, crate::store::TRAILER_DAMAGED));
+            let key = format::pack_key(pack);
+            if !report.damaged_files.iter().any(|f| f.key == key) {
+                report.damaged_files.push(FileDamage {
+                    key,
+                    error: problem.clone(),
+                });
+            }
+        }
         self.write_damaged(&bad_locs)?;
         let index = self.blob_index()?;
         let (points, unreadable) = self.points()?;

@@ -362,3 +362,24 @@ fn healing() {
         assert_same(&restore(&ds, &p3, 0), want_a, "healing point after gc");
     }
 }
+
+/// gc on a datastore whose damage is not healed yet: it runs, keeps the damaged copy
+/// where it is, reports it, and leaves every undamaged recovery point restorable.
+#[test]
+fn gc_with_unhealed_damage() {
+    let f = Fix::new(false);
+    let (pack, e) = f.blob_needed_by(Kind::Data, &[(0, 0), (2, 0)]);
+    flip(&pack, e.offset as u64 + BLOB_HEADER as u64 + 10);
+    let before = f.verify_names(&HashSet::from([e.id]));
+    let ds = f.open();
+    let r = ds.gc(&mut |_| {}).unwrap();
+    assert_eq!(r.unhealed_blobs, 1, "{r:#?}");
+    assert_eq!(r.missing_blobs, 0, "{r:#?}");
+    assert!(
+        pack.exists(),
+        "the pack holding the damaged copy was removed"
+    );
+    let after = verify(&ds);
+    assert_eq!(damaged_disks(&after), damaged_disks(&before), "{after:#?}");
+    f.check_restores(&damaged_disks(&before));
+}

@@ -348,13 +348,13 @@ pub fn points(a: &PointsArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "{:<26} {:<20} {:<21} {:>5} {:>10} {:>10}",
+            "{:<33} {:<20} {:<21} {:>5} {:>10} {:>10}",
             "ID", "SOURCE", "CREATED", "DISKS", "SIZE", "NEW"
         );
         for m in list {
             let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
             println!(
-                "{:<26} {:<20} {:<21} {:>5} {:>10} {:>10}",
+                "{:<33} {:<20} {:<21} {:>5} {:>10} {:>10}",
                 m.id,
                 m.source.name,
                 m.created,
@@ -562,8 +562,18 @@ pub fn gc(a: &GcArgs) -> anyhow::Result<ExitCode> {
             r.packs_written,
             human(r.bytes_freed.max(0) as u64)
         );
+        if r.unhealed_blobs + r.missing_blobs > 0 {
+            println!(
+                "warning: {} referenced blob(s) exist only as damaged copies and {} are missing: run verify to see which recovery points are affected; backing up their sources again heals what the source still has",
+                r.unhealed_blobs, r.missing_blobs
+            );
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if r.unhealed_blobs + r.missing_blobs > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn forget(a: &ForgetArgs) -> anyhow::Result<ExitCode> {
