@@ -158,6 +158,22 @@ pub fn decode_blob(
     out: &mut Vec<u8>,
 ) -> Result<BlobHeader> {
     let h = parse_blob_header(key, offset, bytes)?;
+    out.clear();
+    out.resize(h.plain_len as usize, 0);
+    decode_blob_into(keys, key, offset, id, bytes, out)
+}
+
+/// As [`decode_blob`], into `out`, which must be exactly the plaintext's length (a
+/// restore decodes straight into its output buffer).
+pub fn decode_blob_into(
+    keys: &Keys,
+    key: &str,
+    offset: u64,
+    id: Id,
+    bytes: &mut [u8],
+    out: &mut [u8],
+) -> Result<BlobHeader> {
+    let h = parse_blob_header(key, offset, bytes)?;
     let bad = |what: String| Error::corrupt(key, format!("blob {id:?} at offset {offset}: {what}"));
     if h.id != id {
         return Err(bad(format!("holds blob {:?} instead", h.id)));
@@ -165,6 +181,13 @@ pub fn decode_blob(
     let stored = h.stored_len as usize;
     if bytes.len() != BLOB_HEADER + stored {
         return Err(bad("length does not match the index".into()));
+    }
+    if out.len() != h.plain_len as usize {
+        return Err(bad(format!(
+            "holds {} bytes, {} expected",
+            h.plain_len,
+            out.len()
+        )));
     }
     let (head, payload) = bytes.split_at_mut(BLOB_HEADER);
     let payload_len = if h.flags & FLAG_AEAD != 0 {
@@ -177,9 +200,7 @@ pub fn decode_blob(
         stored
     };
     let payload = &payload[..payload_len];
-    out.clear();
-    if h.flags & FLAG_ZSTD != 0 {
-        out.reserve(h.plain_len as usize);
+    let n = if h.flags & FLAG_ZSTD != 0 {
         DECOMPRESSOR.with(|d| {
             let mut d = d.borrow_mut();
             let d = match d.as_mut() {
@@ -189,18 +210,16 @@ pub fn decode_blob(
                         .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
                 ),
             };
-            d.decompress_to_buffer(payload, out)
+            d.decompress_to_buffer(payload, &mut *out)
                 .map_err(|e| bad(format!("zstd: {e}")))
-        })?;
+        })?
     } else {
-        out.extend_from_slice(payload);
-    }
-    if out.len() != h.plain_len as usize {
-        return Err(bad(format!(
-            "holds {} bytes, header says {}",
-            out.len(),
-            h.plain_len
-        )));
+        let n = payload.len().min(out.len());
+        out[..n].copy_from_slice(&payload[..n]);
+        payload.len()
+    };
+    if n != out.len() {
+        return Err(bad(format!("holds {n} bytes, header says {}", h.plain_len)));
     }
     if keys.id(out) != id {
         return Err(bad(

@@ -161,28 +161,29 @@ impl VirtualDisk for PointDisk<'_> {
             let n = (bs as usize - within).min(buf.len() - done);
             let id = self.block_id(b).map_err(to_vdisk)?;
             let out = &mut buf[done..done + n];
+            let block_len = (self.rec.virtual_size - b * bs).min(bs) as usize;
+            let at = |what: String| {
+                vdisk::Error::Invalid(format!(
+                    "recovery point {} disk {} offset {}: {what}",
+                    self.point,
+                    self.rec.index,
+                    b * bs
+                ))
+            };
             if id.is_zero() {
                 out.fill(0);
+            } else if within == 0 && n == block_len {
+                // A whole block: decode straight into the caller's buffer.
+                self.store
+                    .read_blob_into(&self.index, id, out)
+                    .map_err(|e| at(e.to_string()))?;
             } else {
                 self.store
                     .read_blob(&self.index, id, &mut plain)
-                    .map_err(|e| {
-                        vdisk::Error::Invalid(format!(
-                            "recovery point {} disk {} offset {}: {e}",
-                            self.point,
-                            self.rec.index,
-                            b * bs
-                        ))
-                    })?;
-                let src = plain.get(within..within + n).ok_or_else(|| {
-                    vdisk::Error::Invalid(format!(
-                        "recovery point {} disk {}: block at {} is {} bytes, too short",
-                        self.point,
-                        self.rec.index,
-                        b * bs,
-                        plain.len()
-                    ))
-                })?;
+                    .map_err(|e| at(e.to_string()))?;
+                let src = plain
+                    .get(within..within + n)
+                    .ok_or_else(|| at(format!("block is {} bytes, too short", plain.len())))?;
                 out.copy_from_slice(src);
             }
             done += n;

@@ -502,11 +502,39 @@ impl Datastore {
         id: Id,
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        self.with_framed(pack, loc, |key, framed| {
+            format::decode_blob(&self.keys, key, loc.offset as u64, id, framed, out).map(|_| ())
+        })
+    }
+
+    /// Reads and checks one blob into `out`, which must be exactly its plaintext length.
+    pub fn read_blob_into(&self, idx: &BlobIndex, id: Id, out: &mut [u8]) -> Result<()> {
+        let loc = idx.map.get(&id).ok_or_else(|| Error::Missing {
+            key: format!("blob {id}"),
+        })?;
+        self.with_framed(idx.packs[loc.pack as usize], loc, |key, framed| {
+            format::decode_blob_into(&self.keys, key, loc.offset as u64, id, framed, out)
+                .map(|_| ())
+        })
+    }
+
+    /// Reads a blob's framed bytes into a per-thread buffer and hands them to `f`.
+    fn with_framed<T>(
+        &self,
+        pack: Id,
+        loc: &Loc,
+        f: impl FnOnce(&str, &mut [u8]) -> Result<T>,
+    ) -> Result<T> {
+        thread_local! {
+            static FRAMED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let key = format::pack_key(&pack);
-        let mut buf = vec![0u8; loc.len as usize];
-        self.backend.get_range(&key, loc.offset as u64, &mut buf)?;
-        format::decode_blob(&self.keys, &key, loc.offset as u64, id, &mut buf, out)?;
-        Ok(())
+        FRAMED.with(|b| {
+            let mut buf = b.borrow_mut();
+            buf.resize(loc.len as usize, 0);
+            self.backend.get_range(&key, loc.offset as u64, &mut buf)?;
+            f(&key, &mut buf)
+        })
     }
 
     /// Reads an index piece: `piece_blocks` block ids.
