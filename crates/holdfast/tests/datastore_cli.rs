@@ -508,65 +508,78 @@ fn verify_finds_damage_and_a_new_backup_heals_it() {
     assert_eq!(code, Some(2));
     assert!(text.contains("DAMAGED") && text.contains(&p1), "{text}");
 
-    // Restoring a damaged point fails cleanly: exit 1, no output, no temporary file.
-    let outdir = d.path().join("out");
-    std::fs::create_dir(&outdir).unwrap();
-    let out = outdir.join("r.img");
-    // Bounded: this restore sometimes hangs (copy pipeline deadlock on a read error).
-    let mut c = std::process::Command::new(BIN);
-    c.args([
-        "restore",
-        "-d",
-        s(&ds),
-        "--source",
-        "vm",
-        "--point",
-        &p1,
-        "-o",
-        s(&out),
-        "-q",
-    ]);
-    let o = run_bounded(
-        c,
-        "restore of a damaged recovery point",
-        std::time::Duration::from_secs(20),
-    );
-    assert_eq!(o.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&p1) && err.contains("offset"), "{err}");
-    assert!(!out.exists());
-    no_temp_files(&outdir);
-
     // A full backup of the unchanged source stores the damaged block again.
     let p3 = backup(&ds, "vm", &[&disk]);
-    let v = json_any(&["verify", "-d", s(&ds), "--json"]);
-    assert_eq!(
-        v["damaged_points"],
-        Value::Array(vec![]),
-        "after a healing backup: {v}"
-    );
-    // The damaged copy is still there until gc removes it.
+    // verify is clean at once (exit 0): the points use the new copy; the damaged one
+    // is counted as unreferenced damage, which gc removes.
+    let v = json(&["verify", "-d", s(&ds), "--json"]);
+    assert_eq!(v["damaged_points"], Value::Array(vec![]), "{v}");
+    assert_eq!(v["damaged_files"], Value::Array(vec![]), "{v}");
+    assert!(v["unreferenced_damage"].as_u64().unwrap() >= 1, "{v}");
     let g = json(&["gc", "-d", s(&ds), "--json"]);
     assert_eq!(g["points"], 3, "{g}");
-    let (code, out_text) = verify(&ds);
-    assert_eq!(code, Some(0), "after gc: {out_text}");
+    assert_verify_clean(&ds);
+    let out = d.path().join("r.img");
     for id in [&p1, &p2, &p3] {
         restore_raw(&ds, "vm", id, &out);
         assert_eq!(hash_file(&out), hash_file(&disk), "{id}");
     }
     assert_eq!(temp_files_under(&ds), Vec::<PathBuf>::new());
+    // verify said "gc removes them" of the unreferenced damaged copy.
+    let v = json(&["verify", "-d", s(&ds), "--json"]);
+    assert_eq!(
+        v["unreferenced_damage"], 0,
+        "gc left the damaged copy verify said it removes: gc {g}, verify after gc {v}"
+    );
 }
 
-/// Like `json` but accepts any exit code (verify exits 2 on damage).
-fn json_any(args: &[&str]) -> Value {
-    let o = holdfast(args);
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "holdfast {args:?}: {e}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
+/// A restore that meets a damaged block must fail (exit 1, naming the point and the
+/// offset) and leave neither the output nor a temporary file; it must not hang (it
+/// did, in about 2 of 5 runs: the copy pipeline's reader thread blocked forever on a
+/// full task queue after the workers quit).
+#[test]
+fn restore_of_a_damaged_point_fails_cleanly_without_hanging() {
+    let d = tempfile::tempdir().unwrap();
+    let ds = d.path().join("ds");
+    create_store(&ds);
+    let disk = d.path().join("vm.img");
+    make_disk(&disk, 16 * MIB, 4 * MIB, 7);
+    let id = backup(&ds, "vm", &[&disk]);
+    flip_middle_byte(&largest_pack(&ds));
+    // Before verify has seen the damage (the blob reads as damaged), and after (verify
+    // records it: the blob is then missing).
+    let outdir = d.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("r.img");
+    for attempt in 0..10 {
+        if attempt == 5 {
+            assert_eq!(verify(&ds).0, Some(2));
+        }
+        let mut c = std::process::Command::new(BIN);
+        c.args([
+            "restore",
+            "-d",
+            s(&ds),
+            "--source",
+            "vm",
+            "--point",
+            &id,
+            "-o",
+            s(&out),
+            "-q",
+        ]);
+        let o = run_bounded(
+            c,
+            &format!("restore of a damaged recovery point (attempt {attempt})"),
+            std::time::Duration::from_secs(15),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(&id) && err.contains("offset"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists());
+        no_temp_files(&outdir);
+    }
 }
 
 #[test]
