@@ -232,6 +232,33 @@ fn a_full_disk_fails_the_backup_and_harms_nothing() {
         "a backup that failed (not killed) should remove its temporary files"
     );
 
+    // A restore that runs out of space: exit 1, no output, no temporary file.
+    let outdir = d.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let big = outdir.join("big.img");
+    let mut c = Command::new("bash");
+    c.args([
+        "-c",
+        r#"trap "" XFSZ; ulimit -f 1024; exec "$0" "$@""#,
+        BIN,
+        "restore",
+        "-d",
+        s(&ds),
+        "--source",
+        "vm",
+        "--format",
+        "qcow2",
+        "-o",
+        s(&big),
+        "-q",
+    ]);
+    let o = run_bounded(c, "restore under a file-size limit", HANG);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("File too large"), "{err}");
+    assert!(!big.exists());
+    no_temp_files(&outdir);
+
     // Space again: the next backup works.
     let id = backup(&ds, "vm", &[&disk]);
     restore_raw(&ds, "vm", &id, &out);

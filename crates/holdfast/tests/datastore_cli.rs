@@ -451,6 +451,80 @@ fn bad_changed_ranges_files_are_refused_by_line() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+#[test]
+fn two_disks_are_restored_by_number() {
+    let (d, ds, disk) = setup(12);
+    let second = d.path().join("data.img");
+    make_disk(&second, 4 * MIB, MIB, 13);
+    backup(&ds, "vm", &[&disk, &second]);
+    let out = d.path().join("r.img");
+    let err = fails(
+        1,
+        &[
+            "restore",
+            "-d",
+            s(&ds),
+            "--source",
+            "vm",
+            "-o",
+            s(&out),
+            "-q",
+        ],
+    );
+    assert!(err.contains("--disk"), "{err}");
+    assert!(!out.exists());
+    // Changed ranges for disk 1 only: disk 0 unchanged.
+    let mut rng = Rng::new(14);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&second)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &rng.bytes(65536), MIB).unwrap();
+    drop(f);
+    let ranges = d.path().join("ranges.txt");
+    std::fs::write(&ranges, format!("disk 1\n{MIB} 65536\n")).unwrap();
+    let id = ok(&[
+        "backup",
+        "-d",
+        s(&ds),
+        "--source",
+        "vm",
+        "--changed-ranges",
+        s(&ranges),
+        "-q",
+        s(&disk),
+        s(&second),
+    ])
+    .trim()
+    .to_string();
+    let points = json(&["recovery-points", "-d", s(&ds), "--json"]);
+    let p = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(p["disks"].as_array().unwrap().len(), 2, "{p}");
+    for (n, src) in [(0, &disk), (1, &second)] {
+        ok(&[
+            "restore",
+            "-d",
+            s(&ds),
+            "--source",
+            "vm",
+            "--point",
+            &id,
+            "--disk",
+            &n.to_string(),
+            "-o",
+            s(&out),
+            "--overwrite",
+            "-q",
+        ]);
+        assert_eq!(hash_file(&out), hash_file(src), "disk {n}");
+    }
+}
+
 /// The biggest pack file of a datastore.
 fn largest_pack(ds: &Path) -> PathBuf {
     let mut best: Option<(u64, PathBuf)> = None;
