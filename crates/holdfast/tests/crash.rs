@@ -124,9 +124,6 @@ fn killed_backups_never_damage_the_datastore() {
     let g = json(&["gc", "-d", s(&ds), "--json"]);
     eprintln!("gc: {g}");
     assert_eq!(temp_files_under(&ds), Vec::<PathBuf>::new(), "after gc");
-    if !leftovers.is_empty() {
-        assert!(g["leftover_bytes"].as_u64().unwrap() > 0, "{g}");
-    }
     assert_verify_clean(&ds);
     let n = check_points(&ds, &out, &committed, &states);
     assert_eq!(g["points"], n as u64, "{g}");
