@@ -1,38 +1,10 @@
 //! The `holdfast image` commands as a user runs them: real binary, real qemu-img.
 
+mod common;
+
+use common::{holdfast, no_temp_files, ok, qemu_img, s};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn holdfast(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = holdfast(args);
-    assert!(
-        o.status.success(),
-        "holdfast {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn qemu_img(args: &[&str]) {
-    let o = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::process::Command;
 
 /// A 20 MiB raw disk with data, written zeros and holes.
 fn sample(dir: &Path) -> PathBuf {
@@ -47,13 +19,6 @@ fn sample(dir: &Path) -> PathBuf {
     f.write_all_at(&vec![0u8; 2 << 20], 8 << 20).unwrap();
     f.write_all_at(b"the end", (20 << 20) - 512).unwrap();
     p
-}
-
-fn no_temp_files(dir: &Path) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let n = e.unwrap().file_name().to_string_lossy().into_owned();
-        assert!(!n.contains(".tmp-"), "temporary file left behind: {n}");
-    }
 }
 
 #[test]
