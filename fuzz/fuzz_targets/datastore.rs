@@ -62,7 +62,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            let _ = datastore::ranges::parse("fuzz", &String::from_utf8_lossy(&b), 3);
+            let _ = datastore::ranges::parse(
+                "fuzz",
+                &String::from_utf8_lossy(&b),
+                &[1 << 30, 0, u64::MAX],
+            );
         }
     }
 });

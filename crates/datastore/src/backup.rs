@@ -350,6 +350,9 @@ impl Datastore {
                 scope.spawn(move || self.work(index, bs, size, &job_rx, &out_tx, framed_pool));
             }
             drop(out_tx);
+            // Only the workers hold the job queue: if they all stop (the writer failed),
+            // the queue closes and the reader, perhaps blocked on it, stops too.
+            drop(job_rx);
             // Segment buffers go back to the reader only once written out, which bounds
             // the segments in flight (and the re-ordering) by the pool's size.
             // Writer, in disk order.

@@ -9,8 +9,10 @@
 use crate::error::{Error, Result};
 
 /// Per disk (index = disk number), sorted merged ranges; a disk without a section gets
-/// an empty list (nothing changed).
-pub fn parse(name: &str, text: &str, disks: usize) -> Result<Vec<Vec<(u64, u64)>>> {
+/// an empty list (nothing changed). `sizes` are the disks' virtual sizes: a range past
+/// the end is refused with its line.
+pub fn parse(name: &str, text: &str, sizes: &[u64]) -> Result<Vec<Vec<(u64, u64)>>> {
+    let disks = sizes.len();
     let mut out: Vec<Vec<(u64, u64, usize)>> = vec![Vec::new(); disks];
     let mut cur = 0usize;
     let bad = |line: usize, what: String| Error::Invalid(format!("{name}:{line}: {what}"));
@@ -54,8 +56,18 @@ pub fn parse(name: &str, text: &str, disks: usize) -> Result<Vec<Vec<(u64, u64)>
                 format!("range {off}+{len} is not aligned to 512-byte sectors"),
             ));
         }
-        if off.checked_add(len).is_none() {
-            return Err(bad(line, format!("range {off}+{len} overflows")));
+        match off.checked_add(len) {
+            None => return Err(bad(line, format!("range {off}+{len} overflows"))),
+            Some(end) if end > sizes[cur] => {
+                return Err(bad(
+                    line,
+                    format!(
+                        "range {off}+{len} ends past the end of disk {cur} ({} bytes)",
+                        sizes[cur]
+                    ),
+                ));
+            }
+            Some(_) => {}
         }
         out[cur].push((off, len, line));
     }
@@ -122,9 +134,12 @@ mod tests {
     #[test]
     fn parses_sections_sorts_and_merges() {
         let t = "# from RCT\n1024 512\n0 1024\ndisk 1\n0x200 0x200\n";
-        let r = parse("f", t, 2).unwrap();
+        let r = parse("f", t, &[1 << 20, 1 << 20]).unwrap();
         assert_eq!(r, vec![vec![(0, 1536)], vec![(512, 512)]]);
-        assert_eq!(parse("f", "", 1).unwrap(), vec![Vec::<(u64, u64)>::new()]);
+        assert_eq!(
+            parse("f", "", &[512]).unwrap(),
+            vec![Vec::<(u64, u64)>::new()]
+        );
     }
 
     #[test]
@@ -140,8 +155,12 @@ mod tests {
             ("0\n", "f:1: expected"),
             ("disk 3\n", "f:1: disk 3 given"),
             ("18446744073709551104 1024\n", "overflows"),
+            (
+                "1024 1024\n",
+                "f:1: range 1024+1024 ends past the end of disk 0 (1536 bytes)",
+            ),
         ] {
-            let e = parse("f", t, 1).unwrap_err().to_string();
+            let e = parse("f", t, &[1536]).unwrap_err().to_string();
             assert!(e.contains(want), "{t:?}: {e}");
         }
     }

@@ -22,7 +22,10 @@ fn setup(seed: u64) -> (tempfile::TempDir, PathBuf, PathBuf) {
 }
 
 fn is_point_id(id: &str) -> bool {
-    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 #[test]

@@ -9,9 +9,9 @@ use crate::sink::{CreateOptions, Placement, Sink};
 use crate::{Error, Result, VirtualDisk};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 
 /// Largest piece read at once.
 const PIECE: u64 = 2 << 20;
@@ -74,7 +74,9 @@ pub fn copy_ranges(
     let abort = AtomicBool::new(false);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let (task_tx, task_rx) = sync_channel::<Result<Task>>(nbufs);
-    let task_rx = Mutex::new(task_rx);
+    // Shared by the workers only: when the last one exits (on an error), the channel
+    // closes and a producer blocked on a full queue wakes up and stops.
+    let task_rx = Arc::new(Mutex::new(task_rx));
     let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(nbufs);
     for _ in 0..nbufs {
         pool_tx
@@ -91,10 +93,12 @@ pub fn copy_ranges(
         s.spawn(move || produce(src, ranges, task_tx, abort_ref));
         for _ in 0..readers {
             let done_tx = done_tx.clone();
-            let (task_rx, pool_rx, abort) = (&task_rx, &pool_rx, &abort);
-            s.spawn(move || work(src, task_rx, pool_rx, done_tx, abort));
+            let task_rx = task_rx.clone();
+            let (pool_rx, abort) = (&pool_rx, &abort);
+            s.spawn(move || work(src, &task_rx, pool_rx, done_tx, abort));
         }
         drop(done_tx);
+        drop(task_rx);
         for _ in 0..writers {
             let pool_tx = pool_tx.clone();
             let (write_rx, abort, failure) = (&write_rx, &abort, &failure);

@@ -222,10 +222,11 @@ pub fn backup(a: &BackupArgs) -> anyhow::Result<ExitCode> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
+            let sizes: Vec<u64> = disks.iter().map(|d| d.virtual_size()).collect();
             Some(datastore::ranges::parse(
                 &path.display().to_string(),
                 &text,
-                disks.len(),
+                &sizes,
             )?)
         }
         None => None,
