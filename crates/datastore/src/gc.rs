@@ -91,12 +91,7 @@ impl Datastore {
         let mut drop_packs: Vec<Id> = Vec::new();
         let mut moves: Vec<(Id, PackEntry)> = Vec::new();
         let mut taken: HashSet<Id> = HashSet::new();
-        let sizes: HashMap<String, u64> = self
-            .backend
-            .list("packs/")?
-            .into_iter()
-            .map(|e| (e.key, e.size))
-            .collect();
+        let sizes = self.pack_sizes()?;
         let pack_no: HashMap<Id, usize> = index
             .packs
             .iter()

@@ -469,6 +469,16 @@ impl Datastore {
         Ok(tables)
     }
 
+    /// The size of every pack file, by key.
+    pub(crate) fn pack_sizes(&self) -> Result<HashMap<String, u64>> {
+        Ok(self
+            .backend
+            .list("packs/")?
+            .into_iter()
+            .map(|e| (e.key, e.size))
+            .collect())
+    }
+
     /// Reads a pack's entry table from its trailer.
     pub(crate) fn read_trailer(&self, key: &str, size: u64) -> Result<Vec<PackEntry>> {
         let fixed = format::PACK_TAIL_LEN as u64;

@@ -101,12 +101,7 @@ impl Datastore {
             .iter()
             .map(|(_, e)| e.iter().map(|x| x.len as u64).sum::<u64>())
             .sum();
-        let sizes: std::collections::HashMap<String, u64> = self
-            .backend
-            .list("packs/")?
-            .into_iter()
-            .map(|e| (e.key, e.size))
-            .collect();
+        let sizes = self.pack_sizes()?;
         let good: Mutex<HashSet<Id>> = Mutex::new(HashSet::new());
         let bad: Mutex<Vec<(BadLoc, Id, String)>> = Mutex::new(Vec::new());
         let bad_trailers: Mutex<Vec<(Id, String)>> = Mutex::new(Vec::new());

@@ -315,75 +315,66 @@ fn errors_name_what_is_wrong() {
     std::fs::create_dir(&plain).unwrap();
     let err = fails(1, &["recovery-points", "-d", s(&plain)]);
     assert!(err.contains("plain"), "{err}");
-    // Unknown recovery point, unknown source.
-    let err = fails(
-        1,
-        &[
-            "restore",
-            "-d",
-            s(&ds),
-            "--source",
-            "vm",
-            "--point",
-            "20200101T000000Z-0badc0de",
-            "-o",
-            s(&out),
-        ],
-    );
-    assert!(err.contains("20200101T000000Z-0badc0de"), "{err}");
-    let err = fails(
-        1,
-        &[
-            "restore",
-            "-d",
-            s(&ds),
-            "--source",
+    // Unknown recovery point, unknown source, missing disk: each error names it.
+    let bad_id = "20200101T000000Z-0badc0de";
+    let store = s(&ds);
+    let cases: [(Vec<&str>, &str); 5] = [
+        (
+            vec![
+                "restore",
+                "-d",
+                store,
+                "--source",
+                "vm",
+                "--point",
+                bad_id,
+                "-o",
+                s(&out),
+            ],
+            bad_id,
+        ),
+        (
+            vec![
+                "restore",
+                "-d",
+                store,
+                "--source",
+                "nosuchvm",
+                "-o",
+                s(&out),
+            ],
             "nosuchvm",
-            "-o",
-            s(&out),
-        ],
-    );
-    assert!(err.contains("nosuchvm"), "{err}");
-    let err = fails(
-        1,
-        &[
-            "forget",
-            "-d",
-            s(&ds),
-            "--point",
-            "20200101T000000Z-0badc0de",
-        ],
-    );
-    assert!(err.contains("20200101T000000Z-0badc0de"), "{err}");
-    let err = fails(
-        1,
-        &[
-            "backup",
-            "-d",
-            s(&ds),
-            "--source",
-            "vm",
-            "--base",
-            "20200101T000000Z-0badc0de",
-            "-q",
-            s(&disk),
-        ],
-    );
-    assert!(err.contains("20200101T000000Z-0badc0de"), "{err}");
-    // A missing disk image.
-    let err = fails(
-        1,
-        &[
-            "backup",
-            "-d",
-            s(&ds),
-            "--source",
-            "vm",
-            "-q",
+        ),
+        (vec!["forget", "-d", store, "--point", bad_id], bad_id),
+        (
+            vec![
+                "backup",
+                "-d",
+                store,
+                "--source",
+                "vm",
+                "--base",
+                bad_id,
+                s(&disk),
+            ],
+            bad_id,
+        ),
+        (
+            vec![
+                "backup",
+                "-d",
+                store,
+                "--source",
+                "vm",
+                "/nonexistent/disk.img",
+            ],
             "/nonexistent/disk.img",
-        ],
-    );
-    assert!(err.contains("/nonexistent/disk.img"), "{err}");
+        ),
+    ];
+    for (args, named) in cases {
+        let err = fails(1, &args);
+        assert!(err.contains(named), "{args:?}: {err}");
+    }
     // Creating over a datastore.
     let err = fails(1, &["datastore", "create", s(&ds)]);
     assert!(err.contains("ds"), "{err}");
@@ -955,20 +946,4 @@ fn encrypted_datastore_needs_its_key() {
     assert_eq!(point_ids(&ds).len(), 2);
     assert_verify_clean(&ds);
     assert_eq!(temp_files_under(d.path()), Vec::<PathBuf>::new());
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
 }

@@ -4,6 +4,7 @@
 //! that the two overlap; pieces are re-ordered before they reach the sink. Memory is
 //! bounded by a fixed pool of piece buffers, whatever the disk size.
 
+use crate::aligned::AlignedBuf;
 use crate::extent::ExtentState;
 use crate::sink::{CreateOptions, Placement, Sink};
 use crate::{Error, Result, VirtualDisk};
@@ -77,10 +78,10 @@ pub fn copy_ranges(
     // Shared by the workers only: when the last one exits (on an error), the channel
     // closes and a producer blocked on a full queue wakes up and stops.
     let task_rx = Arc::new(Mutex::new(task_rx));
-    let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(nbufs);
+    let (pool_tx, pool_rx) = sync_channel::<AlignedBuf>(nbufs);
     for _ in 0..nbufs {
         pool_tx
-            .send(Vec::new())
+            .send(AlignedBuf::new())
             .map_err(|_| Error::Invalid("copy: buffer pool closed".into()))?;
     }
     let pool_rx = Mutex::new(pool_rx);
@@ -133,14 +134,14 @@ struct Done {
     len: u64,
     /// False for zero/unallocated extents (nothing was read).
     data: bool,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     /// (relative offset, length, is_zero) runs covering the piece.
     runs: Vec<(u64, u64, bool)>,
 }
 
 /// Data the sink has placed, for a writer thread to store.
 struct WriteJob {
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     /// (placement, start of its data in `buf`)
     writes: Vec<(Placement, usize)>,
 }
@@ -202,7 +203,7 @@ fn produce(
 fn work(
     src: &dyn VirtualDisk,
     tasks: &Mutex<Receiver<Result<Task>>>,
-    pool: &Mutex<Receiver<Vec<u8>>>,
+    pool: &Mutex<Receiver<AlignedBuf>>,
     done: SyncSender<Result<Done>>,
     abort: &AtomicBool,
 ) {
@@ -238,11 +239,11 @@ fn work(
     }
 }
 
-fn read_piece(src: &dyn VirtualDisk, task: Task, mut buf: Vec<u8>) -> Result<Done> {
+fn read_piece(src: &dyn VirtualDisk, task: Task, mut buf: AlignedBuf) -> Result<Done> {
     let len = usize::try_from(task.len).map_err(|_| Error::Invalid("piece too large".into()))?;
     // Buffers keep their length between uses: no zero-filling on every piece.
     if buf.len() < len {
-        buf.resize(len, 0);
+        buf.resize(len);
     }
     let piece = &mut buf[..len];
     src.read_at(piece, task.offset)?;
@@ -292,7 +293,7 @@ pub fn is_zero(b: &[u8]) -> bool {
 fn consume(
     sink: &mut dyn Sink,
     done: Receiver<Result<Done>>,
-    pool: SyncSender<Vec<u8>>,
+    pool: SyncSender<AlignedBuf>,
     writes: SyncSender<WriteJob>,
     abort: &AtomicBool,
     progress: &mut dyn FnMut(u64),
@@ -359,7 +360,7 @@ fn consume(
 /// Writer thread: stores placed data, then returns the buffer to the pool.
 fn write_placed(
     jobs: &Mutex<Receiver<WriteJob>>,
-    pool: SyncSender<Vec<u8>>,
+    pool: SyncSender<AlignedBuf>,
     abort: &AtomicBool,
     failure: &Mutex<Option<Error>>,
 ) {

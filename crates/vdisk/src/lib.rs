@@ -12,6 +12,7 @@
 //!
 //! [`map`]: VirtualDisk::map
 
+pub mod aligned;
 pub mod backing;
 pub mod check;
 pub mod copy;

@@ -118,8 +118,8 @@ pub fn no_temp_files(dir: &Path) {
     }
 }
 
-/// Temporary files anywhere under `dir`.
-pub fn temp_files_under(dir: &Path) -> Vec<PathBuf> {
+/// Every file anywhere under `dir`.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -127,12 +127,23 @@ pub fn temp_files_under(dir: &Path) -> Vec<PathBuf> {
             let e = e.unwrap();
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
-            } else if e.file_name().to_string_lossy().contains(".tmp-") {
+            } else {
                 out.push(e.path());
             }
         }
     }
     out
+}
+
+/// Temporary files anywhere under `dir`.
+pub fn temp_files_under(dir: &Path) -> Vec<PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".tmp-"))
+        })
+        .collect()
 }
 
 /// splitmix64: a small seeded generator, so fixtures are the same on every run.
