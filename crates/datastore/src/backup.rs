@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use vdisk::VirtualDisk;
+use vdisk::aligned::AlignedBuf;
 
 /// Which recovery point a backup builds on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,16 +98,33 @@ enum Processed {
     },
 }
 
+/// Buffers a [`FreeList`] can hold.
+trait Clearable {
+    fn clear(&mut self);
+}
+
+impl Clearable for Vec<u8> {
+    fn clear(&mut self) {
+        Vec::clear(self)
+    }
+}
+
+impl Clearable for AlignedBuf {
+    fn clear(&mut self) {
+        AlignedBuf::clear(self)
+    }
+}
+
 /// Finished packs on their way to storage.
-type PackMsg = (Vec<u8>, Vec<PackEntry>);
+type PackMsg = (AlignedBuf, Vec<PackEntry>);
 
 /// Buffers handed back for reuse: fewer page faults, and no heap growth from freeing
 /// and re-allocating large blocks.
 #[derive(Debug, Default)]
-struct FreeList(Mutex<Vec<Vec<u8>>>);
+struct FreeList<T = Vec<u8>>(Mutex<Vec<T>>);
 
-impl FreeList {
-    fn take(&self) -> Vec<u8> {
+impl<T: Default + Clearable> FreeList<T> {
+    fn take(&self) -> T {
         let mut v = self
             .0
             .lock()
@@ -117,7 +135,7 @@ impl FreeList {
         v
     }
 
-    fn give(&self, v: Vec<u8>, max: usize) {
+    fn give(&self, v: T, max: usize) {
         let mut l = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if l.len() < max {
             l.push(v);
@@ -181,7 +199,7 @@ impl Datastore {
         );
         let mut stats = Stats::default();
         let mut records = Vec::new();
-        let spare_packs = FreeList::default();
+        let spare_packs = FreeList::<AlignedBuf>::default();
         let spare = &spare_packs;
         let packs = std::thread::scope(|scope| -> Result<Vec<(Id, Vec<PackEntry>)>> {
             let (up_tx, up_rx) = sync_channel::<PackMsg>(0);
@@ -259,7 +277,7 @@ impl Datastore {
     fn upload_packs(
         &self,
         rx: Receiver<PackMsg>,
-        spare: &FreeList,
+        spare: &FreeList<AlignedBuf>,
     ) -> Result<Vec<(Id, Vec<PackEntry>)>> {
         let mut out = Vec::new();
         let mut staged = Vec::new();
@@ -589,7 +607,6 @@ impl Datastore {
                 return;
             }
         };
-        let mut one = Vec::new();
         loop {
             let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
                 Ok(j) => j,
@@ -620,16 +637,15 @@ impl Datastore {
                                     if index.contains(&id) {
                                         Done::Known(id)
                                     } else {
+                                        let start = framed.len();
                                         format::encode_blob(
                                             &self.keys,
                                             &mut zstd,
                                             Kind::Data,
                                             id,
                                             data,
-                                            &mut one,
+                                            &mut framed,
                                         )?;
-                                        let start = framed.len();
-                                        framed.extend_from_slice(&one);
                                         Done::New {
                                             id,
                                             plain: data.len() as u32,
@@ -668,7 +684,7 @@ struct Writer<'a> {
     session: HashSet<Id>,
     up: Option<SyncSender<PackMsg>>,
     /// Pack buffers the uploader is done with.
-    spare: &'a FreeList,
+    spare: &'a FreeList<AlignedBuf>,
     zstd: zstd::bulk::Compressor<'static>,
     framed: Vec<u8>,
 }
@@ -691,6 +707,7 @@ impl Writer<'_> {
         let id = self.store.keys.id(ids);
         if !self.index.contains(&id) && !self.session.contains(&id) {
             let mut framed = std::mem::take(&mut self.framed);
+            framed.clear();
             format::encode_blob(
                 &self.store.keys,
                 &mut self.zstd,

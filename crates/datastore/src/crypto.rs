@@ -70,14 +70,29 @@ impl Keys {
 
     /// Encrypts `buf` in place and appends the tag; returns the random nonce used.
     pub fn seal(&self, aad: &[u8], buf: &mut Vec<u8>) -> Result<[u8; NONCE_LEN]> {
+        let (nonce, tag) = self.seal_detached(aad, buf)?;
+        buf.extend_from_slice(&tag);
+        Ok(nonce)
+    }
+
+    /// Encrypts `buf` in place; returns the random nonce and the tag (which belongs
+    /// right after the ciphertext).
+    pub fn seal_detached(
+        &self,
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<([u8; NONCE_LEN], [u8; TAG_LEN])> {
         let Some(key) = &self.aead else {
             return Err(Error::Invalid("seal on a plain datastore".into()));
         };
         let mut nonce = [0u8; NONCE_LEN];
         random(&mut nonce)?;
-        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
+        let tag = key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
             .map_err(|_| Error::Key("AES-256-GCM encryption failed".into()))?;
-        Ok(nonce)
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag.as_ref());
+        Ok((nonce, t))
     }
 
     /// Decrypts `buf` (ciphertext followed by the tag) in place; returns the plaintext

@@ -5,6 +5,7 @@
 use crate::crypto::{Keys, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::id::Id;
+use vdisk::aligned::AlignedBuf;
 
 /// What a blob holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,7 +40,8 @@ fn le32(b: &[u8], at: usize) -> u32 {
 }
 
 /// Compresses (when it pays), encrypts (when the datastore is encrypted) and frames one
-/// blob. `zstd` is the caller's reusable compression context.
+/// blob, appending it to `out` (so a worker fills one buffer with many blobs, copying
+/// each byte once). `zstd` is the caller's reusable compression context.
 pub fn encode_blob(
     keys: &Keys,
     zstd: &mut zstd::bulk::Compressor<'static>,
@@ -48,36 +50,31 @@ pub fn encode_blob(
     plain: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let plain_len = u32::try_from(plain.len())
         .ok()
         .filter(|&n| n <= MAX_BLOB_PLAIN)
         .ok_or_else(|| Error::Invalid(format!("blob of {} bytes is too large", plain.len())))?;
-    out.clear();
-    out.resize(BLOB_HEADER, 0);
-    let bound = zstd::zstd_safe::compress_bound(plain.len());
-    out.reserve(bound + TAG_LEN);
+    let start = out.len();
+    out.extend_from_slice(&[0u8; BLOB_HEADER]);
+    let body = out.len();
     let mut flags = 0;
     // Store raw unless zstd saves at least 1/32: incompressible data costs no
     // decompression on restore.
-    let compressed = {
-        let start = out.len();
-        out.resize(start + bound, 0);
-        match zstd.compress_to_buffer(plain, &mut out[start..]) {
+    SCRATCH.with(|z| {
+        let mut z = z.borrow_mut();
+        z.clear();
+        z.reserve(zstd::zstd_safe::compress_bound(plain.len()));
+        match zstd.compress_to_buffer(plain, &mut *z) {
             Ok(n) if n + plain.len() / 32 < plain.len() => {
-                out.truncate(start + n);
-                true
+                flags |= FLAG_ZSTD;
+                out.extend_from_slice(&z[..n]);
             }
-            _ => {
-                out.truncate(start);
-                false
-            }
+            _ => out.extend_from_slice(plain),
         }
-    };
-    if compressed {
-        flags |= FLAG_ZSTD;
-    } else {
-        out.extend_from_slice(plain);
-    }
+    });
     let mut header = [0u8; BLOB_HEADER];
     header[..4].copy_from_slice(BLOB_MAGIC);
     header[4] = kind as u8;
@@ -86,20 +83,19 @@ pub fn encode_blob(
     if keys.encrypted() {
         flags |= FLAG_AEAD;
         header[5] = flags;
-        let stored = (out.len() - BLOB_HEADER + TAG_LEN) as u32;
+        let stored = (out.len() - body + TAG_LEN) as u32;
         header[12..16].copy_from_slice(&stored.to_le_bytes());
-        let mut payload = out.split_off(BLOB_HEADER);
-        let nonce = keys.seal(&header[..48], &mut payload)?;
+        let (nonce, tag) = keys.seal_detached(&header[..48], &mut out[body..])?;
+        out.extend_from_slice(&tag);
         header[48..60].copy_from_slice(&nonce);
-        out.append(&mut payload);
     } else {
         header[5] = flags;
-        let stored = (out.len() - BLOB_HEADER) as u32;
+        let stored = (out.len() - body) as u32;
         header[12..16].copy_from_slice(&stored.to_le_bytes());
     }
     let crc = crc32c::crc32c(&header[..60]);
     header[60..64].copy_from_slice(&crc.to_le_bytes());
-    out[..BLOB_HEADER].copy_from_slice(&header);
+    out[start..body].copy_from_slice(&header);
     Ok(())
 }
 
@@ -277,17 +273,17 @@ impl PackEntry {
 /// A pack being filled in memory (bounded by the target size).
 #[derive(Debug)]
 pub struct PackBuilder {
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     entries: Vec<PackEntry>,
 }
 
 impl PackBuilder {
     pub fn new(capacity: usize) -> PackBuilder {
-        PackBuilder::with_buffer(Vec::with_capacity(capacity + (1 << 20)))
+        PackBuilder::with_buffer(AlignedBuf::with_capacity(capacity + (1 << 20)))
     }
 
     /// A pack filled in `buf` (cleared), so a pack's memory can be reused.
-    pub fn with_buffer(mut buf: Vec<u8>) -> PackBuilder {
+    pub fn with_buffer(mut buf: AlignedBuf) -> PackBuilder {
         buf.clear();
         buf.extend_from_slice(PACK_MAGIC);
         PackBuilder {
@@ -321,16 +317,16 @@ impl PackBuilder {
 
     /// Appends the trailer; returns the pack's bytes and its entries. The pack's id is
     /// [`pack_id`] of the bytes.
-    pub fn finish(mut self) -> (Vec<u8>, Vec<PackEntry>) {
-        let start = self.buf.len();
+    pub fn finish(mut self) -> (AlignedBuf, Vec<PackEntry>) {
+        let mut tail = Vec::with_capacity(self.entries.len() * ENTRY_LEN + 16);
         for e in &self.entries {
-            e.encode(&mut self.buf);
+            e.encode(&mut tail);
         }
-        self.buf
-            .extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c(&self.buf[start..]);
-        self.buf.extend_from_slice(&crc.to_le_bytes());
-        self.buf.extend_from_slice(PACK_END);
+        tail.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        let crc = crc32c::crc32c(&tail);
+        tail.extend_from_slice(&crc.to_le_bytes());
+        tail.extend_from_slice(PACK_END);
+        self.buf.extend_from_slice(&tail);
         (self.buf, self.entries)
     }
 }
@@ -550,6 +546,7 @@ mod tests {
         for i in 0..5u8 {
             let data = vec![i; 1000];
             let id = keys.id(&data);
+            framed.clear();
             encode_blob(&keys, &mut z, Kind::Data, id, &data, &mut framed).unwrap();
             pb.add(Kind::Data, id, 1000, &framed).unwrap();
         }

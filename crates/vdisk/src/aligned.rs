@@ -28,13 +28,51 @@ impl AlignedBuf {
         Self::default()
     }
 
+    /// An empty buffer with room for `bytes` without reallocating.
+    pub fn with_capacity(bytes: usize) -> Self {
+        AlignedBuf {
+            pages: Vec::with_capacity(bytes.div_ceil(ALIGN)),
+            len: 0,
+        }
+    }
+
+    /// Bytes the buffer holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.pages.capacity() * ALIGN
+    }
+
+    /// Empties the buffer, keeping its memory.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends `data`.
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        let start = self.len;
+        let end = start + data.len();
+        let pages = end.div_ceil(ALIGN);
+        if pages > self.pages.len() {
+            self.pages.resize(pages, Page([0; ALIGN]));
+        }
+        self.len = end;
+        self[start..].copy_from_slice(data);
+    }
+
     /// Sets the length; new bytes are zero, existing ones are kept.
     pub fn resize(&mut self, len: usize) {
         let pages = len.div_ceil(ALIGN);
         if pages > self.pages.len() {
             self.pages.resize(pages, Page([0; ALIGN]));
         }
-        self.len = len;
+        // Bytes between the old and new length may hold earlier content: zero them, as
+        // `Vec::resize` would.
+        if len > self.len {
+            let old = self.len;
+            self.len = len;
+            self[old..].fill(0);
+        } else {
+            self.len = len;
+        }
     }
 }
 
@@ -67,9 +105,13 @@ mod tests {
         b[4999] = 7;
         b.resize(3);
         b.resize(5000);
-        assert_eq!(b[4999], 7);
+        assert_eq!(b[4999], 0, "regrown bytes read as zero");
         b.resize(3 * ALIGN + 1);
         assert_eq!(b.as_ptr() as usize % ALIGN, 0);
         assert_eq!(b.len(), 3 * ALIGN + 1);
+        b.clear();
+        b.extend_from_slice(b"abc");
+        b.extend_from_slice(b"de");
+        assert_eq!(&b[..], b"abcde");
     }
 }
