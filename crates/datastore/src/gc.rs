@@ -149,18 +149,7 @@ impl Datastore {
         let mut plain = Vec::new();
         let mut written: i64 = 0;
         for (pack, e) in moves {
-            let key = format::pack_key(&pack);
-            let mut buf = vec![0u8; e.len as usize];
-            self.backend.get_range(&key, e.offset as u64, &mut buf)?;
-            let framed = buf.clone();
-            format::decode_blob(
-                &self.keys,
-                &key,
-                e.offset as u64,
-                e.id,
-                &mut buf,
-                &mut plain,
-            )?;
+            let framed = self.read_entry(pack, &e, &mut plain)?;
             pb.add(e.kind, e.id, e.plain_len, &framed)?;
             if pb.len() >= self.config.pack_size as usize {
                 let full =

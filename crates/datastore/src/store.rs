@@ -517,6 +517,22 @@ impl Datastore {
         })
     }
 
+    /// Reads one pack entry's framed bytes and checks them (plaintext into `plain`);
+    /// returns the framed bytes, as stored (gc copies them, verify only checks).
+    pub(crate) fn read_entry(
+        &self,
+        pack: Id,
+        e: &PackEntry,
+        plain: &mut Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let key = format::pack_key(&pack);
+        let mut buf = vec![0u8; e.len as usize];
+        self.backend.get_range(&key, e.offset as u64, &mut buf)?;
+        let framed = buf.clone();
+        format::decode_blob(&self.keys, &key, e.offset as u64, e.id, &mut buf, plain)?;
+        Ok(framed)
+    }
+
     /// Reads and checks one blob into `out`, which must be exactly its plaintext length.
     pub fn read_blob_into(&self, idx: &BlobIndex, id: Id, out: &mut [u8]) -> Result<()> {
         let loc = idx.map.get(&id).ok_or_else(|| Error::Missing {

@@ -121,20 +121,7 @@ impl Datastore {
                         let mut bad_here = Vec::new();
                         let mut bytes = 0u64;
                         for e in entries {
-                            let mut buf = vec![0u8; e.len as usize];
-                            let r = self
-                                .backend
-                                .get_range(&key, e.offset as u64, &mut buf)
-                                .and_then(|_| {
-                                    format::decode_blob(
-                                        &self.keys,
-                                        &key,
-                                        e.offset as u64,
-                                        e.id,
-                                        &mut buf,
-                                        &mut plain,
-                                    )
-                                });
+                            let r = self.read_entry(*pack, e, &mut plain);
                             match r {
                                 Ok(_) => ok_ids.push(e.id),
                                 Err(err) => bad_here.push(((*pack, e.offset), e.id, detail(err))),

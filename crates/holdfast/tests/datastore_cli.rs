@@ -741,19 +741,10 @@ fn prune_keeps_the_newest_and_gc_frees_the_rest() {
 
 /// Bytes in the files under `dir`.
 fn du(dir: &Path) -> u64 {
-    let mut n = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                n += e.metadata().unwrap().len();
-            }
-        }
-    }
-    n
+    walk(dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
 }
 
 /// Recovery points are ordered by a creation time in whole seconds; several backups
