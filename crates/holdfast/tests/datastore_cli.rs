@@ -477,20 +477,7 @@ fn two_disks_are_restored_by_number() {
     drop(f);
     let ranges = d.path().join("ranges.txt");
     std::fs::write(&ranges, format!("disk 1\n{MIB} 65536\n")).unwrap();
-    let id = ok(&[
-        "backup",
-        "-d",
-        s(&ds),
-        "--source",
-        "vm",
-        "--changed-ranges",
-        s(&ranges),
-        "-q",
-        s(&disk),
-        s(&second),
-    ])
-    .trim()
-    .to_string();
+    let id = backup_with_ranges(&ds, "vm", &ranges, &[&disk, &second]);
     let points = json(&["recovery-points", "-d", s(&ds), "--json"]);
     let p = points
         .as_array()
@@ -771,19 +758,7 @@ fn latest_is_the_newest_backup_even_within_one_second() {
             .unwrap();
         drop(f);
         std::fs::write(&ranges, format!("{at} 512\n")).unwrap();
-        let id = ok(&[
-            "backup",
-            "-d",
-            s(&ds),
-            "--source",
-            "vm",
-            "--changed-ranges",
-            s(&ranges),
-            "-q",
-            s(&disk),
-        ])
-        .trim()
-        .to_string();
+        let id = backup_with_ranges(&ds, "vm", &ranges, &[&disk]);
         let want = hash_file(&disk);
         taken.push(id.clone());
         restore_raw(&ds, "vm", "latest", &out);

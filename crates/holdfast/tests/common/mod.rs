@@ -248,6 +248,22 @@ pub fn backup(ds: &Path, source: &str, disks: &[&Path]) -> String {
     ok(&args).trim().to_string()
 }
 
+/// `holdfast backup -q --changed-ranges RANGES`; returns the id printed on stdout.
+pub fn backup_with_ranges(ds: &Path, source: &str, ranges: &Path, disks: &[&Path]) -> String {
+    let mut args = vec![
+        "backup",
+        "-d",
+        s(ds),
+        "--source",
+        source,
+        "--changed-ranges",
+        s(ranges),
+        "-q",
+    ];
+    args.extend(disks.iter().map(|p| s(p)));
+    ok(&args).trim().to_string()
+}
+
 /// Recovery point ids, oldest first.
 pub fn point_ids(ds: &Path) -> Vec<String> {
     let v = json(&["recovery-points", "-d", s(ds), "--json"]);
