@@ -1,0 +1,625 @@
+//! The API types shared by the server, the protection agent and the admin CLI: every
+//! request and response body of the HTTPS API (`/api/v1`), and nothing else. Server and
+//! clients share types, never logic.
+//!
+//! Conventions: JSON bodies, snake_case fields, times as UTC RFC 3339 strings plus Unix
+//! seconds where clients compute with them. Errors are [`ApiError`] bodies with a 4xx or
+//! 5xx status. Bulk data (block ids, framed blobs) travels as `application/octet-stream`.
+
+use serde::{Deserialize, Serialize};
+
+pub use datastore::manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
+
+/// Path prefix of every API route.
+pub const API: &str = "/api/v1";
+
+/// Largest JSON request body the server accepts.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+/// Largest blob batch the server accepts in one request.
+pub const MAX_BLOB_BATCH: usize = 32 << 20;
+/// Largest number of ids in one `missing` request.
+pub const MAX_MISSING_IDS: usize = 1 << 16;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// `GET /api/v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub version: String,
+    pub server_time: String,
+    pub datastore: String,
+    pub datastore_encrypted: bool,
+    pub ca_fingerprint: String,
+    pub agents: u64,
+    pub datasources: u64,
+    pub protection_groups: u64,
+    pub recovery_points: u64,
+    pub active_alerts: u64,
+    pub running_jobs: u64,
+}
+
+// ---------------------------------------------------------------------------------
+// Enrollment and agents
+
+/// `POST /api/v1/agent-tokens` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentTokenRequest {
+    pub host: String,
+    /// Validity in minutes (default 60).
+    #[serde(default)]
+    pub valid_minutes: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentTokenResponse {
+    /// `hf1.<ca-fingerprint-hex>.<secret>`: one use, pins the server's CA.
+    pub token: String,
+    pub host: String,
+    pub expires: String,
+}
+
+/// `POST /api/v1/enroll` (no authentication but the token).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub token: String,
+    /// The agent's public key (SubjectPublicKeyInfo, PEM); the server signs a client
+    /// certificate for it. The private key never leaves the host.
+    pub public_key_pem: String,
+    /// Agent software version.
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub host: String,
+    /// The client certificate (PEM), signed by the server's CA.
+    pub certificate_pem: String,
+    pub ca_pem: String,
+}
+
+/// `GET /api/v1/agents` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub host: String,
+    /// SHA-256 of the client certificate (DER), hex.
+    pub cert_fingerprint: String,
+    pub enrolled: String,
+    pub last_seen: Option<String>,
+    pub revoked: bool,
+    pub version: Option<String>,
+    pub connected: bool,
+}
+
+// ---------------------------------------------------------------------------------
+// Inventory and data sources
+
+/// One disk of a VM as the agent sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// File name (or device name).
+    pub name: String,
+    /// `vhdx`, `vhd`, `qcow2`, `raw`.
+    pub format: String,
+    pub virtual_size: u64,
+}
+
+/// One VM found by a provider.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmInfo {
+    /// Name on its host (unique per host).
+    pub name: String,
+    /// The hypervisor's id for the VM (Hyper-V GUID, QEMU UUID, `vm.toml` id) when
+    /// known: it is how a VM keeps its data source when it moves between hosts.
+    pub vm_id: Option<String>,
+    /// Provider that found it: `files`, `qemu`, `hyperv`.
+    pub provider: String,
+    pub disks: Vec<DiskInfo>,
+    /// Whether the VM runs (`None` for VMs at rest).
+    pub running: Option<bool>,
+}
+
+/// `POST /api/v1/agent/inventory` (agent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Inventory {
+    pub vms: Vec<VmInfo>,
+}
+
+/// `GET /api/v1/datasources` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataSourceInfo {
+    /// Stable id of the data source (kept across hosts).
+    pub id: String,
+    /// `HOST/VM`.
+    pub name: String,
+    pub host: String,
+    pub vm: String,
+    pub vm_id: Option<String>,
+    pub provider: String,
+    pub disks: Vec<DiskInfo>,
+    /// Sum of the disks' virtual sizes.
+    pub size: u64,
+    pub protection_group: Option<String>,
+    /// Whether the agent still reports it.
+    pub present: bool,
+    pub last_recovery_point: Option<String>,
+    /// `ok`, `inconsistent` (next backup must be a consistency check), `unprotected`.
+    pub replica_state: String,
+}
+
+// ---------------------------------------------------------------------------------
+// Protection groups
+
+/// The synchronization frequency of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncFrequency {
+    /// Minutes: 15, 30, 60, 120, 240, 360, 720 or 1440.
+    Minutes(u32),
+    /// An express full backup just before each scheduled recovery point.
+    JustBeforeRecoveryPoint,
+}
+
+/// The minute values a synchronization frequency may take (as MABS offers).
+pub const SYNC_MINUTES: [u32; 8] = [15, 30, 60, 120, 240, 360, 720, 1440];
+
+/// When the initial replica is made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaCreation {
+    Now,
+    /// At this UTC time (RFC 3339).
+    At(String),
+    /// Offline seeding: `holdfast replica export` / `replica import`.
+    Manual,
+}
+
+/// A protection group's policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Short-term retention range, days (1-448).
+    pub retention_days: u32,
+    pub sync_frequency: SyncFrequency,
+    /// Recovery point times of day, `HH:MM` UTC, sorted.
+    pub recovery_point_times: Vec<String>,
+    /// Express full backup times of day, `HH:MM` UTC (may be empty).
+    #[serde(default)]
+    pub express_full_times: Vec<String>,
+    /// Run a consistency check automatically when a replica becomes inconsistent.
+    #[serde(default = "yes")]
+    pub consistency_check_when_inconsistent: bool,
+    /// Daily consistency check at this time, `HH:MM` UTC.
+    #[serde(default)]
+    pub consistency_check_daily: Option<String>,
+    pub replica_creation: ReplicaCreation,
+    /// Expected daily churn of the members, percent (for the disk allocation review).
+    #[serde(default = "default_churn")]
+    pub churn_percent: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_churn() -> f64 {
+    5.0
+}
+
+/// `POST /api/v1/protection-groups` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateGroup {
+    pub name: String,
+    /// `HOST/VM`.
+    pub members: Vec<String>,
+    pub policy: Policy,
+}
+
+/// `PATCH /api/v1/protection-groups/{name}` (admin): fields left out stay as they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ModifyGroup {
+    #[serde(default)]
+    pub add_members: Vec<String>,
+    #[serde(default)]
+    pub remove_members: Vec<String>,
+    #[serde(default)]
+    pub policy: Option<Policy>,
+}
+
+/// The disk allocation review of a group (MABS's wizard page).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AllocationReview {
+    /// Sum of the members' virtual disk sizes.
+    pub data_size: u64,
+    /// What the policy will need: data_size + data_size x churn x retention days.
+    pub required: u64,
+    /// What the datastore's file system has free, and in all.
+    pub datastore_free: u64,
+    pub datastore_total: u64,
+    pub fits: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub name: String,
+    pub members: Vec<String>,
+    pub policy: Policy,
+    pub created: String,
+    pub allocation: AllocationReview,
+}
+
+/// `DELETE /api/v1/protection-groups/{name}?delete_data=BOOL` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteGroupResponse {
+    pub name: String,
+    pub recovery_points_deleted: u64,
+}
+
+// ---------------------------------------------------------------------------------
+// Recovery points
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecoveryPointInfo {
+    pub id: String,
+    /// `HOST/VM` at the time of the backup.
+    pub vm: String,
+    pub datasource_id: String,
+    pub created: String,
+    pub created_unix: i64,
+    pub consistency: Consistency,
+    pub base: Option<String>,
+    pub disks: Vec<DiskInfo>,
+    pub stats: Stats,
+    /// The job that made it, when made through the server.
+    pub job_id: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------------
+// Jobs
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// Incremental synchronization + recovery point (changed blocks only).
+    Sync,
+    /// Express full: every block read, compared by checksum (no change tracking).
+    ExpressFull,
+    /// Consistency check: every block read and compared; repairs the replica.
+    ConsistencyCheck,
+    /// The first copy of a data source.
+    InitialReplica,
+    Verify,
+    Prune,
+    Gc,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Sync => "sync",
+            JobKind::ExpressFull => "express-full",
+            JobKind::ConsistencyCheck => "consistency-check",
+            JobKind::InitialReplica => "initial-replica",
+            JobKind::Verify => "verify",
+            JobKind::Prune => "prune",
+            JobKind::Gc => "gc",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobKind> {
+        Some(match s {
+            "sync" => JobKind::Sync,
+            "express-full" => JobKind::ExpressFull,
+            "consistency-check" => JobKind::ConsistencyCheck,
+            "initial-replica" => JobKind::InitialReplica,
+            "verify" => JobKind::Verify,
+            "prune" => JobKind::Prune,
+            "gc" => JobKind::Gc,
+            _ => return None,
+        })
+    }
+
+    /// Jobs an agent runs (the others run on the server).
+    pub fn on_agent(self) -> bool {
+        matches!(
+            self,
+            JobKind::Sync | JobKind::ExpressFull | JobKind::ConsistencyCheck | JobKind::InitialReplica
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: i64,
+    pub kind: JobKind,
+    pub state: JobState,
+    /// `HOST/VM` for data-source jobs.
+    pub vm: Option<String>,
+    pub datasource_id: Option<String>,
+    /// `schedule`, `admin`, `rerun of N`.
+    pub trigger: String,
+    pub created: String,
+    pub started: Option<String>,
+    pub finished: Option<String>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub recovery_point: Option<String>,
+    pub error: Option<String>,
+    /// Attempt number (1 for the first run).
+    pub attempt: u32,
+    /// Earliest time a queued job may start (reruns wait).
+    pub not_before: Option<String>,
+    #[serde(default)]
+    pub log: Vec<JobLogLine>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobLogLine {
+    pub time: String,
+    pub message: String,
+}
+
+/// `POST /api/v1/datasources/{host}/{vm}/backup` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupNowRequest {
+    #[serde(default)]
+    pub express_full: bool,
+}
+
+// ---------------------------------------------------------------------------------
+// Alerts
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlertInfo {
+    pub id: i64,
+    pub severity: Severity,
+    /// What it is about: `HOST/VM`, `datastore`, `agent HOST`, `group NAME`.
+    pub subject: String,
+    /// Stable kind: `backup-failed`, `disk-missing`, `disk-resized`, `space`, ...
+    pub kind: String,
+    pub message: String,
+    pub raised: String,
+    pub last_seen: String,
+    pub resolved: Option<String>,
+    pub occurrences: u64,
+}
+
+// ---------------------------------------------------------------------------------
+// Agent <-> server: jobs and data
+
+/// `POST /api/v1/agent/poll` response: the next job for this agent, or none after the
+/// long-poll timeout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PollResponse {
+    pub job: Option<AgentJob>,
+}
+
+/// A backup job handed to an agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentJob {
+    pub job_id: i64,
+    pub kind: JobKind,
+    /// Name of the VM on the agent's host.
+    pub vm: String,
+    pub datasource_id: String,
+}
+
+/// `POST /api/v1/agent/jobs/{id}/start` response: what the agent needs to build blobs
+/// exactly as the datastore would.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionStart {
+    pub block_size: u32,
+    pub piece_blocks: u32,
+    pub zstd_level: i32,
+    /// The datastore's master key (hex) when it is encrypted: blobs are compressed and
+    /// encrypted on the agent, and ids are keyed hashes.
+    pub master_key: Option<String>,
+    /// The previous recovery point of the data source (for change-tracked backups).
+    pub base: Option<Manifest>,
+    /// Recovery-point source name to record (`HOST/VM`) and its stable id.
+    pub source: Source,
+}
+
+/// `POST /api/v1/agent/jobs/{id}/progress`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Progress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// The reply to progress: whether to go on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressReply {
+    pub cancel: bool,
+}
+
+/// `POST /api/v1/agent/jobs/{id}/commit`: the disks' indexes are complete; the server
+/// checks every referenced block exists, then writes the recovery point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Commit {
+    pub consistency: Consistency,
+    pub base: Option<String>,
+    pub disks: Vec<DiskRecord>,
+    pub stats: Stats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitResponse {
+    pub recovery_point: String,
+}
+
+/// `POST /api/v1/agent/jobs/{id}/fail`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    pub error: String,
+    /// A stable kind for alerts: `disk-missing`, `disk-resized`, `vm-missing`, `io`.
+    pub kind: String,
+}
+
+/// Splits `HOST/VM`; both parts non-empty, no further `/`.
+pub fn split_vm(s: &str) -> Option<(&str, &str)> {
+    let (h, v) = s.split_once('/')?;
+    if h.is_empty() || v.is_empty() || v.contains('/') {
+        return None;
+    }
+    Some((h, v))
+}
+
+/// Parses `HH:MM` (24 h) into minutes after midnight.
+pub fn parse_time_of_day(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let h: u32 = h.parse().ok()?;
+    let m: u32 = m.parse().ok()?;
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+impl Policy {
+    /// Checks the ranges MABS allows; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=448).contains(&self.retention_days) {
+            return Err(format!(
+                "retention_days: {} is outside 1-448",
+                self.retention_days
+            ));
+        }
+        if let SyncFrequency::Minutes(m) = self.sync_frequency
+            && !SYNC_MINUTES.contains(&m)
+        {
+            return Err(format!(
+                "sync_frequency: {m} minutes is not one of 15, 30, 60, 120, 240, 360, 720, 1440 (or just-before-recovery-point)"
+            ));
+        }
+        if self.recovery_point_times.is_empty() {
+            return Err("recovery_point_times: at least one time of day is needed".into());
+        }
+        for (field, list) in [
+            ("recovery_point_times", &self.recovery_point_times),
+            ("express_full_times", &self.express_full_times),
+        ] {
+            for t in list {
+                if parse_time_of_day(t).is_none() {
+                    return Err(format!("{field}: {t:?} is not a time of day HH:MM"));
+                }
+            }
+        }
+        if let Some(t) = &self.consistency_check_daily
+            && parse_time_of_day(t).is_none()
+        {
+            return Err(format!(
+                "consistency_check_daily: {t:?} is not a time of day HH:MM"
+            ));
+        }
+        if !(self.churn_percent.is_finite() && (0.0..=100.0).contains(&self.churn_percent)) {
+            return Err(format!(
+                "churn_percent: {} is outside 0-100",
+                self.churn_percent
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_names_split_once() {
+        assert_eq!(split_vm("h1/vm"), Some(("h1", "vm")));
+        assert_eq!(split_vm("h1/"), None);
+        assert_eq!(split_vm("/vm"), None);
+        assert_eq!(split_vm("a/b/c"), None);
+        assert_eq!(split_vm("novm"), None);
+    }
+
+    #[test]
+    fn times_of_day() {
+        assert_eq!(parse_time_of_day("00:00"), Some(0));
+        assert_eq!(parse_time_of_day("23:59"), Some(1439));
+        assert_eq!(parse_time_of_day("24:00"), None);
+        assert_eq!(parse_time_of_day("7:00"), None);
+        assert_eq!(parse_time_of_day("07:60"), None);
+    }
+
+    #[test]
+    fn policy_ranges() {
+        let mut p = Policy {
+            retention_days: 5,
+            sync_frequency: SyncFrequency::Minutes(15),
+            recovery_point_times: vec!["20:00".into()],
+            express_full_times: vec![],
+            consistency_check_when_inconsistent: true,
+            consistency_check_daily: None,
+            replica_creation: ReplicaCreation::Now,
+            churn_percent: 5.0,
+        };
+        assert!(p.validate().is_ok());
+        p.retention_days = 449;
+        assert!(p.validate().unwrap_err().contains("retention_days"));
+        p.retention_days = 5;
+        p.sync_frequency = SyncFrequency::Minutes(45);
+        assert!(p.validate().unwrap_err().contains("sync_frequency"));
+        p.sync_frequency = SyncFrequency::JustBeforeRecoveryPoint;
+        p.recovery_point_times = vec!["25:00".into()];
+        assert!(p.validate().unwrap_err().contains("recovery_point_times"));
+    }
+}
