@@ -178,7 +178,7 @@ pub enum ReplicaCreation {
 }
 
 /// A protection group's policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
     /// Short-term retention range, days (1-448).
     pub retention_days: u32,
