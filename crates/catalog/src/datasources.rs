@@ -10,7 +10,8 @@ use crate::{Catalog, Cols, Error, Result, random_id, sql_u64, to_json};
 /// Data-source columns plus the group and the newest recovery point's time. The
 /// correlated subquery walks `recovery_points_ds` backwards one step per data source,
 /// so the listing is one statement however many recovery points there are.
-const DS_SELECT: &str = "SELECT d.id, d.host, d.vm, d.vm_id, d.provider, d.disks, d.size,
+pub(crate) const DS_SELECT: &str =
+    "SELECT d.id, d.host, d.vm, d.vm_id, d.provider, d.disks, d.size,
         d.present, d.replica_state, m.group_name,
         (SELECT r.created FROM recovery_points r WHERE r.datasource_id = d.id
          ORDER BY r.created_unix DESC, r.id DESC LIMIT 1)

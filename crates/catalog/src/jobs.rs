@@ -35,11 +35,13 @@ pub struct JobRow {
     pub attempt: u32,
 }
 
-const JOB_SELECT: &str = "SELECT id, kind, state, vm, datasource_id, trigger, created, started,
+pub(crate) const JOB_SELECT: &str =
+    "SELECT id, kind, state, vm, datasource_id, trigger, created, started,
     finished, bytes_done, bytes_total, bytes_read, bytes_sent, recovery_point, error, attempt,
     not_before FROM jobs";
 
-const JOB_ROW_SELECT: &str = "SELECT j.id, j.kind, j.datasource_id, d.host, d.vm, j.attempt
+pub(crate) const JOB_ROW_SELECT: &str =
+    "SELECT j.id, j.kind, j.datasource_id, d.host, d.vm, j.attempt
     FROM jobs j LEFT JOIN datasources d ON d.id = j.datasource_id";
 
 fn kind(r: &Cols, i: usize) -> Result<JobKind> {

@@ -34,6 +34,8 @@ mod datasources;
 mod groups;
 mod jobs;
 mod recovery_points;
+#[cfg(test)]
+mod scale_tests;
 mod schema;
 
 use std::path::Path;
@@ -207,6 +209,16 @@ impl Catalog {
                 })
             },
         )
+    }
+
+    /// Writes a consistent copy of the whole catalog to `path` (which must not exist),
+    /// e.g. to back the catalog up beside the datastore while the server runs.
+    pub fn snapshot_to(&self, path: &Path) -> Result<()> {
+        let p = path
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: path is not UTF-8", path.display())))?;
+        self.conn.execute("VACUUM INTO ?1", [p])?;
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------

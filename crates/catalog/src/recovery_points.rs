@@ -5,7 +5,8 @@ use rusqlite::params;
 
 use crate::{Catalog, Cols, Error, Result, to_json};
 
-const RP_SELECT: &str = "SELECT id, vm, datasource_id, created, created_unix, consistency,
+pub(crate) const RP_SELECT: &str =
+    "SELECT id, vm, datasource_id, created, created_unix, consistency,
     base, disks, stats, job_id FROM recovery_points";
 
 /// Consistency as its protocol text (`crash-consistent`), not JSON-quoted.
