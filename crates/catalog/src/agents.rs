@@ -17,6 +17,21 @@ pub struct AgentRow {
     pub version: Option<String>,
 }
 
+impl AgentRow {
+    /// The API form; whether the agent is connected is the server's knowledge.
+    pub fn into_info(self, connected: bool) -> protocol::AgentInfo {
+        protocol::AgentInfo {
+            host: self.host,
+            cert_fingerprint: self.cert_fingerprint,
+            enrolled: self.enrolled,
+            last_seen: self.last_seen,
+            revoked: self.revoked,
+            version: self.version,
+            connected,
+        }
+    }
+}
+
 const AGENT_COLS: &str = "host, cert_fingerprint, revoked, enrolled, last_seen, version";
 
 fn agent_row(r: &Cols) -> Result<AgentRow> {
@@ -255,7 +270,9 @@ mod tests {
         let new = c.agent_by_fingerprint("fp-b").unwrap().unwrap();
         assert!(!new.revoked);
         assert_eq!(new.version.as_deref(), Some("0.2"));
-        assert_eq!(c.agents().unwrap(), vec![new]);
+        assert_eq!(c.agents().unwrap(), vec![new.clone()]);
+        let info = new.into_info(true);
+        assert_eq!((info.host.as_str(), info.connected), ("h1", true));
 
         // The replaced certificate can never come back.
         assert!(matches!(

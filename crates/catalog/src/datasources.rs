@@ -73,16 +73,28 @@ impl Catalog {
         let tx = self.conn.unchecked_transaction()?;
         let mut seen: HashSet<String> = HashSet::new();
         for v in vms {
+            // A candidate still listed under its own name on this host is a different VM
+            // sharing the id (a clone), not this one moved or renamed.
             let by_vm_id = match &v.vm_id {
                 Some(vid) => self
                     .all(
-                        "SELECT id FROM datasources WHERE vm_id = ?1
+                        "SELECT id, host, vm FROM datasources WHERE vm_id = ?1
                          ORDER BY present DESC, last_seen DESC",
                         [vid],
-                        |r| r.get::<String>(0, "datasources.id"),
+                        |r| {
+                            Ok((
+                                r.get::<String>(0, "datasources.id")?,
+                                r.get::<String>(1, "datasources.host")?,
+                                r.get::<String>(2, "datasources.vm")?,
+                            ))
+                        },
                     )?
                     .into_iter()
-                    .find(|id| !seen.contains(id)),
+                    .find(|(id, h, vm)| {
+                        let clone_here = h == host && names.contains(vm.as_str());
+                        !seen.contains(id) && !clone_here
+                    })
+                    .map(|(id, _, _)| id),
                 None => None,
             };
             let by_name = self.one(
@@ -261,6 +273,31 @@ mod tests {
         ));
         assert_eq!(c.datasources().unwrap().len(), 1);
         assert_eq!(c.group("pg1").unwrap().members[0].name, "h2/a-moved");
+    }
+
+    #[test]
+    fn clones_sharing_a_vm_id_keep_their_own_data_sources() {
+        let c = Catalog::open_in_memory().unwrap();
+        c.upsert_inventory(100, "h1", &[vm("y", Some("same"), 10)])
+            .unwrap();
+        let y = c.datasource_by_name("h1", "y").unwrap().id;
+        // x is a copy of y (same hypervisor id) and is listed first.
+        c.upsert_inventory(
+            200,
+            "h1",
+            &[vm("x", Some("same"), 10), vm("y", Some("same"), 10)],
+        )
+        .unwrap();
+        assert_eq!(c.datasource_by_name("h1", "y").unwrap().id, y);
+        assert_ne!(c.datasource_by_name("h1", "x").unwrap().id, y);
+        // A rename on the same host takes over one of them (no new data source); the
+        // other is no longer present.
+        c.upsert_inventory(300, "h1", &[vm("y2", Some("same"), 10)])
+            .unwrap();
+        let all = c.datasources().unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all.iter().filter(|d| d.present).count(), 1);
+        assert!(c.datasource_by_name("h1", "y2").unwrap().present);
     }
 
     #[test]

@@ -18,6 +18,20 @@ pub struct GroupRow {
     pub members: Vec<GroupMember>,
 }
 
+impl GroupRow {
+    /// The members' `HOST/VM` names (as `protocol::GroupInfo` lists them).
+    pub fn member_names(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.name.clone()).collect()
+    }
+
+    /// Sum of the members' virtual disk sizes (the allocation review's data size).
+    pub fn data_size(&self) -> u64 {
+        self.members
+            .iter()
+            .fold(0u64, |a, m| a.saturating_add(m.size))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GroupMember {
     pub datasource_id: String,
@@ -257,6 +271,8 @@ mod tests {
             .create_group(200, "pg1", &policy(), &["h1/b".into(), "h1/a".into()])
             .unwrap();
         assert_eq!(names(&g), ["h1/a", "h1/b"]);
+        assert_eq!(g.member_names(), ["h1/a", "h1/b"]);
+        assert_eq!(g.data_size(), 30);
         assert_eq!(g.members[1].size, 20);
         assert_eq!(g.created, "1970-01-01T00:03:20Z");
         assert_eq!(g.policy, policy());
