@@ -1,0 +1,160 @@
+//! Alerts: one open alert per (subject, kind); a repeat updates it rather than flooding
+//! the list.
+
+use protocol::{AlertInfo, Severity};
+use rusqlite::params;
+
+use crate::{Catalog, Cols, Error, Result};
+
+const ALERT_SELECT: &str = "SELECT id, severity, subject, kind, message, raised, last_seen,
+    resolved, occurrences FROM alerts";
+
+fn severity_text(s: Severity) -> &'static str {
+    match s {
+        Severity::Info => "info",
+        Severity::Warning => "warning",
+        Severity::Error => "error",
+    }
+}
+
+fn alert_row(r: &Cols) -> Result<AlertInfo> {
+    let s: String = r.get(1, "alerts.severity")?;
+    let severity = match s.as_str() {
+        "info" => Severity::Info,
+        "warning" => Severity::Warning,
+        "error" => Severity::Error,
+        _ => return Err(Error::Corrupt(format!("alerts.severity: unknown {s:?}"))),
+    };
+    Ok(AlertInfo {
+        id: r.get(0, "alerts.id")?,
+        severity,
+        subject: r.get(2, "alerts.subject")?,
+        kind: r.get(3, "alerts.kind")?,
+        message: r.get(4, "alerts.message")?,
+        raised: r.time(5, "alerts.raised")?,
+        last_seen: r.time(6, "alerts.last_seen")?,
+        resolved: r.opt_time(7, "alerts.resolved")?,
+        occurrences: r.u64(8, "alerts.occurrences")?,
+    })
+}
+
+impl Catalog {
+    /// Raises an alert, or updates the open one of the same subject and kind (message,
+    /// severity, last seen, one more occurrence). Returns its id.
+    pub fn raise_alert(
+        &self,
+        now: i64,
+        severity: Severity,
+        subject: &str,
+        kind: &str,
+        message: &str,
+    ) -> Result<i64> {
+        let tx = self.conn.unchecked_transaction()?;
+        let open = self.one(
+            "SELECT id FROM alerts WHERE subject = ?1 AND kind = ?2 AND resolved IS NULL",
+            [subject, kind],
+            |r| r.get::<i64>(0, "alerts.id"),
+        )?;
+        let id = match open {
+            Some(id) => {
+                tx.execute(
+                    "UPDATE alerts SET severity = ?2, message = ?3, last_seen = ?4,
+                         occurrences = occurrences + 1 WHERE id = ?1",
+                    params![id, severity_text(severity), message, now],
+                )?;
+                id
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO alerts (severity, subject, kind, message, raised, last_seen)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                    params![severity_text(severity), subject, kind, message, now],
+                )?;
+                self.conn.last_insert_rowid()
+            }
+        };
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Resolves the open alerts of `subject` (of one `kind`, or all). Returns how many.
+    pub fn resolve_alerts(&self, now: i64, subject: &str, kind: Option<&str>) -> Result<u64> {
+        let n = self.conn.execute(
+            "UPDATE alerts SET resolved = ?1
+             WHERE subject = ?2 AND (?3 IS NULL OR kind = ?3) AND resolved IS NULL",
+            params![now, subject, kind],
+        )?;
+        Ok(n as u64)
+    }
+
+    /// Alerts, newest first (by when they were last seen).
+    pub fn alerts(&self, include_resolved: bool) -> Result<Vec<AlertInfo>> {
+        let filter = if include_resolved {
+            ""
+        } else {
+            " WHERE resolved IS NULL"
+        };
+        self.all(
+            &format!("{ALERT_SELECT}{filter} ORDER BY last_seen DESC, id DESC"),
+            [],
+            alert_row,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_and_resolve() {
+        let c = Catalog::open_in_memory().unwrap();
+        let a1 = c
+            .raise_alert(100, Severity::Warning, "h1/a", "backup-failed", "first")
+            .unwrap();
+        let a2 = c
+            .raise_alert(110, Severity::Error, "h1/a", "backup-failed", "second")
+            .unwrap();
+        assert_eq!(a1, a2);
+        let d = c
+            .raise_alert(120, Severity::Warning, "h1/a", "disk-missing", "gone")
+            .unwrap();
+        let o = c
+            .raise_alert(105, Severity::Info, "datastore", "space", "80% full")
+            .unwrap();
+        let all = c.alerts(false).unwrap();
+        assert_eq!(all.iter().map(|a| a.id).collect::<Vec<_>>(), [d, a1, o]);
+        let a = &all[1];
+        assert_eq!(a.occurrences, 2);
+        assert_eq!(a.message, "second");
+        assert_eq!(a.severity, Severity::Error);
+        assert_eq!(a.raised, "1970-01-01T00:01:40Z");
+        assert_eq!(a.last_seen, "1970-01-01T00:01:50Z");
+        assert_eq!(a.resolved, None);
+        assert_eq!(c.counts().unwrap().active_alerts, 3);
+
+        assert_eq!(
+            c.resolve_alerts(200, "h1/a", Some("backup-failed"))
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            c.resolve_alerts(200, "h1/a", Some("backup-failed"))
+                .unwrap(),
+            0
+        );
+        assert_eq!(c.alerts(false).unwrap().len(), 2);
+        // Raised again after resolution: a new alert.
+        let again = c
+            .raise_alert(300, Severity::Warning, "h1/a", "backup-failed", "third")
+            .unwrap();
+        assert_ne!(again, a1);
+        assert_eq!(c.resolve_alerts(400, "h1/a", None).unwrap(), 2);
+        let open = c.alerts(false).unwrap();
+        assert_eq!(open.iter().map(|a| a.id).collect::<Vec<_>>(), [o]);
+        let all = c.alerts(true).unwrap();
+        assert_eq!(all.len(), 4);
+        let old = all.iter().find(|a| a.id == a1).unwrap();
+        assert_eq!(old.resolved.as_deref(), Some("1970-01-01T00:03:20Z"));
+    }
+}

@@ -1,0 +1,532 @@
+//! Jobs: the queue the scheduler feeds and the history operators read.
+
+use protocol::{JobInfo, JobKind, JobLogLine, JobState, Progress};
+use rusqlite::params;
+use serde::Serialize;
+
+use crate::{Catalog, Cols, Error, Result, sql_u64};
+
+/// What the scheduler needs to queue a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    pub kind: JobKind,
+    /// `None` for server jobs (verify, prune, gc).
+    pub datasource_id: Option<String>,
+    /// `schedule`, `admin`, `rerun of N`.
+    pub trigger: String,
+    /// Earliest start (reruns wait), Unix seconds.
+    pub not_before: Option<i64>,
+    /// 1 for the first run.
+    pub attempt: u32,
+    pub rerun_of: Option<i64>,
+}
+
+/// A job as the dispatcher sees it, with its data source's *current* location (a VM
+/// that moved since the job was queued runs on its new host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub kind: JobKind,
+    pub datasource_id: Option<String>,
+    /// The host the data source is on now.
+    pub host: Option<String>,
+    /// The VM's name on that host (not `HOST/VM`).
+    pub vm: Option<String>,
+    pub attempt: u32,
+}
+
+pub(crate) const JOB_SELECT: &str =
+    "SELECT id, kind, state, vm, datasource_id, trigger, created, started,
+    finished, bytes_done, bytes_total, bytes_read, bytes_sent, recovery_point, error, attempt,
+    not_before FROM jobs";
+
+pub(crate) const JOB_ROW_SELECT: &str =
+    "SELECT j.id, j.kind, j.datasource_id, d.host, d.vm, j.attempt
+    FROM jobs j LEFT JOIN datasources d ON d.id = j.datasource_id";
+
+fn kind(r: &Cols, i: usize) -> Result<JobKind> {
+    let s: String = r.get(i, "jobs.kind")?;
+    JobKind::parse(&s).ok_or_else(|| Error::Corrupt(format!("jobs.kind: unknown {s:?}")))
+}
+
+fn state(r: &Cols, i: usize) -> Result<JobState> {
+    let s: String = r.get(i, "jobs.state")?;
+    JobState::parse(&s).ok_or_else(|| Error::Corrupt(format!("jobs.state: unknown {s:?}")))
+}
+
+fn job_info(r: &Cols) -> Result<JobInfo> {
+    Ok(JobInfo {
+        id: r.get(0, "jobs.id")?,
+        kind: kind(r, 1)?,
+        state: state(r, 2)?,
+        vm: r.get(3, "jobs.vm")?,
+        datasource_id: r.get(4, "jobs.datasource_id")?,
+        trigger: r.get(5, "jobs.trigger")?,
+        created: r.time(6, "jobs.created")?,
+        started: r.opt_time(7, "jobs.started")?,
+        finished: r.opt_time(8, "jobs.finished")?,
+        bytes_done: r.u64(9, "jobs.bytes_done")?,
+        bytes_total: r.u64(10, "jobs.bytes_total")?,
+        bytes_read: r.u64(11, "jobs.bytes_read")?,
+        bytes_sent: r.u64(12, "jobs.bytes_sent")?,
+        recovery_point: r.get(13, "jobs.recovery_point")?,
+        error: r.get(14, "jobs.error")?,
+        attempt: r.u32(15, "jobs.attempt")?,
+        not_before: r.opt_time(16, "jobs.not_before")?,
+        log: Vec::new(),
+    })
+}
+
+fn job_row(r: &Cols) -> Result<JobRow> {
+    Ok(JobRow {
+        id: r.get(0, "jobs.id")?,
+        kind: kind(r, 1)?,
+        datasource_id: r.get(2, "jobs.datasource_id")?,
+        host: r.get(3, "datasources.host")?,
+        vm: r.get(4, "datasources.vm")?,
+        attempt: r.u32(5, "jobs.attempt")?,
+    })
+}
+
+fn not_found(id: i64) -> Error {
+    Error::NotFound(format!("job {id}"))
+}
+
+impl Catalog {
+    /// Queues a job. `vm` is recorded as the data source's `HOST/VM` now, so the history
+    /// shows where the job ran even after the VM moves.
+    pub fn add_job(&self, now: i64, j: &NewJob) -> Result<i64> {
+        let vm = match &j.datasource_id {
+            Some(ds) => Some(
+                self.one(
+                    "SELECT host || '/' || vm FROM datasources WHERE id = ?1",
+                    [ds],
+                    |r| r.get::<String>(0, "datasources.vm"),
+                )?
+                .ok_or_else(|| Error::NotFound(format!("data source {ds:?}")))?,
+            ),
+            None => None,
+        };
+        self.conn.execute(
+            "INSERT INTO jobs (kind, state, datasource_id, vm, trigger, created, not_before,
+                 attempt, rerun_of)
+             VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                j.kind.as_str(),
+                j.datasource_id,
+                vm,
+                j.trigger,
+                now,
+                j.not_before,
+                j.attempt,
+                j.rerun_of
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// One job with its log.
+    pub fn job(&self, id: i64) -> Result<JobInfo> {
+        let mut job = self
+            .one(&format!("{JOB_SELECT} WHERE id = ?1"), [id], job_info)?
+            .ok_or_else(|| not_found(id))?;
+        job.log = self.all(
+            "SELECT time, message FROM job_log WHERE job_id = ?1 ORDER BY id",
+            [id],
+            |r| {
+                Ok(JobLogLine {
+                    time: r.time(0, "job_log.time")?,
+                    message: r.get(1, "job_log.message")?,
+                })
+            },
+        )?;
+        Ok(job)
+    }
+
+    /// The newest `limit` jobs (in `state`, if given), newest first, without logs.
+    pub fn jobs(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobInfo>> {
+        match state {
+            Some(s) => self.all(
+                &format!("{JOB_SELECT} WHERE state = ?1 ORDER BY id DESC LIMIT ?2"),
+                params![s.as_str(), limit],
+                job_info,
+            ),
+            None => self.all(
+                &format!("{JOB_SELECT} ORDER BY id DESC LIMIT ?1"),
+                [limit],
+                job_info,
+            ),
+        }
+    }
+
+    /// Queued jobs whose `not_before` has come, oldest first.
+    pub fn runnable_jobs(&self, now: i64) -> Result<Vec<JobRow>> {
+        self.all(
+            &format!(
+                "{JOB_ROW_SELECT} WHERE j.state = 'queued'
+                 AND (j.not_before IS NULL OR j.not_before <= ?1) ORDER BY j.id"
+            ),
+            [now],
+            job_row,
+        )
+    }
+
+    /// The queued or running job of a data source (at most one is expected; the newest
+    /// is returned).
+    pub fn active_job_for(&self, datasource_id: &str) -> Result<Option<JobInfo>> {
+        self.one(
+            &format!(
+                "{JOB_SELECT} WHERE datasource_id = ?1 AND state IN ('queued', 'running')
+                 ORDER BY id DESC LIMIT 1"
+            ),
+            [datasource_id],
+            job_info,
+        )
+    }
+
+    /// queued → running. Conflict if the job is not queued (already taken, cancelled).
+    pub fn start_job(&self, now: i64, id: i64) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE jobs SET state = 'running', started = ?2 WHERE id = ?1 AND state = 'queued'",
+            params![id, now],
+        )?;
+        if n == 0 {
+            let s = self.job_state(id)?;
+            return Err(Error::Conflict(format!(
+                "job {id} is {}, not queued",
+                s.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ends a queued or running job in a finished state; `error` is `(kind, message)`.
+    pub fn finish_job(
+        &self,
+        now: i64,
+        id: i64,
+        state: JobState,
+        error: Option<(&str, &str)>,
+    ) -> Result<()> {
+        if !state.finished() {
+            return Err(Error::Invalid(format!(
+                "{} is not a finished job state",
+                state.as_str()
+            )));
+        }
+        let (kind, msg) = error.unzip();
+        let n = self.conn.execute(
+            "UPDATE jobs SET state = ?2, finished = ?3, error_kind = ?4, error = ?5
+             WHERE id = ?1 AND state IN ('queued', 'running')",
+            params![id, state.as_str(), now, kind, msg],
+        )?;
+        if n == 0 {
+            let s = self.job_state(id)?;
+            return Err(Error::Conflict(format!(
+                "job {id} is already {}",
+                s.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn set_job_progress(&self, id: i64, p: &Progress) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE jobs SET bytes_done = ?2, bytes_total = ?3, bytes_read = ?4, bytes_sent = ?5
+             WHERE id = ?1",
+            params![
+                id,
+                sql_u64(p.bytes_done),
+                sql_u64(p.bytes_total),
+                sql_u64(p.bytes_read),
+                sql_u64(p.bytes_sent)
+            ],
+        )?;
+        if n == 0 {
+            return Err(not_found(id));
+        }
+        Ok(())
+    }
+
+    pub fn set_job_recovery_point(&self, id: i64, rp: &str) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE jobs SET recovery_point = ?2 WHERE id = ?1",
+            params![id, rp],
+        )?;
+        if n == 0 {
+            return Err(not_found(id));
+        }
+        Ok(())
+    }
+
+    /// Appends a line to a job's log.
+    pub fn job_log(&self, now: i64, id: i64, message: &str) -> Result<()> {
+        if !self.exists("SELECT 1 FROM jobs WHERE id = ?1", [id])? {
+            return Err(not_found(id));
+        }
+        self.conn.execute(
+            "INSERT INTO job_log (job_id, time, message) VALUES (?1, ?2, ?3)",
+            params![id, now, message],
+        )?;
+        Ok(())
+    }
+
+    /// At server start: every job still `running` was cut off by the restart. They fail
+    /// (error kind `interrupted`, `reason` logged) and are returned for rerunning.
+    pub fn fail_interrupted_jobs(&self, now: i64, reason: &str) -> Result<Vec<JobRow>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let rows = self.all(
+            &format!("{JOB_ROW_SELECT} WHERE j.state = 'running' ORDER BY j.id"),
+            [],
+            job_row,
+        )?;
+        for r in &rows {
+            tx.execute(
+                "UPDATE jobs SET state = 'failed', finished = ?2, error_kind = 'interrupted',
+                     error = ?3 WHERE id = ?1",
+                params![r.id, now, reason],
+            )?;
+            tx.execute(
+                "INSERT INTO job_log (job_id, time, message) VALUES (?1, ?2, ?3)",
+                params![r.id, now, reason],
+            )?;
+        }
+        tx.commit()?;
+        Ok(rows)
+    }
+
+    pub fn job_state(&self, id: i64) -> Result<JobState> {
+        self.one("SELECT state FROM jobs WHERE id = ?1", [id], |r| {
+            state(r, 0)
+        })?
+        .ok_or_else(|| not_found(id))
+    }
+
+    /// Running jobs of data sources now on `host` (for per-agent concurrency limits).
+    pub fn running_jobs_on_host(&self, host: &str) -> Result<u32> {
+        self.one(
+            "SELECT count(*) FROM jobs j JOIN datasources d ON d.id = j.datasource_id
+             WHERE j.state = 'running' AND d.host = ?1",
+            [host],
+            |r| r.u32(0, "jobs"),
+        )
+        .map(|n| n.unwrap_or(0))
+    }
+
+    pub fn running_jobs(&self) -> Result<u32> {
+        self.one(
+            "SELECT count(*) FROM jobs WHERE state = 'running'",
+            [],
+            |r| r.u32(0, "jobs"),
+        )
+        .map(|n| n.unwrap_or(0))
+    }
+
+    /// The newest job of a data source of one of `kinds` (any kind if empty).
+    pub fn last_job(&self, datasource_id: &str, kinds: &[JobKind]) -> Result<Option<JobInfo>> {
+        let mut sql = format!("{JOB_SELECT} WHERE datasource_id = ?1");
+        if !kinds.is_empty() {
+            let list: Vec<String> = kinds.iter().map(|k| format!("'{}'", k.as_str())).collect();
+            sql.push_str(&format!(" AND kind IN ({})", list.join(", ")));
+        }
+        sql.push_str(" ORDER BY created DESC, id DESC LIMIT 1");
+        self.one(&sql, [datasource_id], job_info)
+    }
+
+    /// When the newest succeeded job of a data source finished (Unix seconds).
+    pub fn last_success_unix(&self, datasource_id: &str) -> Result<Option<i64>> {
+        self.one(
+            "SELECT max(finished) FROM jobs WHERE datasource_id = ?1 AND state = 'succeeded'",
+            [datasource_id],
+            |r| r.get::<Option<i64>>(0, "jobs.finished"),
+        )
+        .map(Option::flatten)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+
+    fn new_job(kind: JobKind, ds: Option<&str>) -> NewJob {
+        NewJob {
+            kind,
+            datasource_id: ds.map(String::from),
+            trigger: "schedule".into(),
+            not_before: None,
+            attempt: 1,
+            rerun_of: None,
+        }
+    }
+
+    fn setup() -> (Catalog, String, String) {
+        let c = Catalog::open_in_memory().unwrap();
+        c.upsert_inventory(10, "h1", &[vm("a", Some("ua"), 10)])
+            .unwrap();
+        c.upsert_inventory(10, "h2", &[vm("b", None, 10)]).unwrap();
+        let a = c.datasource_by_name("h1", "a").unwrap().id;
+        let b = c.datasource_by_name("h2", "b").unwrap().id;
+        (c, a, b)
+    }
+
+    #[test]
+    fn lifecycle() {
+        let (c, a, _) = setup();
+        let id = c.add_job(100, &new_job(JobKind::Sync, Some(&a))).unwrap();
+        let j = c.job(id).unwrap();
+        assert_eq!(j.state, JobState::Queued);
+        assert_eq!(j.vm.as_deref(), Some("h1/a"));
+        assert_eq!(j.created, "1970-01-01T00:01:40Z");
+        assert_eq!(c.active_job_for(&a).unwrap().unwrap().id, id);
+
+        c.start_job(110, id).unwrap();
+        assert!(matches!(c.start_job(111, id), Err(Error::Conflict(_))));
+        assert_eq!(c.running_jobs().unwrap(), 1);
+        assert_eq!(c.running_jobs_on_host("h1").unwrap(), 1);
+        assert_eq!(c.running_jobs_on_host("h2").unwrap(), 0);
+        c.set_job_progress(
+            id,
+            &Progress {
+                bytes_done: 5,
+                bytes_total: 10,
+                bytes_read: 6,
+                bytes_sent: 2,
+                message: None,
+            },
+        )
+        .unwrap();
+        c.job_log(112, id, "reading disk a.qcow2").unwrap();
+        c.set_job_recovery_point(id, "rp1").unwrap();
+        c.finish_job(120, id, JobState::Succeeded, None).unwrap();
+        assert!(matches!(
+            c.finish_job(121, id, JobState::Failed, None),
+            Err(Error::Conflict(m)) if m == "job 1 is already succeeded"
+        ));
+        assert!(matches!(
+            c.finish_job(121, id, JobState::Running, None),
+            Err(Error::Invalid(_))
+        ));
+
+        let j = c.job(id).unwrap();
+        assert_eq!(j.state, JobState::Succeeded);
+        assert_eq!(j.started.as_deref(), Some("1970-01-01T00:01:50Z"));
+        assert_eq!(j.finished.as_deref(), Some("1970-01-01T00:02:00Z"));
+        assert_eq!(
+            (j.bytes_done, j.bytes_total, j.bytes_read, j.bytes_sent),
+            (5, 10, 6, 2)
+        );
+        assert_eq!(j.recovery_point.as_deref(), Some("rp1"));
+        assert_eq!(j.log.len(), 1);
+        assert_eq!(j.log[0].message, "reading disk a.qcow2");
+        assert_eq!(c.active_job_for(&a).unwrap().map(|j| j.id), None);
+        assert_eq!(c.last_success_unix(&a).unwrap(), Some(120));
+        assert_eq!(c.running_jobs().unwrap(), 0);
+
+        let f = c
+            .add_job(130, &new_job(JobKind::ExpressFull, Some(&a)))
+            .unwrap();
+        c.start_job(131, f).unwrap();
+        c.finish_job(
+            140,
+            f,
+            JobState::Failed,
+            Some(("disk-missing", "a.qcow2 is gone")),
+        )
+        .unwrap();
+        let j = c.job(f).unwrap();
+        assert_eq!(j.error.as_deref(), Some("a.qcow2 is gone"));
+        assert_eq!(c.last_success_unix(&a).unwrap(), Some(120));
+        assert_eq!(c.last_job(&a, &[]).unwrap().unwrap().id, f);
+        assert_eq!(c.last_job(&a, &[JobKind::Sync]).unwrap().unwrap().id, id);
+        assert_eq!(
+            c.last_job(&a, &[JobKind::Sync, JobKind::ExpressFull])
+                .unwrap()
+                .unwrap()
+                .id,
+            f
+        );
+        assert!(c.last_job(&a, &[JobKind::Verify]).unwrap().is_none());
+
+        let states: Vec<_> = c.jobs(None, 10).unwrap().iter().map(|j| j.id).collect();
+        assert_eq!(states, [f, id]);
+        let failed = c.jobs(Some(JobState::Failed), 10).unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].id, f);
+        assert!(failed[0].log.is_empty());
+
+        assert!(matches!(c.job(999), Err(Error::NotFound(m)) if m == "job 999"));
+        assert!(matches!(c.job_state(999), Err(Error::NotFound(_))));
+        assert!(matches!(c.start_job(1, 999), Err(Error::NotFound(_))));
+        assert!(matches!(c.job_log(1, 999, "x"), Err(Error::NotFound(_))));
+        assert!(matches!(
+            c.add_job(1, &new_job(JobKind::Sync, Some("nope"))),
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn runnable_jobs_honor_not_before_and_follow_moves() {
+        let (c, a, b) = setup();
+        let j1 = c.add_job(100, &new_job(JobKind::Sync, Some(&a))).unwrap();
+        let mut later = new_job(JobKind::Sync, Some(&b));
+        later.not_before = Some(500);
+        later.attempt = 2;
+        later.rerun_of = Some(j1);
+        later.trigger = format!("rerun of {j1}");
+        let j2 = c.add_job(101, &later).unwrap();
+        let j3 = c.add_job(102, &new_job(JobKind::Gc, None)).unwrap();
+
+        let ids = |v: Vec<JobRow>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(c.runnable_jobs(499).unwrap()), [j1, j3]);
+        let all = c.runnable_jobs(500).unwrap();
+        assert_eq!(ids(all.clone()), [j1, j2, j3]);
+        assert_eq!(all[1].attempt, 2);
+        assert_eq!(all[1].host.as_deref(), Some("h2"));
+        assert_eq!(all[2].host, None);
+        assert_eq!(
+            c.job(j2).unwrap().not_before.as_deref(),
+            Some("1970-01-01T00:08:20Z")
+        );
+
+        // a moves to h3: the queued job goes there.
+        c.upsert_inventory(200, "h3", &[vm("a2", Some("ua"), 10)])
+            .unwrap();
+        let r = &c.runnable_jobs(200).unwrap()[0];
+        assert_eq!(
+            (r.host.as_deref(), r.vm.as_deref()),
+            (Some("h3"), Some("a2"))
+        );
+        assert_eq!(c.job(j1).unwrap().vm.as_deref(), Some("h1/a"));
+
+        c.start_job(210, j1).unwrap();
+        assert_eq!(ids(c.runnable_jobs(600).unwrap()), [j2, j3]);
+    }
+
+    #[test]
+    fn interrupted_jobs_fail_and_are_returned() {
+        let (c, a, b) = setup();
+        let j1 = c.add_job(100, &new_job(JobKind::Sync, Some(&a))).unwrap();
+        let j2 = c.add_job(100, &new_job(JobKind::Sync, Some(&b))).unwrap();
+        let j3 = c.add_job(100, &new_job(JobKind::Verify, None)).unwrap();
+        c.start_job(101, j1).unwrap();
+        c.start_job(101, j3).unwrap();
+
+        let rows = c.fail_interrupted_jobs(200, "server restarted").unwrap();
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [j1, j3]);
+        assert_eq!(rows[0].kind, JobKind::Sync);
+        assert_eq!(rows[0].datasource_id.as_deref(), Some(a.as_str()));
+        assert_eq!(rows[0].host.as_deref(), Some("h1"));
+        assert_eq!(rows[0].vm.as_deref(), Some("a"));
+        let j = c.job(j1).unwrap();
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.error.as_deref(), Some("server restarted"));
+        assert_eq!(
+            j.log.last().map(|l| l.message.as_str()),
+            Some("server restarted")
+        );
+        assert_eq!(c.job_state(j2).unwrap(), JobState::Queued);
+        assert_eq!(c.running_jobs().unwrap(), 0);
+        assert!(c.fail_interrupted_jobs(300, "again").unwrap().is_empty());
+    }
+}
