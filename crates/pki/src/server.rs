@@ -102,7 +102,13 @@ impl ServerPki {
         let existing = load_server_cert(&server_pem_path, &server_key_path)?;
         let (leaf, server_key) = match existing {
             Some((leaf, key)) if server_cert_ok(&ca_der, &leaf, &key, &names)? => (leaf, key),
-            _ => issue_server_cert(&issuer, &names, &server_pem_path, &server_key_path)?,
+            _ => issue_server_cert(
+                &issuer,
+                &names,
+                &server_pem_path,
+                &server_key_path,
+                SERVER_DAYS,
+            )?,
         };
 
         Ok(ServerPki {
@@ -319,6 +325,7 @@ fn issue_server_cert(
     names: &[String],
     pem_path: &Path,
     key_path: &Path,
+    days: u64,
 ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
     let key = KeyPair::generate().map_err(rcgen_err("generating server key"))?;
     let mut params =
@@ -328,7 +335,7 @@ fn issue_server_cert(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial()?);
-    set_validity(&mut params, SERVER_DAYS)?;
+    set_validity(&mut params, days)?;
     let cert = params
         .signed_by(&key, issuer)
         .map_err(rcgen_err("signing server certificate"))?;
@@ -336,4 +343,41 @@ fn issue_server_cert(
     write_durable(pem_path, cert.pem().as_bytes(), PUBLIC)?;
     let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     Ok((cert.der().clone(), key_der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_cert_expiring_soon_is_reissued() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem_path = dir.path().join("server.pem");
+        let key_path = dir.path().join("server.key");
+        let pki = ServerPki::load_or_create(dir.path(), &[]).unwrap();
+        let names = server_names(&[]).unwrap();
+        let (leaf, key) = load_server_cert(&pem_path, &key_path).unwrap().unwrap();
+        assert!(server_cert_ok(&pki.ca_der, &leaf, &key, &names).unwrap());
+
+        // Valid now, but for less than the 30-day renewal margin.
+        let (leaf, key) = issue_server_cert(&pki.issuer, &names, &pem_path, &key_path, 10).unwrap();
+        assert!(!server_cert_ok(&pki.ca_der, &leaf, &key, &names).unwrap());
+        let short_pem = std::fs::read(&pem_path).unwrap();
+
+        let again = ServerPki::load_or_create(dir.path(), &[]).unwrap();
+        assert_eq!(again.ca_fingerprint(), pki.ca_fingerprint());
+        assert_ne!(std::fs::read(&pem_path).unwrap(), short_pem);
+        let (leaf, key) = load_server_cert(&pem_path, &key_path).unwrap().unwrap();
+        assert!(server_cert_ok(&pki.ca_der, &leaf, &key, &names).unwrap());
+    }
+
+    #[test]
+    fn server_cert_with_wrong_key_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = ServerPki::load_or_create(dir.path(), &[]).unwrap();
+        let names = server_names(&[]).unwrap();
+        let other = KeyPair::generate().unwrap();
+        let other = PrivateKeyDer::Pkcs8(other.serialize_der().into());
+        assert!(!server_cert_ok(&pki.ca_der, &pki.server_chain[0], &other, &names).unwrap());
+    }
 }
