@@ -26,7 +26,7 @@ pub mod time;
 mod verify;
 
 pub use backend::{Backend, LocalBackend};
-pub use backup::{BackupRequest, BaseChoice, DiskInput};
+pub use backup::{BackupRequest, BaseChoice, BlockParams, BlockTarget, DiskInput, backup_disks};
 pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use id::Id;
