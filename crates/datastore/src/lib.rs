@@ -17,6 +17,7 @@ pub mod error;
 pub mod format;
 mod gc;
 pub mod id;
+mod ingest;
 pub mod manifest;
 pub mod prune;
 pub mod ranges;
@@ -30,6 +31,7 @@ pub use backup::{BackupRequest, BaseChoice, BlockParams, BlockTarget, DiskInput,
 pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use id::Id;
+pub use ingest::{Ingest, MAX_REMOTE_DISK, decode_framed_piece};
 pub use manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
 pub use prune::{Decision, Retention};
 pub use restore::PointDisk;
