@@ -286,7 +286,15 @@ impl Ingest {
             }
         }
         if let Some(b) = &base {
-            self.store.find_point(&self.source.name, Some(b))?;
+            // An actual recovery point of this source (not "latest": the manifest
+            // records the id).
+            let m = self.store.point(b)?;
+            if m.source.name != self.source.name {
+                return Err(rejected(format!(
+                    "base {b} belongs to source {:?}, not {:?}",
+                    m.source.name, self.source.name
+                )));
+            }
         }
         let mut st = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
         if !st.pack.is_empty() {

@@ -349,6 +349,18 @@ fn commit_refuses_what_is_not_stored() {
     let mut disks = good.disks.clone();
     disks[0].virtual_size = 1 << 50;
     assert!(commit(disks, &[]).is_err());
+    // A base that is not a recovery point of this source.
+    let ing = ds.begin_ingest(source("other")).unwrap();
+    let e = ing
+        .commit(
+            Consistency::CrashConsistent,
+            Some(good.id.clone()),
+            good.disks.clone(),
+            Default::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("belongs to source"), "{e}");
     // None of that made a recovery point; the good one still restores.
     let fresh = Datastore::open(&dir, None).unwrap();
     assert_eq!(fresh.points().unwrap().0.len(), 1);
