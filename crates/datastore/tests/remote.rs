@@ -21,6 +21,8 @@ struct Loopback<'a> {
     params: BlockParams,
     sent: AtomicU64,
     puts: AtomicU64,
+    /// Questions asked (round trips, over a network).
+    asks: AtomicU64,
 }
 
 impl BlockTarget for Loopback<'_> {
@@ -28,6 +30,7 @@ impl BlockTarget for Loopback<'_> {
         &self.params
     }
     fn missing(&self, ids: &[Id]) -> datastore::Result<Vec<bool>> {
+        self.asks.fetch_add(1, Ordering::Relaxed);
         self.ing.missing(ids)
     }
     fn read_piece(&self, id: Id) -> datastore::Result<Vec<Id>> {
@@ -71,10 +74,20 @@ fn remote_backup(
         params: ing.params(),
         sent: AtomicU64::new(0),
         puts: AtomicU64::new(0),
+        asks: AtomicU64::new(0),
     };
     let (records, stats) = backup_disks(&target, base.as_ref(), &inputs, 2, &mut |_, _| {})?;
     let sent = target.sent.load(Ordering::Relaxed);
     assert_eq!(stats.bytes_stored, sent);
+    // Batched: at most one question per 4 MiB segment, plus one per index piece (and
+    // one per base piece looked into, and one for the base's pieces).
+    let size: u64 = inputs.iter().map(|d| d.disk.virtual_size()).sum();
+    let pieces: usize = records.iter().map(|r| r.pieces.len()).sum();
+    let asks = target.asks.load(Ordering::Relaxed);
+    assert!(
+        asks <= size.div_ceil(4 << 20) + 2 * pieces as u64 + disks.len() as u64,
+        "{asks} questions for {size} bytes"
+    );
     let m = ing.commit(
         Consistency::CrashConsistent,
         base.map(|b| b.id),
