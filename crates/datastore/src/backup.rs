@@ -7,6 +7,7 @@
 //! order, fills packs and index pieces → one uploader thread stores finished packs
 //! (temporary name, fsync, rename, fsync of the folder).
 
+use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::format::{self, Kind, PackBuilder, PackEntry};
 use crate::id::Id;
@@ -18,6 +19,7 @@ use crate::store::{BlobIndex, Datastore};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::thread::ScopedJoinHandle;
 use vdisk::VirtualDisk;
 use vdisk::aligned::AlignedBuf;
 
@@ -143,6 +145,130 @@ impl<T: Default + Clearable> FreeList<T> {
     }
 }
 
+/// Parameters a backup pipeline needs to build blobs exactly as the datastore would.
+#[derive(Clone, Debug)]
+pub struct BlockParams {
+    pub block_size: u32,
+    pub piece_blocks: u32,
+    pub zstd_level: i32,
+    pub keys: Keys,
+}
+
+impl BlockParams {
+    /// The same bounds a datastore's configuration must meet: a remote agent gets these
+    /// from the network, and the pipeline sizes buffers with them.
+    pub fn check(&self) -> Result<()> {
+        if !self.block_size.is_power_of_two()
+            || !(4096..=1 << 20).contains(&self.block_size)
+            || self.piece_blocks == 0
+            || self.piece_blocks > 1 << 16
+            || !(1..=22).contains(&self.zstd_level)
+        {
+            return Err(Error::Invalid(format!(
+                "backup parameters out of range: block size {}, piece blocks {}, zstd level {}",
+                self.block_size, self.piece_blocks, self.zstd_level
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where a backup's blocks go: the local datastore, or a server over the network.
+pub trait BlockTarget: Sync {
+    fn params(&self) -> &BlockParams;
+    /// For each id, whether the target lacks it. Called with batches (one segment's
+    /// blocks per call, from worker threads concurrently), so a remote target makes one
+    /// round trip per batch.
+    fn missing(&self, ids: &[Id]) -> Result<Vec<bool>>;
+    /// An index piece's block ids (for change-tracked backups reusing a base).
+    fn read_piece(&self, id: Id) -> Result<Vec<Id>>;
+    /// Stores framed blobs (each exactly as [`format::encode_blob`] made it, concatenated
+    /// in `framed`), in disk order, from the single consumer thread. A remote target may
+    /// batch and send in the background; an error may then surface on a later call or
+    /// on `finish`.
+    fn put(&self, framed: &[u8]) -> Result<()>;
+    /// Everything put is stored (local: packs durable, index file written); returns the
+    /// framed bytes stored.
+    fn finish(&self) -> Result<u64>;
+}
+
+/// Runs the backup pipeline of `disks` against `target`: returns the disk records (with
+/// their index pieces) and the totals, `bytes_stored` being what `finish` reported. Does
+/// not write a manifest (the caller does: locally [`Datastore::backup`], remotely the
+/// server on commit). `base` is the recovery point changed ranges apply to.
+/// `progress(done, total)` counts virtual bytes.
+pub fn backup_disks(
+    target: &dyn BlockTarget,
+    base: Option<&Manifest>,
+    disks: &[DiskInput<'_>],
+    threads: usize,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Vec<DiskRecord>, Stats)> {
+    let p = target.params();
+    p.check()?;
+    let bs = p.block_size as u64;
+    for (i, d) in disks.iter().enumerate() {
+        let size = d.disk.virtual_size();
+        if let Some(ch) = &d.changed {
+            let b = base.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "changed ranges were given for disk {i}, but the source has no earlier recovery point to apply them to; the first backup reads everything"
+                ))
+            })?;
+            let bd = b.disks.get(i).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "changed ranges were given for disk {i}, but recovery point {} has only {} disk(s)",
+                    b.id,
+                    b.disks.len()
+                ))
+            })?;
+            if bd.virtual_size != size {
+                return Err(Error::Invalid(format!(
+                    "disk {i} ({}) is {size} bytes but was {} bytes in recovery point {}: change tracking does not cover a resize; back up without --changed-ranges",
+                    d.name, bd.virtual_size, b.id
+                )));
+            }
+            if bd.block_size as u64 != bs
+                || bd.piece_blocks != p.piece_blocks
+                || bd.pieces.len() as u64 != bd.blocks().div_ceil(bd.piece_blocks as u64)
+            {
+                return Err(Error::Invalid(format!(
+                    "recovery point {} disk {i} has an index layout this datastore does not use; back up without --changed-ranges",
+                    b.id
+                )));
+            }
+            check_ranges(i, ch, size)?;
+        }
+    }
+    let total: u64 = disks.iter().map(|d| d.disk.virtual_size()).sum();
+    let pipe = Pipe {
+        target,
+        p,
+        threads: threads.max(1),
+    };
+    let mut w = Writer {
+        target,
+        session: HashSet::new(),
+        zstd: zstd::bulk::Compressor::new(p.zstd_level)
+            .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
+        framed: Vec::new(),
+    };
+    let mut stats = Stats::default();
+    let mut records = Vec::new();
+    let mut done_before = 0u64;
+    for (i, d) in disks.iter().enumerate() {
+        let base_disk = base.and_then(|b| b.disks.get(i));
+        let rec = pipe.backup_disk(i as u32, d, base_disk, &mut w, &mut |n| {
+            progress(done_before + n, total)
+        })?;
+        done_before += d.disk.virtual_size();
+        stats.add(&rec.stats);
+        records.push(rec);
+    }
+    stats.bytes_stored = target.finish()?;
+    Ok((records, stats))
+}
+
 impl Datastore {
     /// Takes a recovery point of `req.disks`; returns its manifest once it is durable
     /// and visible. `progress(done, total)` counts virtual bytes.
@@ -155,96 +281,35 @@ impl Datastore {
         let (started, micros) = crate::time::now_micros();
         let index = self.blob_index()?;
         let base = self.resolve_base(&req)?;
-        let bs = self.config.block_size as u64;
-        for (i, d) in req.disks.iter().enumerate() {
-            let size = d.disk.virtual_size();
-            if let Some(ch) = &d.changed {
-                let b = base.as_ref().ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "changed ranges were given for disk {i}, but source {:?} has no earlier recovery point to apply them to; the first backup reads everything",
-                        req.source.name
-                    ))
-                })?;
-                let bd = b.disks.get(i).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "changed ranges were given for disk {i}, but recovery point {} has only {} disk(s)",
-                        b.id,
-                        b.disks.len()
-                    ))
-                })?;
-                if bd.virtual_size != size {
-                    return Err(Error::Invalid(format!(
-                        "disk {i} ({}) is {size} bytes but was {} bytes in recovery point {}: change tracking does not cover a resize; back up without --changed-ranges",
-                        d.name, bd.virtual_size, b.id
-                    )));
-                }
-                if bd.block_size as u64 != bs
-                    || bd.piece_blocks != self.config.piece_blocks
-                    || bd.pieces.len() as u64 != bd.blocks().div_ceil(bd.piece_blocks as u64)
-                {
-                    return Err(Error::Invalid(format!(
-                        "recovery point {} disk {i} has an index layout this datastore does not use; back up without --changed-ranges",
-                        b.id
-                    )));
-                }
-                check_ranges(i, ch, size)?;
-            }
-        }
-
-        let total: u64 = req.disks.iter().map(|d| d.disk.virtual_size()).sum();
         let id = format!(
             "{}-{}",
             crate::time::id_stamp(started, micros),
             crate::crypto::random_hex(4)?
         );
-        let mut stats = Stats::default();
-        let mut records = Vec::new();
         let spare_packs = FreeList::<AlignedBuf>::default();
         let spare = &spare_packs;
-        let packs = std::thread::scope(|scope| -> Result<Vec<(Id, Vec<PackEntry>)>> {
+        let (records, stats) = std::thread::scope(|scope| {
             let (up_tx, up_rx) = sync_channel::<PackMsg>(0);
             let uploader = scope.spawn(move || self.upload_packs(up_rx, spare));
-            let mut w = Writer {
+            let target = LocalTarget {
                 store: self,
                 index: &index,
-                pack: PackBuilder::new(self.config.pack_size as usize),
-                session: HashSet::new(),
-                up: Some(up_tx),
-                spare,
-                zstd: zstd::bulk::Compressor::new(self.config.zstd_level)
-                    .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
-                framed: Vec::new(),
+                params: self.block_params(),
+                name: id.clone(),
+                session: Mutex::new(HashSet::new()),
+                out: Mutex::new(LocalOut {
+                    pack: PackBuilder::new(self.config.pack_size as usize),
+                    up: Some(up_tx),
+                    spare,
+                }),
+                uploader: Mutex::new(Some(uploader)),
             };
-            let mut done_before = 0u64;
-            let mut run = || -> Result<()> {
-                for (i, d) in req.disks.iter().enumerate() {
-                    let base_disk = base.as_ref().and_then(|b| b.disks.get(i));
-                    let rec =
-                        self.backup_disk(i as u32, d, base_disk, &index, &mut w, &mut |n| {
-                            progress(done_before + n, total)
-                        })?;
-                    done_before += d.disk.virtual_size();
-                    stats.add(&rec.stats);
-                    records.push(rec);
-                }
-                w.flush_pack()
-            };
-            let r = run();
-            w.up = None;
-            let up = uploader
-                .join()
-                .map_err(|_| Error::Invalid("pack uploader thread panicked".into()))?;
-            // The uploader's error (disk full...) is the cause of any send failure.
-            let packs = up?;
-            r?;
-            Ok(packs)
+            match backup_disks(&target, base.as_ref(), &req.disks, self.threads, progress) {
+                Ok(r) => Ok(r),
+                // The uploader's error (disk full...) is the cause of any send failure.
+                Err(e) => Err(target.abandon().err().unwrap_or(e)),
+            }
         })?;
-        let packs_bytes: u64 = packs
-            .iter()
-            .map(|(_, e)| e.iter().map(|x| x.len as u64).sum::<u64>())
-            .sum();
-        self.write_index(&id, &packs)?;
-        stats.bytes_stored = packs_bytes;
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
             version: MANIFEST_VERSION,
@@ -261,15 +326,30 @@ impl Datastore {
         Ok(manifest)
     }
 
+    /// What a backup pipeline needs to build this datastore's blobs.
+    pub fn block_params(&self) -> BlockParams {
+        BlockParams {
+            block_size: self.config.block_size,
+            piece_blocks: self.config.piece_blocks,
+            zstd_level: self.config.zstd_level,
+            keys: self.keys.clone(),
+        }
+    }
+
     fn resolve_base(&self, req: &BackupRequest<'_>) -> Result<Option<Manifest>> {
         match &req.base {
             BaseChoice::None => Ok(None),
             BaseChoice::Point(id) => self.find_point(&req.source.name, Some(id)).map(Some),
-            BaseChoice::Latest => match self.find_point(&req.source.name, None) {
-                Ok(m) => Ok(Some(m)),
-                Err(Error::Invalid(_)) => Ok(None),
-                Err(e) => Err(e),
-            },
+            BaseChoice::Latest => self.latest_point(&req.source.name),
+        }
+    }
+
+    /// The latest recovery point of `source`, if any.
+    pub(crate) fn latest_point(&self, source: &str) -> Result<Option<Manifest>> {
+        match self.find_point(source, None) {
+            Ok(m) => Ok(Some(m)),
+            Err(Error::Invalid(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -292,26 +372,196 @@ impl Datastore {
         }
         Ok(out)
     }
+}
 
+type Packs = Vec<(Id, Vec<PackEntry>)>;
+
+/// The local datastore as a [`BlockTarget`]: `missing` answers from the in-memory blob
+/// index (and what this backup stored), `put` fills packs for the uploader thread.
+struct LocalTarget<'a, 'scope> {
+    store: &'a Datastore,
+    index: &'a BlobIndex,
+    params: BlockParams,
+    /// Name of the index file to write (the recovery point's id).
+    name: String,
+    /// Blobs this backup stored (a block repeated later in the disk is not compressed
+    /// twice).
+    session: Mutex<HashSet<Id>>,
+    out: Mutex<LocalOut<'a>>,
+    uploader: Mutex<Option<ScopedJoinHandle<'scope, Result<Packs>>>>,
+}
+
+struct LocalOut<'a> {
+    pack: PackBuilder,
+    up: Option<SyncSender<PackMsg>>,
+    /// Pack buffers the uploader is done with.
+    spare: &'a FreeList<AlignedBuf>,
+}
+
+impl LocalOut<'_> {
+    fn flush_pack(&mut self, pack_size: usize) -> Result<()> {
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        let fresh = match self.spare.take() {
+            b if b.capacity() > 0 => PackBuilder::with_buffer(b),
+            _ => PackBuilder::new(pack_size),
+        };
+        let pack = std::mem::replace(&mut self.pack, fresh);
+        let msg = pack.finish();
+        let up = self
+            .up
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("internal: pack writer closed".into()))?;
+        // A send fails only when the uploader stopped on an error; the caller joins it
+        // and reports that error.
+        up.send(msg)
+            .map_err(|_| Error::Invalid("storing a pack failed".into()))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LocalTarget<'_, '_> {
+    /// Closes the pack queue (flushing the last pack first when `flush`) and waits for
+    /// the uploader; returns the packs it stored, or its error.
+    fn close(&self, flush: bool) -> Result<Packs> {
+        let r = {
+            let mut out = lock(&self.out);
+            let r = if flush {
+                out.flush_pack(self.store.config.pack_size as usize)
+            } else {
+                Ok(())
+            };
+            out.up = None;
+            r
+        };
+        let Some(h) = lock(&self.uploader).take() else {
+            return Err(Error::Invalid(
+                "internal: pack uploader already joined".into(),
+            ));
+        };
+        let packs = h
+            .join()
+            .map_err(|_| Error::Invalid("pack uploader thread panicked".into()))??;
+        r?;
+        Ok(packs)
+    }
+
+    /// After a failed backup: stops the uploader; its error, if it failed.
+    fn abandon(&self) -> Result<()> {
+        lock(&self.out).up = None;
+        match lock(&self.uploader).take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::Invalid("pack uploader thread panicked".into()))?
+                .map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl BlockTarget for LocalTarget<'_, '_> {
+    fn params(&self) -> &BlockParams {
+        &self.params
+    }
+
+    fn missing(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        let mut out: Vec<bool> = ids.iter().map(|id| !self.index.contains(id)).collect();
+        if out.iter().any(|&m| m) {
+            let session = lock(&self.session);
+            for (m, id) in out.iter_mut().zip(ids) {
+                *m = *m && !session.contains(id);
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_piece(&self, id: Id) -> Result<Vec<Id>> {
+        self.store.read_piece(self.index, id)
+    }
+
+    fn put(&self, framed: &[u8]) -> Result<()> {
+        let pack_size = self.store.config.pack_size as usize;
+        let mut ids = Vec::new();
+        let mut out = lock(&self.out);
+        for blob in format::split_blobs("backup", framed) {
+            let (_, h, bytes) = blob?;
+            out.pack.add(h.kind, h.id, h.plain_len, bytes)?;
+            ids.push(h.id);
+            if out.pack.len() >= pack_size {
+                out.flush_pack(pack_size)?;
+            }
+        }
+        drop(out);
+        lock(&self.session).extend(ids);
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<u64> {
+        let packs = self.close(true)?;
+        self.store.write_index(&self.name, &packs)?;
+        Ok(packs
+            .iter()
+            .map(|(_, e)| e.iter().map(|x| x.len as u64).sum::<u64>())
+            .sum())
+    }
+}
+
+/// The pipeline's shared parts: where blocks go and how they are built.
+struct Pipe<'a> {
+    target: &'a dyn BlockTarget,
+    p: &'a BlockParams,
+    threads: usize,
+}
+
+impl Pipe<'_> {
     fn backup_disk(
         &self,
         disk_no: u32,
         input: &DiskInput<'_>,
         base: Option<&DiskRecord>,
-        index: &BlobIndex,
         w: &mut Writer<'_>,
         progress: &mut dyn FnMut(u64),
     ) -> Result<DiskRecord> {
         let disk = input.disk;
         let info = disk.info();
         let size = disk.virtual_size();
-        let bs = self.config.block_size as u64;
-        let pb = self.config.piece_blocks as u64;
+        let bs = self.p.block_size as u64;
+        let pb = self.p.piece_blocks as u64;
         let nblocks = size.div_ceil(bs);
         let seg_blocks = gcd(pb, (4u64 << 20) / bs).max(1);
         let changed = input.changed.as_deref();
         // A base is only consulted block by block when change tracking says what changed.
         let base = base.filter(|_| changed.is_some());
+        // Which base pieces the target still has: one question for the whole disk.
+        let base_present: Vec<bool> = match base {
+            Some(bd) => {
+                let ids = bd
+                    .pieces
+                    .iter()
+                    .enumerate()
+                    .map(|(p, h)| {
+                        Id::from_hex(h).ok_or_else(|| {
+                            Error::Invalid(format!("base index piece {p} is malformed"))
+                        })
+                    })
+                    .collect::<Result<Vec<Id>>>()?;
+                let miss = self.target.missing(&ids)?;
+                if miss.len() != ids.len() {
+                    return Err(Error::Invalid(format!(
+                        "target answered {} of {} ids",
+                        miss.len(),
+                        ids.len()
+                    )));
+                }
+                miss.into_iter().map(|m| !m).collect()
+            }
+            None => Vec::new(),
+        };
+        let base_present = &base_present;
         let threads = self.threads;
         let (job_tx, job_rx) = sync_channel::<Result<(u64, Work)>>(threads);
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -347,8 +597,8 @@ impl Datastore {
                     nblocks,
                     seg_blocks,
                     base,
+                    base_present,
                     changed,
-                    index,
                     &pool_rx,
                     &mut |w| {
                         let ok = job_tx.send(Ok((seq, w))).is_ok();
@@ -365,7 +615,7 @@ impl Datastore {
             for _ in 0..threads {
                 let job_rx = job_rx.clone();
                 let out_tx = out_tx.clone();
-                scope.spawn(move || self.work(index, bs, size, &job_rx, &out_tx, framed_pool));
+                scope.spawn(move || self.work(bs, size, &job_rx, &out_tx, framed_pool));
             }
             drop(out_tx);
             // Only the workers hold the job queue: if they all stop (the writer failed),
@@ -399,6 +649,8 @@ impl Datastore {
                                 buf,
                             } => {
                                 rec.stats.bytes_read += read;
+                                // New blobs are contiguous in `framed`: put them in runs.
+                                let mut run = 0..0;
                                 for d in done {
                                     let id = match d {
                                         Done::Zero => {
@@ -419,7 +671,14 @@ impl Datastore {
                                             start,
                                             end,
                                         } => {
-                                            if w.add(Kind::Data, id, plain, &framed[start..end])? {
+                                            // Two workers may both have found a
+                                            // repeated block missing: store it once.
+                                            if w.session.insert(id) {
+                                                if run.end != start {
+                                                    w.put(&framed[run])?;
+                                                    run = start..start;
+                                                }
+                                                run.end = end;
                                                 rec.stats.blocks_new += 1;
                                                 rec.stats.bytes_new += plain as u64;
                                                 rec.stats.bytes_stored += (end - start) as u64;
@@ -432,11 +691,15 @@ impl Datastore {
                                     piece.extend_from_slice(&id.0);
                                     block += 1;
                                     if block.is_multiple_of(pb) || block == nblocks {
+                                        // Blocks before the piece that lists them.
+                                        w.put(&framed[run.clone()])?;
+                                        run = run.end..run.end;
                                         let pid = w.add_piece(&piece)?;
                                         rec.pieces.push(pid.to_hex());
                                         piece.clear();
                                     }
                                 }
+                                w.put(&framed[run])?;
                                 framed_pool.give(framed, threads + 2);
                                 if buf.capacity() > 0 {
                                     let _ = pool_tx.try_send(buf);
@@ -480,26 +743,29 @@ impl Datastore {
         nblocks: u64,
         seg_blocks: u64,
         base: Option<&DiskRecord>,
+        base_present: &[bool],
         changed: Option<&[(u64, u64)]>,
-        index: &BlobIndex,
         pool: &Receiver<Vec<u8>>,
         send: &mut dyn FnMut(Work) -> bool,
     ) -> Result<()> {
-        let bs = self.config.block_size as u64;
-        let pb = self.config.piece_blocks as u64;
+        let bs = self.p.block_size as u64;
+        let pb = self.p.piece_blocks as u64;
         let mut cursor = changed.map(RangeCursor::new);
         for p in 0..nblocks.div_ceil(pb) {
             let first = p * pb;
             let end = (first + pb).min(nblocks);
             let mut base_ids: Option<Vec<Id>> = None;
+            // Per base block: whether it can be reused (zero, or the target has it).
+            let mut usable: Vec<bool> = Vec::new();
             if let (Some(bd), Some(cur)) = (base, cursor.as_mut()) {
                 let pid = bd
                     .pieces
                     .get(p as usize)
                     .and_then(|h| Id::from_hex(h))
                     .ok_or_else(|| Error::Invalid(format!("base index piece {p} is malformed")))?;
+                let present = base_present.get(p as usize).copied().unwrap_or(false);
                 let touched = cur.intersects(first * bs, (end * bs).min(size));
-                if !touched && index.contains(&pid) {
+                if !touched && present {
                     if !send(Work::Piece {
                         id: pid,
                         blocks: end - first,
@@ -509,10 +775,23 @@ impl Datastore {
                     continue;
                 }
                 // A damaged or missing base piece: read its blocks instead (heals).
-                base_ids = self
-                    .read_piece(index, pid)
-                    .ok()
-                    .filter(|ids| ids.len() as u64 == end - first);
+                base_ids = if present {
+                    self.target
+                        .read_piece(pid)
+                        .ok()
+                        .filter(|ids| ids.len() as u64 == end - first)
+                } else {
+                    None
+                };
+                if let Some(ids) = &base_ids {
+                    // One question per piece for the blocks to reuse.
+                    let miss = self.target.missing(ids)?;
+                    usable = ids
+                        .iter()
+                        .zip(miss.iter().chain(std::iter::repeat(&true)))
+                        .map(|(id, &m)| id.is_zero() || !m)
+                        .collect();
+                }
             }
             let mut s = first;
             while s < end {
@@ -522,11 +801,11 @@ impl Datastore {
                 if let (Some(ids), Some(cur)) = (&base_ids, cursor.as_mut()) {
                     for (i, plan) in plans.iter_mut().enumerate() {
                         let b = s + i as u64;
-                        let bid = ids[(b - first) as usize];
+                        let k = (b - first) as usize;
                         let changed = cur.intersects(b * bs, ((b + 1) * bs).min(size));
                         // Reuse unless changed, or the block's blob is known damaged.
-                        if !changed && (bid.is_zero() || index.contains(&bid)) {
-                            *plan = Plan::Reuse(bid);
+                        if !changed && usable[k] {
+                            *plan = Plan::Reuse(ids[k]);
                         }
                     }
                 }
@@ -590,25 +869,28 @@ impl Datastore {
         Ok(())
     }
 
-    /// A worker: hashes read blocks, and compresses/encrypts those the datastore lacks.
+    /// A worker: hashes read blocks, asks the target which it lacks (one question per
+    /// segment), and compresses/encrypts those.
     fn work(
         &self,
-        index: &BlobIndex,
         bs: u64,
         size: u64,
         jobs: &Mutex<Receiver<Result<(u64, Work)>>>,
         out: &SyncSender<Result<(u64, Processed)>>,
         framed_pool: &FreeList,
     ) {
-        let mut zstd = match zstd::bulk::Compressor::new(self.config.zstd_level) {
+        let mut zstd = match zstd::bulk::Compressor::new(self.p.zstd_level) {
             Ok(z) => z,
             Err(e) => {
                 let _ = out.send(Err(Error::Invalid(format!("zstd: {e}"))));
                 return;
             }
         };
+        let keys = &self.p.keys;
+        let mut ids = Vec::new();
+        let mut at = Vec::new();
         loop {
-            let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            let job = match lock(jobs).recv() {
                 Ok(j) => j,
                 Err(_) => return,
             };
@@ -620,42 +902,63 @@ impl Datastore {
                     buf,
                     read,
                 } => {
+                    let block = |i: usize| {
+                        let a = i * bs as usize;
+                        let z = (a + bs as usize).min((size - first * bs) as usize);
+                        &buf[a..z]
+                    };
                     let mut done = Vec::with_capacity(plans.len());
-                    let mut framed = framed_pool.take();
+                    ids.clear();
+                    at.clear();
                     for (i, plan) in plans.iter().enumerate() {
                         done.push(match *plan {
                             Plan::Zero => Done::Zero,
                             Plan::Reuse(id) => Done::Reuse(id),
                             Plan::Read => {
-                                let a = i * bs as usize;
-                                let z = (a + bs as usize).min((size - first * bs) as usize);
-                                let data = &buf[a..z];
+                                let data = block(i);
                                 if vdisk::copy::is_zero(data) {
                                     Done::Zero
                                 } else {
-                                    let id = self.keys.id(data);
-                                    if index.contains(&id) {
-                                        Done::Known(id)
-                                    } else {
-                                        let start = framed.len();
-                                        format::encode_blob(
-                                            &self.keys,
-                                            &mut zstd,
-                                            Kind::Data,
-                                            id,
-                                            data,
-                                            &mut framed,
-                                        )?;
-                                        Done::New {
-                                            id,
-                                            plain: data.len() as u32,
-                                            start,
-                                            end: framed.len(),
-                                        }
-                                    }
+                                    let id = keys.id(data);
+                                    ids.push(id);
+                                    at.push(i);
+                                    Done::Known(id)
                                 }
                             }
                         });
+                    }
+                    let mut framed = framed_pool.take();
+                    if !ids.is_empty() {
+                        let miss = self.target.missing(&ids)?;
+                        if miss.len() != ids.len() {
+                            return Err(Error::Invalid(format!(
+                                "target answered {} of {} ids",
+                                miss.len(),
+                                ids.len()
+                            )));
+                        }
+                        // In disk order, so new blobs lie in `framed` in disk order.
+                        for ((&i, &id), m) in at.iter().zip(&ids).zip(miss) {
+                            if !m {
+                                continue;
+                            }
+                            let data = block(i);
+                            let start = framed.len();
+                            format::encode_blob(
+                                keys,
+                                &mut zstd,
+                                Kind::Data,
+                                id,
+                                data,
+                                &mut framed,
+                            )?;
+                            done[i] = Done::New {
+                                id,
+                                plain: data.len() as u32,
+                                start,
+                                end: framed.len(),
+                            };
+                        }
                     }
                     Ok((
                         seq,
@@ -675,71 +978,37 @@ impl Datastore {
     }
 }
 
-/// Fills packs and hands finished ones to the uploader.
+/// The consumer's side of the target: stores new blobs once each, and index pieces.
 struct Writer<'a> {
-    store: &'a Datastore,
-    index: &'a BlobIndex,
-    pack: PackBuilder,
-    /// Blobs already added by this backup.
+    target: &'a dyn BlockTarget,
+    /// Blobs already given to the target by this backup.
     session: HashSet<Id>,
-    up: Option<SyncSender<PackMsg>>,
-    /// Pack buffers the uploader is done with.
-    spare: &'a FreeList<AlignedBuf>,
     zstd: zstd::bulk::Compressor<'static>,
     framed: Vec<u8>,
 }
 
 impl Writer<'_> {
-    /// Adds a framed blob unless this backup already stored it; true when added.
-    fn add(&mut self, kind: Kind, id: Id, plain: u32, framed: &[u8]) -> Result<bool> {
-        if !self.session.insert(id) {
-            return Ok(false);
+    fn put(&mut self, framed: &[u8]) -> Result<()> {
+        if framed.is_empty() {
+            return Ok(());
         }
-        self.pack.add(kind, id, plain, framed)?;
-        if self.pack.len() >= self.store.config.pack_size as usize {
-            self.flush_pack()?;
-        }
-        Ok(true)
+        self.target.put(framed)
     }
 
     /// Stores an index piece (deduplicated like data); returns its id.
     fn add_piece(&mut self, ids: &[u8]) -> Result<Id> {
-        let id = self.store.keys.id(ids);
-        if !self.index.contains(&id) && !self.session.contains(&id) {
+        let keys = &self.target.params().keys;
+        let id = keys.id(ids);
+        if !self.session.contains(&id) && self.target.missing(&[id])?.first() != Some(&false) {
             let mut framed = std::mem::take(&mut self.framed);
             framed.clear();
-            format::encode_blob(
-                &self.store.keys,
-                &mut self.zstd,
-                Kind::Index,
-                id,
-                ids,
-                &mut framed,
-            )?;
-            self.add(Kind::Index, id, ids.len() as u32, &framed)?;
+            format::encode_blob(keys, &mut self.zstd, Kind::Index, id, ids, &mut framed)?;
+            self.session.insert(id);
+            let r = self.put(&framed);
             self.framed = framed;
+            r?;
         }
         Ok(id)
-    }
-
-    fn flush_pack(&mut self) -> Result<()> {
-        if self.pack.is_empty() {
-            return Ok(());
-        }
-        let fresh = match self.spare.take() {
-            b if b.capacity() > 0 => PackBuilder::with_buffer(b),
-            _ => PackBuilder::new(self.store.config.pack_size as usize),
-        };
-        let pack = std::mem::replace(&mut self.pack, fresh);
-        let msg = pack.finish();
-        let up = self
-            .up
-            .as_ref()
-            .ok_or_else(|| Error::Invalid("internal: pack writer closed".into()))?;
-        // A send fails only when the uploader stopped on an error; the caller joins it
-        // and reports that error.
-        up.send(msg)
-            .map_err(|_| Error::Invalid("storing a pack failed".into()))
     }
 }
 

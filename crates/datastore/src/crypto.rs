@@ -12,6 +12,7 @@ use crate::id::{Id, hex};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 const CTX_ID: &str = "holdfast 2026-11 datastore chunk id key";
 const CTX_AEAD: &str = "holdfast 2026-11 datastore aes-256-gcm key";
@@ -20,10 +21,12 @@ const CTX_FINGERPRINT: &str = "holdfast 2026-11 datastore key fingerprint";
 /// Length of the GCM tag appended to every encrypted payload.
 pub const TAG_LEN: usize = 16;
 
-/// How a datastore hashes and protects what it stores.
+/// How a datastore hashes and protects what it stores. Cloning is cheap (the AEAD key
+/// is shared), so a backup pipeline's parameters can carry the keys.
+#[derive(Clone)]
 pub struct Keys {
     id_key: Option<[u8; 32]>,
-    aead: Option<LessSafeKey>,
+    aead: Option<Arc<LessSafeKey>>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -52,7 +55,7 @@ impl Keys {
             .map_err(|_| Error::Key("cannot set up AES-256-GCM".into()))?;
         Ok(Keys {
             id_key: Some(blake3::derive_key(CTX_ID, master)),
-            aead: Some(LessSafeKey::new(unbound)),
+            aead: Some(Arc::new(LessSafeKey::new(unbound))),
         })
     }
 

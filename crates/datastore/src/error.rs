@@ -27,6 +27,9 @@ pub enum Error {
     /// A caller asked for something impossible (bad option, bad range, unknown id...).
     #[error("{0}")]
     Invalid(String),
+    /// Data sent by a remote agent failed validation (the session is then unusable).
+    #[error("rejected: {0}")]
+    Rejected(String),
     /// Reading a source disk failed.
     #[error(transparent)]
     Disk(#[from] vdisk::Error),

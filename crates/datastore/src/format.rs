@@ -143,6 +143,41 @@ pub fn parse_blob_header(key: &str, offset: u64, b: &[u8]) -> Result<BlobHeader>
     })
 }
 
+/// Walks concatenated framed blobs (as [`encode_blob`] appends them): yields each blob's
+/// offset in `buf`, its checked header and its bytes. A truncated or malformed blob ends
+/// the walk with an error naming `key` and its offset.
+pub fn split_blobs<'a>(
+    key: &'a str,
+    buf: &'a [u8],
+) -> impl Iterator<Item = Result<(usize, BlobHeader, &'a [u8])>> + 'a {
+    let mut off = 0usize;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || off >= buf.len() {
+            return None;
+        }
+        let r = parse_blob_header(key, off as u64, &buf[off..]).and_then(|h| {
+            let end = off + BLOB_HEADER + h.stored_len as usize;
+            if end > buf.len() {
+                return Err(Error::corrupt(
+                    key,
+                    format!(
+                        "blob at offset {off}: truncated ({} bytes of {} present)",
+                        buf.len() - off,
+                        end - off
+                    ),
+                ));
+            }
+            Ok((off, h, &buf[off..end]))
+        });
+        match &r {
+            Ok((_, _, b)) => off += b.len(),
+            Err(_) => failed = true,
+        }
+        Some(r)
+    })
+}
+
 /// Checks and opens one framed blob (`bytes` = header + payload) that should hold `id`,
 /// returning its plaintext in `out`. Every failure names `key` (the pack) and the offset.
 pub fn decode_blob(
