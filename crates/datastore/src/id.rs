@@ -36,7 +36,7 @@ impl Id {
     }
 
     /// Reads an id from the first 32 bytes of `b` (callers check the length).
-    pub(crate) fn from_slice(b: &[u8]) -> Option<Id> {
+    pub fn from_slice(b: &[u8]) -> Option<Id> {
         b.get(..32)?.try_into().ok().map(Id)
     }
 }

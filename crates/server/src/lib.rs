@@ -1,1 +1,248 @@
-//! server
+//! Holdfast's backup server: the HTTPS API (mutual TLS for agents, a bearer token for
+//! admins), the catalog, the datastore, the scheduler and its jobs.
+//!
+//! First start in an empty data dir creates everything: `catalog.db`, `datastore/`,
+//! the certificate authority (`ca.pem`, `ca.key`), the server certificate and
+//! `admin.token`. Nothing needs configuring; `holdfast.toml` can change the defaults.
+
+pub mod allocation;
+pub mod api;
+pub mod config;
+mod maintenance;
+pub mod scheduler;
+pub mod state;
+mod tls;
+
+use catalog::Catalog;
+use datastore::{CreateOptions, Datastore, Manifest};
+use protocol::{DiskInfo, RecoveryPointInfo};
+use state::AppState;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    #[error(transparent)]
+    Datastore(#[from] datastore::Error),
+    #[error(transparent)]
+    Pki(#[from] pki::Error),
+    #[error("{what}: {err}")]
+    Io {
+        what: String,
+        #[source]
+        err: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How `holdfast server` was started.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub data_dir: PathBuf,
+    pub listen: Option<std::net::SocketAddr>,
+    /// `--config FILE` (must exist); default `DIR/holdfast.toml` if present.
+    pub config_file: Option<PathBuf>,
+}
+
+/// What a started server tells its operator.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub url: String,
+    pub ca_fingerprint: String,
+    pub admin_token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub datastore: PathBuf,
+}
+
+/// A recovery point as the catalog lists it.
+pub fn rp_info(m: &Manifest, job_id: Option<i64>) -> RecoveryPointInfo {
+    RecoveryPointInfo {
+        id: m.id.clone(),
+        vm: m.source.name.clone(),
+        datasource_id: m.source.id.clone(),
+        created: m.created.clone(),
+        created_unix: m.created_unix,
+        consistency: m.consistency,
+        base: m.base.clone(),
+        disks: m
+            .disks
+            .iter()
+            .map(|d| DiskInfo {
+                name: d.name.clone(),
+                format: d.format.clone(),
+                virtual_size: d.virtual_size,
+            })
+            .collect(),
+        stats: m.stats,
+        job_id,
+    }
+}
+
+fn load_config(opts: &ServerOptions) -> Result<config::Config> {
+    let mut cfg = match &opts.config_file {
+        Some(f) => config::Config::load(f, true),
+        None => config::Config::load(&opts.data_dir.join("holdfast.toml"), false),
+    }
+    .map_err(Error::Config)?;
+    if let Some(l) = opts.listen {
+        cfg.listen = l;
+    }
+    Ok(cfg)
+}
+
+fn datastore_dir(opts: &ServerOptions, cfg: &config::Config) -> PathBuf {
+    cfg.datastore
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join("datastore"))
+}
+
+/// Opens the datastore, creating it on first start.
+fn open_datastore(dir: &Path, encrypt: bool) -> Result<(Datastore, Option<[u8; 32]>)> {
+    let key_path = datastore::default_key_path(dir);
+    if !dir.join("holdfast-datastore.json").exists() {
+        let opts = CreateOptions {
+            key_file: encrypt.then(|| key_path.clone()),
+            ..CreateOptions::default()
+        };
+        Datastore::create(dir, &opts)?;
+    }
+    let encrypted = key_path.exists();
+    let ds = Datastore::open(dir, encrypted.then_some(key_path.as_path()))?;
+    let master = if ds.keys().encrypted() {
+        Some(datastore::crypto::read_key_file(&key_path)?)
+    } else {
+        None
+    };
+    Ok((ds, master))
+}
+
+/// Replaces the catalog's recovery points with what the datastore holds.
+pub fn rebuild_catalog(data_dir: &Path, config_file: Option<PathBuf>) -> Result<(u64, u64)> {
+    let opts = ServerOptions {
+        data_dir: data_dir.to_path_buf(),
+        listen: None,
+        config_file,
+    };
+    let cfg = load_config(&opts)?;
+    let (ds, _) = open_datastore(&datastore_dir(&opts, &cfg), cfg.encrypt_datastore)?;
+    let cat = Catalog::open(&data_dir.join("catalog.db"))?;
+    let (points, damaged) = ds.points()?;
+    let rps: Vec<RecoveryPointInfo> = points.iter().map(|m| rp_info(m, None)).collect();
+    cat.replace_recovery_points(&rps)?;
+    cat.audit(
+        datastore::time::now(),
+        "admin",
+        "rebuild-catalog",
+        &format!("{} recovery points, {} unreadable", rps.len(), damaged.len()),
+    )?;
+    Ok((rps.len() as u64, damaged.len() as u64))
+}
+
+/// Starts the server and runs until the process is stopped. `on_start` receives the
+/// URL and fingerprint once the listener is bound.
+pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
+    let cfg = load_config(&opts)?;
+    let io = |what: String| move |err| Error::Io { what, err };
+    std::fs::create_dir_all(&opts.data_dir).map_err(io(format!(
+        "creating {}",
+        opts.data_dir.display()
+    )))?;
+    let ds_dir = datastore_dir(&opts, &cfg);
+    let (ds, master) = open_datastore(&ds_dir, cfg.encrypt_datastore)?;
+    ds.backend().remove_leftovers()?;
+    let cat = Catalog::open(&opts.data_dir.join("catalog.db"))?;
+    let mut names = cfg.public_names.clone();
+    if let Ok(h) = std::fs::read_to_string("/etc/hostname") {
+        let h = h.trim();
+        if !h.is_empty() {
+            names.push(h.to_string());
+        }
+    }
+    if !cfg.listen.ip().is_unspecified() {
+        names.push(cfg.listen.ip().to_string());
+    }
+    let pki = pki::ServerPki::load_or_create(&opts.data_dir, &names)?;
+    let admin_token = pki::load_or_create_admin_token(&opts.data_dir)?;
+    let threads = cfg
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    // Jobs that were running when the server stopped: failed, and run again now.
+    let now = datastore::time::now();
+    for j in cat.fail_interrupted_jobs(now, "the server stopped while the job ran")? {
+        let subject = j
+            .host
+            .as_deref()
+            .zip(j.vm.as_deref())
+            .map(|(h, v)| format!("{h}/{v}"))
+            .unwrap_or_else(|| "datastore".into());
+        cat.raise_alert(
+            now,
+            protocol::Severity::Warning,
+            &subject,
+            "interrupted",
+            &format!("job {} ({}) was interrupted by a server restart; it runs again", j.id, j.kind.as_str()),
+        )?;
+        let id = cat.add_job(
+            now,
+            &catalog::NewJob {
+                kind: j.kind,
+                datasource_id: j.datasource_id.clone(),
+                trigger: format!("rerun of {} (server restart)", j.id),
+                not_before: None,
+                attempt: j.attempt + 1,
+                rerun_of: Some(j.id),
+            },
+        )?;
+        cat.job_log(now, id, "queued after a server restart")?;
+    }
+    let tls = pki.server_config()?;
+    let started = Started {
+        url: format!("https://{}", display_addr(cfg.listen)),
+        ca_fingerprint: pki.ca_fingerprint(),
+        admin_token_file: opts.data_dir.join("admin.token"),
+        ca_file: opts.data_dir.join("ca.pem"),
+        datastore: ds_dir.clone(),
+    };
+    let listen = cfg.listen;
+    let st = Arc::new(AppState::new(
+        cfg,
+        cat,
+        Arc::new(ds),
+        ds_dir,
+        master,
+        pki,
+        admin_token,
+        threads,
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io("starting the runtime".into()))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(io(format!("listening on {listen}")))?;
+        on_start(&started);
+        tokio::spawn(scheduler::run(st.clone()));
+        tls::serve(listener, tls, api::router(st)).await;
+        Ok(())
+    })
+}
+
+fn display_addr(a: std::net::SocketAddr) -> String {
+    if a.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}:{}", a.port())
+    } else {
+        a.to_string()
+    }
+}

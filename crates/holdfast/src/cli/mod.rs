@@ -1,5 +1,7 @@
 //! Command-line interface: argument definitions and dispatch.
 
+mod admin;
+mod daemons;
 mod image;
 mod progress;
 mod store;
@@ -14,6 +16,8 @@ use std::process::ExitCode;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    server: admin::ServerArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -26,7 +30,8 @@ enum Command {
     Datastore(store::DatastoreCommand),
     /// Take a recovery point of disk images into a datastore.
     Backup(store::BackupArgs),
-    /// List the recovery points in a datastore.
+    /// List recovery points: from the server (`recovery-points list [--vm HOST/VM]`),
+    /// or straight from a datastore folder with `-d DIR`.
     RecoveryPoints(store::PointsArgs),
     /// Write one disk of a recovery point to an image file.
     Restore(store::RestoreArgs),
@@ -39,6 +44,53 @@ enum Command {
     Gc(store::GcArgs),
     /// Remove given recovery points (their data goes at the next gc).
     Forget(store::ForgetArgs),
+    /// Run the backup server (API, scheduler, catalog, datastore).
+    Server(daemons::ServerCmd),
+    /// Run the protection agent on a hypervisor host.
+    Agent(daemons::AgentCmd),
+    /// Start a server and an agent on loopback in a temporary folder and protect two
+    /// sample VMs end to end (the five-minute tour).
+    Demo(daemons::DemoCmd),
+    /// Enrollment tokens for agents.
+    #[command(subcommand)]
+    AgentToken(admin::TokenCommand),
+    /// Enrolled agents.
+    #[command(subcommand)]
+    Agents(admin::AgentsCommand),
+    /// Protection groups: members and policy.
+    #[command(subcommand)]
+    Pg(admin::PgCommand),
+    /// Data sources (VMs) the agents report.
+    #[command(subcommand)]
+    Datasources(admin::DataSourcesCommand),
+    /// Take a recovery point of a VM now.
+    BackupNow {
+        /// HOST/VM
+        vm: String,
+        /// Read every block (no change tracking).
+        #[arg(long)]
+        express_full: bool,
+        /// Wait for the job; exit 0 only when the recovery point exists.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare every block of a VM with its replica and repair it.
+    ConsistencyCheck {
+        /// HOST/VM
+        vm: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Jobs: list, show, follow, cancel.
+    #[command(subcommand)]
+    Jobs(admin::JobsCommand),
+    /// Alerts.
+    #[command(subcommand)]
+    Alerts(admin::AlertsCommand),
 }
 
 /// Runs a parsed command line; the exit code says what happened.
@@ -47,11 +99,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image(cmd) => image::run(cmd),
         Command::Datastore(store::DatastoreCommand::Create(a)) => store::create(&a),
         Command::Backup(a) => store::backup(&a),
-        Command::RecoveryPoints(a) => store::points(&a),
+        Command::RecoveryPoints(a) => match a.datastore_given() {
+            true => store::points(&a),
+            false => admin::recovery_points(&cli.server, a.vm.as_deref(), a.json),
+        },
         Command::Restore(a) => store::restore(&a),
         Command::Verify(a) => store::verify(&a),
         Command::Prune(a) => store::prune(&a),
         Command::Gc(a) => store::gc(&a),
         Command::Forget(a) => store::forget(&a),
+        Command::Server(a) => daemons::server(a),
+        Command::Agent(a) => daemons::agent(&cli.server, a),
+        Command::Demo(a) => daemons::demo(a),
+        Command::AgentToken(c) => admin::agent_token(&cli.server, c),
+        Command::Agents(c) => admin::agents(&cli.server, c),
+        Command::Pg(c) => admin::pg(&cli.server, c),
+        Command::Datasources(c) => admin::datasources(&cli.server, c),
+        Command::BackupNow {
+            vm,
+            express_full,
+            wait,
+            json,
+        } => admin::backup_now(&cli.server, &vm, express_full, wait, json),
+        Command::ConsistencyCheck { vm, wait, json } => {
+            admin::consistency_check(&cli.server, &vm, wait, json)
+        }
+        Command::Jobs(c) => admin::jobs(&cli.server, c),
+        Command::Alerts(c) => admin::alerts(&cli.server, c),
     }
 }

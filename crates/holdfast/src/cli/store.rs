@@ -90,13 +90,29 @@ pub struct BackupArgs {
 
 #[derive(Debug, Args)]
 pub struct PointsArgs {
-    #[command(flatten)]
-    store: StoreArgs,
-    /// Only this source.
-    #[arg(long)]
+    /// `list` (optional).
+    #[arg(value_parser = ["list"])]
+    action: Option<String>,
+    /// Read a datastore folder directly instead of asking the server.
+    #[arg(long, short = 'd')]
+    datastore: Option<PathBuf>,
+    /// Key file of an encrypted datastore (with -d).
+    #[arg(long, requires = "datastore")]
+    key_file: Option<PathBuf>,
+    /// Only this source (with -d).
+    #[arg(long, requires = "datastore")]
     source: Option<String>,
+    /// Only this VM, HOST/VM (from the server).
+    #[arg(long, conflicts_with = "datastore")]
+    pub vm: Option<String>,
     #[arg(long)]
-    json: bool,
+    pub json: bool,
+}
+
+impl PointsArgs {
+    pub fn datastore_given(&self) -> bool {
+        self.datastore.is_some()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -332,7 +348,11 @@ fn point_json(m: &Manifest) -> serde_json::Value {
 }
 
 pub fn points(a: &PointsArgs) -> anyhow::Result<ExitCode> {
-    let ds = a.store.open()?;
+    let store = StoreArgs {
+        datastore: a.datastore.clone().unwrap_or_default(),
+        key_file: a.key_file.clone(),
+    };
+    let ds = store.open()?;
     let (list, damaged) = ds.points()?;
     for d in &damaged {
         eprintln!(

@@ -1,0 +1,711 @@
+//! Admin commands: everything goes through the server's API (the same calls the web
+//! console will make), authenticated by the admin token over TLS pinned to the
+//! server's CA.
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Subcommand};
+use client::{Auth, Client, seg};
+use protocol::*;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Where the server is and how to prove we are its admin.
+#[derive(Debug, Args, Clone)]
+pub struct ServerArgs {
+    /// Server URL, e.g. https://backup01:8443.
+    #[arg(long, global = true, env = "HOLDFAST_SERVER")]
+    pub server: Option<String>,
+    /// File holding the admin API token (the server's DIR/admin.token).
+    #[arg(long, global = true, env = "HOLDFAST_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The server's CA certificate (DIR/ca.pem): the only CA trusted.
+    #[arg(long, global = true, env = "HOLDFAST_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    pub fn url(&self) -> anyhow::Result<&str> {
+        self.server
+            .as_deref()
+            .ok_or_else(|| anyhow!("no server given: use --server URL or HOLDFAST_SERVER"))
+    }
+
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let url = self.url()?;
+        let ca_file = self
+            .ca_file
+            .as_ref()
+            .ok_or_else(|| anyhow!("no CA file given: use --ca-file (the server's DIR/ca.pem) or HOLDFAST_CA_FILE"))?;
+        let token_file = self.token_file.as_ref().ok_or_else(|| {
+            anyhow!("no token file given: use --token-file (the server's DIR/admin.token) or HOLDFAST_TOKEN_FILE")
+        })?;
+        let ca = std::fs::read_to_string(ca_file)
+            .with_context(|| format!("reading {}", ca_file.display()))?;
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?;
+        let tls = pki::client_config_trusting(&ca)?;
+        Ok(Client::new(url, tls, Auth::Token(token.trim().to_string()))?)
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    super::units::human(n)
+}
+
+// ---------------------------------------------------------------------------------
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a one-time enrollment token for a host's agent.
+    Create {
+        #[arg(long)]
+        host: String,
+        /// Minutes the token stays valid.
+        #[arg(long, default_value_t = 60)]
+        valid_minutes: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn agent_token(s: &ServerArgs, c: TokenCommand) -> anyhow::Result<ExitCode> {
+    let TokenCommand::Create {
+        host,
+        valid_minutes,
+        json,
+    } = c;
+    let r: AgentTokenResponse = s.client()?.post(
+        "/agent-tokens",
+        &AgentTokenRequest {
+            host,
+            valid_minutes: Some(valid_minutes),
+        },
+    )?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!("{}", r.token);
+        eprintln!(
+            "one-time token for host {:?}, valid until {}; on the host run:\n  holdfast agent --server {} --enroll {} --data-dir /var/lib/holdfast-agent --files-root VMDIR",
+            r.host,
+            r.expires,
+            s.url()?,
+            r.token
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// List enrolled agents.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent's certificate: it is refused from now on.
+    Revoke { host: String },
+}
+
+pub fn agents(s: &ServerArgs, c: AgentsCommand) -> anyhow::Result<ExitCode> {
+    let cl = s.client()?;
+    match c {
+        AgentsCommand::List { json } => {
+            let list: Vec<AgentInfo> = cl.get("/agents")?;
+            if json {
+                return print_json(&list).map(|_| ExitCode::SUCCESS);
+            }
+            println!("{:<24} {:<10} {:<22} {:<22} FINGERPRINT", "HOST", "STATE", "ENROLLED", "LAST SEEN");
+            for a in list {
+                let state = if a.revoked {
+                    "revoked"
+                } else if a.connected {
+                    "connected"
+                } else {
+                    "offline"
+                };
+                println!(
+                    "{:<24} {:<10} {:<22} {:<22} {}",
+                    a.host,
+                    state,
+                    a.enrolled,
+                    a.last_seen.unwrap_or_default(),
+                    &a.cert_fingerprint[..16.min(a.cert_fingerprint.len())]
+                );
+            }
+        }
+        AgentsCommand::Revoke { host } => {
+            let _: serde_json::Value = cl.post(&format!("/agents/{}/revoke", seg(&host)), &serde_json::json!({}))?;
+            println!("agent {host} revoked");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataSourcesCommand {
+    /// List the VMs agents report, with their protection.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn datasources(s: &ServerArgs, c: DataSourcesCommand) -> anyhow::Result<ExitCode> {
+    let DataSourcesCommand::List { json } = c;
+    let list: Vec<DataSourceInfo> = s.client()?.get("/datasources")?;
+    if json {
+        return print_json(&list).map(|_| ExitCode::SUCCESS);
+    }
+    println!("{:<32} {:<8} {:>10} {:<16} {:<13} LAST RECOVERY POINT", "VM", "PROVIDER", "SIZE", "GROUP", "REPLICA");
+    for d in list {
+        println!(
+            "{:<32} {:<8} {:>10} {:<16} {:<13} {}",
+            format!("{}{}", d.name, if d.present { "" } else { " (gone)" }),
+            d.provider,
+            human(d.size),
+            d.protection_group.unwrap_or_else(|| "-".into()),
+            d.replica_state,
+            d.last_recovery_point.unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------
+// Protection groups
+
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Short-term retention range in days (1-448).
+    #[arg(long)]
+    retention_days: Option<u32>,
+    /// Synchronization frequency in minutes (15, 30, 60, 120, 240, 360, 720, 1440) or
+    /// `just-before-recovery-point`.
+    #[arg(long)]
+    sync_frequency: Option<String>,
+    /// Recovery point times of day, UTC: HH:MM[,HH:MM...].
+    #[arg(long)]
+    recovery_point_times: Option<String>,
+    /// Express full backup times of day, UTC: HH:MM[,HH:MM...].
+    #[arg(long)]
+    express_full_times: Option<String>,
+    /// Daily consistency check at HH:MM UTC.
+    #[arg(long)]
+    consistency_check_daily: Option<String>,
+    /// Do not run a consistency check automatically when a replica is inconsistent.
+    #[arg(long)]
+    no_auto_consistency_check: bool,
+    /// Initial replica: `now`, `manual` (offline seeding) or a UTC time
+    /// (2026-11-25T22:00:00Z).
+    #[arg(long)]
+    replica: Option<String>,
+    /// Expected daily churn in percent, for the disk allocation review.
+    #[arg(long)]
+    churn_percent: Option<f64>,
+}
+
+fn times(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+impl PolicyArgs {
+    fn any(&self) -> bool {
+        self.retention_days.is_some()
+            || self.sync_frequency.is_some()
+            || self.recovery_point_times.is_some()
+            || self.express_full_times.is_some()
+            || self.consistency_check_daily.is_some()
+            || self.no_auto_consistency_check
+            || self.replica.is_some()
+            || self.churn_percent.is_some()
+    }
+
+    /// Applies the flags given on top of `base` (a new group starts from nothing).
+    fn apply(&self, base: Option<Policy>) -> anyhow::Result<Policy> {
+        let sync = match self.sync_frequency.as_deref() {
+            Some("just-before-recovery-point") => Some(SyncFrequency::JustBeforeRecoveryPoint),
+            Some(m) => Some(SyncFrequency::Minutes(m.parse().map_err(|_| {
+                anyhow!("--sync-frequency {m:?}: minutes (15, 30, 60, 120, 240, 360, 720, 1440) or just-before-recovery-point")
+            })?)),
+            None => None,
+        };
+        let replica = match self.replica.as_deref() {
+            None => None,
+            Some("now") => Some(ReplicaCreation::Now),
+            Some("manual") => Some(ReplicaCreation::Manual),
+            Some(t) => {
+                datastore::time::parse(t).ok_or_else(|| {
+                    anyhow!("--replica {t:?}: now, manual, or a UTC time like 2026-11-25T22:00:00Z")
+                })?;
+                Some(ReplicaCreation::At(t.to_string()))
+            }
+        };
+        let p = match base {
+            Some(mut p) => {
+                if let Some(d) = self.retention_days {
+                    p.retention_days = d;
+                }
+                if let Some(s) = sync {
+                    p.sync_frequency = s;
+                }
+                if let Some(t) = &self.recovery_point_times {
+                    p.recovery_point_times = times(t);
+                }
+                if let Some(t) = &self.express_full_times {
+                    p.express_full_times = times(t);
+                }
+                if let Some(t) = &self.consistency_check_daily {
+                    p.consistency_check_daily = Some(t.clone()).filter(|t| !t.is_empty());
+                }
+                if self.no_auto_consistency_check {
+                    p.consistency_check_when_inconsistent = false;
+                }
+                if let Some(r) = replica {
+                    p.replica_creation = r;
+                }
+                if let Some(c) = self.churn_percent {
+                    p.churn_percent = c;
+                }
+                p
+            }
+            None => Policy {
+                retention_days: self
+                    .retention_days
+                    .ok_or_else(|| anyhow!("--retention-days is required"))?,
+                sync_frequency: sync.ok_or_else(|| anyhow!("--sync-frequency is required"))?,
+                recovery_point_times: times(
+                    self.recovery_point_times
+                        .as_deref()
+                        .ok_or_else(|| anyhow!("--recovery-point-times is required"))?,
+                ),
+                express_full_times: self.express_full_times.as_deref().map(times).unwrap_or_default(),
+                consistency_check_when_inconsistent: !self.no_auto_consistency_check,
+                consistency_check_daily: self.consistency_check_daily.clone(),
+                replica_creation: replica.unwrap_or(ReplicaCreation::Now),
+                churn_percent: self.churn_percent.unwrap_or(5.0),
+            },
+        };
+        p.validate().map_err(|e| anyhow!("policy: {e}"))?;
+        Ok(p)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PgCommand {
+    /// Create a protection group.
+    Create {
+        name: String,
+        /// A member VM, HOST/VM (repeat for more).
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List protection groups.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a group: members, policy, disk allocation review.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change members or policy.
+    Modify {
+        name: String,
+        #[arg(long = "add-member")]
+        add: Vec<String>,
+        #[arg(long = "remove-member")]
+        remove: Vec<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop protecting a group's members. Their recovery points are kept (and expire
+    /// by retention) unless --delete-data.
+    Delete {
+        name: String,
+        #[arg(long)]
+        delete_data: bool,
+    },
+}
+
+fn show_group(g: &GroupInfo) {
+    let p = &g.policy;
+    println!("protection group {:?} (created {})", g.name, g.created);
+    println!("  members:            {}", g.members.join(", "));
+    println!("  retention:          {} days", p.retention_days);
+    println!(
+        "  synchronization:    {}",
+        match p.sync_frequency {
+            SyncFrequency::Minutes(m) => format!("every {m} minutes"),
+            SyncFrequency::JustBeforeRecoveryPoint => "just before each recovery point (express full)".into(),
+        }
+    );
+    println!("  recovery points at: {} UTC", p.recovery_point_times.join(", "));
+    if !p.express_full_times.is_empty() {
+        println!("  express full at:    {} UTC", p.express_full_times.join(", "));
+    }
+    println!(
+        "  consistency check:  {}{}",
+        if p.consistency_check_when_inconsistent { "when inconsistent" } else { "manual" },
+        p.consistency_check_daily
+            .as_ref()
+            .map(|t| format!(", daily at {t} UTC"))
+            .unwrap_or_default()
+    );
+    let a = &g.allocation;
+    println!(
+        "  disk allocation:    data {} -> needs {} ({}% churn x {} days); datastore {} free of {}{}",
+        human(a.data_size),
+        human(a.required),
+        p.churn_percent,
+        p.retention_days,
+        human(a.datastore_free),
+        human(a.datastore_total),
+        if a.fits { "" } else { "  ** DOES NOT FIT **" }
+    );
+}
+
+pub fn pg(s: &ServerArgs, c: PgCommand) -> anyhow::Result<ExitCode> {
+    let cl = s.client()?;
+    match c {
+        PgCommand::Create {
+            name,
+            members,
+            policy,
+            json,
+        } => {
+            let g: GroupInfo = cl.post(
+                "/protection-groups",
+                &CreateGroup {
+                    name,
+                    members,
+                    policy: policy.apply(None)?,
+                },
+            )?;
+            if json {
+                print_json(&g)?;
+            } else {
+                show_group(&g);
+            }
+        }
+        PgCommand::List { json } => {
+            let list: Vec<GroupInfo> = cl.get("/protection-groups")?;
+            if json {
+                return print_json(&list).map(|_| ExitCode::SUCCESS);
+            }
+            println!("{:<20} {:>7} {:>9} {:>10} MEMBERS", "NAME", "MEMBERS", "RETENTION", "DATA");
+            for g in list {
+                println!(
+                    "{:<20} {:>7} {:>8}d {:>10} {}",
+                    g.name,
+                    g.members.len(),
+                    g.policy.retention_days,
+                    human(g.allocation.data_size),
+                    g.members.join(", ")
+                );
+            }
+        }
+        PgCommand::Show { name, json } => {
+            let g: GroupInfo = cl.get(&format!("/protection-groups/{}", seg(&name)))?;
+            if json {
+                print_json(&g)?;
+            } else {
+                show_group(&g);
+            }
+        }
+        PgCommand::Modify {
+            name,
+            add,
+            remove,
+            policy,
+            json,
+        } => {
+            let new_policy = if policy.any() {
+                let g: GroupInfo = cl.get(&format!("/protection-groups/{}", seg(&name)))?;
+                Some(policy.apply(Some(g.policy))?)
+            } else {
+                None
+            };
+            let g: GroupInfo = cl.patch(
+                &format!("/protection-groups/{}", seg(&name)),
+                &ModifyGroup {
+                    add_members: add,
+                    remove_members: remove,
+                    policy: new_policy,
+                },
+            )?;
+            if json {
+                print_json(&g)?;
+            } else {
+                show_group(&g);
+            }
+        }
+        PgCommand::Delete { name, delete_data } => {
+            let r: DeleteGroupResponse = cl.delete(&format!(
+                "/protection-groups/{}?delete_data={delete_data}",
+                seg(&name)
+            ))?;
+            if delete_data {
+                println!(
+                    "protection group {:?} deleted with {} recovery points (space returns at the next gc)",
+                    r.name, r.recovery_points_deleted
+                );
+            } else {
+                println!(
+                    "protection group {:?} deleted; its recovery points stay until their retention range ends",
+                    r.name
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------
+// Jobs
+
+fn vm_path(vm: &str) -> anyhow::Result<String> {
+    let (h, v) = split_vm(vm).ok_or_else(|| anyhow!("{vm:?} is not HOST/VM"))?;
+    Ok(format!("/datasources/{}/{}", seg(h), seg(v)))
+}
+
+/// Waits for a job to end, printing its progress on stderr; exit 0 only on success.
+fn wait_job(cl: &Client, id: i64, json: bool) -> anyhow::Result<ExitCode> {
+    let mut last = String::new();
+    loop {
+        let j: JobInfo = cl.get(&format!("/jobs/{id}"))?;
+        if j.state.finished() {
+            if json {
+                print_json(&j)?;
+            } else {
+                println!(
+                    "job {} ({}) {}{}{}",
+                    j.id,
+                    j.kind.as_str(),
+                    j.state.as_str(),
+                    j.recovery_point
+                        .as_ref()
+                        .map(|r| format!(": recovery point {r}"))
+                        .unwrap_or_default(),
+                    j.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                );
+            }
+            let ok = j.state == JobState::Succeeded && (!j.kind.on_agent() || j.recovery_point.is_some());
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        let line = format!(
+            "job {} {}: {} of {}",
+            j.id,
+            j.state.as_str(),
+            human(j.bytes_done),
+            human(j.bytes_total)
+        );
+        if line != last && !json {
+            eprintln!("{line}");
+            last = line;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn started(cl: &Client, j: JobInfo, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+    if wait {
+        return wait_job(cl, j.id, json);
+    }
+    if json {
+        print_json(&j)?;
+    } else {
+        println!("job {} ({}) {}", j.id, j.kind.as_str(), j.state.as_str());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn backup_now(s: &ServerArgs, vm: &str, express_full: bool, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let cl = s.client()?;
+    let j: JobInfo = cl.post(
+        &format!("{}/backup", vm_path(vm)?),
+        &BackupNowRequest { express_full },
+    )?;
+    started(&cl, j, wait, json)
+}
+
+pub fn consistency_check(s: &ServerArgs, vm: &str, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let cl = s.client()?;
+    let j: JobInfo = cl.post(&format!("{}/consistency-check", vm_path(vm)?), &serde_json::json!({}))?;
+    started(&cl, j, wait, json)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// queued, running, succeeded, failed or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job with its log; --follow waits for it to end.
+    Show {
+        id: i64,
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running job.
+    Cancel { id: i64 },
+    /// Run a server job now: verify, prune or gc.
+    Run {
+        kind: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn jobs(s: &ServerArgs, c: JobsCommand) -> anyhow::Result<ExitCode> {
+    let cl = s.client()?;
+    match c {
+        JobsCommand::List { state, limit, json } => {
+            let mut path = format!("/jobs?limit={limit}");
+            if let Some(st) = state {
+                path.push_str(&format!("&state={}", seg(&st)));
+            }
+            let list: Vec<JobInfo> = cl.get(&path)?;
+            if json {
+                return print_json(&list).map(|_| ExitCode::SUCCESS);
+            }
+            println!("{:>6} {:<18} {:<10} {:<28} {:<21} {:>10} RESULT", "ID", "KIND", "STATE", "VM", "CREATED", "READ");
+            for j in list {
+                println!(
+                    "{:>6} {:<18} {:<10} {:<28} {:<21} {:>10} {}",
+                    j.id,
+                    j.kind.as_str(),
+                    j.state.as_str(),
+                    j.vm.unwrap_or_else(|| "-".into()),
+                    j.created,
+                    human(j.bytes_read),
+                    j.recovery_point.or(j.error).unwrap_or_default()
+                );
+            }
+        }
+        JobsCommand::Show { id, follow, json } => {
+            if follow {
+                return wait_job(&cl, id, json);
+            }
+            let j: JobInfo = cl.get(&format!("/jobs/{id}"))?;
+            if json {
+                return print_json(&j).map(|_| ExitCode::SUCCESS);
+            }
+            println!("job {} ({}) {} — trigger: {}, attempt {}", j.id, j.kind.as_str(), j.state.as_str(), j.trigger, j.attempt);
+            if let Some(vm) = &j.vm {
+                println!("  vm: {vm}");
+            }
+            println!("  bytes: {} of {} done, {} read, {} sent", human(j.bytes_done), human(j.bytes_total), human(j.bytes_read), human(j.bytes_sent));
+            if let Some(rp) = &j.recovery_point {
+                println!("  recovery point: {rp}");
+            }
+            if let Some(e) = &j.error {
+                println!("  error: {e}");
+            }
+            for l in &j.log {
+                println!("  {} {}", l.time, l.message);
+            }
+        }
+        JobsCommand::Cancel { id } => {
+            let j: JobInfo = cl.post(&format!("/jobs/{id}/cancel"), &serde_json::json!({}))?;
+            println!("job {} {}", j.id, if j.state == JobState::Cancelled { "cancelled" } else { "cancel requested" });
+        }
+        JobsCommand::Run { kind, wait, json } => {
+            let j: JobInfo = cl.post("/jobs", &serde_json::json!({ "kind": kind }))?;
+            return started(&cl, j, wait, json);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// List active alerts (--all: resolved ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn alerts(s: &ServerArgs, c: AlertsCommand) -> anyhow::Result<ExitCode> {
+    let AlertsCommand::List { all, json } = c;
+    let list: Vec<AlertInfo> = s.client()?.get(&format!("/alerts?all={all}"))?;
+    if json {
+        return print_json(&list).map(|_| ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!("no {}alerts", if all { "" } else { "active " });
+    }
+    for a in list {
+        println!(
+            "{:>5} {:<8} {:<24} {:<16} {}{}",
+            a.id,
+            format!("{:?}", a.severity).to_lowercase(),
+            a.subject,
+            a.kind,
+            a.message,
+            a.resolved.map(|r| format!(" (resolved {r})")).unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `recovery-points list` against the server.
+pub fn recovery_points(s: &ServerArgs, vm: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let path = match vm {
+        Some(v) => {
+            if split_vm(v).is_none() {
+                bail!("--vm {v:?} is not HOST/VM");
+            }
+            format!("/recovery-points?vm={}", seg(v))
+        }
+        None => "/recovery-points".into(),
+    };
+    let list: Vec<RecoveryPointInfo> = s.client()?.get(&path)?;
+    if json {
+        return print_json(&list).map(|_| ExitCode::SUCCESS);
+    }
+    println!("{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10}", "ID", "VM", "CREATED", "CONSISTENCY", "DISKS", "READ", "STORED");
+    for r in list {
+        println!(
+            "{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10}",
+            r.id,
+            r.vm,
+            r.created,
+            serde_json::to_value(r.consistency)?.as_str().unwrap_or("?"),
+            r.disks.len(),
+            human(r.stats.bytes_read),
+            human(r.stats.bytes_stored)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,964 @@
+//! The HTTPS API: one router for admins (bearer token), agents (client certificate) and
+//! enrollment (one-time token). Authorization is decided here, per route, from who the
+//! caller is; handlers never trust a host name sent in a body.
+
+use crate::state::AppState;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use datastore::Id;
+use protocol::*;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Who is on the other end of the connection: the fingerprint of the client
+/// certificate it presented at the handshake (already checked against our CA).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub cert_fingerprint: Option<String>,
+}
+
+type St = State<Arc<AppState>>;
+
+/// An error answer: status and a message for humans.
+#[derive(Debug)]
+pub struct ApiErr(pub StatusCode, pub String);
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&ApiError { error: self.1 }).unwrap_or_default();
+        (self.0, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+impl From<catalog::Error> for ApiErr {
+    fn from(e: catalog::Error) -> Self {
+        let code = match &e {
+            catalog::Error::NotFound(_) => StatusCode::NOT_FOUND,
+            catalog::Error::Conflict(_) => StatusCode::CONFLICT,
+            catalog::Error::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiErr(code, e.to_string())
+    }
+}
+
+impl From<datastore::Error> for ApiErr {
+    fn from(e: datastore::Error) -> Self {
+        let code = match &e {
+            datastore::Error::Rejected(_) | datastore::Error::Invalid(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            datastore::Error::Missing { .. } => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiErr(code, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiErr {
+    ApiErr(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn forbidden(msg: impl Into<String>) -> ApiErr {
+    ApiErr(StatusCode::FORBIDDEN, msg.into())
+}
+
+fn not_found(msg: impl Into<String>) -> ApiErr {
+    ApiErr(StatusCode::NOT_FOUND, msg.into())
+}
+
+type ApiResult<T> = Result<T, ApiErr>;
+
+fn json<T: serde::Serialize>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(e) => ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Parses a JSON body ourselves, so a malformed one is a 400 naming the problem.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+    serde_json::from_slice(body).map_err(|e| bad(format!("request body: {e}")))
+}
+
+fn now() -> i64 {
+    datastore::time::now()
+}
+
+/// Admin calls: the bearer token. A caller with an agent certificate gets 403 (agents
+/// may never administer: delete recovery points, read other hosts' data...).
+fn admin(st: &AppState, headers: &HeaderMap, peer: &Peer) -> ApiResult<()> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        Some(t) if pki::token_eq(t.trim(), &st.admin_token) => Ok(()),
+        Some(_) => Err(ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "the API token is wrong".into(),
+        )),
+        None if peer.cert_fingerprint.is_some() => Err(forbidden(
+            "an agent certificate does not grant administrative access",
+        )),
+        None => Err(ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "an API token is required (Authorization: Bearer; see --token-file)".into(),
+        )),
+    }
+}
+
+/// Agent calls: the client certificate, which must belong to an enrolled, unrevoked
+/// agent. Returns the agent's host.
+fn agent(st: &AppState, peer: &Peer) -> ApiResult<String> {
+    let fp = peer.cert_fingerprint.as_deref().ok_or_else(|| {
+        ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "agent calls need the agent's client certificate".into(),
+        )
+    })?;
+    let cat = st.cat();
+    match cat.agent_by_fingerprint(fp)? {
+        Some(a) if !a.revoked => {
+            cat.touch_agent(now(), &a.host)?;
+            Ok(a.host)
+        }
+        Some(a) => Err(forbidden(format!(
+            "the certificate of agent {:?} was revoked",
+            a.host
+        ))),
+        None => Err(forbidden("this client certificate belongs to no agent")),
+    }
+}
+
+pub fn router(st: Arc<AppState>) -> Router {
+    let json_limit = st.config.limits.max_json_body;
+    let blob_limit = st.config.limits.max_blob_batch;
+    let bulk = Router::new()
+        .route("/agent/jobs/{id}/missing", post(agent_missing))
+        .route("/agent/jobs/{id}/blobs", post(agent_blobs))
+        .layer(DefaultBodyLimit::max(blob_limit));
+    let api = Router::new()
+        .route("/status", get(status))
+        .route("/ca", get(ca))
+        .route("/enroll", post(enroll))
+        .route("/agent-tokens", post(agent_token))
+        .route("/agents", get(agents_list))
+        .route("/agents/{host}/revoke", post(agent_revoke))
+        .route("/datasources", get(datasources))
+        .route("/datasources/{host}/{vm}/backup", post(backup_now))
+        .route(
+            "/datasources/{host}/{vm}/consistency-check",
+            post(consistency_check),
+        )
+        .route("/protection-groups", get(groups_list).post(group_create))
+        .route(
+            "/protection-groups/{name}",
+            get(group_show).patch(group_modify).delete(group_delete),
+        )
+        .route("/recovery-points", get(recovery_points))
+        .route("/jobs", get(jobs_list).post(job_create))
+        .route("/jobs/{id}", get(job_show))
+        .route("/jobs/{id}/cancel", post(job_cancel))
+        .route("/alerts", get(alerts_list))
+        .route("/audit", get(audit_list))
+        .route("/agent/inventory", post(agent_inventory))
+        .route("/agent/poll", post(agent_poll))
+        .route("/agent/jobs/{id}/start", post(agent_start))
+        .route("/agent/jobs/{id}/blob/{blob}", get(agent_blob))
+        .route("/agent/jobs/{id}/progress", post(agent_progress))
+        .route("/agent/jobs/{id}/commit", post(agent_commit))
+        .route("/agent/jobs/{id}/fail", post(agent_fail))
+        .layer(DefaultBodyLimit::max(json_limit))
+        .merge(bulk);
+    Router::new()
+        .nest(API, api)
+        .fallback(|| async { not_found("no such API route") })
+        .with_state(st)
+}
+
+// ------------------------------------------------------------------------------
+// Status, CA, enrollment
+
+async fn status(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let c = st.cat().counts()?;
+    Ok(json(&ServerStatus {
+        version: env!("CARGO_PKG_VERSION").into(),
+        server_time: datastore::time::rfc3339(now()),
+        datastore: st.datastore.backend().location(),
+        datastore_encrypted: st.master_key.is_some(),
+        ca_fingerprint: st.pki.ca_fingerprint(),
+        agents: c.agents,
+        datasources: c.datasources,
+        protection_groups: c.protection_groups,
+        recovery_points: c.recovery_points,
+        active_alerts: c.active_alerts,
+        running_jobs: c.running_jobs,
+    }))
+}
+
+async fn ca(State(st): St) -> Response {
+    json(&serde_json::json!({
+        "ca_pem": st.pki.ca_pem(),
+        "ca_fingerprint": st.pki.ca_fingerprint(),
+    }))
+}
+
+async fn agent_token(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let req: AgentTokenRequest = parse(&body)?;
+    let host = req.host.trim();
+    if host.is_empty()
+        || host.len() > 128
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err(bad(format!(
+            "host {:?}: use 1-128 letters, digits, '-', '.', '_'",
+            req.host
+        )));
+    }
+    let minutes = req.valid_minutes.unwrap_or(60).clamp(1, 7 * 24 * 60);
+    let (token, secret) = pki::make_token(&st.pki.ca_fingerprint())
+        .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let expires = now() + minutes as i64 * 60;
+    {
+        let cat = st.cat();
+        cat.add_enroll_token(now(), host, &pki::secret_hash(&secret), expires)?;
+        cat.audit(now(), "admin", "agent-token create", host)?;
+    }
+    Ok(json(&AgentTokenResponse {
+        token,
+        host: host.to_string(),
+        expires: datastore::time::rfc3339(expires),
+    }))
+}
+
+async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
+    let req: EnrollRequest = parse(&body)?;
+    let (fp, secret) = pki::parse_token(&req.token).map_err(|e| bad(e.to_string()))?;
+    if fp != st.pki.ca_fingerprint() {
+        return Err(forbidden("this enrollment token is for another server"));
+    }
+    let host = st
+        .cat()
+        .use_enroll_token(now(), &pki::secret_hash(&secret))
+        .map_err(|e| match e {
+            catalog::Error::NotFound(_) | catalog::Error::Invalid(_) => {
+                forbidden(format!("enrollment refused: {e}"))
+            }
+            e => e.into(),
+        })?;
+    let cert = st
+        .pki
+        .issue_client_cert(&host, &req.public_key_pem)
+        .map_err(|e| bad(e.to_string()))?;
+    let der = pki::pem_cert_to_der(&cert)
+        .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    {
+        let cat = st.cat();
+        cat.enroll_agent(now(), &host, &pki::cert_fingerprint(&der), &req.version)?;
+        cat.audit(now(), &format!("agent {host}"), "enroll", &req.version)?;
+    }
+    Ok(json(&EnrollResponse {
+        host,
+        certificate_pem: cert,
+        ca_pem: st.pki.ca_pem().to_string(),
+    }))
+}
+
+// ------------------------------------------------------------------------------
+// Agents, data sources
+
+async fn agents_list(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let rows = st.cat().agents()?;
+    let polling = st.polling.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let window = Duration::from_secs(st.config.scheduler.poll_seconds + 15);
+    let out: Vec<AgentInfo> = rows
+        .into_iter()
+        .map(|a| {
+            let connected = !a.revoked
+                && polling
+                    .get(&a.host)
+                    .is_some_and(|t| t.elapsed() < window);
+            a.into_info(connected)
+        })
+        .collect();
+    Ok(json(&out))
+}
+
+async fn agent_revoke(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Path(host): Path<String>,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let cat = st.cat();
+    cat.revoke_agent(now(), &host)?;
+    cat.audit(now(), "admin", "agent revoke", &host)?;
+    Ok(json(&serde_json::json!({ "host": host, "revoked": true })))
+}
+
+async fn datasources(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    Ok(json(&st.cat().datasources()?))
+}
+
+fn queue_for_vm(
+    st: &AppState,
+    host: &str,
+    vm: &str,
+    kind: JobKind,
+) -> ApiResult<Response> {
+    let ds = st.cat().datasource_by_name(host, vm)?;
+    let (id, new) = st.queue(now(), kind, Some(&ds.id), "admin")?;
+    st.cat()
+        .audit(now(), "admin", kind.as_str(), &format!("{host}/{vm} job {id}"))?;
+    let job = st.cat().job(id)?;
+    let mut r = json(&job);
+    if new {
+        *r.status_mut() = StatusCode::CREATED;
+    }
+    Ok(r)
+}
+
+async fn backup_now(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Path((host, vm)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let req: BackupNowRequest = parse(&body)?;
+    let has_point = st
+        .cat()
+        .datasource_by_name(&host, &vm)?
+        .last_recovery_point
+        .is_some();
+    let kind = if !has_point {
+        JobKind::InitialReplica
+    } else if req.express_full {
+        JobKind::ExpressFull
+    } else {
+        JobKind::Sync
+    };
+    queue_for_vm(&st, &host, &vm, kind)
+}
+
+async fn consistency_check(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Path((host, vm)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    queue_for_vm(&st, &host, &vm, JobKind::ConsistencyCheck)
+}
+
+// ------------------------------------------------------------------------------
+// Protection groups
+
+fn resolve_members(st: &AppState, members: &[String]) -> ApiResult<()> {
+    for m in members {
+        if split_vm(m).is_none() {
+            return Err(bad(format!("member {m:?} is not HOST/VM")));
+        }
+    }
+    let _ = st;
+    Ok(())
+}
+
+fn group_info(st: &AppState, g: catalog::GroupRow) -> GroupInfo {
+    let allocation = crate::allocation::review(st, g.data_size(), &g.policy);
+    GroupInfo {
+        members: g.member_names(),
+        name: g.name,
+        policy: g.policy,
+        created: g.created,
+        allocation,
+    }
+}
+
+async fn groups_list(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let rows = st.cat().groups()?;
+    let out: Vec<GroupInfo> = rows.into_iter().map(|g| group_info(&st, g)).collect();
+    Ok(json(&out))
+}
+
+async fn group_show(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let g = st.cat().group(&name)?;
+    Ok(json(&group_info(&st, g)))
+}
+
+/// Refuses a group whose members cannot fit the datastore under its policy.
+fn check_fits(st: &AppState, size: u64, policy: &Policy) -> ApiResult<AllocationReview> {
+    let r = crate::allocation::review(st, size, policy);
+    if !r.fits {
+        return Err(ApiErr(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "disk allocation review: the members hold {} bytes and this policy needs about {} bytes (size + size x {}% churn x {} days), but the datastore has {} bytes free; free space, shorten retention or split the group",
+                r.data_size, r.required, policy.churn_percent, policy.retention_days, r.datastore_free
+            ),
+        ));
+    }
+    Ok(r)
+}
+
+fn mark_schedules_now(st: &AppState, g: &catalog::GroupRow) -> ApiResult<()> {
+    let cat = st.cat();
+    let t = now();
+    for m in &g.members {
+        for k in ["sync", "rp", "ef", "cc"] {
+            let key = format!("{k}:{}", m.datasource_id);
+            if cat.schedule_last(&key)?.is_none() {
+                cat.set_schedule_last(&key, t)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn group_create(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let req: CreateGroup = parse(&body)?;
+    req.policy.validate().map_err(bad)?;
+    resolve_members(&st, &req.members)?;
+    let mut size = 0u64;
+    for m in &req.members {
+        if let Some((h, v)) = split_vm(m) {
+            size = size.saturating_add(st.cat().datasource_by_name(h, v)?.size);
+        }
+    }
+    check_fits(&st, size, &req.policy)?;
+    let g = st
+        .cat()
+        .create_group(now(), &req.name, &req.policy, &req.members)?;
+    mark_schedules_now(&st, &g)?;
+    st.cat().audit(
+        now(),
+        "admin",
+        "pg create",
+        &format!("{} members {}", g.name, g.member_names().join(",")),
+    )?;
+    st.wake.notify_waiters();
+    let mut r = json(&group_info(&st, g));
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
+}
+
+async fn group_modify(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let req: ModifyGroup = parse(&body)?;
+    if let Some(p) = &req.policy {
+        p.validate().map_err(bad)?;
+    }
+    resolve_members(&st, &req.add_members)?;
+    let g = st.cat().modify_group(
+        &name,
+        &req.add_members,
+        &req.remove_members,
+        req.policy.as_ref(),
+    )?;
+    mark_schedules_now(&st, &g)?;
+    st.cat().audit(now(), "admin", "pg modify", &name)?;
+    Ok(json(&group_info(&st, g)))
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    delete_data: bool,
+}
+
+async fn group_delete(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let g = st.cat().delete_group(&name)?;
+    let mut deleted = 0u64;
+    for m in &g.members {
+        if q.delete_data {
+            let points = st.cat().recovery_points(Some(&m.datasource_id))?;
+            for p in points {
+                let ds = st.datastore.clone();
+                let id = p.id.clone();
+                tokio::task::spawn_blocking(move || ds.forget(&id))
+                    .await
+                    .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+                st.cat().delete_recovery_point(&p.id)?;
+                deleted += 1;
+            }
+        } else {
+            // Kept data expires by the retention it was protected with.
+            st.cat().set_setting(
+                &format!("retention:{}", m.datasource_id),
+                &g.policy.retention_days.to_string(),
+            )?;
+        }
+    }
+    st.cat().audit(
+        now(),
+        "admin",
+        "pg delete",
+        &format!("{name} delete_data={} points={deleted}", q.delete_data),
+    )?;
+    Ok(json(&DeleteGroupResponse {
+        name,
+        recovery_points_deleted: deleted,
+    }))
+}
+
+// ------------------------------------------------------------------------------
+// Recovery points, jobs, alerts
+
+#[derive(Deserialize)]
+struct RpQuery {
+    vm: Option<String>,
+}
+
+async fn recovery_points(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Query(q): Query<RpQuery>,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let cat = st.cat();
+    let ds = match &q.vm {
+        Some(vm) => {
+            let (h, v) = split_vm(vm).ok_or_else(|| bad(format!("vm {vm:?} is not HOST/VM")))?;
+            Some(cat.datasource_by_name(h, v)?.id)
+        }
+        None => None,
+    };
+    Ok(json(&cat.recovery_points(ds.as_deref())?))
+}
+
+#[derive(Deserialize)]
+struct JobsQuery {
+    state: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn jobs_list(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Query(q): Query<JobsQuery>,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let state = match &q.state {
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| bad(format!("state {s:?} is not queued, running, succeeded, failed or cancelled")))?),
+        None => None,
+    };
+    Ok(json(&st.cat().jobs(state, q.limit.unwrap_or(200).min(10_000))?))
+}
+
+#[derive(Deserialize)]
+struct NewServerJob {
+    kind: String,
+}
+
+/// Server-side jobs on demand (verify, prune, gc).
+async fn job_create(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let req: NewServerJob = parse(&body)?;
+    let kind = JobKind::parse(&req.kind)
+        .filter(|k| !k.on_agent())
+        .ok_or_else(|| bad(format!("kind {:?}: verify, prune or gc (backups start with backup-now)", req.kind)))?;
+    let (id, _) = st.queue(now(), kind, None, "admin")?;
+    let mut r = json(&st.cat().job(id)?);
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
+}
+
+async fn job_show(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Path(id): Path<i64>,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    Ok(json(&st.cat().job(id)?))
+}
+
+async fn job_cancel(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Path(id): Path<i64>,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    let state = st.cat().job_state(id)?;
+    match state {
+        JobState::Queued => {
+            st.job_failed(id, now(), "cancelled", "cancelled by an administrator")?;
+        }
+        JobState::Running => {
+            // The agent learns it at its next progress report and stops; the job
+            // ends as cancelled then. Server-side jobs finish their step.
+            st.cat().set_setting(&format!("cancel:{id}"), "1")?;
+            st.cat().job_log(now(), id, "cancel requested")?;
+        }
+        s => {
+            return Err(ApiErr(
+                StatusCode::CONFLICT,
+                format!("job {id} already {}", s.as_str()),
+            ));
+        }
+    }
+    st.cat().audit(now(), "admin", "job cancel", &id.to_string())?;
+    Ok(json(&st.cat().job(id)?))
+}
+
+#[derive(Deserialize)]
+struct AlertsQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn alerts_list(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+    Query(q): Query<AlertsQuery>,
+) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    Ok(json(&st.cat().alerts(q.all)?))
+}
+
+async fn audit_list(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+    admin(&st, &headers, &peer)?;
+    Ok(json(&st.cat().audit_log(500)?))
+}
+
+// ------------------------------------------------------------------------------
+// Agent side
+
+async fn agent_inventory(State(st): St, peer: axum::Extension<Peer>, body: Bytes) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    let inv: Inventory = parse(&body)?;
+    st.cat().upsert_inventory(now(), &host, &inv.vms)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Hands the agent its next runnable job, waiting up to `poll_seconds` for one.
+async fn agent_poll(State(st): St, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(st.config.scheduler.poll_seconds);
+    loop {
+        st.polling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.clone(), std::time::Instant::now());
+        let notified = st.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(job) = crate::scheduler::dispatch(&st, &host)? {
+            return Ok(json(&PollResponse { job: Some(job) }));
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Ok(json(&PollResponse { job: None }));
+        }
+    }
+}
+
+/// The job must be this agent's and running.
+fn own_job(st: &AppState, host: &str, id: i64) -> ApiResult<JobInfo> {
+    let job = st.cat().job(id)?;
+    let ds = job
+        .datasource_id
+        .as_deref()
+        .ok_or_else(|| forbidden(format!("job {id} is not an agent's job")))?;
+    let ds = st.cat().datasource(ds)?;
+    if ds.host != host {
+        return Err(forbidden(format!(
+            "job {id} belongs to another host's data source"
+        )));
+    }
+    if job.state != JobState::Running {
+        return Err(ApiErr(
+            StatusCode::CONFLICT,
+            format!("job {id} is {}, not running", job.state.as_str()),
+        ));
+    }
+    st.beat(id);
+    Ok(job)
+}
+
+fn session(st: &AppState, id: i64) -> ApiResult<Arc<datastore::Ingest>> {
+    st.sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| not_found(format!("job {id} has no open backup session (the server restarted or the job ended)")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiErr> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, format!("worker: {e}")))?
+}
+
+async fn agent_start(State(st): St, peer: axum::Extension<Peer>, Path(id): Path<i64>) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    let job = own_job(&st, &host, id)?;
+    let ds_id = job.datasource_id.clone().unwrap_or_default();
+    let ds = st.cat().datasource(&ds_id)?;
+    let source = Source {
+        name: ds.name.clone(),
+        id: ds.id.clone(),
+    };
+    let store = st.datastore.clone();
+    let kind = job.kind;
+    let (ingest, base) = blocking(move || {
+        let ingest = store.begin_ingest(source)?;
+        // A consistency check or first replica builds on nothing: every block is read
+        // and compared; a sync builds on the latest recovery point.
+        let base = match kind {
+            JobKind::Sync | JobKind::ExpressFull => ingest.latest()?,
+            _ => None,
+        };
+        Ok((ingest, base))
+    })
+    .await?;
+    let params = ingest.params();
+    st.sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, Arc::new(ingest));
+    st.cat().job_log(
+        now(),
+        id,
+        &format!(
+            "started on {host}{}",
+            base.as_ref()
+                .map(|b| format!(", based on recovery point {}", b.id))
+                .unwrap_or_default()
+        ),
+    )?;
+    Ok(json(&SessionStart {
+        block_size: params.block_size,
+        piece_blocks: params.piece_blocks,
+        zstd_level: params.zstd_level,
+        master_key: st.master_key.map(|k| hex(&k)),
+        base,
+        source: Source {
+            name: ds.name,
+            id: ds.id,
+        },
+    }))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn agent_missing(
+    State(st): St,
+    peer: axum::Extension<Peer>,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    own_job(&st, &host, id)?;
+    if !body.len().is_multiple_of(32) {
+        return Err(bad(format!(
+            "missing: body of {} bytes is not a list of 32-byte ids",
+            body.len()
+        )));
+    }
+    if body.len() / 32 > MAX_MISSING_IDS {
+        return Err(ApiErr(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("missing: at most {MAX_MISSING_IDS} ids per request"),
+        ));
+    }
+    let s = session(&st, id)?;
+    let out = blocking(move || {
+        let ids: Vec<Id> = body
+            .chunks_exact(32)
+            .filter_map(Id::from_slice)
+            .collect();
+        let m = s.missing(&ids)?;
+        Ok(m.into_iter().map(u8::from).collect::<Vec<u8>>())
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+}
+
+async fn agent_blobs(
+    State(st): St,
+    peer: axum::Extension<Peer>,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    own_job(&st, &host, id)?;
+    let s = session(&st, id)?;
+    let res = blocking(move || Ok(s.put(&body)?)).await;
+    if let Err(e) = &res {
+        // A rejected batch ends the session (the datastore refuses further use).
+        st.cat().job_log(now(), id, &format!("blob batch refused: {}", e.1))?;
+    }
+    res?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn agent_blob(
+    State(st): St,
+    peer: axum::Extension<Peer>,
+    Path((id, blob)): Path<(i64, String)>,
+) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    own_job(&st, &host, id)?;
+    let bid = Id::from_hex(&blob).ok_or_else(|| bad(format!("blob id {blob:?} is not 64 hex digits")))?;
+    let s = session(&st, id)?;
+    let out = blocking(move || Ok(s.framed_blob(bid)?)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+}
+
+async fn agent_progress(
+    State(st): St,
+    peer: axum::Extension<Peer>,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    own_job(&st, &host, id)?;
+    let p: Progress = parse(&body)?;
+    let cat = st.cat();
+    cat.set_job_progress(id, &p)?;
+    if let Some(m) = &p.message {
+        cat.job_log(now(), id, m)?;
+    }
+    let cancel = cat.setting(&format!("cancel:{id}"))?.is_some();
+    Ok(json(&ProgressReply { cancel }))
+}
+
+async fn agent_commit(
+    State(st): St,
+    peer: axum::Extension<Peer>,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    let job = own_job(&st, &host, id)?;
+    let c: Commit = parse(&body)?;
+    let s = st
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id)
+        .ok_or_else(|| not_found(format!("job {id} has no open backup session")))?;
+    let manifest = blocking(move || {
+        // Other requests of this job may still hold the session for a moment.
+        let mut s = s;
+        let ingest = loop {
+            match Arc::try_unwrap(s) {
+                Ok(i) => break i,
+                Err(again) => {
+                    s = again;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        Ok(ingest.commit(c.consistency, c.base, c.disks, c.stats)?)
+    })
+    .await;
+    let manifest = match manifest {
+        Ok(m) => m,
+        Err(e) => {
+            st.job_failed(id, now(), "server", &format!("commit refused: {}", e.1))?;
+            return Err(e);
+        }
+    };
+    let rp = crate::rp_info(&manifest, Some(id));
+    {
+        let cat = st.cat();
+        cat.add_recovery_point(&rp)?;
+        cat.set_job_recovery_point(id, &manifest.id)?;
+        cat.job_log(
+            now(),
+            id,
+            &format!(
+                "recovery point {} ({} bytes read, {} stored)",
+                manifest.id, manifest.stats.bytes_read, manifest.stats.bytes_stored
+            ),
+        )?;
+        let _ = job;
+    }
+    st.job_succeeded(id, now())?;
+    Ok(json(&CommitResponse {
+        recovery_point: manifest.id,
+    }))
+}
+
+async fn agent_fail(
+    State(st): St,
+    peer: axum::Extension<Peer>,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    own_job(&st, &host, id)?;
+    let f: Failure = parse(&body)?;
+    let kind: String = f
+        .kind
+        .chars()
+        .filter(|c| c.is_ascii_lowercase() || *c == '-')
+        .take(32)
+        .collect();
+    let kind = if kind.is_empty() { "backup-failed".into() } else { kind };
+    st.job_failed(id, now(), &kind, &f.error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

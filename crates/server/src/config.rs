@@ -1,0 +1,186 @@
+//! The server's optional TOML configuration (`DIR/holdfast.toml`, or `--config FILE`).
+//! Every key has a default, so a server runs with no file at all; docs/configuration.md
+//! lists them.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTPS API listens on.
+    pub listen: SocketAddr,
+    /// Extra DNS names or IP addresses for the server certificate (agents on other
+    /// hosts connect by one of these).
+    pub public_names: Vec<String>,
+    /// The datastore folder (default `DIR/datastore`).
+    pub datastore: Option<PathBuf>,
+    /// Create the datastore encrypted (first start only; the key goes beside it).
+    pub encrypt_datastore: bool,
+    /// Worker threads per ingest (blob verification) and per server-side job.
+    pub threads: Option<usize>,
+    pub scheduler: Scheduler,
+    pub maintenance: Maintenance,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scheduler {
+    /// How often schedules are looked at.
+    pub tick_seconds: u64,
+    /// Policy minutes last `60 / time_scale` seconds. Only for tests and
+    /// demonstrations: a time_scale of 60 makes a 15-minute synchronization frequency
+    /// fire every 15 seconds. Times of day are not scaled.
+    pub time_scale: f64,
+    /// Jobs running at once on the whole server, and per host.
+    pub max_jobs: u32,
+    pub max_jobs_per_host: u32,
+    /// A failed job runs again after this delay (MABS "auto-rerun"), up to
+    /// `max_attempts` runs in all.
+    pub rerun_delay_seconds: u64,
+    pub max_attempts: u32,
+    /// A running agent job that has not been heard of for this long is failed (the
+    /// agent died or lost the network for good) and rerun.
+    pub job_timeout_seconds: u64,
+    /// How long an agent's poll waits for a job before answering "none".
+    pub poll_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Maintenance {
+    /// Daily times (`HH:MM` UTC) of prune (retention), gc and verify; empty = never.
+    pub prune_time: Option<String>,
+    pub gc_time: Option<String>,
+    pub verify_time: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_json_body: usize,
+    pub max_blob_batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            public_names: Vec::new(),
+            datastore: None,
+            encrypt_datastore: false,
+            threads: None,
+            scheduler: Scheduler::default(),
+            maintenance: Maintenance::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler {
+            tick_seconds: 30,
+            time_scale: 1.0,
+            max_jobs: 8,
+            max_jobs_per_host: 2,
+            rerun_delay_seconds: 900,
+            max_attempts: 3,
+            job_timeout_seconds: 600,
+            poll_seconds: 25,
+        }
+    }
+}
+
+impl Default for Maintenance {
+    fn default() -> Self {
+        Maintenance {
+            prune_time: Some("01:00".into()),
+            gc_time: Some("02:00".into()),
+            verify_time: Some("03:00".into()),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_json_body: protocol::MAX_JSON_BODY,
+            max_blob_batch: protocol::MAX_BLOB_BATCH,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the default place means defaults.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Config, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                return Ok(Config::default());
+            }
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let c: Config = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        c.check().map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        let s = &self.scheduler;
+        if s.tick_seconds == 0 || s.tick_seconds > 3600 {
+            return Err("scheduler.tick_seconds must be 1-3600".into());
+        }
+        if !(s.time_scale.is_finite() && s.time_scale > 0.0 && s.time_scale <= 3600.0) {
+            return Err("scheduler.time_scale must be above 0 and at most 3600".into());
+        }
+        if s.max_jobs == 0 || s.max_jobs_per_host == 0 {
+            return Err("scheduler.max_jobs and max_jobs_per_host must be at least 1".into());
+        }
+        if s.max_attempts == 0 {
+            return Err("scheduler.max_attempts must be at least 1".into());
+        }
+        if s.poll_seconds == 0 || s.poll_seconds > 300 {
+            return Err("scheduler.poll_seconds must be 1-300".into());
+        }
+        for (k, v) in [
+            ("maintenance.prune_time", &self.maintenance.prune_time),
+            ("maintenance.gc_time", &self.maintenance.gc_time),
+            ("maintenance.verify_time", &self.maintenance.verify_time),
+        ] {
+            if let Some(t) = v
+                && protocol::parse_time_of_day(t).is_none()
+            {
+                return Err(format!("{k}: {t:?} is not a time of day HH:MM"));
+            }
+        }
+        if self.limits.max_json_body < 4096 || self.limits.max_blob_batch < (2 << 20) {
+            return Err("limits: max_json_body must be at least 4096 and max_blob_batch at least 2 MiB".into());
+        }
+        Ok(())
+    }
+
+    /// Policy minutes in real seconds.
+    pub fn minutes(&self, m: u32) -> i64 {
+        ((m as f64 * 60.0) / self.scheduler.time_scale).max(1.0) as i64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c: Config = toml::from_str("listen = \"127.0.0.1:9000\"\n[scheduler]\ntime_scale = 60.0\n").unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.minutes(15), 15);
+        assert_eq!(c.scheduler.max_attempts, 3);
+        assert!(c.check().is_ok());
+        assert!(toml::from_str::<Config>("nonsense = 1").is_err());
+        let bad: Config = toml::from_str("[maintenance]\nprune_time = \"25:00\"").unwrap();
+        assert!(bad.check().unwrap_err().contains("prune_time"));
+    }
+}

@@ -1,0 +1,247 @@
+//! What every request handler and the scheduler share: the catalog, the datastore, the
+//! PKI, live ingest sessions, agent wake-ups; and the job outcomes (success, failure and
+//! its rerun, alerts) that both the API and the scheduler apply.
+
+use crate::config::Config;
+use catalog::{Catalog, NewJob};
+use datastore::{Datastore, Ingest};
+use protocol::{JobKind, JobState, Severity};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::sync::Notify;
+
+/// Alert kinds a successful backup of the same data source clears.
+pub const BACKUP_ALERTS: &[&str] = &[
+    "backup-failed",
+    "disk-missing",
+    "disk-resized",
+    "vm-missing",
+    "io",
+    "interrupted",
+    "agent-lost",
+    "server",
+    "cancelled",
+];
+
+pub struct AppState {
+    pub config: Config,
+    catalog: Mutex<Catalog>,
+    pub datastore: Arc<Datastore>,
+    pub datastore_dir: std::path::PathBuf,
+    /// The datastore's master key when encrypted (agents build blobs with it).
+    pub master_key: Option<[u8; 32]>,
+    pub pki: pki::ServerPki,
+    pub admin_token: String,
+    /// Ingest sessions of running agent jobs, by job id.
+    pub sessions: Mutex<HashMap<i64, Arc<Ingest>>>,
+    /// When each running agent job was last heard of (watchdog).
+    pub heartbeats: Mutex<HashMap<i64, Instant>>,
+    /// Wakes agents' long polls when jobs are queued.
+    pub wake: Notify,
+    /// Hosts with a poll in progress (for `agents list`'s "connected").
+    pub polling: Mutex<HashMap<String, Instant>>,
+    pub threads: usize,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        catalog: Catalog,
+        datastore: Arc<Datastore>,
+        datastore_dir: std::path::PathBuf,
+        master_key: Option<[u8; 32]>,
+        pki: pki::ServerPki,
+        admin_token: String,
+        threads: usize,
+    ) -> AppState {
+        AppState {
+            config,
+            catalog: Mutex::new(catalog),
+            datastore,
+            datastore_dir,
+            master_key,
+            pki,
+            admin_token,
+            sessions: Mutex::new(HashMap::new()),
+            heartbeats: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            polling: Mutex::new(HashMap::new()),
+            threads,
+        }
+    }
+
+    /// The catalog; hold the guard briefly and never across an `.await`.
+    pub fn cat(&self) -> MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn beat(&self, job: i64) {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job, Instant::now());
+    }
+
+    fn forget_job(&self, job: i64) {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job);
+        // Dropping the session aborts it: staged packs go, nothing becomes visible.
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job);
+    }
+
+    /// Records a success: the job, the replica state, and alerts the success clears.
+    pub fn job_succeeded(&self, job: i64, now: i64) -> Result<(), catalog::Error> {
+        self.forget_job(job);
+        let cat = self.cat();
+        let info = cat.job(job)?;
+        cat.finish_job(now, job, JobState::Succeeded, None)?;
+        cat.job_log(now, job, "succeeded")?;
+        if let Some(ds) = &info.datasource_id {
+            cat.set_replica_state(ds, "ok")?;
+            if let Some(vm) = &info.vm {
+                for k in BACKUP_ALERTS {
+                    cat.resolve_alerts(now, vm, Some(k))?;
+                }
+            }
+        } else {
+            cat.resolve_alerts(now, "datastore", Some(&format!("{}-failed", info.kind.as_str())))?;
+        }
+        Ok(())
+    }
+
+    /// Records a failure: alert with the reason, replica state, and the rerun (MABS
+    /// auto-rerun) unless the job was cancelled or ran out of attempts. A resized or
+    /// changed disk makes the replica inconsistent: a consistency check runs instead.
+    pub fn job_failed(
+        &self,
+        job: i64,
+        now: i64,
+        kind: &str,
+        message: &str,
+    ) -> Result<(), catalog::Error> {
+        self.forget_job(job);
+        let cat = self.cat();
+        let info = cat.job(job)?;
+        if info.state.finished() {
+            return Ok(());
+        }
+        let cancelled = kind == "cancelled";
+        let state = if cancelled {
+            JobState::Cancelled
+        } else {
+            JobState::Failed
+        };
+        cat.finish_job(now, job, state, Some((kind, message)))?;
+        cat.job_log(now, job, &format!("{}: {message}", state.as_str()))?;
+        if cancelled {
+            return Ok(());
+        }
+        let subject = info.vm.clone().unwrap_or_else(|| "datastore".to_string());
+        let alert_kind = match kind {
+            "disk-missing" | "disk-resized" | "vm-missing" | "interrupted" | "agent-lost" => {
+                kind.to_string()
+            }
+            _ if info.datasource_id.is_none() => format!("{}-failed", info.kind.as_str()),
+            _ => "backup-failed".to_string(),
+        };
+        cat.raise_alert(
+            now,
+            Severity::Error,
+            &subject,
+            &alert_kind,
+            &format!("{} job {job} failed: {message}", info.kind.as_str()),
+        )?;
+        let Some(ds) = info.datasource_id.clone() else {
+            return Ok(());
+        };
+        let policy = cat
+            .group_of(&ds)?
+            .and_then(|g| cat.group(&g).ok())
+            .map(|g| g.policy);
+        if kind == "disk-resized" {
+            cat.set_replica_state(&ds, "inconsistent")?;
+            if policy
+                .as_ref()
+                .is_some_and(|p| p.consistency_check_when_inconsistent)
+            {
+                let id = cat.add_job(
+                    now,
+                    &NewJob {
+                        kind: JobKind::ConsistencyCheck,
+                        datasource_id: Some(ds),
+                        trigger: format!("replica inconsistent after job {job}"),
+                        not_before: None,
+                        attempt: 1,
+                        rerun_of: Some(job),
+                    },
+                )?;
+                cat.job_log(now, id, "queued: the replica is inconsistent")?;
+                drop(cat);
+                self.wake.notify_waiters();
+            }
+            return Ok(());
+        }
+        if info.attempt < self.config.scheduler.max_attempts {
+            let at = now + self.config.scheduler.rerun_delay_seconds as i64;
+            let id = cat.add_job(
+                now,
+                &NewJob {
+                    kind: info.kind,
+                    datasource_id: Some(ds),
+                    trigger: format!("rerun of {job}"),
+                    not_before: Some(at),
+                    attempt: info.attempt + 1,
+                    rerun_of: Some(job),
+                },
+            )?;
+            cat.job_log(
+                now,
+                id,
+                &format!(
+                    "queued: rerun {} of {} after job {job} failed",
+                    info.attempt + 1,
+                    self.config.scheduler.max_attempts
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Queues a job unless the data source already has one queued or running; returns
+    /// the job id (the existing one when there was one).
+    pub fn queue(
+        &self,
+        now: i64,
+        kind: JobKind,
+        datasource_id: Option<&str>,
+        trigger: &str,
+    ) -> Result<(i64, bool), catalog::Error> {
+        let cat = self.cat();
+        if let Some(ds) = datasource_id
+            && let Some(j) = cat.active_job_for(ds)?
+        {
+            return Ok((j.id, false));
+        }
+        let id = cat.add_job(
+            now,
+            &NewJob {
+                kind,
+                datasource_id: datasource_id.map(str::to_string),
+                trigger: trigger.to_string(),
+                not_before: None,
+                attempt: 1,
+                rerun_of: None,
+            },
+        )?;
+        cat.job_log(now, id, &format!("queued ({trigger})"))?;
+        drop(cat);
+        self.wake.notify_waiters();
+        Ok((id, true))
+    }
+}
