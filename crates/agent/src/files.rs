@@ -421,3 +421,318 @@ impl Snapshot for FilesSnapshot {
         Ok(())
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use protocol::{DiskRecord, Source, Stats};
+    use std::process::Command;
+
+    pub(crate) fn qemu_img(args: &[&str]) {
+        let out = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img runs");
+        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+    }
+
+    fn p(path: &Path) -> &str {
+        path.to_str().expect("utf-8 temp path")
+    }
+
+    fn mkdir(path: &Path) {
+        std::fs::create_dir_all(path).expect("mkdir");
+    }
+
+    fn raw(path: &Path, size: u64) {
+        std::fs::File::create(path)
+            .and_then(|f| f.set_len(size))
+            .expect("raw image");
+    }
+
+    fn avhdx(child: &Path, parent: &Path) {
+        let mut o =
+            vdisk::CreateOptions::new(vdisk::Format::Vhdx, vdisk::Subformat::Differencing, 0);
+        o.parent = Some(parent.to_path_buf());
+        o.virtual_size = vdisk::open(parent).expect("parent").virtual_size();
+        vdisk::create(child, &o)
+            .expect("create avhdx")
+            .finish()
+            .expect("finish avhdx");
+    }
+
+    fn names(vm: &VmInfo) -> Vec<&str> {
+        vm.disks.iter().map(|d| d.name.as_str()).collect()
+    }
+
+    fn base_with(disks: &[(&str, u64)]) -> Manifest {
+        Manifest {
+            format: "holdfast-recovery-point".into(),
+            version: 1,
+            id: "rp1".into(),
+            source: Source {
+                name: "h1/vm".into(),
+                id: "vm".into(),
+            },
+            created: "2025-01-01T00:00:00Z".into(),
+            created_unix: 0,
+            base: None,
+            consistency: Consistency::CrashConsistent,
+            disks: disks
+                .iter()
+                .enumerate()
+                .map(|(i, (n, size))| DiskRecord {
+                    index: i as u32,
+                    name: n.to_string(),
+                    format: "qcow2".into(),
+                    virtual_size: *size,
+                    logical_sector_size: 512,
+                    physical_sector_size: 4096,
+                    block_size: 65536,
+                    piece_blocks: 4096,
+                    pieces: vec![],
+                    stats: Stats::default(),
+                })
+                .collect(),
+            stats: Stats::default(),
+        }
+    }
+
+    const GUID: &str = "6F1A5C52-3B7E-4E0F-9D2A-0123456789AB";
+
+    #[test]
+    fn hyperv_export_backs_up_only_the_chain_leaf() {
+        let t = tempfile::tempdir().unwrap();
+        let vm = t.path().join("vm1");
+        let vhd = vm.join("Virtual Hard Disks");
+        mkdir(&vhd);
+        mkdir(&vm.join("Virtual Machines"));
+        mkdir(&vm.join("Snapshots"));
+        std::fs::write(
+            vm.join("Virtual Machines").join(format!("{GUID}.vmcx")),
+            b"x",
+        )
+        .unwrap();
+        std::fs::write(vm.join("Virtual Machines").join("notaguid.vmcx"), b"x").unwrap();
+        qemu_img(&["create", "-q", "-f", "vhdx", p(&vhd.join("os.vhdx")), "8M"]);
+        avhdx(&vhd.join("os_1.AVHDX"), &vhd.join("os.vhdx"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            p(&vhd.join("data.vhdx")),
+            "4M",
+        ]);
+
+        let prov = FilesProvider::new(t.path());
+        let inv = prov.inventory().unwrap();
+        assert_eq!(inv.len(), 1);
+        assert_eq!(inv[0].name, "vm1");
+        assert_eq!(inv[0].vm_id.as_deref(), Some(GUID));
+        assert_eq!(inv[0].provider, "files");
+        assert_eq!(inv[0].running, None);
+        assert_eq!(
+            names(&inv[0]),
+            [
+                "Virtual Hard Disks/data.vhdx",
+                "Virtual Hard Disks/os_1.AVHDX"
+            ]
+        );
+        assert_eq!(inv[0].disks[1].format, "vhdx");
+        assert_eq!(inv[0].disks[1].virtual_size, 8 << 20);
+
+        let snap = prov.snapshot("vm1", JobKind::Sync, None).unwrap();
+        assert_eq!(snap.consistency(), Consistency::CrashConsistent);
+        let disks = snap.disks();
+        assert_eq!(disks.len(), 2);
+        assert!(disks.iter().all(|d| d.changed.is_none()));
+        assert_eq!(disks[1].disk.virtual_size(), 8 << 20);
+        drop(disks);
+        snap.release(true).unwrap();
+    }
+
+    #[test]
+    fn loose_folder_with_qcow2_backing_and_raw() {
+        let t = tempfile::tempdir().unwrap();
+        let vm = t.path().join("web");
+        mkdir(&vm);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            p(&vm.join("base.qcow2")),
+            "16M",
+        ]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            p(&vm.join("top.qcow2")),
+        ]);
+        raw(&vm.join("data.RAW"), 1 << 20);
+        std::fs::write(vm.join("notes.txt"), b"not a disk").unwrap();
+        let inv = FilesProvider::new(t.path()).inventory().unwrap();
+        assert_eq!(inv.len(), 1);
+        assert_eq!(inv[0].vm_id, None);
+        assert_eq!(names(&inv[0]), ["data.RAW", "top.qcow2"]);
+        assert_eq!(inv[0].disks[0].format, "raw");
+        assert_eq!(inv[0].disks[1].format, "qcow2");
+        assert_eq!(inv[0].disks[1].virtual_size, 16 << 20);
+    }
+
+    #[test]
+    fn vm_toml_names_orders_and_identifies() {
+        let t = tempfile::tempdir().unwrap();
+        let vm = t.path().join("folder");
+        mkdir(&vm.join("sub"));
+        raw(&vm.join("sub/a.raw"), 1 << 20);
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&vm.join("z.qcow2")), "2M"]);
+        raw(&vm.join("ignored.img"), 1 << 20);
+        std::fs::write(
+            vm.join("vm.toml"),
+            "name = \"db01\"\nid = \"uuid-1\"\ndisks = [\"z.qcow2\", \"sub/a.raw\"]\n",
+        )
+        .unwrap();
+        let prov = FilesProvider::new(t.path());
+        let inv = prov.inventory().unwrap();
+        assert_eq!(inv.len(), 1);
+        assert_eq!(inv[0].name, "db01");
+        assert_eq!(inv[0].vm_id.as_deref(), Some("uuid-1"));
+        assert_eq!(names(&inv[0]), ["z.qcow2", "sub/a.raw"]);
+        let snap = prov.snapshot("db01", JobKind::ExpressFull, None).unwrap();
+        let d: Vec<String> = snap.disks().into_iter().map(|d| d.name).collect();
+        assert_eq!(d, ["z.qcow2", "sub/a.raw"]);
+        // The folder name is not the VM's name any more.
+        let e = prov.snapshot("folder", JobKind::Sync, None).err().unwrap();
+        assert_eq!(e.kind(), "vm-missing");
+    }
+
+    #[test]
+    fn missing_listed_disk_fails_the_backup_but_not_the_inventory() {
+        let t = tempfile::tempdir().unwrap();
+        let vm = t.path().join("vm");
+        mkdir(&vm);
+        raw(&vm.join("a.raw"), 1 << 20);
+        std::fs::write(vm.join("vm.toml"), "disks = [\"a.raw\", \"gone.vhdx\"]\n").unwrap();
+        let prov = FilesProvider::new(t.path());
+        let inv = prov.inventory().unwrap();
+        assert_eq!(names(&inv[0]), ["a.raw"]);
+        let e = prov
+            .snapshot("vm", JobKind::ExpressFull, None)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), "disk-missing");
+        assert!(e.to_string().contains("gone.vhdx"), "{e}");
+    }
+
+    #[test]
+    fn sync_detects_resize_and_vanished_disks_full_backups_accept_them() {
+        let t = tempfile::tempdir().unwrap();
+        let vm = t.path().join("vm");
+        mkdir(&vm);
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&vm.join("os.qcow2")), "4M"]);
+        let prov = FilesProvider::new(t.path());
+
+        let same = base_with(&[("os.qcow2", 4 << 20)]);
+        assert!(prov.snapshot("vm", JobKind::Sync, Some(&same)).is_ok());
+
+        let smaller = base_with(&[("os.qcow2", 2 << 20)]);
+        let e = prov
+            .snapshot("vm", JobKind::Sync, Some(&smaller))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), "disk-resized");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("os.qcow2")
+                && msg.contains("from 2097152 to 4194304 bytes")
+                && msg.contains("consistency check"),
+            "{msg}"
+        );
+        for kind in [
+            JobKind::ExpressFull,
+            JobKind::ConsistencyCheck,
+            JobKind::InitialReplica,
+        ] {
+            assert!(
+                prov.snapshot("vm", kind, Some(&smaller)).is_ok(),
+                "{kind:?}"
+            );
+        }
+
+        let gone = base_with(&[("os.qcow2", 4 << 20), ("old.raw", 1 << 20)]);
+        let e = prov
+            .snapshot("vm", JobKind::Sync, Some(&gone))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), "disk-missing");
+        assert!(e.to_string().contains("old.raw"), "{e}");
+        assert!(
+            prov.snapshot("vm", JobKind::ExpressFull, Some(&gone))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn corrupt_image_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let vm = t.path().join("vm");
+        mkdir(&vm);
+        let mut junk = b"vhdxfile".to_vec();
+        junk.resize(300_000, 0xAB);
+        std::fs::write(vm.join("broken.vhdx"), junk).unwrap();
+        let prov = FilesProvider::new(t.path());
+        let inv = prov.inventory().unwrap();
+        assert_eq!(inv.len(), 1);
+        assert!(inv[0].disks.is_empty());
+        let e = prov.snapshot("vm", JobKind::Sync, None).err().unwrap();
+        assert_eq!(e.kind(), "io");
+        assert!(e.to_string().contains("broken.vhdx"), "{e}");
+    }
+
+    #[test]
+    fn folders_without_disks_and_bad_configs_are_skipped() {
+        let t = tempfile::tempdir().unwrap();
+        mkdir(&t.path().join("empty"));
+        mkdir(&t.path().join("docs"));
+        std::fs::write(t.path().join("docs/readme.txt"), b"hi").unwrap();
+        mkdir(&t.path().join(".hidden"));
+        raw(&t.path().join(".hidden/x.raw"), 4096);
+        raw(&t.path().join("loose-file.raw"), 4096);
+        let bad = t.path().join("bad");
+        mkdir(&bad);
+        raw(&bad.join("x.raw"), 4096);
+        std::fs::write(bad.join("vm.toml"), "disks = [\"../escape.raw\"]\n").unwrap();
+        let ok = t.path().join("ok");
+        mkdir(&ok);
+        raw(&ok.join("x.raw"), 4096);
+        let prov = FilesProvider::new(t.path());
+        let inv = prov.inventory().unwrap();
+        assert_eq!(
+            inv.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+            ["ok"]
+        );
+        let e = prov.snapshot("bad", JobKind::Sync, None).err().unwrap();
+        assert_eq!(e.kind(), "config");
+        assert!(e.to_string().contains("vm.toml"), "{e}");
+        assert_eq!(
+            prov.snapshot("empty", JobKind::Sync, None)
+                .err()
+                .unwrap()
+                .kind(),
+            "vm-missing"
+        );
+        // No root at all is an error naming it, not a panic.
+        let e = FilesProvider::new(t.path().join("nope"))
+            .inventory()
+            .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}
