@@ -295,3 +295,249 @@ impl BlockTarget for RemoteTarget {
         Ok(self.bytes_sent())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::FilesProvider;
+    use crate::provider::Provider;
+    use datastore::{Consistency, CreateOptions, Datastore, Ingest, Source, backup_disks};
+    use protocol::JobKind;
+    use std::sync::atomic::AtomicU32;
+    use vdisk::VirtualDisk;
+
+    /// An in-process server: the datastore's own ingest behind the agent's routes.
+    struct Fake {
+        ingest: Ingest,
+        /// The next this many calls fail with 503 (transient).
+        flaky: AtomicU32,
+        /// Status every `blobs` post gets instead of success.
+        blobs_status: Option<u16>,
+        missing_calls: Mutex<Vec<usize>>,
+        batches: Mutex<Vec<usize>>,
+    }
+
+    fn status(path: &str, status: u16) -> client::Error {
+        client::Error::Status {
+            method: "POST",
+            path: path.to_string(),
+            status,
+            message: "fake".into(),
+        }
+    }
+
+    impl Transport for Fake {
+        fn post_bytes(&self, path: &str, body: Vec<u8>) -> client::Result<Vec<u8>> {
+            if self.flaky.load(Ordering::Relaxed) > 0 {
+                self.flaky.fetch_sub(1, Ordering::Relaxed);
+                return Err(status(path, 503));
+            }
+            let bad = |e: datastore::Error| status(&format!("{path}: {e}"), 400);
+            if path.ends_with("/missing") {
+                let ids: Vec<Id> = body
+                    .chunks_exact(32)
+                    .filter_map(|c| c.try_into().ok().map(Id))
+                    .collect();
+                lock(&self.missing_calls).push(ids.len());
+                let m = self.ingest.missing(&ids).map_err(bad)?;
+                Ok(m.into_iter().map(u8::from).collect())
+            } else if path.ends_with("/blobs") {
+                if let Some(s) = self.blobs_status {
+                    return Err(status(path, s));
+                }
+                lock(&self.batches).push(body.len());
+                self.ingest.put(&body).map_err(bad)?;
+                Ok(Vec::new())
+            } else {
+                Err(status(path, 404))
+            }
+        }
+
+        fn get_bytes(&self, path: &str) -> client::Result<Vec<u8>> {
+            let hex = path.rsplit('/').next().unwrap_or_default();
+            let id = Id::from_hex(hex).ok_or_else(|| status(path, 400))?;
+            self.ingest
+                .framed_blob(id)
+                .map_err(|e| status(&format!("{path}: {e}"), 404))
+        }
+    }
+
+    fn store(dir: &std::path::Path) -> Arc<Datastore> {
+        let opts = CreateOptions {
+            key_file: Some(dir.join("key")),
+            zstd_level: 3,
+            block_size: 65536,
+        };
+        let ds = Datastore::create(&dir.join("ds"), &opts).unwrap();
+        Arc::new(ds)
+    }
+
+    fn fake(ds: &Arc<Datastore>) -> Arc<Fake> {
+        let source = Source {
+            name: "h1/vm".into(),
+            id: "vm".into(),
+        };
+        Arc::new(Fake {
+            ingest: ds.begin_ingest(source).unwrap(),
+            flaky: AtomicU32::new(0),
+            blobs_status: None,
+            missing_calls: Mutex::new(Vec::new()),
+            batches: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A VM folder with one raw disk of incompressible data (so batches fill up) and a
+    /// qcow2 disk that is mostly zeros.
+    fn vm_folder(root: &std::path::Path) -> Vec<u8> {
+        let vm = root.join("vm");
+        std::fs::create_dir_all(&vm).unwrap();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let data: Vec<u8> = (0..(10 << 20) / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        std::fs::write(vm.join("a.raw"), &data).unwrap();
+        crate::files::tests::qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            vm.join("b.qcow2").to_str().unwrap(),
+            "3M",
+        ]);
+        data
+    }
+
+    fn target(f: &Arc<Fake>, ds: &Datastore, cancel: Arc<AtomicBool>) -> RemoteTarget {
+        let t: Arc<dyn Transport> = f.clone();
+        RemoteTarget::with_budget(t, 7, ds.block_params(), cancel, Duration::from_secs(5))
+    }
+
+    #[test]
+    fn files_backup_round_trips_through_the_remote_target() {
+        let t = tempfile::tempdir().unwrap();
+        let data = vm_folder(t.path());
+        let ds = store(t.path());
+        let f = fake(&ds);
+        f.flaky.store(2, Ordering::Relaxed);
+        let remote = target(&f, &ds, Arc::new(AtomicBool::new(false)));
+        let prov = FilesProvider::new(t.path());
+        let snap = prov.snapshot("vm", JobKind::InitialReplica, None).unwrap();
+        let disks = snap.disks();
+        let (records, stats) = backup_disks(&remote, None, &disks, 2, &mut |_, _| {}).unwrap();
+        drop(disks);
+        snap.release(true).unwrap();
+        assert_eq!(stats.bytes_stored, remote.bytes_sent());
+        assert!(remote.bytes_sent() > 10 << 20, "{}", remote.bytes_sent());
+        let batches = lock(&f.batches).clone();
+        assert!(batches.len() >= 2, "{batches:?}");
+        assert!(batches.iter().all(|&b| b <= 2 * BATCH_BYTES), "{batches:?}");
+
+        drop(remote);
+        let f = Arc::into_inner(f).map(|f| f.ingest);
+        let m = f
+            .expect("only owner")
+            .commit(Consistency::CrashConsistent, None, records, stats)
+            .unwrap();
+        assert_eq!(m.disks.len(), 2);
+        let idx = Arc::new(ds.blob_index().unwrap());
+        let restored = ds.open_disk(&m, 0, idx.clone()).unwrap();
+        let mut back = vec![0u8; data.len()];
+        restored.read_at(&mut back, 0).unwrap();
+        assert!(back == data, "disk 0 restored differently");
+        let zeros = ds.open_disk(&m, 1, idx).unwrap();
+        let mut back = vec![1u8; 3 << 20];
+        zeros.read_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+
+        // A second backup asks first and sends nothing the server has.
+        let f2 = fake(&ds);
+        let remote = target(&f2, &ds, Arc::new(AtomicBool::new(false)));
+        let snap = prov.snapshot("vm", JobKind::Sync, Some(&m)).unwrap();
+        let (_, stats) = backup_disks(&remote, None, &snap.disks(), 2, &mut |_, _| {}).unwrap();
+        assert_eq!(remote.bytes_sent(), 0);
+        assert_eq!(stats.blocks_new, 0);
+        assert!(lock(&f2.batches).is_empty());
+    }
+
+    #[test]
+    fn missing_is_split_at_the_protocol_limit() {
+        let t = tempfile::tempdir().unwrap();
+        let ds = store(t.path());
+        let f = fake(&ds);
+        let remote = target(&f, &ds, Arc::new(AtomicBool::new(false)));
+        let ids: Vec<Id> = (0..MAX_MISSING_IDS + 10)
+            .map(|i| {
+                let mut b = [0u8; 32];
+                b[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+                Id(b)
+            })
+            .collect();
+        let m = remote.missing(&ids).unwrap();
+        assert_eq!(m.len(), ids.len());
+        assert!(m.iter().all(|&x| x));
+        assert_eq!(*lock(&f.missing_calls), [MAX_MISSING_IDS, 10]);
+    }
+
+    #[test]
+    fn cancel_stops_the_pipeline_with_kind_cancelled() {
+        let t = tempfile::tempdir().unwrap();
+        vm_folder(t.path());
+        let ds = store(t.path());
+        let f = fake(&ds);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let remote = target(&f, &ds, cancel.clone());
+        let snap = FilesProvider::new(t.path())
+            .snapshot("vm", JobKind::Sync, None)
+            .unwrap();
+        let disks = snap.disks();
+        let r = backup_disks(&remote, None, &disks, 2, &mut |done, _| {
+            if done > 0 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        });
+        assert!(r.is_err());
+        assert_eq!(remote.take_error().map(|e| e.kind()), Some("cancelled"));
+    }
+
+    #[test]
+    fn refused_blobs_surface_with_their_status() {
+        let t = tempfile::tempdir().unwrap();
+        vm_folder(t.path());
+        let ds = store(t.path());
+        let mut f = fake(&ds);
+        Arc::get_mut(&mut f).unwrap().blobs_status = Some(403);
+        let remote = target(&f, &ds, Arc::new(AtomicBool::new(false)));
+        let snap = FilesProvider::new(t.path())
+            .snapshot("vm", JobKind::Sync, None)
+            .unwrap();
+        let r = backup_disks(&remote, None, &snap.disks(), 2, &mut |_, _| {});
+        assert!(r.is_err());
+        match remote.take_error() {
+            Some(Error::Client(e)) => assert_eq!(e.status(), Some(403)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn transient_failures_give_up_after_the_budget() {
+        let t = tempfile::tempdir().unwrap();
+        let ds = store(t.path());
+        let f = fake(&ds);
+        f.flaky.store(1000, Ordering::Relaxed);
+        let t: Arc<dyn Transport> = f.clone();
+        let remote = RemoteTarget::with_budget(
+            t,
+            7,
+            ds.block_params(),
+            Arc::new(AtomicBool::new(false)),
+            Duration::from_millis(700),
+        );
+        assert!(remote.missing(&[Id([1; 32])]).is_err());
+        assert_eq!(remote.take_error().map(|e| e.kind()), Some("server"));
+    }
+}
