@@ -535,3 +535,74 @@ fn report_progress(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Source;
+
+    fn start(key: Option<&str>, block_size: u32) -> SessionStart {
+        SessionStart {
+            block_size,
+            piece_blocks: 4096,
+            zstd_level: 3,
+            master_key: key.map(str::to_string),
+            base: None,
+            source: Source {
+                name: "h1/vm".into(),
+                id: "vm".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn session_parameters_are_checked() {
+        let p = block_params(&start(None, 65536)).unwrap();
+        assert!(!p.keys.encrypted());
+        let p = block_params(&start(Some(&"ab".repeat(32)), 65536)).unwrap();
+        assert!(p.keys.encrypted());
+        let e = block_params(&start(Some("abc"), 65536)).unwrap_err();
+        assert_eq!(e.kind(), "server");
+        let e = block_params(&start(Some(&"zz".repeat(32)), 65536)).unwrap_err();
+        assert_eq!(e.kind(), "server");
+        let e = block_params(&start(None, 1000)).unwrap_err();
+        assert!(e.to_string().contains("block size 1000"), "{e}");
+    }
+
+    #[test]
+    fn run_without_identity_or_token_says_so() {
+        let t = tempfile::tempdir().unwrap();
+        let opts = AgentOptions::new("https://127.0.0.1:1", t.path(), vec![]);
+        let e = run(opts, Arc::new(AtomicBool::new(false))).unwrap_err();
+        assert!(e.to_string().contains("not enrolled"), "{e}");
+    }
+
+    #[test]
+    fn enroll_refuses_a_malformed_token_before_any_network() {
+        let t = tempfile::tempdir().unwrap();
+        let e = enroll("https://127.0.0.1:1", t.path(), "hf1.nope").unwrap_err();
+        assert!(e.to_string().contains("enrollment token"), "{e}");
+        // Nothing was generated for a token that could never work.
+        assert!(!t.path().join("agent.key").exists());
+    }
+
+    #[test]
+    fn enroll_against_no_server_fails_cleanly_and_keeps_the_key() {
+        let t = tempfile::tempdir().unwrap();
+        let token = format!("hf1.{}.{}", "a".repeat(64), "b".repeat(64));
+        let e = enroll("https://127.0.0.1:1", t.path(), &token).unwrap_err();
+        assert_eq!(e.kind(), "server");
+        assert!(t.path().join("agent.key").exists());
+        assert!(!AgentIdentity::enrolled(t.path()));
+    }
+
+    #[test]
+    fn run_enrolls_first_when_given_a_token() {
+        // A token for an unreachable server: run tries to enroll and reports why.
+        let t = tempfile::tempdir().unwrap();
+        let mut opts = AgentOptions::new("https://127.0.0.1:1", t.path(), vec![]);
+        opts.enroll_token = Some(format!("hf1.{}.{}", "a".repeat(64), "b".repeat(64)));
+        let e = run(opts, Arc::new(AtomicBool::new(true))).unwrap_err();
+        assert_eq!(e.kind(), "server");
+    }
+}
