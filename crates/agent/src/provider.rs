@@ -1,0 +1,43 @@
+//! The interface between the agent and a hypervisor: see the crate documentation.
+
+use crate::Result;
+use datastore::DiskInput;
+use protocol::{Consistency, JobKind, Manifest, VmInfo};
+
+/// One kind of VM source on this host (`files`, `qemu`, `hyperv`). Shared by the job
+/// threads, so it must be `Sync`: state (connections, change maps) lives behind locks.
+pub trait Provider: Send + Sync {
+    /// The provider's name, as in [`VmInfo::provider`].
+    fn name(&self) -> &'static str;
+
+    /// The VMs on this host now.
+    fn inventory(&self) -> Result<Vec<VmInfo>>;
+
+    /// Takes a consistent point-in-time view of one VM's disks.
+    ///
+    /// `base` is the previous recovery point of the VM (to decide changed ranges and to
+    /// detect a resize). `kind`: [`JobKind::Sync`] may use change tracking;
+    /// `ExpressFull`, `ConsistencyCheck` and `InitialReplica` read everything and
+    /// accept the disks as they are now.
+    fn snapshot(
+        &self,
+        vm: &str,
+        kind: JobKind,
+        base: Option<&Manifest>,
+    ) -> Result<Box<dyn Snapshot>>;
+}
+
+/// A point-in-time view of one VM's disks, held while the backup reads it.
+pub trait Snapshot: Send {
+    /// How consistent the view is.
+    fn consistency(&self) -> Consistency;
+
+    /// The disks as they were at the view's moment, in recovery-point order. `changed`
+    /// holds the ranges changed since the base when change tracking knows them (then
+    /// disk `i` must be disk `i` of the base, same size); `None` = read everything.
+    fn disks(&self) -> Vec<DiskInput<'_>>;
+
+    /// Releases the view. `ok` false = the backup failed or was cancelled: a tracking
+    /// provider then merges its change map back, so the next backup loses nothing.
+    fn release(self: Box<Self>, ok: bool) -> Result<()>;
+}

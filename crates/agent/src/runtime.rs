@@ -1,0 +1,608 @@
+//! The agent's loop: enroll, report the inventory, long-poll for jobs, run each job on
+//! its own thread (bounded), report progress, commit or fail.
+
+use crate::provider::{Provider, Snapshot};
+use crate::remote::{RETRY_BUDGET, RemoteTarget, Transport, retry};
+use crate::{Error, Result};
+use client::{Auth, Client};
+use datastore::crypto::Keys;
+use datastore::{BlockParams, DiskInput, backup_disks};
+use pki::AgentIdentity;
+use protocol::{
+    AgentJob, Commit, CommitResponse, EnrollRequest, EnrollResponse, Failure, Inventory,
+    PollResponse, Progress, ProgressReply, SessionStart, VmInfo,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How the agent runs.
+pub struct AgentOptions {
+    /// `https://HOST:PORT` of the server.
+    pub server: String,
+    /// Where the agent's key, certificate and pinned CA live.
+    pub data_dir: PathBuf,
+    /// Enrolls with this token first when the agent is not enrolled yet.
+    pub enroll_token: Option<String>,
+    pub providers: Vec<Box<dyn Provider>>,
+    /// Worker threads of each backup pipeline.
+    pub threads: usize,
+    /// Jobs run at once (default 2).
+    pub max_jobs: usize,
+    /// How often the inventory is sent (default 60 s).
+    pub inventory_every: Duration,
+}
+
+impl AgentOptions {
+    /// Options with the defaults: no token, one pipeline thread per core, 2 jobs at
+    /// once, inventory every minute.
+    pub fn new(
+        server: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        providers: Vec<Box<dyn Provider>>,
+    ) -> AgentOptions {
+        AgentOptions {
+            server: server.into(),
+            data_dir: data_dir.into(),
+            enroll_token: None,
+            providers,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            max_jobs: 2,
+            inventory_every: Duration::from_secs(60),
+        }
+    }
+}
+
+fn log(msg: impl std::fmt::Display) {
+    eprintln!("holdfast agent: {msg}");
+}
+
+/// Enrolls this agent with `token` (`hf1.<ca-fingerprint>.<secret>`): keeps or makes the
+/// key in `data_dir`, sends the public key only to the server whose CA the token pins,
+/// and stores the certificate it returns. Enrolling again replaces the certificate.
+/// Returns the host name the server knows this agent by.
+pub fn enroll(server: &str, data_dir: &Path, token: &str) -> Result<String> {
+    let (ca_fp, _) = pki::parse_token(token)?;
+    let public_key_pem = AgentIdentity::prepare(data_dir)?;
+    let http = Client::new(server, pki::pinned_ca_config(&ca_fp)?, Auth::None)?;
+    let req = EnrollRequest {
+        token: token.trim().to_string(),
+        public_key_pem,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let resp: EnrollResponse = http.post("/enroll", &req)?;
+    AgentIdentity::store(data_dir, &resp.certificate_pem, &resp.ca_pem)?;
+    Ok(resp.host)
+}
+
+/// Whether a server call was refused because of who this agent is.
+fn forbidden(e: &client::Error) -> bool {
+    e.status() == Some(403)
+}
+
+fn client_status(e: &Error) -> Option<u16> {
+    match e {
+        Error::Client(c) => c.status(),
+        _ => None,
+    }
+}
+
+/// Sleeps `d`, waking early when `stop` is set.
+fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(100)));
+    }
+}
+
+/// What every job thread shares.
+struct Shared {
+    client: Client,
+    transport: Arc<dyn Transport>,
+    providers: Vec<Box<dyn Provider>>,
+    /// VM name → index of the provider that listed it, from the last inventory.
+    owners: Mutex<HashMap<String, usize>>,
+    threads: usize,
+    stop: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// Every provider's VMs. Fails if any provider fails: a partial inventory would
+    /// tell the server that VMs vanished.
+    fn collect_inventory(&self) -> Result<Vec<VmInfo>> {
+        let mut owners = HashMap::new();
+        let mut vms = Vec::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            for vm in p.inventory()? {
+                if owners.contains_key(&vm.name) {
+                    log(format_args!(
+                        "provider {}: VM {} is also listed by another provider; ignored",
+                        p.name(),
+                        vm.name
+                    ));
+                    continue;
+                }
+                owners.insert(vm.name.clone(), i);
+                vms.push(vm);
+            }
+        }
+        *self.owners.lock().unwrap_or_else(|p| p.into_inner()) = owners;
+        Ok(vms)
+    }
+
+    fn send_inventory(&self) -> Result<()> {
+        let vms = self.collect_inventory()?;
+        self.client
+            .post_ok("/agent/inventory", &Inventory { vms })?;
+        Ok(())
+    }
+
+    fn provider_for(&self, vm: &str) -> Result<&dyn Provider> {
+        let known = |s: &Shared| {
+            s.owners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(vm)
+                .copied()
+        };
+        let i = match known(self) {
+            Some(i) => Some(i),
+            None => {
+                // The VM may be newer than the last inventory.
+                self.collect_inventory()?;
+                known(self)
+            }
+        };
+        i.and_then(|i| self.providers.get(i))
+            .map(|p| p.as_ref())
+            .ok_or_else(|| Error::VmMissing(vm.to_string()))
+    }
+}
+
+/// Runs the agent until `stop` is set: enrolls first if needed (and a token is given),
+/// sends the inventory at start and every `inventory_every`, long-polls for jobs and
+/// runs up to `max_jobs` at once. When `stop` is set, running jobs are cancelled
+/// (reported as cancelled) and waited for. Returns an error when the agent cannot run
+/// at all: not enrolled, bad identity, or revoked.
+pub fn run(opts: AgentOptions, stop: Arc<AtomicBool>) -> Result<()> {
+    if !AgentIdentity::enrolled(&opts.data_dir) {
+        let Some(token) = &opts.enroll_token else {
+            return Err(Error::Invalid(format!(
+                "this agent is not enrolled ({} holds no certificate); enroll it with a token from `holdfast agent token HOST`",
+                opts.data_dir.display()
+            )));
+        };
+        let host = enroll(&opts.server, &opts.data_dir, token)?;
+        log(format_args!("enrolled as host {host}"));
+    }
+    let identity = AgentIdentity::load(&opts.data_dir)?;
+    let client = Client::new(&opts.server, identity.client_config()?, Auth::ClientCert)?;
+    let shared = Arc::new(Shared {
+        transport: Arc::new(client.clone()),
+        client,
+        providers: opts.providers,
+        owners: Mutex::new(HashMap::new()),
+        threads: opts.threads.max(1),
+        stop: stop.clone(),
+    });
+    let max_jobs = opts.max_jobs.max(1);
+    let mut jobs: Vec<(JoinHandle<()>, Arc<AtomicBool>)> = Vec::new();
+    let mut next_inventory = Instant::now();
+    let mut backoff = Duration::from_secs(1);
+    let outcome = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        jobs.retain(|(h, _)| !h.is_finished());
+        if Instant::now() >= next_inventory {
+            match shared.send_inventory() {
+                Ok(()) => next_inventory = Instant::now() + opts.inventory_every,
+                Err(Error::Client(e)) if forbidden(&e) => break Err(Error::Revoked),
+                Err(e) => {
+                    log(format_args!("inventory: {e}"));
+                    next_inventory = Instant::now() + opts.inventory_every.min(backoff * 10);
+                }
+            }
+        }
+        if jobs.len() >= max_jobs {
+            sleep_unless(&stop, Duration::from_millis(200));
+            continue;
+        }
+        match shared
+            .client
+            .post::<_, PollResponse>("/agent/poll", &serde_json::json!({}))
+        {
+            Ok(PollResponse { job }) => {
+                backoff = Duration::from_secs(1);
+                if let Some(job) = job {
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    let (s, c) = (shared.clone(), cancel.clone());
+                    jobs.push((std::thread::spawn(move || run_job(&s, job, c)), cancel));
+                }
+            }
+            Err(e) if forbidden(&e) => break Err(Error::Revoked),
+            Err(e) => {
+                log(format_args!(
+                    "poll: {e}; retrying in {}s",
+                    backoff.as_secs()
+                ));
+                sleep_unless(&stop, backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    for (_, cancel) in &jobs {
+        cancel.store(true, Ordering::Relaxed);
+    }
+    for (h, _) in jobs {
+        let _ = h.join();
+    }
+    outcome
+}
+
+/// What a job reports while running.
+#[derive(Default)]
+struct Counters {
+    done: AtomicU64,
+    total: AtomicU64,
+    read: AtomicU64,
+}
+
+/// Runs one job to its end and tells the server how it ended.
+fn run_job(shared: &Shared, job: AgentJob, cancel: Arc<AtomicBool>) {
+    let label = format!("job {} ({} {})", job.job_id, job.kind.as_str(), job.vm);
+    log(format_args!("{label}: started"));
+    let prefix = format!("/agent/jobs/{}", job.job_id);
+    match job_inner(shared, &job, &prefix, &label, &cancel) {
+        Ok(rp) => log(format_args!("{label}: recovery point {rp}")),
+        Err(e) if matches!(client_status(&e), Some(403 | 404)) => {
+            log(format_args!(
+                "{label}: the server no longer accepts this job ({e}); dropping it"
+            ));
+        }
+        Err(e) => {
+            log(format_args!("{label}: failed: {e}"));
+            let body = Failure {
+                error: e.to_string(),
+                kind: e.kind().to_string(),
+            };
+            let never = || false;
+            let path = format!("{prefix}/fail");
+            if let Err(e) = retry(RETRY_BUDGET, never, || shared.client.post_ok(&path, &body)) {
+                log(format_args!("{label}: reporting the failure: {e}"));
+            }
+        }
+    }
+}
+
+/// The datastore parameters of a session, checked (they come from the network).
+fn block_params(start: &SessionStart) -> Result<BlockParams> {
+    let keys = match &start.master_key {
+        None => Keys::plain(),
+        Some(hex) => {
+            let key = decode_key(hex).ok_or_else(|| {
+                Error::Server("the session's master key is not 64 hex digits".into())
+            })?;
+            Keys::from_master(&key).map_err(Error::Backup)?
+        }
+    };
+    let p = BlockParams {
+        block_size: start.block_size,
+        piece_blocks: start.piece_blocks,
+        zstd_level: start.zstd_level,
+        keys,
+    };
+    p.check()
+        .map_err(|e| Error::Server(format!("session parameters: {e}")))?;
+    Ok(p)
+}
+
+fn decode_key(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.trim().as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        let s = std::str::from_utf8(pair).ok()?;
+        *o = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn job_inner(
+    shared: &Shared,
+    job: &AgentJob,
+    prefix: &str,
+    label: &str,
+    cancel: &Arc<AtomicBool>,
+) -> Result<String> {
+    if !job.kind.on_agent() {
+        return Err(Error::Invalid(format!(
+            "job kind {} does not run on an agent",
+            job.kind.as_str()
+        )));
+    }
+    let never = || false;
+    let path = format!("{prefix}/start");
+    let start: SessionStart = retry(RETRY_BUDGET, never, || {
+        shared.client.post(&path, &serde_json::json!({}))
+    })?;
+    let params = block_params(&start)?;
+    let provider = shared.provider_for(&job.vm)?;
+    let snap = provider.snapshot(&job.vm, job.kind, start.base.as_ref())?;
+    let consistency = snap.consistency();
+    let result = backup(
+        shared,
+        job,
+        prefix,
+        label,
+        &start,
+        params,
+        snap.as_ref(),
+        cancel,
+    );
+    let (disks, stats) = match result {
+        Ok(r) => {
+            snap.release(true)?;
+            r
+        }
+        Err(e) => {
+            if let Err(re) = snap.release(false) {
+                log(format_args!("{label}: releasing the snapshot: {re}"));
+            }
+            return Err(e);
+        }
+    };
+    let commit = Commit {
+        consistency,
+        base: start.base.as_ref().map(|b| b.id.clone()),
+        disks,
+        stats,
+    };
+    let path = format!("{prefix}/commit");
+    let resp: CommitResponse = retry(RETRY_BUDGET, never, || shared.client.post(&path, &commit))?;
+    Ok(resp.recovery_point)
+}
+
+/// A disk that counts the bytes read through it (for progress reports).
+#[derive(Debug)]
+struct Counting<'a> {
+    inner: &'a dyn vdisk::VirtualDisk,
+    read: &'a AtomicU64,
+}
+
+impl vdisk::VirtualDisk for Counting<'_> {
+    fn info(&self) -> vdisk::DiskInfo {
+        self.inner.info()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+        self.inner.read_at(buf, offset)?;
+        self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+    fn map(&self, offset: u64, length: u64) -> vdisk::Result<Vec<vdisk::Extent>> {
+        self.inner.map(offset, length)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backup(
+    shared: &Shared,
+    job: &AgentJob,
+    prefix: &str,
+    label: &str,
+    start: &SessionStart,
+    params: BlockParams,
+    snap: &dyn Snapshot,
+    cancel: &Arc<AtomicBool>,
+) -> Result<(Vec<protocol::DiskRecord>, protocol::Stats)> {
+    let remote = RemoteTarget::new(shared.transport.clone(), job.job_id, params, cancel.clone());
+    let counters = Counters::default();
+    let disks = snap.disks();
+    let counting: Vec<Counting> = disks
+        .iter()
+        .map(|d| Counting {
+            inner: d.disk,
+            read: &counters.read,
+        })
+        .collect();
+    let inputs: Vec<DiskInput> = disks
+        .iter()
+        .zip(&counting)
+        .map(|(d, c)| DiskInput {
+            disk: c,
+            name: d.name.clone(),
+            format: d.format.clone(),
+            changed: d.changed.clone(),
+        })
+        .collect();
+    // The base matters to the pipeline only for changed ranges (reusing its index).
+    let base = if inputs.iter().any(|d| d.changed.is_some()) {
+        start.base.as_ref()
+    } else {
+        None
+    };
+    let finished = AtomicBool::new(false);
+    let lost: Mutex<Option<client::Error>> = Mutex::new(None);
+    let sent = remote.sent_counter();
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            report_progress(
+                shared, prefix, label, &counters, &sent, &finished, cancel, &lost,
+            )
+        });
+        let r = backup_disks(
+            &remote,
+            base,
+            &inputs,
+            shared.threads,
+            &mut |done, total| {
+                counters.done.store(done, Ordering::Relaxed);
+                counters.total.store(total, Ordering::Relaxed);
+                // The agent stopping cancels its jobs.
+                if shared.stop.load(Ordering::Relaxed) {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            },
+        );
+        finished.store(true, Ordering::Relaxed);
+        r
+    });
+    match result {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            if let Some(l) = lost.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(Error::Client(l));
+            }
+            let own = remote.take_error();
+            if let Some(Error::Client(c)) = own {
+                return Err(Error::Client(c));
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled(if shared.stop.load(Ordering::Relaxed) {
+                    "the agent is stopping".into()
+                } else {
+                    "by the server".into()
+                }));
+            }
+            Err(own.unwrap_or(Error::Backup(e)))
+        }
+    }
+}
+
+/// Posts progress about every second until `finished`; sets `cancel` when the server
+/// says so, or when it no longer knows the job (`lost` then holds why).
+#[allow(clippy::too_many_arguments)]
+fn report_progress(
+    shared: &Shared,
+    prefix: &str,
+    label: &str,
+    c: &Counters,
+    sent: &AtomicU64,
+    finished: &AtomicBool,
+    cancel: &AtomicBool,
+    lost: &Mutex<Option<client::Error>>,
+) {
+    let path = format!("{prefix}/progress");
+    let mut last_error = Instant::now() - Duration::from_secs(3600);
+    loop {
+        let tick = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < tick {
+            if finished.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let p = Progress {
+            bytes_done: c.done.load(Ordering::Relaxed),
+            bytes_total: c.total.load(Ordering::Relaxed),
+            bytes_read: c.read.load(Ordering::Relaxed),
+            bytes_sent: sent.load(Ordering::Relaxed),
+            message: None,
+        };
+        match shared.client.post::<_, ProgressReply>(&path, &p) {
+            Ok(r) if r.cancel => {
+                if !cancel.swap(true, Ordering::Relaxed) {
+                    log(format_args!("{label}: cancel requested by the server"));
+                }
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.status(), Some(403 | 404)) => {
+                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                cancel.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                // Progress is best effort; don't flood the log while the server is away.
+                if last_error.elapsed() > Duration::from_secs(30) {
+                    log(format_args!("{label}: progress: {e}"));
+                    last_error = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Source;
+
+    fn start(key: Option<&str>, block_size: u32) -> SessionStart {
+        SessionStart {
+            block_size,
+            piece_blocks: 4096,
+            zstd_level: 3,
+            master_key: key.map(str::to_string),
+            base: None,
+            source: Source {
+                name: "h1/vm".into(),
+                id: "vm".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn session_parameters_are_checked() {
+        let p = block_params(&start(None, 65536)).unwrap();
+        assert!(!p.keys.encrypted());
+        let p = block_params(&start(Some(&"ab".repeat(32)), 65536)).unwrap();
+        assert!(p.keys.encrypted());
+        let e = block_params(&start(Some("abc"), 65536)).unwrap_err();
+        assert_eq!(e.kind(), "server");
+        let e = block_params(&start(Some(&"zz".repeat(32)), 65536)).unwrap_err();
+        assert_eq!(e.kind(), "server");
+        let e = block_params(&start(None, 1000)).unwrap_err();
+        assert!(e.to_string().contains("block size 1000"), "{e}");
+    }
+
+    #[test]
+    fn run_without_identity_or_token_says_so() {
+        let t = tempfile::tempdir().unwrap();
+        let opts = AgentOptions::new("https://127.0.0.1:1", t.path(), vec![]);
+        let e = run(opts, Arc::new(AtomicBool::new(false))).unwrap_err();
+        assert!(e.to_string().contains("not enrolled"), "{e}");
+    }
+
+    #[test]
+    fn enroll_refuses_a_malformed_token_before_any_network() {
+        let t = tempfile::tempdir().unwrap();
+        let e = enroll("https://127.0.0.1:1", t.path(), "hf1.nope").unwrap_err();
+        assert!(e.to_string().contains("enrollment token"), "{e}");
+        // Nothing was generated for a token that could never work.
+        assert!(!t.path().join("agent.key").exists());
+    }
+
+    #[test]
+    fn enroll_against_no_server_fails_cleanly_and_keeps_the_key() {
+        let t = tempfile::tempdir().unwrap();
+        let token = format!("hf1.{}.{}", "a".repeat(64), "b".repeat(64));
+        let e = enroll("https://127.0.0.1:1", t.path(), &token).unwrap_err();
+        assert_eq!(e.kind(), "server");
+        assert!(t.path().join("agent.key").exists());
+        assert!(!AgentIdentity::enrolled(t.path()));
+    }
+
+    #[test]
+    fn run_enrolls_first_when_given_a_token() {
+        // A token for an unreachable server: run tries to enroll and reports why.
+        let t = tempfile::tempdir().unwrap();
+        let mut opts = AgentOptions::new("https://127.0.0.1:1", t.path(), vec![]);
+        opts.enroll_token = Some(format!("hf1.{}.{}", "a".repeat(64), "b".repeat(64)));
+        let e = run(opts, Arc::new(AtomicBool::new(true))).unwrap_err();
+        assert_eq!(e.kind(), "server");
+    }
+}
