@@ -925,6 +925,20 @@ async fn agent_commit(
     let rp = crate::rp_info(&manifest, Some(id));
     {
         let cat = st.cat();
+        // Final figures from the recovery point itself (progress reports are periodic,
+        // a short job may end before its first one).
+        let total: u64 = manifest.disks.iter().map(|d| d.virtual_size).sum();
+        let sent = cat.job(id).map(|j| j.bytes_sent).unwrap_or(0);
+        cat.set_job_progress(
+            id,
+            &Progress {
+                bytes_done: total,
+                bytes_total: total,
+                bytes_read: manifest.stats.bytes_read,
+                bytes_sent: sent.max(manifest.stats.bytes_stored),
+                message: None,
+            },
+        )?;
         cat.add_recovery_point(&rp)?;
         cat.set_job_recovery_point(id, &manifest.id)?;
         cat.job_log(
