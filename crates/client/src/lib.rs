@@ -110,14 +110,11 @@ impl Client {
     }
 
     fn send(&self, method: &'static str, path: &str, rb: RequestBuilder) -> Result<Response> {
-        let resp = self
-            .authed(rb)
-            .send()
-            .map_err(|source| Error::Transport {
-                method,
-                path: path.to_string(),
-                source,
-            })?;
+        let resp = self.authed(rb).send().map_err(|source| Error::Transport {
+            method,
+            path: path.to_string(),
+            source,
+        })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);

@@ -325,7 +325,10 @@ impl JobKind {
     pub fn on_agent(self) -> bool {
         matches!(
             self,
-            JobKind::Sync | JobKind::ExpressFull | JobKind::ConsistencyCheck | JobKind::InitialReplica
+            JobKind::Sync
+                | JobKind::ExpressFull
+                | JobKind::ConsistencyCheck
+                | JobKind::InitialReplica
         )
     }
 }

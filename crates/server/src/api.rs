@@ -51,9 +51,7 @@ impl From<catalog::Error> for ApiErr {
 impl From<datastore::Error> for ApiErr {
     fn from(e: datastore::Error) -> Self {
         let code = match &e {
-            datastore::Error::Rejected(_) | datastore::Error::Invalid(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            datastore::Error::Rejected(_) | datastore::Error::Invalid(_) => StatusCode::BAD_REQUEST,
             datastore::Error::Missing { .. } => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -187,7 +185,11 @@ pub fn router(st: Arc<AppState>) -> Router {
 // ------------------------------------------------------------------------------
 // Status, CA, enrollment
 
-async fn status(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+async fn status(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+) -> ApiResult<Response> {
     admin(&st, &headers, &peer)?;
     let c = st.cat().counts()?;
     Ok(json(&ServerStatus {
@@ -284,7 +286,11 @@ async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
 // ------------------------------------------------------------------------------
 // Agents, data sources
 
-async fn agents_list(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+async fn agents_list(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+) -> ApiResult<Response> {
     admin(&st, &headers, &peer)?;
     let rows = st.cat().agents()?;
     let polling = st.polling.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -292,10 +298,8 @@ async fn agents_list(State(st): St, headers: HeaderMap, peer: axum::Extension<Pe
     let out: Vec<AgentInfo> = rows
         .into_iter()
         .map(|a| {
-            let connected = !a.revoked
-                && polling
-                    .get(&a.host)
-                    .is_some_and(|t| t.elapsed() < window);
+            let connected =
+                !a.revoked && polling.get(&a.host).is_some_and(|t| t.elapsed() < window);
             a.into_info(connected)
         })
         .collect();
@@ -315,21 +319,24 @@ async fn agent_revoke(
     Ok(json(&serde_json::json!({ "host": host, "revoked": true })))
 }
 
-async fn datasources(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+async fn datasources(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+) -> ApiResult<Response> {
     admin(&st, &headers, &peer)?;
     Ok(json(&st.cat().datasources()?))
 }
 
-fn queue_for_vm(
-    st: &AppState,
-    host: &str,
-    vm: &str,
-    kind: JobKind,
-) -> ApiResult<Response> {
+fn queue_for_vm(st: &AppState, host: &str, vm: &str, kind: JobKind) -> ApiResult<Response> {
     let ds = st.cat().datasource_by_name(host, vm)?;
     let (id, new) = st.queue(now(), kind, Some(&ds.id), "admin")?;
-    st.cat()
-        .audit(now(), "admin", kind.as_str(), &format!("{host}/{vm} job {id}"))?;
+    st.cat().audit(
+        now(),
+        "admin",
+        kind.as_str(),
+        &format!("{host}/{vm} job {id}"),
+    )?;
     let job = st.cat().job(id)?;
     let mut r = json(&job);
     if new {
@@ -396,7 +403,11 @@ fn group_info(st: &AppState, g: catalog::GroupRow) -> GroupInfo {
     }
 }
 
-async fn groups_list(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+async fn groups_list(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+) -> ApiResult<Response> {
     admin(&st, &headers, &peer)?;
     let rows = st.cat().groups()?;
     let out: Vec<GroupInfo> = rows.into_iter().map(|g| group_info(&st, g)).collect();
@@ -422,7 +433,11 @@ fn check_fits(st: &AppState, size: u64, policy: &Policy) -> ApiResult<Allocation
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
                 "disk allocation review: the members hold {} bytes and this policy needs about {} bytes (size + size x {}% churn x {} days), but the datastore has {} bytes free; free space, shorten retention or split the group",
-                r.data_size, r.required, policy.churn_percent, policy.retention_days, r.datastore_free
+                r.data_size,
+                r.required,
+                policy.churn_percent,
+                policy.retention_days,
+                r.datastore_free
             ),
         ));
     }
@@ -588,10 +603,16 @@ async fn jobs_list(
 ) -> ApiResult<Response> {
     admin(&st, &headers, &peer)?;
     let state = match &q.state {
-        Some(s) => Some(JobState::parse(s).ok_or_else(|| bad(format!("state {s:?} is not queued, running, succeeded, failed or cancelled")))?),
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            bad(format!(
+                "state {s:?} is not queued, running, succeeded, failed or cancelled"
+            ))
+        })?),
         None => None,
     };
-    Ok(json(&st.cat().jobs(state, q.limit.unwrap_or(200).min(10_000))?))
+    Ok(json(
+        &st.cat().jobs(state, q.limit.unwrap_or(200).min(10_000))?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -610,7 +631,12 @@ async fn job_create(
     let req: NewServerJob = parse(&body)?;
     let kind = JobKind::parse(&req.kind)
         .filter(|k| !k.on_agent())
-        .ok_or_else(|| bad(format!("kind {:?}: verify, prune or gc (backups start with backup-now)", req.kind)))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "kind {:?}: verify, prune or gc (backups start with backup-now)",
+                req.kind
+            ))
+        })?;
     let (id, _) = st.queue(now(), kind, None, "admin")?;
     let mut r = json(&st.cat().job(id)?);
     *r.status_mut() = StatusCode::CREATED;
@@ -652,7 +678,8 @@ async fn job_cancel(
             ));
         }
     }
-    st.cat().audit(now(), "admin", "job cancel", &id.to_string())?;
+    st.cat()
+        .audit(now(), "admin", "job cancel", &id.to_string())?;
     Ok(json(&st.cat().job(id)?))
 }
 
@@ -672,7 +699,11 @@ async fn alerts_list(
     Ok(json(&st.cat().alerts(q.all)?))
 }
 
-async fn audit_list(State(st): St, headers: HeaderMap, peer: axum::Extension<Peer>) -> ApiResult<Response> {
+async fn audit_list(
+    State(st): St,
+    headers: HeaderMap,
+    peer: axum::Extension<Peer>,
+) -> ApiResult<Response> {
     admin(&st, &headers, &peer)?;
     Ok(json(&st.cat().audit_log(500)?))
 }
@@ -680,7 +711,11 @@ async fn audit_list(State(st): St, headers: HeaderMap, peer: axum::Extension<Pee
 // ------------------------------------------------------------------------------
 // Agent side
 
-async fn agent_inventory(State(st): St, peer: axum::Extension<Peer>, body: Bytes) -> ApiResult<Response> {
+async fn agent_inventory(
+    State(st): St,
+    peer: axum::Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let host = agent(&st, &peer)?;
     let inv: Inventory = parse(&body)?;
     st.cat().upsert_inventory(now(), &host, &inv.vms)?;
@@ -690,8 +725,8 @@ async fn agent_inventory(State(st): St, peer: axum::Extension<Peer>, body: Bytes
 /// Hands the agent its next runnable job, waiting up to `poll_seconds` for one.
 async fn agent_poll(State(st): St, peer: axum::Extension<Peer>) -> ApiResult<Response> {
     let host = agent(&st, &peer)?;
-    let deadline = tokio::time::Instant::now()
-        + Duration::from_secs(st.config.scheduler.poll_seconds);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(st.config.scheduler.poll_seconds);
     loop {
         st.polling
             .lock()
@@ -738,7 +773,11 @@ fn session(st: &AppState, id: i64) -> ApiResult<Arc<datastore::Ingest>> {
         .unwrap_or_else(|p| p.into_inner())
         .get(&id)
         .cloned()
-        .ok_or_else(|| not_found(format!("job {id} has no open backup session (the server restarted or the job ended)")))
+        .ok_or_else(|| {
+            not_found(format!(
+                "job {id} has no open backup session (the server restarted or the job ended)"
+            ))
+        })
 }
 
 async fn blocking<T: Send + 'static>(
@@ -749,7 +788,11 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, format!("worker: {e}")))?
 }
 
-async fn agent_start(State(st): St, peer: axum::Extension<Peer>, Path(id): Path<i64>) -> ApiResult<Response> {
+async fn agent_start(
+    State(st): St,
+    peer: axum::Extension<Peer>,
+    Path(id): Path<i64>,
+) -> ApiResult<Response> {
     let host = agent(&st, &peer)?;
     let job = own_job(&st, &host, id)?;
     let ds_id = job.datasource_id.clone().unwrap_or_default();
@@ -825,10 +868,7 @@ async fn agent_missing(
     }
     let s = session(&st, id)?;
     let out = blocking(move || {
-        let ids: Vec<Id> = body
-            .chunks_exact(32)
-            .filter_map(Id::from_slice)
-            .collect();
+        let ids: Vec<Id> = body.chunks_exact(32).filter_map(Id::from_slice).collect();
         let m = s.missing(&ids)?;
         Ok(m.into_iter().map(u8::from).collect::<Vec<u8>>())
     })
@@ -848,7 +888,8 @@ async fn agent_blobs(
     let res = blocking(move || Ok(s.put(&body)?)).await;
     if let Err(e) = &res {
         // A rejected batch ends the session (the datastore refuses further use).
-        st.cat().job_log(now(), id, &format!("blob batch refused: {}", e.1))?;
+        st.cat()
+            .job_log(now(), id, &format!("blob batch refused: {}", e.1))?;
     }
     res?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -861,7 +902,8 @@ async fn agent_blob(
 ) -> ApiResult<Response> {
     let host = agent(&st, &peer)?;
     own_job(&st, &host, id)?;
-    let bid = Id::from_hex(&blob).ok_or_else(|| bad(format!("blob id {blob:?} is not 64 hex digits")))?;
+    let bid =
+        Id::from_hex(&blob).ok_or_else(|| bad(format!("blob id {blob:?} is not 64 hex digits")))?;
     let s = session(&st, id)?;
     let out = blocking(move || Ok(s.framed_blob(bid)?)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
@@ -972,7 +1014,11 @@ async fn agent_fail(
         .filter(|c| c.is_ascii_lowercase() || *c == '-')
         .take(32)
         .collect();
-    let kind = if kind.is_empty() { "backup-failed".into() } else { kind };
+    let kind = if kind.is_empty() {
+        "backup-failed".into()
+    } else {
+        kind
+    };
     st.job_failed(id, now(), &kind, &f.error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -157,7 +157,10 @@ impl Config {
             }
         }
         if self.limits.max_json_body < 4096 || self.limits.max_blob_batch < (2 << 20) {
-            return Err("limits: max_json_body must be at least 4096 and max_blob_batch at least 2 MiB".into());
+            return Err(
+                "limits: max_json_body must be at least 4096 and max_blob_batch at least 2 MiB"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -174,7 +177,9 @@ mod tests {
 
     #[test]
     fn defaults_and_overrides() {
-        let c: Config = toml::from_str("listen = \"127.0.0.1:9000\"\n[scheduler]\ntime_scale = 60.0\n").unwrap();
+        let c: Config =
+            toml::from_str("listen = \"127.0.0.1:9000\"\n[scheduler]\ntime_scale = 60.0\n")
+                .unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.minutes(15), 15);
         assert_eq!(c.scheduler.max_attempts, 3);

@@ -138,7 +138,11 @@ pub fn rebuild_catalog(data_dir: &Path, config_file: Option<PathBuf>) -> Result<
         datastore::time::now(),
         "admin",
         "rebuild-catalog",
-        &format!("{} recovery points, {} unreadable", rps.len(), damaged.len()),
+        &format!(
+            "{} recovery points, {} unreadable",
+            rps.len(),
+            damaged.len()
+        ),
     )?;
     Ok((rps.len() as u64, damaged.len() as u64))
 }
@@ -148,10 +152,8 @@ pub fn rebuild_catalog(data_dir: &Path, config_file: Option<PathBuf>) -> Result<
 pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     let cfg = load_config(&opts)?;
     let io = |what: String| move |err| Error::Io { what, err };
-    std::fs::create_dir_all(&opts.data_dir).map_err(io(format!(
-        "creating {}",
-        opts.data_dir.display()
-    )))?;
+    std::fs::create_dir_all(&opts.data_dir)
+        .map_err(io(format!("creating {}", opts.data_dir.display())))?;
     let ds_dir = datastore_dir(&opts, &cfg);
     let (ds, master) = open_datastore(&ds_dir, cfg.encrypt_datastore)?;
     ds.backend().remove_leftovers()?;
@@ -185,7 +187,11 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
             protocol::Severity::Warning,
             &subject,
             "interrupted",
-            &format!("job {} ({}) was interrupted by a server restart; it runs again", j.id, j.kind.as_str()),
+            &format!(
+                "job {} ({}) was interrupted by a server restart; it runs again",
+                j.id,
+                j.kind.as_str()
+            ),
         )?;
         let id = cat.add_job(
             now,
@@ -201,8 +207,8 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         cat.job_log(now, id, "queued after a server restart")?;
     }
     let tls = pki.server_config()?;
-    let started = Started {
-        url: format!("https://{}", display_addr(cfg.listen)),
+    let mut started = Started {
+        url: String::new(),
         ca_fingerprint: pki.ca_fingerprint(),
         admin_token_file: opts.data_dir.join("admin.token"),
         ca_file: opts.data_dir.join("ca.pem"),
@@ -212,9 +218,11 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     let st = Arc::new(AppState::new(
         cfg,
         cat,
-        Arc::new(ds),
-        ds_dir,
-        master,
+        state::OpenStore {
+            datastore: Arc::new(ds),
+            dir: ds_dir,
+            master_key: master,
+        },
         pki,
         admin_token,
         threads,
@@ -227,6 +235,9 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(io(format!("listening on {listen}")))?;
+        // The bound address: `--listen 127.0.0.1:0` picks a free port.
+        let bound = listener.local_addr().unwrap_or(listen);
+        started.url = format!("https://{}", display_addr(bound));
         on_start(&started);
         tokio::spawn(scheduler::run(st.clone()));
         tls::serve(listener, tls, api::router(st)).await;

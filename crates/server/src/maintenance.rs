@@ -49,7 +49,11 @@ pub fn run(st: &AppState, job: i64, kind: JobKind) -> Result<String, String> {
                 let msg = format!(
                     "verify found {} damaged files; recovery points needing damaged data: {}; the next backup of each heals what it still has",
                     r.damaged_files.len(),
-                    if names.is_empty() { "none".into() } else { names.join(", ") }
+                    if names.is_empty() {
+                        "none".into()
+                    } else {
+                        names.join(", ")
+                    }
                 );
                 let _ = st
                     .cat()
@@ -113,7 +117,10 @@ fn prune(st: &AppState, job: i64) -> Result<String, String> {
             cat.job_log(
                 datastore::time::now(),
                 job,
-                &format!("removed recovery point {} of {} (older than {days} days)", d.id, d.source),
+                &format!(
+                    "removed recovery point {} of {} (older than {days} days)",
+                    d.id, d.source
+                ),
             )
             .map_err(e)?;
             removed += 1;

@@ -64,7 +64,10 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
                     Severity::Warning,
                     &ds.name,
                     "vm-missing",
-                    &format!("{} is protected by group {:?} but its agent no longer reports it", ds.name, g.name),
+                    &format!(
+                        "{} is protected by group {:?} but its agent no longer reports it",
+                        ds.name, g.name
+                    ),
                 )?;
                 continue;
             }
@@ -75,12 +78,22 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
                     ReplicaCreation::Manual => false,
                 };
                 if start {
-                    st.queue(now, JobKind::InitialReplica, Some(&ds.id), "replica creation")?;
+                    st.queue(
+                        now,
+                        JobKind::InitialReplica,
+                        Some(&ds.id),
+                        "replica creation",
+                    )?;
                 }
                 continue;
             }
             if ds.replica_state == "inconsistent" && p.consistency_check_when_inconsistent {
-                st.queue(now, JobKind::ConsistencyCheck, Some(&ds.id), "replica inconsistent")?;
+                st.queue(
+                    now,
+                    JobKind::ConsistencyCheck,
+                    Some(&ds.id),
+                    "replica inconsistent",
+                )?;
                 continue;
             }
             let rp_kind = match p.sync_frequency {
@@ -92,13 +105,23 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
                 continue;
             }
             if due_daily(st, &format!("ef:{}", ds.id), &p.express_full_times, now)? {
-                st.queue(now, JobKind::ExpressFull, Some(&ds.id), "express full schedule")?;
+                st.queue(
+                    now,
+                    JobKind::ExpressFull,
+                    Some(&ds.id),
+                    "express full schedule",
+                )?;
                 continue;
             }
             if let Some(t) = &p.consistency_check_daily
                 && due_daily(st, &format!("cc:{}", ds.id), std::slice::from_ref(t), now)?
             {
-                st.queue(now, JobKind::ConsistencyCheck, Some(&ds.id), "daily consistency check")?;
+                st.queue(
+                    now,
+                    JobKind::ConsistencyCheck,
+                    Some(&ds.id),
+                    "daily consistency check",
+                )?;
                 continue;
             }
             if let SyncFrequency::Minutes(mins) = p.sync_frequency
@@ -142,10 +165,7 @@ fn watchdog(st: &AppState, now: i64) -> Result<(), catalog::Error> {
             id,
             now,
             "agent-lost",
-            &format!(
-                "the agent has not reported for {} seconds",
-                limit.as_secs()
-            ),
+            &format!("the agent has not reported for {} seconds", limit.as_secs()),
         )?;
     }
     Ok(())
@@ -225,13 +245,20 @@ fn run_server_jobs(st: &Arc<AppState>, now: i64) -> Result<(), catalog::Error> {
         let now = datastore::time::now();
         let res = match r {
             Ok(summary) => {
-                let _ = st.cat().job_log(now, j.id, &format!("{summary} in {:.1} s", started.elapsed().as_secs_f64()));
+                let _ = st.cat().job_log(
+                    now,
+                    j.id,
+                    &format!("{summary} in {:.1} s", started.elapsed().as_secs_f64()),
+                );
                 st.job_succeeded(j.id, now)
             }
             Err(e) => st.job_failed(j.id, now, "server", &e),
         };
         if let Err(e) = res {
-            eprintln!("holdfast server: job {}: recording the outcome failed: {e}", j.id);
+            eprintln!(
+                "holdfast server: job {}: recording the outcome failed: {e}",
+                j.id
+            );
         }
     });
     Ok(())
@@ -259,7 +286,10 @@ mod tests {
     fn occurrences() {
         let day = 20_000 * 86_400;
         assert_eq!(last_occurrence(day + 3600, "00:30"), Some(day + 1800));
-        assert_eq!(last_occurrence(day + 3600, "02:00"), Some(day - 86_400 + 7200));
+        assert_eq!(
+            last_occurrence(day + 3600, "02:00"),
+            Some(day - 86_400 + 7200)
+        );
         assert_eq!(last_occurrence(day + 7200, "02:00"), Some(day + 7200));
         assert_eq!(last_occurrence(day, "2:00"), None);
     }

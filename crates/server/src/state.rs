@@ -24,6 +24,14 @@ pub const BACKUP_ALERTS: &[&str] = &[
     "cancelled",
 ];
 
+/// The server's datastore, opened.
+pub struct OpenStore {
+    pub datastore: Arc<Datastore>,
+    pub dir: std::path::PathBuf,
+    /// The master key when the datastore is encrypted.
+    pub master_key: Option<[u8; 32]>,
+}
+
 pub struct AppState {
     pub config: Config,
     catalog: Mutex<Catalog>,
@@ -48,9 +56,7 @@ impl AppState {
     pub fn new(
         config: Config,
         catalog: Catalog,
-        datastore: Arc<Datastore>,
-        datastore_dir: std::path::PathBuf,
-        master_key: Option<[u8; 32]>,
+        store: OpenStore,
         pki: pki::ServerPki,
         admin_token: String,
         threads: usize,
@@ -58,9 +64,9 @@ impl AppState {
         AppState {
             config,
             catalog: Mutex::new(catalog),
-            datastore,
-            datastore_dir,
-            master_key,
+            datastore: store.datastore,
+            datastore_dir: store.dir,
+            master_key: store.master_key,
             pki,
             admin_token,
             sessions: Mutex::new(HashMap::new()),
@@ -110,7 +116,11 @@ impl AppState {
                 }
             }
         } else {
-            cat.resolve_alerts(now, "datastore", Some(&format!("{}-failed", info.kind.as_str())))?;
+            cat.resolve_alerts(
+                now,
+                "datastore",
+                Some(&format!("{}-failed", info.kind.as_str())),
+            )?;
         }
         Ok(())
     }

@@ -43,10 +43,11 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: R
                     .and_then(|c| c.first())
                     .map(|c| pki::cert_fingerprint(c.as_ref())),
             };
-            let svc = app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                req
-            });
+            let svc =
+                app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    req
+                });
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http2()

@@ -33,10 +33,9 @@ impl ServerArgs {
 
     pub fn client(&self) -> anyhow::Result<Client> {
         let url = self.url()?;
-        let ca_file = self
-            .ca_file
-            .as_ref()
-            .ok_or_else(|| anyhow!("no CA file given: use --ca-file (the server's DIR/ca.pem) or HOLDFAST_CA_FILE"))?;
+        let ca_file = self.ca_file.as_ref().ok_or_else(|| {
+            anyhow!("no CA file given: use --ca-file (the server's DIR/ca.pem) or HOLDFAST_CA_FILE")
+        })?;
         let token_file = self.token_file.as_ref().ok_or_else(|| {
             anyhow!("no token file given: use --token-file (the server's DIR/admin.token) or HOLDFAST_TOKEN_FILE")
         })?;
@@ -45,7 +44,11 @@ impl ServerArgs {
         let token = std::fs::read_to_string(token_file)
             .with_context(|| format!("reading {}", token_file.display()))?;
         let tls = pki::client_config_trusting(&ca)?;
-        Ok(Client::new(url, tls, Auth::Token(token.trim().to_string()))?)
+        Ok(Client::new(
+            url,
+            tls,
+            Auth::Token(token.trim().to_string()),
+        )?)
     }
 }
 
@@ -121,7 +124,10 @@ pub fn agents(s: &ServerArgs, c: AgentsCommand) -> anyhow::Result<ExitCode> {
             if json {
                 return print_json(&list).map(|_| ExitCode::SUCCESS);
             }
-            println!("{:<24} {:<10} {:<22} {:<22} FINGERPRINT", "HOST", "STATE", "ENROLLED", "LAST SEEN");
+            println!(
+                "{:<24} {:<10} {:<22} {:<22} FINGERPRINT",
+                "HOST", "STATE", "ENROLLED", "LAST SEEN"
+            );
             for a in list {
                 let state = if a.revoked {
                     "revoked"
@@ -141,7 +147,10 @@ pub fn agents(s: &ServerArgs, c: AgentsCommand) -> anyhow::Result<ExitCode> {
             }
         }
         AgentsCommand::Revoke { host } => {
-            let _: serde_json::Value = cl.post(&format!("/agents/{}/revoke", seg(&host)), &serde_json::json!({}))?;
+            let _: serde_json::Value = cl.post(
+                &format!("/agents/{}/revoke", seg(&host)),
+                &serde_json::json!({}),
+            )?;
             println!("agent {host} revoked");
         }
     }
@@ -163,7 +172,10 @@ pub fn datasources(s: &ServerArgs, c: DataSourcesCommand) -> anyhow::Result<Exit
     if json {
         return print_json(&list).map(|_| ExitCode::SUCCESS);
     }
-    println!("{:<32} {:<8} {:>10} {:<16} {:<13} LAST RECOVERY POINT", "VM", "PROVIDER", "SIZE", "GROUP", "REPLICA");
+    println!(
+        "{:<32} {:<8} {:>10} {:<16} {:<13} LAST RECOVERY POINT",
+        "VM", "PROVIDER", "SIZE", "GROUP", "REPLICA"
+    );
     for d in list {
         println!(
             "{:<32} {:<8} {:>10} {:<16} {:<13} {}",
@@ -288,7 +300,11 @@ impl PolicyArgs {
                         .as_deref()
                         .ok_or_else(|| anyhow!("--recovery-point-times is required"))?,
                 ),
-                express_full_times: self.express_full_times.as_deref().map(times).unwrap_or_default(),
+                express_full_times: self
+                    .express_full_times
+                    .as_deref()
+                    .map(times)
+                    .unwrap_or_default(),
                 consistency_check_when_inconsistent: !self.no_auto_consistency_check,
                 consistency_check_daily: self.consistency_check_daily.clone(),
                 replica_creation: replica.unwrap_or(ReplicaCreation::Now),
@@ -354,16 +370,27 @@ fn show_group(g: &GroupInfo) {
         "  synchronization:    {}",
         match p.sync_frequency {
             SyncFrequency::Minutes(m) => format!("every {m} minutes"),
-            SyncFrequency::JustBeforeRecoveryPoint => "just before each recovery point (express full)".into(),
+            SyncFrequency::JustBeforeRecoveryPoint =>
+                "just before each recovery point (express full)".into(),
         }
     );
-    println!("  recovery points at: {} UTC", p.recovery_point_times.join(", "));
+    println!(
+        "  recovery points at: {} UTC",
+        p.recovery_point_times.join(", ")
+    );
     if !p.express_full_times.is_empty() {
-        println!("  express full at:    {} UTC", p.express_full_times.join(", "));
+        println!(
+            "  express full at:    {} UTC",
+            p.express_full_times.join(", ")
+        );
     }
     println!(
         "  consistency check:  {}{}",
-        if p.consistency_check_when_inconsistent { "when inconsistent" } else { "manual" },
+        if p.consistency_check_when_inconsistent {
+            "when inconsistent"
+        } else {
+            "manual"
+        },
         p.consistency_check_daily
             .as_ref()
             .map(|t| format!(", daily at {t} UTC"))
@@ -410,7 +437,10 @@ pub fn pg(s: &ServerArgs, c: PgCommand) -> anyhow::Result<ExitCode> {
             if json {
                 return print_json(&list).map(|_| ExitCode::SUCCESS);
             }
-            println!("{:<20} {:>7} {:>9} {:>10} MEMBERS", "NAME", "MEMBERS", "RETENTION", "DATA");
+            println!(
+                "{:<20} {:>7} {:>9} {:>10} MEMBERS",
+                "NAME", "MEMBERS", "RETENTION", "DATA"
+            );
             for g in list {
                 println!(
                     "{:<20} {:>7} {:>8}d {:>10} {}",
@@ -504,11 +534,19 @@ fn wait_job(cl: &Client, id: i64, json: bool) -> anyhow::Result<ExitCode> {
                         .as_ref()
                         .map(|r| format!(": recovery point {r}"))
                         .unwrap_or_default(),
-                    j.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                    j.error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 );
             }
-            let ok = j.state == JobState::Succeeded && (!j.kind.on_agent() || j.recovery_point.is_some());
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            let ok = j.state == JobState::Succeeded
+                && (!j.kind.on_agent() || j.recovery_point.is_some());
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
         }
         let line = format!(
             "job {} {}: {} of {}",
@@ -537,7 +575,13 @@ fn started(cl: &Client, j: JobInfo, wait: bool, json: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn backup_now(s: &ServerArgs, vm: &str, express_full: bool, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+pub fn backup_now(
+    s: &ServerArgs,
+    vm: &str,
+    express_full: bool,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let cl = s.client()?;
     let j: JobInfo = cl.post(
         &format!("{}/backup", vm_path(vm)?),
@@ -546,9 +590,17 @@ pub fn backup_now(s: &ServerArgs, vm: &str, express_full: bool, wait: bool, json
     started(&cl, j, wait, json)
 }
 
-pub fn consistency_check(s: &ServerArgs, vm: &str, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+pub fn consistency_check(
+    s: &ServerArgs,
+    vm: &str,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let cl = s.client()?;
-    let j: JobInfo = cl.post(&format!("{}/consistency-check", vm_path(vm)?), &serde_json::json!({}))?;
+    let j: JobInfo = cl.post(
+        &format!("{}/consistency-check", vm_path(vm)?),
+        &serde_json::json!({}),
+    )?;
     started(&cl, j, wait, json)
 }
 
@@ -596,7 +648,10 @@ pub fn jobs(s: &ServerArgs, c: JobsCommand) -> anyhow::Result<ExitCode> {
             if json {
                 return print_json(&list).map(|_| ExitCode::SUCCESS);
             }
-            println!("{:>6} {:<18} {:<10} {:<28} {:<21} {:>10} RESULT", "ID", "KIND", "STATE", "VM", "CREATED", "READ");
+            println!(
+                "{:>6} {:<18} {:<10} {:<28} {:<21} {:>10} RESULT",
+                "ID", "KIND", "STATE", "VM", "CREATED", "READ"
+            );
             for j in list {
                 println!(
                     "{:>6} {:<18} {:<10} {:<28} {:<21} {:>10} {}",
@@ -618,11 +673,24 @@ pub fn jobs(s: &ServerArgs, c: JobsCommand) -> anyhow::Result<ExitCode> {
             if json {
                 return print_json(&j).map(|_| ExitCode::SUCCESS);
             }
-            println!("job {} ({}) {} — trigger: {}, attempt {}", j.id, j.kind.as_str(), j.state.as_str(), j.trigger, j.attempt);
+            println!(
+                "job {} ({}) {} — trigger: {}, attempt {}",
+                j.id,
+                j.kind.as_str(),
+                j.state.as_str(),
+                j.trigger,
+                j.attempt
+            );
             if let Some(vm) = &j.vm {
                 println!("  vm: {vm}");
             }
-            println!("  bytes: {} of {} done, {} read, {} sent", human(j.bytes_done), human(j.bytes_total), human(j.bytes_read), human(j.bytes_sent));
+            println!(
+                "  bytes: {} of {} done, {} read, {} sent",
+                human(j.bytes_done),
+                human(j.bytes_total),
+                human(j.bytes_read),
+                human(j.bytes_sent)
+            );
             if let Some(rp) = &j.recovery_point {
                 println!("  recovery point: {rp}");
             }
@@ -635,7 +703,15 @@ pub fn jobs(s: &ServerArgs, c: JobsCommand) -> anyhow::Result<ExitCode> {
         }
         JobsCommand::Cancel { id } => {
             let j: JobInfo = cl.post(&format!("/jobs/{id}/cancel"), &serde_json::json!({}))?;
-            println!("job {} {}", j.id, if j.state == JobState::Cancelled { "cancelled" } else { "cancel requested" });
+            println!(
+                "job {} {}",
+                j.id,
+                if j.state == JobState::Cancelled {
+                    "cancelled"
+                } else {
+                    "cancel requested"
+                }
+            );
         }
         JobsCommand::Run { kind, wait, json } => {
             let j: JobInfo = cl.post("/jobs", &serde_json::json!({ "kind": kind }))?;
@@ -673,7 +749,9 @@ pub fn alerts(s: &ServerArgs, c: AlertsCommand) -> anyhow::Result<ExitCode> {
             a.subject,
             a.kind,
             a.message,
-            a.resolved.map(|r| format!(" (resolved {r})")).unwrap_or_default()
+            a.resolved
+                .map(|r| format!(" (resolved {r})"))
+                .unwrap_or_default()
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -694,7 +772,10 @@ pub fn recovery_points(s: &ServerArgs, vm: Option<&str>, json: bool) -> anyhow::
     if json {
         return print_json(&list).map(|_| ExitCode::SUCCESS);
     }
-    println!("{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10}", "ID", "VM", "CREATED", "CONSISTENCY", "DISKS", "READ", "STORED");
+    println!(
+        "{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10}",
+        "ID", "VM", "CREATED", "CONSISTENCY", "DISKS", "READ", "STORED"
+    );
     for r in list {
         println!(
             "{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10}",

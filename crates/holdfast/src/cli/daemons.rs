@@ -34,7 +34,11 @@ pub fn server(a: ServerCmd) -> anyhow::Result<ExitCode> {
     if a.rebuild_catalog {
         let (n, bad) = server::rebuild_catalog(&a.data_dir, a.config.clone())?;
         println!("catalog rebuilt: {n} recovery points from the datastore ({bad} unreadable)");
-        return Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS });
+        return Ok(if bad > 0 {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        });
     }
     let opts = server::ServerOptions {
         data_dir: a.data_dir,
@@ -42,15 +46,20 @@ pub fn server(a: ServerCmd) -> anyhow::Result<ExitCode> {
         config_file: a.config,
     };
     server::run(opts, |s| {
-        println!("holdfast server listening on {}", s.url);
-        println!("  CA fingerprint (SHA-256): {}", s.ca_fingerprint);
-        println!("  datastore:   {}", s.datastore.display());
-        println!("  admin token: {}", s.admin_token_file.display());
-        println!("  CA file:     {}", s.ca_file.display());
-        println!("admin CLI:");
-        println!("  export HOLDFAST_SERVER={}", s.url);
-        println!("  export HOLDFAST_TOKEN_FILE={}", s.admin_token_file.display());
-        println!("  export HOLDFAST_CA_FILE={}", s.ca_file.display());
+        // A closed stdout (a supervisor that stopped reading) must not stop the server.
+        let text = format!(
+            "holdfast server listening on {}\n  CA fingerprint (SHA-256): {}\n  datastore:   {}\n  admin token: {}\n  CA file:     {}\nadmin CLI:\n  export HOLDFAST_SERVER={}\n  export HOLDFAST_TOKEN_FILE={}\n  export HOLDFAST_CA_FILE={}\n",
+            s.url,
+            s.ca_fingerprint,
+            s.datastore.display(),
+            s.admin_token_file.display(),
+            s.ca_file.display(),
+            s.url,
+            s.admin_token_file.display(),
+            s.ca_file.display()
+        );
+        let mut out = std::io::stdout();
+        let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -173,7 +182,8 @@ fn assemble(raw: &Path, fs_img: &Path, size: u64) -> anyhow::Result<()> {
     mbr[446 + 5..446 + 8].copy_from_slice(&[0xfe, 0xff, 0xff]);
     mbr[510] = 0x55;
     mbr[511] = 0xaa;
-    let mut f = std::fs::File::create(raw).with_context(|| format!("creating {}", raw.display()))?;
+    let mut f =
+        std::fs::File::create(raw).with_context(|| format!("creating {}", raw.display()))?;
     f.set_len(size)?;
     f.write_all(&mbr)?;
     f.seek(SeekFrom::Start(part_start))?;
@@ -206,7 +216,11 @@ fn sample_files(dir: &Path, vm: &str, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f()? {
@@ -220,7 +234,9 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> anyhow::Resul
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Compares two images' contents (any formats) block by block.
@@ -266,7 +282,10 @@ pub fn demo(a: DemoCmd) -> anyhow::Result<ExitCode> {
         }
     };
     if root.exists() && std::fs::read_dir(&root)?.next().is_some() {
-        bail!("{} is not empty; give an empty or new --dir", root.display());
+        bail!(
+            "{} is not empty; give an empty or new --dir",
+            root.display()
+        );
     }
     std::fs::create_dir_all(&root)?;
     let r = demo_in(&exe, &root, a.disk_mib);
@@ -286,7 +305,10 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
     let work = root.join("work");
     std::fs::create_dir_all(&work)?;
 
-    step(1, "sample VMs: two disks with an MBR partition table and an ext4 file system");
+    step(
+        1,
+        "sample VMs: two disks with an MBR partition table and an ext4 file system",
+    );
     // web01: a Hyper-V export (Virtual Hard Disks/*.vhdx, Virtual Machines/<GUID>.vmcx).
     let web = vms.join("web01");
     std::fs::create_dir_all(web.join("Virtual Hard Disks"))?;
@@ -304,7 +326,12 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
     )?;
     let mut disks = Vec::new();
     for (vm, dst, fmt, seed) in [
-        ("web01", web.join("Virtual Hard Disks/web01.vhdx"), "vhdx", 7u64),
+        (
+            "web01",
+            web.join("Virtual Hard Disks/web01.vhdx"),
+            "vhdx",
+            7u64,
+        ),
         ("db01", db.join("db01-os.qcow2"), "qcow2", 11u64),
     ] {
         let files = work.join(format!("{vm}-files"));
@@ -312,12 +339,24 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
         let fs = work.join(format!("{vm}.ext4"));
         let raw = work.join(format!("{vm}.raw"));
         make_disk(&raw, &fs, &files, disk_mib)?;
-        run_tool(Command::new(exe).args(["image", "convert"]).arg(&raw).arg(&dst).args(["-f", fmt]))?;
-        println!("  {vm}: {} ({fmt}, {disk_mib} MiB, MBR + ext4 with 18 MiB of files)", dst.display());
+        run_tool(
+            Command::new(exe)
+                .args(["image", "convert"])
+                .arg(&raw)
+                .arg(&dst)
+                .args(["-f", fmt]),
+        )?;
+        println!(
+            "  {vm}: {} ({fmt}, {disk_mib} MiB, MBR + ext4 with 18 MiB of files)",
+            dst.display()
+        );
         disks.push((vm, dst, fmt, fs, raw, files));
     }
 
-    step(2, "start a server on loopback (first start creates catalog, datastore, CA, admin token)");
+    step(
+        2,
+        "start a server on loopback (first start creates catalog, datastore, CA, admin token)",
+    );
     let port = free_port()?;
     std::fs::create_dir_all(&server_dir)?;
     // A short scheduler tick so the demo's jobs start at once.
@@ -344,13 +383,23 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
         ) else {
             return Ok(None);
         };
-        let cl = Client::new(&url, pki::client_config_trusting(&ca)?, Auth::Token(token.trim().into()))?;
-        Ok(cl.get::<ServerStatus>("/status").ok().map(|s| (cl.clone(), s)))
+        let cl = Client::new(
+            &url,
+            pki::client_config_trusting(&ca)?,
+            Auth::Token(token.trim().into()),
+        )?;
+        Ok(cl
+            .get::<ServerStatus>("/status")
+            .ok()
+            .map(|s| (cl.clone(), s)))
     })?;
     let (cl, status) = admin;
     println!("  {url}  CA fingerprint {}", status.ca_fingerprint);
 
-    step(3, "enroll an agent for host hv01 (one-time token pinning the CA, then mutual TLS)");
+    step(
+        3,
+        "enroll an agent for host hv01 (one-time token pinning the CA, then mutual TLS)",
+    );
     let tok: AgentTokenResponse = cl.post(
         "/agent-tokens",
         &AgentTokenRequest {
@@ -360,7 +409,14 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
     )?;
     children.0.push(
         Command::new(exe)
-            .args(["agent", "--server", &url, "--enroll", &tok.token, "--data-dir"])
+            .args([
+                "agent",
+                "--server",
+                &url,
+                "--enroll",
+                &tok.token,
+                "--data-dir",
+            ])
             .arg(&agent_dir)
             .arg("--files-root")
             .arg(&vms)
@@ -375,10 +431,19 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
         Ok((l.len() >= 2).then_some(l))
     })?;
     for d in &found {
-        println!("  data source {} ({} provider, {} disk(s), {} bytes)", d.name, d.provider, d.disks.len(), d.size);
+        println!(
+            "  data source {} ({} provider, {} disk(s), {} bytes)",
+            d.name,
+            d.provider,
+            d.disks.len(),
+            d.size
+        );
     }
 
-    step(4, "protection group: both VMs, 7 days retention, hourly sync, recovery point at 20:00; initial replica now");
+    step(
+        4,
+        "protection group: both VMs, 7 days retention, hourly sync, recovery point at 20:00; initial replica now",
+    );
     let g: GroupInfo = cl.post(
         "/protection-groups",
         &CreateGroup {
@@ -410,49 +475,116 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
     })?;
     for j in &first {
         if j.state != JobState::Succeeded {
-            bail!("initial replica job {} of {:?} {}: {}", j.id, j.vm, j.state.as_str(), j.error.clone().unwrap_or_default());
+            bail!(
+                "initial replica job {} of {:?} {}: {}",
+                j.id,
+                j.vm,
+                j.state.as_str(),
+                j.error.clone().unwrap_or_default()
+            );
         }
-        println!("  job {} initial replica of {}: {} read, {} sent -> {}", j.id, j.vm.clone().unwrap_or_default(), j.bytes_read, j.bytes_sent, j.recovery_point.clone().unwrap_or_default());
+        println!(
+            "  job {} initial replica of {}: {} read, {} sent -> {}",
+            j.id,
+            j.vm.clone().unwrap_or_default(),
+            j.bytes_read,
+            j.bytes_sent,
+            j.recovery_point.clone().unwrap_or_default()
+        );
     }
 
-    step(5, "change the VMs' disks (new and rewritten files), then back up again");
+    step(
+        5,
+        "change the VMs' disks (new and rewritten files), then back up again",
+    );
     for (vm, dst, fmt, fs, raw, _) in &disks {
         let note = work.join(format!("{vm}-note.txt"));
-        std::fs::write(&note, format!("changed by the demo at {}\n", datastore::time::rfc3339(datastore::time::now())))?;
-        run_tool(Command::new("debugfs").args(["-w", "-R"]).arg(format!("write {} etc/demo-note.txt", note.display())).arg(fs))?;
+        std::fs::write(
+            &note,
+            format!(
+                "changed by the demo at {}\n",
+                datastore::time::rfc3339(datastore::time::now())
+            ),
+        )?;
+        run_tool(
+            Command::new("debugfs")
+                .args(["-w", "-R"])
+                .arg(format!("write {} etc/demo-note.txt", note.display()))
+                .arg(fs),
+        )?;
         assemble(raw, fs, disk_mib << 20)?;
         let tmp = dst.with_extension("new");
-        run_tool(Command::new(exe).args(["image", "convert"]).arg(raw).arg(&tmp).args(["-f", fmt]))?;
+        run_tool(
+            Command::new(exe)
+                .args(["image", "convert"])
+                .arg(raw)
+                .arg(&tmp)
+                .args(["-f", fmt]),
+        )?;
         std::fs::rename(&tmp, dst)?;
     }
     let mut incr = Vec::new();
     for vm in ["web01", "db01"] {
-        let j: JobInfo = cl.post(&format!("/datasources/hv01/{vm}/backup"), &BackupNowRequest { express_full: false })?;
+        let j: JobInfo = cl.post(
+            &format!("/datasources/hv01/{vm}/backup"),
+            &BackupNowRequest {
+                express_full: false,
+            },
+        )?;
         incr.push(j.id);
     }
     for id in incr {
         let j = wait_job(&cl, id)?;
         if j.state != JobState::Succeeded {
-            bail!("job {id} {}: {}", j.state.as_str(), j.error.unwrap_or_default());
+            bail!(
+                "job {id} {}: {}",
+                j.state.as_str(),
+                j.error.unwrap_or_default()
+            );
         }
-        println!("  job {} sync of {}: {} read, {} sent -> {}", j.id, j.vm.unwrap_or_default(), j.bytes_read, j.bytes_sent, j.recovery_point.unwrap_or_default());
+        println!(
+            "  job {} sync of {}: {} read, {} sent -> {}",
+            j.id,
+            j.vm.unwrap_or_default(),
+            j.bytes_read,
+            j.bytes_sent,
+            j.recovery_point.unwrap_or_default()
+        );
     }
 
     step(6, "recovery points in the catalog");
     let rps: Vec<RecoveryPointInfo> = cl.get("/recovery-points")?;
     for r in &rps {
-        println!("  {}  {:<12} {}  read {:>10}  stored {:>10}", r.id, r.vm, r.created, r.stats.bytes_read, r.stats.bytes_stored);
+        println!(
+            "  {}  {:<12} {}  read {:>10}  stored {:>10}",
+            r.id, r.vm, r.created, r.stats.bytes_read, r.stats.bytes_stored
+        );
     }
 
     step(7, "verify the datastore (a server job)");
     let j: JobInfo = cl.post("/jobs", &serde_json::json!({"kind": "verify"}))?;
     let j = wait_job(&cl, j.id)?;
     if j.state != JobState::Succeeded {
-        bail!("verify {}: {}", j.state.as_str(), j.error.unwrap_or_default());
+        bail!(
+            "verify {}: {}",
+            j.state.as_str(),
+            j.error.unwrap_or_default()
+        );
     }
-    println!("  {}", j.log.iter().rev().find(|l| l.message.starts_with("verify")).map(|l| l.message.clone()).unwrap_or_default());
+    println!(
+        "  {}",
+        j.log
+            .iter()
+            .rev()
+            .find(|l| l.message.starts_with("verify"))
+            .map(|l| l.message.clone())
+            .unwrap_or_default()
+    );
 
-    step(8, "restore each VM's latest disk from the datastore and compare byte for byte");
+    step(
+        8,
+        "restore each VM's latest disk from the datastore and compare byte for byte",
+    );
     drop(children);
     let store = server_dir.join("datastore");
     let mut all_same = true;
@@ -467,12 +599,30 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
         )?;
         let same = same_content(dst, &out)?;
         all_same &= same;
-        println!("  hv01/{vm}: restored {} -> {}", out.display(), if same { "identical to the source disk" } else { "DIFFERENT" });
+        println!(
+            "  hv01/{vm}: restored {} -> {}",
+            out.display(),
+            if same {
+                "identical to the source disk"
+            } else {
+                "DIFFERENT"
+            }
+        );
     }
 
     println!("\n== summary");
-    println!("  server + agent over mutual TLS on loopback, 2 VMs protected, {} recovery points", rps.len());
-    println!("  verify: clean; restores: {}", if all_same { "byte-identical" } else { "MISMATCH" });
+    println!(
+        "  server + agent over mutual TLS on loopback, 2 VMs protected, {} recovery points",
+        rps.len()
+    );
+    println!(
+        "  verify: clean; restores: {}",
+        if all_same {
+            "byte-identical"
+        } else {
+            "MISMATCH"
+        }
+    );
     println!("  took {:.1} s", t0.elapsed().as_secs_f64());
     if !all_same {
         return Err(anyhow!("a restored disk differs from its source"));

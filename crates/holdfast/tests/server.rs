@@ -1,0 +1,746 @@
+//! End to end: real `holdfast server` and `holdfast agent` processes over loopback
+//! mutual TLS. Enrollment, protection groups, scheduled synchronizations, restores,
+//! authorization, bad input and faults (vanished and resized disks, a server killed in
+//! the middle of a backup).
+
+mod common;
+
+use client::{Auth, Client};
+use common::*;
+use protocol::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server process and the agents started against it; all killed on drop.
+struct Cluster {
+    dir: PathBuf,
+    server: Option<Child>,
+    agents: Vec<Child>,
+    url: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.server.iter_mut().chain(self.agents.iter_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Scheduler settings that make tests quick: a 1 s tick, 2 s polls, policy minutes
+/// lasting 0.2 s (a 15-minute synchronization frequency fires every 3 s).
+const FAST: &str = "[scheduler]\ntick_seconds = 1\npoll_seconds = 2\ntime_scale = 300.0\nrerun_delay_seconds = 1\n";
+
+impl Cluster {
+    fn start(dir: &Path, toml: &str) -> Cluster {
+        let sdir = dir.join("server");
+        std::fs::create_dir_all(&sdir).unwrap();
+        std::fs::write(sdir.join("holdfast.toml"), toml).unwrap();
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            server: None,
+            agents: Vec::new(),
+            url: String::new(),
+        };
+        c.start_server();
+        c
+    }
+
+    fn server_dir(&self) -> PathBuf {
+        self.dir.join("server")
+    }
+
+    fn datastore(&self) -> PathBuf {
+        self.server_dir().join("datastore")
+    }
+
+    /// Starts (or restarts) the server on a port of its choosing; returns once it
+    /// answers.
+    fn start_server(&mut self) {
+        let listen = if self.url.is_empty() {
+            "127.0.0.1:0".to_string()
+        } else {
+            self.url.trim_start_matches("https://").to_string()
+        };
+        let mut child = Command::new(BIN)
+            .args([
+                "server",
+                "--data-dir",
+                s(&self.server_dir()),
+                "--listen",
+                &listen,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut first).unwrap();
+        // Keep reading, so the server never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let url = first
+            .trim()
+            .strip_prefix("holdfast server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from the server: {first:?}"))
+            .to_string();
+        self.url = url;
+        self.server = Some(child);
+        wait_until("the server answers", Duration::from_secs(30), || {
+            self.admin().get::<ServerStatus>("/status").is_ok()
+        });
+    }
+
+    fn kill_server(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn admin(&self) -> Client {
+        let ca = std::fs::read_to_string(self.server_dir().join("ca.pem")).unwrap();
+        let token = std::fs::read_to_string(self.server_dir().join("admin.token")).unwrap();
+        Client::new(
+            &self.url,
+            pki::client_config_trusting(&ca).unwrap(),
+            Auth::Token(token.trim().to_string()),
+        )
+        .unwrap()
+    }
+
+    /// The admin CLI with this server's flags.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        let sd = self.server_dir();
+        let ca = sd.join("ca.pem");
+        let tok = sd.join("admin.token");
+        let mut all = vec![
+            "--server",
+            &self.url,
+            "--ca-file",
+            s(&ca),
+            "--token-file",
+            s(&tok),
+        ];
+        all.extend_from_slice(args);
+        holdfast(&all)
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "holdfast {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn token(&self, host: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(&self.cli_ok(&[
+            "agent-token",
+            "create",
+            "--host",
+            host,
+            "--json",
+        ]))
+        .unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// Enrolls and starts an agent for `host` over `vms`; returns its data dir.
+    fn agent(&mut self, host: &str, vms: &Path) -> PathBuf {
+        let adir = self.dir.join(format!("agent-{host}"));
+        let token = self.token(host);
+        let child = Command::new(BIN)
+            .args([
+                "agent",
+                "--server",
+                &self.url,
+                "--enroll",
+                &token,
+                "--data-dir",
+                s(&adir),
+                "--files-root",
+                s(vms),
+                "--inventory-seconds",
+                "1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.agents.push(child);
+        adir
+    }
+
+    fn datasources(&self) -> Vec<DataSourceInfo> {
+        self.admin().get("/datasources").unwrap()
+    }
+
+    fn wait_datasources(&self, n: usize) {
+        wait_until("the agents' inventory", Duration::from_secs(30), || {
+            self.datasources().iter().filter(|d| d.present).count() >= n
+        });
+    }
+
+    fn jobs(&self) -> Vec<JobInfo> {
+        self.admin().get("/jobs?limit=1000").unwrap()
+    }
+
+    fn job(&self, id: i64) -> JobInfo {
+        self.admin().get(&format!("/jobs/{id}")).unwrap()
+    }
+
+    fn wait_job(&self, id: i64) -> JobInfo {
+        let mut last = None;
+        wait_until(
+            &format!("job {id} to end"),
+            Duration::from_secs(120),
+            || {
+                let j = self.job(id);
+                let done = j.state.finished();
+                last = Some(j);
+                done
+            },
+        );
+        last.unwrap()
+    }
+
+    fn alerts(&self) -> Vec<AlertInfo> {
+        self.admin().get("/alerts").unwrap()
+    }
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A VM folder `root/name` with one disk in `fmt`, made from a sparse raw disk with
+/// random runs; returns the disk's path.
+fn make_vm(root: &Path, name: &str, fmt: &str, size: u64, random: u64, seed: u64) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let raw = root.join(format!(".{name}.raw"));
+    make_disk(&raw, size, random, seed);
+    let disk = dir.join(format!("{name}-disk0.{fmt}"));
+    ok(&["image", "convert", s(&raw), s(&disk), "-f", fmt]);
+    std::fs::remove_file(&raw).unwrap();
+    disk
+}
+
+/// Rewrites a few 64 KiB runs of an image's contents (through a raw round trip).
+fn change_disk(disk: &Path, fmt: &str, seed: u64) {
+    let raw = disk.with_extension("tmp-raw");
+    ok(&["image", "convert", s(disk), s(&raw), "-f", "raw"]);
+    mutate(&raw, &mut Rng::new(seed), 8);
+    let new = disk.with_extension("tmp-new");
+    ok(&["image", "convert", s(&raw), s(&new), "-f", fmt]);
+    std::fs::rename(&new, disk).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+}
+
+/// Whether the latest recovery point of `source` restores to `disk`'s contents.
+fn restores_identical(ds: &Path, source: &str, disk: &Path, work: &Path) -> bool {
+    let want = work.join("want.raw");
+    let got = work.join("got.raw");
+    ok(&["image", "convert", s(disk), s(&want), "-f", "raw"]);
+    ok(&[
+        "restore",
+        "-d",
+        s(ds),
+        "--source",
+        source,
+        "-o",
+        s(&got),
+        "--format",
+        "raw",
+        "--overwrite",
+        "--no-fsync",
+        "-q",
+    ]);
+    let same = hash_file(&want) == hash_file(&got);
+    std::fs::remove_file(&want).unwrap();
+    std::fs::remove_file(&got).unwrap();
+    same
+}
+
+fn pg_create(c: &Cluster, name: &str, members: &[&str], freq: &str) {
+    let mut args = vec!["pg", "create", name];
+    for m in members {
+        args.push("--member");
+        args.push(m);
+    }
+    args.extend_from_slice(&[
+        "--retention-days",
+        "7",
+        "--sync-frequency",
+        freq,
+        "--recovery-point-times",
+        "20:00",
+    ]);
+    c.cli_ok(&args);
+}
+
+#[test]
+fn two_vms_protected_on_schedule_restore_exactly() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    let web = make_vm(&vms, "web01", "vhdx", 48 << 20, 12 << 20, 1);
+    let db = make_vm(&vms, "db01", "qcow2", 40 << 20, 10 << 20, 2);
+    let mut c = Cluster::start(t.path(), FAST);
+    c.agent("hv01", &vms);
+    c.wait_datasources(2);
+    let list: serde_json::Value =
+        serde_json::from_str(&c.cli_ok(&["datasources", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let agents: serde_json::Value =
+        serde_json::from_str(&c.cli_ok(&["agents", "list", "--json"])).unwrap();
+    assert_eq!(agents[0]["host"], "hv01");
+
+    // Initial replicas start by themselves (replica creation "now").
+    pg_create(&c, "pg1", &["hv01/web01", "hv01/db01"], "15");
+    let show: GroupInfo =
+        serde_json::from_str(&c.cli_ok(&["pg", "show", "pg1", "--json"])).unwrap();
+    assert_eq!(show.members.len(), 2);
+    assert_eq!(show.allocation.data_size, 88 << 20);
+    wait_until("two initial replicas", Duration::from_secs(120), || {
+        c.jobs()
+            .iter()
+            .filter(|j| j.kind == JobKind::InitialReplica && j.state == JobState::Succeeded)
+            .count()
+            == 2
+    });
+    let work = t.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    assert!(restores_identical(
+        &c.datastore(),
+        "hv01/web01",
+        &web,
+        &work
+    ));
+    assert!(restores_identical(&c.datastore(), "hv01/db01", &db, &work));
+
+    // Change both disks; the 15-minute synchronization (3 s here) picks it up.
+    change_disk(&web, "vhdx", 10);
+    change_disk(&db, "qcow2", 11);
+    // Only synchronizations that started after both changes (a whole second later).
+    let started = datastore::time::now();
+    let mut syncs = Vec::new();
+    wait_until(
+        "scheduled synchronizations of both VMs",
+        Duration::from_secs(120),
+        || {
+            syncs = c
+                .jobs()
+                .into_iter()
+                .filter(|j| {
+                    j.kind == JobKind::Sync
+                        && j.trigger == "synchronization schedule"
+                        && j.state == JobState::Succeeded
+                        && j.started
+                            .as_deref()
+                            .and_then(datastore::time::parse)
+                            .is_some_and(|s| s > started)
+                })
+                .collect();
+            ["hv01/web01", "hv01/db01"]
+                .iter()
+                .all(|vm| syncs.iter().any(|j| j.vm.as_deref() == Some(vm)))
+        },
+    );
+    assert!(restores_identical(
+        &c.datastore(),
+        "hv01/web01",
+        &web,
+        &work
+    ));
+    assert!(restores_identical(&c.datastore(), "hv01/db01", &db, &work));
+
+    // backup-now --wait: exit 0 and the recovery point exists in the catalog.
+    let out = c.cli_ok(&["backup-now", "hv01/web01", "--wait", "--json"]);
+    let j: JobInfo = serde_json::from_str(&out).unwrap();
+    let rp = j.recovery_point.expect("a recovery point");
+    let rps: Vec<RecoveryPointInfo> = serde_json::from_str(&c.cli_ok(&[
+        "recovery-points",
+        "list",
+        "--vm",
+        "hv01/web01",
+        "--json",
+    ]))
+    .unwrap();
+    assert!(rps.iter().any(|r| r.id == rp));
+    // An unchanged disk: everything read, nothing new stored but the index.
+    let last = rps.iter().find(|r| r.id == rp).unwrap();
+    assert_eq!(last.stats.blocks_new, 0, "{:?}", last.stats);
+    // The datastore agrees with the catalog, and local tools read it.
+    let local = point_ids(&c.datastore());
+    let all: Vec<RecoveryPointInfo> =
+        serde_json::from_str(&c.cli_ok(&["recovery-points", "list", "--json"])).unwrap();
+    assert_eq!(local.len(), all.len());
+    assert_verify_clean(&c.datastore());
+    // Rebuilding the catalog from the datastore gives the same recovery points.
+    c.kill_server();
+    let o = holdfast(&[
+        "server",
+        "--data-dir",
+        s(&c.server_dir()),
+        "--rebuild-catalog",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{} recovery points", all.len())));
+    c.start_server();
+    let again: Vec<RecoveryPointInfo> = c.admin().get("/recovery-points").unwrap();
+    let mut a: Vec<_> = all.iter().map(|r| r.id.clone()).collect();
+    let mut b: Vec<_> = again.iter().map(|r| r.id.clone()).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    assert!(c.alerts().is_empty(), "{:?}", c.alerts());
+}
+
+#[test]
+fn authorization_and_bad_requests() {
+    let t = tempfile::tempdir().unwrap();
+    let vms1 = t.path().join("vms1");
+    let vms2 = t.path().join("vms2");
+    make_vm(&vms1, "a", "qcow2", 8 << 20, 1 << 20, 3);
+    make_vm(&vms2, "b", "qcow2", 8 << 20, 1 << 20, 4);
+    let mut c = Cluster::start(t.path(), FAST);
+    let a1 = c.agent("hv01", &vms1);
+    let a2 = c.agent("hv02", &vms2);
+    c.wait_datasources(2);
+    let out = c.cli_ok(&["backup-now", "hv01/a", "--wait", "--json"]);
+    let job: JobInfo = serde_json::from_str(&out).unwrap();
+
+    let ca = std::fs::read_to_string(c.server_dir().join("ca.pem")).unwrap();
+    let as_agent = |dir: &Path| {
+        let id = pki::AgentIdentity::load(dir).unwrap();
+        Client::new(&c.url, id.client_config().unwrap(), Auth::ClientCert).unwrap()
+    };
+    let status = |r: Result<serde_json::Value, client::Error>| r.err().and_then(|e| e.status());
+    let hv2 = as_agent(&a2);
+    // An agent administers nothing and never sees another host's data.
+    assert_eq!(status(hv2.get("/recovery-points")), Some(403));
+    assert_eq!(status(hv2.get("/datasources")), Some(403));
+    assert_eq!(status(hv2.delete("/protection-groups/x")), Some(403));
+    assert_eq!(
+        status(hv2.post(
+            &format!("/agent/jobs/{}/start", job.id),
+            &serde_json::json!({})
+        )),
+        Some(403)
+    );
+    assert_eq!(
+        hv2.get_bytes(&format!("/agent/jobs/{}/blob/{}", job.id, "00".repeat(32)))
+            .unwrap_err()
+            .status(),
+        Some(403)
+    );
+    // No token, a wrong token.
+    let anon = Client::new(
+        &c.url,
+        pki::client_config_trusting(&ca).unwrap(),
+        Auth::None,
+    )
+    .unwrap();
+    assert_eq!(status(anon.get("/jobs")), Some(401));
+    let wrong = Client::new(
+        &c.url,
+        pki::client_config_trusting(&ca).unwrap(),
+        Auth::Token("nope".into()),
+    )
+    .unwrap();
+    assert_eq!(status(wrong.get("/jobs")), Some(401));
+    // A used token, a token pinning another CA.
+    let tok = c.token("hv03");
+    let key = pki::AgentIdentity::prepare(&t.path().join("k3")).unwrap();
+    let enroll = |token: &str| {
+        anon.post::<_, serde_json::Value>(
+            "/enroll",
+            &EnrollRequest {
+                token: token.into(),
+                public_key_pem: key.clone(),
+                version: "test".into(),
+            },
+        )
+    };
+    assert!(enroll(&tok).is_ok());
+    assert_eq!(status(enroll(&tok)), Some(403));
+    let (_, secret) = pki::parse_token(&c.token("hv04")).unwrap();
+    assert_eq!(
+        status(enroll(&format!("hf1.{}.{secret}", "ab".repeat(32)))),
+        Some(403)
+    );
+    // A certificate from another CA is refused at the handshake.
+    let other = pki::ServerPki::load_or_create(&t.path().join("other-ca"), &[]).unwrap();
+    let edir = t.path().join("evil");
+    let epub = pki::AgentIdentity::prepare(&edir).unwrap();
+    let ecert = other.issue_client_cert("hv01", &epub).unwrap();
+    pki::AgentIdentity::store(&edir, &ecert, &ca).unwrap();
+    let evil = as_agent(&edir);
+    let e = evil
+        .post::<_, PollResponse>("/agent/poll", &serde_json::json!({}))
+        .unwrap_err();
+    assert!(
+        e.status().is_none(),
+        "expected a refused handshake, got {e}"
+    );
+    // Bad requests: malformed and oversized bodies, unknown ids and routes.
+    let admin = c.admin();
+    let e = admin
+        .post_bytes("/protection-groups", b"{not json".to_vec())
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let big = format!("{{\"name\":\"{}\"}}", "x".repeat(2 << 20));
+    assert_eq!(
+        admin
+            .post_bytes("/protection-groups", big.into_bytes())
+            .unwrap_err()
+            .status(),
+        Some(413)
+    );
+    assert_eq!(status(admin.get("/jobs/999999")), Some(404));
+    assert_eq!(status(admin.get("/protection-groups/none")), Some(404));
+    assert_eq!(status(admin.get("/no/such/route")), Some(404));
+    let o = c.cli(&[
+        "pg",
+        "create",
+        "g",
+        "--member",
+        "hv09/zz",
+        "--retention-days",
+        "3",
+        "--sync-frequency",
+        "15",
+        "--recovery-point-times",
+        "20:00",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("404"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = c.cli(&[
+        "pg",
+        "create",
+        "g",
+        "--member",
+        "hv01/a",
+        "--retention-days",
+        "500",
+        "--sync-frequency",
+        "15",
+        "--recovery-point-times",
+        "20:00",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("retention_days"));
+    let o = c.cli(&[
+        "pg",
+        "create",
+        "g",
+        "--member",
+        "hv01/a",
+        "--retention-days",
+        "3",
+        "--sync-frequency",
+        "45",
+        "--recovery-point-times",
+        "20:00",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sync_frequency"));
+    pg_create(&c, "g1", &["hv01/a"], "1440");
+    let o = c.cli(&[
+        "pg",
+        "create",
+        "g2",
+        "--member",
+        "hv01/a",
+        "--retention-days",
+        "3",
+        "--sync-frequency",
+        "60",
+        "--recovery-point-times",
+        "20:00",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("409") && err.contains("g1"), "{err}");
+    // A group too large for the datastore is refused by the allocation review.
+    let o = c.cli(&[
+        "pg",
+        "create",
+        "g3",
+        "--member",
+        "hv02/b",
+        "--retention-days",
+        "448",
+        "--sync-frequency",
+        "60",
+        "--recovery-point-times",
+        "20:00",
+        "--churn-percent",
+        "100",
+    ]);
+    assert!(
+        o.status.success() || String::from_utf8_lossy(&o.stderr).contains("disk allocation review")
+    );
+    // Revoked: refused from then on.
+    let hv1 = as_agent(&a1);
+    assert!(
+        hv1.post::<_, PollResponse>("/agent/poll", &serde_json::json!({}))
+            .is_ok()
+    );
+    c.cli_ok(&["agents", "revoke", "hv01"]);
+    let e = hv1
+        .post::<_, PollResponse>("/agent/poll", &serde_json::json!({}))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let listed: Vec<AgentInfo> = admin.get("/agents").unwrap();
+    assert!(listed.iter().any(|a| a.host == "hv01" && a.revoked));
+}
+
+#[test]
+fn vanished_and_resized_disks_fail_clearly_then_heal() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    let disk = make_vm(&vms, "app", "qcow2", 16 << 20, 4 << 20, 5);
+    std::fs::write(vms.join("app/vm.toml"), "disks = [\"app-disk0.qcow2\"]\n").unwrap();
+    let mut c = Cluster::start(t.path(), FAST);
+    c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    c.cli_ok(&[
+        "pg",
+        "create",
+        "pg",
+        "--member",
+        "hv01/app",
+        "--retention-days",
+        "7",
+        "--sync-frequency",
+        "1440",
+        "--recovery-point-times",
+        "20:00",
+    ]);
+    wait_until("the initial replica", Duration::from_secs(60), || {
+        c.jobs()
+            .iter()
+            .any(|j| j.kind == JobKind::InitialReplica && j.state == JobState::Succeeded)
+    });
+
+    // The disk vanishes: the job fails naming it, with an alert; it comes back: healed.
+    let away = t.path().join("away.qcow2");
+    std::fs::rename(&disk, &away).unwrap();
+    let o = c.cli(&["backup-now", "hv01/app", "--wait"]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("failed") && out.contains("app-disk0.qcow2"),
+        "{out}"
+    );
+    let alerts = c.alerts();
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.subject == "hv01/app" && a.kind == "disk-missing"),
+        "{alerts:?}"
+    );
+    std::fs::rename(&away, &disk).unwrap();
+    // The failed job's rerun (or this one) succeeds and resolves the alert.
+    wait_until("a successful rerun", Duration::from_secs(60), || {
+        let _ = c.cli(&["backup-now", "hv01/app", "--wait"]);
+        c.alerts().is_empty()
+    });
+
+    // The disk grows: the sync fails (change tracking does not cover a resize), the
+    // replica becomes inconsistent, a consistency check runs and repairs it.
+    qemu_img(&["resize", s(&disk), "24M"]);
+    let o = c.cli(&["backup-now", "hv01/app", "--wait"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("changed size"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    wait_until(
+        "an automatic consistency check",
+        Duration::from_secs(60),
+        || {
+            c.jobs()
+                .iter()
+                .any(|j| j.kind == JobKind::ConsistencyCheck && j.state == JobState::Succeeded)
+        },
+    );
+    wait_until("the alert to resolve", Duration::from_secs(30), || {
+        c.alerts().is_empty()
+    });
+    let ds = c.datasources();
+    assert_eq!(ds[0].replica_state, "ok");
+    let work = t.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    assert!(restores_identical(&c.datastore(), "hv01/app", &disk, &work));
+}
+
+#[test]
+fn server_killed_mid_backup_leaves_no_partial_point_and_reruns() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    // Random data: long enough to kill the server in the middle.
+    let disk = make_vm(&vms, "big", "raw", 640 << 20, 600 << 20, 6);
+    let mut c = Cluster::start(t.path(), FAST);
+    c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    let j: JobInfo = c
+        .admin()
+        .post(
+            "/datasources/hv01/big/backup",
+            &BackupNowRequest {
+                express_full: false,
+            },
+        )
+        .unwrap();
+    wait_until("the backup to send data", Duration::from_secs(60), || {
+        let j = c.job(j.id);
+        assert!(
+            !j.state.finished(),
+            "the backup ended before the server could be killed: {j:?}"
+        );
+        j.bytes_sent > 0
+    });
+    c.kill_server();
+    assert!(
+        point_ids(&c.datastore()).is_empty(),
+        "a recovery point appeared from a killed backup"
+    );
+    c.start_server();
+    let first = c.job(j.id);
+    assert_eq!(first.state, JobState::Failed);
+    assert_eq!(first.recovery_point, None);
+    let rerun = c
+        .jobs()
+        .into_iter()
+        .find(|r| r.trigger.starts_with(&format!("rerun of {}", j.id)))
+        .expect("a rerun");
+    let done = c.wait_job(rerun.id);
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert_eq!(point_ids(&c.datastore()).len(), 1);
+    assert_verify_clean(&c.datastore());
+    let work = t.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    assert!(restores_identical(&c.datastore(), "hv01/big", &disk, &work));
+    // The interruption was alerted, and the rerun's success resolved it.
+    let all: Vec<AlertInfo> = c.admin().get("/alerts?all=true").unwrap();
+    assert!(
+        all.iter()
+            .any(|a| a.kind == "interrupted" && a.resolved.is_some()),
+        "{all:?}"
+    );
+}
