@@ -177,7 +177,7 @@ pub fn run(opts: AgentOptions, stop: Arc<AtomicBool>) -> Result<()> {
     if !AgentIdentity::enrolled(&opts.data_dir) {
         let Some(token) = &opts.enroll_token else {
             return Err(Error::Invalid(format!(
-                "this agent is not enrolled ({} holds no certificate); enroll it with a token from `holdfast agent token HOST`",
+                "this agent is not enrolled ({} holds no certificate); enroll it with a token from `holdfast agent-token create --host HOST` (agent --enroll TOKEN)",
                 opts.data_dir.display()
             )));
         };

@@ -40,6 +40,9 @@ pub struct ServerStatus {
     pub recovery_points: u64,
     pub active_alerts: u64,
     pub running_jobs: u64,
+    /// How long the scheduler's last pass over every schedule took, milliseconds.
+    #[serde(default)]
+    pub scheduler_tick_ms: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------------

@@ -204,6 +204,11 @@ async fn status(
         recovery_points: c.recovery_points,
         active_alerts: c.active_alerts,
         running_jobs: c.running_jobs,
+        scheduler_tick_ms: st
+            .last_tick
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|d| d.as_secs_f64() * 1000.0),
     }))
 }
 
@@ -504,12 +509,22 @@ async fn group_modify(
         p.validate().map_err(bad)?;
     }
     resolve_members(&st, &req.add_members)?;
+    let before = st.cat().group(&name)?;
     let g = st.cat().modify_group(
         &name,
         &req.add_members,
         &req.remove_members,
         req.policy.as_ref(),
     )?;
+    // Removed members keep their data, which expires by the retention it had.
+    for m in &before.members {
+        if !g.members.iter().any(|x| x.datasource_id == m.datasource_id) {
+            st.cat().set_setting(
+                &format!("retention:{}", m.datasource_id),
+                &before.policy.retention_days.to_string(),
+            )?;
+        }
+    }
     mark_schedules_now(&st, &g)?;
     st.cat().audit(now(), "admin", "pg modify", &name)?;
     Ok(json(&group_info(&st, g)))

@@ -18,7 +18,8 @@ pub struct Config {
     pub datastore: Option<PathBuf>,
     /// Create the datastore encrypted (first start only; the key goes beside it).
     pub encrypt_datastore: bool,
-    /// Worker threads per ingest (blob verification) and per server-side job.
+    /// Threads the datastore uses to verify received blobs and for verify/gc (default:
+    /// all cores).
     pub threads: Option<usize>,
     pub scheduler: Scheduler,
     pub maintenance: Maintenance,
@@ -51,7 +52,7 @@ pub struct Scheduler {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Maintenance {
-    /// Daily times (`HH:MM` UTC) of prune (retention), gc and verify; empty = never.
+    /// Daily times (`HH:MM` UTC) of prune (retention), gc and verify; `""` = never.
     pub prune_time: Option<String>,
     pub gc_time: Option<String>,
     pub verify_time: Option<String>,
@@ -151,6 +152,7 @@ impl Config {
             ("maintenance.verify_time", &self.maintenance.verify_time),
         ] {
             if let Some(t) = v
+                && !t.is_empty()
                 && protocol::parse_time_of_day(t).is_none()
             {
                 return Err(format!("{k}: {t:?} is not a time of day HH:MM"));

@@ -155,7 +155,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     std::fs::create_dir_all(&opts.data_dir)
         .map_err(io(format!("creating {}", opts.data_dir.display())))?;
     let ds_dir = datastore_dir(&opts, &cfg);
-    let (ds, master) = open_datastore(&ds_dir, cfg.encrypt_datastore)?;
+    let (mut ds, master) = open_datastore(&ds_dir, cfg.encrypt_datastore)?;
     ds.backend().remove_leftovers()?;
     let cat = Catalog::open(&opts.data_dir.join("catalog.db"))?;
     let mut names = cfg.public_names.clone();
@@ -173,6 +173,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     let threads = cfg
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    ds.set_threads(threads);
     // Jobs that were running when the server stopped: failed, and run again now.
     let now = datastore::time::now();
     for j in cat.fail_interrupted_jobs(now, "the server stopped while the job ran")? {

@@ -137,7 +137,7 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
         (JobKind::Gc, &mt.gc_time),
         (JobKind::Verify, &mt.verify_time),
     ] {
-        if let Some(t) = time
+        if let Some(t) = time.as_ref().filter(|t| !t.is_empty())
             && due_daily(st, kind.as_str(), std::slice::from_ref(t), now)?
         {
             st.queue(now, kind, None, "maintenance schedule")?;
@@ -269,7 +269,10 @@ pub async fn run(st: Arc<AppState>) {
     let every = Duration::from_secs(st.config.scheduler.tick_seconds);
     loop {
         let s = st.clone();
-        match tokio::task::spawn_blocking(move || tick(&s)).await {
+        let t = Instant::now();
+        let r = tokio::task::spawn_blocking(move || tick(&s)).await;
+        *st.last_tick.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.elapsed());
+        match r {
             Ok(Ok(())) => {}
             Ok(Err(e)) => eprintln!("holdfast server: scheduler: {e}"),
             Err(e) => eprintln!("holdfast server: scheduler: {e}"),

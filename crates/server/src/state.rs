@@ -50,6 +50,8 @@ pub struct AppState {
     /// Hosts with a poll in progress (for `agents list`'s "connected").
     pub polling: Mutex<HashMap<String, Instant>>,
     pub threads: usize,
+    /// Duration of the scheduler's last pass (reported by /status; benchmarked).
+    pub last_tick: Mutex<Option<std::time::Duration>>,
 }
 
 impl AppState {
@@ -74,6 +76,7 @@ impl AppState {
             wake: Notify::new(),
             polling: Mutex::new(HashMap::new()),
             threads,
+            last_tick: Mutex::new(None),
         }
     }
 
@@ -121,6 +124,7 @@ impl AppState {
                 "datastore",
                 Some(&format!("{}-failed", info.kind.as_str())),
             )?;
+            cat.resolve_alerts(now, "datastore", Some("interrupted"))?;
         }
         Ok(())
     }

@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Server benchmark, same machine, same run:
+#  1. Backup throughput of one image through `holdfast server` + `holdfast agent` over
+#     loopback mutual TLS (a `backup-now --wait` initial replica: the agent reads,
+#     hashes, asks, compresses and sends; the server re-verifies every blob and packs
+#     it) against local-mode `holdfast backup` of the same image into a fresh datastore.
+#     RUNS rounds, interleaved; best of each.
+#  2. 200 protected VMs (1 MiB disks) in one server: initial replicas of all, then the
+#     scheduler's pass over every schedule (from /status) and the latency of the
+#     catalog-backed list calls (datasources, protection groups, recovery points, jobs,
+#     alerts), each timed 20 times with curl.
+#
+#   bench/server.sh [SIZE] [RUNS]     default 4G 3
+#
+# The image is the shared workload generator's day-0 image (../shared/bench/gen_disk.py,
+# seed 42), reused from $PERF_DIR/img when present. Results go to
+# bench/results/server-STAMP/ (summary.md). HOLDFAST_BIN: binary (default
+# target/release/holdfast, not built here).
+set -euo pipefail
+
+SIZE=${1:-4G}
+RUNS=${2:-3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+ANCHORS=$(cd "${ANCHORS:-$ROOT/../shared/bench}" && pwd)
+HF_SRC=${HOLDFAST_BIN:-$ROOT/target/release/holdfast}
+PERF_DIR=${PERF_DIR:-/tmp/perf}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUT=$HERE/results/server-$STAMP
+W=$(mktemp -d /tmp/hf-server-bench.XXXXXX)
+IMG=$PERF_DIR/img/day0-$SIZE-s42.img
+mkdir -p "$OUT" "$PERF_DIR/img"
+[ -x "$HF_SRC" ] || { echo "server.sh: no binary at $HF_SRC (cargo build --release -p holdfast)" >&2; exit 1; }
+cp "$HF_SRC" "$W/holdfast"
+HF=$W/holdfast
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/server.log" >&2; }
+now() { date +%s.%N; }
+
+[ -f "$IMG" ] || { say "generating $IMG"; python3 "$ANCHORS/gen_disk.py" gen --size "$SIZE" --seed 42 "$IMG"; }
+BYTES=$(stat -c %s "$IMG")
+
+# start_server DIR TOML -> sets URL, SPID
+start_server() {
+  local dir=$1
+  mkdir -p "$dir"
+  printf '%s\n' "$2" >"$dir/holdfast.toml"
+  "$HF" server --data-dir "$dir" --listen 127.0.0.1:0 >"$dir/stdout" 2>"$dir/stderr" &
+  SPID=$!
+  PIDS+=("$SPID")
+  for _ in $(seq 1 200); do
+    URL=$(sed -n 's/^holdfast server listening on //p' "$dir/stdout" 2>/dev/null | head -1)
+    [ -n "$URL" ] && break
+    sleep 0.05
+  done
+  [ -n "$URL" ] || { cat "$dir/stderr" >&2; exit 1; }
+  export HOLDFAST_SERVER=$URL HOLDFAST_TOKEN_FILE=$dir/admin.token HOLDFAST_CA_FILE=$dir/ca.pem
+}
+
+start_agent() { # HOST VMDIR AGENTDIR
+  local tok
+  tok=$("$HF" agent-token create --host "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+  "$HF" agent --enroll "$tok" --data-dir "$3" --files-root "$2" --inventory-seconds 1 2>"$3.stderr" &
+  APID=$!
+  PIDS+=("$APID")
+}
+
+wait_sources() { # N
+  for _ in $(seq 1 600); do
+    n=$("$HF" datasources list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+    [ "$n" -ge "$1" ] && return 0
+    sleep 0.2
+  done
+  echo "server.sh: only $n of $1 data sources appeared" >&2
+  exit 1
+}
+
+stop() { kill "$@" 2>/dev/null || true; wait "$@" 2>/dev/null || true; }
+
+# ---------- 1. throughput ----------
+mkdir -p "$W/vms/vm1"
+ln "$IMG" "$W/vms/vm1/disk0.raw" 2>/dev/null || cp --sparse=always "$IMG" "$W/vms/vm1/disk0.raw"
+echo "round,mode,seconds,bytes_read,bytes_stored" >"$OUT/throughput.csv"
+for r in $(seq 1 "$RUNS"); do
+  cat "$IMG" >/dev/null
+  rm -rf "$W/local" && "$HF" datastore create "$W/local" >/dev/null
+  t0=$(now)
+  "$HF" backup -d "$W/local" --source vm1 --json "$W/vms/vm1/disk0.raw" >"$OUT/local-$r.json"
+  t1=$(now)
+  read -r rd st < <(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); s=s.get("stats", s); print(s["bytes_read"], s["bytes_stored"])' "$OUT/local-$r.json")
+  echo "$r,local,$(echo "$t1 - $t0" | bc),$rd,$st" >>"$OUT/throughput.csv"
+  say "round $r local: $(echo "$t1 - $t0" | bc) s"
+
+  rm -rf "$W/srv" "$W/agent"
+  start_server "$W/srv" $'[scheduler]\ntick_seconds = 1\npoll_seconds = 5'
+  start_agent hv01 "$W/vms" "$W/agent"
+  wait_sources 1
+  cat "$IMG" >/dev/null
+  t0=$(now)
+  "$HF" backup-now hv01/vm1 --wait --json >"$OUT/remote-$r.json"
+  t1=$(now)
+  read -r rd st < <(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["bytes_read"], j["bytes_sent"])' "$OUT/remote-$r.json")
+  echo "$r,server+agent,$(echo "$t1 - $t0" | bc),$rd,$st" >>"$OUT/throughput.csv"
+  say "round $r server+agent: $(echo "$t1 - $t0" | bc) s"
+  stop "$APID" "$SPID"
+done
+
+# ---------- 2. 200 VMs ----------
+say "200 VMs"
+for i in $(seq -w 1 200); do
+  mkdir -p "$W/vms200/vm$i"
+  truncate -s 1M "$W/vms200/vm$i/disk0.raw"
+  printf 'vm%s' "$i" | dd of="$W/vms200/vm$i/disk0.raw" conv=notrunc status=none
+done
+rm -rf "$W/srv200" "$W/agent200"
+start_server "$W/srv200" $'[scheduler]\ntick_seconds = 1\npoll_seconds = 5\nmax_jobs = 16\nmax_jobs_per_host = 8'
+start_agent hv01 "$W/vms200" "$W/agent200"
+AGENT200=$APID
+wait_sources 200
+for g in $(seq 0 9); do
+  args=()
+  for k in $(seq 1 20); do args+=(--member "hv01/vm$(printf %03d $((g * 20 + k)))"); done
+  "$HF" pg create "group$g" "${args[@]}" --retention-days 7 --sync-frequency 60 --recovery-point-times 20:00 --json >/dev/null
+done
+t0=$(now)
+for _ in $(seq 1 1200); do
+  n=$("$HF" recovery-points list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+  [ "$n" -ge 200 ] && break
+  sleep 0.5
+done
+t1=$(now)
+say "initial replicas of 200 VMs: $n recovery points in $(echo "$t1 - $t0" | bc) s"
+sleep 3
+ticks=()
+for _ in $(seq 1 10); do
+  ticks+=("$(curl -s --cacert "$HOLDFAST_CA_FILE" -H "Authorization: Bearer $(cat "$HOLDFAST_TOKEN_FILE")" "$HOLDFAST_SERVER/api/v1/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["scheduler_tick_ms"])')")
+  sleep 1.1
+done
+echo "scheduler_tick_ms,${ticks[*]}" >"$OUT/scale.csv"
+echo "call,median_ms,max_ms" >>"$OUT/scale.csv"
+for path in datasources protection-groups recovery-points "jobs?limit=200" alerts status; do
+  ts=()
+  for _ in $(seq 1 20); do
+    ts+=("$(curl -s -o /dev/null -w '%{time_total}' --cacert "$HOLDFAST_CA_FILE" -H "Authorization: Bearer $(cat "$HOLDFAST_TOKEN_FILE")" "$HOLDFAST_SERVER/api/v1/$path")")
+  done
+  python3 - "$path" "${ts[@]}" >>"$OUT/scale.csv" <<'EOF'
+import statistics, sys
+t = [float(x) * 1000 for x in sys.argv[2:]]
+print(f"{sys.argv[1]},{statistics.median(t):.2f},{max(t):.2f}")
+EOF
+done
+stop "$AGENT200" "$SPID"
+
+python3 - "$OUT" "$BYTES" >"$OUT/summary.md" <<'EOF'
+import csv, sys, statistics
+out, size = sys.argv[1], int(sys.argv[2])
+rows = list(csv.DictReader(open(f"{out}/throughput.csv")))
+best = {}
+for r in rows:
+    s = float(r["seconds"])
+    if r["mode"] not in best or s < best[r["mode"]][0]:
+        best[r["mode"]] = (s, r)
+l, rm = best["local"][0], best["server+agent"][0]
+print(f"## Backup throughput, {size / 2**30:.1f} GiB image, best of {len(rows) // 2}\n")
+print("| | wall | throughput | bytes read | bytes stored/sent |\n|---|---:|---:|---:|---:|")
+for k in ("local", "server+agent"):
+    s, r = best[k]
+    print(f"| {k} | {s:.2f} s | {size / s / 2**20:.0f} MiB/s | {int(r['bytes_read']):,} | {int(r['bytes_stored']):,} |")
+print(f"\nserver+agent / local throughput: **{l / rm:.2f}x** (bar: at least 0.8x)\n")
+lines = open(f"{out}/scale.csv").read().splitlines()
+ticks = [float(x) for x in lines[0].split(",", 1)[1].split()]
+print(f"## 200 protected VMs\n\nscheduler pass over all schedules: median {statistics.median(ticks):.1f} ms, max {max(ticks):.1f} ms (bar: under 50 ms)\n")
+print("| call | median | max |\n|---|---:|---:|")
+for row in csv.DictReader(lines[1:]):
+    print(f"| GET /api/v1/{row['call']} | {row['median_ms']} ms | {row['max_ms']} ms |")
+EOF
+cat "$OUT/summary.md"
