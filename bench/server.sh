@@ -15,7 +15,7 @@
 # The image is the shared workload generator's day-0 image (../shared/bench/gen_disk.py,
 # seed 42), reused from $PERF_DIR/img when present. Results go to
 # bench/results/server-STAMP/ (summary.md). HOLDFAST_BIN: binary (default
-# target/release/holdfast, not built here).
+# target/release/holdfast, not built here). SCALE=0 skips part 2.
 set -euo pipefail
 
 SIZE=${1:-4G}
@@ -62,7 +62,7 @@ start_server() {
 start_agent() { # HOST VMDIR AGENTDIR
   local tok
   tok=$("$HF" agent-token create --host "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-  "$HF" agent --enroll "$tok" --data-dir "$3" --files-root "$2" --inventory-seconds 1 2>"$3.stderr" &
+  "$HF" agent --enroll "$tok" --data-dir "$3" --files-root "$2" --inventory-seconds 1 ${AGENT_ARGS:-} 2>"$3.stderr" &
   APID=$!
   PIDS+=("$APID")
 }
@@ -108,6 +108,7 @@ for r in $(seq 1 "$RUNS"); do
 done
 
 # ---------- 2. 200 VMs ----------
+if [ "${SCALE:-1}" = 0 ]; then cat "$OUT/throughput.csv"; exit 0; fi
 say "200 VMs"
 for i in $(seq -w 1 200); do
   mkdir -p "$W/vms200/vm$i"

@@ -8,6 +8,7 @@
 //! what the server still lacks.
 
 use crate::Error;
+use bytes::Bytes;
 use datastore::{BlockParams, BlockTarget, Id, decode_framed_piece};
 use protocol::MAX_MISSING_IDS;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,12 +25,12 @@ pub const RETRY_BUDGET: Duration = Duration::from_secs(60);
 /// The two byte-oriented calls the target makes. [`client::Client`] is the real one;
 /// tests put an in-process fake server behind it.
 pub trait Transport: Send + Sync {
-    fn post_bytes(&self, path: &str, body: Vec<u8>) -> client::Result<Vec<u8>>;
+    fn post_bytes(&self, path: &str, body: Bytes) -> client::Result<Vec<u8>>;
     fn get_bytes(&self, path: &str) -> client::Result<Vec<u8>>;
 }
 
 impl Transport for client::Client {
-    fn post_bytes(&self, path: &str, body: Vec<u8>) -> client::Result<Vec<u8>> {
+    fn post_bytes(&self, path: &str, body: Bytes) -> client::Result<Vec<u8>> {
         client::Client::post_bytes(self, path, body)
     }
 
@@ -60,7 +61,10 @@ pub(crate) fn retry<T>(
 
 type Slot = Arc<Mutex<Option<Error>>>;
 /// The queue to the sender thread, and the thread.
-type Sender = (SyncSender<Vec<u8>>, JoinHandle<()>);
+type Sender = (SyncSender<Vec<u8>>, Vec<JoinHandle<()>>);
+
+/// Batches posted at once: the server verifies one while the next is on the wire.
+const SENDERS: usize = 3;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicked holder leaves plain data behind; nothing to repair.
@@ -109,17 +113,24 @@ impl RemoteTarget {
         // about four batches (~16 MiB) exist at once.
         let (tx, rx) = sync_channel::<Vec<u8>>(2);
         let abort = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let (transport, path, sent, error) = (
-                transport.clone(),
-                format!("{prefix}/blobs"),
-                sent.clone(),
-                error.clone(),
-            );
-            let (cancel, abort) = (cancel.clone(), abort.clone());
-            let stopped = move || cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed);
-            std::thread::spawn(move || send_loop(transport, path, rx, sent, error, stopped, budget))
-        };
+        let rx = Arc::new(Mutex::new(rx));
+        let handles = (0..SENDERS)
+            .map(|_| {
+                let (transport, path, sent, error, rx) = (
+                    transport.clone(),
+                    format!("{prefix}/blobs"),
+                    sent.clone(),
+                    error.clone(),
+                    rx.clone(),
+                );
+                let (cancel, abort) = (cancel.clone(), abort.clone());
+                let stopped =
+                    move || cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    send_loop(transport, path, rx, sent, error, stopped, budget)
+                })
+            })
+            .collect();
         RemoteTarget {
             transport,
             prefix,
@@ -128,7 +139,7 @@ impl RemoteTarget {
             sent,
             budget,
             batch: Mutex::new(Vec::new()),
-            sender: Mutex::new(Some((tx, handle))),
+            sender: Mutex::new(Some((tx, handles))),
             abort,
             error,
         }
@@ -185,10 +196,13 @@ impl RemoteTarget {
     /// Stops the sender thread after it has posted what it holds.
     fn join_sender(&self) {
         let taken = lock(&self.sender).take();
-        if let Some((tx, handle)) = taken {
+        if let Some((tx, handles)) = taken {
             drop(tx);
-            if handle.join().is_err() {
-                lock(&self.error).get_or_insert(Error::Invalid("the blob sender panicked".into()));
+            for handle in handles {
+                if handle.join().is_err() {
+                    lock(&self.error)
+                        .get_or_insert(Error::Invalid("the blob sender panicked".into()));
+                }
             }
         }
     }
@@ -204,17 +218,20 @@ impl Drop for RemoteTarget {
 fn send_loop(
     transport: Arc<dyn Transport>,
     path: String,
-    rx: Receiver<Vec<u8>>,
+    rx: Arc<Mutex<Receiver<Vec<u8>>>>,
     sent: Arc<AtomicU64>,
     error: Slot,
     stopped: impl Fn() -> bool,
     budget: Duration,
 ) {
-    for batch in rx {
+    loop {
+        // The lock is held only while waiting for the next batch, not while posting it.
+        let Ok(batch) = lock(&rx).recv() else { return };
         if stopped() {
             return;
         }
         let len = batch.len() as u64;
+        let batch = Bytes::from(batch);
         match retry(budget, &stopped, || {
             transport.post_bytes(&path, batch.clone())
         }) {
@@ -223,7 +240,7 @@ fn send_loop(
             }
             Err(e) => {
                 lock(&error).get_or_insert(Error::Client(e));
-                // Dropping the receiver makes the next hand-over fail at once.
+                // The failure is recorded: the next hand-over or `check` reports it.
                 return;
             }
         }
@@ -244,7 +261,7 @@ impl BlockTarget for RemoteTarget {
             let answer = retry(
                 self.budget,
                 || self.cancel.load(Ordering::Relaxed),
-                || self.transport.post_bytes(&path, body.clone()),
+                || self.transport.post_bytes(&path, Bytes::from(body.clone())),
             )
             .map_err(|e| self.fail(Error::Client(e)))?;
             if answer.len() != chunk.len() || answer.iter().any(|&b| b > 1) {
@@ -327,7 +344,7 @@ mod tests {
     }
 
     impl Transport for Fake {
-        fn post_bytes(&self, path: &str, body: Vec<u8>) -> client::Result<Vec<u8>> {
+        fn post_bytes(&self, path: &str, body: Bytes) -> client::Result<Vec<u8>> {
             if self.flaky.load(Ordering::Relaxed) > 0 {
                 self.flaky.fetch_sub(1, Ordering::Relaxed);
                 return Err(status(path, 503));

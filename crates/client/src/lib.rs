@@ -186,7 +186,8 @@ impl Client {
     }
 
     /// POSTs raw bytes (block ids, framed blobs) and returns the raw answer.
-    pub fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<Vec<u8>> {
+    pub fn post_bytes(&self, path: &str, body: impl Into<bytes::Bytes>) -> Result<Vec<u8>> {
+        let body: bytes::Bytes = body.into();
         let rb = self
             .http
             .post(self.url(path))

@@ -44,6 +44,8 @@ struct State {
     bytes: u64,
     /// Why the session can no longer commit (a rejected batch, a failed write).
     failed: Option<String>,
+    /// Pack buffers already written out, for reuse (no page faults on fresh memory).
+    spare: Vec<vdisk::aligned::AlignedBuf>,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -74,6 +76,7 @@ impl Datastore {
             state: Mutex::new(State {
                 session: HashSet::new(),
                 pack: PackBuilder::new(self.config.pack_size as usize),
+                spare: Vec::new(),
                 staged: Vec::new(),
                 packs: Vec::new(),
                 bytes: 0,
@@ -163,7 +166,10 @@ impl Ingest {
                 n += 1;
                 bytes += b.len() as u64;
                 if st.pack.len() >= pack_size {
-                    let fresh = PackBuilder::new(pack_size);
+                    let fresh = match st.spare.pop() {
+                        Some(b) => PackBuilder::with_buffer(b),
+                        None => PackBuilder::new(pack_size),
+                    };
                     full.push(std::mem::replace(&mut st.pack, fresh).finish());
                 }
             }
@@ -172,6 +178,10 @@ impl Ingest {
         // Written outside the lock, so other requests keep going meanwhile.
         for (buf, entries) in full {
             self.stage(&buf, entries).map_err(|e| self.fail(e))?;
+            let mut st = lock(&self.state);
+            if st.spare.len() < 2 {
+                st.spare.push(buf);
+            }
         }
         Ok((n, bytes))
     }
@@ -388,12 +398,20 @@ impl Ingest {
 /// Decodes and checks `blobs`; the first failure, with its offset.
 fn check_blobs(keys: &Keys, blobs: &[(usize, BlobHeader, &[u8])]) -> Option<(usize, Error)> {
     let mut scratch = Vec::new();
-    let mut plain = Vec::new();
+    // One output buffer, sized once: decoding into a slice of it zero-fills nothing.
+    let max = blobs.iter().map(|(_, h, _)| h.plain_len).max().unwrap_or(0);
+    let mut plain = vec![0u8; max as usize];
     for (off, h, b) in blobs {
         scratch.clear();
         scratch.extend_from_slice(b);
+        let Some(out) = plain.get_mut(..h.plain_len as usize) else {
+            return Some((
+                *off,
+                rejected("blob larger than any blob may be".to_string()),
+            ));
+        };
         if let Err(e) =
-            format::decode_blob(keys, "batch", *off as u64, h.id, &mut scratch, &mut plain)
+            format::decode_blob_into(keys, "batch", *off as u64, h.id, &mut scratch, out)
         {
             return Some((*off, e));
         }
