@@ -744,3 +744,125 @@ fn server_killed_mid_backup_leaves_no_partial_point_and_reruns() {
         "{all:?}"
     );
 }
+
+/// A TCP relay between the agent and the server whose connections can be cut, as a
+/// network drop would.
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    fn start(to: std::net::SocketAddr) -> Relay {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let cut = Arc::new(AtomicU64::new(0));
+        let epoch = cut.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(a) = c else { continue };
+                let Ok(b) = TcpStream::connect(to) else {
+                    continue;
+                };
+                let born = epoch.load(Ordering::SeqCst);
+                for (mut from, mut into) in [
+                    (a.try_clone().unwrap(), b.try_clone().unwrap()),
+                    (b.try_clone().unwrap(), a.try_clone().unwrap()),
+                ] {
+                    let epoch = epoch.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            if epoch.load(Ordering::SeqCst) != born {
+                                break;
+                            }
+                            from.set_read_timeout(Some(Duration::from_millis(100)))
+                                .unwrap();
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if into.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = into.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { addr, cut }
+    }
+
+    /// Drops every connection open now (new ones go through).
+    fn cut(&self) {
+        self.cut.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn network_drop_mid_transfer_resumes_without_resending_much() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    let disk = make_vm(&vms, "big", "raw", 640 << 20, 600 << 20, 8);
+    let mut c = Cluster::start(t.path(), FAST);
+    let server_addr: std::net::SocketAddr = c.url.trim_start_matches("https://").parse().unwrap();
+    let relay = Relay::start(server_addr);
+    // The agent reaches the server only through the relay.
+    let real = std::mem::replace(&mut c.url, format!("https://{}", relay.addr));
+    c.agent("hv01", &vms);
+    c.url = real;
+    c.wait_datasources(1);
+    let j: JobInfo = c
+        .admin()
+        .post(
+            "/datasources/hv01/big/backup",
+            &BackupNowRequest {
+                express_full: false,
+            },
+        )
+        .unwrap();
+    wait_until("the backup to send data", Duration::from_secs(60), || {
+        let j = c.job(j.id);
+        assert!(
+            !j.state.finished(),
+            "the backup ended before the network could drop: {j:?}"
+        );
+        j.bytes_sent > 0
+    });
+    relay.cut();
+    std::thread::sleep(Duration::from_millis(300));
+    relay.cut();
+    let done = c.wait_job(j.id);
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert_eq!(
+        done.attempt, 1,
+        "the same job finished, no rerun was needed"
+    );
+    let rp: Vec<RecoveryPointInfo> = c.admin().get("/recovery-points").unwrap();
+    assert_eq!(rp.len(), 1);
+    // What was re-sent after the drop is at most the batches in flight (3 x 4 MiB
+    // plus a partial one), not the backup again.
+    assert!(
+        done.bytes_sent <= rp[0].stats.bytes_stored + (20 << 20),
+        "sent {} for {} stored",
+        done.bytes_sent,
+        rp[0].stats.bytes_stored
+    );
+    let work = t.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    assert!(restores_identical(&c.datastore(), "hv01/big", &disk, &work));
+}
