@@ -24,6 +24,7 @@ pub mod files;
 pub mod provider;
 pub mod remote;
 pub mod runtime;
+pub mod seed;
 
 pub use files::FilesProvider;
 pub use provider::{Provider, Snapshot};

@@ -285,7 +285,7 @@ fn run_job(shared: &Shared, job: AgentJob, cancel: Arc<AtomicBool>) {
 }
 
 /// The datastore parameters of a session, checked (they come from the network).
-fn block_params(start: &SessionStart) -> Result<BlockParams> {
+pub(crate) fn block_params(start: &SessionStart) -> Result<BlockParams> {
     let keys = match &start.master_key {
         None => Keys::plain(),
         Some(hex) => {

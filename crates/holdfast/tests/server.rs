@@ -866,3 +866,105 @@ fn network_drop_mid_transfer_resumes_without_resending_much() {
     std::fs::create_dir_all(&work).unwrap();
     assert!(restores_identical(&c.datastore(), "hv01/big", &disk, &work));
 }
+
+#[test]
+fn manual_replica_export_and_import_seed_the_first_recovery_point() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    let disk = make_vm(&vms, "big", "vhdx", 32 << 20, 12 << 20, 9);
+    let mut c = Cluster::start(t.path(), FAST);
+    let adir = c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    c.cli_ok(&[
+        "pg",
+        "create",
+        "seeded",
+        "--member",
+        "hv01/big",
+        "--retention-days",
+        "7",
+        "--sync-frequency",
+        "1440",
+        "--recovery-point-times",
+        "20:00",
+        "--replica",
+        "manual",
+    ]);
+    // Manual replica creation: nothing runs by itself.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(c.jobs().is_empty(), "{:?}", c.jobs());
+
+    // On the host: export to "removable media".
+    let media = t.path().join("media/big");
+    let out = c.cli_ok(&[
+        "replica",
+        "export",
+        "--data-dir",
+        s(&adir),
+        "--files-root",
+        s(&vms),
+        "--vm",
+        "big",
+        "--to",
+        s(&media),
+    ]);
+    assert!(out.contains("exported"), "{out}");
+    assert!(media.join("seed.json").exists());
+
+    // A damaged seed is refused whole, and nothing appears.
+    let damaged = t.path().join("media/damaged");
+    std::fs::create_dir_all(&damaged).unwrap();
+    for e in std::fs::read_dir(&media).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
+    }
+    let f = damaged.join("blobs-000001.bin");
+    let mut b = std::fs::read(&f).unwrap();
+    let at = b.len() / 2;
+    b[at] ^= 0xff;
+    std::fs::write(&f, b).unwrap();
+    let o = holdfast(&[
+        "replica",
+        "import",
+        "--data-dir",
+        s(&c.server_dir()),
+        s(&damaged),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("rejected"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(point_ids(&c.datastore()).is_empty());
+
+    // On the server (running): import; the recovery point is the VM's first.
+    let out = String::from_utf8(
+        holdfast(&[
+            "replica",
+            "import",
+            "--data-dir",
+            s(&c.server_dir()),
+            s(&media),
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert!(out.contains("imported hv01/big"), "{out}");
+    let rps: Vec<RecoveryPointInfo> = c.admin().get("/recovery-points").unwrap();
+    assert_eq!(rps.len(), 1);
+    let work = t.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    assert!(restores_identical(&c.datastore(), "hv01/big", &disk, &work));
+    // Protection goes on from the seed: the next backup stores no data blocks again.
+    let j: JobInfo =
+        serde_json::from_str(&c.cli_ok(&["backup-now", "hv01/big", "--wait", "--json"])).unwrap();
+    assert_eq!(j.kind, JobKind::Sync);
+    let rps: Vec<RecoveryPointInfo> = c.admin().get("/recovery-points").unwrap();
+    let last = rps
+        .iter()
+        .find(|r| Some(&r.id) == j.recovery_point.as_ref())
+        .unwrap();
+    assert_eq!(last.stats.blocks_new, 0, "{:?}", last.stats);
+    assert_verify_clean(&c.datastore());
+}

@@ -629,3 +629,36 @@ mod tests {
         assert!(p.validate().unwrap_err().contains("recovery_point_times"));
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Offline seeding (manual replica creation)
+
+/// `POST /api/v1/agent/replica-params` (agent): the parameters to build an offline
+/// seed of one of this host's VMs; answered with a [`SessionStart`] (no base).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaParamsRequest {
+    pub vm: String,
+}
+
+/// `seed.json` of a replica exported to removable media (`holdfast replica export`),
+/// written last: a folder without it is an incomplete export. Beside it,
+/// `blobs-NNNNNN.bin` files hold framed blobs exactly as an agent would send them; the
+/// import verifies each as the server verifies any agent's data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaSeed {
+    pub format: String,
+    pub version: u32,
+    /// `HOST/VM` and the data source id it was exported for.
+    pub source: Source,
+    pub created: String,
+    pub block_size: u32,
+    pub piece_blocks: u32,
+    pub consistency: Consistency,
+    pub disks: Vec<DiskRecord>,
+    pub stats: Stats,
+    /// Names of the blob files, in order.
+    pub blob_files: Vec<String>,
+}
+
+pub const SEED_FORMAT: &str = "holdfast-replica-seed";
+pub const SEED_VERSION: u32 = 1;

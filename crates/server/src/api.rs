@@ -169,6 +169,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/audit", get(audit_list))
         .route("/agent/inventory", post(agent_inventory))
         .route("/agent/poll", post(agent_poll))
+        .route("/agent/replica-params", post(agent_replica_params))
         .route("/agent/jobs/{id}/start", post(agent_start))
         .route("/agent/jobs/{id}/blob/{blob}", get(agent_blob))
         .route("/agent/jobs/{id}/progress", post(agent_progress))
@@ -1036,4 +1037,29 @@ async fn agent_fail(
     };
     st.job_failed(id, now(), &kind, &f.error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Parameters for an offline seed of one of the calling agent's VMs.
+async fn agent_replica_params(
+    State(st): St,
+    peer: axum::Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let host = agent(&st, &peer)?;
+    let req: ReplicaParamsRequest = parse(&body)?;
+    let ds = st.cat().datasource_by_name(&host, &req.vm)?;
+    let p = st.datastore.block_params();
+    st.cat()
+        .audit(now(), &format!("agent {host}"), "replica export", &ds.name)?;
+    Ok(json(&SessionStart {
+        block_size: p.block_size,
+        piece_blocks: p.piece_blocks,
+        zstd_level: p.zstd_level,
+        master_key: st.master_key.map(|k| hex(&k)),
+        base: None,
+        source: Source {
+            name: ds.name,
+            id: ds.id,
+        },
+    }))
 }

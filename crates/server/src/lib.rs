@@ -258,3 +258,85 @@ fn display_addr(a: std::net::SocketAddr) -> String {
         a.to_string()
     }
 }
+
+/// Imports a replica seed (`holdfast replica import`): replays its blobs through the
+/// datastore's ingest (each verified as an agent's would be), commits the recovery
+/// point and records it in the catalog. Safe while the server runs (the datastore's
+/// shared lock and SQLite's locking serialize with it). Returns the recovery point.
+pub fn replica_import(
+    data_dir: &Path,
+    config_file: Option<PathBuf>,
+    seed_dir: &Path,
+) -> Result<RecoveryPointInfo> {
+    let opts = ServerOptions {
+        data_dir: data_dir.to_path_buf(),
+        listen: None,
+        config_file,
+    };
+    let cfg = load_config(&opts)?;
+    let seed_file = seed_dir.join("seed.json");
+    let text = std::fs::read(&seed_file).map_err(|err| Error::Io {
+        what: format!(
+            "{} (an export without it did not finish)",
+            seed_file.display()
+        ),
+        err,
+    })?;
+    let seed: protocol::ReplicaSeed = serde_json::from_slice(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", seed_file.display())))?;
+    if seed.format != protocol::SEED_FORMAT || seed.version != protocol::SEED_VERSION {
+        return Err(Error::Config(format!(
+            "{}: not a replica seed this version reads ({} v{})",
+            seed_file.display(),
+            seed.format,
+            seed.version
+        )));
+    }
+    let (ds, _) = open_datastore(&datastore_dir(&opts, &cfg), cfg.encrypt_datastore)?;
+    let ds = Arc::new(ds);
+    let cat = Catalog::open(&data_dir.join("catalog.db"))?;
+    let (host, vm) = protocol::split_vm(&seed.source.name).ok_or_else(|| {
+        Error::Config(format!(
+            "{}: source {:?} is not HOST/VM",
+            seed_file.display(),
+            seed.source.name
+        ))
+    })?;
+    let source = cat.datasource_by_name(host, vm)?;
+    if source.id != seed.source.id {
+        return Err(Error::Config(format!(
+            "{}: the seed was made for data source {} but {} is now {}",
+            seed_file.display(),
+            seed.source.id,
+            source.name,
+            source.id
+        )));
+    }
+    let ingest = ds.begin_ingest(seed.source.clone())?;
+    for name in &seed.blob_files {
+        if name.contains('/') || name.contains("..") {
+            return Err(Error::Config(format!(
+                "{}: blob file name {name:?} is not a plain file name",
+                seed_file.display()
+            )));
+        }
+        let path = seed_dir.join(name);
+        let batch = std::fs::read(&path).map_err(|err| Error::Io {
+            what: path.display().to_string(),
+            err,
+        })?;
+        ingest.put(&batch)?;
+    }
+    let m = ingest.commit(seed.consistency, None, seed.disks, seed.stats)?;
+    let rp = rp_info(&m, None);
+    let now = datastore::time::now();
+    cat.add_recovery_point(&rp)?;
+    cat.set_replica_state(&source.id, "ok")?;
+    cat.audit(
+        now,
+        "admin",
+        "replica import",
+        &format!("{} recovery point {}", source.name, m.id),
+    )?;
+    Ok(rp)
+}

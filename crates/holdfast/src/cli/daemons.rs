@@ -629,3 +629,89 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+// ---------------------------------------------------------------------------------
+// Offline seeding
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ReplicaCommand {
+    /// On the host: write a VM's first copy to removable media (manual replica
+    /// creation). Uses the enrolled agent's identity to get the datastore's parameters.
+    Export {
+        /// The agent's folder (its certificate).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Provider `files`: the folder of VMs.
+        #[arg(long)]
+        files_root: PathBuf,
+        /// The VM's name on this host.
+        #[arg(long)]
+        vm: String,
+        /// A new or empty folder on the media.
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// On the server: import an exported replica as the VM's first recovery point.
+    Import {
+        /// The server's data folder.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The server's configuration, when not DATA_DIR/holdfast.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The exported folder.
+        from: PathBuf,
+    },
+}
+
+pub fn replica(s: &ServerArgs, c: ReplicaCommand) -> anyhow::Result<ExitCode> {
+    match c {
+        ReplicaCommand::Export {
+            data_dir,
+            files_root,
+            vm,
+            to,
+            threads,
+        } => {
+            let id = pki::AgentIdentity::load(&data_dir)?;
+            let cl = Client::new(s.url()?, id.client_config()?, Auth::ClientCert)?;
+            let start: SessionStart = cl.post(
+                "/agent/replica-params",
+                &ReplicaParamsRequest { vm: vm.clone() },
+            )?;
+            let provider = agent::FilesProvider::new(&files_root);
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+            let t = Instant::now();
+            let seed = agent::seed::export(&provider, &vm, &start, &to, threads, &mut |_, _| {})?;
+            println!(
+                "replica of {} exported to {}: {} disk(s), {} bytes read, {} bytes in {} file(s), {:.1} s",
+                seed.source.name,
+                to.display(),
+                seed.disks.len(),
+                seed.stats.bytes_read,
+                seed.stats.bytes_stored,
+                seed.blob_files.len(),
+                t.elapsed().as_secs_f64()
+            );
+            println!(
+                "on the server: holdfast replica import --data-dir SERVER_DIR {}",
+                to.display()
+            );
+        }
+        ReplicaCommand::Import {
+            data_dir,
+            config,
+            from,
+        } => {
+            let rp = server::replica_import(&data_dir, config, &from)?;
+            println!(
+                "imported {} as recovery point {} ({} bytes stored)",
+                rp.vm, rp.id, rp.stats.bytes_stored
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -91,6 +91,9 @@ enum Command {
     /// Alerts.
     #[command(subcommand)]
     Alerts(admin::AlertsCommand),
+    /// Offline seeding: export a VM's first copy on the host, import it on the server.
+    #[command(subcommand)]
+    Replica(daemons::ReplicaCommand),
 }
 
 /// Runs a parsed command line; the exit code says what happened.
@@ -126,5 +129,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Jobs(c) => admin::jobs(&cli.server, c),
         Command::Alerts(c) => admin::alerts(&cli.server, c),
+        Command::Replica(c) => daemons::replica(&cli.server, c),
     }
 }
