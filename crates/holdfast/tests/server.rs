@@ -968,3 +968,52 @@ fn manual_replica_export_and_import_seed_the_first_recovery_point() {
     assert_eq!(last.stats.blocks_new, 0, "{:?}", last.stats);
     assert_verify_clean(&c.datastore());
 }
+
+#[test]
+fn a_running_backup_can_be_cancelled_and_leaves_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    make_vm(&vms, "big", "raw", 640 << 20, 600 << 20, 12);
+    let mut c = Cluster::start(t.path(), FAST);
+    c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    let j: JobInfo = c
+        .admin()
+        .post(
+            "/datasources/hv01/big/backup",
+            &BackupNowRequest {
+                express_full: false,
+            },
+        )
+        .unwrap();
+    wait_until("the backup to send data", Duration::from_secs(60), || {
+        let j = c.job(j.id);
+        assert!(
+            !j.state.finished(),
+            "the backup ended before it could be cancelled: {j:?}"
+        );
+        j.bytes_sent > 0
+    });
+    let out = c.cli_ok(&["jobs", "cancel", &j.id.to_string()]);
+    assert!(out.contains("cancel requested"), "{out}");
+    let done = c.wait_job(j.id);
+    assert_eq!(done.state, JobState::Cancelled, "{done:?}");
+    assert!(point_ids(&c.datastore()).is_empty());
+    // Cancelled by an administrator: no alert, no rerun.
+    assert!(c.alerts().is_empty(), "{:?}", c.alerts());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.jobs().len(), 1, "{:?}", c.jobs());
+    // A queued job (its agent is gone) is cancelled at once and never runs.
+    for a in &mut c.agents {
+        a.kill().unwrap();
+        a.wait().unwrap();
+    }
+    let q: JobInfo =
+        serde_json::from_str(&c.cli_ok(&["backup-now", "hv01/big", "--json"])).unwrap();
+    assert_eq!(q.state, JobState::Queued);
+    c.cli_ok(&["jobs", "cancel", &q.id.to_string()]);
+    assert_eq!(c.job(q.id).state, JobState::Cancelled);
+    // And a finished job cannot be cancelled.
+    let o = c.cli(&["jobs", "cancel", &q.id.to_string()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("409"));
+}

@@ -952,6 +952,15 @@ async fn agent_commit(
     let host = agent(&st, &peer)?;
     let job = own_job(&st, &host, id)?;
     let c: Commit = parse(&body)?;
+    // A cancel that arrived after the agent's last progress report still wins: no
+    // recovery point from a cancelled job.
+    if st.cat().setting(&format!("cancel:{id}"))?.is_some() {
+        st.job_failed(id, now(), "cancelled", "cancelled by an administrator")?;
+        return Err(ApiErr(
+            StatusCode::CONFLICT,
+            format!("job {id} was cancelled"),
+        ));
+    }
     let s = st
         .sessions
         .lock()
