@@ -273,6 +273,28 @@ fn restores_identical(ds: &Path, source: &str, disk: &Path, work: &Path) -> bool
     same
 }
 
+/// Starts a backup of hv01/big and returns once it has sent data (and is not done).
+fn start_big_backup(c: &Cluster) -> JobInfo {
+    let j: JobInfo = c
+        .admin()
+        .post(
+            "/datasources/hv01/big/backup",
+            &BackupNowRequest {
+                express_full: false,
+            },
+        )
+        .unwrap();
+    wait_until("the backup to send data", Duration::from_secs(60), || {
+        let j = c.job(j.id);
+        assert!(
+            !j.state.finished(),
+            "the backup ended before the test could interrupt it: {j:?}"
+        );
+        j.bytes_sent > 0
+    });
+    j
+}
+
 fn pg_create(c: &Cluster, name: &str, members: &[&str], freq: &str) {
     let mut args = vec!["pg", "create", name];
     for m in members {
@@ -698,23 +720,7 @@ fn server_killed_mid_backup_leaves_no_partial_point_and_reruns() {
     let mut c = Cluster::start(t.path(), FAST);
     c.agent("hv01", &vms);
     c.wait_datasources(1);
-    let j: JobInfo = c
-        .admin()
-        .post(
-            "/datasources/hv01/big/backup",
-            &BackupNowRequest {
-                express_full: false,
-            },
-        )
-        .unwrap();
-    wait_until("the backup to send data", Duration::from_secs(60), || {
-        let j = c.job(j.id);
-        assert!(
-            !j.state.finished(),
-            "the backup ended before the server could be killed: {j:?}"
-        );
-        j.bytes_sent > 0
-    });
+    let j = start_big_backup(&c);
     c.kill_server();
     assert!(
         point_ids(&c.datastore()).is_empty(),
@@ -826,23 +832,7 @@ fn network_drop_mid_transfer_resumes_without_resending_much() {
     c.agent("hv01", &vms);
     c.url = real;
     c.wait_datasources(1);
-    let j: JobInfo = c
-        .admin()
-        .post(
-            "/datasources/hv01/big/backup",
-            &BackupNowRequest {
-                express_full: false,
-            },
-        )
-        .unwrap();
-    wait_until("the backup to send data", Duration::from_secs(60), || {
-        let j = c.job(j.id);
-        assert!(
-            !j.state.finished(),
-            "the backup ended before the network could drop: {j:?}"
-        );
-        j.bytes_sent > 0
-    });
+    let j = start_big_backup(&c);
     relay.cut();
     std::thread::sleep(Duration::from_millis(300));
     relay.cut();
@@ -977,23 +967,7 @@ fn a_running_backup_can_be_cancelled_and_leaves_nothing() {
     let mut c = Cluster::start(t.path(), FAST);
     c.agent("hv01", &vms);
     c.wait_datasources(1);
-    let j: JobInfo = c
-        .admin()
-        .post(
-            "/datasources/hv01/big/backup",
-            &BackupNowRequest {
-                express_full: false,
-            },
-        )
-        .unwrap();
-    wait_until("the backup to send data", Duration::from_secs(60), || {
-        let j = c.job(j.id);
-        assert!(
-            !j.state.finished(),
-            "the backup ended before it could be cancelled: {j:?}"
-        );
-        j.bytes_sent > 0
-    });
+    let j = start_big_backup(&c);
     let out = c.cli_ok(&["jobs", "cancel", &j.id.to_string()]);
     assert!(out.contains("cancel requested"), "{out}");
     let done = c.wait_job(j.id);

@@ -5,7 +5,8 @@
 use crate::state::AppState;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -136,6 +137,39 @@ fn agent(st: &AppState, peer: &Peer) -> ApiResult<String> {
     }
 }
 
+/// An admin caller (extractor): the bearer token checked by [`admin`].
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(parts: &mut Parts, st: &Arc<AppState>) -> ApiResult<Admin> {
+        let peer = peer_of(parts);
+        admin(st, &parts.headers, &peer).map(|_| Admin)
+    }
+}
+
+/// An agent caller (extractor): its host, from its certificate, by [`agent`].
+pub struct AgentHost(pub String);
+
+impl FromRequestParts<Arc<AppState>> for AgentHost {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(parts: &mut Parts, st: &Arc<AppState>) -> ApiResult<AgentHost> {
+        agent(st, &peer_of(parts)).map(AgentHost)
+    }
+}
+
+fn peer_of(parts: &Parts) -> Peer {
+    parts.extensions.get::<Peer>().cloned().unwrap_or(Peer {
+        cert_fingerprint: None,
+    })
+}
+
+fn octets(out: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response()
+}
+
 pub fn router(st: Arc<AppState>) -> Router {
     let json_limit = st.config.limits.max_json_body;
     let blob_limit = st.config.limits.max_blob_batch;
@@ -186,12 +220,7 @@ pub fn router(st: Arc<AppState>) -> Router {
 // ------------------------------------------------------------------------------
 // Status, CA, enrollment
 
-async fn status(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn status(State(st): St, _admin: Admin) -> ApiResult<Response> {
     let c = st.cat().counts()?;
     Ok(json(&ServerStatus {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -220,13 +249,7 @@ async fn ca(State(st): St) -> Response {
     }))
 }
 
-async fn agent_token(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-    body: Bytes,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn agent_token(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
     let req: AgentTokenRequest = parse(&body)?;
     let host = req.host.trim();
     if host.is_empty()
@@ -292,12 +315,7 @@ async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
 // ------------------------------------------------------------------------------
 // Agents, data sources
 
-async fn agents_list(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn agents_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
     let rows = st.cat().agents()?;
     let polling = st.polling.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let window = Duration::from_secs(st.config.scheduler.poll_seconds + 15);
@@ -314,23 +332,16 @@ async fn agents_list(
 
 async fn agent_revoke(
     State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
+    _admin: Admin,
     Path(host): Path<String>,
 ) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
     let cat = st.cat();
     cat.revoke_agent(now(), &host)?;
     cat.audit(now(), "admin", "agent revoke", &host)?;
     Ok(json(&serde_json::json!({ "host": host, "revoked": true })))
 }
 
-async fn datasources(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn datasources(State(st): St, _admin: Admin) -> ApiResult<Response> {
     Ok(json(&st.cat().datasources()?))
 }
 
@@ -353,12 +364,10 @@ fn queue_for_vm(st: &AppState, host: &str, vm: &str, kind: JobKind) -> ApiResult
 
 async fn backup_now(
     State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
+    _admin: Admin,
     Path((host, vm)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
     let req: BackupNowRequest = parse(&body)?;
     let has_point = st
         .cat()
@@ -377,11 +386,9 @@ async fn backup_now(
 
 async fn consistency_check(
     State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
+    _admin: Admin,
     Path((host, vm)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
     queue_for_vm(&st, &host, &vm, JobKind::ConsistencyCheck)
 }
 
@@ -409,24 +416,13 @@ fn group_info(st: &AppState, g: catalog::GroupRow) -> GroupInfo {
     }
 }
 
-async fn groups_list(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn groups_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
     let rows = st.cat().groups()?;
     let out: Vec<GroupInfo> = rows.into_iter().map(|g| group_info(&st, g)).collect();
     Ok(json(&out))
 }
 
-async fn group_show(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-    Path(name): Path<String>,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn group_show(State(st): St, _admin: Admin, Path(name): Path<String>) -> ApiResult<Response> {
     let g = st.cat().group(&name)?;
     Ok(json(&group_info(&st, g)))
 }
@@ -464,13 +460,7 @@ fn mark_schedules_now(st: &AppState, g: &catalog::GroupRow) -> ApiResult<()> {
     Ok(())
 }
 
-async fn group_create(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-    body: Bytes,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn group_create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
     let req: CreateGroup = parse(&body)?;
     req.policy.validate().map_err(bad)?;
     resolve_members(&st, &req.members)?;
@@ -499,12 +489,10 @@ async fn group_create(
 
 async fn group_modify(
     State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
+    _admin: Admin,
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
     let req: ModifyGroup = parse(&body)?;
     if let Some(p) = &req.policy {
         p.validate().map_err(bad)?;
@@ -539,12 +527,10 @@ struct DeleteQuery {
 
 async fn group_delete(
     State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
+    _admin: Admin,
     Path(name): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
     let g = st.cat().delete_group(&name)?;
     let mut deleted = 0u64;
     for m in &g.members {
@@ -589,11 +575,9 @@ struct RpQuery {
 
 async fn recovery_points(
     State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
+    _admin: Admin,
     Query(q): Query<RpQuery>,
 ) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
     let cat = st.cat();
     let ds = match &q.vm {
         Some(vm) => {
@@ -613,11 +597,9 @@ struct JobsQuery {
 
 async fn jobs_list(
     State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
+    _admin: Admin,
     Query(q): Query<JobsQuery>,
 ) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
     let state = match &q.state {
         Some(s) => Some(JobState::parse(s).ok_or_else(|| {
             bad(format!(
@@ -637,13 +619,7 @@ struct NewServerJob {
 }
 
 /// Server-side jobs on demand (verify, prune, gc).
-async fn job_create(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-    body: Bytes,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn job_create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
     let req: NewServerJob = parse(&body)?;
     let kind = JobKind::parse(&req.kind)
         .filter(|k| !k.on_agent())
@@ -659,23 +635,11 @@ async fn job_create(
     Ok(r)
 }
 
-async fn job_show(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-    Path(id): Path<i64>,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn job_show(State(st): St, _admin: Admin, Path(id): Path<i64>) -> ApiResult<Response> {
     Ok(json(&st.cat().job(id)?))
 }
 
-async fn job_cancel(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-    Path(id): Path<i64>,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn job_cancel(State(st): St, _admin: Admin, Path(id): Path<i64>) -> ApiResult<Response> {
     let state = st.cat().job_state(id)?;
     match state {
         JobState::Queued => {
@@ -707,20 +671,13 @@ struct AlertsQuery {
 
 async fn alerts_list(
     State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
+    _admin: Admin,
     Query(q): Query<AlertsQuery>,
 ) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
     Ok(json(&st.cat().alerts(q.all)?))
 }
 
-async fn audit_list(
-    State(st): St,
-    headers: HeaderMap,
-    peer: axum::Extension<Peer>,
-) -> ApiResult<Response> {
-    admin(&st, &headers, &peer)?;
+async fn audit_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
     Ok(json(&st.cat().audit_log(500)?))
 }
 
@@ -729,18 +686,16 @@ async fn audit_list(
 
 async fn agent_inventory(
     State(st): St,
-    peer: axum::Extension<Peer>,
+    AgentHost(host): AgentHost,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
     let inv: Inventory = parse(&body)?;
     st.cat().upsert_inventory(now(), &host, &inv.vms)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Hands the agent its next runnable job, waiting up to `poll_seconds` for one.
-async fn agent_poll(State(st): St, peer: axum::Extension<Peer>) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
+async fn agent_poll(State(st): St, AgentHost(host): AgentHost) -> ApiResult<Response> {
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(st.config.scheduler.poll_seconds);
     loop {
@@ -806,10 +761,9 @@ async fn blocking<T: Send + 'static>(
 
 async fn agent_start(
     State(st): St,
-    peer: axum::Extension<Peer>,
+    AgentHost(host): AgentHost,
     Path(id): Path<i64>,
 ) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
     let job = own_job(&st, &host, id)?;
     let ds_id = job.datasource_id.clone().unwrap_or_default();
     let ds = st.cat().datasource(&ds_id)?;
@@ -864,11 +818,10 @@ fn hex(b: &[u8]) -> String {
 
 async fn agent_missing(
     State(st): St,
-    peer: axum::Extension<Peer>,
+    AgentHost(host): AgentHost,
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
     own_job(&st, &host, id)?;
     if !body.len().is_multiple_of(32) {
         return Err(bad(format!(
@@ -889,16 +842,15 @@ async fn agent_missing(
         Ok(m.into_iter().map(u8::from).collect::<Vec<u8>>())
     })
     .await?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+    Ok(octets(out))
 }
 
 async fn agent_blobs(
     State(st): St,
-    peer: axum::Extension<Peer>,
+    AgentHost(host): AgentHost,
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
     own_job(&st, &host, id)?;
     let s = session(&st, id)?;
     let res = blocking(move || Ok(s.put(&body)?)).await;
@@ -913,25 +865,23 @@ async fn agent_blobs(
 
 async fn agent_blob(
     State(st): St,
-    peer: axum::Extension<Peer>,
+    AgentHost(host): AgentHost,
     Path((id, blob)): Path<(i64, String)>,
 ) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
     own_job(&st, &host, id)?;
     let bid =
         Id::from_hex(&blob).ok_or_else(|| bad(format!("blob id {blob:?} is not 64 hex digits")))?;
     let s = session(&st, id)?;
     let out = blocking(move || Ok(s.framed_blob(bid)?)).await?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+    Ok(octets(out))
 }
 
 async fn agent_progress(
     State(st): St,
-    peer: axum::Extension<Peer>,
+    AgentHost(host): AgentHost,
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
     own_job(&st, &host, id)?;
     let p: Progress = parse(&body)?;
     let cat = st.cat();
@@ -945,11 +895,10 @@ async fn agent_progress(
 
 async fn agent_commit(
     State(st): St,
-    peer: axum::Extension<Peer>,
+    AgentHost(host): AgentHost,
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
     let job = own_job(&st, &host, id)?;
     let c: Commit = parse(&body)?;
     // A cancel that arrived after the agent's last progress report still wins: no
@@ -1026,11 +975,10 @@ async fn agent_commit(
 
 async fn agent_fail(
     State(st): St,
-    peer: axum::Extension<Peer>,
+    AgentHost(host): AgentHost,
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
     own_job(&st, &host, id)?;
     let f: Failure = parse(&body)?;
     let kind: String = f
@@ -1051,10 +999,9 @@ async fn agent_fail(
 /// Parameters for an offline seed of one of the calling agent's VMs.
 async fn agent_replica_params(
     State(st): St,
-    peer: axum::Extension<Peer>,
+    AgentHost(host): AgentHost,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let host = agent(&st, &peer)?;
     let req: ReplicaParamsRequest = parse(&body)?;
     let ds = st.cat().datasource_by_name(&host, &req.vm)?;
     let p = st.datastore.block_params();
