@@ -187,6 +187,13 @@ impl Catalog {
         Ok(())
     }
 
+    /// Removes a setting (absent already is fine).
+    pub fn delete_setting(&self, key: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM settings WHERE key = ?1", [key])?;
+        Ok(())
+    }
+
     pub fn audit(&self, now: i64, actor: &str, action: &str, detail: &str) -> Result<()> {
         self.conn.execute(
             "INSERT INTO audit_log (time, actor, action, detail) VALUES (?1, ?2, ?3, ?4)",

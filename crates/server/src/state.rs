@@ -108,6 +108,7 @@ impl AppState {
     pub fn job_succeeded(&self, job: i64, now: i64) -> Result<(), catalog::Error> {
         self.forget_job(job);
         let cat = self.cat();
+        cat.delete_setting(&format!("cancel:{job}"))?;
         let info = cat.job(job)?;
         cat.finish_job(now, job, JobState::Succeeded, None)?;
         cat.job_log(now, job, "succeeded")?;
@@ -141,6 +142,7 @@ impl AppState {
     ) -> Result<(), catalog::Error> {
         self.forget_job(job);
         let cat = self.cat();
+        cat.delete_setting(&format!("cancel:{job}"))?;
         let info = cat.job(job)?;
         if info.state.finished() {
             return Ok(());
