@@ -991,3 +991,26 @@ fn a_running_backup_can_be_cancelled_and_leaves_nothing() {
     let o = c.cli(&["jobs", "cancel", &q.id.to_string()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("409"));
 }
+
+/// The README's tour ends with `holdfast demo`: it must keep working.
+#[test]
+fn demo_protects_two_vms_and_restores_them_exactly() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("demo");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["demo", "--dir", s(&dir), "--disk-mib", "24"]);
+    let o = run_bounded(cmd, "holdfast demo", Duration::from_secs(300));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("2 VMs protected, 4 recovery points"), "{out}");
+    assert!(out.contains("restores: byte-identical"), "{out}");
+    assert_eq!(
+        out.matches("identical to the source disk").count(),
+        2,
+        "{out}"
+    );
+}
