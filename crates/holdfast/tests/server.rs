@@ -1014,3 +1014,78 @@ fn demo_protects_two_vms_and_restores_them_exactly() {
         "{out}"
     );
 }
+
+#[test]
+fn group_lifecycle_modify_and_delete_with_or_without_data() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    make_vm(&vms, "a", "qcow2", 8 << 20, 2 << 20, 21);
+    make_vm(&vms, "b", "qcow2", 8 << 20, 2 << 20, 22);
+    let mut c = Cluster::start(t.path(), FAST);
+    c.agent("hv01", &vms);
+    c.wait_datasources(2);
+    pg_create(&c, "both", &["hv01/a", "hv01/b"], "1440");
+    wait_until("two initial replicas", Duration::from_secs(60), || {
+        c.jobs()
+            .iter()
+            .filter(|j| j.kind == JobKind::InitialReplica && j.state == JobState::Succeeded)
+            .count()
+            == 2
+    });
+    // Modify: drop b, change the policy; the listing follows.
+    let g: GroupInfo = serde_json::from_str(&c.cli_ok(&[
+        "pg",
+        "modify",
+        "both",
+        "--remove-member",
+        "hv01/b",
+        "--retention-days",
+        "30",
+        "--express-full-times",
+        "21:00",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(g.members, vec!["hv01/a".to_string()]);
+    assert_eq!(g.policy.retention_days, 30);
+    assert_eq!(g.policy.express_full_times, vec!["21:00".to_string()]);
+    let ds = c.datasources();
+    let b = ds.iter().find(|d| d.name == "hv01/b").unwrap();
+    assert_eq!(b.protection_group, None);
+    // b can now join another group, which is deleted with its data.
+    pg_create(&c, "solo", &["hv01/b"], "60");
+    let r: DeleteGroupResponse = c
+        .admin()
+        .delete("/protection-groups/solo?delete_data=true")
+        .unwrap();
+    assert_eq!(r.recovery_points_deleted, 1);
+    let rps: Vec<RecoveryPointInfo> = c.admin().get("/recovery-points").unwrap();
+    assert_eq!(rps.len(), 1);
+    assert_eq!(rps[0].vm, "hv01/a");
+    assert_eq!(
+        point_ids(&c.datastore()).len(),
+        1,
+        "the datastore follows the catalog"
+    );
+    // Deleting "both" keeps a's data; prune keeps what retention keeps; gc is clean.
+    let out = c.cli_ok(&["pg", "delete", "both"]);
+    assert!(
+        out.contains("stay until their retention range ends"),
+        "{out}"
+    );
+    assert_eq!(
+        c.cli_ok(&["jobs", "run", "prune", "--wait"])
+            .contains("succeeded"),
+        true
+    );
+    assert_eq!(
+        c.cli_ok(&["jobs", "run", "gc", "--wait"])
+            .contains("succeeded"),
+        true
+    );
+    let rps: Vec<RecoveryPointInfo> = c.admin().get("/recovery-points").unwrap();
+    assert_eq!(rps.len(), 1);
+    assert_verify_clean(&c.datastore());
+    let groups: Vec<GroupInfo> = c.admin().get("/protection-groups").unwrap();
+    assert!(groups.is_empty());
+}
