@@ -250,6 +250,7 @@ fn change_disk(disk: &Path, fmt: &str, seed: u64) {
 
 /// Whether the latest recovery point of `source` restores to `disk`'s contents.
 fn restores_identical(ds: &Path, source: &str, disk: &Path, work: &Path) -> bool {
+    std::fs::create_dir_all(work).unwrap();
     let want = work.join("want.raw");
     let got = work.join("got.raw");
     ok(&["image", "convert", s(disk), s(&want), "-f", "raw"]);
@@ -342,7 +343,6 @@ fn two_vms_protected_on_schedule_restore_exactly() {
             == 2
     });
     let work = t.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
     assert!(restores_identical(
         &c.datastore(),
         "hv01/web01",
@@ -707,7 +707,6 @@ fn vanished_and_resized_disks_fail_clearly_then_heal() {
     let ds = c.datasources();
     assert_eq!(ds[0].replica_state, "ok");
     let work = t.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
     assert!(restores_identical(&c.datastore(), "hv01/app", &disk, &work));
 }
 
@@ -740,7 +739,6 @@ fn server_killed_mid_backup_leaves_no_partial_point_and_reruns() {
     assert_eq!(point_ids(&c.datastore()).len(), 1);
     assert_verify_clean(&c.datastore());
     let work = t.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
     assert!(restores_identical(&c.datastore(), "hv01/big", &disk, &work));
     // The interruption was alerted, and the rerun's success resolved it.
     let all: Vec<AlertInfo> = c.admin().get("/alerts?all=true").unwrap();
@@ -853,7 +851,6 @@ fn network_drop_mid_transfer_resumes_without_resending_much() {
         rp[0].stats.bytes_stored
     );
     let work = t.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
     assert!(restores_identical(&c.datastore(), "hv01/big", &disk, &work));
 }
 
@@ -944,7 +941,6 @@ fn manual_replica_export_and_import_seed_the_first_recovery_point() {
     let rps: Vec<RecoveryPointInfo> = c.admin().get("/recovery-points").unwrap();
     assert_eq!(rps.len(), 1);
     let work = t.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
     assert!(restores_identical(&c.datastore(), "hv01/big", &disk, &work));
     // Protection goes on from the seed: the next backup stores no data blocks again.
     let j: JobInfo =

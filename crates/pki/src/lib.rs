@@ -25,7 +25,7 @@ use rustls_pki_types::pem::PemObject;
 pub use agent::AgentIdentity;
 pub use server::ServerPki;
 pub use token::{load_or_create_admin_token, make_token, parse_token, secret_hash, token_eq};
-pub use verify::{client_config_trusting, insecure_fetch_config, pinned_ca_config};
+pub use verify::{client_config_trusting, pinned_ca_config};
 
 /// Errors of this crate; those about a file name the file.
 #[derive(Debug, thiserror::Error)]

@@ -36,25 +36,6 @@ pub fn client_config_trusting(ca_pem: &str) -> Result<ClientConfig> {
     Ok(cfg)
 }
 
-/// Client config that accepts ANY server certificate.
-///
-/// Only for an enrolling agent's very first request: downloading the CA
-/// (`GET /api/v1/ca`). The caller MUST then check that the
-/// [`cert_fingerprint`] of the downloaded CA equals the fingerprint pinned in
-/// the enrollment token, and use [`client_config_trusting`] with that CA for
-/// everything else. Nothing sent or received over this connection is
-/// trusted; it must carry no secret (not the token). [`pinned_ca_config`] is
-/// the stricter alternative that checks the pin during the handshake.
-pub fn insecure_fetch_config() -> Result<ClientConfig> {
-    let provider = provider();
-    let mut cfg = builder()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert { provider }))
-        .with_no_client_auth();
-    cfg.alpn_protocols = alpn();
-    Ok(cfg)
-}
-
 /// Client config that trusts a server only if its chain includes a CA
 /// certificate whose SHA-256 fingerprint is `ca_fingerprint` (the pin from
 /// the enrollment token) and the server certificate verifies against that
@@ -75,65 +56,6 @@ pub fn pinned_ca_config(ca_fingerprint: &str) -> Result<ClientConfig> {
         .with_no_client_auth();
     cfg.alpn_protocols = alpn();
     Ok(cfg)
-}
-
-/// Accepts any certificate but still checks the handshake signatures, so
-/// the connection is at least with the holder of the presented key.
-struct AcceptAnyServerCert {
-    provider: Arc<CryptoProvider>,
-}
-
-impl fmt::Debug for AcceptAnyServerCert {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AcceptAnyServerCert")
-    }
-}
-
-impl ServerCertVerifier for AcceptAnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// Verifies the server against the CA certificate in its chain whose
