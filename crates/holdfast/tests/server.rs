@@ -436,10 +436,16 @@ fn authorization_and_bad_requests() {
     let vms2 = t.path().join("vms2");
     make_vm(&vms1, "a", "qcow2", 8 << 20, 1 << 20, 3);
     make_vm(&vms2, "b", "qcow2", 8 << 20, 1 << 20, 4);
+    // A sparse 4 TiB disk: far more than any test machine's free space.
+    std::fs::create_dir_all(vms2.join("huge")).unwrap();
+    std::fs::File::create(vms2.join("huge/disk.raw"))
+        .unwrap()
+        .set_len(4 << 40)
+        .unwrap();
     let mut c = Cluster::start(t.path(), FAST);
     let a1 = c.agent("hv01", &vms1);
     let a2 = c.agent("hv02", &vms2);
-    c.wait_datasources(2);
+    c.wait_datasources(3);
     let out = c.cli_ok(&["backup-now", "hv01/a", "--wait", "--json"]);
     let job: JobInfo = serde_json::from_str(&out).unwrap();
 
@@ -596,25 +602,28 @@ fn authorization_and_bad_requests() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("409") && err.contains("g1"), "{err}");
-    // A group too large for the datastore is refused by the allocation review.
+    // A group too large for the datastore is refused by the allocation review (422),
+    // naming the numbers; nothing is created.
     let o = c.cli(&[
         "pg",
         "create",
         "g3",
         "--member",
-        "hv02/b",
+        "hv02/huge",
         "--retention-days",
-        "448",
+        "7",
         "--sync-frequency",
         "60",
         "--recovery-point-times",
         "20:00",
-        "--churn-percent",
-        "100",
     ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
     assert!(
-        o.status.success() || String::from_utf8_lossy(&o.stderr).contains("disk allocation review")
+        err.contains("422") && err.contains("disk allocation review"),
+        "{err}"
     );
+    assert_eq!(status(admin.get("/protection-groups/g3")), Some(404));
     // Revoked: refused from then on.
     let hv1 = as_agent(&a1);
     assert!(
