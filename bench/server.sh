@@ -4,7 +4,11 @@
 #     loopback mutual TLS (a `backup-now --wait` initial replica: the agent reads,
 #     hashes, asks, compresses and sends; the server re-verifies every blob and packs
 #     it) against local-mode `holdfast backup` of the same image into a fresh datastore.
-#     RUNS rounds, interleaved; best of each.
+#     RUNS rounds, interleaved; best of each. Each round runs two layouts:
+#       shared: everything on both cores (server and agent compete for them);
+#       split:  a two-machine model: local mode on core 0; the agent on core 0 and the
+#               server on core 1 (taskset), as when the host and the backup server
+#               are separate machines with the same cores each.
 #  2. 200 protected VMs (1 MiB disks) in one server: initial replicas of all, then the
 #     scheduler's pass over every schedule (from /status) and the latency of the
 #     catalog-backed list calls (datasources, protection groups, recovery points, jobs,
@@ -47,7 +51,7 @@ start_server() {
   local dir=$1
   mkdir -p "$dir"
   printf '%s\n' "$2" >"$dir/holdfast.toml"
-  "$HF" server --data-dir "$dir" --listen 127.0.0.1:0 >"$dir/stdout" 2>"$dir/stderr" &
+  ${SERVER_PIN:-} "$HF" server --data-dir "$dir" --listen 127.0.0.1:0 >"$dir/stdout" 2>"$dir/stderr" &
   SPID=$!
   PIDS+=("$SPID")
   for _ in $(seq 1 200); do
@@ -62,7 +66,7 @@ start_server() {
 start_agent() { # HOST VMDIR AGENTDIR
   local tok
   tok=$("$HF" agent-token create --host "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-  "$HF" agent --enroll "$tok" --data-dir "$3" --files-root "$2" --inventory-seconds 1 ${AGENT_ARGS:-} 2>"$3.stderr" &
+  ${AGENT_PIN:-} "$HF" agent --enroll "$tok" --data-dir "$3" --files-root "$2" --inventory-seconds 1 ${AGENT_ARGS:-} 2>"$3.stderr" &
   APID=$!
   PIDS+=("$APID")
 }
@@ -82,33 +86,38 @@ stop() { kill "$@" 2>/dev/null || true; wait "$@" 2>/dev/null || true; }
 # ---------- 1. throughput ----------
 mkdir -p "$W/vms/vm1"
 ln "$IMG" "$W/vms/vm1/disk0.raw" 2>/dev/null || cp --sparse=always "$IMG" "$W/vms/vm1/disk0.raw"
-echo "round,mode,seconds,bytes_read,bytes_stored" >"$OUT/throughput.csv"
-for r in $(seq 1 "$RUNS"); do
+echo "round,layout,mode,seconds,bytes_read,bytes_stored" >"$OUT/throughput.csv"
+round() { # ROUND LAYOUT LOCAL_PIN AGENT_PIN SERVER_PIN
+  local r=$1 layout=$2 tag=$1-$2
   cat "$IMG" >/dev/null
   rm -rf "$W/local" && "$HF" datastore create "$W/local" >/dev/null
   t0=$(now)
-  "$HF" backup -d "$W/local" --source vm1 --json "$W/vms/vm1/disk0.raw" >"$OUT/local-$r.json"
+  $3 "$HF" backup -d "$W/local" --source vm1 --json "$W/vms/vm1/disk0.raw" >"$OUT/local-$tag.json"
   t1=$(now)
-  read -r rd st < <(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); s=s.get("stats", s); print(s["bytes_read"], s["bytes_stored"])' "$OUT/local-$r.json")
-  echo "$r,local,$(echo "$t1 - $t0" | bc),$rd,$st" >>"$OUT/throughput.csv"
-  say "round $r local: $(echo "$t1 - $t0" | bc) s"
+  read -r rd st < <(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); s=s.get("stats", s); print(s["bytes_read"], s["bytes_stored"])' "$OUT/local-$tag.json")
+  echo "$r,$layout,local,$(echo "$t1 - $t0" | bc),$rd,$st" >>"$OUT/throughput.csv"
+  say "round $r $layout local: $(echo "$t1 - $t0" | bc) s"
 
   rm -rf "$W/srv" "$W/agent"
-  start_server "$W/srv" $'[scheduler]\ntick_seconds = 1\npoll_seconds = 5'
-  start_agent hv01 "$W/vms" "$W/agent"
+  SERVER_PIN=$5 start_server "$W/srv" $'[scheduler]\ntick_seconds = 1\npoll_seconds = 5'
+  AGENT_PIN=$4 start_agent hv01 "$W/vms" "$W/agent"
   wait_sources 1
   cat "$IMG" >/dev/null
   t0=$(now)
-  "$HF" backup-now hv01/vm1 --wait --json >"$OUT/remote-$r.json"
+  "$HF" backup-now hv01/vm1 --wait --json >"$OUT/remote-$tag.json"
   t1=$(now)
-  read -r rd st < <(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["bytes_read"], j["bytes_sent"])' "$OUT/remote-$r.json")
-  echo "$r,server+agent,$(echo "$t1 - $t0" | bc),$rd,$st" >>"$OUT/throughput.csv"
-  say "round $r server+agent: $(echo "$t1 - $t0" | bc) s"
+  read -r rd st < <(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["bytes_read"], j["bytes_sent"])' "$OUT/remote-$tag.json")
+  echo "$r,$layout,server+agent,$(echo "$t1 - $t0" | bc),$rd,$st" >>"$OUT/throughput.csv"
+  say "round $r $layout server+agent: $(echo "$t1 - $t0" | bc) s"
   stop "$APID" "$SPID"
+}
+for r in $(seq 1 "$RUNS"); do
+  round "$r" shared "" "" ""
+  round "$r" split "taskset -c 0" "taskset -c 0" "taskset -c 1"
 done
 
 # ---------- 2. 200 VMs ----------
-if [ "${SCALE:-1}" = 0 ]; then cat "$OUT/throughput.csv"; exit 0; fi
+if [ "${SCALE:-1}" = 0 ]; then column -ts, "$OUT/throughput.csv"; exit 0; fi
 say "200 VMs"
 for i in $(seq -w 1 200); do
   mkdir -p "$W/vms200/vm$i"
@@ -158,18 +167,23 @@ python3 - "$OUT" "$BYTES" >"$OUT/summary.md" <<'EOF'
 import csv, sys, statistics
 out, size = sys.argv[1], int(sys.argv[2])
 rows = list(csv.DictReader(open(f"{out}/throughput.csv")))
-best = {}
-for r in rows:
-    s = float(r["seconds"])
-    if r["mode"] not in best or s < best[r["mode"]][0]:
-        best[r["mode"]] = (s, r)
-l, rm = best["local"][0], best["server+agent"][0]
-print(f"## Backup throughput, {size / 2**30:.1f} GiB image, best of {len(rows) // 2}\n")
-print("| | wall | throughput | bytes read | bytes stored/sent |\n|---|---:|---:|---:|---:|")
-for k in ("local", "server+agent"):
-    s, r = best[k]
-    print(f"| {k} | {s:.2f} s | {size / s / 2**20:.0f} MiB/s | {int(r['bytes_read']):,} | {int(r['bytes_stored']):,} |")
-print(f"\nserver+agent / local throughput: **{l / rm:.2f}x** (bar: at least 0.8x)\n")
+rounds = len(rows) // 4
+for layout, what in (("shared", "server, agent and local mode all on both cores"),
+                     ("split", "two-machine model: local mode and the agent on core 0, the server on core 1")):
+    best = {}
+    for r in rows:
+        if r["layout"] != layout:
+            continue
+        s = float(r["seconds"])
+        if r["mode"] not in best or s < best[r["mode"]][0]:
+            best[r["mode"]] = (s, r)
+    l, rm = best["local"][0], best["server+agent"][0]
+    print(f"## Backup throughput, {size / 2**30:.1f} GiB image, best of {rounds}: {layout} ({what})\n")
+    print("| | wall | throughput | bytes read | bytes stored/sent |\n|---|---:|---:|---:|---:|")
+    for k in ("local", "server+agent"):
+        s, r = best[k]
+        print(f"| {k} | {s:.2f} s | {size / s / 2**20:.0f} MiB/s | {int(r['bytes_read']):,} | {int(r['bytes_stored']):,} |")
+    print(f"\nserver+agent / local throughput: **{l / rm:.2f}x** (bar: at least 0.8x)\n")
 lines = open(f"{out}/scale.csv").read().splitlines()
 ticks = [float(x) for x in lines[0].split(",", 1)[1].split()]
 print(f"## 200 protected VMs\n\nscheduler pass over all schedules: median {statistics.median(ticks):.1f} ms, max {max(ticks):.1f} ms (bar: under 50 ms)\n")

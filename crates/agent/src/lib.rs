@@ -29,7 +29,7 @@ pub mod seed;
 pub use files::FilesProvider;
 pub use provider::{Provider, Snapshot};
 pub use remote::{RemoteTarget, Transport};
-pub use runtime::{AgentOptions, enroll, run};
+pub use runtime::{AgentOptions, default_threads, enroll, run};
 
 use std::path::PathBuf;
 

@@ -292,6 +292,11 @@ impl BlockTarget for RemoteTarget {
         self.check()?;
         let full = {
             let mut b = lock(&self.batch);
+            if b.capacity() == 0 {
+                // Sized once (a batch ends past BATCH_BYTES by at most one blob):
+                // growing by doubling would copy every batch again.
+                b.reserve_exact(BATCH_BYTES + 2 * datastore::format::MAX_BLOB_PLAIN as usize);
+            }
             b.extend_from_slice(framed);
             (b.len() >= BATCH_BYTES).then(|| std::mem::take(&mut *b))
         };

@@ -37,8 +37,8 @@ pub struct AgentOptions {
 }
 
 impl AgentOptions {
-    /// Options with the defaults: no token, one pipeline thread per core, 2 jobs at
-    /// once, inventory every minute.
+    /// Options with the defaults: no token, [`default_threads`] pipeline threads, 2 jobs
+    /// at once, inventory every minute.
     pub fn new(
         server: impl Into<String>,
         data_dir: impl Into<PathBuf>,
@@ -49,13 +49,20 @@ impl AgentOptions {
             data_dir: data_dir.into(),
             enroll_token: None,
             providers,
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            threads: default_threads(),
             max_jobs: 2,
             inventory_every: Duration::from_secs(60),
         }
     }
+}
+
+/// Pipeline workers per backup: one per core plus four, because each worker waits a
+/// network round trip per segment (asking which blocks the server lacks) and the
+/// extra ones keep the cores busy meanwhile. Measured with the 4 GiB benchmark image,
+/// the agent on one core and the server on another: 6.6 s with one worker, 5.6 s with
+/// three, 5.4 s with six.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) + 4
 }
 
 fn log(msg: impl std::fmt::Display) {

@@ -204,33 +204,98 @@ pub fn decode_blob_into(
     bytes: &mut [u8],
     out: &mut [u8],
 ) -> Result<BlobHeader> {
+    let h = check_frame(key, offset, id, bytes, out.len())?;
+    let (head, payload) = bytes.split_at_mut(BLOB_HEADER);
+    let payload_len = if h.flags & FLAG_AEAD != 0 {
+        keys.open(key, &head[..48], h.nonce, payload)
+            .map_err(|_| aead_failed(key, offset, id))?
+    } else if keys.encrypted() {
+        return Err(unencrypted(key, offset, id));
+    } else {
+        payload.len()
+    };
+    finish_decode(keys, key, offset, id, &h, &payload[..payload_len], out)?;
+    Ok(h)
+}
+
+/// As [`decode_blob_into`] for a blob that must stay unchanged (the server checking an
+/// agent's batch): only an encrypted blob is copied, into `scratch`, to be opened in
+/// place; a plain one is decompressed and hashed where it lies.
+pub fn check_blob(
+    keys: &Keys,
+    key: &str,
+    offset: u64,
+    id: Id,
+    bytes: &[u8],
+    scratch: &mut Vec<u8>,
+    out: &mut [u8],
+) -> Result<BlobHeader> {
+    let h = check_frame(key, offset, id, bytes, out.len())?;
+    if h.flags & FLAG_AEAD != 0 {
+        scratch.clear();
+        scratch.extend_from_slice(bytes);
+        return decode_blob_into(keys, key, offset, id, scratch, out);
+    }
+    if keys.encrypted() {
+        return Err(unencrypted(key, offset, id));
+    }
+    finish_decode(keys, key, offset, id, &h, &bytes[BLOB_HEADER..], out)?;
+    Ok(h)
+}
+
+fn blob_error(key: &str, offset: u64, id: Id, what: impl std::fmt::Display) -> Error {
+    Error::corrupt(key, format!("blob {id:?} at offset {offset}: {what}"))
+}
+
+fn aead_failed(key: &str, offset: u64, id: Id) -> Error {
+    blob_error(
+        key,
+        offset,
+        id,
+        "authentication tag mismatch (the data was changed, or the key is wrong)",
+    )
+}
+
+fn unencrypted(key: &str, offset: u64, id: Id) -> Error {
+    blob_error(
+        key,
+        offset,
+        id,
+        "unencrypted blob in an encrypted datastore",
+    )
+}
+
+/// The header of `bytes`, checked against the expected id, frame length and plaintext
+/// length.
+fn check_frame(key: &str, offset: u64, id: Id, bytes: &[u8], plain: usize) -> Result<BlobHeader> {
     let h = parse_blob_header(key, offset, bytes)?;
-    let bad = |what: String| Error::corrupt(key, format!("blob {id:?} at offset {offset}: {what}"));
+    let bad = |what: String| blob_error(key, offset, id, what);
     if h.id != id {
         return Err(bad(format!("holds blob {:?} instead", h.id)));
     }
-    let stored = h.stored_len as usize;
-    if bytes.len() != BLOB_HEADER + stored {
+    if bytes.len() != BLOB_HEADER + h.stored_len as usize {
         return Err(bad("length does not match the index".into()));
     }
-    if out.len() != h.plain_len as usize {
+    if plain != h.plain_len as usize {
         return Err(bad(format!(
-            "holds {} bytes, {} expected",
-            h.plain_len,
-            out.len()
+            "holds {} bytes, {plain} expected",
+            h.plain_len
         )));
     }
-    let (head, payload) = bytes.split_at_mut(BLOB_HEADER);
-    let payload_len = if h.flags & FLAG_AEAD != 0 {
-        keys.open(key, &head[..48], h.nonce, payload).map_err(|_| {
-            bad("authentication tag mismatch (the data was changed, or the key is wrong)".into())
-        })?
-    } else if keys.encrypted() {
-        return Err(bad("unencrypted blob in an encrypted datastore".into()));
-    } else {
-        stored
-    };
-    let payload = &payload[..payload_len];
+    Ok(h)
+}
+
+/// Decompresses (or copies) an opened payload into `out` and checks its id.
+fn finish_decode(
+    keys: &Keys,
+    key: &str,
+    offset: u64,
+    id: Id,
+    h: &BlobHeader,
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    let bad = |what: String| blob_error(key, offset, id, what);
     let n = if h.flags & FLAG_ZSTD != 0 {
         DECOMPRESSOR.with(|d| {
             let mut d = d.borrow_mut();
@@ -257,7 +322,7 @@ pub fn decode_blob_into(
             "content does not match its id (checksum mismatch)".into()
         ));
     }
-    Ok(h)
+    Ok(())
 }
 
 thread_local! {

@@ -402,17 +402,13 @@ fn check_blobs(keys: &Keys, blobs: &[(usize, BlobHeader, &[u8])]) -> Option<(usi
     let max = blobs.iter().map(|(_, h, _)| h.plain_len).max().unwrap_or(0);
     let mut plain = vec![0u8; max as usize];
     for (off, h, b) in blobs {
-        scratch.clear();
-        scratch.extend_from_slice(b);
         let Some(out) = plain.get_mut(..h.plain_len as usize) else {
             return Some((
                 *off,
                 rejected("blob larger than any blob may be".to_string()),
             ));
         };
-        if let Err(e) =
-            format::decode_blob_into(keys, "batch", *off as u64, h.id, &mut scratch, out)
-        {
+        if let Err(e) = format::check_blob(keys, "batch", *off as u64, h.id, b, &mut scratch, out) {
             return Some((*off, e));
         }
     }

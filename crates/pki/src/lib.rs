@@ -72,9 +72,14 @@ pub(crate) fn alpn() -> Vec<Vec<u8>> {
     vec![b"h2".to_vec(), b"http/1.1".to_vec()]
 }
 
-/// The aws-lc-rs provider, passed explicitly to every builder.
+/// The aws-lc-rs provider, passed explicitly to every builder. TLS 1.3 with
+/// AES-128-GCM is preferred over AES-256-GCM: both are TLS 1.3's standard suites, and
+/// 128-bit keys encrypt the bulk backup traffic with 10 AES rounds instead of 14.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 /// Lowercase hex.

@@ -635,8 +635,31 @@ async fn job_create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Resp
     Ok(r)
 }
 
-async fn job_show(State(st): St, _admin: Admin, Path(id): Path<i64>) -> ApiResult<Response> {
-    Ok(json(&st.cat().job(id)?))
+#[derive(Deserialize)]
+struct JobQuery {
+    /// Long poll: answer as soon as the job ends, or after this many seconds (≤ 60).
+    wait_seconds: Option<u64>,
+}
+
+async fn job_show(
+    State(st): St,
+    _admin: Admin,
+    Path(id): Path<i64>,
+    Query(q): Query<JobQuery>,
+) -> ApiResult<Response> {
+    let wait = Duration::from_secs(q.wait_seconds.unwrap_or(0).min(60));
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Registered before the check, so an end between the two is not missed.
+        let ended = st.job_ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        let job = st.cat().job(id)?;
+        if job.state.finished() || tokio::time::Instant::now() >= deadline {
+            return Ok(json(&job));
+        }
+        let _ = tokio::time::timeout_at(deadline, ended).await;
+    }
 }
 
 async fn job_cancel(State(st): St, _admin: Admin, Path(id): Path<i64>) -> ApiResult<Response> {

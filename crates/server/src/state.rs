@@ -47,6 +47,8 @@ pub struct AppState {
     pub heartbeats: Mutex<HashMap<i64, Instant>>,
     /// Wakes agents' long polls when jobs are queued.
     pub wake: Notify,
+    /// Notified whenever a job ends (`GET /jobs/{id}?wait_seconds=N` waits on it).
+    pub job_ended: Notify,
     /// Hosts with a poll in progress (for `agents list`'s "connected").
     pub polling: Mutex<HashMap<String, Instant>>,
     pub threads: usize,
@@ -74,6 +76,7 @@ impl AppState {
             sessions: Mutex::new(HashMap::new()),
             heartbeats: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            job_ended: Notify::new(),
             polling: Mutex::new(HashMap::new()),
             threads,
             last_tick: Mutex::new(None),
@@ -112,6 +115,7 @@ impl AppState {
         let info = cat.job(job)?;
         cat.finish_job(now, job, JobState::Succeeded, None)?;
         cat.job_log(now, job, "succeeded")?;
+        self.job_ended.notify_waiters();
         if let Some(ds) = &info.datasource_id {
             cat.set_replica_state(ds, "ok")?;
             if let Some(vm) = &info.vm {
@@ -155,6 +159,7 @@ impl AppState {
         };
         cat.finish_job(now, job, state, Some((kind, message)))?;
         cat.job_log(now, job, &format!("{}: {message}", state.as_str()))?;
+        self.job_ended.notify_waiters();
         if cancelled {
             return Ok(());
         }

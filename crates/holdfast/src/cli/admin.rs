@@ -520,7 +520,10 @@ fn vm_path(vm: &str) -> anyhow::Result<String> {
 fn wait_job(cl: &Client, id: i64, json: bool) -> anyhow::Result<ExitCode> {
     let mut last = String::new();
     loop {
-        let j: JobInfo = cl.get(&format!("/jobs/{id}"))?;
+        // Long poll: the server answers the moment the job ends, or after a second
+        // (to print progress).
+        let asked = std::time::Instant::now();
+        let j: JobInfo = cl.get(&format!("/jobs/{id}?wait_seconds=1"))?;
         if j.state.finished() {
             if json {
                 print_json(&j)?;
@@ -559,7 +562,10 @@ fn wait_job(cl: &Client, id: i64, json: bool) -> anyhow::Result<ExitCode> {
             eprintln!("{line}");
             last = line;
         }
-        std::thread::sleep(Duration::from_millis(500));
+        // A server that answered at once (not waiting) is not polled in a tight loop.
+        if let Some(rest) = Duration::from_millis(200).checked_sub(asked.elapsed()) {
+            std::thread::sleep(rest);
+        }
     }
 }
 

@@ -76,7 +76,8 @@ pub struct AgentCmd {
     /// layout or any folder of VHDX/VHD/qcow2/raw disks).
     #[arg(long)]
     files_root: Option<PathBuf>,
-    /// Threads hashing and compressing per job (default: all cores).
+    /// Threads hashing and compressing per job (default: cores + 4, so network round
+    /// trips do not leave a core idle).
     #[arg(long)]
     threads: Option<usize>,
     /// Jobs at once on this host.
@@ -101,9 +102,7 @@ pub fn agent(s: &ServerArgs, a: AgentCmd) -> anyhow::Result<ExitCode> {
         data_dir: a.data_dir,
         enroll_token: a.enroll,
         providers,
-        threads: a
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        threads: a.threads.unwrap_or_else(agent::default_threads),
         max_jobs: a.max_jobs.max(1),
         inventory_every: Duration::from_secs(a.inventory_seconds.max(1)),
     };
