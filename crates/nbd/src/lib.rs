@@ -1,0 +1,1 @@
+//! NBD client (placeholder; being written).

@@ -1,0 +1,1 @@
+//! QMP and QGA clients (placeholder; being written).
