@@ -413,6 +413,7 @@ impl Snapshot for FilesSnapshot {
                 name: o.name.clone(),
                 format: o.format.clone(),
                 changed: None,
+                excluded: Vec::new(),
             })
             .collect()
     }
@@ -492,6 +493,7 @@ pub(crate) mod tests {
                     piece_blocks: 4096,
                     pieces: vec![],
                     stats: Stats::default(),
+                    excluded: Vec::new(),
                 })
                 .collect(),
             stats: Stats::default(),

@@ -434,6 +434,7 @@ fn backup(
             name: d.name.clone(),
             format: d.format.clone(),
             changed: d.changed.clone(),
+            excluded: d.excluded.clone(),
         })
         .collect();
     // The base matters to the pipeline only for changed ranges (reusing its index).

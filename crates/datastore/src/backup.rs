@@ -45,6 +45,9 @@ pub struct DiskInput<'a> {
     /// Changed ranges since the base recovery point (sorted, merged, in range), from
     /// hypervisor change tracking; `None` = read everything and compare by checksum.
     pub changed: Option<Vec<(u64, u64)>>,
+    /// Ranges not to back up (a page file, swap): stored as zeros and recorded in the
+    /// recovery point. Sorted and disjoint, inside the disk; empty = none.
+    pub excluded: Vec<(u64, u64)>,
 }
 
 /// A backup to take.
@@ -237,8 +240,9 @@ pub fn backup_disks(
                     b.id
                 )));
             }
-            check_ranges(i, ch, size)?;
+            check_ranges(i, "changed", ch, size)?;
         }
+        check_ranges(i, "excluded", &d.excluded, size)?;
     }
     let total: u64 = disks.iter().map(|d| d.disk.virtual_size()).sum();
     let pipe = Pipe {
@@ -586,7 +590,10 @@ impl Pipe<'_> {
                 changed_bytes: changed.map(|c| c.iter().map(|r| r.1).sum()),
                 ..Stats::default()
             },
+            excluded: input.excluded.clone(),
         };
+        let excluded = merge_adjacent(&input.excluded);
+        let excluded = &excluded;
         std::thread::scope(|scope| -> Result<()> {
             // Reader.
             let reader = scope.spawn(move || {
@@ -599,6 +606,7 @@ impl Pipe<'_> {
                     base,
                     base_present,
                     changed,
+                    excluded,
                     &pool_rx,
                     &mut |w| {
                         let ok = job_tx.send(Ok((seq, w))).is_ok();
@@ -745,6 +753,7 @@ impl Pipe<'_> {
         base: Option<&DiskRecord>,
         base_present: &[bool],
         changed: Option<&[(u64, u64)]>,
+        excluded: &[(u64, u64)],
         pool: &Receiver<Vec<u8>>,
         send: &mut dyn FnMut(Work) -> bool,
     ) -> Result<()> {
@@ -764,7 +773,10 @@ impl Pipe<'_> {
                     .and_then(|h| Id::from_hex(h))
                     .ok_or_else(|| Error::Invalid(format!("base index piece {p} is malformed")))?;
                 let present = base_present.get(p as usize).copied().unwrap_or(false);
-                let touched = cur.intersects(first * bs, (end * bs).min(size));
+                let (a, z) = (first * bs, (end * bs).min(size));
+                // A piece with excluded bytes is rebuilt block by block: its excluded
+                // blocks become zeros even where the base held data.
+                let touched = cur.intersects(a, z) || overlaps(excluded, a, z);
                 if !touched && present {
                     if !send(Work::Piece {
                         id: pid,
@@ -811,6 +823,15 @@ impl Pipe<'_> {
                 }
                 let off = s * bs;
                 let len = (e * bs).min(size) - off;
+                if !excluded.is_empty() {
+                    // Excluded blocks are zeros whatever the base held.
+                    for (i, plan) in plans.iter_mut().enumerate() {
+                        let b = s + i as u64;
+                        if covered(excluded, b * bs, ((b + 1) * bs).min(size)) {
+                            *plan = Plan::Zero;
+                        }
+                    }
+                }
                 let mut buf = Vec::new();
                 let mut read = 0u64;
                 if plans.iter().any(|p| matches!(p, Plan::Read)) {
@@ -854,6 +875,8 @@ impl Pipe<'_> {
                         read += z - a;
                         i = j;
                     }
+                    // Blocks partly excluded keep their other bytes.
+                    zero_ranges(excluded, &mut buf, off);
                 }
                 if !send(Work::Blocks {
                     first: s,
@@ -1014,22 +1037,61 @@ impl Writer<'_> {
 
 /// Changed ranges must be sorted, non-empty, not overlapping and inside the disk (the
 /// reader walks them with a forward-only cursor).
-fn check_ranges(disk: usize, ranges: &[(u64, u64)], size: u64) -> Result<()> {
+fn check_ranges(disk: usize, what: &str, ranges: &[(u64, u64)], size: u64) -> Result<()> {
     let mut prev_end = 0u64;
     for &(o, l) in ranges {
         let end = o.checked_add(l).filter(|&e| e <= size).ok_or_else(|| {
             Error::Invalid(format!(
-                "disk {disk}: changed range {o}+{l} ends past the disk's size {size}"
+                "disk {disk}: {what} range {o}+{l} ends past the disk's size {size}"
             ))
         })?;
         if l == 0 || o < prev_end {
             return Err(Error::Invalid(format!(
-                "disk {disk}: changed range {o}+{l} is empty, out of order or overlaps the previous one (ranges must be sorted and disjoint)"
+                "disk {disk}: {what} range {o}+{l} is empty, out of order or overlaps the previous one (ranges must be sorted and disjoint)"
             )));
         }
         prev_end = end;
     }
     Ok(())
+}
+
+/// `ranges` (sorted, disjoint) with adjacent ones joined, so that "inside one range"
+/// answers "inside the union".
+fn merge_adjacent(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(o, l) in ranges {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == o => last.1 += l,
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
+/// Whether `[start, end)` lies wholly inside one of `ranges` (sorted, disjoint, merged).
+fn covered(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
+    let i = ranges.partition_point(|&(o, _)| o <= start);
+    i > 0 && ranges[i - 1].0 + ranges[i - 1].1 >= end
+}
+
+/// Whether `[start, end)` meets any of `ranges` (sorted, disjoint).
+fn overlaps(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
+    let i = ranges.partition_point(|&(o, l)| o + l <= start);
+    ranges.get(i).is_some_and(|&(o, _)| o < end)
+}
+
+/// Zeroes the parts of `buf` (holding the disk at `off`) that fall in `ranges`.
+fn zero_ranges(ranges: &[(u64, u64)], buf: &mut [u8], off: u64) {
+    let end = off + buf.len() as u64;
+    let first = ranges.partition_point(|&(o, l)| o + l <= off);
+    for &(o, l) in &ranges[first..] {
+        if o >= end {
+            break;
+        }
+        let a = (o.max(off) - off) as usize;
+        let z = ((o + l).min(end) - off) as usize;
+        buf[a..z].fill(0);
+    }
 }
 
 fn gcd(a: u64, b: u64) -> u64 {

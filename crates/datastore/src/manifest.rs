@@ -63,6 +63,10 @@ pub struct DiskRecord {
     /// Ids (hex) of the index pieces, in disk order; each holds `piece_blocks` block ids.
     pub pieces: Vec<String>,
     pub stats: Stats,
+    /// Byte ranges left out of the backup (page file, swap) and stored as zeros,
+    /// `(offset, length)`, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<(u64, u64)>,
 }
 
 /// What a backup did.

@@ -67,6 +67,7 @@ fn remote_backup(
             name: d.path.file_name().unwrap().to_string_lossy().into_owned(),
             format: "raw".into(),
             changed: d.changed.clone(),
+            excluded: Vec::new(),
         })
         .collect();
     let target = Loopback {

@@ -165,6 +165,7 @@ pub fn try_backup(
             name: d.path.file_name().unwrap().to_string_lossy().into_owned(),
             format: o.info().format.name().to_string(),
             changed: d.changed.clone(),
+            excluded: Vec::new(),
         })
         .collect();
     let mut last = (0, 0);

@@ -259,6 +259,7 @@ pub fn backup(a: &BackupArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default(),
             format: d.info().format.name().to_string(),
             changed: changed.as_ref().map(|c| c[i].clone()),
+            excluded: Vec::new(),
         })
         .collect();
     let consistency = match a.consistency.as_str() {
