@@ -13,7 +13,9 @@
 //!
 //! - `files` ([`files::FilesProvider`]): VMs at rest as folders of image files
 //!   (Hyper-V exports, qcow2/raw folders); crash-consistent, no change tracking.
-//! - `qemu` (later): live VMs over QMP, fleecing and dirty bitmaps.
+//! - `qemu` ([`qemu::QemuProvider`]): live VMs over QMP: a point-in-time fleecing
+//!   view taken with the guest frozen or paused for milliseconds, persistent dirty
+//!   bitmaps for change tracking, read through our own NBD client.
 //! - `hyperv` (later): WMI checkpoints and resilient change tracking.
 //!
 //! The rest is provider-independent: [`remote::RemoteTarget`] runs the datastore's
@@ -22,11 +24,13 @@
 
 pub mod files;
 pub mod provider;
+pub mod qemu;
 pub mod remote;
 pub mod runtime;
 pub mod seed;
 
 pub use files::FilesProvider;
+pub use qemu::{QemuOptions, QemuProvider};
 pub use provider::{Provider, Snapshot};
 pub use remote::{RemoteTarget, Transport};
 pub use runtime::{AgentOptions, default_threads, enroll, run};
@@ -89,6 +93,9 @@ pub enum Error {
     /// The job was cancelled (by an operator, or because the agent is stopping).
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// The hypervisor (QMP, the guest agent, its NBD export) refused or failed.
+    #[error("VM {vm}: {msg}")]
+    Hypervisor { vm: String, msg: String },
     /// A caller asked for something impossible.
     #[error("{0}")]
     Invalid(String),
@@ -105,6 +112,7 @@ impl Error {
             Error::Backup(datastore::Error::Disk(_)) => "io",
             Error::Backup(_) => "backup",
             Error::Config { .. } => "config",
+            Error::Hypervisor { .. } => "hypervisor",
             Error::Client(_) | Error::Server(_) => "server",
             Error::Identity(_) | Error::Revoked => "identity",
             Error::Cancelled(_) => "cancelled",
@@ -119,6 +127,20 @@ impl Error {
             err,
         }
     }
+}
+
+/// Writes `data` to `path` durably: a temporary name, fsync, rename, fsync the folder.
+pub(crate) fn write_durably(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Result with [`Error`].

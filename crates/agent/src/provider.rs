@@ -2,7 +2,7 @@
 
 use crate::Result;
 use datastore::DiskInput;
-use protocol::{Consistency, JobKind, Manifest, VmInfo};
+use protocol::{Consistency, JobKind, Manifest, Note, VmInfo};
 
 /// One kind of VM source on this host (`files`, `qemu`, `hyperv`). Shared by the job
 /// threads, so it must be `Sync`: state (connections, change maps) lives behind locks.
@@ -36,6 +36,12 @@ pub trait Snapshot: Send {
     /// holds the ranges changed since the base when change tracking knows them (then
     /// disk `i` must be disk `i` of the base, same size); `None` = read everything.
     fn disks(&self) -> Vec<DiskInput<'_>>;
+
+    /// What the job log (and, for some kinds, an alert) should say about the view:
+    /// how long the guest was held, change tracking that could not be trusted.
+    fn notes(&self) -> Vec<Note> {
+        Vec::new()
+    }
 
     /// Releases the view. `ok` false = the backup failed or was cancelled: a tracking
     /// provider then merges its change map back, so the next backup loses nothing.

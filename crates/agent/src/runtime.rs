@@ -348,6 +348,7 @@ fn job_inner(
     let provider = shared.provider_for(&job.vm)?;
     let snap = provider.snapshot(&job.vm, job.kind, start.base.as_ref())?;
     let consistency = snap.consistency();
+    let notes = snap.notes();
     let result = backup(
         shared,
         job,
@@ -375,6 +376,7 @@ fn job_inner(
         base: start.base.as_ref().map(|b| b.id.clone()),
         disks,
         stats,
+        notes,
     };
     let path = format!("{prefix}/commit");
     let resp: CommitResponse = retry(RETRY_BUDGET, never, || shared.client.post(&path, &commit))?;
@@ -429,12 +431,19 @@ fn backup(
     let inputs: Vec<DiskInput> = disks
         .iter()
         .zip(&counting)
-        .map(|(d, c)| DiskInput {
+        .enumerate()
+        .map(|(i, (d, c))| DiskInput {
             disk: c,
             name: d.name.clone(),
             format: d.format.clone(),
             changed: d.changed.clone(),
-            excluded: d.excluded.clone(),
+            // The data source's exclusions (set on the server) win over the provider's.
+            excluded: start
+                .excluded
+                .get(i)
+                .filter(|e| !e.is_empty())
+                .unwrap_or(&d.excluded)
+                .clone(),
         })
         .collect();
     // The base matters to the pipeline only for changed ranges (reusing its index).

@@ -36,7 +36,7 @@ impl SeedTarget {
             return Ok(());
         }
         let name = format!("blobs-{:06}.bin", st.files.len() + 1);
-        write_durably(&self.dir.join(&name), &st.buf).map_err(|e| {
+        crate::write_durably(&self.dir.join(&name), &st.buf).map_err(|e| {
             datastore::Error::Invalid(format!("{}: {e}", self.dir.join(&name).display()))
         })?;
         st.bytes += st.buf.len() as u64;
@@ -44,18 +44,6 @@ impl SeedTarget {
         st.files.push(name);
         Ok(())
     }
-}
-
-fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
 }
 
 impl BlockTarget for SeedTarget {
@@ -152,7 +140,7 @@ pub fn export(
         blob_files: files,
     };
     let body = serde_json::to_vec_pretty(&seed).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_durably(&to.join("seed.json"), &body)
+    crate::write_durably(&to.join("seed.json"), &body)
         .map_err(|e| Error::Invalid(format!("{}: {e}", to.join("seed.json").display())))?;
     Ok(seed)
 }

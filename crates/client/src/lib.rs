@@ -180,6 +180,11 @@ impl Client {
         Self::decode(path, r)
     }
 
+    pub fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let r = self.send("PUT", path, self.http.put(self.url(path)).json(body))?;
+        Self::decode(path, r)
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let r = self.send("DELETE", path, self.http.delete(self.url(path)))?;
         Self::decode(path, r)

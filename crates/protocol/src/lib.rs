@@ -476,6 +476,45 @@ pub struct SessionStart {
     pub base: Option<Manifest>,
     /// Recovery-point source name to record (`HOST/VM`) and its stable id.
     pub source: Source,
+    /// Per disk (recovery-point order), byte ranges to leave out and store as zeros
+    /// (page file, swap), as set on the data source; missing = none.
+    #[serde(default)]
+    pub excluded: Vec<Vec<(u64, u64)>>,
+}
+
+/// `PUT|GET /api/v1/datasources/{host}/{vm}/exclusions` (admin): per disk, in
+/// recovery-point order, `(offset, length)` ranges left out of backups and stored as
+/// zeros. Sorted, non-empty and disjoint within a disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exclusions {
+    pub disks: Vec<Vec<(u64, u64)>>,
+}
+
+impl Exclusions {
+    /// Checks the shape (sizes are checked against the disks at backup time).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.disks.len() > 64 {
+            return Err(format!("{} disks; at most 64", self.disks.len()));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if d.len() > 4096 {
+                return Err(format!("disk {i}: {} ranges; at most 4096", d.len()));
+            }
+            let mut prev_end = 0u64;
+            for &(o, l) in d {
+                let end = o
+                    .checked_add(l)
+                    .ok_or_else(|| format!("disk {i}: range {o}+{l} overflows"))?;
+                if l == 0 || o < prev_end {
+                    return Err(format!(
+                        "disk {i}: range {o}+{l} is empty, out of order or overlaps the previous one"
+                    ));
+                }
+                prev_end = end;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `POST /api/v1/agent/jobs/{id}/progress`.
@@ -503,6 +542,29 @@ pub struct Commit {
     pub base: Option<String>,
     pub disks: Vec<DiskRecord>,
     pub stats: Stats,
+    /// What the provider said about the view (logged with the job).
+    #[serde(default)]
+    pub notes: Vec<Note>,
+}
+
+/// A remark of a provider about a backup's view. Kind `info` is only logged; kind
+/// `change-tracking-reset` (change tracking was not trusted, every block was read)
+/// also raises an informational alert, resolved by the next backup that could use
+/// change tracking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    pub kind: String,
+    pub message: String,
+}
+
+impl Note {
+    /// A note that is only logged.
+    pub fn info(message: impl Into<String>) -> Note {
+        Note {
+            kind: "info".into(),
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -187,6 +187,10 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/datasources", get(datasources))
         .route("/datasources/{host}/{vm}/backup", post(backup_now))
         .route(
+            "/datasources/{host}/{vm}/exclusions",
+            get(exclusions_get).put(exclusions_put),
+        )
+        .route(
             "/datasources/{host}/{vm}/consistency-check",
             post(consistency_check),
         )
@@ -828,11 +832,55 @@ async fn agent_start(
         zstd_level: params.zstd_level,
         master_key: st.master_key.map(|k| hex(&k)),
         base,
+        excluded: exclusions(&st, &ds.id)?.disks,
         source: Source {
             name: ds.name,
             id: ds.id,
         },
     }))
+}
+
+fn exclusions(st: &AppState, ds_id: &str) -> ApiResult<Exclusions> {
+    match st.cat().setting(&format!("exclusions:{ds_id}"))? {
+        Some(v) => serde_json::from_str(&v).map_err(|e| {
+            ApiErr(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("stored exclusions of {ds_id} are unreadable: {e}"),
+            )
+        }),
+        None => Ok(Exclusions::default()),
+    }
+}
+
+async fn exclusions_get(
+    State(st): St,
+    _admin: Admin,
+    Path((host, vm)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let ds = st.cat().datasource_by_name(&host, &vm)?;
+    Ok(json(&exclusions(&st, &ds.id)?))
+}
+
+async fn exclusions_put(
+    State(st): St,
+    _admin: Admin,
+    Path((host, vm)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let ex: Exclusions = parse(&body)?;
+    ex.validate().map_err(|e| bad(format!("exclusions: {e}")))?;
+    let ds = st.cat().datasource_by_name(&host, &vm)?;
+    let key = format!("exclusions:{}", ds.id);
+    if ex.disks.iter().all(Vec::is_empty) {
+        st.cat().delete_setting(&key)?;
+    } else {
+        let v = serde_json::to_string(&ex)
+            .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        st.cat().set_setting(&key, &v)?;
+    }
+    st.cat()
+        .audit(now(), "admin", "exclusions", &format!("{host}/{vm}"))?;
+    Ok(json(&ex))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -923,7 +971,8 @@ async fn agent_commit(
     body: Bytes,
 ) -> ApiResult<Response> {
     let job = own_job(&st, &host, id)?;
-    let c: Commit = parse(&body)?;
+    let mut c: Commit = parse(&body)?;
+    let notes = std::mem::take(&mut c.notes);
     // A cancel that arrived after the agent's last progress report still wins: no
     // recovery point from a cancelled job.
     if st.cat().setting(&format!("cancel:{id}"))?.is_some() {
@@ -988,7 +1037,22 @@ async fn agent_commit(
                 manifest.id, manifest.stats.bytes_read, manifest.stats.bytes_stored
             ),
         )?;
-        let _ = job;
+        for n in notes.iter().take(64) {
+            // Bounded: a note is a line of the job log, not a payload.
+            let msg: String = n.message.chars().take(2000).collect();
+            cat.job_log(now(), id, &msg)?;
+            if n.kind == "change-tracking-reset"
+                && let Some(vm) = &job.vm
+            {
+                cat.raise_alert(now(), Severity::Info, vm, "change-tracking-reset", &msg)?;
+            }
+        }
+        // A backup that used change tracking clears the earlier reset.
+        if manifest.stats.changed_bytes.is_some()
+            && let Some(vm) = &job.vm
+        {
+            cat.resolve_alerts(now(), vm, Some("change-tracking-reset"))?;
+        }
     }
     st.job_succeeded(id, now())?;
     Ok(json(&CommitResponse {
@@ -1036,6 +1100,7 @@ async fn agent_replica_params(
         zstd_level: p.zstd_level,
         master_key: st.master_key.map(|k| hex(&k)),
         base: None,
+        excluded: exclusions(&st, &ds.id)?.disks,
         source: Source {
             name: ds.name,
             id: ds.id,

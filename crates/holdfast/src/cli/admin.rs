@@ -164,10 +164,36 @@ pub enum DataSourcesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show or set the byte ranges of one disk left out of backups and stored as
+    /// zeros (a page file, swap). Without --range or --clear, shows them all.
+    Exclude {
+        /// HOST/VM
+        vm: String,
+        /// Disk, 0-based in recovery-point order.
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+        /// OFFSET+LENGTH in bytes (sorted, not overlapping); replaces the disk's list.
+        #[arg(long = "range")]
+        ranges: Vec<String>,
+        /// Remove the disk's exclusions.
+        #[arg(long, conflicts_with = "ranges")]
+        clear: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn datasources(s: &ServerArgs, c: DataSourcesCommand) -> anyhow::Result<ExitCode> {
-    let DataSourcesCommand::List { json } = c;
+    let json = match c {
+        DataSourcesCommand::List { json } => json,
+        DataSourcesCommand::Exclude {
+            vm,
+            disk,
+            ranges,
+            clear,
+            json,
+        } => return exclude(s, &vm, disk, &ranges, clear, json),
+    };
     let list: Vec<DataSourceInfo> = s.client()?.get("/datasources")?;
     if json {
         return print_json(&list).map(|_| ExitCode::SUCCESS);
@@ -186,6 +212,54 @@ pub fn datasources(s: &ServerArgs, c: DataSourcesCommand) -> anyhow::Result<Exit
             d.replica_state,
             d.last_recovery_point.unwrap_or_else(|| "-".into())
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exclude(
+    s: &ServerArgs,
+    vm: &str,
+    disk: usize,
+    ranges: &[String],
+    clear: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let cl = s.client()?;
+    let path = format!("{}/exclusions", vm_path(vm)?);
+    let mut ex: Exclusions = cl.get(&path)?;
+    if clear || !ranges.is_empty() {
+        let parsed = ranges
+            .iter()
+            .map(|r| {
+                let (o, l) = r
+                    .split_once('+')
+                    .and_then(|(o, l)| Some((o.trim().parse().ok()?, l.trim().parse().ok()?)))
+                    .ok_or_else(|| anyhow!("--range {r:?}: OFFSET+LENGTH in bytes"))?;
+                Ok((o, l))
+            })
+            .collect::<anyhow::Result<Vec<(u64, u64)>>>()?;
+        if disk >= 64 {
+            bail!("--disk {disk}: at most 64 disks");
+        }
+        if ex.disks.len() <= disk {
+            ex.disks.resize(disk + 1, Vec::new());
+        }
+        ex.disks[disk] = parsed;
+        while ex.disks.last().is_some_and(Vec::is_empty) {
+            ex.disks.pop();
+        }
+        ex = cl.put(&path, &ex)?;
+    }
+    if json {
+        return print_json(&ex).map(|_| ExitCode::SUCCESS);
+    }
+    if ex.disks.iter().all(Vec::is_empty) {
+        println!("{vm}: nothing excluded");
+    }
+    for (i, d) in ex.disks.iter().enumerate() {
+        for (o, l) in d {
+            println!("{vm} disk {i}: {o}+{l} ({}) stored as zeros", human(*l));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -76,6 +76,15 @@ pub struct AgentCmd {
     /// layout or any folder of VHDX/VHD/qcow2/raw disks).
     #[arg(long)]
     files_root: Option<PathBuf>,
+    /// Provider `qemu`: a folder with one QMP socket per running VM (`NAME.qmp`) and
+    /// optionally its guest-agent socket (`NAME.qga`); symbolic links to sockets
+    /// elsewhere work, so the folder can also serve as a list.
+    #[arg(long)]
+    qmp_dir: Option<PathBuf>,
+    /// Seconds the guest agent may take to freeze the guest's file systems before the
+    /// VM is paused instead.
+    #[arg(long, default_value_t = 10)]
+    freeze_timeout_seconds: u64,
     /// Threads hashing and compressing per job (default: cores + 4, so network round
     /// trips do not leave a core idle).
     #[arg(long)]
@@ -94,8 +103,15 @@ pub fn agent(s: &ServerArgs, a: AgentCmd) -> anyhow::Result<ExitCode> {
     if let Some(root) = &a.files_root {
         providers.push(Box::new(agent::FilesProvider::new(root)));
     }
+    if let Some(dir) = &a.qmp_dir {
+        providers.push(Box::new(agent::QemuProvider::new(agent::QemuOptions {
+            sockets: dir.clone(),
+            state_dir: a.data_dir.join("qemu"),
+            freeze_timeout: Duration::from_secs(a.freeze_timeout_seconds.max(1)),
+        })?));
+    }
     if providers.is_empty() {
-        bail!("no provider given: use --files-root VMDIR");
+        bail!("no provider given: use --files-root VMDIR and/or --qmp-dir DIR");
     }
     let opts = agent::AgentOptions {
         server: url,

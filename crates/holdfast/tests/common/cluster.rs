@@ -1,0 +1,228 @@
+//! A `holdfast server` process and agents started against it, for the end-to-end
+//! tests (server.rs, qemu.rs).
+
+use super::*;
+use client::{Auth, Client};
+use protocol::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server process and the agents started against it; all killed on drop.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub server: Option<Child>,
+    pub agents: Vec<Child>,
+    pub url: String,
+}
+
+impl Drop for Cluster {
+    pub fn drop(&mut self) {
+        for c in self.server.iter_mut().chain(self.agents.iter_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Scheduler settings that make tests quick: a 1 s tick, 2 s polls, policy minutes
+/// lasting 0.2 s (a 15-minute synchronization frequency fires every 3 s).
+pub const FAST: &str = "[scheduler]\ntick_seconds = 1\npoll_seconds = 2\ntime_scale = 300.0\nrerun_delay_seconds = 1\n";
+
+impl Cluster {
+    pub fn start(dir: &Path, toml: &str) -> Cluster {
+        let sdir = dir.join("server");
+        std::fs::create_dir_all(&sdir).unwrap();
+        std::fs::write(sdir.join("holdfast.toml"), toml).unwrap();
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            server: None,
+            agents: Vec::new(),
+            url: String::new(),
+        };
+        c.start_server();
+        c
+    }
+
+    pub fn server_dir(&self) -> PathBuf {
+        self.dir.join("server")
+    }
+
+    pub fn datastore(&self) -> PathBuf {
+        self.server_dir().join("datastore")
+    }
+
+    /// Starts (or restarts) the server on a port of its choosing; returns once it
+    /// answers.
+    pub fn start_server(&mut self) {
+        let listen = if self.url.is_empty() {
+            "127.0.0.1:0".to_string()
+        } else {
+            self.url.trim_start_matches("https://").to_string()
+        };
+        let mut child = Command::new(BIN)
+            .args([
+                "server",
+                "--data-dir",
+                s(&self.server_dir()),
+                "--listen",
+                &listen,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut first).unwrap();
+        // Keep reading, so the server never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let url = first
+            .trim()
+            .strip_prefix("holdfast server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from the server: {first:?}"))
+            .to_string();
+        self.url = url;
+        self.server = Some(child);
+        wait_until("the server answers", Duration::from_secs(30), || {
+            self.admin().get::<ServerStatus>("/status").is_ok()
+        });
+    }
+
+    pub fn kill_server(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn admin(&self) -> Client {
+        let ca = std::fs::read_to_string(self.server_dir().join("ca.pem")).unwrap();
+        let token = std::fs::read_to_string(self.server_dir().join("admin.token")).unwrap();
+        Client::new(
+            &self.url,
+            pki::client_config_trusting(&ca).unwrap(),
+            Auth::Token(token.trim().to_string()),
+        )
+        .unwrap()
+    }
+
+    /// The admin CLI with this server's flags.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let sd = self.server_dir();
+        let ca = sd.join("ca.pem");
+        let tok = sd.join("admin.token");
+        let mut all = vec![
+            "--server",
+            &self.url,
+            "--ca-file",
+            s(&ca),
+            "--token-file",
+            s(&tok),
+        ];
+        all.extend_from_slice(args);
+        holdfast(&all)
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "holdfast {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    pub fn token(&self, host: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(&self.cli_ok(&[
+            "agent-token",
+            "create",
+            "--host",
+            host,
+            "--json",
+        ]))
+        .unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// Enrolls and starts an agent for `host` over `vms`; returns its data dir.
+    pub fn agent(&mut self, host: &str, vms: &Path) -> PathBuf {
+        self.agent_with(host, &["--files-root", s(vms)])
+    }
+
+    /// Enrolls (first time) and starts an agent for `host` with these provider
+    /// arguments; returns its data dir. Its index in `agents` is the last.
+    pub fn agent_with(&mut self, host: &str, provider: &[&str]) -> PathBuf {
+        let adir = self.dir.join(format!("agent-{host}"));
+        let token = self.token(host);
+        let mut args = vec![
+            "agent",
+            "--server",
+            &self.url,
+            "--enroll",
+            &token,
+            "--data-dir",
+            s(&adir),
+            "--inventory-seconds",
+            "1",
+        ];
+        args.extend_from_slice(provider);
+        let child = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.agents.push(child);
+        adir
+    }
+
+    pub fn datasources(&self) -> Vec<DataSourceInfo> {
+        self.admin().get("/datasources").unwrap()
+    }
+
+    pub fn wait_datasources(&self, n: usize) {
+        wait_until("the agents' inventory", Duration::from_secs(30), || {
+            self.datasources().iter().filter(|d| d.present).count() >= n
+        });
+    }
+
+    pub fn jobs(&self) -> Vec<JobInfo> {
+        self.admin().get("/jobs?limit=1000").unwrap()
+    }
+
+    pub fn job(&self, id: i64) -> JobInfo {
+        self.admin().get(&format!("/jobs/{id}")).unwrap()
+    }
+
+    pub fn wait_job(&self, id: i64) -> JobInfo {
+        let mut last = None;
+        wait_until(
+            &format!("job {id} to end"),
+            Duration::from_secs(120),
+            || {
+                let j = self.job(id);
+                let done = j.state.finished();
+                last = Some(j);
+                done
+            },
+        );
+        last.unwrap()
+    }
+
+    pub fn alerts(&self) -> Vec<AlertInfo> {
+        self.admin().get("/alerts").unwrap()
+    }
+}
+
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+

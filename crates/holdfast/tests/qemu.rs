@@ -1,0 +1,437 @@
+//! Live QEMU VMs end to end: a real `qemu-system-x86_64` (TCG, `-machine none`, no
+//! guest OS) with a qcow2 disk, protected through real `holdfast server` and
+//! `holdfast agent --qmp-dir` processes. Guest writes are injected through HMP
+//! `qemu-io` on the disk's BlockBackend, between backups and while a backup runs.
+//! Every recovery point must restore to the disk as it was at its view's moment.
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+use protocol::*;
+use qemu::qmp::Qmp;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 << 10;
+
+/// A QEMU process with one qcow2 disk (`drive0`, node `disk0`), its monitor for the
+/// agent in `sockets/NAME.qmp` and a second monitor for the test; and a model of
+/// what the disk holds.
+struct Vm {
+    name: String,
+    dir: PathBuf,
+    sockets: PathBuf,
+    img: PathBuf,
+    child: Option<Child>,
+    qmp: Option<Qmp>,
+    model: Vec<u8>,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Vm {
+    /// Makes the disk (`size` bytes, random data in the first `filled` bytes) and
+    /// starts QEMU.
+    fn create(dir: &Path, sockets: &Path, name: &str, size: u64, filled: u64, seed: u64) -> Vm {
+        std::fs::create_dir_all(sockets).unwrap();
+        let raw = dir.join(format!("{name}.raw"));
+        let img = dir.join(format!("{name}.qcow2"));
+        let mut model = vec![0u8; size as usize];
+        Rng::new(seed).fill(&mut model[..filled as usize]);
+        std::fs::write(&raw, &model).unwrap();
+        qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)]);
+        std::fs::remove_file(&raw).unwrap();
+        let mut vm = Vm {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            sockets: sockets.to_path_buf(),
+            img,
+            child: None,
+            qmp: None,
+            model,
+        };
+        vm.start();
+        vm
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.sockets.join(format!("{}.qmp", self.name))
+    }
+
+    fn start(&mut self) {
+        let test_sock = self.dir.join(format!("{}.test.qmp", self.name));
+        for p in [self.agent_socket(), test_sock.clone()] {
+            let _ = std::fs::remove_file(p);
+        }
+        let log = std::fs::File::create(self.dir.join(format!("{}.log", self.name))).unwrap();
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-nodefaults", "-display", "none", "-machine", "none,accel=tcg"])
+            .args(["-name", &self.name, "-uuid", "5e0c1a7e-0000-4000-8000-00000000a001"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", s(&self.agent_socket())))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", s(&test_sock)))
+            .arg("-drive")
+            .arg(format!(
+                "if=none,id=drive0,node-name=disk0,driver=qcow2,file.driver=file,file.filename={}",
+                s(&self.img)
+            ))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("qemu-system-x86_64 must be installed (scripts/install-deps)");
+        self.child = Some(child);
+        self.qmp = Some(Qmp::connect(&test_sock, Duration::from_secs(30)).unwrap());
+    }
+
+    fn qmp(&mut self) -> &mut Qmp {
+        self.qmp.as_mut().unwrap()
+    }
+
+    /// Quits QEMU cleanly (persistent bitmaps are written to the qcow2).
+    fn quit(&mut self) {
+        let _ = self.qmp().execute("quit", serde_json::Value::Null);
+        self.qmp = None;
+        if let Some(mut c) = self.child.take() {
+            c.wait().unwrap();
+        }
+    }
+
+    /// Kills QEMU (persistent bitmaps are left marked in use: inconsistent).
+    fn kill(&mut self) {
+        self.qmp = None;
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// A guest write of `len` bytes of `byte` at `off`, through the disk's
+    /// BlockBackend (as the guest's own writes go); the model follows.
+    fn write(&mut self, off: u64, len: u64, byte: u8) {
+        let cmd = format!("qemu-io drive0 \"write -P {byte} {off} {len}\"");
+        let out = self.qmp().hmp(&cmd).unwrap();
+        assert!(out.trim().is_empty(), "HMP {cmd}: {out}");
+        self.model[off as usize..(off + len) as usize].fill(byte);
+    }
+
+    /// Writes one 64 KiB block at each of `blocks` (block numbers); returns the
+    /// bytes dirtied.
+    fn write_blocks(&mut self, blocks: &[u64], byte: u8) -> u64 {
+        for &b in blocks {
+            self.write(b * BLOCK, BLOCK, byte);
+        }
+        blocks.len() as u64 * BLOCK
+    }
+
+    fn exports(&mut self) -> Vec<String> {
+        self.qmp().block_exports().unwrap()
+    }
+
+    fn ours_left(&mut self) -> Vec<String> {
+        let mut v: Vec<String> = self.qmp().block_exports().unwrap();
+        v.extend(self.qmp().block_jobs().unwrap());
+        v.extend(self.qmp().node_names().unwrap());
+        v.retain(|n| n.starts_with("hf-"));
+        v
+    }
+
+    fn bitmaps(&mut self) -> Vec<qemu::qmp::Bitmap> {
+        self.qmp().bitmaps("disk0").unwrap()
+    }
+}
+
+fn start_cluster(dir: &Path) -> Cluster {
+    // No reruns and a short watchdog: a killed agent's job fails within seconds and
+    // the test's own backups are never queued behind a rerun.
+    Cluster::start(
+        dir,
+        "[scheduler]\ntick_seconds = 1\npoll_seconds = 2\nmax_attempts = 1\njob_timeout_seconds = 5\n",
+    )
+}
+
+fn protect(c: &mut Cluster, vm: &Vm, extra: &[&str]) -> PathBuf {
+    let mut args = vec!["--qmp-dir", s(&vm.sockets)];
+    args.extend_from_slice(extra);
+    let adir = c.agent_with("kvm01", &args);
+    c.wait_datasources(1);
+    let member = format!("kvm01/{}", vm.name);
+    c.cli_ok(&[
+        "pg", "create", "live", "--member", &member, "--retention-days", "7",
+        "--sync-frequency", "1440", "--recovery-point-times", "03:33", "--replica", "manual",
+    ]);
+    adir
+}
+
+/// Runs `backup-now --wait` and returns the finished job.
+fn backup_now(c: &Cluster, vm: &Vm) -> JobInfo {
+    let out = c.cli_ok(&["backup-now", &format!("kvm01/{}", vm.name), "--wait", "--json"]);
+    let j: JobInfo = serde_json::from_str(&out).unwrap();
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    c.job(j.id)
+}
+
+fn point(c: &Cluster, id: &str) -> RecoveryPointInfo {
+    let all: Vec<RecoveryPointInfo> = c.admin().get("/recovery-points").unwrap();
+    all.into_iter().find(|p| p.id == id).unwrap()
+}
+
+/// Restores recovery point `id` and compares it with `want`.
+fn assert_restores(c: &Cluster, vm: &Vm, id: &str, want: &[u8]) {
+    let out = c.dir.join("restored.raw");
+    restore_raw(&c.datastore(), &format!("kvm01/{}", vm.name), id, &out);
+    let got = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    assert_eq!(got.len(), want.len(), "size of {id}");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("recovery point {id} differs from the view at byte {i}");
+    }
+}
+
+fn log_has(j: &JobInfo, needle: &str) -> bool {
+    j.log.iter().any(|l| l.message.contains(needle))
+}
+
+#[test]
+fn incrementals_read_only_dirty_blocks_and_every_point_restores_its_view() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = start_cluster(d.path());
+    let mut vm = Vm::create(d.path(), &d.path().join("sockets"), "vm1", 64 * MIB, 24 * MIB, 1);
+    protect(&mut c, &vm, &[]);
+
+    // First backup: all allocated data (24 MiB of 64) is read, nothing else.
+    let j0 = backup_now(&c, &vm);
+    assert_eq!(j0.kind, JobKind::InitialReplica);
+    let rp0 = j0.recovery_point.clone().unwrap();
+    assert_eq!(j0.bytes_read, 24 * MIB, "the first backup reads the allocated data");
+    assert!(log_has(&j0, "VM paused for"), "{:?}", j0.log);
+    assert_eq!(point(&c, &rp0).consistency, Consistency::CrashConsistent);
+    assert_restores(&c, &vm, &rp0, &vm.model.clone());
+    assert!(vm.ours_left().is_empty(), "left in QEMU: {:?}", vm.ours_left());
+    let bms = vm.bitmaps();
+    assert_eq!(bms.len(), 1, "one bitmap tracks writes since the view: {bms:?}");
+    assert!(bms[0].persistent && bms[0].recording);
+
+    // Writes between backups: scattered blocks, some in unallocated space.
+    let dirty = vm.write_blocks(&[3, 100, 101, 500, 900, 1023], 0x5a);
+    let j1 = backup_now(&c, &vm);
+    assert_eq!(j1.kind, JobKind::Sync);
+    let rp1 = j1.recovery_point.clone().unwrap();
+    assert_eq!(j1.bytes_read, dirty, "an incremental reads exactly the dirty blocks");
+    let p1 = point(&c, &rp1);
+    assert_eq!(p1.stats.changed_bytes, Some(dirty));
+    assert_restores(&c, &vm, &rp1, &vm.model.clone());
+
+    // Writes while a backup runs: after the view exists they must not reach it.
+    let dirty = vm.write_blocks(&[7, 600], 0x77);
+    let want = vm.model.clone();
+    let job: JobInfo = c
+        .admin()
+        .post(
+            &format!("/datasources/kvm01/{}/backup", vm.name),
+            &BackupNowRequest { express_full: false },
+        )
+        .unwrap();
+    wait_until("the view's export", Duration::from_secs(60), || {
+        !vm.exports().is_empty() || c.job(job.id).state.finished()
+    });
+    let during = vm.write_blocks(&[1000, 1001, 8], 0xee);
+    let j2 = c.wait_job(job.id);
+    assert_eq!(j2.state, JobState::Succeeded, "{j2:?}");
+    assert_eq!(j2.bytes_read, dirty);
+    assert_restores(&c, &vm, j2.recovery_point.as_deref().unwrap(), &want);
+
+    // The writes made during that backup are in the next one.
+    let j3 = backup_now(&c, &vm);
+    assert_eq!(j3.bytes_read, during);
+    assert_restores(&c, &vm, j3.recovery_point.as_deref().unwrap(), &vm.model.clone());
+    assert!(vm.ours_left().is_empty(), "left in QEMU: {:?}", vm.ours_left());
+    assert_eq!(vm.bitmaps().len(), 1);
+}
+
+#[test]
+fn the_bitmap_survives_a_restart_and_its_loss_triggers_a_consistency_check() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = start_cluster(d.path());
+    let mut vm = Vm::create(d.path(), &d.path().join("sockets"), "vm2", 32 * MIB, 8 * MIB, 2);
+    protect(&mut c, &vm, &[]);
+    backup_now(&c, &vm);
+
+    // A clean restart keeps the persistent bitmap (stored in the qcow2).
+    vm.write_blocks(&[10, 20], 0x11);
+    vm.quit();
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", s(&vm.img)])
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout).to_string();
+    assert!(info.contains("\"hf-"), "the bitmap is in the image: {info}");
+    vm.start();
+    let dirty = 2 * BLOCK + vm.write_blocks(&[30], 0x12);
+    let j = backup_now(&c, &vm);
+    assert_eq!(j.bytes_read, dirty, "writes before and after the restart are tracked");
+    assert_restores(&c, &vm, j.recovery_point.as_deref().unwrap(), &vm.model.clone());
+
+    // QEMU killed: the bitmap comes back marked inconsistent. The next backup reads
+    // everything, says so, and raises an informational alert.
+    vm.write_blocks(&[40], 0x13);
+    vm.kill();
+    vm.start();
+    vm.write_blocks(&[50], 0x14);
+    let j = backup_now(&c, &vm);
+    assert_eq!(j.bytes_read, 8 * MIB, "a consistency check reads all allocated data");
+    assert!(log_has(&j, "change tracking not used"), "{:?}", j.log);
+    assert_restores(&c, &vm, j.recovery_point.as_deref().unwrap(), &vm.model.clone());
+    let alert = |c: &Cluster| {
+        c.alerts()
+            .into_iter()
+            .find(|a| a.kind == "change-tracking-reset" && a.resolved.is_none())
+    };
+    let a = alert(&c).expect("an informational alert");
+    assert_eq!(a.severity, Severity::Info);
+
+    // Tracking works again from that view on; the alert resolves itself.
+    let dirty = vm.write_blocks(&[60], 0x15);
+    let j = backup_now(&c, &vm);
+    assert_eq!(j.bytes_read, dirty);
+    assert_restores(&c, &vm, j.recovery_point.as_deref().unwrap(), &vm.model.clone());
+    assert!(alert(&c).is_none(), "the alert is resolved");
+}
+
+/// Starts the QGA test double on `sockets/NAME.qga`, logging commands to `log`.
+fn qga_double(sockets: &Path, name: &str, log: &Path, extra: &[&str]) -> Child {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu/tests/fixtures/qga_double.py");
+    let sock = sockets.join(format!("{name}.qga"));
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new("python3")
+        .arg(&fixture)
+        .arg(&sock)
+        .arg("--log")
+        .arg(log)
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("python3 must be installed");
+    wait_until("the guest agent double", Duration::from_secs(10), || sock.exists());
+    child
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn logged(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("guest-fsfreeze-freeze") || l.starts_with("guest-fsfreeze-thaw"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_guest_agent_freezes_then_thaws_and_a_freeze_timeout_still_thaws() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = start_cluster(d.path());
+    let sockets = d.path().join("sockets");
+    let mut vm = Vm::create(d.path(), &sockets, "vm3", 16 * MIB, 4 * MIB, 3);
+    let log = d.path().join("qga.log");
+    let qga = Kill(qga_double(&sockets, "vm3", &log, &[]));
+    protect(&mut c, &vm, &["--freeze-timeout-seconds", "1"]);
+
+    let j = backup_now(&c, &vm);
+    let rp = j.recovery_point.clone().unwrap();
+    assert_eq!(point(&c, &rp).consistency, Consistency::FileConsistent);
+    assert_eq!(logged(&log), ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    assert!(log_has(&j, "file systems frozen by the guest agent"), "{:?}", j.log);
+    assert!(!log_has(&j, "VM paused"), "{:?}", j.log);
+    assert_restores(&c, &vm, &rp, &vm.model.clone());
+
+    // A guest agent that takes 3 s to freeze, against a 1 s timeout: thawed anyway,
+    // the VM paused instead, the point crash-consistent.
+    drop(qga);
+    std::fs::remove_file(&log).unwrap();
+    let _qga = Kill(qga_double(&sockets, "vm3", &log, &["--freeze-delay", "3"]));
+    vm.write_blocks(&[5], 0x33);
+    let j = backup_now(&c, &vm);
+    let rp = j.recovery_point.clone().unwrap();
+    assert_eq!(point(&c, &rp).consistency, Consistency::CrashConsistent);
+    assert!(log_has(&j, "paused instead"), "{:?}", j.log);
+    assert!(log_has(&j, "VM paused for"), "{:?}", j.log);
+    wait_until("the thaw", Duration::from_secs(20), || {
+        logged(&log).last().map(String::as_str) == Some("guest-fsfreeze-thaw")
+    });
+    assert_eq!(logged(&log)[0], "guest-fsfreeze-freeze");
+    assert_restores(&c, &vm, &rp, &vm.model.clone());
+    assert_eq!(
+        vm.qmp().status().unwrap().running,
+        true,
+        "the VM runs again after the backup"
+    );
+}
+
+#[test]
+fn a_killed_agent_leaves_qemu_clean_after_restart_and_no_write_is_lost() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = start_cluster(d.path());
+    // Big enough (random data) that the backup is still running when killed.
+    let mut vm = Vm::create(d.path(), &d.path().join("sockets"), "vm4", 512 * MIB, 512 * MIB, 4);
+    protect(&mut c, &vm, &["--threads", "1"]);
+    let j0 = backup_now(&c, &vm);
+
+    // Writes, then a backup killed with its view open (an express full, which reads
+    // everything, so it is still running).
+    let dirty = vm.write_blocks(&(0..2000).step_by(7).collect::<Vec<u64>>(), 0x44);
+    let job: JobInfo = c
+        .admin()
+        .post(
+            &format!("/datasources/kvm01/{}/backup", vm.name),
+            &BackupNowRequest { express_full: true },
+        )
+        .unwrap();
+    wait_until("the view's export", Duration::from_secs(60), || !vm.exports().is_empty());
+    let agent = c.agents.last_mut().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert!(!vm.ours_left().is_empty(), "the killed agent left its view");
+    // More writes while no agent runs.
+    let later = vm.write_blocks(&[3000, 3001], 0x45);
+
+    // The restarted agent cleans up (exports, jobs, fleecing nodes; the new bitmap
+    // merged back into the old one) before anything else.
+    let adir = d.path().join("agent-kvm01");
+    let child = Command::new(BIN)
+        .args(["agent", "--server", &c.url, "--data-dir", s(&adir), "--qmp-dir"])
+        .arg(&vm.sockets)
+        .args(["--inventory-seconds", "1", "--threads", "1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.agents.push(child);
+    wait_until("the cleanup", Duration::from_secs(60), || vm.ours_left().is_empty());
+    let bms = vm.bitmaps();
+    assert_eq!(bms.len(), 1, "{bms:?}");
+    assert!(bms[0].recording, "the previous bitmap records again: {bms:?}");
+    // The killed job fails (the watchdog) and is not rerun (max_attempts 1); the next
+    // backup holds every write since the first one.
+    let failed = c.wait_job(job.id);
+    assert_ne!(failed.state, JobState::Succeeded);
+    let j = backup_now(&c, &vm);
+    assert_eq!(j.bytes_read, dirty + later, "nothing lost, nothing extra");
+    assert_ne!(j.recovery_point, j0.recovery_point);
+    assert_restores(&c, &vm, j.recovery_point.as_deref().unwrap(), &vm.model.clone());
+}
