@@ -78,6 +78,8 @@ impl LineConn {
     /// buffered is stale by definition).
     pub(crate) fn discard_buffered(&mut self) {
         self.buf.clear();
+        // Give back the memory of an exceptionally large reply.
+        self.buf.shrink_to(CHUNK.saturating_mul(2));
         self.start = 0;
         self.scanned = 0;
     }
@@ -163,7 +165,7 @@ impl LineConn {
     fn fill(&mut self, deadline: Instant, waiting_for: &str) -> Result<()> {
         if self.start > 0 {
             // Compact: consumed lines are dropped only when more bytes are needed.
-            self.buf.drain(..self.start);
+            self.buf.drain(..self.start.min(self.buf.len()));
             self.scanned = self.scanned.saturating_sub(self.start);
             self.start = 0;
         }

@@ -20,9 +20,10 @@
 //! the next call. Only an I/O error (socket closed, write refused) makes the [`Qga`]
 //! unusable ([`Error::Broken`]): reconnect then.
 //!
-//! Regular commands are sent without an "id" member: agents older than QEMU 3.0 (still
-//! shipped by long-lived guests) reject unknown members, and the synchronisation above
-//! already guarantees that the next reply is the answer.
+//! Regular commands are sent without an "id" member: qemu-ga 10 echoes one, but agents
+//! in long-lived guests can be many releases older and QEMU's dispatcher has rejected
+//! unknown request members in the past; the synchronisation above already guarantees
+//! that the next reply is the answer.
 //!
 //! A caution for callers: a `guest-fsfreeze-freeze` that timed out may still complete
 //! inside the guest. After such a timeout, thaw (which resynchronises first) before
