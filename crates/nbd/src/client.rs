@@ -1035,21 +1035,26 @@ impl Client {
             if !pos.is_multiple_of(min) {
                 let block = pos - pos % min;
                 let take = (block + min).min(end) - pos;
-                read_bounced(c, block, min, self.size, pos, &mut buf[..take as usize])?;
+                read_bounced(c, block, min, self.size, pos, sub(buf, 0, take)?)?;
                 pos += take;
             }
             // Middle: whole blocks straight into the caller's buffer.
             let mid_end = end - end % min;
             if pos < mid_end {
-                let at = (pos - offset) as usize;
-                let n = (mid_end - pos) as usize;
-                c.read_pipelined(pos, &mut buf[at..at + n], max_req, depth)?;
+                let part = sub(buf, pos - offset, mid_end - pos)?;
+                c.read_pipelined(pos, part, max_req, depth)?;
                 pos = mid_end;
             }
             // Tail: the partial block holding `end - 1`.
             if pos < end {
-                let at = (pos - offset) as usize;
-                read_bounced(c, pos, min, self.size, pos, &mut buf[at..])?;
+                read_bounced(
+                    c,
+                    pos,
+                    min,
+                    self.size,
+                    pos,
+                    sub(buf, pos - offset, end - pos)?,
+                )?;
             }
             Ok(())
         })
@@ -1081,7 +1086,7 @@ impl Client {
         let a_start = offset - offset % m;
         let a_end = end.div_ceil(m).saturating_mul(m).min(self.size);
         let max_req = MAX_BLOCK_STATUS_REQUEST - MAX_BLOCK_STATUS_REQUEST % min;
-        let depth = self.depth.min(8);
+        let depth = self.depth;
         let mut extents = self.with_conn(|c| {
             c.block_status_pipelined(
                 want_id,
@@ -1117,6 +1122,17 @@ impl Client {
         }
         conn.send_disc()
     }
+}
+
+/// `buf[at..at + n]`, checked.
+fn sub(buf: &mut [u8], at: u64, n: u64) -> Result<&mut [u8]> {
+    let at = usize::try_from(at).ok();
+    let end = at
+        .zip(usize::try_from(n).ok())
+        .and_then(|(a, n)| a.checked_add(n));
+    at.zip(end)
+        .and_then(|(a, e)| buf.get_mut(a..e))
+        .ok_or_else(|| Error::InvalidArgument("read range outside the buffer".into()))
 }
 
 /// Reads the block at `block` (one minimum block, cut at the export's end) into a
@@ -1210,3 +1226,7 @@ pub fn list_exports_on<S: Read + Write + Send + 'static>(stream: S) -> Result<Ve
     let mut conn = Conn::new(Box::new(stream), None);
     list_on(&mut conn)
 }
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;
