@@ -166,8 +166,8 @@ impl Conn {
         }
     }
 
-    /// Reads the greeting and sends our flags; returns whether the server will omit
-    /// the zero padding (irrelevant with NBD_OPT_GO, but negotiated as clients do).
+    /// Reads the greeting and sends our flags. NO_ZEROES only matters for
+    /// NBD_OPT_EXPORT_NAME, which is never sent, but is echoed as the spec expects.
     fn greet(&mut self) -> Result<()> {
         let mut g = [0u8; proto::GREETING_LEN];
         self.read_exact(&mut g, "reading server greeting")?;
