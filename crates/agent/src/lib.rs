@@ -30,8 +30,8 @@ pub mod runtime;
 pub mod seed;
 
 pub use files::FilesProvider;
-pub use qemu::{QemuOptions, QemuProvider};
 pub use provider::{Provider, Snapshot};
+pub use qemu::{QemuOptions, QemuProvider};
 pub use remote::{RemoteTarget, Transport};
 pub use runtime::{AgentOptions, default_threads, enroll, run};
 

@@ -159,7 +159,6 @@ impl QemuProvider {
 }
 
 impl Inner {
-
     fn qmp_path(&self, vm: &str) -> PathBuf {
         self.opts.sockets.join(format!("{vm}.qmp"))
     }
@@ -207,6 +206,13 @@ impl Inner {
     fn with_qmp<T>(&self, vm: &str, f: impl FnOnce(&mut Qmp) -> Result<T>) -> Result<T> {
         let slot = self.slot(vm);
         let mut guard = lock(&slot.qmp);
+        // A kept connection may be stale (QEMU restarted): check it with a cheap
+        // command before relying on it.
+        if let Some(q) = guard.as_mut()
+            && q.status().is_err()
+        {
+            *guard = None;
+        }
         if guard.is_none() {
             let q = Qmp::connect(&self.qmp_path(vm), QMP_TIMEOUT)
                 .map_err(|e| hv(vm, "connecting to QMP", e))?;
@@ -244,9 +250,7 @@ impl Inner {
 
     /// The disks to protect: block devices with a medium that is not read-only.
     fn disks(vm: &str, qmp: &mut Qmp) -> Result<Vec<BlockDevice>> {
-        let all = qmp
-            .block_devices()
-            .map_err(|e| hv(vm, "query-block", e))?;
+        let all = qmp.block_devices().map_err(|e| hv(vm, "query-block", e))?;
         Ok(all.into_iter().filter(|d| !d.read_only).collect())
     }
 
@@ -346,7 +350,7 @@ impl Inner {
                     "file systems frozen by the guest agent ({n}) for {} ms",
                     since.elapsed().as_millis()
                 )));
-                r.map_err(|e| hv(vm, "guest-fsfreeze-thaw", e))
+                r.map(|_| ()).map_err(|e| hv(vm, "guest-fsfreeze-thaw", e))
             }
             Quiesced::Paused(since) => {
                 let r = qmp.cont().map_err(|e| hv(vm, "cont", e));
@@ -381,7 +385,10 @@ impl Inner {
             .get(i)
             .ok_or("no change-tracking record for this disk")?;
         if t.node != dev.node_name {
-            return Err(format!("the disk is now node {} (was {})", dev.node_name, t.node));
+            return Err(format!(
+                "the disk is now node {} (was {})",
+                dev.node_name, t.node
+            ));
         }
         let bd = base
             .disks
@@ -393,10 +400,12 @@ impl Inner {
                 dev.virtual_size, bd.virtual_size
             ));
         }
-        let b = bitmaps
-            .iter()
-            .find(|b| b.name == t.bitmap)
-            .ok_or_else(|| format!("dirty bitmap {} is missing (QEMU restarted without it?)", t.bitmap))?;
+        let b = bitmaps.iter().find(|b| b.name == t.bitmap).ok_or_else(|| {
+            format!(
+                "dirty bitmap {} is missing (QEMU restarted without it?)",
+                t.bitmap
+            )
+        })?;
         if b.inconsistent {
             return Err(format!(
                 "dirty bitmap {} is marked inconsistent (QEMU did not shut down cleanly)",
@@ -447,13 +456,19 @@ fn thaw(path: &Path, qga: Option<Qga>) -> std::result::Result<u64, qemu::Error> 
 
 fn remove_leftovers(vm: &str, qmp: &mut Qmp) -> Result<()> {
     let t = Duration::from_secs(30);
-    for id in qmp.block_exports().map_err(|e| hv(vm, "query-block-exports", e))? {
+    for id in qmp
+        .block_exports()
+        .map_err(|e| hv(vm, "query-block-exports", e))?
+    {
         if id.starts_with(PREFIX) {
             qmp.delete_export_and_wait(&id, t)
                 .map_err(|e| hv(vm, &format!("removing export {id}"), e))?;
         }
     }
-    for id in qmp.block_jobs().map_err(|e| hv(vm, "query-block-jobs", e))? {
+    for id in qmp
+        .block_jobs()
+        .map_err(|e| hv(vm, "query-block-jobs", e))?
+    {
         if id.starts_with(PREFIX) {
             qmp.cancel_job_and_wait(&id, t)
                 .map_err(|e| hv(vm, &format!("cancelling job {id}"), e))?;
@@ -826,8 +841,11 @@ impl NbdDisk {
             contexts.push(c);
         }
         let addr = nbd::Addr::Unix(sock.to_path_buf());
-        let client = nbd::Client::connect(&addr, &d.export, &contexts)
+        let mut client = nbd::Client::connect(&addr, &d.export, &contexts)
             .map_err(|e| hv(vm, &format!("NBD export of disk {i}"), e))?;
+        // The pipeline reads up to 4 MiB at a time: in 512 KiB requests, eight are in
+        // flight at once.
+        client.set_max_request(512 << 10);
         let size = client.size();
         if size != d.device.virtual_size {
             return Err(hv(

@@ -360,10 +360,7 @@ fn job_inner(
         cancel,
     );
     let (disks, stats) = match result {
-        Ok(r) => {
-            snap.release(true)?;
-            r
-        }
+        Ok(r) => r,
         Err(e) => {
             if let Err(re) = snap.release(false) {
                 log(format_args!("{label}: releasing the snapshot: {re}"));
@@ -379,8 +376,41 @@ fn job_inner(
         notes,
     };
     let path = format!("{prefix}/commit");
-    let resp: CommitResponse = retry(RETRY_BUDGET, never, || shared.client.post(&path, &commit))?;
-    Ok(resp.recovery_point)
+    // The view is released only once the server has the recovery point: a commit that
+    // is refused (a late cancel) or lost counts as a failed backup, so a tracking
+    // provider keeps every change for the next one.
+    match retry(RETRY_BUDGET, never, || {
+        shared.client.post::<_, CommitResponse>(&path, &commit)
+    }) {
+        Ok(resp) => {
+            snap.release(true)?;
+            Ok(resp.recovery_point)
+        }
+        Err(e) => {
+            if let Err(re) = snap.release(false) {
+                log(format_args!("{label}: releasing the snapshot: {re}"));
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// The union of two lists of sorted, disjoint `(offset, length)` ranges: sorted,
+/// disjoint, touching ranges joined.
+fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (o, l) in all {
+        let end = o.saturating_add(l);
+        match out.last_mut() {
+            Some(last) if o <= last.0.saturating_add(last.1) => {
+                last.1 = end.max(last.0.saturating_add(last.1)) - last.0;
+            }
+            _ => out.push((o, l)),
+        }
+    }
+    out
 }
 
 /// A disk that counts the bytes read through it (for progress reports).
@@ -436,7 +466,17 @@ fn backup(
             disk: c,
             name: d.name.clone(),
             format: d.format.clone(),
-            changed: d.changed.clone(),
+            // Ranges the base left out are read again: an exclusion lifted since then
+            // must not leave the base's zeros in place.
+            changed: d.changed.as_ref().map(|ch| {
+                let base_excl = start
+                    .base
+                    .as_ref()
+                    .and_then(|b| b.disks.get(i))
+                    .map(|r| r.excluded.as_slice())
+                    .unwrap_or_default();
+                union(ch, base_excl)
+            }),
             // The data source's exclusions (set on the server) win over the provider's.
             excluded: start
                 .excluded
@@ -554,6 +594,22 @@ fn report_progress(
 }
 
 #[cfg(test)]
+mod union_tests {
+    use super::union;
+
+    #[test]
+    fn union_sorts_joins_and_keeps_disjoint_ranges() {
+        assert_eq!(union(&[], &[]), vec![]);
+        assert_eq!(union(&[(0, 10)], &[]), vec![(0, 10)]);
+        assert_eq!(
+            union(&[(0, 10), (50, 5)], &[(10, 5), (30, 1), (52, 10)]),
+            vec![(0, 15), (30, 1), (50, 12)]
+        );
+        assert_eq!(union(&[(100, 10)], &[(0, 200)]), vec![(0, 200)]);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use protocol::Source;
@@ -569,6 +625,7 @@ mod tests {
                 name: "h1/vm".into(),
                 id: "vm".into(),
             },
+            excluded: Vec::new(),
         }
     }
 

@@ -8,7 +8,6 @@ use crate::provider::Provider;
 use crate::{Error, Result};
 use datastore::{BlockParams, BlockTarget, Id, backup_disks};
 use protocol::{JobKind, ReplicaSeed, SEED_FORMAT, SEED_VERSION, SessionStart};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 

@@ -88,8 +88,14 @@ fn a_new_exclusion_zeroes_base_data_in_an_untouched_piece() {
     rng.fill(&mut model[r.clone()]);
     f.write_all_at(&model[r], ch.0).unwrap();
     let excl = [((300 << 20) + (64 << 10), 128 << 10)];
-    let m1 = backup_excl(&ds, &img, BaseChoice::Point(m0.id.clone()), Some(vec![ch]), &excl)
-        .unwrap();
+    let m1 = backup_excl(
+        &ds,
+        &img,
+        BaseChoice::Point(m0.id.clone()),
+        Some(vec![ch]),
+        &excl,
+    )
+    .unwrap();
     assert_eq!(m1.disks[0].excluded, excl.to_vec());
     assert_same(&restore(&ds, &m1, 0), &zeroed(&model, &excl), "incremental");
     // Only the changed block was read: the rest came from the base.

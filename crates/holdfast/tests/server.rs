@@ -9,10 +9,10 @@ use client::{Auth, Client};
 use common::cluster::*;
 use common::*;
 use protocol::*;
-use std::io::{BufRead, BufReader};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// A VM folder `root/name` with one disk in `fmt`, made from a sparse raw disk with
 /// random runs; returns the disk's path.

@@ -18,7 +18,7 @@ pub struct Cluster {
 }
 
 impl Drop for Cluster {
-    pub fn drop(&mut self) {
+    fn drop(&mut self) {
         for c in self.server.iter_mut().chain(self.agents.iter_mut()) {
             let _ = c.kill();
             let _ = c.wait();
@@ -225,4 +225,3 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
-
