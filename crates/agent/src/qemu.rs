@@ -337,8 +337,11 @@ impl Inner {
         if !status.running {
             return Ok(Quiesced::AlreadyPaused);
         }
+        // Timed from the request: `stop` itself drains and flushes the disks, and the
+        // guest is paused for all of it.
+        let since = Instant::now();
         qmp.stop().map_err(|e| hv(vm, "stop", e))?;
-        Ok(Quiesced::Paused(Instant::now()))
+        Ok(Quiesced::Paused(since))
     }
 
     /// Ends the quiesce: thaws or resumes. Notes how long the guest was held.

@@ -346,7 +346,9 @@ fn job_inner(
     })?;
     let params = block_params(&start)?;
     let provider = shared.provider_for(&job.vm)?;
+    let t0 = Instant::now();
     let snap = provider.snapshot(&job.vm, job.kind, start.base.as_ref())?;
+    let t_view = t0.elapsed();
     let consistency = snap.consistency();
     let notes = snap.notes();
     let result = backup(
@@ -359,6 +361,7 @@ fn job_inner(
         snap.as_ref(),
         cancel,
     );
+    let t_read = t0.elapsed();
     let (disks, stats) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -383,7 +386,15 @@ fn job_inner(
         shared.client.post::<_, CommitResponse>(&path, &commit)
     }) {
         Ok(resp) => {
+            let t_commit = t0.elapsed();
             snap.release(true)?;
+            log(format_args!(
+                "{label}: view in {} ms, backup in {} ms, commit in {} ms, release in {} ms",
+                t_view.as_millis(),
+                (t_read - t_view).as_millis(),
+                (t_commit - t_read).as_millis(),
+                (t0.elapsed() - t_commit).as_millis()
+            ));
             Ok(resp.recovery_point)
         }
         Err(e) => {

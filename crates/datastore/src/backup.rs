@@ -759,21 +759,123 @@ impl Pipe<'_> {
     ) -> Result<()> {
         let bs = self.p.block_size as u64;
         let pb = self.p.piece_blocks as u64;
-        let mut cursor = changed.map(RangeCursor::new);
-        for p in 0..nblocks.div_ceil(pb) {
+        let npieces = nblocks.div_ceil(pb);
+        let span = |p: u64| {
             let first = p * pb;
             let end = (first + pb).min(nblocks);
+            (first, end, first * bs, (end * bs).min(size))
+        };
+        // Base pieces whose blocks are looked at one by one (touched by a change or an
+        // exclusion, and present): their ids and which blocks can be reused are fetched
+        // ahead, a few at once, since each costs round trips on a remote target.
+        let mut wanted: Vec<u64> = Vec::new();
+        if let (Some(_), Some(ch)) = (base, changed) {
+            let mut cur = RangeCursor::new(ch);
+            for p in 0..npieces {
+                let (_, _, a, z) = span(p);
+                let touched = cur.intersects(a, z) || overlaps(excluded, a, z);
+                if touched && base_present.get(p as usize).copied().unwrap_or(false) {
+                    wanted.push(p);
+                }
+            }
+        }
+        // (ids, usable): usable = the block is zero or the target has its blob. `None`
+        // = a damaged or missing base piece: its blocks are read instead (heals).
+        let fetch = |bd: &DiskRecord, p: u64| -> Fetched {
+            let (first, end, _, _) = span(p);
+            let Some(ids) = self
+                .target
+                .read_piece(piece_id(bd, p)?)
+                .ok()
+                .filter(|ids| ids.len() as u64 == end - first)
+            else {
+                return Ok(None);
+            };
+            // One question per piece for the blocks to reuse.
+            let miss = self.target.missing(&ids)?;
+            let usable = ids
+                .iter()
+                .zip(miss.iter().chain(std::iter::repeat(&true)))
+                .map(|(id, &m)| id.is_zero() || !m)
+                .collect();
+            Ok(Some((ids, usable)))
+        };
+        const FETCHERS: usize = 4;
+        std::thread::scope(|scope| -> Result<()> {
+            // Fetcher w handles wanted[w], wanted[w + FETCHERS], ... in order, one
+            // result ahead; the loop below takes them round-robin, so they arrive in
+            // order and at most 2 x FETCHERS pieces are held. When the loop ends
+            // early its receivers drop and the fetchers stop.
+            let mut results = Vec::new();
+            if let Some(bd) = base {
+                for w in 0..FETCHERS.min(wanted.len()) {
+                    let (tx, rx) = sync_channel::<(u64, Fetched)>(1);
+                    results.push(rx);
+                    let mine: Vec<u64> = wanted.iter().copied().skip(w).step_by(FETCHERS).collect();
+                    let fetch = &fetch;
+                    scope.spawn(move || {
+                        for p in mine {
+                            if tx.send((p, fetch(bd, p))).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+            let mut next = 0usize;
+            self.read_pieces(
+                disk,
+                size,
+                nblocks,
+                seg_blocks,
+                npieces,
+                &span,
+                base,
+                base_present,
+                changed,
+                excluded,
+                &mut || {
+                    let rx = results
+                        .get(next % FETCHERS)
+                        .ok_or_else(|| Error::Invalid("base piece fetch out of step".into()))?;
+                    next += 1;
+                    rx.recv()
+                        .map_err(|_| Error::Invalid("base piece fetcher stopped".into()))
+                },
+                pool,
+                send,
+            )
+        })
+    }
+
+    /// The reader's walk over the pieces of one disk (see [`Pipe::read_segments`]).
+    #[allow(clippy::too_many_arguments)]
+    fn read_pieces(
+        &self,
+        disk: &dyn VirtualDisk,
+        size: u64,
+        nblocks: u64,
+        seg_blocks: u64,
+        npieces: u64,
+        span: &dyn Fn(u64) -> (u64, u64, u64, u64),
+        base: Option<&DiskRecord>,
+        base_present: &[bool],
+        changed: Option<&[(u64, u64)]>,
+        excluded: &[(u64, u64)],
+        next_fetched: &mut dyn FnMut() -> Result<(u64, Fetched)>,
+        pool: &Receiver<Vec<u8>>,
+        send: &mut dyn FnMut(Work) -> bool,
+    ) -> Result<()> {
+        let bs = self.p.block_size as u64;
+        let mut cursor = changed.map(RangeCursor::new);
+        for p in 0..npieces {
+            let (first, end, a, z) = span(p);
             let mut base_ids: Option<Vec<Id>> = None;
             // Per base block: whether it can be reused (zero, or the target has it).
             let mut usable: Vec<bool> = Vec::new();
             if let (Some(bd), Some(cur)) = (base, cursor.as_mut()) {
-                let pid = bd
-                    .pieces
-                    .get(p as usize)
-                    .and_then(|h| Id::from_hex(h))
-                    .ok_or_else(|| Error::Invalid(format!("base index piece {p} is malformed")))?;
+                let pid = piece_id(bd, p)?;
                 let present = base_present.get(p as usize).copied().unwrap_or(false);
-                let (a, z) = (first * bs, (end * bs).min(size));
                 // A piece with excluded bytes is rebuilt block by block: its excluded
                 // blocks become zeros even where the base held data.
                 let touched = cur.intersects(a, z) || overlaps(excluded, a, z);
@@ -786,23 +888,17 @@ impl Pipe<'_> {
                     }
                     continue;
                 }
-                // A damaged or missing base piece: read its blocks instead (heals).
-                base_ids = if present {
-                    self.target
-                        .read_piece(pid)
-                        .ok()
-                        .filter(|ids| ids.len() as u64 == end - first)
-                } else {
-                    None
-                };
-                if let Some(ids) = &base_ids {
-                    // One question per piece for the blocks to reuse.
-                    let miss = self.target.missing(ids)?;
-                    usable = ids
-                        .iter()
-                        .zip(miss.iter().chain(std::iter::repeat(&true)))
-                        .map(|(id, &m)| id.is_zero() || !m)
-                        .collect();
+                if present {
+                    let (got, fetched) = next_fetched()?;
+                    if got != p {
+                        return Err(Error::Invalid(format!(
+                            "base piece {got} fetched where {p} was expected"
+                        )));
+                    }
+                    if let Some((ids, u)) = fetched? {
+                        base_ids = Some(ids);
+                        usable = u;
+                    }
                 }
             }
             let mut s = first;
@@ -835,7 +931,16 @@ impl Pipe<'_> {
                 let mut buf = Vec::new();
                 let mut read = 0u64;
                 if plans.iter().any(|p| matches!(p, Plan::Read)) {
-                    for ext in disk.map(off, len)? {
+                    // With changed ranges only the few changed blocks are read: asking
+                    // for their allocation would cost a round trip per segment on a
+                    // remote disk (NBD) for little gain; zeros are still found by
+                    // content.
+                    let extents = if changed.is_some() {
+                        Vec::new()
+                    } else {
+                        disk.map(off, len)?
+                    };
+                    for ext in extents {
                         if !ext.state.reads_as_zero() {
                             continue;
                         }
@@ -1053,6 +1158,19 @@ fn check_ranges(disk: usize, what: &str, ranges: &[(u64, u64)], size: u64) -> Re
         prev_end = end;
     }
     Ok(())
+}
+
+/// A base index piece as fetched ahead of the reader: its block ids and which of its
+/// blocks can be reused (zero, or the target has the blob); `None` when the piece is
+/// damaged or missing (its blocks are read instead, which heals).
+type Fetched = Result<Option<(Vec<Id>, Vec<bool>)>>;
+
+/// The id of base index piece `p`.
+fn piece_id(bd: &DiskRecord, p: u64) -> Result<Id> {
+    bd.pieces
+        .get(p as usize)
+        .and_then(|h| Id::from_hex(h))
+        .ok_or_else(|| Error::Invalid(format!("base index piece {p} is malformed")))
 }
 
 /// `ranges` (sorted, disjoint) with adjacent ones joined, so that "inside one range"
