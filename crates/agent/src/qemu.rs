@@ -377,7 +377,9 @@ impl Inner {
         base: Option<&Manifest>,
     ) -> std::result::Result<String, String> {
         let base = base.ok_or("there is no earlier recovery point")?;
-        if base.base != st.view_base || base.created_unix < st.view_unix {
+        // The record advances only after the server accepted the recovery point made
+        // from the view, so that point's base is the base the view was taken on.
+        if base.base != st.view_base {
             return Err(format!(
                 "the latest recovery point ({}) is not the one made from the view the bitmap started at",
                 base.id
@@ -415,10 +417,12 @@ impl Inner {
                 b.name
             ));
         }
-        if !b.recording || !b.persistent || b.busy {
+        // A bitmap that is not persistent (a raw disk cannot store one) is as good
+        // while QEMU runs; a restart loses it, and then it is missing.
+        if !b.recording || b.busy {
             return Err(format!(
-                "dirty bitmap {} is not recording persistently (recording {}, persistent {}, busy {})",
-                b.name, b.recording, b.persistent, b.busy
+                "dirty bitmap {} is not recording (recording {}, busy {})",
+                b.name, b.recording, b.busy
             ));
         }
         Ok(t.bitmap.clone())
@@ -780,8 +784,21 @@ impl Inner {
         }
         let mut actions = Vec::new();
         for (i, (dev, old)) in devices.iter().zip(&olds).enumerate() {
+            // Bitmaps of ours that no record names (an agent whose records were lost)
+            // would record forever: removed.
+            for b in qmp
+                .bitmaps(&dev.node_name)
+                .map_err(|e| hv(vm, "query-named-block-nodes", e))?
+            {
+                if b.name.starts_with(PREFIX) && Some(&b.name) != old.as_ref() {
+                    actions.push(json!({"type": "block-dirty-bitmap-remove",
+                        "data": {"node": dev.node_name, "name": b.name}}));
+                }
+            }
+            // Only qcow2 can store a bitmap; elsewhere it lives as long as QEMU does.
             actions.push(json!({"type": "block-dirty-bitmap-add",
-                "data": {"node": dev.node_name, "name": new_name, "persistent": true}}));
+                "data": {"node": dev.node_name, "name": new_name,
+                         "persistent": dev.format == "qcow2"}}));
             if let Some(old) = old {
                 actions.push(json!({"type": "block-dirty-bitmap-disable",
                     "data": {"node": dev.node_name, "name": old}}));

@@ -22,6 +22,7 @@ const BLOCK: u64 = 64 << 10;
 /// what the disk holds.
 struct Vm {
     name: String,
+    fmt: String,
     dir: PathBuf,
     sockets: PathBuf,
     img: PathBuf,
@@ -43,15 +44,31 @@ impl Vm {
     /// Makes the disk (`size` bytes, random data in the first `filled` bytes) and
     /// starts QEMU.
     fn create(dir: &Path, sockets: &Path, name: &str, size: u64, filled: u64, seed: u64) -> Vm {
+        Self::create_as(dir, sockets, name, size, filled, seed, "qcow2")
+    }
+
+    /// As [`Vm::create`], the disk in format `fmt` (`qcow2` or `raw`).
+    fn create_as(
+        dir: &Path,
+        sockets: &Path,
+        name: &str,
+        size: u64,
+        filled: u64,
+        seed: u64,
+        fmt: &str,
+    ) -> Vm {
         std::fs::create_dir_all(sockets).unwrap();
         let raw = dir.join(format!("{name}.raw"));
-        let img = dir.join(format!("{name}.qcow2"));
+        let img = dir.join(format!("{name}.{fmt}"));
         let mut model = vec![0u8; size as usize];
         Rng::new(seed).fill(&mut model[..filled as usize]);
         std::fs::write(&raw, &model).unwrap();
-        qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)]);
-        std::fs::remove_file(&raw).unwrap();
+        if fmt != "raw" {
+            qemu_img(&["convert", "-f", "raw", "-O", fmt, s(&raw), s(&img)]);
+            std::fs::remove_file(&raw).unwrap();
+        }
         let mut vm = Vm {
+            fmt: fmt.to_string(),
             name: name.to_string(),
             dir: dir.to_path_buf(),
             sockets: sockets.to_path_buf(),
@@ -97,7 +114,8 @@ impl Vm {
             .arg(format!("unix:{},server=on,wait=off", s(&test_sock)))
             .arg("-drive")
             .arg(format!(
-                "if=none,id=drive0,node-name=disk0,driver=qcow2,file.driver=file,file.filename={}",
+                "if=none,id=drive0,node-name=disk0,driver={},file.driver=file,file.filename={}",
+                self.fmt,
                 s(&self.img)
             ))
             .stdout(log.try_clone().unwrap())
@@ -670,6 +688,50 @@ fn excluded_ranges_are_zeros_recorded_and_read_again_once_lifted() {
         range.1 + BLOCK,
         "the formerly excluded blocks are read"
     );
+    assert_restores(
+        &c,
+        &vm,
+        j.recovery_point.as_deref().unwrap(),
+        &vm.model.clone(),
+    );
+}
+
+#[test]
+fn a_raw_disk_is_tracked_by_a_bitmap_that_lives_with_qemu() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = start_cluster(d.path());
+    let mut vm = Vm::create_as(
+        d.path(),
+        &d.path().join("sockets"),
+        "vm6",
+        16 * MIB,
+        4 * MIB,
+        6,
+        "raw",
+    );
+    protect(&mut c, &vm, &[]);
+    backup_now(&c, &vm);
+    let bms = vm.bitmaps();
+    assert_eq!(bms.len(), 1, "{bms:?}");
+    assert!(
+        !bms[0].persistent,
+        "a raw disk cannot store a bitmap: {bms:?}"
+    );
+    let dirty = vm.write_blocks(&[1, 2, 100], 0x21);
+    let j = backup_now(&c, &vm);
+    assert_eq!(j.bytes_read, dirty);
+    assert_restores(
+        &c,
+        &vm,
+        j.recovery_point.as_deref().unwrap(),
+        &vm.model.clone(),
+    );
+    // A restart loses it: the next backup is a consistency check, and says so.
+    vm.quit();
+    vm.start();
+    vm.write_blocks(&[3], 0x22);
+    let j = backup_now(&c, &vm);
+    assert!(log_has(&j, "is missing"), "{:?}", j.log);
     assert_restores(
         &c,
         &vm,
