@@ -31,7 +31,7 @@ pub mod seed;
 
 pub use files::FilesProvider;
 pub use provider::{Provider, Snapshot};
-pub use qemu::{QemuOptions, QemuProvider};
+pub use qemu::{ListedVm, QemuOptions, QemuProvider};
 pub use remote::{RemoteTarget, Transport};
 pub use runtime::{AgentOptions, default_threads, enroll, run};
 

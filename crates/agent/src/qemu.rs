@@ -1,8 +1,9 @@
 //! Provider `qemu`: live KVM/QEMU VMs through their QMP sockets.
 //!
 //! Inventory: a folder holds one QMP socket per VM (`NAME.qmp`) and optionally its
-//! guest-agent socket (`NAME.qga`); the VM is `HOST/NAME` to the server, its id is the
-//! QEMU UUID, its disks are the block devices with a medium that is not read-only.
+//! guest-agent socket (`NAME.qga`), and/or VMs are listed with their sockets
+//! ([`ListedVm`]); the VM is `HOST/NAME` to the server, its id is the QEMU UUID, its
+//! disks are the block devices with a medium that is not read-only.
 //!
 //! A backup takes a point-in-time view of every disk in one QMP `transaction`:
 //! - a new persistent dirty bitmap `hf-<ms>` starts tracking the writes after the view;
@@ -55,13 +56,51 @@ const QGA_CONNECT: Duration = Duration::from_secs(3);
 /// Options of the `qemu` provider.
 #[derive(Debug, Clone)]
 pub struct QemuOptions {
-    /// Folder of `NAME.qmp` (and `NAME.qga`) sockets.
-    pub sockets: PathBuf,
+    /// Folder of `NAME.qmp` (and `NAME.qga`) sockets, if any.
+    pub sockets: Option<PathBuf>,
+    /// VMs listed one by one (they win over a socket of the same name in the folder).
+    pub listed: Vec<ListedVm>,
     /// Where the provider keeps its records and temporary files (fleecing images, NBD
     /// socket): the agent's data folder + `/qemu`.
     pub state_dir: PathBuf,
     /// How long the guest agent may take to freeze the file systems.
     pub freeze_timeout: Duration,
+}
+
+/// A VM given by its sockets rather than found in the folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedVm {
+    pub name: String,
+    pub qmp: PathBuf,
+    pub qga: Option<PathBuf>,
+}
+
+impl ListedVm {
+    /// Parses `NAME=QMP_PATH[,qga=QGA_PATH]` (the agent's `--qmp-socket`).
+    pub fn parse(s: &str) -> Result<ListedVm> {
+        let bad = |why: &str| Error::Invalid(format!("--qmp-socket {s:?}: {why}"));
+        let (name, rest) = s.split_once('=').ok_or_else(|| bad("expected NAME=PATH"))?;
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(bad("the VM name must be a plain name"));
+        }
+        let mut parts = rest.split(',');
+        let qmp = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| bad("no QMP socket path"))?;
+        let mut qga = None;
+        for p in parts {
+            match p.split_once('=') {
+                Some(("qga", path)) if !path.is_empty() => qga = Some(PathBuf::from(path)),
+                _ => return Err(bad("after the QMP path only qga=PATH may follow")),
+            }
+        }
+        Ok(ListedVm {
+            name: name.to_string(),
+            qmp: PathBuf::from(qmp),
+            qga,
+        })
+    }
 }
 
 /// The `qemu` provider.
@@ -160,11 +199,23 @@ impl QemuProvider {
 
 impl Inner {
     fn qmp_path(&self, vm: &str) -> PathBuf {
-        self.opts.sockets.join(format!("{vm}.qmp"))
+        match self.opts.listed.iter().find(|l| l.name == vm) {
+            Some(l) => l.qmp.clone(),
+            None => self.folder().join(format!("{vm}.qmp")),
+        }
     }
 
     fn qga_path(&self, vm: &str) -> PathBuf {
-        self.opts.sockets.join(format!("{vm}.qga"))
+        match self.opts.listed.iter().find(|l| l.name == vm) {
+            // A listed VM without a guest agent socket: a path that does not exist.
+            Some(l) => l.qga.clone().unwrap_or_default(),
+            None => self.folder().join(format!("{vm}.qga")),
+        }
+    }
+
+    /// The socket folder; with none, a path where nothing is found.
+    fn folder(&self) -> PathBuf {
+        self.opts.sockets.clone().unwrap_or_default()
     }
 
     fn state_path(&self, vm: &str) -> PathBuf {
@@ -572,19 +623,19 @@ impl Provider for QemuProvider {
 
 impl Inner {
     fn inventory(&self) -> Result<Vec<VmInfo>> {
-        let rd = std::fs::read_dir(&self.opts.sockets)
-            .map_err(|e| Error::io(&self.opts.sockets, "list", e))?;
-        let mut names: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
+        let mut names: Vec<String> = self.opts.listed.iter().map(|l| l.name.clone()).collect();
+        if let Some(dir) = &self.opts.sockets {
+            let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "list", e))?;
+            names.extend(rd.filter_map(|e| e.ok()).filter_map(|e| {
                 e.file_name()
                     .to_str()
                     .and_then(|n| n.strip_suffix(".qmp"))
                     .filter(|n| !n.is_empty() && !n.contains('/'))
                     .map(str::to_string)
-            })
-            .collect();
+            }));
+        }
         names.sort();
+        names.dedup();
         let mut out = Vec::new();
         for name in names {
             let slot = self.slot(&name);
@@ -1029,5 +1080,38 @@ impl Snapshot for QemuSnapshot {
             provider.remove_files(vm);
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_vms_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            ListedVm::parse("web01=/run/q/web01.sock").unwrap(),
+            ListedVm {
+                name: "web01".into(),
+                qmp: "/run/q/web01.sock".into(),
+                qga: None
+            }
+        );
+        assert_eq!(
+            ListedVm::parse("db=/a/m.sock,qga=/a/g.sock").unwrap().qga,
+            Some(PathBuf::from("/a/g.sock"))
+        );
+        for bad in [
+            "",
+            "noequals",
+            "=/x",
+            "a/b=/x",
+            "vm=",
+            "vm=/x,qgb=/y",
+            "vm=/x,qga=",
+        ] {
+            let e = ListedVm::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("--qmp-socket"), "{bad}: {e}");
+        }
     }
 }

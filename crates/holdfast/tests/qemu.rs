@@ -195,7 +195,12 @@ fn start_cluster(dir: &Path) -> Cluster {
 fn protect(c: &mut Cluster, vm: &Vm, extra: &[&str]) -> PathBuf {
     let mut args = vec!["--qmp-dir", s(&vm.sockets)];
     args.extend_from_slice(extra);
-    let adir = c.agent_with("kvm01", &args);
+    protect_with(c, vm, &args)
+}
+
+/// Starts the agent with `args` as its provider arguments and protects `vm`.
+fn protect_with(c: &mut Cluster, vm: &Vm, args: &[&str]) -> PathBuf {
+    let adir = c.agent_with("kvm01", args);
     c.wait_datasources(1);
     let member = format!("kvm01/{}", vm.name);
     c.cli_ok(&[
@@ -274,6 +279,20 @@ fn incrementals_read_only_dirty_blocks_and_every_point_restores_its_view() {
         "the first backup reads the allocated data"
     );
     assert!(log_has(&j0, "VM paused for"), "{:?}", j0.log);
+    // QEMU itself saw the pause and the resume (events go to every monitor).
+    vm.qmp().status().unwrap();
+    let events: Vec<String> = vm
+        .qmp()
+        .take_events()
+        .iter()
+        .filter_map(|e| e["event"].as_str().map(str::to_string))
+        .filter(|e| e == "STOP" || e == "RESUME")
+        .collect();
+    assert_eq!(
+        events,
+        ["STOP", "RESUME"],
+        "no guest agent: paused, then resumed"
+    );
     assert_eq!(point(&c, &rp0).consistency, Consistency::CrashConsistent);
     assert_restores(&c, &vm, &rp0, &vm.model.clone());
     assert!(
@@ -709,7 +728,9 @@ fn a_raw_disk_is_tracked_by_a_bitmap_that_lives_with_qemu() {
         6,
         "raw",
     );
-    protect(&mut c, &vm, &[]);
+    // Listed by its socket rather than found in a folder.
+    let listed = format!("vm6={}", s(&vm.agent_socket()));
+    protect_with(&mut c, &vm, &["--qmp-socket", &listed]);
     backup_now(&c, &vm);
     let bms = vm.bitmaps();
     assert_eq!(bms.len(), 1, "{bms:?}");

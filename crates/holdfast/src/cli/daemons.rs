@@ -81,6 +81,9 @@ pub struct AgentCmd {
     /// elsewhere work, so the folder can also serve as a list.
     #[arg(long)]
     qmp_dir: Option<PathBuf>,
+    /// Provider `qemu`, one VM at a time: `NAME=QMP_SOCKET[,qga=QGA_SOCKET]` (repeat).
+    #[arg(long = "qmp-socket")]
+    qmp_sockets: Vec<String>,
     /// Seconds the guest agent may take to freeze the guest's file systems before the
     /// VM is paused instead.
     #[arg(long, default_value_t = 10)]
@@ -103,15 +106,21 @@ pub fn agent(s: &ServerArgs, a: AgentCmd) -> anyhow::Result<ExitCode> {
     if let Some(root) = &a.files_root {
         providers.push(Box::new(agent::FilesProvider::new(root)));
     }
-    if let Some(dir) = &a.qmp_dir {
+    if a.qmp_dir.is_some() || !a.qmp_sockets.is_empty() {
+        let listed = a
+            .qmp_sockets
+            .iter()
+            .map(|s| agent::ListedVm::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
         providers.push(Box::new(agent::QemuProvider::new(agent::QemuOptions {
-            sockets: dir.clone(),
+            sockets: a.qmp_dir.clone(),
+            listed,
             state_dir: a.data_dir.join("qemu"),
             freeze_timeout: Duration::from_secs(a.freeze_timeout_seconds.max(1)),
         })?));
     }
     if providers.is_empty() {
-        bail!("no provider given: use --files-root VMDIR and/or --qmp-dir DIR");
+        bail!("no provider given: use --files-root VMDIR, --qmp-dir DIR or --qmp-socket NAME=PATH");
     }
     let opts = agent::AgentOptions {
         server: url,
