@@ -183,6 +183,22 @@ impl Vm {
     }
 }
 
+/// A server, a VM `name` (qcow2, `size` bytes, random data in the first `filled`), and
+/// an agent protecting it with `--qmp-dir` and `extra`.
+fn setup(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    filled: u64,
+    seed: u64,
+    extra: &[&str],
+) -> (Cluster, Vm) {
+    let mut c = start_cluster(dir);
+    let vm = Vm::create(dir, &dir.join("sockets"), name, size, filled, seed);
+    protect(&mut c, &vm, extra);
+    (c, vm)
+}
+
 fn start_cluster(dir: &Path) -> Cluster {
     // No reruns and a short watchdog: a killed agent's job fails within seconds and
     // the test's own backups are never queued behind a rerun.
@@ -251,6 +267,15 @@ fn assert_restores(c: &Cluster, vm: &Vm, id: &str, want: &[u8]) {
     }
 }
 
+/// The recovery point job `j` made restores to the disk as the model holds it now.
+fn assert_restores_now(c: &Cluster, vm: &Vm, j: &JobInfo) {
+    let id = j
+        .recovery_point
+        .as_deref()
+        .expect("the job made a recovery point");
+    assert_restores(c, vm, id, &vm.model);
+}
+
 fn log_has(j: &JobInfo, needle: &str) -> bool {
     j.log.iter().any(|l| l.message.contains(needle))
 }
@@ -258,16 +283,7 @@ fn log_has(j: &JobInfo, needle: &str) -> bool {
 #[test]
 fn incrementals_read_only_dirty_blocks_and_every_point_restores_its_view() {
     let d = tempfile::tempdir().unwrap();
-    let mut c = start_cluster(d.path());
-    let mut vm = Vm::create(
-        d.path(),
-        &d.path().join("sockets"),
-        "vm1",
-        64 * MIB,
-        24 * MIB,
-        1,
-    );
-    protect(&mut c, &vm, &[]);
+    let (c, mut vm) = setup(d.path(), "vm1", 64 * MIB, 24 * MIB, 1, &[]);
 
     // First backup: all allocated data (24 MiB of 64) is read, nothing else.
     let j0 = backup_now(&c, &vm);
@@ -345,12 +361,7 @@ fn incrementals_read_only_dirty_blocks_and_every_point_restores_its_view() {
     // The writes made during that backup are in the next one.
     let j3 = backup_now(&c, &vm);
     assert_eq!(j3.bytes_read, during);
-    assert_restores(
-        &c,
-        &vm,
-        j3.recovery_point.as_deref().unwrap(),
-        &vm.model.clone(),
-    );
+    assert_restores_now(&c, &vm, &j3);
     assert!(
         vm.ours_left().is_empty(),
         "left in QEMU: {:?}",
@@ -362,16 +373,7 @@ fn incrementals_read_only_dirty_blocks_and_every_point_restores_its_view() {
 #[test]
 fn the_bitmap_survives_a_restart_and_its_loss_triggers_a_consistency_check() {
     let d = tempfile::tempdir().unwrap();
-    let mut c = start_cluster(d.path());
-    let mut vm = Vm::create(
-        d.path(),
-        &d.path().join("sockets"),
-        "vm2",
-        32 * MIB,
-        8 * MIB,
-        2,
-    );
-    protect(&mut c, &vm, &[]);
+    let (c, mut vm) = setup(d.path(), "vm2", 32 * MIB, 8 * MIB, 2, &[]);
     backup_now(&c, &vm);
 
     // A clean restart keeps the persistent bitmap (stored in the qcow2).
@@ -390,12 +392,7 @@ fn the_bitmap_survives_a_restart_and_its_loss_triggers_a_consistency_check() {
         j.bytes_read, dirty,
         "writes before and after the restart are tracked"
     );
-    assert_restores(
-        &c,
-        &vm,
-        j.recovery_point.as_deref().unwrap(),
-        &vm.model.clone(),
-    );
+    assert_restores_now(&c, &vm, &j);
 
     // QEMU killed: the bitmap comes back marked inconsistent. The next backup reads
     // everything, says so, and raises an informational alert.
@@ -410,12 +407,7 @@ fn the_bitmap_survives_a_restart_and_its_loss_triggers_a_consistency_check() {
         "a consistency check reads all allocated data"
     );
     assert!(log_has(&j, "change tracking not used"), "{:?}", j.log);
-    assert_restores(
-        &c,
-        &vm,
-        j.recovery_point.as_deref().unwrap(),
-        &vm.model.clone(),
-    );
+    assert_restores_now(&c, &vm, &j);
     let alert = |c: &Cluster| {
         c.alerts()
             .into_iter()
@@ -428,12 +420,7 @@ fn the_bitmap_survives_a_restart_and_its_loss_triggers_a_consistency_check() {
     let dirty = vm.write_blocks(&[60], 0x15);
     let j = backup_now(&c, &vm);
     assert_eq!(j.bytes_read, dirty);
-    assert_restores(
-        &c,
-        &vm,
-        j.recovery_point.as_deref().unwrap(),
-        &vm.model.clone(),
-    );
+    assert_restores_now(&c, &vm, &j);
     assert!(alert(&c).is_none(), "the alert is resolved");
 }
 
@@ -525,17 +512,15 @@ fn the_guest_agent_freezes_then_thaws_and_a_freeze_timeout_still_thaws() {
 #[test]
 fn a_killed_agent_leaves_qemu_clean_after_restart_and_no_write_is_lost() {
     let d = tempfile::tempdir().unwrap();
-    let mut c = start_cluster(d.path());
     // Big enough (random data) that the backup is still running when killed.
-    let mut vm = Vm::create(
+    let (mut c, mut vm) = setup(
         d.path(),
-        &d.path().join("sockets"),
         "vm4",
         512 * MIB,
         512 * MIB,
         4,
+        &["--threads", "1"],
     );
-    protect(&mut c, &vm, &["--threads", "1"]);
     let j0 = backup_now(&c, &vm);
 
     // Writes, then a backup killed with its view open (an express full, which reads
@@ -592,12 +577,7 @@ fn a_killed_agent_leaves_qemu_clean_after_restart_and_no_write_is_lost() {
     let j = backup_now(&c, &vm);
     assert_eq!(j.bytes_read, dirty + later, "nothing lost, nothing extra");
     assert_ne!(j.recovery_point, j0.recovery_point);
-    assert_restores(
-        &c,
-        &vm,
-        j.recovery_point.as_deref().unwrap(),
-        &vm.model.clone(),
-    );
+    assert_restores_now(&c, &vm, &j);
 
     // A cancelled backup: the same cleanup, and its bitmap merged back.
     let before = vm.write_blocks(&[11, 4000], 0x46);
@@ -626,27 +606,13 @@ fn a_killed_agent_leaves_qemu_clean_after_restart_and_no_write_is_lost() {
         "the cancelled view lost no write: {:?}",
         j.log
     );
-    assert_restores(
-        &c,
-        &vm,
-        j.recovery_point.as_deref().unwrap(),
-        &vm.model.clone(),
-    );
+    assert_restores_now(&c, &vm, &j);
 }
 
 #[test]
 fn excluded_ranges_are_zeros_recorded_and_read_again_once_lifted() {
     let d = tempfile::tempdir().unwrap();
-    let mut c = start_cluster(d.path());
-    let mut vm = Vm::create(
-        d.path(),
-        &d.path().join("sockets"),
-        "vm5",
-        16 * MIB,
-        8 * MIB,
-        5,
-    );
-    protect(&mut c, &vm, &[]);
+    let (c, mut vm) = setup(d.path(), "vm5", 16 * MIB, 8 * MIB, 5, &[]);
     // 2 MiB of data left out (a page file, say), and 1000 bytes inside one block.
     let range = (MIB, 2 * MIB);
     let small = (5 * MIB + 100, 1000);
@@ -707,12 +673,7 @@ fn excluded_ranges_are_zeros_recorded_and_read_again_once_lifted() {
         range.1 + BLOCK,
         "the formerly excluded blocks are read"
     );
-    assert_restores(
-        &c,
-        &vm,
-        j.recovery_point.as_deref().unwrap(),
-        &vm.model.clone(),
-    );
+    assert_restores_now(&c, &vm, &j);
 }
 
 #[test]
@@ -741,22 +702,12 @@ fn a_raw_disk_is_tracked_by_a_bitmap_that_lives_with_qemu() {
     let dirty = vm.write_blocks(&[1, 2, 100], 0x21);
     let j = backup_now(&c, &vm);
     assert_eq!(j.bytes_read, dirty);
-    assert_restores(
-        &c,
-        &vm,
-        j.recovery_point.as_deref().unwrap(),
-        &vm.model.clone(),
-    );
+    assert_restores_now(&c, &vm, &j);
     // A restart loses it: the next backup is a consistency check, and says so.
     vm.quit();
     vm.start();
     vm.write_blocks(&[3], 0x22);
     let j = backup_now(&c, &vm);
     assert!(log_has(&j, "is missing"), "{:?}", j.log);
-    assert_restores(
-        &c,
-        &vm,
-        j.recovery_point.as_deref().unwrap(),
-        &vm.model.clone(),
-    );
+    assert_restores_now(&c, &vm, &j);
 }
