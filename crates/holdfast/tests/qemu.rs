@@ -250,6 +250,22 @@ fn backup_now(c: &Cluster, vm: &Vm) -> JobInfo {
     c.job(j.id)
 }
 
+/// Queues an express full backup (it reads everything, so it runs for a while) and
+/// returns once its view is exported.
+fn express_full_with_view(c: &Cluster, vm: &mut Vm) -> JobInfo {
+    let job: JobInfo = c
+        .admin()
+        .post(
+            &format!("/datasources/kvm01/{}/backup", vm.name),
+            &BackupNowRequest { express_full: true },
+        )
+        .unwrap();
+    wait_until("the view's export", Duration::from_secs(60), || {
+        !vm.exports().is_empty()
+    });
+    job
+}
+
 fn point(c: &Cluster, id: &str) -> RecoveryPointInfo {
     let all: Vec<RecoveryPointInfo> = c.admin().get("/recovery-points").unwrap();
     all.into_iter().find(|p| p.id == id).unwrap()
@@ -526,16 +542,7 @@ fn a_killed_agent_leaves_qemu_clean_after_restart_and_no_write_is_lost() {
     // Writes, then a backup killed with its view open (an express full, which reads
     // everything, so it is still running).
     let dirty = vm.write_blocks(&(0..2000).step_by(7).collect::<Vec<u64>>(), 0x44);
-    let job: JobInfo = c
-        .admin()
-        .post(
-            &format!("/datasources/kvm01/{}/backup", vm.name),
-            &BackupNowRequest { express_full: true },
-        )
-        .unwrap();
-    wait_until("the view's export", Duration::from_secs(60), || {
-        !vm.exports().is_empty()
-    });
+    let job = express_full_with_view(&c, &mut vm);
     let agent = c.agents.last_mut().unwrap();
     agent.kill().unwrap();
     agent.wait().unwrap();
@@ -581,16 +588,7 @@ fn a_killed_agent_leaves_qemu_clean_after_restart_and_no_write_is_lost() {
 
     // A cancelled backup: the same cleanup, and its bitmap merged back.
     let before = vm.write_blocks(&[11, 4000], 0x46);
-    let job: JobInfo = c
-        .admin()
-        .post(
-            &format!("/datasources/kvm01/{}/backup", vm.name),
-            &BackupNowRequest { express_full: true },
-        )
-        .unwrap();
-    wait_until("the view's export", Duration::from_secs(60), || {
-        !vm.exports().is_empty()
-    });
+    let job = express_full_with_view(&c, &mut vm);
     c.cli_ok(&["jobs", "cancel", &job.id.to_string()]);
     let cancelled = c.wait_job(job.id);
     assert_eq!(cancelled.state, JobState::Cancelled, "{cancelled:?}");
