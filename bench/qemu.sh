@@ -65,7 +65,7 @@ for _ in $(seq 1 200); do
 done
 export HOLDFAST_SERVER=$URL HOLDFAST_TOKEN_FILE=$W/srv/admin.token HOLDFAST_CA_FILE=$W/srv/ca.pem
 tok=$("$HF" agent-token create --host kvm01 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-"$HF" agent --enroll "$tok" --data-dir "$W/agent" --qmp-dir "$W/sockets" --inventory-seconds 1 2>"$W/agent.stderr" &
+"$HF" agent --enroll "$tok" --data-dir "$W/agent" --qmp-dir "$W/sockets" --inventory-seconds 1 ${AGENT_ARGS:-} 2>"$W/agent.stderr" &
 PIDS+=($!)
 for _ in $(seq 1 300); do
   n=$("$HF" datasources list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')

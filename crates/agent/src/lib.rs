@@ -25,6 +25,7 @@
 pub mod files;
 pub mod provider;
 pub mod qemu;
+mod readahead;
 pub mod remote;
 pub mod runtime;
 pub mod seed;
