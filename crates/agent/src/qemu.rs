@@ -146,6 +146,10 @@ struct VmState {
     /// The recovery point that backup was based on: the recovery point it made has
     /// this as its base (how the next backup knows the bitmap matches its base).
     view_base: Option<String>,
+    /// Other bases the bitmaps may serve: after a view was undone, its backup may
+    /// still have been committed, and the older bitmap covers that point too.
+    #[serde(default)]
+    also_bases: Vec<Option<String>>,
     /// A view taken and not released yet. Written before the transaction, so a crash
     /// anywhere leaves enough to undo it.
     pending: Option<Pending>,
@@ -341,7 +345,7 @@ impl Inner {
         if p.nbd_server {
             stop_nbd_server(vm, qmp)?;
         }
-        st.disks = merge_back(vm, qmp, &p.disks)?;
+        undo_view(vm, qmp, &mut st, &p)?;
         self.save_state(vm, &st)?;
         self.remove_files(vm);
         Ok(())
@@ -431,7 +435,7 @@ impl Inner {
         let base = base.ok_or("there is no earlier recovery point")?;
         // The record advances only after the server accepted the recovery point made
         // from the view, so that point's base is the base the view was taken on.
-        if base.base != st.view_base {
+        if base.base != st.view_base && !st.also_bases.contains(&base.base) {
             return Err(format!(
                 "the latest recovery point ({}) is not the one made from the view the bitmap started at",
                 base.id
@@ -554,53 +558,86 @@ fn stop_nbd_server(vm: &str, qmp: &mut Qmp) -> Result<()> {
     }
 }
 
-/// After a failed view: folds each new bitmap into the previous one (which tracks
-/// from an earlier moment, so it then covers every write since the last successful
-/// view) and re-enables it. Returns the records that still hold; a disk whose
-/// previous bitmap is gone keeps no record (its next backup is a consistency check).
-fn merge_back(vm: &str, qmp: &mut Qmp, disks: &[PendingDisk]) -> Result<Vec<Track>> {
-    let mut kept = Vec::new();
-    let mut actions = Vec::new();
-    let mut complete = true;
-    for d in disks {
-        let have: Vec<String> = qmp
+/// Undoes a view whose backup failed, or whose release never finished (then the
+/// backup may even have been committed): `st` is updated to what the bitmaps now mean.
+///
+/// - Every disk still has its previous bitmap: the new bitmap is folded into it and
+///   it is enabled again. It then covers every write since the previous view, which
+///   is a superset of the writes since this one; so a recovery point made from this
+///   view (a commit that succeeded before a crash) is also a base it may serve, and
+///   that view's base joins `st.also_bases`.
+/// - Otherwise (a first backup, or a previous bitmap lost): the new bitmaps stay, and
+///   the record becomes this view's. If the backup was committed they fit its
+///   recovery point; if not, the next backup's chain check refuses them.
+fn undo_view(vm: &str, qmp: &mut Qmp, st: &mut VmState, p: &Pending) -> Result<()> {
+    let mut have = Vec::new();
+    for d in &p.disks {
+        let names: Vec<String> = qmp
             .bitmaps(&d.node)
             .map_err(|e| hv(vm, "query-named-block-nodes", e))?
             .into_iter()
             .map(|b| b.name)
             .collect();
-        let new_there = have.contains(&d.new);
-        match &d.old {
-            Some(old) if have.contains(old) => {
-                actions.push(json!({"type": "block-dirty-bitmap-enable",
-                    "data": {"node": d.node, "name": old}}));
-                if new_there {
-                    actions.push(json!({"type": "block-dirty-bitmap-merge",
-                        "data": {"node": d.node, "target": old, "bitmaps": [d.new]}}));
-                    actions.push(json!({"type": "block-dirty-bitmap-remove",
-                        "data": {"node": d.node, "name": d.new}}));
-                }
-                kept.push(Track {
-                    node: d.node.clone(),
-                    bitmap: old.clone(),
-                    size: d.size,
-                });
+        have.push(names);
+    }
+    let all_old = p
+        .disks
+        .iter()
+        .zip(&have)
+        .all(|(d, h)| d.old.as_ref().is_some_and(|o| h.contains(o)));
+    let mut actions = Vec::new();
+    if all_old {
+        let mut kept = Vec::new();
+        for (d, h) in p.disks.iter().zip(&have) {
+            let Some(old) = &d.old else { continue };
+            actions.push(json!({"type": "block-dirty-bitmap-enable",
+                "data": {"node": d.node, "name": old}}));
+            if h.contains(&d.new) {
+                actions.push(json!({"type": "block-dirty-bitmap-merge",
+                    "data": {"node": d.node, "target": old, "bitmaps": [d.new]}}));
+                actions.push(json!({"type": "block-dirty-bitmap-remove",
+                    "data": {"node": d.node, "name": d.new}}));
             }
-            _ => {
-                complete = false;
-                if new_there {
-                    actions.push(json!({"type": "block-dirty-bitmap-remove",
-                        "data": {"node": d.node, "name": d.new}}));
-                }
+            kept.push(Track {
+                node: d.node.clone(),
+                bitmap: old.clone(),
+                size: d.size,
+            });
+        }
+        st.disks = kept;
+        if !st.also_bases.contains(&p.view_base) && st.view_base != p.view_base {
+            st.also_bases.push(p.view_base.clone());
+        }
+    } else {
+        let complete = p.disks.iter().zip(&have).all(|(d, h)| h.contains(&d.new));
+        for (d, h) in p.disks.iter().zip(&have) {
+            if let Some(old) = d.old.as_ref().filter(|o| h.contains(o)) {
+                actions.push(json!({"type": "block-dirty-bitmap-remove",
+                    "data": {"node": d.node, "name": old}}));
             }
         }
+        // Records are positional: one disk without its new bitmap leaves none.
+        st.disks = if complete {
+            p.disks
+                .iter()
+                .map(|d| Track {
+                    node: d.node.clone(),
+                    bitmap: d.new.clone(),
+                    size: d.size,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        st.view_unix = p.view_unix;
+        st.view_base = p.view_base.clone();
+        st.also_bases.clear();
     }
     if !actions.is_empty() {
         qmp.execute("transaction", json!({ "actions": actions }))
             .map_err(|e| hv(vm, "merging the dirty bitmaps back", e))?;
     }
-    // Records are positional: one missing disk invalidates the list from there on.
-    Ok(if complete { kept } else { Vec::new() })
+    Ok(())
 }
 
 impl Provider for QemuProvider {
@@ -1122,8 +1159,9 @@ impl Snapshot for QemuSnapshot {
                     .collect();
                 st.view_unix = pending.view_unix;
                 st.view_base = pending.view_base.clone();
+                st.also_bases.clear();
             } else {
-                st.disks = merge_back(vm, qmp, &pending.disks)?;
+                undo_view(vm, qmp, &mut st, &pending)?;
             }
             st.pending = None;
             provider.save_state(vm, &st)?;
