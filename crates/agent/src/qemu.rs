@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 /// leftovers are recognised by it.
 const PREFIX: &str = "hf-";
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+const QMP_CONNECT: Duration = Duration::from_secs(2);
 const QGA_CONNECT: Duration = Duration::from_secs(3);
 
 /// Options of the `qemu` provider.
@@ -270,8 +271,11 @@ impl Inner {
             *guard = None;
         }
         if guard.is_none() {
-            let q = Qmp::connect(&self.qmp_path(vm), QMP_TIMEOUT)
+            // A socket left behind by a QEMU that is gone refuses at once; a short
+            // connect timeout keeps it from holding up the inventory.
+            let mut q = Qmp::connect(&self.qmp_path(vm), QMP_CONNECT)
                 .map_err(|e| hv(vm, "connecting to QMP", e))?;
+            q.set_timeout(QMP_TIMEOUT);
             *guard = Some(q);
         }
         let Some(qmp) = guard.as_mut() else {
