@@ -1,0 +1,85 @@
+//! Views inside virtual disks, for item-level recovery.
+//!
+//! This first piece finds the partitions of a [`vdisk::VirtualDisk`] ([`read_partitions`]:
+//! MBR with extended/logical partitions, GPT with fallback to the backup header) and
+//! names the file system at a byte range by its signature ([`probe`]).
+//!
+//! Every number read from the disk is untrusted: arithmetic is checked, reads are
+//! bounded (at most [`MAX_GPT_ENTRIES_BYTES`] for a GPT entries array, at most
+//! [`MAX_LOGICALS`] logical partitions), and damage becomes [`Error::Corrupt`] naming
+//! the structure and its offset, never a panic or a hang.
+//!
+//! Partitions that extend past the end of the disk (a truncated image) are *clipped* to
+//! the disk end, with a remark in [`PartitionTable::notes`]; a partition that starts at
+//! or beyond the end of the disk is [`Error::Corrupt`], naming the entry.
+
+mod probe;
+mod table;
+
+pub use probe::{FsKind, identify, probe};
+pub use table::{
+    MAX_GPT_ENTRIES_BYTES, MAX_LOGICALS, PartKind, Partition, PartitionTable, TableKind,
+    gpt_type_description, read_partitions,
+};
+
+/// What can go wrong while reading partition tables or probing file systems.
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    /// Reading the virtual disk failed.
+    #[error(transparent)]
+    Disk(#[from] vdisk::Error),
+    /// A structure on the disk is present but invalid.
+    #[error("corrupt {what} at offset {offset:#x}: {detail}")]
+    Corrupt {
+        what: String,
+        offset: u64,
+        detail: String,
+    },
+    /// Valid, but something this crate does not handle.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn corrupt(what: impl Into<String>, offset: u64, detail: impl Into<String>) -> Self {
+        Error::Corrupt {
+            what: what.into(),
+            offset,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset`, or `None` when the range is not entirely inside the
+/// disk (the caller decides whether that is corruption or absence).
+pub(crate) fn read_opt(
+    disk: &dyn vdisk::VirtualDisk,
+    offset: u64,
+    len: usize,
+) -> Result<Option<Vec<u8>>> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= disk.virtual_size() => {
+            let mut buf = vec![0u8; len];
+            disk.read_at(&mut buf, offset)?;
+            Ok(Some(buf))
+        }
+        _ => Ok(None),
+    }
+}
+
+pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
