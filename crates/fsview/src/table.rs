@@ -352,7 +352,7 @@ fn gpt_header(
     }
     let count = le32(&h, 80);
     let entry_size = le32(&h, 84);
-    if entry_size < 128 || entry_size % 8 != 0 {
+    if entry_size < 128 || !entry_size.is_multiple_of(8) {
         return Err(format!("entry size {entry_size} invalid"));
     }
     let total = u64::from(count) * u64::from(entry_size);
