@@ -104,6 +104,10 @@ pub struct Qmp {
 /// What one line from QEMU is.
 #[derive(Debug, PartialEq)]
 enum Message {
+    /// A (repeated) greeting. QEMU can send its greeting twice to a client that
+    /// connects while the monitor is still starting up (seen under load in CI): the
+    /// copy carries nothing new and is skipped.
+    Greeting,
     Event(Value),
     Reply {
         id: Option<Value>,
@@ -253,6 +257,7 @@ impl Qmp {
                     )));
                 }
                 Ok(Message::Event(ev)) => self.queue_event(ev),
+                Ok(Message::Greeting) => {}
                 // Not ours: a reply to an earlier request. Cannot happen while every
                 // desynchronising failure breaks the connection, but a stale reply must
                 // never be taken for this one.
@@ -336,7 +341,7 @@ impl Qmp {
             match msg {
                 Ok(Message::Event(ev)) if matches(&ev) => return Ok(ev),
                 Ok(Message::Event(ev)) => self.queue_event(ev),
-                Ok(Message::Reply { .. }) => {} // stale; no command is outstanding
+                Ok(Message::Greeting) | Ok(Message::Reply { .. }) => {} // stale; no command is outstanding
                 Err(e) => {
                     self.broken = Some(e.to_string());
                     return Err(e);
@@ -568,6 +573,9 @@ fn classify(v: Value) -> std::result::Result<Message, String> {
     if obj.get("event").is_some_and(Value::is_string) {
         return Ok(Message::Event(Value::Object(obj)));
     }
+    if obj.get("QMP").is_some_and(Value::is_object) {
+        return Ok(Message::Greeting);
+    }
     let id = obj.remove("id");
     if let Some(ret) = obj.remove("return") {
         return Ok(Message::Reply {
@@ -737,6 +745,8 @@ mod tests {
     fn classify_events_replies_and_errors() {
         let ev = json!({"event":"STOP","timestamp":{"seconds":1,"microseconds":2}});
         assert_eq!(classify(ev.clone()), Ok(Message::Event(ev)));
+        let greeting = json!({"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}}, "capabilities": ["oob"]}});
+        assert_eq!(classify(greeting), Ok(Message::Greeting));
         assert_eq!(
             classify(json!({"return":{}, "id": 3})),
             Ok(Message::Reply {
@@ -942,6 +952,19 @@ mod tests {
         // exchanges remain, and the second B has not been read yet.
         assert_eq!(names, ["A", "A"]);
         assert!(q.take_events().is_empty());
+        drop(q);
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn a_repeated_greeting_is_skipped() {
+        // QEMU sent its greeting twice to an early client (seen in CI under load).
+        let twice: &'static str = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}}, \"capabilities\": []}}\r\n{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}}, \"capabilities\": []}}\r\n";
+        let (mut q, peer) = scripted(twice, |req| {
+            let id = id_of(req);
+            vec![format!("{{\"return\": {{}}, \"id\": {id}}}\r\n")]
+        });
+        assert_eq!(q.execute("x", Value::Null).unwrap(), json!({}));
         drop(q);
         peer.join().unwrap();
     }
