@@ -204,7 +204,7 @@ fn start_cluster(dir: &Path) -> Cluster {
     // the test's own backups are never queued behind a rerun.
     Cluster::start(
         dir,
-        "[scheduler]\ntick_seconds = 1\npoll_seconds = 2\nmax_attempts = 1\njob_timeout_seconds = 5\n",
+        "[scheduler]\ntick_seconds = 1\npoll_seconds = 2\nmax_attempts = 1\njob_timeout_seconds = 5\n[limits]\nlow_space_percent = 0\n",
     )
 }
 

@@ -63,6 +63,9 @@ pub struct Maintenance {
 pub struct Limits {
     pub max_json_body: usize,
     pub max_blob_batch: usize,
+    /// A warning alert is raised while the datastore's file system has less than this
+    /// percentage free; 0 switches the alert off.
+    pub low_space_percent: u8,
 }
 
 impl Default for Config {
@@ -110,6 +113,7 @@ impl Default for Limits {
         Limits {
             max_json_body: protocol::MAX_JSON_BODY,
             max_blob_batch: protocol::MAX_BLOB_BATCH,
+            low_space_percent: 5,
         }
     }
 }
@@ -164,6 +168,9 @@ impl Config {
                     .into(),
             );
         }
+        if self.limits.low_space_percent > 99 {
+            return Err("limits.low_space_percent must be 0-99".into());
+        }
         Ok(())
     }
 
@@ -189,5 +196,7 @@ mod tests {
         assert!(toml::from_str::<Config>("nonsense = 1").is_err());
         let bad: Config = toml::from_str("[maintenance]\nprune_time = \"25:00\"").unwrap();
         assert!(bad.check().unwrap_err().contains("prune_time"));
+        let bad: Config = toml::from_str("[limits]\nlow_space_percent = 100").unwrap();
+        assert!(bad.check().unwrap_err().contains("low_space_percent"));
     }
 }

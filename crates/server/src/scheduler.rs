@@ -176,18 +176,24 @@ fn space_alert(st: &AppState, now: i64) -> Result<(), catalog::Error> {
         return Ok(());
     };
     let cat = st.cat();
-    if total > 0 && free < total / 20 {
+    let pct = st.config.limits.low_space_percent;
+    if low_on_space(free, total, pct) {
         cat.raise_alert(
             now,
             Severity::Warning,
             "datastore",
             "space",
-            &format!("the datastore's file system has {free} of {total} bytes free (under 5%)"),
+            &format!("the datastore's file system has {free} of {total} bytes free (under {pct}%)"),
         )?;
     } else {
         cat.resolve_alerts(now, "datastore", Some("space"))?;
     }
     Ok(())
+}
+
+/// Under `pct` percent free (0 = never).
+fn low_on_space(free: u64, total: u64, pct: u8) -> bool {
+    pct > 0 && total > 0 && u128::from(free) * 100 < u128::from(total) * u128::from(pct)
 }
 
 /// Picks this host's next runnable job within the limits and marks it running.
@@ -283,7 +289,16 @@ pub async fn run(st: Arc<AppState>) {
 
 #[cfg(test)]
 mod tests {
-    use super::last_occurrence;
+    use super::{last_occurrence, low_on_space};
+
+    #[test]
+    fn low_space_threshold() {
+        assert!(low_on_space(4, 100, 5));
+        assert!(!low_on_space(5, 100, 5));
+        assert!(!low_on_space(0, 100, 0));
+        assert!(!low_on_space(0, 0, 5));
+        assert!(low_on_space(u64::MAX / 2, u64::MAX, 99));
+    }
 
     #[test]
     fn occurrences() {
