@@ -12,10 +12,28 @@ use vdisk::{DiskInfo, Extent, ExtentState, Format, Subformat, VirtualDisk};
 /// Index pieces kept in memory (64 MiB of disk each at the default sizes).
 const PIECE_CACHE: usize = 64;
 
+/// The datastore a [`PointDisk`] reads from: borrowed, or shared so the disk can be
+/// `'static` (file-system readers and NBD exports keep it on other threads).
+#[derive(Debug)]
+enum StoreRef<'a> {
+    Borrowed(&'a Datastore),
+    Shared(Arc<Datastore>),
+}
+
+impl std::ops::Deref for StoreRef<'_> {
+    type Target = Datastore;
+    fn deref(&self) -> &Datastore {
+        match self {
+            StoreRef::Borrowed(d) => d,
+            StoreRef::Shared(d) => d,
+        }
+    }
+}
+
 /// One disk of a recovery point, readable through [`VirtualDisk`].
 #[derive(Debug)]
 pub struct PointDisk<'a> {
-    store: &'a Datastore,
+    store: StoreRef<'a>,
     index: Arc<BlobIndex>,
     point: String,
     rec: DiskRecord,
@@ -31,40 +49,60 @@ impl Datastore {
         disk: usize,
         index: Arc<BlobIndex>,
     ) -> Result<PointDisk<'a>> {
-        let rec = m.disks.get(disk).cloned().ok_or_else(|| {
-            Error::Invalid(format!(
-                "recovery point {} has {} disk(s); there is no disk {disk} (disks are numbered from 0)",
-                m.id,
-                m.disks.len()
-            ))
-        })?;
-        let key = format!("points/{}", m.id);
-        let pieces = rec
-            .pieces
-            .iter()
-            .map(|h| {
-                Id::from_hex(h)
-                    .ok_or_else(|| Error::corrupt(&key, format!("disk {disk}: bad piece id {h:?}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if rec.block_size == 0
-            || rec.piece_blocks == 0
-            || pieces.len() as u64 != rec.blocks().div_ceil(rec.piece_blocks as u64)
-        {
-            return Err(Error::corrupt(
-                &key,
-                format!("disk {disk}: index does not cover the disk"),
-            ));
-        }
-        Ok(PointDisk {
-            store: self,
-            index,
-            point: m.id.clone(),
-            rec,
-            pieces,
-            cache: Mutex::new(HashMap::new()),
-        })
+        open_point_disk(StoreRef::Borrowed(self), m, disk, index)
     }
+
+    /// [`Datastore::open_disk`] holding a share of the datastore: the disk lives as long
+    /// as needed.
+    pub fn open_disk_shared(
+        self: &Arc<Self>,
+        m: &Manifest,
+        disk: usize,
+        index: Arc<BlobIndex>,
+    ) -> Result<PointDisk<'static>> {
+        open_point_disk(StoreRef::Shared(self.clone()), m, disk, index)
+    }
+}
+
+fn open_point_disk<'a>(
+    store: StoreRef<'a>,
+    m: &Manifest,
+    disk: usize,
+    index: Arc<BlobIndex>,
+) -> Result<PointDisk<'a>> {
+    let rec = m.disks.get(disk).cloned().ok_or_else(|| {
+        Error::Invalid(format!(
+            "recovery point {} has {} disk(s); there is no disk {disk} (disks are numbered from 0)",
+            m.id,
+            m.disks.len()
+        ))
+    })?;
+    let key = format!("points/{}", m.id);
+    let pieces = rec
+        .pieces
+        .iter()
+        .map(|h| {
+            Id::from_hex(h)
+                .ok_or_else(|| Error::corrupt(&key, format!("disk {disk}: bad piece id {h:?}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if rec.block_size == 0
+        || rec.piece_blocks == 0
+        || pieces.len() as u64 != rec.blocks().div_ceil(rec.piece_blocks as u64)
+    {
+        return Err(Error::corrupt(
+            &key,
+            format!("disk {disk}: index does not cover the disk"),
+        ));
+    }
+    Ok(PointDisk {
+        store,
+        index,
+        point: m.id.clone(),
+        rec,
+        pieces,
+        cache: Mutex::new(HashMap::new()),
+    })
 }
 
 impl PointDisk<'_> {

@@ -1,8 +1,10 @@
 //! Views inside virtual disks, for item-level recovery.
 //!
-//! This first piece finds the partitions of a [`vdisk::VirtualDisk`] ([`read_partitions`]:
-//! MBR with extended/logical partitions, GPT with fallback to the backup header) and
-//! names the file system at a byte range by its signature ([`probe`]).
+//! It finds the partitions of a [`vdisk::VirtualDisk`] ([`read_partitions`]: MBR with
+//! extended/logical partitions, GPT with fallback to the backup header), names the file
+//! system at a byte range by its signature ([`probe`]), and opens NTFS, ext2/3/4 and
+//! FAT read-only ([`open`], the [`FileSystem`] trait) on a [`Volume`]: a byte range of
+//! the disk read through a chunk cache, so browsing a recovery point never restores it.
 //!
 //! Every number read from the disk is untrusted: arithmetic is checked, reads are
 //! bounded (at most [`MAX_GPT_ENTRIES_BYTES`] for a GPT entries array, at most
@@ -13,14 +15,21 @@
 //! the disk end, with a remark in [`PartitionTable::notes`]; a partition that starts at
 //! or beyond the end of the disk is [`Error::Corrupt`], naming the entry.
 
+mod ext;
+mod fat;
+mod fs;
+mod ntfs;
 mod probe;
 mod table;
+mod volume;
 
+pub use fs::{Entry, EntryKind, FileSystem, components, open};
 pub use probe::{FsKind, identify, probe};
 pub use table::{
     MAX_GPT_ENTRIES_BYTES, MAX_LOGICALS, PartKind, Partition, PartitionTable, TableKind,
     gpt_type_description, read_partitions,
 };
+pub use volume::Volume;
 
 /// What can go wrong while reading partition tables or probing file systems.
 #[derive(thiserror::Error, Debug)]
@@ -38,6 +47,18 @@ pub enum Error {
     /// Valid, but something this crate does not handle.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// No such file or directory inside the file system.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The path names a file where a directory is needed, or the reverse.
+    #[error("{0}")]
+    WrongKind(String),
+    /// A path that is not acceptable (`..`, empty component where one is needed).
+    #[error("bad path: {0}")]
+    BadPath(String),
+    /// Reading the volume or writing the output failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// Result with [`Error`].

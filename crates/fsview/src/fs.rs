@@ -1,0 +1,125 @@
+//! The read-only file-system interface item-level recovery uses, whatever the file
+//! system: list a directory, stat a path, stream a file, read a link.
+
+use crate::probe::FsKind;
+use crate::volume::Volume;
+use crate::{Error, Result};
+use std::io::Write;
+
+/// What a directory entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    /// Devices, sockets, FIFOs, reparse points other than links.
+    Other,
+}
+
+impl EntryKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            EntryKind::File => "file",
+            EntryKind::Dir => "dir",
+            EntryKind::Symlink => "symlink",
+            EntryKind::Other => "other",
+        }
+    }
+}
+
+/// One directory entry (or the result of [`FileSystem::stat`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The name as stored, decoded from the file system's encoding; undecodable units
+    /// become U+FFFD. Never `.` or `..` (lists leave those out). May hold characters
+    /// that are unsafe on the target (`/`, `\`, NUL...): extraction sanitises.
+    pub name: String,
+    pub kind: EntryKind,
+    /// Bytes of content (files), link target length (symlinks), 0 otherwise.
+    pub size: u64,
+    /// Last modification, seconds since the Unix epoch, and the sub-second part.
+    pub mtime: Option<i64>,
+    pub mtime_nanos: u32,
+    /// Unix permission bits (ext), if the file system has them.
+    pub mode: Option<u32>,
+    /// The file's identity inside the file system (inode, MFT record, first cluster):
+    /// hard links share it.
+    pub id: u64,
+}
+
+/// A file system opened read-only on a [`Volume`].
+///
+/// Paths are `/`-separated from the root (`/`, `/Windows/System32`); a leading `/` is
+/// optional. Name matching follows the file system (case-insensitive on NTFS and
+/// FAT). A missing path is [`Error::NotFound`].
+pub trait FileSystem: Send {
+    fn kind(&self) -> FsKind;
+    /// The volume label, if the file system has one.
+    fn label(&self) -> Option<String>;
+    /// The entries of the directory at `path`, in on-disk order.
+    fn list(&mut self, path: &str) -> Result<Vec<Entry>>;
+    /// The entry `path` names (the root is a directory named "").
+    fn stat(&mut self, path: &str) -> Result<Entry>;
+    /// The target of the symbolic link at `path`.
+    fn read_link(&mut self, path: &str) -> Result<String>;
+    /// Writes the content of the file at `path` to `out` (sparse ranges as zeros,
+    /// compressed files decompressed) and returns the bytes written.
+    fn read_file(&mut self, path: &str, out: &mut dyn Write) -> Result<u64>;
+    /// Byte ranges of the volume holding the file's data, `(offset, length)`, when the
+    /// file system can tell (NTFS non-resident, uncompressed data); `None` otherwise.
+    /// Used to leave page files out of backups.
+    fn data_ranges(&mut self, path: &str) -> Result<Option<Vec<(u64, u64)>>> {
+        let _ = path;
+        Ok(None)
+    }
+}
+
+/// Splits a path into its components, refusing `.`/`..`, so a path never climbs.
+pub fn components(path: &str) -> Result<Vec<&str>> {
+    let mut out = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" => {}
+            "." | ".." => {
+                return Err(Error::BadPath(format!(
+                    "{path:?}: `.` and `..` are not allowed"
+                )));
+            }
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// Opens the file system found on `volume` (by its signature). A file system that item-
+/// level recovery cannot read (BitLocker, LVM, XFS...) is [`Error::Unsupported`] naming
+/// it; an unrecognised one is [`Error::Unsupported`] with "no file system recognised".
+pub fn open(volume: Volume) -> Result<Box<dyn FileSystem>> {
+    let kind = crate::probe::probe(volume.disk().as_ref(), volume.start(), volume.len())?;
+    match kind {
+        FsKind::Ntfs => crate::ntfs::open(volume),
+        FsKind::Ext { .. } => crate::ext::open(volume, kind),
+        FsKind::Fat { .. } => crate::fat::open(volume, kind),
+        FsKind::Unknown => Err(Error::Unsupported(
+            "no file system recognised (unformatted, or a file system this version does not know)"
+                .into(),
+        )),
+        other => Err(Error::Unsupported(format!(
+            "{}: item-level recovery cannot read this kind of volume",
+            other.name()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_refuse_climbing() {
+        assert_eq!(components("/a//b/").unwrap(), vec!["a", "b"]);
+        assert!(components("/").unwrap().is_empty());
+        assert!(components("a/../b").is_err());
+        assert!(components("./a").is_err());
+    }
+}
