@@ -16,6 +16,7 @@
 //! or beyond the end of the disk is [`Error::Corrupt`], naming the entry.
 
 mod ext;
+mod extract;
 mod fat;
 mod fs;
 mod ntfs;
@@ -23,6 +24,7 @@ mod probe;
 mod table;
 mod volume;
 
+pub use extract::{MAX_DEPTH, Report, extract, safe_name};
 pub use fs::{Entry, EntryKind, FileSystem, components, open};
 pub use probe::{FsKind, identify, probe};
 pub use table::{
