@@ -156,6 +156,24 @@ impl Client {
         Self::decode(path, r)
     }
 
+    /// Streams the answer's body into `out`; fails if fewer bytes arrive than the
+    /// server announced.
+    pub fn get_to(&self, path: &str, out: &mut dyn std::io::Write) -> Result<u64> {
+        let mut r = self.send("GET", path, self.http.get(self.url(path)))?;
+        let want = r.content_length();
+        let n = r.copy_to(out).map_err(|e| Error::Decode {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        match want {
+            Some(w) if w != n => Err(Error::Decode {
+                path: path.to_string(),
+                message: format!("transfer ended after {n} of {w} bytes"),
+            }),
+            _ => Ok(n),
+        }
+    }
+
     pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
         let r = self.send("GET", path, self.http.get(self.url(path)))?;
         r.bytes().map(|b| b.to_vec()).map_err(|e| Error::Decode {

@@ -21,12 +21,14 @@ mod fat;
 mod fs;
 mod ntfs;
 mod probe;
+mod select;
 mod table;
 mod volume;
 
 pub use extract::{MAX_DEPTH, Report, extract, safe_name};
 pub use fs::{Entry, EntryKind, FileSystem, components, open};
 pub use probe::{FsKind, identify, probe};
+pub use select::{VolumeInfo, open_volume, volumes};
 pub use table::{
     MAX_GPT_ENTRIES_BYTES, MAX_LOGICALS, PartKind, Partition, PartitionTable, TableKind,
     gpt_type_description, read_partitions,

@@ -646,6 +646,59 @@ impl Policy {
     }
 }
 
+// ---------------------------------------------------------------------------------
+// Item-level recovery
+
+/// One volume of a recovery point's disk (`GET /recovery-points/{id}/browse` without a
+/// partition on a partitioned disk).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IlrVolume {
+    /// Partition number (1-based, as in /dev/sda1); 0 = the whole disk (no table).
+    pub number: u32,
+    pub start: u64,
+    pub size: u64,
+    /// File system by signature: ntfs, ext4, fat32, xfs, bitlocker, swap, unknown...
+    pub fs: String,
+    /// Whether item-level recovery can browse it.
+    pub supported: bool,
+    pub partition_type: String,
+    pub name: Option<String>,
+}
+
+/// One file-system entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IlrEntry {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    /// Last modification (UTC, RFC 3339) and the same in Unix seconds.
+    pub modified: Option<String>,
+    pub modified_unix: Option<i64>,
+    pub mode: Option<u32>,
+    /// Inode / MFT record number: hard links share it.
+    pub id: u64,
+    /// Symlink target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// What `GET /recovery-points/{id}/browse` answers: the disk's volumes when no
+/// partition was chosen on a partitioned disk, else the entries at `path` (a file's
+/// own entry when `path` names a file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IlrListing {
+    pub recovery_point: String,
+    pub disk: u32,
+    pub partition: Option<u32>,
+    pub fs: Option<String>,
+    pub label: Option<String>,
+    pub path: String,
+    pub volumes: Vec<IlrVolume>,
+    pub entries: Vec<IlrEntry>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

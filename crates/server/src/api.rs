@@ -24,7 +24,7 @@ pub struct Peer {
     pub cert_fingerprint: Option<String>,
 }
 
-type St = State<Arc<AppState>>;
+pub(crate) type St = State<Arc<AppState>>;
 
 /// An error answer: status and a message for humans.
 #[derive(Debug)]
@@ -60,7 +60,7 @@ impl From<datastore::Error> for ApiErr {
     }
 }
 
-fn bad(msg: impl Into<String>) -> ApiErr {
+pub(crate) fn bad(msg: impl Into<String>) -> ApiErr {
     ApiErr(StatusCode::BAD_REQUEST, msg.into())
 }
 
@@ -68,13 +68,13 @@ fn forbidden(msg: impl Into<String>) -> ApiErr {
     ApiErr(StatusCode::FORBIDDEN, msg.into())
 }
 
-fn not_found(msg: impl Into<String>) -> ApiErr {
+pub(crate) fn not_found(msg: impl Into<String>) -> ApiErr {
     ApiErr(StatusCode::NOT_FOUND, msg.into())
 }
 
-type ApiResult<T> = Result<T, ApiErr>;
+pub(crate) type ApiResult<T> = Result<T, ApiErr>;
 
-fn json<T: serde::Serialize>(v: &T) -> Response {
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Response {
     match serde_json::to_vec(v) {
         Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
         Err(e) => ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -200,6 +200,8 @@ pub fn router(st: Arc<AppState>) -> Router {
             get(group_show).patch(group_modify).delete(group_delete),
         )
         .route("/recovery-points", get(recovery_points))
+        .route("/recovery-points/{id}/browse", get(crate::ilr::browse))
+        .route("/recovery-points/{id}/file", get(crate::ilr::file))
         .route("/jobs", get(jobs_list).post(job_create))
         .route("/jobs/{id}", get(job_show))
         .route("/jobs/{id}/cancel", post(job_cancel))
@@ -778,7 +780,7 @@ fn session(st: &AppState, id: i64) -> ApiResult<Arc<datastore::Ingest>> {
         })
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiErr> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)

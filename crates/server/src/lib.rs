@@ -8,6 +8,7 @@
 pub mod allocation;
 pub mod api;
 pub mod config;
+mod ilr;
 mod maintenance;
 pub mod scheduler;
 pub mod state;

@@ -2,6 +2,7 @@
 
 mod admin;
 mod daemons;
+mod ilr;
 mod image;
 mod progress;
 mod store;
@@ -35,6 +36,10 @@ enum Command {
     RecoveryPoints(store::PointsArgs),
     /// Write one disk of a recovery point to an image file.
     Restore(store::RestoreArgs),
+    /// Item-level recovery: browse and copy files inside a recovery point (NTFS,
+    /// ext2/3/4, FAT), without restoring the disk.
+    #[command(subcommand)]
+    Ilr(ilr::IlrCommand),
     /// Re-read and check everything in a datastore; exits 2 when a recovery point is
     /// damaged.
     Verify(store::VerifyArgs),
@@ -96,6 +101,16 @@ enum Command {
     Replica(daemons::ReplicaCommand),
 }
 
+impl Cli {
+    /// Long-running commands (sockets stay open for hours).
+    pub fn is_daemon(&self) -> bool {
+        matches!(
+            self.command,
+            Command::Server(_) | Command::Agent(_) | Command::Demo(_)
+        )
+    }
+}
+
 /// Runs a parsed command line; the exit code says what happened.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -107,6 +122,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             false => admin::recovery_points(&cli.server, a.vm.as_deref(), a.json),
         },
         Command::Restore(a) => store::restore(&a),
+        Command::Ilr(c) => ilr::run(&cli.server, c),
         Command::Verify(a) => store::verify(&a),
         Command::Prune(a) => store::prune(&a),
         Command::Gc(a) => store::gc(&a),

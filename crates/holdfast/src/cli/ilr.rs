@@ -1,0 +1,382 @@
+//! `holdfast ilr ls|get`: item-level recovery, straight from a datastore folder (`-d`)
+//! or through the server's API.
+
+use super::admin::ServerArgs;
+use super::units::human;
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Subcommand};
+use client::{Client, seg};
+use datastore::{Datastore, Manifest};
+use fsview::{Entry, EntryKind, FileSystem};
+use protocol::{IlrEntry, IlrListing, RecoveryPointInfo};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Debug, Subcommand)]
+pub enum IlrCommand {
+    /// List a folder (or a disk's partitions) inside a recovery point.
+    Ls(LsArgs),
+    /// Copy files and folders out of a recovery point, keeping names and times.
+    Get(GetArgs),
+}
+
+/// Which recovery point, disk and volume.
+#[derive(Debug, Args)]
+pub struct Where {
+    /// HOST/VM (the recovery points' source name).
+    vm: String,
+    /// Read this datastore folder directly instead of asking the server.
+    #[arg(long, short = 'd')]
+    datastore: Option<PathBuf>,
+    /// Key file of an encrypted datastore (with -d).
+    #[arg(long, requires = "datastore")]
+    key_file: Option<PathBuf>,
+    /// Recovery point id, or `latest`.
+    #[arg(long, default_value = "latest", conflicts_with = "at")]
+    point: String,
+    /// The latest recovery point at or before this time (UTC), "YYYY-MM-DD HH:MM".
+    #[arg(long)]
+    at: Option<String>,
+    /// Disk number (0-based, in recovery-point order).
+    #[arg(long, default_value_t = 0)]
+    disk: u32,
+    /// Partition number (1-based, as in /dev/sda1); not needed for a disk with one
+    /// volume.
+    #[arg(long)]
+    partition: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    at: Where,
+    /// Folder or file inside the file system.
+    #[arg(default_value = "/")]
+    path: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    at: Where,
+    /// Files and folders to copy (folders recursively).
+    #[arg(required = true)]
+    paths: Vec<String>,
+    /// Local folder to copy into (created if missing); `HOST:DIR` (through that host's
+    /// agent) is not available yet.
+    #[arg(long)]
+    to_folder: String,
+}
+
+pub fn run(s: &ServerArgs, cmd: IlrCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        IlrCommand::Ls(a) => {
+            let listing = match &a.at.datastore {
+                Some(_) => {
+                    let (ds, m) = local_point(&a.at)?;
+                    let disk = recovery::open_disk(&ds, &m, a.at.disk as usize)?;
+                    recovery::browse(disk, &m, a.at.disk as usize, a.at.partition, &a.path)?
+                }
+                None => {
+                    let cl = s.client()?;
+                    let id = server_point(&cl, &a.at)?;
+                    cl.get(&format!("{}{}", browse_path(&id, &a.at), path_q(&a.path)))?
+                }
+            };
+            print_listing(&listing, a.json)?;
+        }
+        IlrCommand::Get(a) => {
+            let to = local_folder(&a.to_folder)?;
+            std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+            let mut fs: Box<dyn FileSystem> = match &a.at.datastore {
+                Some(_) => {
+                    let (ds, m) = local_point(&a.at)?;
+                    let disk = recovery::open_disk(&ds, &m, a.at.disk as usize)?;
+                    recovery::open_fs(disk, &m, a.at.disk as usize, a.at.partition)?
+                }
+                None => {
+                    let cl = s.client()?;
+                    let id = server_point(&cl, &a.at)?;
+                    Box::new(RemoteFs {
+                        base: browse_path(&id, &a.at),
+                        file: browse_path(&id, &a.at).replace("/browse?", "/file?"),
+                        cl,
+                    })
+                }
+            };
+            let mut report = fsview::Report::default();
+            for p in &a.paths {
+                fsview::extract(fs.as_mut(), p, &to, &mut report)
+                    .with_context(|| format!("copying {p}"))?;
+            }
+            for (from, to) in &report.renamed {
+                eprintln!("holdfast: {from:?} saved as {to:?} (unsafe or duplicate name)");
+            }
+            for p in &report.skipped {
+                eprintln!("holdfast: {p:?} skipped (not a file, folder or link)");
+            }
+            println!(
+                "copied {} file(s), {} folder(s), {} link(s), {} into {}",
+                report.files,
+                report.dirs,
+                report.links,
+                human(report.bytes),
+                to.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn local_folder(s: &str) -> anyhow::Result<PathBuf> {
+    if let Some((host, _)) = s.split_once(':')
+        && !host.is_empty()
+        && !host.contains('/')
+    {
+        bail!(
+            "--to-folder {s:?}: copying to a host's folder through its agent is not available yet; give a local folder"
+        );
+    }
+    Ok(PathBuf::from(s))
+}
+
+fn at_time(w: &Where) -> anyhow::Result<Option<i64>> {
+    w.at.as_deref()
+        .map(|t| {
+            datastore::time::parse(t)
+                .ok_or_else(|| anyhow!("--at {t:?} is not a time like \"2026-11-24 18:00\" (UTC)"))
+        })
+        .transpose()
+}
+
+fn local_point(w: &Where) -> anyhow::Result<(Arc<Datastore>, Manifest)> {
+    let dir = w.datastore.as_deref().unwrap_or(Path::new("."));
+    let ds = Arc::new(Datastore::open(dir, w.key_file.as_deref())?);
+    let m = match at_time(w)? {
+        Some(t) => {
+            let (points, _) = ds.points()?;
+            points
+                .into_iter()
+                .rev()
+                .find(|m| m.source.name == w.vm && m.created_unix <= t)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no recovery point of {} at or before {}",
+                        w.vm,
+                        w.at.as_deref().unwrap_or("")
+                    )
+                })?
+        }
+        None => ds.find_point(&w.vm, Some(&w.point))?,
+    };
+    Ok((ds, m))
+}
+
+/// The chosen recovery point's id, from the server's list for the VM.
+fn server_point(cl: &Client, w: &Where) -> anyhow::Result<String> {
+    if w.point != "latest" && w.at.is_none() {
+        return Ok(w.point.clone());
+    }
+    let list: Vec<RecoveryPointInfo> = cl.get(&format!("/recovery-points?vm={}", seg(&w.vm)))?;
+    let t = at_time(w)?;
+    list.iter()
+        .filter(|r| t.is_none_or(|t| r.created_unix <= t))
+        .max_by_key(|r| (r.created_unix, r.id.clone()))
+        .map(|r| r.id.clone())
+        .ok_or_else(|| anyhow!("no recovery point of {} matches", w.vm))
+}
+
+fn browse_path(id: &str, w: &Where) -> String {
+    let mut p = format!("/recovery-points/{}/browse?disk={}", seg(id), w.disk);
+    if let Some(n) = w.partition {
+        p.push_str(&format!("&partition={n}"));
+    }
+    p
+}
+
+fn path_q(path: &str) -> String {
+    format!("&path={}", seg(path))
+}
+
+/// Control characters in names would reach the terminal: show them escaped.
+fn shown(name: &str) -> String {
+    if name.chars().any(|c| c.is_control()) {
+        name.escape_debug().to_string()
+    } else {
+        name.to_string()
+    }
+}
+
+fn print_listing(l: &IlrListing, json: bool) -> anyhow::Result<()> {
+    if json {
+        // Volumes are entries too (type "partition"), so scripts read one list.
+        let mut entries: Vec<serde_json::Value> = l
+            .volumes
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "name": v.number.to_string(), "type": "partition", "size": v.size,
+                    "fs": v.fs, "supported": v.supported, "start": v.start,
+                    "partition_type": v.partition_type, "partition_name": v.name,
+                })
+            })
+            .collect();
+        for e in &l.entries {
+            entries.push(serde_json::to_value(e)?);
+        }
+        let mut v = serde_json::to_value(l)?;
+        v["entries"] = serde_json::Value::Array(entries);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if !l.volumes.is_empty() {
+        println!(
+            "recovery point {} disk {}: choose a partition with --partition",
+            l.recovery_point, l.disk
+        );
+        println!(
+            "{:>4} {:>12} {:>10} {:<10} {:<28} NAME",
+            "PART", "START", "SIZE", "FS", "TYPE"
+        );
+        for v in &l.volumes {
+            let fs = if v.supported {
+                v.fs.clone()
+            } else {
+                format!("{} (no browsing)", v.fs)
+            };
+            println!(
+                "{:>4} {:>12} {:>10} {:<10} {:<28} {}",
+                v.number,
+                v.start,
+                human(v.size),
+                fs,
+                v.partition_type,
+                v.name.as_deref().map(shown).unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
+    println!(
+        "recovery point {} disk {}{} ({}{}): {}",
+        l.recovery_point,
+        l.disk,
+        l.partition
+            .map(|p| format!(" partition {p}"))
+            .unwrap_or_default(),
+        l.fs.as_deref().unwrap_or("?"),
+        l.label
+            .as_deref()
+            .map(|x| format!(", label {}", shown(x)))
+            .unwrap_or_default(),
+        l.path
+    );
+    println!("{:<7} {:>10} {:<20} NAME", "TYPE", "SIZE", "MODIFIED");
+    for e in &l.entries {
+        let target = e.target.as_deref().map(|t| format!(" -> {}", shown(t)));
+        println!(
+            "{:<7} {:>10} {:<20} {}{}",
+            e.kind,
+            if e.kind == "dir" {
+                "-".into()
+            } else {
+                human(e.size)
+            },
+            e.modified.as_deref().unwrap_or("-"),
+            shown(&e.name),
+            target.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// A recovery point's file system seen through the server's API, so `ilr get` against
+/// a server uses the same safe extraction as local mode.
+struct RemoteFs {
+    cl: Client,
+    base: String,
+    file: String,
+}
+
+impl RemoteFs {
+    fn listing(&self, path: &str) -> fsview::Result<IlrListing> {
+        self.cl
+            .get(&format!("{}{}", self.base, path_q(path)))
+            .map_err(|e| match e.status() {
+                Some(404) => fsview::Error::NotFound(format!("{path}: {e}")),
+                Some(400 | 422) => fsview::Error::WrongKind(e.to_string()),
+                _ => fsview::Error::Io(std::io::Error::other(e.to_string())),
+            })
+    }
+}
+
+fn from_api(e: IlrEntry) -> Entry {
+    Entry {
+        name: e.name,
+        kind: match e.kind.as_str() {
+            "file" => EntryKind::File,
+            "dir" => EntryKind::Dir,
+            "symlink" => EntryKind::Symlink,
+            _ => EntryKind::Other,
+        },
+        size: e.size,
+        mtime: e.modified_unix,
+        mtime_nanos: 0,
+        mode: e.mode,
+        id: e.id,
+    }
+}
+
+impl FileSystem for RemoteFs {
+    fn kind(&self) -> fsview::FsKind {
+        fsview::FsKind::Unknown
+    }
+    fn label(&self) -> Option<String> {
+        None
+    }
+    fn list(&mut self, path: &str) -> fsview::Result<Vec<Entry>> {
+        Ok(self
+            .listing(path)?
+            .entries
+            .into_iter()
+            .map(from_api)
+            .collect())
+    }
+    fn stat(&mut self, path: &str) -> fsview::Result<Entry> {
+        let parts = fsview::components(path)?;
+        let Some((last, dir)) = parts.split_last() else {
+            return Ok(Entry {
+                name: String::new(),
+                kind: EntryKind::Dir,
+                size: 0,
+                mtime: None,
+                mtime_nanos: 0,
+                mode: None,
+                id: 0,
+            });
+        };
+        let parent = format!("/{}", dir.join("/"));
+        self.listing(&parent)?
+            .entries
+            .into_iter()
+            .find(|e| e.name == *last)
+            .map(from_api)
+            .ok_or_else(|| fsview::Error::NotFound(path.to_string()))
+    }
+    fn read_link(&mut self, path: &str) -> fsview::Result<String> {
+        self.listing(path)?
+            .entries
+            .into_iter()
+            .next()
+            .and_then(|e| e.target)
+            .ok_or_else(|| fsview::Error::WrongKind(format!("{path} is not a symbolic link")))
+    }
+    fn read_file(&mut self, path: &str, out: &mut dyn Write) -> fsview::Result<u64> {
+        self.cl
+            .get_to(&format!("{}{}", self.file, path_q(path)), out)
+            .map_err(|e| fsview::Error::Io(std::io::Error::other(e.to_string())))
+    }
+}

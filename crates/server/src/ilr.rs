@@ -1,0 +1,183 @@
+//! Item-level recovery over the API: browse a recovery point's volumes and folders,
+//! download one file. Admin only. The work (datastore reads, decompression) runs on
+//! blocking threads; a file streams in 1 MiB pieces, never whole in memory.
+
+use crate::api::{Admin, ApiErr, ApiResult, St, bad, blocking, json, not_found};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use std::io::Write;
+
+#[derive(Deserialize)]
+pub struct IlrQuery {
+    disk: Option<u32>,
+    partition: Option<u32>,
+    path: Option<String>,
+}
+
+impl From<recovery::Error> for ApiErr {
+    fn from(e: recovery::Error) -> Self {
+        let code = if e.is_not_found() {
+            StatusCode::NOT_FOUND
+        } else if e.is_bad_request() {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiErr(code, e.to_string())
+    }
+}
+
+fn open(
+    st: &crate::state::AppState,
+    id: &str,
+    disk: u32,
+) -> ApiResult<(datastore::Manifest, std::sync::Arc<dyn vdisk::VirtualDisk>)> {
+    let m = st.datastore.point(id).map_err(|e| match e {
+        datastore::Error::Missing { .. } => not_found(format!("no recovery point {id}")),
+        e => e.into(),
+    })?;
+    if disk as usize >= m.disks.len() {
+        return Err(not_found(format!(
+            "recovery point {id} has {} disk(s); there is no disk {disk} (numbered from 0)",
+            m.disks.len()
+        )));
+    }
+    let d = recovery::open_disk(&st.datastore, &m, disk as usize)?;
+    Ok((m, d))
+}
+
+/// `GET /recovery-points/{id}/browse?disk=N&partition=P&path=/x`
+pub async fn browse(
+    State(st): St,
+    _admin: Admin,
+    Path(id): Path<String>,
+    Query(q): Query<IlrQuery>,
+) -> ApiResult<Response> {
+    let listing = blocking(move || {
+        let disk = q.disk.unwrap_or(0);
+        let (m, d) = open(&st, &id, disk)?;
+        let path = q.path.as_deref().unwrap_or("/");
+        Ok(recovery::browse(d, &m, disk as usize, q.partition, path)?)
+    })
+    .await?;
+    Ok(json(&listing))
+}
+
+/// Sends what is written to it as body pieces of at most 1 MiB.
+struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkSender {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(1 << 20),
+        ));
+        self.tx
+            .blocking_send(Ok(piece))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+impl Write for ChunkSender {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = b.len().min((1 << 20) - self.buf.len());
+        self.buf.extend_from_slice(&b[..n]);
+        if self.buf.len() >= 1 << 20 {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// `GET /recovery-points/{id}/file?disk=N&partition=P&path=/x`: the file's bytes.
+/// Problems found before the first byte are normal error answers; damage found later
+/// breaks the transfer (the length announced does not arrive).
+pub async fn file(
+    State(st): St,
+    _admin: Admin,
+    Path(id): Path<String>,
+    Query(q): Query<IlrQuery>,
+) -> ApiResult<Response> {
+    let path = q
+        .path
+        .clone()
+        .ok_or_else(|| bad("path is required (the file to download)"))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<ApiResult<(u64, String)>>();
+    tokio::task::spawn_blocking(move || {
+        let disk = q.disk.unwrap_or(0);
+        let opened = open(&st, &id, disk).and_then(|(m, d)| {
+            let mut fs = recovery::open_fs(d, &m, disk as usize, q.partition)?;
+            let e = fs.stat(&path).map_err(|e| fs_err(&path, e))?;
+            if e.kind != fsview::EntryKind::File {
+                return Err(ApiErr(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("{path} is a {}, not a file", e.kind.name()),
+                ));
+            }
+            Ok((fs, e))
+        });
+        let (mut fs, e) = match opened {
+            Ok(x) => x,
+            Err(err) => {
+                let _ = ready_tx.send(Err(err));
+                return;
+            }
+        };
+        if ready_tx.send(Ok((e.size, e.name.clone()))).is_err() {
+            return;
+        }
+        let mut w = ChunkSender {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(1 << 20),
+        };
+        let r = fs
+            .read_file(&path, &mut w)
+            .map_err(|err| std::io::Error::other(err.to_string()))
+            .and_then(|_| w.flush());
+        if let Err(err) = r {
+            let _ = tx.blocking_send(Err(err));
+        }
+    });
+    let (size, name) = ready_rx
+        .await
+        .map_err(|_| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, "worker ended".into()))??;
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let disposition = format!(
+        "attachment; filename=\"{}\"",
+        name.replace(
+            |c: char| c == '"' || c == '\\' || c.is_control() || !c.is_ascii(),
+            "_"
+        )
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+fn fs_err(path: &str, e: fsview::Error) -> ApiErr {
+    let code = match &e {
+        fsview::Error::NotFound(_) => StatusCode::NOT_FOUND,
+        fsview::Error::BadPath(_) | fsview::Error::WrongKind(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiErr(code, format!("{path}: {e}"))
+}
