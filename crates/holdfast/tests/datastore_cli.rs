@@ -137,6 +137,42 @@ fn recovery_points_lists_and_filters_by_source() {
     for id in [&a1, &b1, &a2] {
         assert!(table.contains(id.as_str()), "{table}");
     }
+    // By time: each source's latest point at or before it; the calendar counts days.
+    let at = json(&[
+        "recovery-points",
+        "-d",
+        s(&ds),
+        "--at",
+        "2999-01-01 00:00",
+        "--json",
+    ]);
+    let mut ids: Vec<&str> = at
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut want = vec![b1.as_str(), a2.as_str()];
+    want.sort();
+    assert_eq!(ids, want);
+    let err = fails(
+        1,
+        &["recovery-points", "-d", s(&ds), "--at", "2000-01-01 00:00"],
+    );
+    assert!(err.contains("no recovery point at or before"), "{err}");
+    let days = json(&["recovery-points", "-d", s(&ds), "--days", "--json"]);
+    let days = days.as_array().unwrap();
+    assert_eq!(
+        days.iter()
+            .map(|d| d["recovery_points"].as_u64().unwrap())
+            .sum::<u64>(),
+        3
+    );
+    assert!(
+        days.iter().all(|d| d["day"].as_str().unwrap().len() == 10),
+        "{days:?}"
+    );
 }
 
 #[test]

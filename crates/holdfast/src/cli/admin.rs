@@ -838,8 +838,9 @@ pub fn alerts(s: &ServerArgs, c: AlertsCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// `recovery-points list` against the server.
-pub fn recovery_points(s: &ServerArgs, vm: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
-    let path = match vm {
+pub fn recovery_points(s: &ServerArgs, a: &super::store::PointsArgs) -> anyhow::Result<ExitCode> {
+    use super::calendar;
+    let path = match &a.vm {
         Some(v) => {
             if split_vm(v).is_none() {
                 bail!("--vm {v:?} is not HOST/VM");
@@ -848,15 +849,32 @@ pub fn recovery_points(s: &ServerArgs, vm: Option<&str>, json: bool) -> anyhow::
         }
         None => "/recovery-points".into(),
     };
-    let list: Vec<RecoveryPointInfo> = s.client()?.get(&path)?;
-    if json {
+    let mut list: Vec<RecoveryPointInfo> = s.client()?.get(&path)?;
+    list.sort_by(|x, y| (x.created_unix, &x.id).cmp(&(y.created_unix, &y.id)));
+    if let Some(t) = &a.at {
+        list = calendar::at(list, calendar::parse_at(t)?);
+        if list.is_empty() {
+            bail!("no recovery point at or before {t}");
+        }
+    }
+    if a.days {
+        let d = calendar::days(&list);
+        if a.json {
+            return print_json(&d).map(|_| ExitCode::SUCCESS);
+        }
+        calendar::print_days(&d);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.json {
         return print_json(&list).map(|_| ExitCode::SUCCESS);
     }
     println!(
         "{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10}",
         "ID", "VM", "CREATED", "CONSISTENCY", "DISKS", "READ", "STORED"
     );
+    let mut headers = calendar::DayHeaders::new();
     for r in list {
+        headers.row(r.created_unix);
         println!(
             "{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10}",
             r.id,

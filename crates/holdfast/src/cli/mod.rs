@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and dispatch.
 
 mod admin;
+mod calendar;
 mod daemons;
 mod ilr;
 mod image;
@@ -119,7 +120,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(a) => store::backup(&a),
         Command::RecoveryPoints(a) => match a.datastore_given() {
             true => store::points(&a),
-            false => admin::recovery_points(&cli.server, a.vm.as_deref(), a.json),
+            false => admin::recovery_points(&cli.server, &a),
         },
         Command::Restore(a) => store::restore(&a),
         Command::Ilr(c) => ilr::run(&cli.server, c),

@@ -105,6 +105,13 @@ pub struct PointsArgs {
     /// Only this VM, HOST/VM (from the server).
     #[arg(long, conflicts_with = "datastore")]
     pub vm: Option<String>,
+    /// Only the latest recovery point at or before this time (UTC), per VM:
+    /// "2026-11-24 18:00".
+    #[arg(long)]
+    pub at: Option<String>,
+    /// The calendar: the days that have recovery points, with counts.
+    #[arg(long, conflicts_with = "at")]
+    pub days: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -361,11 +368,30 @@ pub fn points(a: &PointsArgs) -> anyhow::Result<ExitCode> {
             d.key, d.error
         );
     }
-    let list: Vec<&Manifest> = list
+    let mut list: Vec<&Manifest> = list
         .iter()
         .filter(|m| a.source.as_ref().is_none_or(|s| &m.source.name == s))
         .collect();
-    if a.json {
+    if let Some(t) = &a.at {
+        let owned: Vec<Manifest> = list.iter().map(|m| (*m).clone()).collect();
+        let keep: Vec<String> = super::calendar::at(owned, super::calendar::parse_at(t)?)
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        list.retain(|m| keep.contains(&m.id));
+        if list.is_empty() {
+            bail!("no recovery point at or before {t}");
+        }
+    }
+    if a.days {
+        let owned: Vec<Manifest> = list.iter().map(|m| (*m).clone()).collect();
+        let d = super::calendar::days(&owned);
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        } else {
+            super::calendar::print_days(&d);
+        }
+    } else if a.json {
         let v: Vec<_> = list.iter().map(|m| point_json(m)).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -373,7 +399,9 @@ pub fn points(a: &PointsArgs) -> anyhow::Result<ExitCode> {
             "{:<33} {:<20} {:<21} {:>5} {:>10} {:>10}",
             "ID", "SOURCE", "CREATED", "DISKS", "SIZE", "NEW"
         );
+        let mut headers = super::calendar::DayHeaders::new();
         for m in list {
+            headers.row(m.created_unix);
             let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
             println!(
                 "{:<33} {:<20} {:<21} {:>5} {:>10} {:>10}",
