@@ -53,6 +53,7 @@ struct ExtFs {
 unsafe impl Send for ExtFs {}
 
 pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
+    check_size(&volume)?;
     let fs = guard(|| Ext4::load(Box::new(Reader(volume))).map_err(|e| map_err(e, "/")))?;
     let label = fs.label().display().to_string().trim().to_string();
     Ok(Box::new(ExtFs {
@@ -60,6 +61,41 @@ pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
         kind,
         label: (!label.is_empty()).then_some(label),
     }))
+}
+
+/// Refuses a file system larger than its volume (a truncated image or a partition
+/// clipped at the disk end): ext4-view would only fail later, on the first read past
+/// the end, after listing whatever happened to lie before it.
+fn check_size(volume: &Volume) -> Result<()> {
+    let mut sb = [0u8; 1024];
+    volume.read_at(&mut sb, 1024)?;
+    let log = crate::le32(&sb, 0x18);
+    let incompat = crate::le32(&sb, 0x60);
+    let mut blocks = u64::from(crate::le32(&sb, 0x04));
+    // 64bit feature: the high half of the block count.
+    if incompat & 0x80 != 0 {
+        blocks |= u64::from(crate::le32(&sb, 0x150)) << 32;
+    }
+    let bytes = 1024u64
+        .checked_shl(log)
+        .filter(|_| log <= 6)
+        .and_then(|bs| bs.checked_mul(blocks));
+    match bytes {
+        Some(b) if b <= volume.len() => Ok(()),
+        Some(b) => Err(Error::corrupt(
+            "ext superblock",
+            1024,
+            format!(
+                "the file system is {b} bytes but its volume only {} (truncated image?)",
+                volume.len()
+            ),
+        )),
+        None => Err(Error::corrupt(
+            "ext superblock",
+            1024,
+            format!("block size exponent {log} or block count {blocks} out of range"),
+        )),
+    }
 }
 
 /// Runs `f`, turning a panic inside ext4-view (on data it did not expect) into an error:

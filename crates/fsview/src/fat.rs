@@ -23,10 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Entries a FAT directory can hold (the format caps a directory at 65536 32-byte slots).
 const MAX_DIR_ENTRIES: usize = 65536;
 
-/// Bytes a directory walk (one list, stat or path lookup) may read: generous for any
-/// sane tree (a full directory is 2 MiB, plus FAT lookups), small enough that a cluster
-/// loop fails in well under a second.
-const WALK_BUDGET: u64 = 256 << 20;
+/// Bytes one directory's iteration may read: twice a full directory (2 MiB, plus FAT
+/// lookups), small enough that a cluster loop fails in well under a second.
+const WALK_BUDGET: u64 = 4 << 20;
 
 type Fs = fatfs::FileSystem<Stream>;
 type FatDir<'a> = fatfs::Dir<'a, Stream>;
@@ -142,6 +141,7 @@ struct FatFs {
 unsafe impl Send for FatFs {}
 
 pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
+    check_size(&volume)?;
     let budget = Arc::new(AtomicU64::new(WALK_BUDGET));
     let writes = Arc::new(AtomicU64::new(0));
     let mut vol = volume;
@@ -164,6 +164,33 @@ pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
         budget,
         writes,
     }))
+}
+
+/// Refuses a file system larger than its volume (a truncated image, or a boot sector
+/// claiming more sectors than exist): reads would fail part-way through the tree.
+fn check_size(volume: &Volume) -> Result<()> {
+    let mut bs = [0u8; 512];
+    volume.read_at(&mut bs, 0)?;
+    let bps = u64::from(crate::le16(&bs, 11));
+    let total16 = u64::from(crate::le16(&bs, 19));
+    let total = if total16 != 0 {
+        total16
+    } else {
+        u64::from(crate::le32(&bs, 32))
+    };
+    // Both at most 32 bits: the product cannot overflow.
+    let bytes = total * bps;
+    if bytes > volume.len() {
+        return Err(Error::corrupt(
+            "FAT boot sector",
+            0,
+            format!(
+                "the file system is {bytes} bytes but its volume only {} (truncated image?)",
+                volume.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The boot-sector label, trimmed; "NO NAME" (what formatters write for none) and an
@@ -271,7 +298,8 @@ enum Found<'a> {
 }
 
 /// The entries of `dir` but `.` and `..`, at most [`MAX_DIR_ENTRIES`].
-fn entries<'a>(dir: &FatDir<'a>, path: &str) -> Result<Vec<FatEntry<'a>>> {
+fn entries<'a>(dir: &FatDir<'a>, path: &str, budget: &AtomicU64) -> Result<Vec<FatEntry<'a>>> {
+    budget.store(WALK_BUDGET, Ordering::Relaxed);
     let mut out = Vec::new();
     for (i, e) in dir.iter().enumerate() {
         if i >= MAX_DIR_ENTRIES {
@@ -292,12 +320,12 @@ fn entries<'a>(dir: &FatDir<'a>, path: &str) -> Result<Vec<FatEntry<'a>>> {
 }
 
 impl FatFs {
-    /// Starts a bounded directory walk.
+    /// Bounds the reads before the first directory iteration (each then gets its own).
     fn walk(&self) {
         self.budget.store(WALK_BUDGET, Ordering::Relaxed);
     }
 
-    fn resolve<'a>(fs: &'a Fs, path: &str) -> Result<Found<'a>> {
+    fn resolve<'a>(fs: &'a Fs, path: &str, budget: &AtomicU64) -> Result<Found<'a>> {
         let comps = crate::components(path)?;
         let mut dir = fs.root_dir();
         let mut key = String::new();
@@ -313,7 +341,7 @@ impl FatFs {
                     }
                 }
             }
-            let e = entries(&dir, path)?
+            let e = entries(&dir, path, budget)?
                 .into_iter()
                 .find(|e| eq_ci(&e.file_name(), c) || eq_ci(&e.short_file_name(), c))
                 .ok_or_else(|| Error::NotFound(path.to_string()))?;
@@ -337,14 +365,14 @@ impl FileSystem for FatFs {
     fn list(&mut self, path: &str) -> Result<Vec<Entry>> {
         self.walk();
         guard(|| {
-            let (dir, key) = match Self::resolve(&self.fs, path)? {
+            let (dir, key) = match Self::resolve(&self.fs, path, &self.budget)? {
                 Found::Root => (self.fs.root_dir(), String::new()),
                 Found::Entry(e, key) if e.is_dir() => (e.to_dir(), key),
                 Found::Entry(..) => {
                     return Err(Error::WrongKind(format!("{path}: not a directory")));
                 }
             };
-            Ok(entries(&dir, path)?
+            Ok(entries(&dir, path, &self.budget)?
                 .iter()
                 .map(|e| entry(e, &format!("{key}/{}", e.file_name())))
                 .collect())
@@ -354,7 +382,7 @@ impl FileSystem for FatFs {
     fn stat(&mut self, path: &str) -> Result<Entry> {
         self.walk();
         guard(|| {
-            Ok(match Self::resolve(&self.fs, path)? {
+            Ok(match Self::resolve(&self.fs, path, &self.budget)? {
                 Found::Root => Entry {
                     name: String::new(),
                     kind: EntryKind::Dir,
@@ -372,7 +400,7 @@ impl FileSystem for FatFs {
     fn read_link(&mut self, path: &str) -> Result<String> {
         self.walk();
         guard(|| {
-            Self::resolve(&self.fs, path)?;
+            Self::resolve(&self.fs, path, &self.budget)?;
             Err(Error::WrongKind(format!(
                 "{path}: not a symbolic link (FAT has none)"
             )))
@@ -383,7 +411,7 @@ impl FileSystem for FatFs {
         self.walk();
         let budget = self.budget.clone();
         guard(|| {
-            let e = match Self::resolve(&self.fs, path)? {
+            let e = match Self::resolve(&self.fs, path, &self.budget)? {
                 Found::Entry(e, _) if !e.is_dir() => e,
                 _ => return Err(Error::WrongKind(format!("{path}: is a directory"))),
             };
