@@ -52,6 +52,13 @@ struct ExtFs {
 // between threads; the whole object graph moves together.
 unsafe impl Send for ExtFs {}
 
+/// The SAFETY argument above needs the reader to be `Send` (a change to `Volume` that
+/// broke it would fail to build here).
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Reader>();
+};
+
 pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
     check_size(&volume)?;
     let fs = guard(|| Ext4::load(Box::new(Reader(volume))).map_err(|e| map_err(e, "/")))?;
@@ -166,10 +173,16 @@ fn inode_from_debug(debug: &str) -> Option<u64> {
 }
 
 fn entry(name: String, m: &Metadata, id: u64) -> Entry {
+    let kind = kind_of(m);
     Entry {
         name,
-        kind: kind_of(m),
-        size: m.len(),
+        kind,
+        // The trait's size is content (files) or target length (links); a directory's
+        // block count means nothing to a caller.
+        size: match kind {
+            EntryKind::File | EntryKind::Symlink => m.len(),
+            EntryKind::Dir | EntryKind::Other => 0,
+        },
         mtime: Some(m.modified().seconds()),
         mtime_nanos: m.modified().nanoseconds(),
         mode: Some(u32::from(m.mode()) & 0o7777),

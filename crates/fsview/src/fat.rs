@@ -140,6 +140,15 @@ struct FatFs {
 // `Sync`; everything else in it (`RefCell<Stream>`, `Cell`s, plain data) is `Send`.
 unsafe impl Send for FatFs {}
 
+/// The SAFETY argument above needs the disk and the two statics to be `Send`/`Sync`.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+    send::<Stream>();
+    sync::<AsciiOem>();
+    sync::<NoClock>();
+};
+
 pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
     check_size(&volume)?;
     let budget = Arc::new(AtomicU64::new(WALK_BUDGET));

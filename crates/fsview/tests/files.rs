@@ -133,6 +133,11 @@ fn make_tree(dir: &Path, tree: Tree) -> PathBuf {
         let long = format!("{}/target-that-does-not-exist", "x".repeat(90));
         std::os::unix::fs::symlink(&long, root.join("a/longlink")).unwrap();
         std::fs::hard_link(root.join("top.txt"), root.join("a/hard.txt")).unwrap();
+        // Not UTF-8: listed with U+FFFD, and still openable by that name.
+        use std::os::unix::ffi::OsStrExt;
+        let p = root.join(std::ffi::OsStr::from_bytes(b"a/latin1-\xe9t\xe9.txt"));
+        std::fs::write(&p, b"latin-1 name\n").unwrap();
+        set_mtime(&p);
         let mut perm = std::fs::metadata(root.join("top.txt"))
             .unwrap()
             .permissions();
@@ -148,7 +153,7 @@ fn source_map(root: &Path) -> BTreeMap<String, (EntryKind, u64)> {
         for e in std::fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
             let p = e.path();
-            let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
             let m = std::fs::symlink_metadata(&p).unwrap();
             let (kind, size) = if m.is_dir() {
                 walk(root, &p, out);
@@ -164,6 +169,17 @@ fn source_map(root: &Path) -> BTreeMap<String, (EntryKind, u64)> {
     let mut out = BTreeMap::new();
     walk(root, root, &mut out);
     out
+}
+
+/// The source file for a listed path (whose U+FFFD may stand for a non-UTF-8 byte).
+fn src_path(src: &Path, rel: &str) -> PathBuf {
+    if rel.contains('\u{FFFD}') {
+        let p = src.join("a/latin1-\u{FFFD}t\u{FFFD}.txt");
+        assert_eq!(src.join(rel), p, "only one such name");
+        use std::os::unix::ffi::OsStrExt;
+        return src.join(std::ffi::OsStr::from_bytes(b"a/latin1-\xe9t\xe9.txt"));
+    }
+    src.join(rel)
 }
 
 /// What the file system holds, by recursive lists: path → entry.
@@ -210,7 +226,8 @@ fn check(fs: &mut dyn FileSystem, src: &Path, tree: Tree, label: &str) {
 
     for (rel, e) in &got {
         let path = format!("/{rel}");
-        let sm = std::fs::symlink_metadata(src.join(rel)).unwrap();
+        let on_src = src_path(src, rel);
+        let sm = std::fs::symlink_metadata(&on_src).unwrap();
         // stat agrees with list.
         assert_eq!(&fs.stat(&path).unwrap(), e, "{path}");
         match e.kind {
@@ -219,7 +236,7 @@ fn check(fs: &mut dyn FileSystem, src: &Path, tree: Tree, label: &str) {
                 let n = fs.read_file(&path, &mut data).unwrap();
                 assert_eq!(n, data.len() as u64, "{path}");
                 assert!(
-                    data == std::fs::read(src.join(rel)).unwrap(),
+                    data == std::fs::read(&on_src).unwrap(),
                     "{path}: content differs"
                 );
                 let mtime = e.mtime.unwrap_or_else(|| panic!("{path}: no mtime"));
@@ -236,7 +253,7 @@ fn check(fs: &mut dyn FileSystem, src: &Path, tree: Tree, label: &str) {
                 }
             }
             EntryKind::Symlink => {
-                let target = std::fs::read_link(src.join(rel)).unwrap();
+                let target = std::fs::read_link(&on_src).unwrap();
                 assert_eq!(fs.read_link(&path).unwrap(), target.to_str().unwrap());
                 assert!(matches!(
                     fs.read_file(&path, &mut Vec::new()),
@@ -272,6 +289,7 @@ fn check(fs: &mut dyn FileSystem, src: &Path, tree: Tree, label: &str) {
         assert_eq!(got["top.txt"].mode, Some(0o640));
         assert_eq!(got["top.txt"].mtime_nanos, MTIME_NANOS, "nanoseconds kept");
         assert_eq!(got["a/hard.txt"].mtime_nanos, MTIME_NANOS);
+        assert!(got.contains_key("a/latin1-\u{FFFD}t\u{FFFD}.txt"));
         assert_eq!(got["link"].kind, EntryKind::Symlink);
         // A symlinked directory's path components are followed; the link itself is not a file.
         assert!(matches!(fs.read_link("/top.txt"), Err(Error::WrongKind(_))));
@@ -414,9 +432,16 @@ fn ext_case(t: &str, size_mib: u64, version: u8) {
     let src = make_tree(tmp.path(), Tree::Ext);
     let img = mkext(tmp.path(), &src, t, size_mib, None);
     let label = format!("TEST{}", t.to_uppercase());
-    let mut fs = open_whole(&img);
+    let fs = open_whole(&img);
     assert_eq!(fs.kind(), fsview::FsKind::Ext { version });
-    check(fs.as_mut(), &src, Tree::Ext, &label);
+    // Opened on one thread, browsed on another (the trait object is `Send`).
+    let (src2, label2) = (src.clone(), label.clone());
+    std::thread::spawn(move || {
+        let mut fs = fs;
+        check(fs.as_mut(), &src2, Tree::Ext, &label2)
+    })
+    .join()
+    .unwrap();
     let mbr = partitioned(tmp.path(), &img, false, "83");
     check(
         open_first_partition(&mbr, size_mib * MIB).as_mut(),
@@ -474,9 +499,15 @@ fn fat_case(bits: u8, size_mib: u64, mbr_type: &str) {
     let src = make_tree(tmp.path(), tree);
     let img = mkfat(tmp.path(), &src, bits, size_mib);
     let label = format!("TESTFAT{bits}");
-    let mut fs = open_whole(&img);
+    let fs = open_whole(&img);
     assert_eq!(fs.kind(), fsview::FsKind::Fat { bits });
-    check(fs.as_mut(), &src, tree, &label);
+    let (src2, label2) = (src.clone(), label.clone());
+    std::thread::spawn(move || {
+        let mut fs = fs;
+        check(fs.as_mut(), &src2, tree, &label2)
+    })
+    .join()
+    .unwrap();
     let mbr = partitioned(tmp.path(), &img, false, mbr_type);
     check(
         open_first_partition(&mbr, size_mib * MIB).as_mut(),
