@@ -518,9 +518,24 @@ mod tests {
             let mut f = d.create_file("Long file name.txt").unwrap();
             f.write_all(&vec![7u8; 100_000]).unwrap();
         }
-        let disk = vdisk::open_backing(vdisk::MemBacking::new(img.into_inner(), "f.img")).unwrap();
+        let clean = img.into_inner();
+        // Also with the dirty flag set (a volume not unmounted): fatfs must not clear it.
+        let kind = crate::identify(&clean);
+        let flags_at = if kind == (FsKind::Fat { bits: 32 }) {
+            0x41
+        } else {
+            0x25
+        };
+        let mut dirty = clean.clone();
+        dirty[flags_at] |= 1;
+        for (image, is_dirty) in [(clean, false), (dirty, true)] {
+            browse_counting_writes(image, kind, is_dirty);
+        }
+    }
+
+    fn browse_counting_writes(image: Vec<u8>, kind: FsKind, is_dirty: bool) {
+        let disk = vdisk::open_backing(vdisk::MemBacking::new(image, "f.img")).unwrap();
         let vol = Volume::whole(Arc::from(disk));
-        let kind = crate::probe(vol.disk().as_ref(), 0, vol.len()).unwrap();
         assert!(matches!(kind, FsKind::Fat { .. }), "{kind:?}");
         let writes = {
             let budget = Arc::new(AtomicU64::new(WALK_BUDGET));
@@ -539,6 +554,7 @@ mod tests {
                 writes: writes.clone(),
             };
             assert_eq!(ff.label().as_deref(), Some("UNITFAT"));
+            assert_eq!(ff.fs.read_status_flags().unwrap().dirty(), is_dirty);
             let l = ff.list("/SUB DIR").unwrap();
             assert_eq!(l.len(), 1);
             assert_eq!(l[0].name, "Long file name.txt");
