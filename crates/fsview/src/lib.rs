@@ -18,6 +18,7 @@
 mod ext;
 mod fat;
 mod fs;
+mod lznt1;
 mod ntfs;
 mod probe;
 mod table;
