@@ -248,6 +248,14 @@ fn build() -> Fixture {
     holes.extend(std::iter::repeat_n(0u8, 300_000));
     holes.extend_from_slice(&text[..77_777]);
     files.insert("compressed/holes.bin", holes);
+    // Enough units (each: compressed clusters + a sparse run) to need an $ATTRIBUTE_LIST.
+    let mut big_text = Vec::new();
+    for i in 0..240 * 1024u32 {
+        big_text.extend_from_slice(
+            format!("line {i:08} of a long and compressible text file ....\n").as_bytes(),
+        );
+    }
+    files.insert("compressed/big-text.txt", big_text);
     files.insert("pagefile.sys", pagefile());
 
     let m = Mount::new(&img, &dir.path().join("mnt"));
@@ -265,6 +273,12 @@ fn build() -> Fixture {
     }
     std::fs::create_dir_all(m.path("Program Files/App")).unwrap();
     std::fs::create_dir(m.path("empty_dir")).unwrap();
+    // An 8.3 alias (a DOS-namespace $FILE_NAME next to the Win32 one), as Windows makes.
+    setxattr(
+        &m.path("Program Files"),
+        "system.ntfs_dos_name",
+        b"PROGRA~1",
+    );
     // Sparse: 8 MiB with data only at both ends (written past the end: a hole).
     let f = std::fs::File::create(m.path("sparse.bin")).unwrap();
     f.write_all_at(b"head", 0).unwrap();
@@ -274,6 +288,17 @@ fn build() -> Fixture {
     sparse[..4].copy_from_slice(b"head");
     sparse[8 * MIB as usize - 4..].copy_from_slice(b"tail");
     files.insert("sparse.bin", sparse);
+    // 4 KiB written every 8 KiB: 1200 runs (data, hole, data...), more than one MFT
+    // record holds, so ntfs-3g spreads $DATA over extension records (an $ATTRIBUTE_LIST).
+    let f = std::fs::File::create(m.path("holey.bin")).unwrap();
+    let mut holey = vec![0u8; 599 * 8192 + 4096];
+    for i in 0..600u64 {
+        let piece = [(i % 251 + 1) as u8; 4096];
+        f.write_all_at(&piece, i * 8192).unwrap();
+        holey[i as usize * 8192..][..4096].copy_from_slice(&piece);
+    }
+    drop(f);
+    files.insert("holey.bin", holey);
     std::fs::hard_link(
         m.path("Users/alice/Documents/report.txt"),
         m.path("Users/alice/report-link.txt"),
@@ -374,6 +399,7 @@ fn ntfs_reads_what_ntfs3g_wrote() {
         ("empty_dir", EntryKind::Dir),
         ("pagefile.sys", EntryKind::File),
         ("sparse.bin", EntryKind::File),
+        ("holey.bin", EntryKind::File),
         ("winlink-abs", EntryKind::Symlink),
         ("winlink-rel", EntryKind::Symlink),
         ("日本語.txt", EntryKind::File),
@@ -395,6 +421,12 @@ fn ntfs_reads_what_ntfs3g_wrote() {
     );
     assert!(pf.mode.is_none());
     assert!(fs.list("/empty_dir").unwrap().is_empty());
+
+    // The 8.3 alias is not listed, but it resolves (to the long name).
+    let pf_dir = fs.stat("/PROGRA~1").unwrap();
+    assert_eq!(pf_dir.name, "Program Files");
+    assert_eq!(pf_dir.id, fs.stat("/Program Files").unwrap().id);
+    assert_eq!(fs.list("/progra~1").unwrap()[0].name, "App");
 
     // Case-insensitive lookup; long names (no 8.3 duplicates) in listings.
     assert_eq!(
@@ -444,6 +476,7 @@ fn ntfs_reads_what_ntfs3g_wrote() {
         ("/compressed/text.txt", true),
         ("/compressed/random.bin", false),
         ("/compressed/holes.bin", true),
+        ("/compressed/big-text.txt", true),
     ] {
         let s = ntfsinfo_data(&fx.img, p);
         assert!(
@@ -457,6 +490,18 @@ fn ntfs_reads_what_ntfs3g_wrote() {
         }
     }
     assert!(fs.data_ranges("/compressed/text.txt").unwrap().is_none());
+
+    // Both multi-record files really have an attribute list.
+    for p in ["/holey.bin", "/compressed/big-text.txt"] {
+        let out = run("ntfsinfo", &["-F", p, fx.img.to_str().unwrap()], None);
+        assert!(
+            out.contains("$ATTRIBUTE_LIST"),
+            "{p}: no attribute list:\n{out}"
+        );
+    }
+    let ranges = fs.data_ranges("/holey.bin").unwrap().unwrap();
+    assert_eq!(ranges.len(), 600, "{ranges:?}");
+    assert!(ranges.iter().all(|r| r.1 == 4096));
 
     // Sparse: the runs hold far less than the file.
     let s = ntfsinfo_data(&fx.img, "/sparse.bin");
