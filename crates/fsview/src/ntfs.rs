@@ -861,7 +861,7 @@ impl FileSystem for NtfsFs {
             let is_root = found.file.file_record_number() == 5;
             // Cap: an index entry takes at least 0x52 bytes on disk.
             let max_entries = (rd.vol.len() / 0x50).max(1024);
-            let mut names: Vec<(String, u64)> = Vec::new();
+            let mut names: Vec<(Entry, u64)> = Vec::new();
             {
                 let index = found
                     .file
@@ -885,7 +885,22 @@ impl FileSystem for NtfsFs {
                     if is_root && rec < FIRST_USER_RECORD && name.starts_with('$') {
                         continue;
                     }
-                    names.push((name, rec));
+                    // What the index says, used when the file's own record is damaged.
+                    let (mtime, mtime_nanos) = nt_time(key.modification_time().nt_timestamp());
+                    let fallback = Entry {
+                        name,
+                        kind: if key.is_directory() {
+                            EntryKind::Dir
+                        } else {
+                            EntryKind::Other
+                        },
+                        size: 0,
+                        mtime,
+                        mtime_nanos,
+                        mode: None,
+                        id: rec,
+                    };
+                    names.push((fallback, rec));
                     if names.len() as u64 > max_entries {
                         return Err(Error::corrupt(
                             "ntfs directory index",
@@ -896,12 +911,19 @@ impl FileSystem for NtfsFs {
                 }
             }
             let mut out = Vec::with_capacity(names.len());
-            for (name, rec) in names {
+            for (fallback, rec) in names {
                 rd.reset();
-                let f = ntfs
+                let e = ntfs
                     .file(rd, rec)
-                    .map_err(|e| conv(start, "ntfs file record", e))?;
-                out.push(Self::entry_of(ntfs, rd, &f, name)?);
+                    .map_err(|e| conv(start, "ntfs file record", e))
+                    .and_then(|f| Self::entry_of(ntfs, rd, &f, fallback.name.clone()));
+                match e {
+                    Ok(e) => out.push(e),
+                    // One damaged file does not hide its directory: it is listed from
+                    // its index entry, as "other" (reading it reports the damage).
+                    Err(Error::Corrupt { .. }) => out.push(fallback),
+                    Err(e) => return Err(e),
+                }
             }
             Ok(out)
         })
