@@ -58,7 +58,7 @@ pub fn open(volume: Volume) -> Result<Box<dyn FileSystem>> {
             .map_err(|e| conv(start, "ntfs root directory", e))?;
         let label = match ntfs.volume_name(&mut rd) {
             None => None,
-            Some(Ok(n)) => Some(n.name().to_string_lossy()),
+            Some(Ok(n)) => Some(n.name().to_string_lossy()).filter(|l| !l.is_empty()),
             Some(Err(e)) => return Err(conv(start, "ntfs $Volume", e)),
         };
         Ok(Box::new(NtfsFs { ntfs, rd, label }) as Box<dyn FileSystem>)
