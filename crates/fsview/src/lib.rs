@@ -19,6 +19,7 @@ mod ext;
 mod extract;
 mod fat;
 mod fs;
+mod lznt1;
 mod ntfs;
 mod probe;
 mod select;
