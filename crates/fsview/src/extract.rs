@@ -169,7 +169,7 @@ fn copy_entry(
             }
         }
         EntryKind::File => {
-            let n = write_file(fs, src, to, mtime(e))?;
+            let n = write_file(fs, src, to, mtime(e), e.mode)?;
             report.files += 1;
             report.bytes = report.bytes.saturating_add(n);
         }
@@ -207,7 +207,13 @@ fn mtime(e: &crate::Entry) -> Option<SystemTime> {
 
 /// Writes the file under a temporary name (created exclusively: never through an
 /// existing link), fsyncs it, then renames it into place if nothing is there yet.
-fn write_file(fs: &mut dyn FileSystem, src: &str, to: &Path, t: Option<SystemTime>) -> Result<u64> {
+fn write_file(
+    fs: &mut dyn FileSystem,
+    src: &str,
+    to: &Path,
+    t: Option<SystemTime>,
+    mode: Option<u32>,
+) -> Result<u64> {
     if to.symlink_metadata().is_ok() {
         return Err(Error::Io(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
@@ -224,6 +230,11 @@ fn write_file(fs: &mut dyn FileSystem, src: &str, to: &Path, t: Option<SystemTim
     let n = fs.read_file(src, &mut w)?;
     w.flush()?;
     let file = w.into_inner().map_err(|e| e.into_error())?;
+    // The source's permission bits (ext), without set-id bits; 0644 where the file
+    // system has none (NTFS, FAT). The temporary file starts at 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let bits = mode.map_or(0o644, |m| m & 0o777);
+    file.set_permissions(std::fs::Permissions::from_mode(bits))?;
     file.sync_all()?;
     if let Some(t) = t {
         file.set_modified(t)?;
