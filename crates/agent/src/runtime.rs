@@ -34,6 +34,9 @@ pub struct AgentOptions {
     pub max_jobs: usize,
     /// How often the inventory is sent (default 60 s).
     pub inventory_every: Duration,
+    /// Leave page, hibernation and swap files out of backups (found on each view's NTFS
+    /// volumes and Linux swap partitions; stored as zeros). Default on.
+    pub skip_page_files: bool,
 }
 
 impl AgentOptions {
@@ -52,6 +55,7 @@ impl AgentOptions {
             threads: default_threads(),
             max_jobs: 2,
             inventory_every: Duration::from_secs(60),
+            skip_page_files: true,
         }
     }
 }
@@ -119,6 +123,7 @@ struct Shared {
     /// VM name → index of the provider that listed it, from the last inventory.
     owners: Mutex<HashMap<String, usize>>,
     threads: usize,
+    skip_page_files: bool,
     stop: Arc<AtomicBool>,
 }
 
@@ -199,6 +204,7 @@ pub fn run(opts: AgentOptions, stop: Arc<AtomicBool>) -> Result<()> {
         providers: opts.providers,
         owners: Mutex::new(HashMap::new()),
         threads: opts.threads.max(1),
+        skip_page_files: opts.skip_page_files,
         stop: stop.clone(),
     });
     let max_jobs = opts.max_jobs.max(1);
@@ -350,7 +356,12 @@ fn job_inner(
     let snap = provider.snapshot(&job.vm, job.kind, start.base.as_ref())?;
     let t_view = t0.elapsed();
     let consistency = snap.consistency();
-    let notes = snap.notes();
+    let mut notes = snap.notes();
+    let special = if shared.skip_page_files {
+        page_files(snap.as_ref(), &mut notes)
+    } else {
+        Vec::new()
+    };
     let result = backup(
         shared,
         job,
@@ -359,6 +370,7 @@ fn job_inner(
         &start,
         params,
         snap.as_ref(),
+        &special,
         cancel,
     );
     let t_read = t0.elapsed();
@@ -404,6 +416,38 @@ fn job_inner(
             Err(e.into())
         }
     }
+}
+
+/// Page, hibernation and swap files of each disk of the view (disk byte ranges), with
+/// a job-log note for each; a disk that cannot be examined is backed up whole, noted.
+fn page_files(snap: &dyn Snapshot, notes: &mut Vec<protocol::Note>) -> Vec<Vec<(u64, u64)>> {
+    snap.disks()
+        .iter()
+        .enumerate()
+        .map(
+            |(i, d)| match fsview::scoped(d.disk, fsview::page_and_swap) {
+                Ok(s) => {
+                    for f in &s.found {
+                        notes.push(protocol::Note::info(format!(
+                            "disk {i}: {f} left out (restored as zeros)"
+                        )));
+                    }
+                    for p in &s.problems {
+                        notes.push(protocol::Note::info(format!(
+                            "disk {i}: page files not looked for: {p}"
+                        )));
+                    }
+                    s.ranges
+                }
+                Err(e) => {
+                    notes.push(protocol::Note::info(format!(
+                        "disk {i}: page files not looked for: {e}"
+                    )));
+                    Vec::new()
+                }
+            },
+        )
+        .collect()
 }
 
 /// The union of two lists of sorted, disjoint `(offset, length)` ranges: sorted,
@@ -457,6 +501,7 @@ fn backup(
     start: &SessionStart,
     params: BlockParams,
     snap: &dyn Snapshot,
+    special: &[Vec<(u64, u64)>],
     cancel: &Arc<AtomicBool>,
 ) -> Result<(Vec<protocol::DiskRecord>, protocol::Stats)> {
     let remote = RemoteTarget::new(shared.transport.clone(), job.job_id, params, cancel.clone());
@@ -488,13 +533,16 @@ fn backup(
                     .unwrap_or_default();
                 union(ch, base_excl)
             }),
-            // The data source's exclusions (set on the server) win over the provider's.
-            excluded: start
-                .excluded
-                .get(i)
-                .filter(|e| !e.is_empty())
-                .unwrap_or(&d.excluded)
-                .clone(),
+            // The data source's exclusions (set on the server) win over the provider's;
+            // page files found in this very view are added to them.
+            excluded: union(
+                start
+                    .excluded
+                    .get(i)
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or(&d.excluded),
+                special.get(i).map(Vec::as_slice).unwrap_or_default(),
+            ),
         })
         .collect();
     // The base matters to the pipeline only for changed ranges (reusing its index).

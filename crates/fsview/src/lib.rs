@@ -23,6 +23,7 @@ mod lznt1;
 mod ntfs;
 mod probe;
 mod select;
+mod special;
 mod table;
 mod volume;
 
@@ -30,6 +31,7 @@ pub use extract::{MAX_DEPTH, Report, extract, safe_name};
 pub use fs::{Entry, EntryKind, FileSystem, components, open};
 pub use probe::{FsKind, identify, probe};
 pub use select::{VolumeInfo, open_volume, volumes};
+pub use special::{MAX_RANGES, PAGE_FILES, SWAP_HEADER_KEPT, Special, page_and_swap, scoped};
 pub use table::{
     MAX_GPT_ENTRIES_BYTES, MAX_LOGICALS, PartKind, Partition, PartitionTable, TableKind,
     gpt_type_description, read_partitions,

@@ -98,6 +98,10 @@ pub struct AgentCmd {
     /// Seconds between inventory reports.
     #[arg(long, default_value_t = 60)]
     inventory_seconds: u64,
+    /// Back up page, hibernation and swap files too (by default they are found in each
+    /// view's NTFS volumes and Linux swap partitions, left out and restored as zeros).
+    #[arg(long)]
+    keep_page_files: bool,
 }
 
 pub fn agent(s: &ServerArgs, a: AgentCmd) -> anyhow::Result<ExitCode> {
@@ -130,6 +134,7 @@ pub fn agent(s: &ServerArgs, a: AgentCmd) -> anyhow::Result<ExitCode> {
         threads: a.threads.unwrap_or_else(agent::default_threads),
         max_jobs: a.max_jobs.max(1),
         inventory_every: Duration::from_secs(a.inventory_seconds.max(1)),
+        skip_page_files: !a.keep_page_files,
     };
     agent::run(opts, Arc::new(AtomicBool::new(false)))?;
     Ok(ExitCode::SUCCESS)

@@ -350,6 +350,7 @@ fn point_json(m: &Manifest) -> serde_json::Value {
         "disks": m.disks.iter().map(|d| json!({
             "index": d.index, "name": d.name, "format": d.format,
             "virtual_size": d.virtual_size, "logical_sector_size": d.logical_sector_size,
+            "excluded": d.excluded,
         })).collect::<Vec<_>>(),
         "stats": m.stats,
     })
