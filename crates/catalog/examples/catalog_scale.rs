@@ -75,6 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 disks: vec![],
                 stats: Stats::default(),
                 job_id: None,
+                volumes: None,
             });
         }
     }

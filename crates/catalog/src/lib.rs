@@ -423,6 +423,7 @@ pub(crate) mod test_util {
             disks: vec![disk("d.qcow2", 1 << 30)],
             stats: protocol::Stats::default(),
             job_id: None,
+            volumes: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::{Catalog, Cols, Error, Result, to_json};
 
 pub(crate) const RP_SELECT: &str =
     "SELECT id, vm, datasource_id, created, created_unix, consistency,
-    base, disks, stats, job_id FROM recovery_points";
+    base, disks, stats, job_id, volumes FROM recovery_points";
 
 /// Consistency as its protocol text (`crash-consistent`), not JSON-quoted.
 fn consistency_text(c: Consistency) -> Result<String> {
@@ -32,6 +32,13 @@ fn rp_row(r: &Cols) -> Result<RecoveryPointInfo> {
         disks: r.json(7, "recovery_points.disks")?,
         stats: r.json(8, "recovery_points.stats")?,
         job_id: r.get(9, "recovery_points.job_id")?,
+        volumes: match r.get::<Option<String>>(10, "recovery_points.volumes")? {
+            Some(t) => Some(
+                serde_json::from_str(&t)
+                    .map_err(|e| Error::Corrupt(format!("recovery_points.volumes: {e}")))?,
+            ),
+            None => None,
+        },
     })
 }
 
@@ -84,6 +91,18 @@ impl Catalog {
     pub fn recovery_point(&self, id: &str) -> Result<RecoveryPointInfo> {
         self.one(&format!("{RP_SELECT} WHERE id = ?1"), [id], rp_row)?
             .ok_or_else(|| Error::NotFound(format!("recovery point {id:?}")))
+    }
+
+    /// Records what opening the point's volumes found (see [`protocol::VolumeCheck`]).
+    pub fn set_recovery_point_volumes(&self, id: &str, v: &[protocol::VolumeCheck]) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE recovery_points SET volumes = ?2 WHERE id = ?1",
+            params![id, to_json(&v, "volumes")?],
+        )?;
+        if n == 0 {
+            return Err(Error::NotFound(format!("recovery point {id:?}")));
+        }
+        Ok(())
     }
 
     pub fn delete_recovery_point(&self, id: &str) -> Result<()> {

@@ -3,7 +3,12 @@
 //! because databases in the field have already run it.
 
 /// Every migration step in order; `MIGRATIONS.len()` is the version this program writes.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+
+/// Item-level recovery: what the server found in each volume of a recovery point.
+const V2: &str = r#"
+ALTER TABLE recovery_points ADD COLUMN volumes TEXT;   -- JSON [VolumeCheck], NULL = unchecked
+"#;
 
 /// Times are Unix seconds (INTEGER) so they sort and compare; the protocol's RFC 3339
 /// strings are made on the way out. JSON columns hold serde_json of protocol types.

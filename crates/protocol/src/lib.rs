@@ -277,6 +277,27 @@ pub struct RecoveryPointInfo {
     pub stats: Stats,
     /// The job that made it, when made through the server.
     pub job_id: Option<i64>,
+    /// What the server found when it opened each volume of the stored point (after
+    /// the backup); `None` until checked.
+    #[serde(default)]
+    pub volumes: Option<Vec<VolumeCheck>>,
+}
+
+/// One volume of a recovery point, opened from the datastore after the backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeCheck {
+    pub disk: u32,
+    /// Partition number (1-based); 0 = the whole disk (no partition table).
+    pub partition: u32,
+    /// File system by signature (`ntfs`, `ext4`, `fat32`, `swap`, `bitlocker`,
+    /// `unknown`...).
+    pub fs: String,
+    /// Whether its root folder could be listed.
+    pub readable: bool,
+    /// Entries in the root folder.
+    pub root_entries: u64,
+    /// Why it is not readable.
+    pub problem: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------

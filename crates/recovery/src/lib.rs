@@ -168,3 +168,52 @@ fn entry(e: Entry, target: Option<String>) -> IlrEntry {
         target,
     }
 }
+
+/// Opens every volume of a recovery point's disk and lists its root folder: what the
+/// server records after each backup, so a backup of a disk whose file system became
+/// unreadable does not look healthy. Never fails: problems are the result.
+pub fn check_volumes(disk: Arc<dyn VirtualDisk>, disk_no: u32) -> Vec<protocol::VolumeCheck> {
+    let vols = match fsview::volumes(disk.as_ref()) {
+        Ok((_, v)) => v,
+        Err(e) => {
+            return vec![protocol::VolumeCheck {
+                disk: disk_no,
+                partition: 0,
+                fs: "unknown".into(),
+                readable: false,
+                root_entries: 0,
+                problem: Some(format!("partition table: {e}")),
+            }];
+        }
+    };
+    vols.into_iter()
+        .map(|v| {
+            let mut c = protocol::VolumeCheck {
+                disk: disk_no,
+                partition: v.number,
+                fs: v.fs.name().into(),
+                readable: false,
+                root_entries: 0,
+                problem: None,
+            };
+            if !v.fs.supported() {
+                c.problem = Some(match v.fs {
+                    fsview::FsKind::Unknown => "no file system recognised".into(),
+                    other => format!("{}: item-level recovery cannot read it", other.name()),
+                });
+                return c;
+            }
+            let listed = fsview::open_volume(disk.clone(), Some(v.number).filter(|n| *n > 0))
+                .and_then(fsview::open)
+                .and_then(|mut fs| fs.list("/"));
+            match listed {
+                Ok(entries) => {
+                    c.readable = true;
+                    c.root_entries = entries.len() as u64;
+                }
+                Err(e) => c.problem = Some(e.to_string()),
+            }
+            c
+        })
+        .collect()
+}

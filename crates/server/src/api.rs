@@ -1056,6 +1056,7 @@ async fn agent_commit(
             cat.resolve_alerts(now(), vm, Some("change-tracking-reset"))?;
         }
     }
+    crate::ilr::check_point(st.clone(), id, job.vm.clone(), manifest.clone()).await;
     st.job_succeeded(id, now())?;
     Ok(json(&CommitResponse {
         recovery_point: manifest.id,

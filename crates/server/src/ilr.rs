@@ -181,3 +181,95 @@ fn fs_err(path: &str, e: fsview::Error) -> ApiErr {
     };
     ApiErr(code, format!("{path}: {e}"))
 }
+
+/// After a backup: opens every volume of the new recovery point from the datastore,
+/// records what it found, and raises a `filesystem-unreadable` warning when a volume
+/// that was readable in the previous recovery point is not any more (resolved by the
+/// next backup where all are readable again). Problems checking are logged on the job,
+/// never fail it: the recovery point is already safely stored.
+pub async fn check_point(
+    st: std::sync::Arc<crate::state::AppState>,
+    job: i64,
+    vm: Option<String>,
+    m: datastore::Manifest,
+) {
+    let st2 = st.clone();
+    let r = blocking(move || {
+        let mut all = Vec::new();
+        for d in 0..m.disks.len() {
+            let disk = recovery::open_disk(&st2.datastore, &m, d)?;
+            all.extend(recovery::check_volumes(disk, d as u32));
+        }
+        let cat = st2.cat();
+        cat.set_recovery_point_volumes(&m.id, &all)?;
+        let now = datastore::time::now();
+        for v in &all {
+            let what = match v.partition {
+                0 => format!("disk {} (whole disk)", v.disk),
+                p => format!("disk {} partition {p}", v.disk),
+            };
+            let state = match (&v.problem, v.readable) {
+                (_, true) => format!("{} readable, {} entries in its root", v.fs, v.root_entries),
+                (Some(p), false) => format!("{} not readable: {p}", v.fs),
+                (None, false) => format!("{} not readable", v.fs),
+            };
+            cat.job_log(now, job, &format!("volume check: {what}: {state}"))?;
+        }
+        let Some(vm) = vm else { return Ok(()) };
+        let points = cat.recovery_points(Some(&m.source.id))?;
+        let prev = points
+            .iter()
+            .rev()
+            .filter(|p| p.id != m.id && p.created_unix <= m.created_unix)
+            .find_map(|p| p.volumes.as_ref());
+        let lost: Vec<String> = prev
+            .into_iter()
+            .flatten()
+            .filter(|p| p.readable)
+            .filter(|p| {
+                !all.iter()
+                    .any(|v| v.disk == p.disk && v.partition == p.partition && v.readable)
+            })
+            .map(|p| {
+                let now = all
+                    .iter()
+                    .find(|v| v.disk == p.disk && v.partition == p.partition);
+                format!(
+                    "disk {} partition {} had a readable {} file system; in recovery point {} {}",
+                    p.disk,
+                    p.partition,
+                    p.fs,
+                    m.id,
+                    match now {
+                        Some(v) => format!(
+                            "it is {} ({})",
+                            v.fs,
+                            v.problem.as_deref().unwrap_or("not readable")
+                        ),
+                        None => "the volume is gone".into(),
+                    }
+                )
+            })
+            .collect();
+        if lost.is_empty() {
+            cat.resolve_alerts(now, &vm, Some("filesystem-unreadable"))?;
+        } else {
+            cat.raise_alert(
+                now,
+                protocol::Severity::Warning,
+                &vm,
+                "filesystem-unreadable",
+                &lost.join("; "),
+            )?;
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = r {
+        let _ = st.cat().job_log(
+            datastore::time::now(),
+            job,
+            &format!("volume check failed: {}", e.1),
+        );
+    }
+}

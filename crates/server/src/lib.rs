@@ -81,6 +81,7 @@ pub fn rp_info(m: &Manifest, job_id: Option<i64>) -> RecoveryPointInfo {
             .collect(),
         stats: m.stats,
         job_id,
+        volumes: None,
     }
 }
 

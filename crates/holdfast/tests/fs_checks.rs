@@ -1,7 +1,9 @@
-//! Page, hibernation and swap files are found in the view being backed up (NTFS
-//! volumes, Linux swap partitions), left out of the recovery point, recorded in it and
-//! restored as zeros; everything else restores exactly. Through a real server and
-//! agent; the NTFS volume is made by mkntfs + ntfscp, the swap by mkswap.
+//! File-system knowledge used by backups, through a real server and agent:
+//! - page, hibernation and swap files are found in the view being backed up (NTFS
+//!   volumes, Linux swap partitions), left out of the recovery point, recorded in it
+//!   and restored as zeros; everything else restores exactly (mkntfs + ntfscp, mkswap);
+//! - after each backup the server opens every volume of the stored recovery point and
+//!   alerts when one that was readable no longer is (mke2fs).
 
 mod common;
 
@@ -173,5 +175,92 @@ fn page_and_swap_files_are_left_out_and_restored_as_zeros() {
     assert!(
         !got.windows(8).any(|w| w == b"PAGEFILE"),
         "the page file's content was backed up"
+    );
+}
+
+fn point_volumes(c: &Cluster, vm: &str) -> Vec<VolumeCheck> {
+    let pts: Vec<RecoveryPointInfo> =
+        serde_json::from_str(&c.cli_ok(&["recovery-points", "list", "--vm", vm, "--json"]))
+            .unwrap();
+    pts.last()
+        .unwrap()
+        .volumes
+        .clone()
+        .expect("volumes checked")
+}
+
+#[test]
+fn a_file_system_that_becomes_unreadable_raises_an_alert_until_it_heals() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    std::fs::create_dir_all(vms.join("lin")).unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/hosts"), b"127.0.0.1 localhost\n").unwrap();
+    let ext = t.path().join("ext.img");
+    tool(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-d"])
+            .arg(&src)
+            .arg(&ext)
+            .arg("16M"),
+        "mke2fs",
+    );
+    let good = std::fs::read(&ext).unwrap();
+    let disk = vms.join("lin/lin-disk0.raw");
+    std::fs::write(&disk, &good).unwrap();
+
+    let mut c = Cluster::start(t.path(), FAST);
+    c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    c.cli_ok(&[
+        "pg",
+        "create",
+        "pg",
+        "--member",
+        "hv01/lin",
+        "--retention-days",
+        "7",
+        "--sync-frequency",
+        "1440",
+        "--recovery-point-times",
+        "20:00",
+    ]);
+    wait_until("the initial replica", Duration::from_secs(60), || {
+        c.jobs()
+            .iter()
+            .any(|j| j.kind == JobKind::InitialReplica && j.state == JobState::Succeeded)
+    });
+    let v = point_volumes(&c, "hv01/lin");
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(
+        v[0].readable && v[0].fs == "ext4" && v[0].partition == 0,
+        "{v:?}"
+    );
+    assert_eq!(v[0].root_entries, 2, "etc and lost+found: {v:?}");
+
+    // The superblock is wiped: the backup succeeds, but it must not look healthy.
+    let mut bad = good.clone();
+    bad[1024..2048].fill(0);
+    std::fs::write(&disk, &bad).unwrap();
+    c.cli_ok(&["backup-now", "hv01/lin", "--wait"]);
+    let v = point_volumes(&c, "hv01/lin");
+    assert!(!v[0].readable && v[0].problem.is_some(), "{v:?}");
+    let alerts = c.alerts();
+    let a = alerts
+        .iter()
+        .find(|a| a.kind == "filesystem-unreadable" && a.subject == "hv01/lin")
+        .unwrap_or_else(|| panic!("{alerts:?}"));
+    assert_eq!(a.severity, Severity::Warning);
+    assert!(a.message.contains("had a readable ext4"), "{}", a.message);
+
+    // Repaired: the next backup resolves the alert.
+    std::fs::write(&disk, &good).unwrap();
+    c.cli_ok(&["backup-now", "hv01/lin", "--wait"]);
+    assert!(point_volumes(&c, "hv01/lin")[0].readable);
+    assert!(
+        !c.alerts().iter().any(|a| a.kind == "filesystem-unreadable"),
+        "{:?}",
+        c.alerts()
     );
 }
