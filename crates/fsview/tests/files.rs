@@ -6,70 +6,18 @@
 
 use fsview::{EntryKind, Error, FileSystem, Volume, read_partitions};
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-const MIB: u64 = 1 << 20;
+mod support;
+use support::{MIB, random_bytes, run};
+
 /// Source mtimes: 2021-06-15T10:20:30.123456789Z (even seconds: FAT keeps 2 s steps).
 const MTIME_SECS: u64 = 1_623_752_430;
 const MTIME_NANOS: u32 = 123_456_789;
-
-/// Runs a tool with extra environment, failing the test (with the package to install)
-/// when it is missing or fails. Returns stdout.
-fn run(tool: &str, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> String {
-    let pkg = match tool {
-        "sfdisk" => "fdisk",
-        "mkfs.fat" => "dosfstools",
-        "mke2fs" | "debugfs" => "e2fsprogs",
-        "mcopy" => "mtools",
-        _ => "?",
-    };
-    let mut cmd = Command::new(tool);
-    cmd.args(args)
-        .envs(env.iter().copied())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => panic!(
-            "{tool} could not be started ({e}): install it with `apt-get install {pkg}` (or run scripts/install-deps)"
-        ),
-    };
-    if let Some(s) = stdin {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Deterministic pseudo-random bytes (xorshift64).
-fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn set_mtime(path: &Path) {
     let t = UNIX_EPOCH + Duration::new(MTIME_SECS, MTIME_NANOS);
@@ -320,20 +268,10 @@ fn check(fs: &mut dyn FileSystem, src: &Path, tree: Tree, label: &str) {
     assert!(matches!(fs.list(".."), Err(Error::BadPath(_))));
 }
 
-fn blank(path: &Path, size: u64) {
-    File::create(path).unwrap().set_len(size).unwrap();
-}
-
 fn mkext(dir: &Path, src: &Path, t: &str, size_mib: u64, features: Option<&str>) -> PathBuf {
     let img = dir.join(format!("{t}{}.img", features.unwrap_or("")));
-    blank(&img, size_mib * MIB);
     let label = format!("TEST{}", t.to_uppercase());
-    let mut args = vec!["-q", "-F", "-t", t, "-b", "4096", "-I", "256", "-L", &label];
-    if let Some(f) = features {
-        args.extend(["-O", f]);
-    }
-    args.extend(["-d", src.to_str().unwrap(), img.to_str().unwrap()]);
-    run("mke2fs", &args, None, &[]);
+    support::mke2fs(&img, t, size_mib, &label, src, features);
     // mke2fs -d drops sub-second times: set top.txt's (and so its hard link's) by hand,
     // nanoseconds << 2 in the extra field.
     let extra = format!("sif /top.txt mtime_extra {}", MTIME_NANOS << 2);
@@ -348,66 +286,23 @@ fn mkext(dir: &Path, src: &Path, t: &str, size_mib: u64, features: Option<&str>)
 
 fn mkfat(dir: &Path, src: &Path, bits: u8, size_mib: u64) -> PathBuf {
     let img = dir.join(format!("fat{bits}.img"));
-    let kib = (size_mib * 1024).to_string();
-    let label = format!("TESTFAT{bits}");
-    let bits_s = bits.to_string();
-    let mut args = vec!["-F", &bits_s, "-n", &label];
-    if bits == 32 {
-        // One sector per cluster keeps a 64 MiB volume above FAT32's cluster minimum.
-        args.extend(["-s", "1"]);
-    }
-    args.extend(["-C", img.to_str().unwrap(), &kib]);
-    run("mkfs.fat", &args, None, &[]);
-    let names: Vec<String> = std::fs::read_dir(src)
-        .unwrap()
-        .map(|e| e.unwrap().path().to_str().unwrap().to_string())
-        .collect();
-    let mut args = vec!["-s", "-p", "-m", "-i", img.to_str().unwrap()];
-    args.extend(names.iter().map(String::as_str));
-    args.push("::/");
-    // mtools stores local time: UTC makes it the source's; UTF-8 for long names.
-    run(
-        "mcopy",
-        &args,
-        None,
-        &[
-            ("TZ", "UTC"),
-            ("LC_ALL", "C.UTF-8"),
-            ("MTOOLS_SKIP_CHECK", "1"),
-        ],
-    );
+    support::mkfat(&img, bits, size_mib, &format!("TESTFAT{bits}"), src);
     img
 }
 
 /// `fs_img` inside a new MBR (or GPT) disk, at 1 MiB.
 fn partitioned(dir: &Path, fs_img: &Path, gpt: bool, mbr_type: &str) -> PathBuf {
-    let data = std::fs::read(fs_img).unwrap();
     let name = format!(
         "{}-{}.disk",
         fs_img.file_stem().unwrap().to_str().unwrap(),
         if gpt { "gpt" } else { "mbr" }
     );
     let disk = dir.join(name);
-    let len = data.len() as u64;
-    blank(&disk, MIB + len + if gpt { MIB } else { 0 });
-    let sectors = len / 512;
-    let script = if gpt {
-        format!("label: gpt\nstart=2048, size={sectors}, type=L\n")
-    } else {
-        format!("label: dos\nstart=2048, size={sectors}, type={mbr_type}\n")
-    };
-    run(
-        "sfdisk",
-        &["-q", disk.to_str().unwrap()],
-        Some(&script),
-        &[],
+    let ty = if gpt { "L" } else { mbr_type };
+    assert_eq!(
+        support::partitioned_disk(&disk, gpt, &[(fs_img, ty)]),
+        [MIB]
     );
-    OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .write_all_at(&data, MIB)
-        .unwrap();
     disk
 }
 

@@ -9,180 +9,19 @@ use fsview::{EntryKind, Error, FileSystem, FsKind, Volume, read_partitions};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const MIB: u64 = 1 << 20;
+mod support;
+use support::{MIB, Mount, random_bytes, setxattr};
 
-fn pkg(tool: &str) -> &'static str {
-    match tool {
-        "mkntfs" | "ntfs-3g" | "ntfsinfo" => "ntfs-3g",
-        "sfdisk" => "fdisk",
-        "mountpoint" | "umount" => "util-linux",
-        _ => "?",
-    }
-}
-
-/// Runs a tool, failing the test (with the package to install) when it is missing or
-/// fails. Returns stdout.
+/// Runs a tool (see [`support::run`]). Returns stdout.
 fn run(tool: &str, args: &[&str], stdin: Option<&[u8]>) -> String {
-    let mut cmd = Command::new(tool);
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| {
-        panic!(
-            "{tool} could not be started ({e}): install it with `apt-get install {}` (or run scripts/install-deps)",
-            pkg(tool)
-        )
-    });
-    if let Some(s) = stdin {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(s).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Deterministic pseudo-random bytes (xorshift).
-fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(n);
-    v
+    support::run(tool, args, stdin, &[])
 }
 
 fn mkntfs(img: &Path, size: u64) {
-    std::fs::File::create(img).unwrap().set_len(size).unwrap();
-    run(
-        "mkntfs",
-        &[
-            "-q",
-            "-F",
-            "-Q",
-            "-L",
-            "TESTNTFS",
-            "-s",
-            "512",
-            "-p",
-            "2048",
-            "-H",
-            "255",
-            "-S",
-            "63",
-            img.to_str().unwrap(),
-        ],
-        None,
-    );
-}
-
-/// An ntfs-3g FUSE mount; unmounted (and the daemon reaped) on drop.
-struct Mount {
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Mount {
-    fn new(img: &Path, dir: &Path) -> Mount {
-        std::fs::create_dir_all(dir).unwrap();
-        let child = Command::new("ntfs-3g")
-            .args(["-o", "no_detach"])
-            .arg(img)
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("ntfs-3g could not be started ({e}): install it with `apt-get install ntfs-3g` (or run scripts/install-deps); the test needs root and /dev/fuse")
-            });
-        let m = Mount {
-            dir: dir.to_path_buf(),
-            child: Some(child),
-        };
-        let t0 = Instant::now();
-        loop {
-            let ok = Command::new("mountpoint")
-                .arg("-q")
-                .arg(dir)
-                .status()
-                .unwrap_or_else(|e| {
-                    panic!("mountpoint could not be started ({e}): install util-linux")
-                })
-                .success();
-            if ok {
-                return m;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "ntfs-3g did not mount {} (needs root and /dev/fuse)",
-                img.display()
-            );
-            std::thread::sleep(Duration::from_millis(30));
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.join(p)
-    }
-
-    fn unmount(mut self) {
-        run("umount", &[self.dir.to_str().unwrap()], None);
-        let status = self.child.take().unwrap().wait().unwrap();
-        assert!(status.success(), "ntfs-3g exited with {status}");
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Sets an extended attribute (ntfs-3g maps `system.ntfs_*` to NTFS metadata).
-fn setxattr(path: &Path, name: &str, value: &[u8]) {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid NUL-terminated strings and a live buffer of value.len() bytes.
-    let rc = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "setxattr {name} on {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
+    support::mkntfs(img, size, "TESTNTFS");
 }
 
 /// Reparse data of a Windows symlink (IO_REPARSE_TAG_SYMLINK).
@@ -261,11 +100,7 @@ fn build() -> Fixture {
     let m = Mount::new(&img, &dir.path().join("mnt"));
     std::fs::create_dir(m.path("compressed")).unwrap();
     // FILE_ATTRIBUTE_COMPRESSED on the folder: files created inside inherit it.
-    setxattr(
-        &m.path("compressed"),
-        "system.ntfs_attrib_be",
-        &0x800u32.to_be_bytes(),
-    );
+    support::set_ntfs_compressed(&m.path("compressed"));
     for (p, data) in &files {
         let full = m.path(p);
         std::fs::create_dir_all(full.parent().unwrap()).unwrap();

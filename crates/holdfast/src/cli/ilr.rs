@@ -187,7 +187,10 @@ fn server_point(cl: &Client, w: &Where) -> anyhow::Result<String> {
         .filter(|r| t.is_none_or(|t| r.created_unix <= t))
         .max_by_key(|r| (r.created_unix, r.id.clone()))
         .map(|r| r.id.clone())
-        .ok_or_else(|| anyhow!("no recovery point of {} matches", w.vm))
+        .ok_or_else(|| match &w.at {
+            Some(at) => anyhow!("no recovery point of {} at or before {at}", w.vm),
+            None => anyhow!("no recovery point of {}", w.vm),
+        })
 }
 
 fn browse_path(id: &str, w: &Where) -> String {
