@@ -129,12 +129,11 @@ impl Volume {
                 ));
             }
         }
-        // Large reads (file contents) bypass the cache: they are read once.
+        // Large reads (file contents) bypass the cache: they are read once. They are
+        // split over the cores, because reading a recovery point decompresses and
+        // verifies every block, which is CPU work.
         if buf.len() as u64 >= 2 * CHUNK {
-            return self
-                .disk
-                .read_at(buf, self.start + offset)
-                .map_err(|e| io::Error::other(e.to_string()));
+            return self.read_parallel(buf, offset);
         }
         let mut done = 0usize;
         while done < buf.len() {
@@ -147,6 +146,31 @@ impl Volume {
             done += n;
         }
         Ok(())
+    }
+}
+
+impl Volume {
+    fn read_parallel(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        // Pieces of whole 64 KiB units, so no datastore block is decoded twice.
+        let unit = 64 << 10;
+        let per = buf.len().div_ceil(threads).div_ceil(unit) * unit;
+        let at = self.start + offset;
+        let disk = &self.disk;
+        std::thread::scope(|s| {
+            let mut jobs = Vec::new();
+            for (i, piece) in buf.chunks_mut(per.max(unit)).enumerate() {
+                let pos = at + (i * per.max(unit)) as u64;
+                jobs.push(s.spawn(move || disk.read_at(piece, pos)));
+            }
+            for j in jobs {
+                match j.join() {
+                    Ok(r) => r.map_err(|e| io::Error::other(e.to_string()))?,
+                    Err(_) => return Err(io::Error::other("a reader thread panicked")),
+                }
+            }
+            Ok(())
+        })
     }
 }
 
