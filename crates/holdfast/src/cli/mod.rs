@@ -2,6 +2,7 @@
 
 mod admin;
 mod daemons;
+mod export;
 mod image;
 mod progress;
 mod store;
@@ -35,6 +36,10 @@ enum Command {
     RecoveryPoints(store::PointsArgs),
     /// Write one disk of a recovery point to an image file.
     Restore(store::RestoreArgs),
+    /// Serve one disk of a recovery point as an NBD export (instant recovery): QEMU,
+    /// qemu-img or nbdcopy read it in place; `--writable` keeps writes in a temporary
+    /// overlay. Runs until SIGINT/SIGTERM.
+    ExportNbd(export::ExportNbdArgs),
     /// Re-read and check everything in a datastore; exits 2 when a recovery point is
     /// damaged.
     Verify(store::VerifyArgs),
@@ -107,6 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             false => admin::recovery_points(&cli.server, a.vm.as_deref(), a.json),
         },
         Command::Restore(a) => store::restore(&a),
+        Command::ExportNbd(a) => export::export_nbd(&a),
         Command::Verify(a) => store::verify(&a),
         Command::Prune(a) => store::prune(&a),
         Command::Gc(a) => store::gc(&a),
