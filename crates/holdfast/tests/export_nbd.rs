@@ -93,14 +93,12 @@ impl Export {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// Sends `signal` (TERM or INT) and waits for a clean exit.
-    fn stop(&mut self, signal: &str) {
+    /// Sends `signal` (SIGTERM or SIGINT) and waits for a clean exit.
+    fn stop(&mut self, signal: libc::c_int) {
         let mut c = self.child.take().unwrap();
-        let st = Command::new("kill")
-            .args([&format!("-{signal}"), &c.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(c.id() as libc::pid_t, signal) };
+        assert_eq!(r, 0, "kill: {}", std::io::Error::last_os_error());
         let start = Instant::now();
         let status = loop {
             if let Some(st) = c.try_wait().unwrap() {
@@ -108,7 +106,7 @@ impl Export {
             }
             if start.elapsed() > WAIT {
                 c.kill().unwrap();
-                panic!("export-nbd ignored SIG{signal}: {}", self.stderr_text());
+                panic!("export-nbd ignored signal {signal}: {}", self.stderr_text());
             }
             std::thread::sleep(Duration::from_millis(10));
         };
@@ -222,7 +220,7 @@ fn a_read_only_export_reads_like_the_image_in_qemu_img_nbdinfo_and_a_vm() {
     );
     assert!(printed.contains("read 512/512 bytes"), "{printed}");
 
-    e.stop("TERM");
+    e.stop(libc::SIGTERM);
     assert!(!f.dir.path().join("nbd.sock").exists(), "socket removed");
     assert!(e.stderr_text().contains("read-only"), "{}", e.stderr_text());
 }
@@ -294,14 +292,14 @@ fn a_writable_export_keeps_writes_in_a_temporary_overlay() {
     );
     assert!(diff.len() > 1_000_000, "{} bytes differ", diff.len());
 
-    e.stop("TERM");
+    e.stop(libc::SIGTERM);
     assert!(walk(&overlays).is_empty(), "overlay file removed");
     assert!(!sock.exists(), "socket removed");
 
     // The recovery point is unchanged.
     let mut e = Export::start(&f, &["--listen", &format!("unix:{}", s(&sock))]);
     assert_same(&f.raw, &e.uri);
-    e.stop("INT");
+    e.stop(libc::SIGINT);
 }
 
 #[test]
@@ -320,7 +318,7 @@ fn tcp_port_zero_prints_the_real_port_and_sigint_stops() {
     assert_eq!(info["export-size"], SIZE);
     assert_eq!(info["is_read_only"], true);
     assert_same(&f.raw, &e.uri);
-    e.stop("INT");
+    e.stop(libc::SIGINT);
 }
 
 #[test]
