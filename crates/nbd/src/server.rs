@@ -264,7 +264,7 @@ impl Server {
             let t = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    if let Err(e) = serve_connection(export, sock)
+                    if let Err(e) = serve_connection(export, sock, log.clone())
                         && let Some(log) = &log
                     {
                         log(&format!("connection {id}: {e}"));
@@ -285,7 +285,7 @@ impl Server {
     /// Serves one already accepted connection on the calling thread (tests, inetd
     /// style use). Returns when the client disconnects.
     pub fn serve_stream<S: Read + Write>(&self, stream: S) -> io::Result<()> {
-        serve_connection(self.export.clone(), stream)
+        serve_connection(self.export.clone(), stream, self.log.clone())
     }
 
     fn note(&self, msg: &str) {
@@ -306,6 +306,7 @@ struct Conn<S: Read + Write> {
     structured: bool,
     no_zeroes: bool,
     buf: Vec<u8>,
+    log: Option<Log>,
 }
 
 /// Lets one stream be wrapped by a `BufReader` for reading while replies are written
@@ -318,13 +319,18 @@ impl<S: Read> Read for ReadHalf<S> {
     }
 }
 
-fn serve_connection<S: Read + Write>(export: Arc<dyn Export>, stream: S) -> io::Result<()> {
+fn serve_connection<S: Read + Write>(
+    export: Arc<dyn Export>,
+    stream: S,
+    log: Option<Log>,
+) -> io::Result<()> {
     let mut c = Conn {
         r: BufReader::with_capacity(64 << 10, ReadHalf(stream)),
         export,
         structured: false,
         no_zeroes: false,
         buf: Vec::new(),
+        log,
     };
     match c.handshake()? {
         true => c.transmission(),
@@ -577,6 +583,17 @@ impl<S: Read + Write> Conn<S> {
         r.get_mut().0.flush()
     }
 
+    /// Logs an export's I/O error (the client only learns the error value) and
+    /// returns the error value to send.
+    fn failed(&self, what: &str, offset: u64, len: u64, e: &io::Error) -> u32 {
+        if let Some(log) = &self.log {
+            log(&format!(
+                "{what} of {len} bytes at offset {offset} failed: {e}"
+            ));
+        }
+        errno_of(e)
+    }
+
     /// Whether `[offset, offset + len)` is a nonempty range inside the export.
     fn in_range(&self, offset: u64, len: u64) -> bool {
         len > 0
@@ -619,7 +636,7 @@ impl<S: Read + Write> Conn<S> {
                                 self.reply_data(cookie, offset)?;
                                 continue;
                             }
-                            Err(e) => errno_of(&e),
+                            Err(e) => self.failed("read", offset, len64, &e),
                         }
                     }
                 }
@@ -636,13 +653,13 @@ impl<S: Read + Write> Conn<S> {
                         self.r.read_exact(&mut self.buf)?;
                         match self.export.write_at(&self.buf, offset) {
                             Ok(()) => 0,
-                            Err(e) => errno_of(&e),
+                            Err(e) => self.failed("write", offset, len64, &e),
                         }
                     }
                 }
                 CMD_FLUSH => match self.export.flush() {
                     Ok(()) => 0,
-                    Err(e) => errno_of(&e),
+                    Err(e) => self.failed("flush", 0, 0, &e),
                 },
                 CMD_TRIM | CMD_WRITE_ZEROES if !writable => EPERM,
                 CMD_TRIM | CMD_WRITE_ZEROES if !self.in_range(offset, len64) => EINVAL,
@@ -650,7 +667,7 @@ impl<S: Read + Write> Conn<S> {
                 CMD_TRIM => 0,
                 CMD_WRITE_ZEROES => match self.export.write_zeroes(offset, len64) {
                     Ok(()) => 0,
-                    Err(e) => errno_of(&e),
+                    Err(e) => self.failed("write-zeroes", offset, len64, &e),
                 },
                 CMD_DISC => return Ok(()),
                 _ => EINVAL,

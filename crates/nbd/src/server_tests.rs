@@ -313,3 +313,46 @@ fn options_are_checked() {
     s.write_all(&[0u8; 16]).unwrap();
     assert!(t.join().unwrap().is_err());
 }
+
+/// Fails reads of its second half.
+struct HalfBroken(MemExport);
+
+impl Export for HalfBroken {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        if off + buf.len() as u64 > self.size() / 2 {
+            return Err(io::Error::other("damaged block"));
+        }
+        self.0.read_at(buf, off)
+    }
+}
+
+#[test]
+fn export_errors_become_eio_are_logged_and_the_connection_goes_on() {
+    let logged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let l2 = logged.clone();
+    let server = Server::new(Arc::new(HalfBroken(MemExport(pattern(1 << 20))))).with_log(Arc::new(
+        move |m: &str| l2.lock().unwrap().push(m.to_string()),
+    ));
+    let (a, b) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || server.serve_stream(b));
+    let c = Client::from_stream(a, "", &[]).unwrap();
+    let mut buf = vec![0u8; 4096];
+    match c.read(900 << 10, &mut buf) {
+        Err(Error::Server { errno, .. }) => assert_eq!(errno, EIO),
+        other => panic!("expected EIO, got {other:?}"),
+    }
+    c.read(0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(4096));
+    c.disconnect().unwrap();
+    t.join().unwrap().unwrap();
+    let logged = logged.lock().unwrap();
+    assert!(
+        logged
+            .iter()
+            .any(|m| m.contains("damaged block") && m.contains("921600")),
+        "{logged:?}"
+    );
+}
