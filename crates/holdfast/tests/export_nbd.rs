@@ -177,6 +177,27 @@ fn a_read_only_export_reads_like_the_image_in_qemu_img_nbdinfo_and_a_vm() {
     assert_eq!(info["is_read_only"], true, "{info}");
     assert_eq!(info["export-name"], "", "{info}");
 
+    // base:allocation: the image's holes are zero extents, its data is data.
+    let map: serde_json::Value = serde_json::from_str(&tool(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &e.uri],
+    ))
+    .unwrap();
+    let (mut zero, mut data) = (0u64, 0u64);
+    for x in map.as_array().unwrap() {
+        let len = x["length"].as_u64().unwrap();
+        if x["zero"] == true {
+            zero += len;
+        } else {
+            data += len;
+        }
+    }
+    assert_eq!(zero + data, SIZE);
+    assert!(
+        data >= 8 * MIB && zero >= 40 * MIB,
+        "data {data}, zero {zero}: {map}"
+    );
+
     // A VM (stopped, -S) with the export as a virtio disk: QEMU opens it and reads
     // the first sector through the drive.
     let qmp_sock = f.dir.path().join("qmp.sock");

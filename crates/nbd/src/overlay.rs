@@ -169,6 +169,51 @@ impl Export for CowExport {
         Ok(())
     }
 
+    fn block_status(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        let end = self.check(off, usize::try_from(len).unwrap_or(usize::MAX))?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (first, last) = (off / BLOCK, (end - 1) / BLOCK);
+        let dirty: Vec<bool> = {
+            let bits = self.bits();
+            (first..=last).map(|b| is_set(&bits, b)).collect()
+        };
+        // Written blocks are data; the rest is whatever the base says.
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut push = |l: u64, f: u32| match out.last_mut() {
+            Some((pl, pf)) if *pf == f => *pl += l,
+            _ => out.push((l, f)),
+        };
+        let mut pos = off;
+        let mut i = 0usize;
+        while pos < end {
+            let state = dirty[i];
+            let mut j = i;
+            while j + 1 < dirty.len() && dirty[j + 1] == state {
+                j += 1;
+            }
+            let run_end = ((first + j as u64 + 1) * BLOCK).min(end);
+            if state {
+                push(run_end - pos, 0);
+            } else {
+                let mut covered = 0;
+                for (l, f) in self.base.block_status(pos, run_end - pos)? {
+                    let l = l.min(run_end - pos - covered);
+                    push(l, f);
+                    covered += l;
+                }
+                if covered < run_end - pos {
+                    // The base answered a prefix: so do we.
+                    break;
+                }
+            }
+            pos = run_end;
+            i = j + 1;
+        }
+        Ok(out)
+    }
+
     fn writable(&self) -> bool {
         true
     }
@@ -241,6 +286,52 @@ mod tests {
         let path = cow.path().to_path_buf();
         drop(cow);
         assert!(!path.exists(), "overlay file removed on drop");
+    }
+
+    /// All zeros (a hole) in its first half.
+    struct HalfHole(MemExport);
+    impl Export for HalfHole {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+            self.0.read_at(buf, off)
+        }
+        fn block_status(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+            let half = self.size() / 2;
+            let mut v = Vec::new();
+            if off < half {
+                v.push(((half - off).min(len), 3));
+            }
+            let end = off + len;
+            if end > half {
+                v.push((end - off.max(half), 0));
+            }
+            Ok(v)
+        }
+    }
+
+    #[test]
+    fn block_status_shows_written_blocks_as_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = Arc::new(HalfHole(MemExport(vec![0; 16 * BLOCK as usize])));
+        let cow = CowExport::new(base, dir.path()).unwrap();
+        let all = 16 * BLOCK;
+        assert_eq!(
+            cow.block_status(0, all).unwrap(),
+            vec![(all / 2, 3), (all / 2, 0)]
+        );
+        cow.write_at(b"x", 2 * BLOCK + 5).unwrap();
+        assert_eq!(
+            cow.block_status(100, all - 100).unwrap(),
+            vec![
+                (2 * BLOCK - 100, 3),
+                (BLOCK, 0),
+                (5 * BLOCK, 3),
+                (all / 2, 0)
+            ]
+        );
+        assert!(cow.block_status(1, all).is_err());
     }
 
     #[test]

@@ -9,10 +9,13 @@
 //! `NBD_OPT_STRUCTURED_REPLY`. Structured replies are accepted because this crate's
 //! client requires them; with them every read is answered by a single
 //! `NBD_REPLY_TYPE_OFFSET_DATA` chunk and errors by `NBD_REPLY_TYPE_ERROR`, so they cost
-//! nothing. Metadata contexts (`base:allocation`) and everything else are refused with
-//! `NBD_REP_ERR_UNSUP`. The only export name is `""`.
+//! nothing. With structured replies the one metadata context `base:allocation` can be
+//! selected (`NBD_OPT_SET_META_CONTEXT`, listed by `NBD_OPT_LIST_META_CONTEXT`); it
+//! reports what [`Export::block_status`] says, so clients skip zero ranges. Other
+//! options are refused with `NBD_REP_ERR_UNSUP`. The only export name is `""`.
 //!
-//! Transmission: `NBD_CMD_READ`, `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES` and `DISC`.
+//! Transmission: `NBD_CMD_READ`, `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES`,
+//! `BLOCK_STATUS` (once `base:allocation` is selected) and `DISC`.
 //! Writes, trims and write-zeroes fail with `EPERM` on a read-only export; any other
 //! command with `EINVAL`.
 //!
@@ -74,6 +77,12 @@ pub trait Export: Send + Sync {
             done += n;
         }
         Ok(())
+    }
+    /// Allocation of `[off, off + len)` for `base:allocation`: `(length, flags)` runs in
+    /// order from `off`, flags made of [`crate::STATE_HOLE`] and [`crate::STATE_ZERO`].
+    /// They may cover only a prefix of the range. By default everything is data.
+    fn block_status(&self, _off: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        Ok(vec![(len, 0)])
     }
     /// Whether writes are accepted (otherwise `NBD_FLAG_READ_ONLY` is advertised).
     fn writable(&self) -> bool {
@@ -307,6 +316,8 @@ struct Conn<S: Read + Write> {
     no_zeroes: bool,
     buf: Vec<u8>,
     log: Option<Log>,
+    /// `base:allocation` was selected with NBD_OPT_SET_META_CONTEXT.
+    base_allocation: bool,
 }
 
 /// Lets one stream be wrapped by a `BufReader` for reading while replies are written
@@ -331,6 +342,7 @@ fn serve_connection<S: Read + Write>(
         no_zeroes: false,
         buf: Vec::new(),
         log,
+        base_allocation: false,
     };
     match c.handshake()? {
         true => c.transmission(),
@@ -362,6 +374,32 @@ fn parse_go(d: &[u8]) -> Option<(&[u8], Vec<u16>)> {
         .collect();
     Some((name, infos))
 }
+
+/// Parsed data of NBD_OPT_SET_META_CONTEXT / NBD_OPT_LIST_META_CONTEXT: export name
+/// and queries.
+fn parse_meta(d: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+    let be32 = |at: usize| -> Option<usize> {
+        Some(u32::from_be_bytes(d.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize)
+    };
+    let n = be32(0)?;
+    let name = d.get(4..4usize.checked_add(n)?)?;
+    let mut at = 4 + n;
+    let count = be32(at)?;
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        let l = be32(at)?;
+        at += 4;
+        queries.push(d.get(at..at.checked_add(l)?)?);
+        at += l;
+    }
+    (at == d.len()).then_some((name, queries))
+}
+
+/// Id of `base:allocation`, the only metadata context.
+const BASE_ALLOCATION_ID: u32 = 1;
+/// Descriptors sent in one block status reply at most (a prefix answer is allowed).
+const MAX_DESCRIPTORS: usize = 1 << 16;
 
 impl<S: Read + Write> Conn<S> {
     fn stream(&mut self) -> &mut S {
@@ -520,6 +558,41 @@ impl<S: Read + Write> Conn<S> {
                         return Ok(true);
                     }
                 }
+                OPT_SET_META_CONTEXT | OPT_LIST_META_CONTEXT => {
+                    let Some((name, queries)) = parse_meta(&data) else {
+                        self.opt_reply(option, REP_ERR_INVALID, b"malformed request")?;
+                        continue;
+                    };
+                    let set = option == OPT_SET_META_CONTEXT;
+                    if set && !self.structured {
+                        self.opt_reply(
+                            option,
+                            REP_ERR_INVALID,
+                            b"metadata contexts need structured replies",
+                        )?;
+                        continue;
+                    }
+                    if !name.is_empty() {
+                        self.opt_reply(option, REP_ERR_UNKNOWN, b"the only export is \"\"")?;
+                        continue;
+                    }
+                    let name = crate::CONTEXT_BASE_ALLOCATION.as_bytes();
+                    let wanted = if set {
+                        queries.contains(&name)
+                    } else {
+                        queries.is_empty() || queries.iter().any(|q| *q == name || *q == b"base:")
+                    };
+                    if set {
+                        self.base_allocation = wanted;
+                    }
+                    if wanted {
+                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                        let mut p = id.to_be_bytes().to_vec();
+                        p.extend_from_slice(name);
+                        self.opt_reply(option, REP_META_CONTEXT, &p)?;
+                    }
+                    self.opt_reply(option, REP_ACK, &[])?;
+                }
                 _ => {
                     let msg = format!("{} is not supported", proto::opt_name(option));
                     self.opt_reply(option, REP_ERR_UNSUP, msg.as_bytes())?;
@@ -581,6 +654,48 @@ impl<S: Read + Write> Conn<S> {
         w.flush()?;
         drop(w);
         r.get_mut().0.flush()
+    }
+
+    /// Sends `runs` (clipped to `len`, empty runs dropped, at most
+    /// [`MAX_DESCRIPTORS`], only the first with `one`) as a block status chunk.
+    fn reply_block_status(
+        &mut self,
+        cookie: u64,
+        len: u64,
+        runs: &[(u64, u32)],
+        one: bool,
+    ) -> io::Result<()> {
+        let mut descs: Vec<(u32, u32)> = Vec::new();
+        let mut covered = 0u64;
+        for &(l, flags) in runs {
+            let l = l.min(len - covered);
+            if l == 0 {
+                continue;
+            }
+            // l <= len <= u32::MAX.
+            descs.push((l as u32, flags & (crate::STATE_HOLE | crate::STATE_ZERO)));
+            covered += l;
+            if covered == len || descs.len() == MAX_DESCRIPTORS || one {
+                break;
+            }
+        }
+        if descs.is_empty() {
+            // The export said nothing: call it data.
+            descs.push((len as u32, 0));
+        }
+        let plen = 4 + 8 * descs.len() as u32;
+        let mut b = Vec::with_capacity(20 + plen as usize);
+        b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        b.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+        b.extend_from_slice(&REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&plen.to_be_bytes());
+        b.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+        for (l, f) in descs {
+            b.extend_from_slice(&l.to_be_bytes());
+            b.extend_from_slice(&f.to_be_bytes());
+        }
+        self.send(&b)
     }
 
     /// Logs an export's I/O error (the client only learns the error value) and
@@ -668,6 +783,17 @@ impl<S: Read + Write> Conn<S> {
                 CMD_WRITE_ZEROES => match self.export.write_zeroes(offset, len64) {
                     Ok(()) => 0,
                     Err(e) => self.failed("write-zeroes", offset, len64, &e),
+                },
+                CMD_BLOCK_STATUS if !self.base_allocation || !self.in_range(offset, len64) => {
+                    EINVAL
+                }
+                CMD_BLOCK_STATUS => match self.export.block_status(offset, len64) {
+                    Ok(runs) => {
+                        let one = be16(4) & CMD_FLAG_REQ_ONE != 0;
+                        self.reply_block_status(cookie, len64, &runs, one)?;
+                        continue;
+                    }
+                    Err(e) => self.failed("block status", offset, len64, &e),
                 },
                 CMD_DISC => return Ok(()),
                 _ => EINVAL,

@@ -56,12 +56,24 @@ fn unknown_export_names_are_refused_and_list_shows_the_only_one() {
     let (s, t) = spawn(mem(4096));
     assert_eq!(crate::list_exports_on(s).unwrap(), vec![String::new()]);
     t.join().unwrap().unwrap();
-    // Metadata contexts are not offered.
+    // base:allocation is the only metadata context.
     let (s, t) = spawn(mem(4096));
     assert!(matches!(
-        Client::from_stream(s, "", &["base:allocation"]),
-        Err(Error::Unsupported(_))
+        Client::from_stream(s, "", &["qemu:dirty-bitmap:x"]),
+        Err(Error::ContextNotAvailable { .. })
     ));
+    t.join().unwrap().unwrap();
+    let (s, t) = spawn(mem(4096));
+    let c = Client::from_stream(s, "", &["base:allocation"]).unwrap();
+    assert_eq!(
+        c.block_status("base:allocation", 1, 4000).unwrap(),
+        vec![crate::Extent {
+            offset: 1,
+            length: 4000,
+            flags: 0
+        }]
+    );
+    c.disconnect().unwrap();
     t.join().unwrap().unwrap();
 }
 
@@ -261,8 +273,23 @@ fn options_are_checked() {
     // Unknown options and meta contexts: ERR_UNSUP.
     send_opt(&mut s, 77, b"xyz");
     assert_eq!(opt_reply(&mut s, 77).0, REP_ERR_UNSUP);
-    send_opt(&mut s, OPT_SET_META_CONTEXT, &[0; 8]);
-    assert_eq!(opt_reply(&mut s, OPT_SET_META_CONTEXT).0, REP_ERR_UNSUP);
+    send_opt(&mut s, OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(opt_reply(&mut s, OPT_EXTENDED_HEADERS).0, REP_ERR_UNSUP);
+    // Metadata contexts: listed; selecting one needs structured replies.
+    let q = proto::meta_context_data("", &[]).unwrap();
+    send_opt(&mut s, OPT_LIST_META_CONTEXT, &q);
+    let (rep, p) = opt_reply(&mut s, OPT_LIST_META_CONTEXT);
+    assert_eq!(rep, REP_META_CONTEXT);
+    assert_eq!(&p[4..], b"base:allocation");
+    assert_eq!(opt_reply(&mut s, OPT_LIST_META_CONTEXT).0, REP_ACK);
+    let q = proto::meta_context_data("", &["base:allocation"]).unwrap();
+    send_opt(&mut s, OPT_SET_META_CONTEXT, &q);
+    assert_eq!(opt_reply(&mut s, OPT_SET_META_CONTEXT).0, REP_ERR_INVALID);
+    send_opt(&mut s, OPT_SET_META_CONTEXT, &q[..q.len() - 1]);
+    assert_eq!(opt_reply(&mut s, OPT_SET_META_CONTEXT).0, REP_ERR_INVALID);
+    let q = proto::meta_context_data("other", &[]).unwrap();
+    send_opt(&mut s, OPT_LIST_META_CONTEXT, &q);
+    assert_eq!(opt_reply(&mut s, OPT_LIST_META_CONTEXT).0, REP_ERR_UNKNOWN);
     // Malformed GO data: ERR_INVALID.
     send_opt(&mut s, OPT_GO, &[0, 0, 0, 9, 1]);
     assert_eq!(opt_reply(&mut s, OPT_GO).0, REP_ERR_INVALID);

@@ -178,6 +178,19 @@ impl Export for PointExport {
         }
         Ok(())
     }
+
+    fn block_status(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
+        let extents = self.disk.map(off, len).map_err(io_err)?;
+        Ok(extents
+            .iter()
+            .map(|e| match e.state {
+                vdisk::ExtentState::Data => (e.length, 0),
+                vdisk::ExtentState::Zero | vdisk::ExtentState::Unallocated => {
+                    (e.length, nbd::STATE_HOLE | nbd::STATE_ZERO)
+                }
+            })
+            .collect())
+    }
 }
 
 /// Binds `--listen`: `unix:PATH` or `ADDR:PORT`.
