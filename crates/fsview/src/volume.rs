@@ -151,7 +151,9 @@ impl Volume {
 
 impl Volume {
     fn read_parallel(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8);
         // Pieces of whole 64 KiB units, so no datastore block is decoded twice.
         let unit = 64 << 10;
         let per = buf.len().div_ceil(threads).div_ceil(unit) * unit;

@@ -1,4 +1,6 @@
-//! NBD client for reading QEMU disk exports and their metadata contexts.
+//! NBD client for reading QEMU disk exports and their metadata contexts, and a small
+//! NBD server ([`server`]) with a copy-on-write overlay ([`overlay`]) for serving a
+//! recovery point to QEMU (instant recovery).
 //!
 //! The backup agent reads a point-in-time view of a live disk through QEMU's built-in
 //! NBD server and asks it which ranges are allocated (`base:allocation`) and which
@@ -26,13 +28,17 @@
 
 mod addr;
 mod client;
+pub mod overlay;
 pub mod proto;
+pub mod server;
 
 pub use addr::{Addr, DEFAULT_PORT, parse_uri};
 pub use client::{
     Client, DEFAULT_DEPTH, DEFAULT_MAX_REQUEST, DEFAULT_TIMEOUT, MAX_BLOCK_STATUS_REQUEST,
     list_exports, list_exports_on,
 };
+pub use overlay::{CowExport, MemExport, OverlayError};
+pub use server::{Export, Listener, Server};
 
 /// `base:allocation` flag: the extent is not allocated on the server (a hole).
 pub const STATE_HOLE: u32 = 1;

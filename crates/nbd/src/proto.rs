@@ -71,8 +71,15 @@ pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const REQUEST_LEN: usize = 28;
 pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 // Replies.

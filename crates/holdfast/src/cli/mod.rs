@@ -3,6 +3,7 @@
 mod admin;
 mod calendar;
 mod daemons;
+mod export;
 mod ilr;
 mod image;
 mod progress;
@@ -41,6 +42,10 @@ enum Command {
     /// ext2/3/4, FAT), without restoring the disk.
     #[command(subcommand)]
     Ilr(ilr::IlrCommand),
+    /// Serve one disk of a recovery point as an NBD export (instant recovery): QEMU,
+    /// qemu-img or nbdcopy read it in place; `--writable` keeps writes in a temporary
+    /// overlay. Runs until SIGINT/SIGTERM.
+    ExportNbd(export::ExportNbdArgs),
     /// Re-read and check everything in a datastore; exits 2 when a recovery point is
     /// damaged.
     Verify(store::VerifyArgs),
@@ -103,11 +108,12 @@ enum Command {
 }
 
 impl Cli {
-    /// Long-running commands (sockets stay open for hours).
+    /// Long-running commands that hold sockets (a client going away must be an error
+    /// on that socket, not a SIGPIPE ending the process).
     pub fn is_daemon(&self) -> bool {
         matches!(
             self.command,
-            Command::Server(_) | Command::Agent(_) | Command::Demo(_)
+            Command::Server(_) | Command::Agent(_) | Command::Demo(_) | Command::ExportNbd(_)
         )
     }
 }
@@ -124,6 +130,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Restore(a) => store::restore(&a),
         Command::Ilr(c) => ilr::run(&cli.server, c),
+        Command::ExportNbd(a) => export::export_nbd(&a),
         Command::Verify(a) => store::verify(&a),
         Command::Prune(a) => store::prune(&a),
         Command::Gc(a) => store::gc(&a),

@@ -50,7 +50,7 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn open(&self) -> anyhow::Result<Datastore> {
+    pub(super) fn open(&self) -> anyhow::Result<Datastore> {
         Ok(Datastore::open(&self.datastore, self.key_file.as_deref())?)
     }
 }
@@ -422,10 +422,11 @@ pub fn points(a: &PointsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub fn restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
-    let ds = a.store.open()?;
-    let m = ds.find_point(&a.source, Some(&a.point))?;
-    let disk_no = match (a.disk, m.disks.len()) {
+/// The disk of `m` a command works on: `--disk N`, or the only one (a point with
+/// several disks needs `--disk`). Out-of-range numbers are refused when the disk is
+/// opened, with the count in the message.
+pub(super) fn choose_disk(m: &Manifest, disk: Option<usize>) -> anyhow::Result<usize> {
+    Ok(match (disk, m.disks.len()) {
         (Some(n), _) => n,
         (None, 1) => 0,
         (None, n) => bail!(
@@ -433,7 +434,13 @@ pub fn restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
             m.id,
             n.saturating_sub(1)
         ),
-    };
+    })
+}
+
+pub fn restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let ds = a.store.open()?;
+    let m = ds.find_point(&a.source, Some(&a.point))?;
+    let disk_no = choose_disk(&m, a.disk)?;
     if a.output.exists() && !a.overwrite {
         bail!(
             "{} exists; pass --overwrite to replace it",
