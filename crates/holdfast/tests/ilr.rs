@@ -370,36 +370,7 @@ fn files_come_back_from_ntfs_ext4_and_fat_in_vhdx_qcow2_and_vhd() {
     let mut c = Cluster::start(t.path(), FAST);
     c.agent("hv01", &vms);
     c.wait_datasources(3);
-    c.cli_ok(&[
-        "pg",
-        "create",
-        "ilr",
-        "--member",
-        "hv01/win",
-        "--member",
-        "hv01/lin",
-        "--member",
-        "hv01/old",
-        "--retention-days",
-        "7",
-        "--sync-frequency",
-        "1440",
-        "--recovery-point-times",
-        "20:00",
-    ]);
-    wait_until("three initial replicas", Duration::from_secs(120), || {
-        let jobs = c.jobs();
-        for j in &jobs {
-            assert!(
-                !(j.kind == JobKind::InitialReplica && j.state == JobState::Failed),
-                "{j:?}"
-            );
-        }
-        jobs.iter()
-            .filter(|j| j.kind == JobKind::InitialReplica && j.state == JobState::Succeeded)
-            .count()
-            == 3
-    });
+    c.protect_daily("ilr", &["hv01/win", "hv01/lin", "hv01/old"]);
     let protected = t0.elapsed();
 
     // The GPT disk's volumes.

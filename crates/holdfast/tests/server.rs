@@ -438,24 +438,7 @@ fn vanished_and_resized_disks_fail_clearly_then_heal() {
     let mut c = Cluster::start(t.path(), FAST);
     c.agent("hv01", &vms);
     c.wait_datasources(1);
-    c.cli_ok(&[
-        "pg",
-        "create",
-        "pg",
-        "--member",
-        "hv01/app",
-        "--retention-days",
-        "7",
-        "--sync-frequency",
-        "1440",
-        "--recovery-point-times",
-        "20:00",
-    ]);
-    wait_until("the initial replica", Duration::from_secs(60), || {
-        c.jobs()
-            .iter()
-            .any(|j| j.kind == JobKind::InitialReplica && j.state == JobState::Succeeded)
-    });
+    c.protect_daily("pg", &["hv01/app"]);
 
     // The disk vanishes: the job fails naming it, with an alert; it comes back: healed.
     let away = t.path().join("away.qcow2");

@@ -220,6 +220,37 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Puts `members` in a new protection group (daily synchronization, so only the
+    /// test's own backups run) and waits for their initial replicas; a failed one
+    /// fails the test at once.
+    pub fn protect_daily(&self, group: &str, members: &[&str]) {
+        let mut args = vec!["pg", "create", group];
+        for m in members {
+            args.extend_from_slice(&["--member", m]);
+        }
+        args.extend_from_slice(&[
+            "--retention-days",
+            "7",
+            "--sync-frequency",
+            "1440",
+            "--recovery-point-times",
+            "20:00",
+        ]);
+        self.cli_ok(&args);
+        wait_until("the initial replicas", Duration::from_secs(120), || {
+            let jobs = self.jobs();
+            let initial = |st: JobState| {
+                jobs.iter()
+                    .filter(|j| j.kind == JobKind::InitialReplica && j.state == st)
+                    .count()
+            };
+            assert_eq!(initial(JobState::Failed), 0, "{jobs:?}");
+            initial(JobState::Succeeded) == members.len()
+        });
+    }
+}
+
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
