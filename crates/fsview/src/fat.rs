@@ -392,15 +392,7 @@ impl FileSystem for FatFs {
         self.walk();
         guard(|| {
             Ok(match Self::resolve(&self.fs, path, &self.budget)? {
-                Found::Root => Entry {
-                    name: String::new(),
-                    kind: EntryKind::Dir,
-                    size: 0,
-                    mtime: None,
-                    mtime_nanos: 0,
-                    mode: None,
-                    id: fnv1a(b"/"),
-                },
+                Found::Root => Entry::root(fnv1a(b"/")),
                 Found::Entry(e, key) => entry(&e, &key),
             })
         })

@@ -47,6 +47,21 @@ pub struct Entry {
     pub id: u64,
 }
 
+impl Entry {
+    /// The root folder's entry (named "", no times) with the file system's `id` for it.
+    pub fn root(id: u64) -> Entry {
+        Entry {
+            name: String::new(),
+            kind: EntryKind::Dir,
+            size: 0,
+            mtime: None,
+            mtime_nanos: 0,
+            mode: None,
+            id,
+        }
+    }
+}
+
 /// A file system opened read-only on a [`Volume`].
 ///
 /// Paths are `/`-separated from the root (`/`, `/Windows/System32`); a leading `/` is

@@ -351,15 +351,7 @@ impl FileSystem for RemoteFs {
     fn stat(&mut self, path: &str) -> fsview::Result<Entry> {
         let parts = fsview::components(path)?;
         let Some((last, dir)) = parts.split_last() else {
-            return Ok(Entry {
-                name: String::new(),
-                kind: EntryKind::Dir,
-                size: 0,
-                mtime: None,
-                mtime_nanos: 0,
-                mode: None,
-                id: 0,
-            });
+            return Ok(Entry::root(0));
         };
         let parent = format!("/{}", dir.join("/"));
         self.listing(&parent)?
