@@ -213,11 +213,15 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
             },
         )?;
         cat.job_log(now, id, "queued after a server restart")?;
+        // A job that asked for e-mail hears of its end now.
         let key = format!("notify:{}", j.id);
-        let to = state::job_recipients(&cat, &key)?;
-        if !to.is_empty() {
-            cat.delete_setting(&key)?;
-            notifier.job_finished(&cat.job(j.id)?, to);
+        match state::job_recipients(&cat, &key) {
+            Ok(to) if !to.is_empty() => {
+                cat.delete_setting(&key)?;
+                notifier.job_finished(&cat.job(j.id)?, to);
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("holdfast server: notify: job {}: {e}", j.id),
         }
     }
     let tls = pki.server_config()?;

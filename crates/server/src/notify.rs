@@ -75,6 +75,7 @@ struct Setup {
     smtp: crate::config::Smtp,
     password: Option<String>,
     webhooks: bool,
+    first_retry: Duration,
 }
 
 impl Notifier {
@@ -106,6 +107,7 @@ impl Notifier {
                 smtp: cfg.smtp.clone(),
                 password,
                 webhooks: !n.webhooks.is_empty(),
+                first_retry: FIRST_RETRY,
             };
             let c = counters.clone();
             std::thread::Builder::new()
@@ -399,7 +401,7 @@ fn sender(setup: Setup, rx: Receiver<Outgoing>, counters: &Counters) {
         },
     };
     while let Ok(m) = rx.recv() {
-        let mut wait = FIRST_RETRY;
+        let mut wait = setup.first_retry;
         let mut attempt = 1;
         loop {
             match send(&t, &m) {
@@ -410,9 +412,9 @@ fn sender(setup: Setup, rx: Receiver<Outgoing>, counters: &Counters) {
                 Err(e) if attempt < ATTEMPTS => {
                     eprintln!(
                         "holdfast server: notify: {} failed (attempt {attempt} of {ATTEMPTS}, \
-                         retrying in {}s): {e}",
+                         retrying in {:?}): {e}",
                         describe(&m),
-                        wait.as_secs()
+                        wait
                     );
                     std::thread::sleep(wait);
                     wait *= 2;
@@ -647,6 +649,46 @@ mod tests {
         assert!(text.contains("Subject: [Holdfast] job 42 sync hv01/web01 succeeded"));
         assert!(text.contains("To: a@b.c, d@e.f"), "{text}");
         assert!(build_email(&from, &["nobody".into()], &s, &b).is_err());
+    }
+
+    #[test]
+    fn failed_sends_are_retried_then_counted() {
+        // A port nobody listens on (bound, then closed).
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let setup = Setup {
+            smtp: crate::config::Smtp {
+                host: "127.0.0.1".into(),
+                port,
+                security: "none".into(),
+                username: Some("u".into()),
+                from: "h@example.net".into(),
+                timeout_seconds: 2,
+                ..Default::default()
+            },
+            password: Some("secret".into()),
+            webhooks: true,
+            first_retry: Duration::from_millis(10),
+        };
+        let (tx, rx) = sync_channel(4);
+        tx.send(Outgoing::Email {
+            to: vec!["a@b.c".into()],
+            subject: "s".into(),
+            body: "b".into(),
+        })
+        .unwrap();
+        tx.send(Outgoing::Webhook {
+            url: format!("http://127.0.0.1:{port}/h"),
+            body: serde_json::json!({}),
+        })
+        .unwrap();
+        drop(tx);
+        let c = Counters::default();
+        sender(setup, rx, &c);
+        assert_eq!(c.failed.load(Ordering::Relaxed), 2);
+        assert_eq!(c.sent.load(Ordering::Relaxed), 0);
     }
 
     #[test]

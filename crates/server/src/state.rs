@@ -138,21 +138,26 @@ impl AppState {
         cat.set_setting(&key, &text)?;
         // An existing job may have ended in between: tell now.
         if cat.job(job)?.state.finished() {
-            self.job_ended_notify(&cat, job)?;
+            self.job_ended_notify(&cat, job);
         }
         Ok(())
     }
 
-    /// After a job ended: e-mails its summary to whoever asked (once).
-    fn job_ended_notify(&self, cat: &Catalog, job: i64) -> Result<(), catalog::Error> {
+    /// After a job ended: e-mails its summary to whoever asked (once). A problem here
+    /// is logged, never fails the job's bookkeeping.
+    fn job_ended_notify(&self, cat: &Catalog, job: i64) {
         let key = format!("notify:{job}");
-        let to = job_recipients(cat, &key)?;
-        if to.is_empty() {
-            return Ok(());
+        let r = (|| {
+            let to = job_recipients(cat, &key)?;
+            if !to.is_empty() {
+                cat.delete_setting(&key)?;
+                self.notify.job_finished(&cat.job(job)?, to);
+            }
+            Ok::<(), catalog::Error>(())
+        })();
+        if let Err(e) = r {
+            eprintln!("holdfast server: notify: job {job}: {e}");
         }
-        cat.delete_setting(&key)?;
-        self.notify.job_finished(&cat.job(job)?, to);
-        Ok(())
     }
 
     /// Records a success: the job, the replica state, and alerts the success clears.
@@ -164,7 +169,7 @@ impl AppState {
         cat.finish_job(now, job, JobState::Succeeded, None)?;
         cat.job_log(now, job, "succeeded")?;
         self.job_ended.notify_waiters();
-        self.job_ended_notify(&cat, job)?;
+        self.job_ended_notify(&cat, job);
         if let Some(ds) = &info.datasource_id {
             cat.set_replica_state(ds, "ok")?;
             if let Some(vm) = &info.vm {
@@ -209,7 +214,7 @@ impl AppState {
         cat.finish_job(now, job, state, Some((kind, message)))?;
         cat.job_log(now, job, &format!("{}: {message}", state.as_str()))?;
         self.job_ended.notify_waiters();
-        self.job_ended_notify(&cat, job)?;
+        self.job_ended_notify(&cat, job);
         if cancelled {
             return Ok(());
         }
