@@ -38,6 +38,14 @@ fn alert_row(r: &Cols) -> Result<AlertInfo> {
     })
 }
 
+/// What [`Catalog::raise`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Raised {
+    pub id: i64,
+    /// A new alert; false when an open one of the same subject and kind was updated.
+    pub new: bool,
+}
+
 impl Catalog {
     /// Raises an alert, or updates the open one of the same subject and kind (message,
     /// severity, last seen, one more occurrence). Returns its id.
@@ -49,20 +57,33 @@ impl Catalog {
         kind: &str,
         message: &str,
     ) -> Result<i64> {
+        self.raise(now, severity, subject, kind, message)
+            .map(|r| r.id)
+    }
+
+    /// [`Catalog::raise_alert`], telling whether the alert is new.
+    pub fn raise(
+        &self,
+        now: i64,
+        severity: Severity,
+        subject: &str,
+        kind: &str,
+        message: &str,
+    ) -> Result<Raised> {
         let tx = self.conn.unchecked_transaction()?;
         let open = self.one(
             "SELECT id FROM alerts WHERE subject = ?1 AND kind = ?2 AND resolved IS NULL",
             [subject, kind],
             |r| r.get::<i64>(0, "alerts.id"),
         )?;
-        let id = match open {
+        let r = match open {
             Some(id) => {
                 tx.execute(
                     "UPDATE alerts SET severity = ?2, message = ?3, last_seen = ?4,
                          occurrences = occurrences + 1 WHERE id = ?1",
                     params![id, severity_text(severity), message, now],
                 )?;
-                id
+                Raised { id, new: false }
             }
             None => {
                 tx.execute(
@@ -70,11 +91,14 @@ impl Catalog {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
                     params![severity_text(severity), subject, kind, message, now],
                 )?;
-                self.conn.last_insert_rowid()
+                Raised {
+                    id: self.conn.last_insert_rowid(),
+                    new: true,
+                }
             }
         };
         tx.commit()?;
-        Ok(id)
+        Ok(r)
     }
 
     /// Resolves the open alerts of `subject` (of one `kind`, or all). Returns how many.
@@ -156,5 +180,24 @@ mod tests {
         assert_eq!(all.len(), 4);
         let old = all.iter().find(|a| a.id == a1).unwrap();
         assert_eq!(old.resolved.as_deref(), Some("1970-01-01T00:03:20Z"));
+    }
+
+    #[test]
+    fn raise_tells_new_from_repeat() {
+        let c = Catalog::open_in_memory().unwrap();
+        let r = c.raise(1, Severity::Error, "h1/a", "x", "m").unwrap();
+        assert!(r.new);
+        let again = c.raise(2, Severity::Error, "h1/a", "x", "m").unwrap();
+        assert_eq!(
+            again,
+            Raised {
+                id: r.id,
+                new: false
+            }
+        );
+        assert!(c.raise(2, Severity::Error, "h1/b", "x", "m").unwrap().new);
+        c.resolve_alerts(3, "h1/a", None).unwrap();
+        let after = c.raise(4, Severity::Error, "h1/a", "x", "m").unwrap();
+        assert!(after.new && after.id != r.id);
     }
 }

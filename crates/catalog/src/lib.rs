@@ -47,6 +47,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use agents::AgentRow;
+pub use alerts::Raised;
 pub use groups::{GroupMember, GroupRow};
 pub use jobs::{JobRow, NewJob};
 

@@ -257,7 +257,10 @@ fn express_full_with_view(c: &Cluster, vm: &mut Vm) -> JobInfo {
         .admin()
         .post(
             &format!("/datasources/kvm01/{}/backup", vm.name),
-            &BackupNowRequest { express_full: true },
+            &BackupNowRequest {
+                express_full: true,
+                ..Default::default()
+            },
         )
         .unwrap();
     wait_until("the view's export", Duration::from_secs(60), || {
@@ -368,6 +371,7 @@ fn incrementals_read_only_dirty_blocks_and_every_point_restores_its_view() {
             &format!("/datasources/kvm01/{}/backup", vm.name),
             &BackupNowRequest {
                 express_full: false,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -72,6 +72,7 @@ fn start_big_backup(c: &Cluster) -> JobInfo {
             "/datasources/hv01/big/backup",
             &BackupNowRequest {
                 express_full: false,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -43,6 +43,14 @@ pub struct ServerStatus {
     /// How long the scheduler's last pass over every schedule took, milliseconds.
     #[serde(default)]
     pub scheduler_tick_ms: Option<f64>,
+    /// Notifications (e-mails, webhook POSTs) sent, given up on after retries, and
+    /// dropped because the queue was full, since the server started.
+    #[serde(default)]
+    pub notifications_sent: u64,
+    #[serde(default)]
+    pub notifications_failed: u64,
+    #[serde(default)]
+    pub notifications_dropped: u64,
 }
 
 // ---------------------------------------------------------------------------------
@@ -431,10 +439,13 @@ pub struct JobLogLine {
 }
 
 /// `POST /api/v1/datasources/{host}/{vm}/backup` (admin).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BackupNowRequest {
     #[serde(default)]
     pub express_full: bool,
+    /// E-mail addresses told when the job ends (needs `[smtp]` on the server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------

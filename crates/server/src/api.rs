@@ -15,6 +15,7 @@ use protocol::*;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Who is on the other end of the connection: the fingerprint of the client
@@ -245,6 +246,9 @@ async fn status(State(st): St, _admin: Admin) -> ApiResult<Response> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .map(|d| d.as_secs_f64() * 1000.0),
+        notifications_sent: st.notify.counters.sent.load(Ordering::Relaxed),
+        notifications_failed: st.notify.counters.failed.load(Ordering::Relaxed),
+        notifications_dropped: st.notify.counters.dropped.load(Ordering::Relaxed),
     }))
 }
 
@@ -351,9 +355,17 @@ async fn datasources(State(st): St, _admin: Admin) -> ApiResult<Response> {
     Ok(json(&st.cat().datasources()?))
 }
 
-fn queue_for_vm(st: &AppState, host: &str, vm: &str, kind: JobKind) -> ApiResult<Response> {
+fn queue_for_vm(
+    st: &AppState,
+    host: &str,
+    vm: &str,
+    kind: JobKind,
+    notify: &[String],
+) -> ApiResult<Response> {
     let ds = st.cat().datasource_by_name(host, vm)?;
     let (id, new) = st.queue(now(), kind, Some(&ds.id), "admin")?;
+    // Told before the job can end: the agent picks it up no sooner than its next poll.
+    st.notify_job(id, notify)?;
     st.cat().audit(
         now(),
         "admin",
@@ -375,6 +387,7 @@ async fn backup_now(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: BackupNowRequest = parse(&body)?;
+    check_recipients(&st, &req.notify)?;
     let has_point = st
         .cat()
         .datasource_by_name(&host, &vm)?
@@ -387,7 +400,31 @@ async fn backup_now(
     } else {
         JobKind::Sync
     };
-    queue_for_vm(&st, &host, &vm, kind)
+    queue_for_vm(&st, &host, &vm, kind, &req.notify)
+}
+
+/// Addresses a job's end may be e-mailed to.
+fn check_recipients(st: &AppState, to: &[String]) -> ApiResult<()> {
+    if to.is_empty() {
+        return Ok(());
+    }
+    if !st.notify.can_email() {
+        return Err(bad(
+            "notify: the server has no [smtp] host configured, so it cannot send e-mail",
+        ));
+    }
+    if to.len() > crate::notify::MAX_JOB_RECIPIENTS {
+        return Err(bad(format!(
+            "notify: at most {} addresses",
+            crate::notify::MAX_JOB_RECIPIENTS
+        )));
+    }
+    for a in to {
+        if a.parse::<lettre::Address>().is_err() {
+            return Err(bad(format!("notify: {a:?} is not an e-mail address")));
+        }
+    }
+    Ok(())
 }
 
 async fn consistency_check(
@@ -395,7 +432,7 @@ async fn consistency_check(
     _admin: Admin,
     Path((host, vm)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    queue_for_vm(&st, &host, &vm, JobKind::ConsistencyCheck)
+    queue_for_vm(&st, &host, &vm, JobKind::ConsistencyCheck, &[])
 }
 
 // ------------------------------------------------------------------------------
@@ -1046,7 +1083,14 @@ async fn agent_commit(
             if n.kind == "change-tracking-reset"
                 && let Some(vm) = &job.vm
             {
-                cat.raise_alert(now(), Severity::Info, vm, "change-tracking-reset", &msg)?;
+                st.notify.raise_alert(
+                    &cat,
+                    now(),
+                    Severity::Info,
+                    vm,
+                    "change-tracking-reset",
+                    &msg,
+                )?;
             }
         }
         // A backup that used change tracking clears the earlier reset.

@@ -24,6 +24,8 @@ pub struct Config {
     pub scheduler: Scheduler,
     pub maintenance: Maintenance,
     pub limits: Limits,
+    pub notify: Notify,
+    pub smtp: Smtp,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +70,95 @@ pub struct Limits {
     pub low_space_percent: u8,
 }
 
+/// Who hears of alerts (and, per job, of job ends).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Notify {
+    /// Recipients of alert e-mails; empty = no alert e-mail.
+    pub email_to: Vec<String>,
+    /// URLs each alert is POSTed to as JSON; empty = none.
+    pub webhooks: Vec<String>,
+    /// Alerts of this severity or above are sent: `info`, `warning` or `error`.
+    pub min_severity: String,
+}
+
+/// The mail server alert and job e-mails go through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Smtp {
+    /// Empty = no mail server (e-mail off).
+    pub host: String,
+    pub port: u16,
+    /// `none`, `starttls` or `tls`.
+    pub security: String,
+    pub username: Option<String>,
+    /// File holding the password (read at start, trimmed).
+    pub password_file: Option<PathBuf>,
+    /// Sender mailbox, `Name <address>` or `address`.
+    pub from: String,
+    pub timeout_seconds: u64,
+}
+
+impl Default for Notify {
+    fn default() -> Self {
+        Notify {
+            email_to: Vec::new(),
+            webhooks: Vec::new(),
+            min_severity: "warning".into(),
+        }
+    }
+}
+
+impl Default for Smtp {
+    fn default() -> Self {
+        Smtp {
+            host: String::new(),
+            port: 587,
+            security: "starttls".into(),
+            username: None,
+            password_file: None,
+            from: String::new(),
+            timeout_seconds: 30,
+        }
+    }
+}
+
+/// `info`, `warning`, `error`.
+pub fn parse_severity(s: &str) -> Option<protocol::Severity> {
+    match s {
+        "info" => Some(protocol::Severity::Info),
+        "warning" => Some(protocol::Severity::Warning),
+        "error" => Some(protocol::Severity::Error),
+        _ => None,
+    }
+}
+
+/// SMTP connection security.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    None,
+    StartTls,
+    Tls,
+}
+
+impl Security {
+    pub fn parse(s: &str) -> Option<Security> {
+        match s {
+            "none" => Some(Security::None),
+            "starttls" => Some(Security::StartTls),
+            "tls" => Some(Security::Tls),
+            _ => None,
+        }
+    }
+}
+
+impl Smtp {
+    /// A mail server is configured.
+    pub fn enabled(&self) -> bool {
+        !self.host.is_empty()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -79,6 +170,8 @@ impl Default for Config {
             scheduler: Scheduler::default(),
             maintenance: Maintenance::default(),
             limits: Limits::default(),
+            notify: Notify::default(),
+            smtp: Smtp::default(),
         }
     }
 }
@@ -171,6 +264,60 @@ impl Config {
         if self.limits.low_space_percent > 99 {
             return Err("limits.low_space_percent must be 0-99".into());
         }
+        self.check_notify()
+    }
+
+    fn check_notify(&self) -> Result<(), String> {
+        let n = &self.notify;
+        if parse_severity(&n.min_severity).is_none() {
+            return Err(format!(
+                "notify.min_severity: {:?} is not info, warning or error",
+                n.min_severity
+            ));
+        }
+        for a in &n.email_to {
+            if a.parse::<lettre::Address>().is_err() {
+                return Err(format!("notify.email_to: {a:?} is not an e-mail address"));
+            }
+        }
+        for u in &n.webhooks {
+            let rest = u
+                .strip_prefix("https://")
+                .or_else(|| u.strip_prefix("http://"));
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+                return Err(format!(
+                    "notify.webhooks: {u:?} must start with http:// or https:// and name a host"
+                ));
+            }
+        }
+        let m = &self.smtp;
+        if Security::parse(&m.security).is_none() {
+            return Err(format!(
+                "smtp.security: {:?} is not none, starttls or tls",
+                m.security
+            ));
+        }
+        if m.port == 0 {
+            return Err("smtp.port must be 1-65535".into());
+        }
+        if m.timeout_seconds == 0 || m.timeout_seconds > 3600 {
+            return Err("smtp.timeout_seconds must be 1-3600".into());
+        }
+        if !m.from.is_empty() && m.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(format!(
+                "smtp.from: {:?} is not a mailbox (\"Name <address>\" or \"address\")",
+                m.from
+            ));
+        }
+        if m.enabled() && m.from.is_empty() {
+            return Err("smtp.from is needed when smtp.host is set".into());
+        }
+        if !n.email_to.is_empty() && !m.enabled() {
+            return Err("notify.email_to needs [smtp] with host and from".into());
+        }
+        if m.password_file.is_some() && m.username.is_none() {
+            return Err("smtp.password_file needs smtp.username".into());
+        }
         Ok(())
     }
 
@@ -198,5 +345,49 @@ mod tests {
         assert!(bad.check().unwrap_err().contains("prune_time"));
         let bad: Config = toml::from_str("[limits]\nlow_space_percent = 100").unwrap();
         assert!(bad.check().unwrap_err().contains("low_space_percent"));
+    }
+
+    fn err(toml_text: &str) -> String {
+        let c: Config = toml::from_str(toml_text).unwrap();
+        c.check().unwrap_err()
+    }
+
+    #[test]
+    fn notify_and_smtp() {
+        let c: Config = toml::from_str(
+            "[notify]\nemail_to = [\"ops@example.net\"]\nwebhooks = [\"https://hooks.example.net/h\"]\n\
+             min_severity = \"error\"\n[smtp]\nhost = \"smtp.example.net\"\nport = 465\n\
+             security = \"tls\"\nusername = \"hf\"\npassword_file = \"/etc/hf.pass\"\n\
+             from = \"Holdfast <holdfast@example.net>\"\ntimeout_seconds = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.check(), Ok(()));
+        assert_eq!(c.smtp.port, 465);
+        assert_eq!(Security::parse(&c.smtp.security), Some(Security::Tls));
+        // Defaults: nothing sent, nothing to check.
+        let d = Config::default();
+        assert_eq!(d.check(), Ok(()));
+        assert!(!d.smtp.enabled());
+        assert_eq!(d.smtp.port, 587);
+        assert_eq!(d.notify.min_severity, "warning");
+
+        let smtp = "[smtp]\nhost = \"m\"\nfrom = \"a@b.c\"\n";
+        assert!(err("[notify]\nmin_severity = \"loud\"").contains("notify.min_severity"));
+        assert!(err("[notify]\nemail_to = [\"nobody\"]").contains("notify.email_to"));
+        assert!(err("[notify]\nemail_to = [\"ops@example.net\"]").contains("[smtp]"));
+        assert!(err("[notify]\nwebhooks = [\"ftp://x\"]").contains("notify.webhooks"));
+        assert!(err("[notify]\nwebhooks = [\"https://\"]").contains("notify.webhooks"));
+        assert!(err(&format!("{smtp}port = 0")).contains("smtp.port"));
+        assert!(toml::from_str::<Config>(&format!("{smtp}port = 70000")).is_err());
+        assert!(err(&format!("{smtp}security = \"ssl\"")).contains("smtp.security"));
+        assert!(err("[smtp]\nhost = \"m\"\nfrom = \"not a mailbox\"").contains("smtp.from"));
+        assert!(err("[smtp]\nhost = \"m\"").contains("smtp.from"));
+        assert!(err(&format!("{smtp}timeout_seconds = 0")).contains("smtp.timeout_seconds"));
+        assert!(err(&format!("{smtp}password_file = \"/p\"")).contains("smtp.password_file"));
+        let ok: Config = toml::from_str(&format!(
+            "[notify]\nemail_to = [\"x@y.z\"]\nwebhooks = [\"http://127.0.0.1:9/h\"]\n{smtp}security = \"none\"\nport = 2525"
+        ))
+        .unwrap();
+        assert_eq!(ok.check(), Ok(()));
     }
 }

@@ -254,7 +254,8 @@ pub async fn check_point(
         if lost.is_empty() {
             cat.resolve_alerts(now, &vm, Some("filesystem-unreadable"))?;
         } else {
-            cat.raise_alert(
+            st2.notify.raise_alert(
+                &cat,
                 now,
                 protocol::Severity::Warning,
                 &vm,

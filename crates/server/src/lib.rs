@@ -10,6 +10,7 @@ pub mod api;
 pub mod config;
 mod ilr;
 mod maintenance;
+pub mod notify;
 pub mod scheduler;
 pub mod state;
 mod tls;
@@ -31,6 +32,8 @@ pub enum Error {
     Datastore(#[from] datastore::Error),
     #[error(transparent)]
     Pki(#[from] pki::Error),
+    #[error(transparent)]
+    Notify(#[from] notify::Error),
     #[error("{what}: {err}")]
     Io {
         what: String,
@@ -176,6 +179,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     ds.set_threads(threads);
+    let notifier = notify::Notifier::start(&cfg)?;
     // Jobs that were running when the server stopped: failed, and run again now.
     let now = datastore::time::now();
     for j in cat.fail_interrupted_jobs(now, "the server stopped while the job ran")? {
@@ -185,7 +189,8 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
             .zip(j.vm.as_deref())
             .map(|(h, v)| format!("{h}/{v}"))
             .unwrap_or_else(|| "datastore".into());
-        cat.raise_alert(
+        notifier.raise_alert(
+            &cat,
             now,
             protocol::Severity::Warning,
             &subject,
@@ -208,6 +213,16 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
             },
         )?;
         cat.job_log(now, id, "queued after a server restart")?;
+        // A job that asked for e-mail hears of its end now.
+        let key = format!("notify:{}", j.id);
+        match state::job_recipients(&cat, &key) {
+            Ok(to) if !to.is_empty() => {
+                cat.delete_setting(&key)?;
+                notifier.job_finished(&cat.job(j.id)?, to);
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("holdfast server: notify: job {}: {e}", j.id),
+        }
     }
     let tls = pki.server_config()?;
     let mut started = Started {
@@ -229,6 +244,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         pki,
         admin_token,
         threads,
+        notifier,
     ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -241,6 +257,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         // The bound address: `--listen 127.0.0.1:0` picks a free port.
         let bound = listener.local_addr().unwrap_or(listen);
         started.url = format!("https://{}", display_addr(bound));
+        st.notify.set_url(&started.url);
         on_start(&started);
         tokio::spawn(scheduler::run(st.clone()));
         tls::serve(listener, tls, api::router(st)).await;

@@ -55,9 +55,14 @@ pub fn run(st: &AppState, job: i64, kind: JobKind) -> Result<String, String> {
                         names.join(", ")
                     }
                 );
-                let _ = st
-                    .cat()
-                    .raise_alert(now, Severity::Error, "datastore", "damage", &msg);
+                let _ = st.notify.raise_alert(
+                    &st.cat(),
+                    now,
+                    Severity::Error,
+                    "datastore",
+                    "damage",
+                    &msg,
+                );
                 Err(msg)
             }
         }

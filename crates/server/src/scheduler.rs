@@ -59,7 +59,8 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
                 continue;
             }
             if !ds.present {
-                st.cat().raise_alert(
+                st.notify.raise_alert(
+                    &st.cat(),
                     now,
                     Severity::Warning,
                     &ds.name,
@@ -178,7 +179,8 @@ fn space_alert(st: &AppState, now: i64) -> Result<(), catalog::Error> {
     let cat = st.cat();
     let pct = st.config.limits.low_space_percent;
     if low_on_space(free, total, pct) {
-        cat.raise_alert(
+        st.notify.raise_alert(
+            &cat,
             now,
             Severity::Warning,
             "datastore",

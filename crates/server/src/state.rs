@@ -24,6 +24,15 @@ pub const BACKUP_ALERTS: &[&str] = &[
     "cancelled",
 ];
 
+/// The addresses a job's end is e-mailed to (`notify:{job}`: a JSON list).
+pub(crate) fn job_recipients(cat: &Catalog, key: &str) -> Result<Vec<String>, catalog::Error> {
+    match cat.setting(key)? {
+        Some(t) => serde_json::from_str(&t)
+            .map_err(|e| catalog::Error::Corrupt(format!("setting {key}: {e}"))),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// The server's datastore, opened.
 pub struct OpenStore {
     pub datastore: Arc<Datastore>,
@@ -54,6 +63,8 @@ pub struct AppState {
     pub threads: usize,
     /// Duration of the scheduler's last pass (reported by /status; benchmarked).
     pub last_tick: Mutex<Option<std::time::Duration>>,
+    /// Alert and job notifications; every alert is raised through it.
+    pub notify: crate::notify::Notifier,
 }
 
 impl AppState {
@@ -64,6 +75,7 @@ impl AppState {
         pki: pki::ServerPki,
         admin_token: String,
         threads: usize,
+        notify: crate::notify::Notifier,
     ) -> AppState {
         AppState {
             config,
@@ -80,6 +92,7 @@ impl AppState {
             polling: Mutex::new(HashMap::new()),
             threads,
             last_tick: Mutex::new(None),
+            notify,
         }
     }
 
@@ -107,6 +120,46 @@ impl AppState {
             .remove(&job);
     }
 
+    /// Records that `job`'s end is e-mailed to `to` (added to earlier recipients).
+    pub fn notify_job(&self, job: i64, to: &[String]) -> Result<(), catalog::Error> {
+        if to.is_empty() {
+            return Ok(());
+        }
+        let cat = self.cat();
+        let key = format!("notify:{job}");
+        let mut all = job_recipients(&cat, &key)?;
+        for a in to {
+            if !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        let text = serde_json::to_string(&all)
+            .map_err(|e| catalog::Error::Invalid(format!("{key}: {e}")))?;
+        cat.set_setting(&key, &text)?;
+        // An existing job may have ended in between: tell now.
+        if cat.job(job)?.state.finished() {
+            self.job_ended_notify(&cat, job);
+        }
+        Ok(())
+    }
+
+    /// After a job ended: e-mails its summary to whoever asked (once). A problem here
+    /// is logged, never fails the job's bookkeeping.
+    fn job_ended_notify(&self, cat: &Catalog, job: i64) {
+        let key = format!("notify:{job}");
+        let r = (|| {
+            let to = job_recipients(cat, &key)?;
+            if !to.is_empty() {
+                cat.delete_setting(&key)?;
+                self.notify.job_finished(&cat.job(job)?, to);
+            }
+            Ok::<(), catalog::Error>(())
+        })();
+        if let Err(e) = r {
+            eprintln!("holdfast server: notify: job {job}: {e}");
+        }
+    }
+
     /// Records a success: the job, the replica state, and alerts the success clears.
     pub fn job_succeeded(&self, job: i64, now: i64) -> Result<(), catalog::Error> {
         self.forget_job(job);
@@ -116,6 +169,7 @@ impl AppState {
         cat.finish_job(now, job, JobState::Succeeded, None)?;
         cat.job_log(now, job, "succeeded")?;
         self.job_ended.notify_waiters();
+        self.job_ended_notify(&cat, job);
         if let Some(ds) = &info.datasource_id {
             cat.set_replica_state(ds, "ok")?;
             if let Some(vm) = &info.vm {
@@ -160,6 +214,7 @@ impl AppState {
         cat.finish_job(now, job, state, Some((kind, message)))?;
         cat.job_log(now, job, &format!("{}: {message}", state.as_str()))?;
         self.job_ended.notify_waiters();
+        self.job_ended_notify(&cat, job);
         if cancelled {
             return Ok(());
         }
@@ -171,7 +226,8 @@ impl AppState {
             _ if info.datasource_id.is_none() => format!("{}-failed", info.kind.as_str()),
             _ => "backup-failed".to_string(),
         };
-        cat.raise_alert(
+        self.notify.raise_alert(
+            &cat,
             now,
             Severity::Error,
             &subject,

@@ -659,13 +659,17 @@ pub fn backup_now(
     s: &ServerArgs,
     vm: &str,
     express_full: bool,
+    notify: Vec<String>,
     wait: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let cl = s.client()?;
     let j: JobInfo = cl.post(
         &format!("{}/backup", vm_path(vm)?),
-        &BackupNowRequest { express_full },
+        &BackupNowRequest {
+            express_full,
+            notify,
+        },
     )?;
     started(&cl, j, wait, json)
 }

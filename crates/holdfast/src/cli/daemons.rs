@@ -559,6 +559,7 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
             &format!("/datasources/hv01/{vm}/backup"),
             &BackupNowRequest {
                 express_full: false,
+                ..Default::default()
             },
         )?;
         incr.push(j.id);

@@ -81,6 +81,10 @@ enum Command {
         /// Read every block (no change tracking).
         #[arg(long)]
         express_full: bool,
+        /// E-mail this address when the job ends (repeatable; needs [smtp] on the
+        /// server).
+        #[arg(long = "notify", value_name = "EMAIL")]
+        notify: Vec<String>,
         /// Wait for the job; exit 0 only when the recovery point exists.
         #[arg(long)]
         wait: bool,
@@ -145,9 +149,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BackupNow {
             vm,
             express_full,
+            notify,
             wait,
             json,
-        } => admin::backup_now(&cli.server, &vm, express_full, wait, json),
+        } => admin::backup_now(&cli.server, &vm, express_full, notify, wait, json),
         Command::ConsistencyCheck { vm, wait, json } => {
             admin::consistency_check(&cli.server, &vm, wait, json)
         }
