@@ -178,6 +178,12 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         String::from_utf8_lossy(&o.stdout)
     );
     assert_eq!(content(&a0, &work), want2.0);
+    // A failed recovery raises an alert (never a rerun); the next success resolves it.
+    assert!(
+        c.alerts()
+            .iter()
+            .any(|a| a.kind == "recovery-failed" && a.subject == "hv01/web01")
+    );
 
     // --original after the disks were damaged: the files hold the latest point again.
     mutate(&d1, &mut Rng::new(13), 16);
@@ -312,6 +318,28 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         "hv01:/tmp/x",
     ]);
     assert_eq!(o.status.code(), Some(1));
+
+    // Cancelled while it runs: the job ends cancelled and leaves no file or folder.
+    let gone = t.path().join("cancelled");
+    let j = recover_json(
+        &c,
+        &[
+            "hv01/web01",
+            "--copy-to",
+            &format!("hv01:{}", s(&gone)),
+            "--throttle",
+            "512",
+        ],
+    );
+    wait_until("the job to fetch data", Duration::from_secs(30), || {
+        c.job(j.id).bytes_read > 0
+    });
+    c.cli_ok(&["jobs", "cancel", &j.id.to_string()]);
+    let done = c.wait_job(j.id);
+    assert_eq!(done.state, JobState::Cancelled, "{:?}", done.error);
+    assert!(walk(&gone).is_empty(), "{:?}", walk(&gone));
+    assert_eq!(std::fs::read_dir(&gone).unwrap().count(), 0);
+
     // Recovery jobs are never rerun.
     assert!(!c.jobs().iter().any(|j| j.trigger.starts_with("rerun")));
 }
