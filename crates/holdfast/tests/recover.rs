@@ -334,6 +334,11 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
     wait_until("the job to fetch data", Duration::from_secs(30), || {
         c.job(j.id).bytes_read > 0
     });
+    // A backup is not confused with the running recovery.
+    let o = c.cli(&["backup-now", "hv01/web01", "--wait"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("has recovery job"), "{err}");
     c.cli_ok(&["jobs", "cancel", &j.id.to_string()]);
     let done = c.wait_job(j.id);
     assert_eq!(done.state, JobState::Cancelled, "{:?}", done.error);

@@ -362,6 +362,19 @@ async fn datasources(State(st): St, _admin: Admin) -> ApiResult<Response> {
 
 fn queue_for_vm(st: &AppState, host: &str, vm: &str, kind: JobKind) -> ApiResult<Response> {
     let ds = st.cat().datasource_by_name(host, vm)?;
+    // An active backup job is answered as is; a recovery is not a backup to follow.
+    if let Some(j) = st.cat().active_job_for(&ds.id)?
+        && j.kind == JobKind::Recovery
+    {
+        return Err(ApiErr(
+            StatusCode::CONFLICT,
+            format!(
+                "{host}/{vm} has recovery job {} {}; start the backup when it has ended",
+                j.id,
+                j.state.as_str()
+            ),
+        ));
+    }
     let (id, new) = st.queue(now(), kind, Some(&ds.id), "admin")?;
     st.cat().audit(
         now(),
