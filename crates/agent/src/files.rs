@@ -330,6 +330,29 @@ impl Provider for FilesProvider {
         "files"
     }
 
+    fn disk_files(&self, vm: &str) -> Result<Vec<(String, PathBuf)>> {
+        for f in self.scan()? {
+            match f {
+                Ok(f) if f.name == vm => {
+                    let (opened, errors) = f.open();
+                    if let Some(e) = errors.into_iter().next() {
+                        return Err(e);
+                    }
+                    return Ok(opened
+                        .into_iter()
+                        .map(|o| {
+                            let path = f.dir.join(&o.name);
+                            (o.name, path)
+                        })
+                        .collect());
+                }
+                Err((folder, e)) if folder == vm => return Err(e),
+                _ => {}
+            }
+        }
+        Err(Error::VmMissing(vm.to_string()))
+    }
+
     fn inventory(&self) -> Result<Vec<VmInfo>> {
         let mut out = Vec::new();
         for f in self.scan()? {

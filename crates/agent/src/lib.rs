@@ -26,6 +26,7 @@ pub mod files;
 pub mod provider;
 pub mod qemu;
 mod readahead;
+pub mod recover;
 pub mod remote;
 pub mod runtime;
 pub mod seed;

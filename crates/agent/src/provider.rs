@@ -25,6 +25,19 @@ pub trait Provider: Send + Sync {
         kind: JobKind,
         base: Option<&Manifest>,
     ) -> Result<Box<dyn Snapshot>>;
+
+    /// The files of a VM's disks (`(disk name, path)`, recovery-point order), for a
+    /// recovery over the original instance. Only VMs at rest can be written in place.
+    fn disk_files(&self, vm: &str) -> Result<Vec<(String, std::path::PathBuf)>> {
+        let kind = match self.name() {
+            "qemu" => "running QEMU",
+            "hyperv" => "Hyper-V",
+            other => other,
+        };
+        Err(crate::Error::Invalid(format!(
+            "recovery to the original instance of a {kind} VM ({vm}) is not supported yet; use --alternate"
+        )))
+    }
 }
 
 /// A point-in-time view of one VM's disks, held while the backup reads it.

@@ -275,8 +275,13 @@ fn run_job(shared: &Shared, job: AgentJob, cancel: Arc<AtomicBool>) {
     let label = format!("job {} ({} {})", job.job_id, job.kind.as_str(), job.vm);
     log(format_args!("{label}: started"));
     let prefix = format!("/agent/jobs/{}", job.job_id);
-    match job_inner(shared, &job, &prefix, &label, &cancel) {
-        Ok(rp) => log(format_args!("{label}: recovery point {rp}")),
+    let outcome = if job.kind == protocol::JobKind::Recovery {
+        recovery_job(shared, &job, &prefix, &label, &cancel)
+    } else {
+        job_inner(shared, &job, &prefix, &label, &cancel).map(|rp| format!("recovery point {rp}"))
+    };
+    match outcome {
+        Ok(what) => log(format_args!("{label}: {what}")),
         Err(e) if matches!(client_status(&e), Some(403 | 404)) => {
             log(format_args!(
                 "{label}: the server no longer accepts this job ({e}); dropping it"
@@ -319,7 +324,7 @@ pub(crate) fn block_params(start: &SessionStart) -> Result<BlockParams> {
     Ok(p)
 }
 
-fn decode_key(hex: &str) -> Option<[u8; 32]> {
+pub(crate) fn decode_key(hex: &str) -> Option<[u8; 32]> {
     let b = hex.trim().as_bytes();
     if b.len() != 64 {
         return None;
@@ -416,6 +421,109 @@ fn job_inner(
             Err(e.into())
         }
     }
+}
+
+/// Runs a recovery job: writes the plan's disks, reporting progress, then tells the
+/// server. Returns a summary for the log.
+fn recovery_job(
+    shared: &Shared,
+    job: &AgentJob,
+    prefix: &str,
+    label: &str,
+    cancel: &Arc<AtomicBool>,
+) -> Result<String> {
+    let plan = job
+        .recovery
+        .as_ref()
+        .ok_or_else(|| Error::Server("a recovery job without a recovery plan".into()))?;
+    let keys = match &plan.master_key {
+        None => Keys::plain(),
+        Some(hex) => {
+            let key = decode_key(hex).ok_or_else(|| {
+                Error::Server("the recovery's master key is not 64 hex digits".into())
+            })?;
+            Keys::from_master(&key).map_err(Error::Backup)?
+        }
+    };
+    let original = match plan.target {
+        protocol::RecoveryTarget::Original => {
+            Some(shared.provider_for(&job.vm)?.disk_files(&job.vm)?)
+        }
+        _ => None,
+    };
+    let fetch = crate::recover::Fetch {
+        transport: shared.transport.clone(),
+        prefix: prefix.to_string(),
+        keys,
+        cancel: cancel.clone(),
+        throttle: plan.throttle_kbps.and_then(crate::recover::Throttle::new),
+        fetched: AtomicU64::new(0),
+        budget: RETRY_BUDGET,
+    };
+    let counters = Counters::default();
+    let finished = AtomicBool::new(false);
+    let lost: Mutex<Option<client::Error>> = Mutex::new(None);
+    let sent = AtomicU64::new(0);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            report_progress(
+                shared, prefix, label, &counters, &sent, &finished, cancel, &lost,
+            )
+        });
+        let r = crate::recover::recover(&fetch, plan, &job.vm, original, &mut |done, total| {
+            counters.done.store(done, Ordering::Relaxed);
+            counters.total.store(total, Ordering::Relaxed);
+            counters
+                .read
+                .store(fetch.fetched.load(Ordering::Relaxed), Ordering::Relaxed);
+            if shared.stop.load(Ordering::Relaxed) {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        });
+        finished.store(true, Ordering::Relaxed);
+        r
+    });
+    if let Some(l) = lock_take(&lost) {
+        return Err(Error::Client(l));
+    }
+    let files = match result {
+        Ok(f) => f,
+        Err(e) if cancel.load(Ordering::Relaxed) => {
+            return Err(Error::Cancelled(if shared.stop.load(Ordering::Relaxed) {
+                "the agent is stopping".into()
+            } else {
+                format!("by the server ({e})")
+            }));
+        }
+        Err(e) => return Err(e),
+    };
+    let total = counters.total.load(Ordering::Relaxed);
+    let bytes_fetched = fetch.fetched.load(Ordering::Relaxed);
+    // Final figures (a short job may end before its first progress report).
+    let p = Progress {
+        bytes_done: total,
+        bytes_total: total,
+        bytes_read: bytes_fetched,
+        bytes_sent: 0,
+        message: None,
+    };
+    let path = format!("{prefix}/progress");
+    let _ = shared.client.post::<_, ProgressReply>(&path, &p);
+    let done = protocol::RecoveryDone {
+        files: files.iter().map(|f| f.display().to_string()).collect(),
+        bytes_fetched,
+    };
+    let path = format!("{prefix}/recovered");
+    retry(
+        RETRY_BUDGET,
+        || false,
+        || shared.client.post_ok(&path, &done),
+    )?;
+    Ok(format!("recovered {} file(s)", files.len()))
+}
+
+fn lock_take<T>(m: &Mutex<Option<T>>) -> Option<T> {
+    m.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 /// Page, hibernation and swap files of each disk of the view (disk byte ranges), with

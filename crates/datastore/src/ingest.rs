@@ -427,6 +427,18 @@ pub fn decode_framed_piece(keys: &Keys, framed: &mut [u8], id: Id) -> Result<Vec
     Ok(raw.chunks_exact(32).filter_map(Id::from_slice).collect())
 }
 
+/// Decodes and checks one framed data blob (as [`Datastore::framed_blob`] gives it)
+/// against its id: a block of disk data.
+pub fn decode_framed_block(keys: &Keys, framed: &mut [u8], id: Id) -> Result<Vec<u8>> {
+    let key = format!("blob {id}");
+    let mut raw = Vec::new();
+    let h = format::decode_blob(keys, &key, 0, id, framed, &mut raw)?;
+    if h.kind != Kind::Data {
+        return Err(Error::corrupt(key, "not a data blob"));
+    }
+    Ok(raw)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

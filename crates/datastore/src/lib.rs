@@ -31,7 +31,7 @@ pub use backup::{BackupRequest, BaseChoice, BlockParams, BlockTarget, DiskInput,
 pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use id::Id;
-pub use ingest::{Ingest, MAX_REMOTE_DISK, decode_framed_piece};
+pub use ingest::{Ingest, MAX_REMOTE_DISK, decode_framed_block, decode_framed_piece};
 pub use manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
 pub use prune::{Decision, Retention};
 pub use restore::PointDisk;

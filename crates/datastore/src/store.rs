@@ -517,6 +517,19 @@ impl Datastore {
         })
     }
 
+    /// One blob's framed bytes exactly as stored (data or index), unchecked: for a
+    /// client that decodes and checks them itself (an agent recovering a VM).
+    pub fn framed_blob(&self, idx: &BlobIndex, id: Id) -> Result<Vec<u8>> {
+        let loc = idx.map.get(&id).ok_or_else(|| Error::Missing {
+            key: format!("blob {id}"),
+        })?;
+        let pack = idx.packs[loc.pack as usize];
+        let mut buf = vec![0u8; loc.len as usize];
+        self.backend
+            .get_range(&format::pack_key(&pack), loc.offset as u64, &mut buf)?;
+        Ok(buf)
+    }
+
     /// Reads one pack entry's framed bytes and checks them (plaintext into `plain`);
     /// returns the framed bytes, as stored (gc copies them, verify only checks).
     pub(crate) fn read_entry(

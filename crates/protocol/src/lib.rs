@@ -325,6 +325,8 @@ pub enum JobKind {
     Verify,
     Prune,
     Gc,
+    /// Whole-VM recovery from a recovery point, written by an agent.
+    Recovery,
 }
 
 impl JobKind {
@@ -337,6 +339,7 @@ impl JobKind {
             JobKind::Verify => "verify",
             JobKind::Prune => "prune",
             JobKind::Gc => "gc",
+            JobKind::Recovery => "recovery",
         }
     }
 
@@ -349,6 +352,7 @@ impl JobKind {
             "verify" => JobKind::Verify,
             "prune" => JobKind::Prune,
             "gc" => JobKind::Gc,
+            "recovery" => JobKind::Recovery,
             _ => return None,
         })
     }
@@ -361,7 +365,13 @@ impl JobKind {
                 | JobKind::ExpressFull
                 | JobKind::ConsistencyCheck
                 | JobKind::InitialReplica
+                | JobKind::Recovery
         )
+    }
+
+    /// Backups: jobs that make a recovery point (and whose outcome is the replica's).
+    pub fn is_backup(self) -> bool {
+        self.on_agent() && self != JobKind::Recovery
     }
 }
 
@@ -492,6 +502,81 @@ pub struct AgentJob {
     /// Name of the VM on the agent's host.
     pub vm: String,
     pub datasource_id: String,
+    /// What to recover and where, for [`JobKind::Recovery`] jobs.
+    #[serde(default)]
+    pub recovery: Option<RecoveryPlan>,
+}
+
+// ---------------------------------------------------------------------------------
+// Whole-VM recovery
+
+/// Where a recovery writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum RecoveryTarget {
+    /// Over the VM's own disk files, in place (VMs at rest of the `files` provider).
+    Original,
+    /// A new VM folder `DIR/<vm name>/` on `host`, with a `vm.toml`; disks in `format`
+    /// (`vhdx`, `vhd`, `qcow2`, `raw`; default: each disk's original format).
+    Alternate {
+        host: String,
+        dir: String,
+        #[serde(default)]
+        format: Option<String>,
+    },
+    /// The disk files (all, or disk `disk`) in their original format into a new folder
+    /// `DIR/holdfast_<YYYYMMDD-HHMMSS>/` on `host`.
+    CopyTo {
+        host: String,
+        dir: String,
+        #[serde(default)]
+        disk: Option<u32>,
+    },
+}
+
+/// `POST /api/v1/recoveries` (admin): answered with the queued job ([`JobInfo`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecoveryRequest {
+    /// `HOST/VM` of the protected VM.
+    pub vm: String,
+    /// Recovery point id or `latest` (default: latest, unless `at` is given).
+    #[serde(default)]
+    pub point: Option<String>,
+    /// The latest recovery point at or before this UTC time (`YYYY-MM-DD HH:MM` or
+    /// RFC 3339).
+    #[serde(default)]
+    pub at: Option<String>,
+    pub target: RecoveryTarget,
+    /// Bytes fetched from the server per second, KiB (applied on the agent).
+    #[serde(default)]
+    pub throttle_kbps: Option<u64>,
+}
+
+/// `POST /api/v1/agent/jobs/{id}/recovered` (agent): a recovery job wrote everything.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecoveryDone {
+    /// The files written (full paths on the agent's host).
+    pub files: Vec<String>,
+    /// Bytes of disk data fetched from the server.
+    pub bytes_fetched: u64,
+}
+
+/// The formats a recovery may write.
+pub const RECOVERY_FORMATS: [&str; 4] = ["vhdx", "vhd", "qcow2", "raw"];
+
+/// What an agent needs to run a recovery job (in [`AgentJob::recovery`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecoveryPlan {
+    pub target: RecoveryTarget,
+    /// The recovery point (its disks with their index piece ids).
+    pub manifest: Manifest,
+    pub block_size: u32,
+    pub piece_blocks: u32,
+    /// The datastore's master key (hex) when it is encrypted.
+    #[serde(default)]
+    pub master_key: Option<String>,
+    #[serde(default)]
+    pub throttle_kbps: Option<u64>,
 }
 
 /// `POST /api/v1/agent/jobs/{id}/start` response: what the agent needs to build blobs

@@ -83,7 +83,7 @@ pub(crate) fn json<T: serde::Serialize>(v: &T) -> Response {
 }
 
 /// Parses a JSON body ourselves, so a malformed one is a 400 naming the problem.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     let body: &[u8] = if body.is_empty() { b"{}" } else { body };
     serde_json::from_slice(body).map_err(|e| bad(format!("request body: {e}")))
 }
@@ -203,6 +203,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/recovery-points", get(recovery_points))
         .route("/recovery-points/{id}/browse", get(crate::ilr::browse))
         .route("/recovery-points/{id}/file", get(crate::ilr::file))
+        .route("/recoveries", post(crate::recover::create))
         .route("/jobs", get(jobs_list).post(job_create))
         .route("/jobs/{id}", get(job_show))
         .route("/jobs/{id}/cancel", post(job_cancel))
@@ -213,6 +214,14 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/agent/replica-params", post(agent_replica_params))
         .route("/agent/jobs/{id}/start", post(agent_start))
         .route("/agent/jobs/{id}/blob/{blob}", get(agent_blob))
+        .route(
+            "/agent/jobs/{id}/recovery-blob/{blob}",
+            get(crate::recover::agent_blob),
+        )
+        .route(
+            "/agent/jobs/{id}/recovered",
+            post(crate::recover::agent_done),
+        )
         .route("/agent/jobs/{id}/progress", post(agent_progress))
         .route("/agent/jobs/{id}/commit", post(agent_commit))
         .route("/agent/jobs/{id}/fail", post(agent_fail))
@@ -363,6 +372,19 @@ fn queue_for_vm(
     notify: &[String],
 ) -> ApiResult<Response> {
     let ds = st.cat().datasource_by_name(host, vm)?;
+    // An active backup job is answered as is; a recovery is not a backup to follow.
+    if let Some(j) = st.cat().active_job_for(&ds.id)?
+        && j.kind == JobKind::Recovery
+    {
+        return Err(ApiErr(
+            StatusCode::CONFLICT,
+            format!(
+                "{host}/{vm} has recovery job {} {}; start the backup when it has ended",
+                j.id,
+                j.state.as_str()
+            ),
+        ));
+    }
     let (id, new) = st.queue(now(), kind, Some(&ds.id), "admin")?;
     // Told before the job can end: the agent picks it up no sooner than its next poll.
     st.notify_job(id, notify)?;
@@ -782,14 +804,20 @@ async fn agent_poll(State(st): St, AgentHost(host): AgentHost) -> ApiResult<Resp
 }
 
 /// The job must be this agent's and running.
-fn own_job(st: &AppState, host: &str, id: i64) -> ApiResult<JobInfo> {
+pub(crate) fn own_job(st: &AppState, host: &str, id: i64) -> ApiResult<JobInfo> {
     let job = st.cat().job(id)?;
     let ds = job
         .datasource_id
         .as_deref()
         .ok_or_else(|| forbidden(format!("job {id} is not an agent's job")))?;
     let ds = st.cat().datasource(ds)?;
-    if ds.host != host {
+    // A recovery runs on its target host, which may be another than the VM's.
+    let job_host = if job.kind == JobKind::Recovery {
+        crate::recover::stored(&st.cat(), id)?.host
+    } else {
+        ds.host
+    };
+    if job_host != host {
         return Err(forbidden(format!(
             "job {id} belongs to another host's data source"
         )));
@@ -831,6 +859,12 @@ async fn agent_start(
     Path(id): Path<i64>,
 ) -> ApiResult<Response> {
     let job = own_job(&st, &host, id)?;
+    if !job.kind.is_backup() {
+        return Err(ApiErr(
+            StatusCode::CONFLICT,
+            format!("job {id} is a {} job, not a backup", job.kind.as_str()),
+        ));
+    }
     let ds_id = job.datasource_id.clone().unwrap_or_default();
     let ds = st.cat().datasource(&ds_id)?;
     let source = Source {

@@ -11,6 +11,7 @@ pub mod config;
 mod ilr;
 mod maintenance;
 pub mod notify;
+pub mod recover;
 pub mod scheduler;
 pub mod state;
 mod tls;
@@ -189,6 +190,23 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
             .zip(j.vm.as_deref())
             .map(|(h, v)| format!("{h}/{v}"))
             .unwrap_or_else(|| "datastore".into());
+        if j.kind == protocol::JobKind::Recovery {
+            // Recoveries are never rerun on their own: what they write is the
+            // operator's decision. The partial files were removed by the agent.
+            let vm = cat.job(j.id)?.vm.unwrap_or(subject);
+            notifier.raise_alert(
+                &cat,
+                now,
+                protocol::Severity::Error,
+                &vm,
+                "recovery-failed",
+                &format!(
+                    "recovery job {} was interrupted by a server restart; start it again",
+                    j.id
+                ),
+            )?;
+            continue;
+        }
         notifier.raise_alert(
             &cat,
             now,

@@ -207,11 +207,35 @@ pub fn dispatch(st: &AppState, host: &str) -> Result<Option<AgentJob>, catalog::
         return Ok(None);
     }
     for j in cat.runnable_jobs(now)? {
-        if !j.kind.on_agent() || j.host.as_deref() != Some(host) {
+        if !j.kind.on_agent() {
             continue;
         }
+        // A recovery runs on its target host, which may be another than the VM's.
+        let stored = if j.kind == JobKind::Recovery {
+            match crate::recover::stored(&cat, j.id) {
+                Ok(s) if s.host == host => Some(s),
+                Ok(_) => continue,
+                Err(e) => {
+                    drop(cat);
+                    st.job_failed(j.id, now, "server", &e.to_string())?;
+                    return Ok(None);
+                }
+            }
+        } else if j.host.as_deref() != Some(host) {
+            continue;
+        } else {
+            None
+        };
         let (Some(ds), Some(vm)) = (j.datasource_id.clone(), j.vm.clone()) else {
             continue;
+        };
+        let recovery = match stored.map(|s| crate::recover::plan(st, &s)).transpose() {
+            Ok(p) => p,
+            Err(e) => {
+                drop(cat);
+                st.job_failed(j.id, now, "server", &e)?;
+                return Ok(None);
+            }
         };
         cat.start_job(now, j.id)?;
         cat.job_log(now, j.id, &format!("handed to agent {host}"))?;
@@ -222,6 +246,7 @@ pub fn dispatch(st: &AppState, host: &str) -> Result<Option<AgentJob>, catalog::
             kind: j.kind,
             vm,
             datasource_id: ds,
+            recovery,
         }));
     }
     Ok(None)

@@ -52,6 +52,8 @@ pub struct AppState {
     pub admin_token: String,
     /// Ingest sessions of running agent jobs, by job id.
     pub sessions: Mutex<HashMap<i64, Arc<Ingest>>>,
+    /// What each running recovery job may read (built at its first blob request).
+    pub recoveries: Mutex<HashMap<i64, Arc<crate::recover::Access>>>,
     /// When each running agent job was last heard of (watchdog).
     pub heartbeats: Mutex<HashMap<i64, Instant>>,
     /// Wakes agents' long polls when jobs are queued.
@@ -86,6 +88,7 @@ impl AppState {
             pki,
             admin_token,
             sessions: Mutex::new(HashMap::new()),
+            recoveries: Mutex::new(HashMap::new()),
             heartbeats: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             job_ended: Notify::new(),
@@ -110,6 +113,10 @@ impl AppState {
 
     fn forget_job(&self, job: i64) {
         self.heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job);
+        self.recoveries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&job);
@@ -170,6 +177,13 @@ impl AppState {
         cat.job_log(now, job, "succeeded")?;
         self.job_ended.notify_waiters();
         self.job_ended_notify(&cat, job);
+        if info.kind == JobKind::Recovery {
+            // A recovery changes nothing of the data source's protection.
+            if let Some(vm) = &info.vm {
+                cat.resolve_alerts(now, vm, Some("recovery-failed"))?;
+            }
+            return Ok(());
+        }
         if let Some(ds) = &info.datasource_id {
             cat.set_replica_state(ds, "ok")?;
             if let Some(vm) = &info.vm {
@@ -219,6 +233,18 @@ impl AppState {
             return Ok(());
         }
         let subject = info.vm.clone().unwrap_or_else(|| "datastore".to_string());
+        if info.kind == JobKind::Recovery {
+            // Never rerun, and no backup alert: the data source's state is untouched.
+            self.notify.raise_alert(
+                &cat,
+                now,
+                Severity::Error,
+                &subject,
+                "recovery-failed",
+                &format!("recovery job {job} failed: {message}"),
+            )?;
+            return Ok(());
+        }
         let alert_kind = match kind {
             "disk-missing" | "disk-resized" | "vm-missing" | "interrupted" | "agent-lost" => {
                 kind.to_string()

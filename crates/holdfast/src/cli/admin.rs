@@ -688,6 +688,87 @@ pub fn consistency_check(
     started(&cl, j, wait, json)
 }
 
+/// `holdfast recover HOST/VM ...`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["original", "alternate", "copy_to"])))]
+pub struct RecoverArgs {
+    /// HOST/VM of the protected VM.
+    pub vm: String,
+    /// Recovery point id, or `latest` (default).
+    #[arg(long, conflicts_with = "at")]
+    pub point: Option<String>,
+    /// The VM's latest recovery point at or before this UTC time, "YYYY-MM-DD HH:MM".
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Write over the VM's own disk files (VMs at rest of the `files` provider).
+    #[arg(long)]
+    pub original: bool,
+    /// HOST:DIR: a new VM folder DIR/<vm>/ with a vm.toml on that host.
+    #[arg(long, value_name = "HOST:DIR")]
+    pub alternate: Option<String>,
+    /// Disk format for --alternate: vhdx, vhd, qcow2 or raw (default: each disk's own).
+    #[arg(long, requires = "alternate")]
+    pub format: Option<String>,
+    /// HOST:DIR: the disk files, in their format, into DIR/holdfast_<time>/ on that host.
+    #[arg(long, value_name = "HOST:DIR")]
+    pub copy_to: Option<String>,
+    /// With --copy-to: only this disk (numbered from 0).
+    #[arg(long, requires = "copy_to")]
+    pub disk: Option<u32>,
+    /// Limit the data fetched from the server, KiB per second.
+    #[arg(long, value_name = "KBPS")]
+    pub throttle: Option<u64>,
+    /// Wait for the job; exit 0 only when the recovery succeeded.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn host_dir(s: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once(':') {
+        Some((h, d)) if !h.is_empty() && !d.is_empty() => Ok((h.to_string(), d.to_string())),
+        _ => bail!("{s:?} is not HOST:DIR"),
+    }
+}
+
+pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
+    if split_vm(&a.vm).is_none() {
+        bail!("{:?} is not HOST/VM", a.vm);
+    }
+    let target = if a.original {
+        RecoveryTarget::Original
+    } else if let Some(x) = &a.alternate {
+        let (host, dir) = host_dir(x)?;
+        RecoveryTarget::Alternate {
+            host,
+            dir,
+            format: a.format.clone(),
+        }
+    } else if let Some(x) = &a.copy_to {
+        let (host, dir) = host_dir(x)?;
+        RecoveryTarget::CopyTo {
+            host,
+            dir,
+            disk: a.disk,
+        }
+    } else {
+        bail!("choose --original, --alternate HOST:DIR or --copy-to HOST:DIR");
+    };
+    let cl = s.client()?;
+    let j: JobInfo = cl.post(
+        "/recoveries",
+        &RecoveryRequest {
+            vm: a.vm.clone(),
+            point: a.point.clone(),
+            at: a.at.clone(),
+            target,
+            throttle_kbps: a.throttle,
+        },
+    )?;
+    started(&cl, j, a.wait, a.json)
+}
+
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// List jobs, newest first.

@@ -91,6 +91,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recover a whole VM from a recovery point through an agent: over the original
+    /// disk files (VMs at rest), as a new VM in a folder, or as plain disk files.
+    Recover(admin::RecoverArgs),
     /// Compare every block of a VM with its replica and repair it.
     ConsistencyCheck {
         /// HOST/VM
@@ -153,6 +156,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wait,
             json,
         } => admin::backup_now(&cli.server, &vm, express_full, notify, wait, json),
+        Command::Recover(a) => admin::recover(&cli.server, &a),
         Command::ConsistencyCheck { vm, wait, json } => {
             admin::consistency_check(&cli.server, &vm, wait, json)
         }

@@ -1,0 +1,621 @@
+//! Whole-VM recovery on the agent: a recovery point's disks read from the server
+//! ([`RemotePointDisk`], blob by blob through the job's `recovery-blob` route, each blob
+//! checked against its id) and written as image files with [`vdisk::copy::write_image`]
+//! (temporary name, fsync, rename: a cancelled or failed recovery leaves no partial
+//! file behind).
+
+use crate::remote::{Transport, retry};
+use crate::{Error, Result};
+use datastore::crypto::Keys;
+use datastore::{DiskRecord, Id, decode_framed_block, decode_framed_piece};
+use protocol::{RecoveryPlan, RecoveryTarget};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vdisk::{CreateOptions, DiskInfo, Extent, ExtentState, Format, Subformat, VirtualDisk};
+
+/// Block requests in flight per read (the copy runs up to four reads at once).
+const FETCHERS: usize = 4;
+/// Index pieces kept in memory.
+const PIECE_CACHE: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A token bucket over bytes per second; waits are cut short by `cancel`.
+#[derive(Debug)]
+pub struct Throttle {
+    rate: f64,
+    /// Tokens (may go negative: a debt paid by waiting) and when last refilled.
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Throttle {
+    /// `kbps` KiB per second (0 = none).
+    pub fn new(kbps: u64) -> Option<Throttle> {
+        (kbps > 0).then(|| Throttle {
+            rate: kbps as f64 * 1024.0,
+            state: Mutex::new((0.0, Instant::now())),
+        })
+    }
+
+    /// Takes `n` bytes' worth of tokens, waiting until they are earned.
+    pub fn take(&self, n: u64, cancel: &AtomicBool) {
+        let wait = {
+            let mut s = lock(&self.state);
+            let now = Instant::now();
+            // A burst of at most a quarter second.
+            let burst = self.rate / 4.0;
+            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(burst);
+            s.1 = now;
+            s.0 -= n as f64;
+            if s.0 < 0.0 { -s.0 / self.rate } else { 0.0 }
+        };
+        let end = Instant::now() + Duration::from_secs_f64(wait.min(3600.0));
+        while !cancel.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            std::thread::sleep((end - now).min(Duration::from_millis(50)));
+        }
+    }
+}
+
+/// What every disk of a recovery shares.
+pub struct Fetch {
+    pub transport: Arc<dyn Transport>,
+    /// `/agent/jobs/{id}`.
+    pub prefix: String,
+    pub keys: Keys,
+    pub cancel: Arc<AtomicBool>,
+    pub throttle: Option<Throttle>,
+    /// Framed bytes fetched so far.
+    pub fetched: AtomicU64,
+    pub budget: Duration,
+}
+
+impl Fetch {
+    fn get(&self, id: Id) -> Result<Vec<u8>> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled("the recovery was cancelled".into()));
+        }
+        let path = format!("{}/recovery-blob/{}", self.prefix, id.to_hex());
+        let framed = retry(
+            self.budget,
+            || self.cancel.load(Ordering::Relaxed),
+            || self.transport.get_bytes(&path),
+        )?;
+        let n = framed.len() as u64;
+        self.fetched.fetch_add(n, Ordering::Relaxed);
+        if let Some(t) = &self.throttle {
+            t.take(n, &self.cancel);
+        }
+        Ok(framed)
+    }
+}
+
+/// One disk of a recovery point, read from the server through a recovery job.
+#[derive(Debug)]
+pub struct RemotePointDisk<'a> {
+    fetch: &'a Fetch,
+    point: String,
+    rec: DiskRecord,
+    pieces: Vec<Id>,
+    cache: Mutex<HashMap<usize, Arc<Vec<Id>>>>,
+}
+
+impl std::fmt::Debug for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetch")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> vdisk::Error {
+    vdisk::Error::Invalid(e.to_string())
+}
+
+impl<'a> RemotePointDisk<'a> {
+    pub fn open(fetch: &'a Fetch, point: &str, rec: &DiskRecord) -> Result<RemotePointDisk<'a>> {
+        let pieces = rec
+            .pieces
+            .iter()
+            .map(|h| {
+                Id::from_hex(h).ok_or_else(|| {
+                    Error::Server(format!("recovery point {point}: bad piece id {h:?}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if rec.block_size == 0
+            || rec.piece_blocks == 0
+            || pieces.len() as u64 != rec.blocks().div_ceil(rec.piece_blocks as u64)
+        {
+            return Err(Error::Server(format!(
+                "recovery point {point} disk {}: the index does not cover the disk",
+                rec.index
+            )));
+        }
+        Ok(RemotePointDisk {
+            fetch,
+            point: point.to_string(),
+            rec: rec.clone(),
+            pieces,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn piece(&self, p: usize) -> Result<Arc<Vec<Id>>> {
+        if let Some(ids) = lock(&self.cache).get(&p) {
+            return Ok(ids.clone());
+        }
+        let pid = *self
+            .pieces
+            .get(p)
+            .ok_or_else(|| Error::Invalid(format!("index piece {p} is past the disk's end")))?;
+        let mut framed = self.fetch.get(pid)?;
+        let ids = decode_framed_piece(&self.fetch.keys, &mut framed, pid).map_err(Error::Backup)?;
+        let pb = self.rec.piece_blocks as u64;
+        let want = (self.rec.blocks() - p as u64 * pb).min(pb);
+        if ids.len() as u64 != want {
+            return Err(Error::Server(format!(
+                "index piece {pid} holds {} entries, expected {want}",
+                ids.len()
+            )));
+        }
+        let ids = Arc::new(ids);
+        let mut c = lock(&self.cache);
+        if c.len() >= PIECE_CACHE {
+            c.clear();
+        }
+        c.insert(p, ids.clone());
+        Ok(ids)
+    }
+
+    fn block_id(&self, b: u64) -> Result<Id> {
+        let pb = self.rec.piece_blocks as u64;
+        let ids = self.piece((b / pb) as usize)?;
+        ids.get((b % pb) as usize)
+            .copied()
+            .ok_or_else(|| Error::Server(format!("block {b} is not in its index piece")))
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> vdisk::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.rec.virtual_size => Ok(()),
+            _ => Err(vdisk::Error::OutOfRange {
+                offset,
+                len,
+                size: self.rec.virtual_size,
+            }),
+        }
+    }
+
+    /// Fetches, checks and places one block's bytes `within..within+out.len()`.
+    fn fill(&self, b: u64, id: Id, within: usize, out: &mut [u8]) -> Result<()> {
+        let bs = self.rec.block_size as u64;
+        let block_len = (self.rec.virtual_size - b * bs).min(bs) as usize;
+        let mut framed = self.fetch.get(id)?;
+        let plain =
+            decode_framed_block(&self.fetch.keys, &mut framed, id).map_err(Error::Backup)?;
+        if plain.len() != block_len {
+            return Err(Error::Server(format!(
+                "recovery point {} disk {} block {b}: {} bytes, expected {block_len}",
+                self.point,
+                self.rec.index,
+                plain.len()
+            )));
+        }
+        let src = plain
+            .get(within..within + out.len())
+            .ok_or_else(|| Error::Server(format!("block {b} is too short")))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+impl VirtualDisk for RemotePointDisk<'_> {
+    fn info(&self) -> DiskInfo {
+        DiskInfo {
+            path: format!("server#{}/disk{}", self.point, self.rec.index).into(),
+            format: Format::Raw,
+            subformat: Subformat::Fixed,
+            virtual_size: self.rec.virtual_size,
+            logical_sector_size: self.rec.logical_sector_size,
+            physical_sector_size: self.rec.physical_sector_size,
+            block_size: Some(self.rec.block_size as u64),
+            file_size: 0,
+            allocated_bytes: 0,
+            details: vec![("recovery point".into(), self.point.clone())],
+            parent: None,
+        }
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.rec.virtual_size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let bs = self.rec.block_size as u64;
+        // Split the buffer by block; holes are filled here, data blocks are fetched by
+        // up to FETCHERS threads at once.
+        let mut tasks = Vec::new();
+        let mut rest: &mut [u8] = buf;
+        let mut pos = offset;
+        while !rest.is_empty() {
+            let b = pos / bs;
+            let within = (pos % bs) as usize;
+            let n = (bs as usize - within).min(rest.len());
+            let (out, tail) = rest.split_at_mut(n);
+            rest = tail;
+            let id = self.block_id(b).map_err(invalid)?;
+            if id.is_zero() {
+                out.fill(0);
+            } else {
+                tasks.push((b, id, within, out));
+            }
+            pos += n as u64;
+        }
+        let threads = FETCHERS.min(tasks.len());
+        let queue = Mutex::new(tasks.into_iter());
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    loop {
+                        if lock(&failure).is_some() {
+                            return;
+                        }
+                        let Some((b, id, within, out)) = lock(&queue).next() else {
+                            return;
+                        };
+                        if let Err(e) = self.fill(b, id, within, out) {
+                            lock(&failure).get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        match lock(&failure).take() {
+            Some(e) => Err(invalid(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn map(&self, offset: u64, length: u64) -> vdisk::Result<Vec<Extent>> {
+        self.check_range(offset, length)?;
+        let bs = self.rec.block_size as u64;
+        let end = offset + length;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / bs;
+            let next = ((b + 1) * bs).min(end);
+            let state = if self.block_id(b).map_err(invalid)?.is_zero() {
+                ExtentState::Zero
+            } else {
+                ExtentState::Data
+            };
+            vdisk::extent::push_extent(&mut out, pos, next - pos, state);
+            pos = next;
+        }
+        Ok(out)
+    }
+}
+
+/// A file name from a disk name of the manifest: its last path component, without
+/// anything that could leave the target folder; `fallback` when nothing usable is left.
+pub fn safe_name(name: &str, fallback: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let clean: String = last
+        .chars()
+        .filter(|c| !c.is_control() && *c != ':')
+        .collect();
+    let clean = clean.trim().trim_start_matches('.').to_string();
+    if clean.is_empty() || clean == ".." {
+        fallback.to_string()
+    } else {
+        clean
+    }
+}
+
+/// `name` with its extension replaced by `format`'s.
+fn with_ext(name: &str, format: &str) -> String {
+    let stem = match name.rsplit_once('.') {
+        Some((s, _)) if !s.is_empty() => s,
+        _ => name,
+    };
+    format!("{stem}.{format}")
+}
+
+/// One image to write.
+struct Output {
+    disk: usize,
+    path: PathBuf,
+    format: Format,
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |err| Error::Io {
+        path: path.to_path_buf(),
+        op,
+        err,
+    }
+}
+
+/// A folder made by this recovery: removed with what it holds unless kept.
+struct NewDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl NewDir {
+    fn create(path: PathBuf) -> Result<NewDir> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent, "creating the folder"))?;
+        }
+        std::fs::create_dir(&path).map_err(|err| {
+            if err.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::Invalid(format!(
+                    "{} already exists; recovery writes only into a new folder",
+                    path.display()
+                ))
+            } else {
+                Error::Io {
+                    path: path.clone(),
+                    op: "creating the folder",
+                    err,
+                }
+            }
+        })?;
+        Ok(NewDir { path, keep: false })
+    }
+}
+
+impl Drop for NewDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn timestamp(unix: i64) -> String {
+    // 2026-11-25T19:04:05Z -> 20261125-190405
+    let s = datastore::time::rfc3339(unix);
+    let digits: String = s.chars().filter(|c| c.is_ascii_digit()).collect();
+    match (digits.get(..8), digits.get(8..14)) {
+        (Some(d), Some(t)) => format!("{d}-{t}"),
+        _ => digits,
+    }
+}
+
+/// Runs a recovery: writes the plan's disks where its target says. `original` holds
+/// the VM's current disk files (`(name, path)`) for [`RecoveryTarget::Original`].
+/// `progress(done, total)` follows the bytes of virtual disk written. Returns the files
+/// written.
+pub fn recover(
+    fetch: &Fetch,
+    plan: &RecoveryPlan,
+    vm: &str,
+    original: Option<Vec<(String, PathBuf)>>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<PathBuf>> {
+    let m = &plan.manifest;
+    let fmt_of = |rec: &DiskRecord| -> Format { rec.format.parse().unwrap_or(Format::Raw) };
+    let mut outputs = Vec::new();
+    let mut dir_guard = None;
+    let mut vm_toml = None;
+    match &plan.target {
+        RecoveryTarget::Original => {
+            let files = original.ok_or_else(|| {
+                Error::Invalid("no disk files of the original VM were found".into())
+            })?;
+            for (i, rec) in m.disks.iter().enumerate() {
+                let path = files
+                    .iter()
+                    .find(|(n, _)| n == &rec.name)
+                    .map(|(_, p)| p.clone())
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "disk {i} ({}) of recovery point {} is no longer a disk of VM {vm}; recover with --alternate",
+                            rec.name, m.id
+                        ))
+                    })?;
+                outputs.push(Output {
+                    disk: i,
+                    path,
+                    format: fmt_of(rec),
+                });
+            }
+        }
+        RecoveryTarget::Alternate { dir, format, .. } => {
+            let folder = Path::new(dir).join(safe_name(vm, "vm"));
+            if folder.exists() {
+                return Err(Error::Invalid(format!(
+                    "{} already exists; choose another folder or remove it",
+                    folder.display()
+                )));
+            }
+            let d = NewDir::create(folder.clone())?;
+            let mut names = Vec::new();
+            for (i, rec) in m.disks.iter().enumerate() {
+                let f = match format {
+                    Some(f) => f
+                        .parse()
+                        .map_err(|e: vdisk::Error| Error::Invalid(e.to_string()))?,
+                    None => fmt_of(rec),
+                };
+                let base = safe_name(&rec.name, &format!("disk{i}"));
+                let mut name = with_ext(&base, f.name());
+                if names.contains(&name) {
+                    name = format!("disk{i}-{name}");
+                }
+                names.push(name.clone());
+                outputs.push(Output {
+                    disk: i,
+                    path: folder.join(&name),
+                    format: f,
+                });
+            }
+            let quoted: Vec<String> = names.iter().map(|n| toml_str(n)).collect();
+            vm_toml = Some((
+                folder.join("vm.toml"),
+                format!(
+                    "# Recovered by holdfast from recovery point {}\nname = {}\ndisks = [{}]\n",
+                    m.id,
+                    toml_str(vm),
+                    quoted.join(", ")
+                ),
+            ));
+            dir_guard = Some(d);
+        }
+        RecoveryTarget::CopyTo { dir, disk, .. } => {
+            let folder =
+                Path::new(dir).join(format!("holdfast_{}", timestamp(datastore::time::now())));
+            let d = NewDir::create(folder.clone())?;
+            let mut names: Vec<String> = Vec::new();
+            for (i, rec) in m.disks.iter().enumerate() {
+                if disk.is_some_and(|d| d as usize != i) {
+                    continue;
+                }
+                let mut name = safe_name(&rec.name, &format!("disk{i}.{}", rec.format));
+                if names.contains(&name) {
+                    name = format!("disk{i}-{name}");
+                }
+                names.push(name.clone());
+                outputs.push(Output {
+                    disk: i,
+                    path: folder.join(name),
+                    format: fmt_of(rec),
+                });
+            }
+            if outputs.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "recovery point {} has no disk {}",
+                    m.id,
+                    disk.unwrap_or(0)
+                )));
+            }
+            dir_guard = Some(d);
+        }
+    }
+    let total: u64 = outputs
+        .iter()
+        .filter_map(|o| m.disks.get(o.disk))
+        .map(|r| r.virtual_size)
+        .sum();
+    let mut before = 0u64;
+    let mut written = Vec::new();
+    for o in &outputs {
+        let rec = m
+            .disks
+            .get(o.disk)
+            .ok_or_else(|| Error::Invalid(format!("no disk {}", o.disk)))?;
+        let disk = RemotePointDisk::open(fetch, &m.id, rec)?;
+        let subformat = if o.format == Format::Raw {
+            Subformat::Fixed
+        } else {
+            Subformat::Dynamic
+        };
+        let mut opts = CreateOptions::new(o.format, subformat, rec.virtual_size);
+        opts.logical_sector_size = if o.format == Format::Vhdx {
+            rec.logical_sector_size
+        } else {
+            512
+        };
+        opts.physical_sector_size = rec.physical_sector_size.max(opts.logical_sector_size);
+        vdisk::copy::write_image(&disk, &o.path, &opts, &mut |done, _| {
+            progress(before.saturating_add(done), total)
+        })
+        .map_err(|err| {
+            if fetch.cancel.load(Ordering::Relaxed) {
+                Error::Cancelled("the recovery was cancelled".into())
+            } else {
+                Error::Disk {
+                    vm: vm.to_string(),
+                    err,
+                }
+            }
+        })?;
+        before = before.saturating_add(rec.virtual_size);
+        written.push(o.path.clone());
+    }
+    if let Some((path, text)) = vm_toml {
+        write_file(&path, text.as_bytes())?;
+        written.push(path);
+    }
+    if let Some(mut d) = dir_guard {
+        d.keep = true;
+    }
+    Ok(written)
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(io(path, "creating"))?;
+    f.write_all(bytes).map_err(io(path, "writing"))?;
+    f.sync_all().map_err(io(path, "syncing"))?;
+    vdisk::copy::fsync_parent(path).map_err(|err| Error::Disk {
+        vm: String::new(),
+        err,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_stay_in_the_folder() {
+        assert_eq!(safe_name("os.qcow2", "d"), "os.qcow2");
+        assert_eq!(safe_name("data/d1.vhdx", "d"), "d1.vhdx");
+        assert_eq!(safe_name("../../etc/passwd", "d"), "passwd");
+        assert_eq!(safe_name("..", "d"), "d");
+        assert_eq!(safe_name("a/..", "d"), "d");
+        assert_eq!(safe_name("", "d"), "d");
+        assert_eq!(safe_name("C:\\x\\y.vhd", "d"), "y.vhd");
+        assert_eq!(with_ext("os.qcow2", "raw"), "os.raw");
+        assert_eq!(with_ext("disk", "raw"), "disk.raw");
+        assert_eq!(toml_str("a\"b"), "\"a\\\"b\"");
+    }
+
+    #[test]
+    fn timestamps_are_compact() {
+        assert_eq!(timestamp(0), "19700101-000000");
+    }
+
+    #[test]
+    fn throttle_paces_bytes() {
+        let t = Throttle::new(1024).unwrap();
+        let cancel = AtomicBool::new(false);
+        let start = Instant::now();
+        for _ in 0..4 {
+            t.take(128 * 1024, &cancel);
+        }
+        // 512 KiB at 1 MiB/s: about half a second.
+        assert!(start.elapsed() >= Duration::from_millis(400));
+        assert!(Throttle::new(0).is_none());
+    }
+}

@@ -1,0 +1,363 @@
+//! End to end: `holdfast recover` through a real server and agent over loopback mutual
+//! TLS: copies of a point's disk files, a new VM folder, the original disk files
+//! rewritten in place, throttling, bad requests and the agent's blob access.
+
+mod common;
+
+use client::{Auth, Client};
+use common::cluster::*;
+use common::*;
+use protocol::*;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// VM `web01` under `root`: a qcow2 disk with random runs and a fully random raw disk,
+/// listed in a vm.toml. Returns the two disk paths.
+fn make_vm(root: &Path) -> (PathBuf, PathBuf) {
+    let dir = root.join("web01");
+    std::fs::create_dir_all(&dir).unwrap();
+    let raw = root.join(".web01.raw");
+    make_disk(&raw, 8 << 20, 3 << 20, 7);
+    let d0 = dir.join("web01-disk0.qcow2");
+    ok(&["image", "convert", s(&raw), s(&d0), "-f", "qcow2"]);
+    std::fs::remove_file(&raw).unwrap();
+    let d1 = dir.join("data.raw");
+    let mut rng = Rng::new(8);
+    std::fs::write(&d1, rng.bytes(8 << 20)).unwrap();
+    std::fs::write(
+        dir.join("vm.toml"),
+        "name = \"web01\"\ndisks = [\"web01-disk0.qcow2\", \"data.raw\"]\n",
+    )
+    .unwrap();
+    (d0, d1)
+}
+
+/// The raw contents of an image, hashed (through `holdfast image convert -f raw`).
+fn content(img: &Path, work: &Path) -> blake3::Hash {
+    let tmp = work.join("content.raw");
+    ok(&["image", "convert", s(img), s(&tmp), "-f", "raw"]);
+    let h = hash_file(&tmp);
+    std::fs::remove_file(&tmp).unwrap();
+    h
+}
+
+fn recover_json(c: &Cluster, args: &[&str]) -> JobInfo {
+    let mut all = vec!["recover"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    serde_json::from_str(&c.cli_ok(&all)).unwrap()
+}
+
+fn unix(t: &str) -> i64 {
+    datastore::time::parse(t).unwrap()
+}
+
+fn status_of(e: client::Error) -> Option<u16> {
+    e.status()
+}
+
+#[test]
+fn recover_copies_alternate_original_throttle_and_refusals() {
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let vms = t.path().join("vms");
+    let (d0, d1) = make_vm(&vms);
+    let mut c = Cluster::start(t.path(), FAST);
+    let adir = c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    c.cli_ok(&[
+        "pg",
+        "create",
+        "g",
+        "--member",
+        "hv01/web01",
+        "--retention-days",
+        "7",
+        "--sync-frequency",
+        "1440",
+        "--recovery-point-times",
+        "20:00",
+    ]);
+    wait_until("the initial replica", Duration::from_secs(60), || {
+        c.jobs()
+            .iter()
+            .any(|j| j.kind == JobKind::InitialReplica && j.state == JobState::Succeeded)
+    });
+    let first = c
+        .jobs()
+        .into_iter()
+        .find(|j| j.kind == JobKind::InitialReplica)
+        .and_then(|j| j.recovery_point)
+        .unwrap();
+    let want1 = (content(&d0, &work), content(&d1, &work));
+
+    // Change both disks; a second recovery point.
+    let raw = work.join("d0.raw");
+    ok(&["image", "convert", s(&d0), s(&raw), "-f", "raw"]);
+    mutate(&raw, &mut Rng::new(11), 8);
+    let new = work.join("d0.qcow2");
+    ok(&["image", "convert", s(&raw), s(&new), "-f", "qcow2"]);
+    std::fs::rename(&new, &d0).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    mutate(&d1, &mut Rng::new(12), 8);
+    c.cli_ok(&["backup-now", "hv01/web01", "--wait"]);
+    let want2 = (content(&d0, &work), content(&d1, &work));
+    assert_ne!(want1, want2);
+
+    // --copy-to the first point: its files, in their own formats, in a new folder.
+    let copies = t.path().join("copies");
+    let j = recover_json(
+        &c,
+        &[
+            "hv01/web01",
+            "--copy-to",
+            &format!("hv01:{}", s(&copies)),
+            "--point",
+            &first,
+            "--wait",
+        ],
+    );
+    assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
+    assert_eq!(j.kind, JobKind::Recovery);
+    let folders: Vec<PathBuf> = std::fs::read_dir(&copies)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(folders.len(), 1);
+    let name = folders[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(name.starts_with("holdfast_") && name.len() == 24, "{name}");
+    let c0 = folders[0].join("web01-disk0.qcow2");
+    let c1 = folders[0].join("data.raw");
+    let info = json(&["image", "info", s(&c0), "--json"]);
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!((content(&c0, &work), content(&c1, &work)), want1);
+    assert!(temp_files_under(&copies).is_empty());
+
+    // --alternate in raw: a new VM folder the files provider can read.
+    let alt = t.path().join("alt");
+    let j = recover_json(
+        &c,
+        &[
+            "hv01/web01",
+            "--alternate",
+            &format!("hv01:{}", s(&alt)),
+            "--format",
+            "raw",
+            "--wait",
+        ],
+    );
+    assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
+    let vm_dir = alt.join("web01");
+    let a0 = vm_dir.join("web01-disk0.raw");
+    let a1 = vm_dir.join("data.raw");
+    assert_eq!((content(&a0, &work), content(&a1, &work)), want2);
+    let toml = std::fs::read_to_string(vm_dir.join("vm.toml")).unwrap();
+    assert!(toml.contains("name = \"web01\""), "{toml}");
+    assert!(
+        toml.contains("disks = [\"web01-disk0.raw\", \"data.raw\"]"),
+        "{toml}"
+    );
+    // A second recovery into the same folder is refused, and changes nothing.
+    let o = c.cli(&[
+        "recover",
+        "hv01/web01",
+        "--alternate",
+        &format!("hv01:{}", s(&alt)),
+        "--wait",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(content(&a0, &work), want2.0);
+    // A failed recovery raises an alert (never a rerun); the next success resolves it.
+    assert!(
+        c.alerts()
+            .iter()
+            .any(|a| a.kind == "recovery-failed" && a.subject == "hv01/web01")
+    );
+
+    // --original after the disks were damaged: the files hold the latest point again.
+    mutate(&d1, &mut Rng::new(13), 16);
+    std::fs::write(&d0, b"not an image any more").unwrap();
+    let j = recover_json(&c, &["hv01/web01", "--original", "--wait"]);
+    assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
+    assert_eq!((content(&d0, &work), content(&d1, &work)), want2);
+    let info = json(&["image", "info", s(&d0), "--json"]);
+    assert_eq!(info["format"], "qcow2", "{info}");
+    no_temp_files(&vms.join("web01"));
+    // Nothing of the data source changed.
+    let ds = c.datasources();
+    assert_eq!(ds[0].replica_state, "ok");
+    assert!(
+        !c.alerts()
+            .iter()
+            .any(|a| a.kind == "recovery-failed" || a.kind == "backup-failed")
+    );
+
+    // Throttled: 8 MiB of random data at 2 MiB/s takes seconds; meanwhile the agent may
+    // read only the blobs of this job's recovery point.
+    let thr = t.path().join("throttled");
+    let j = recover_json(
+        &c,
+        &[
+            "hv01/web01",
+            "--copy-to",
+            &format!("hv01:{}", s(&thr)),
+            "--disk",
+            "1",
+            "--throttle",
+            "2048",
+        ],
+    );
+    wait_until("the throttled job to run", Duration::from_secs(30), || {
+        c.job(j.id).state == JobState::Running
+    });
+    let id = pki::AgentIdentity::load(&adir).unwrap();
+    let agent = Client::new(&c.url, id.client_config().unwrap(), Auth::ClientCert).unwrap();
+    let foreign = "ab".repeat(32);
+    let e = agent
+        .get_bytes(&format!("/agent/jobs/{}/recovery-blob/{foreign}", j.id))
+        .unwrap_err();
+    assert_eq!(status_of(e), Some(403));
+    let e = agent
+        .get_bytes(&format!("/agent/jobs/{}/recovery-blob/nothex", j.id))
+        .unwrap_err();
+    assert_eq!(status_of(e), Some(400));
+    let e = agent
+        .get_bytes(&format!("/agent/jobs/1/recovery-blob/{foreign}"))
+        .unwrap_err();
+    assert!(matches!(status_of(e), Some(403 | 409)));
+    let done = c.wait_job(j.id);
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    let secs = unix(done.finished.as_deref().unwrap()) - unix(done.started.as_deref().unwrap());
+    assert!(secs >= 3, "a throttled recovery of 8 MiB took {secs} s");
+    assert!(done.bytes_read >= 8 << 20, "{}", done.bytes_read);
+    let folder = std::fs::read_dir(&thr)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let files: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files, ["data.raw"]);
+    assert_eq!(content(&folder.join("data.raw"), &work), want2.1);
+
+    // Refusals.
+    let admin = c.admin();
+    let req = |vm: &str, target: RecoveryTarget| RecoveryRequest {
+        vm: vm.into(),
+        point: None,
+        at: None,
+        target,
+        throttle_kbps: None,
+    };
+    let copy = |dir: &str, disk: Option<u32>| RecoveryTarget::CopyTo {
+        host: "hv01".into(),
+        dir: dir.into(),
+        disk,
+    };
+    let e = admin
+        .post::<_, JobInfo>("/recoveries", &req("hv01/nope", copy("/tmp/x", None)))
+        .unwrap_err();
+    assert_eq!(status_of(e), Some(404));
+    let o = c.cli(&["recover", "hv01/nope", "--copy-to", "hv01:/tmp/x"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = admin
+        .post::<_, JobInfo>("/recoveries", &req("hv01/web01", copy("rel/dir", None)))
+        .unwrap_err();
+    assert_eq!(status_of(e), Some(400));
+    let o = c.cli(&[
+        "recover",
+        "hv01/web01",
+        "--copy-to",
+        &format!("hv01:{}", s(&thr)),
+        "--disk",
+        "9",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("there is no disk 9"), "{err}");
+    let e = admin
+        .post::<_, JobInfo>(
+            "/recoveries",
+            &req("hv01/web01", copy(s(&thr), None)).tap_host("hv09"),
+        )
+        .unwrap_err();
+    assert_eq!(status_of(e), Some(404));
+    let mut bad_format = req(
+        "hv01/web01",
+        RecoveryTarget::Alternate {
+            host: "hv01".into(),
+            dir: s(&alt).into(),
+            format: Some("vmdk".into()),
+        },
+    );
+    bad_format.throttle_kbps = Some(10);
+    let e = admin
+        .post::<_, JobInfo>("/recoveries", &bad_format)
+        .unwrap_err();
+    assert_eq!(status_of(e), Some(400));
+    let o = c.cli(&[
+        "recover",
+        "hv01/web01",
+        "--at",
+        "2001-01-01 00:00",
+        "--copy-to",
+        "hv01:/tmp/x",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+
+    // Cancelled while it runs: the job ends cancelled and leaves no file or folder.
+    let gone = t.path().join("cancelled");
+    let j = recover_json(
+        &c,
+        &[
+            "hv01/web01",
+            "--copy-to",
+            &format!("hv01:{}", s(&gone)),
+            "--throttle",
+            "512",
+        ],
+    );
+    wait_until("the job to fetch data", Duration::from_secs(30), || {
+        c.job(j.id).bytes_read > 0
+    });
+    // A backup is not confused with the running recovery.
+    let o = c.cli(&["backup-now", "hv01/web01", "--wait"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("has recovery job"), "{err}");
+    c.cli_ok(&["jobs", "cancel", &j.id.to_string()]);
+    let done = c.wait_job(j.id);
+    assert_eq!(done.state, JobState::Cancelled, "{:?}", done.error);
+    assert!(walk(&gone).is_empty(), "{:?}", walk(&gone));
+    assert_eq!(std::fs::read_dir(&gone).unwrap().count(), 0);
+
+    // Recovery jobs are never rerun.
+    assert!(!c.jobs().iter().any(|j| j.trigger.starts_with("rerun")));
+}
+
+trait TapHost {
+    fn tap_host(self, host: &str) -> Self;
+}
+
+impl TapHost for RecoveryRequest {
+    fn tap_host(mut self, host: &str) -> Self {
+        if let RecoveryTarget::CopyTo { host: h, .. } = &mut self.target {
+            *h = host.into();
+        }
+        self
+    }
+}

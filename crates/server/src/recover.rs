@@ -1,0 +1,358 @@
+//! Whole-VM recovery: `POST /recoveries` queues a recovery job on the target host's
+//! agent, and the agent reads the recovery point's blobs through
+//! `GET /agent/jobs/{id}/recovery-blob/{blob}`, limited to the blobs of that point.
+
+use crate::api::{Admin, AgentHost, ApiErr, ApiResult, St, bad, blocking, json, not_found};
+use crate::state::AppState;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use catalog::NewJob;
+use datastore::{BlobIndex, Id};
+use protocol::{
+    JobKind, Manifest, RECOVERY_FORMATS, RecoveryDone, RecoveryPlan, RecoveryRequest,
+    RecoveryTarget, split_vm,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// What the server keeps of a queued recovery (settings row `recovery:{job}`): the
+/// target host, and the point (the manifest is read again when the job is handed out).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Stored {
+    pub host: String,
+    pub point: String,
+    pub target: RecoveryTarget,
+    #[serde(default)]
+    pub throttle_kbps: Option<u64>,
+}
+
+/// What a running recovery job may read: the blob index and the point's blob ids.
+pub struct Access {
+    index: Arc<BlobIndex>,
+    allowed: HashSet<Id>,
+}
+
+fn key(job: i64) -> String {
+    format!("recovery:{job}")
+}
+
+fn internal(msg: impl Into<String>) -> ApiErr {
+    ApiErr(StatusCode::INTERNAL_SERVER_ERROR, msg.into())
+}
+
+/// The stored plan of recovery job `job`.
+pub(crate) fn stored(cat: &catalog::Catalog, job: i64) -> Result<Stored, catalog::Error> {
+    let v = cat
+        .setting(&key(job))?
+        .ok_or_else(|| catalog::Error::NotFound(format!("the plan of recovery job {job}")))?;
+    serde_json::from_str(&v)
+        .map_err(|e| catalog::Error::Corrupt(format!("the plan of recovery job {job}: {e}")))
+}
+
+/// The plan an agent gets: the point's manifest and the datastore's parameters.
+pub(crate) fn plan(st: &AppState, s: &Stored) -> Result<RecoveryPlan, String> {
+    let manifest = st
+        .datastore
+        .point(&s.point)
+        .map_err(|e| format!("recovery point {}: {e}", s.point))?;
+    let p = st.datastore.block_params();
+    Ok(RecoveryPlan {
+        target: s.target.clone(),
+        manifest,
+        block_size: p.block_size,
+        piece_blocks: p.piece_blocks,
+        master_key: st
+            .master_key
+            .map(|k| k.iter().map(|b| format!("{b:02x}")).collect()),
+        throttle_kbps: s.throttle_kbps,
+    })
+}
+
+fn check_dir(dir: &str) -> ApiResult<()> {
+    let p = std::path::Path::new(dir);
+    if dir.is_empty() || !p.is_absolute() {
+        return Err(bad(format!(
+            "target folder {dir:?} is not an absolute path"
+        )));
+    }
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(bad(format!("target folder {dir:?} must not contain '..'")));
+    }
+    if dir.len() > 4096 || dir.contains('\0') {
+        return Err(bad("target folder: too long or holds a NUL"));
+    }
+    Ok(())
+}
+
+fn check_host(st: &AppState, host: &str) -> ApiResult<()> {
+    let agents = st.cat().agents()?;
+    match agents.iter().find(|a| a.host == host) {
+        Some(a) if !a.revoked => Ok(()),
+        Some(_) => Err(bad(format!("the agent of host {host:?} is revoked"))),
+        None => Err(not_found(format!("no agent is enrolled for host {host:?}"))),
+    }
+}
+
+/// `POST /recoveries` (admin).
+pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
+    let req: RecoveryRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let (host, vm) =
+        split_vm(&req.vm).ok_or_else(|| bad(format!("{:?} is not HOST/VM", req.vm)))?;
+    let ds = st.cat().datasource_by_name(host, vm)?;
+    let points = st.cat().recovery_points(Some(&ds.id))?;
+    let point = match (&req.point, &req.at) {
+        (Some(_), Some(_)) => return Err(bad("give a recovery point or a time, not both")),
+        (None, Some(at)) => {
+            let t = datastore::time::parse(at)
+                .ok_or_else(|| bad(format!("{at:?} is not a time YYYY-MM-DD HH:MM (UTC)")))?;
+            points
+                .iter()
+                .filter(|p| p.created_unix <= t)
+                .max_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)))
+                .ok_or_else(|| {
+                    not_found(format!(
+                        "{} has no recovery point at or before {at}",
+                        ds.name
+                    ))
+                })?
+        }
+        (p, None) if p.as_deref().is_none_or(|p| p == "latest") => points
+            .iter()
+            .max_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)))
+            .ok_or_else(|| not_found(format!("{} has no recovery point", ds.name)))?,
+        (Some(p), None) => points
+            .iter()
+            .find(|r| &r.id == p)
+            .ok_or_else(|| not_found(format!("{} has no recovery point {p:?}", ds.name)))?,
+        (None, None) => return Err(bad("no recovery point")),
+    };
+    let target_host = match &req.target {
+        RecoveryTarget::Original => {
+            if ds.provider != "files" {
+                return Err(bad(format!(
+                    "recovery to the original instance of a running {} VM is not supported yet; use --alternate",
+                    if ds.provider == "qemu" {
+                        "QEMU"
+                    } else {
+                        ds.provider.as_str()
+                    }
+                )));
+            }
+            if !ds.present {
+                return Err(bad(format!(
+                    "{} is no longer reported by its agent; recover it with --alternate",
+                    ds.name
+                )));
+            }
+            if let Some(j) = st.cat().active_job_for(&ds.id)? {
+                return Err(ApiErr(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "{} has job {} {}; recover when it has ended",
+                        ds.name,
+                        j.id,
+                        j.state.as_str()
+                    ),
+                ));
+            }
+            ds.host.clone()
+        }
+        RecoveryTarget::Alternate { host, dir, format } => {
+            check_dir(dir)?;
+            if let Some(f) = format
+                && !RECOVERY_FORMATS.contains(&f.as_str())
+            {
+                return Err(bad(format!(
+                    "format {f:?}: use one of {}",
+                    RECOVERY_FORMATS.join(", ")
+                )));
+            }
+            host.clone()
+        }
+        RecoveryTarget::CopyTo { host, dir, disk } => {
+            check_dir(dir)?;
+            if let Some(d) = disk
+                && *d as usize >= point.disks.len()
+            {
+                return Err(bad(format!(
+                    "recovery point {} has {} disk(s); there is no disk {d} (disks are numbered from 0)",
+                    point.id,
+                    point.disks.len()
+                )));
+            }
+            host.clone()
+        }
+    };
+    check_host(&st, &target_host)?;
+    let now = datastore::time::now();
+    let s = Stored {
+        host: target_host.clone(),
+        point: point.id.clone(),
+        target: req.target.clone(),
+        throttle_kbps: req.throttle_kbps.filter(|&k| k > 0),
+    };
+    let v = serde_json::to_string(&s).map_err(|e| internal(e.to_string()))?;
+    let id = {
+        let cat = st.cat();
+        let id = cat.add_job(
+            now,
+            &NewJob {
+                kind: JobKind::Recovery,
+                datasource_id: Some(ds.id.clone()),
+                trigger: "admin".into(),
+                not_before: None,
+                attempt: 1,
+                rerun_of: None,
+            },
+        )?;
+        cat.set_setting(&key(id), &v)?;
+        cat.set_job_recovery_point(id, &point.id)?;
+        cat.job_log(
+            now,
+            id,
+            &format!(
+                "queued: recover {} from recovery point {} on {target_host} ({})",
+                ds.name,
+                point.id,
+                describe(&req.target)
+            ),
+        )?;
+        cat.audit(now, "admin", "recover", &format!("{} job {id}", ds.name))?;
+        id
+    };
+    st.wake.notify_waiters();
+    let mut r = json(&st.cat().job(id)?);
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
+}
+
+fn describe(t: &RecoveryTarget) -> String {
+    match t {
+        RecoveryTarget::Original => "over the original disk files".into(),
+        RecoveryTarget::Alternate { dir, format, .. } => format!(
+            "as a new VM in {dir}{}",
+            format
+                .as_ref()
+                .map(|f| format!(", {f} disks"))
+                .unwrap_or_default()
+        ),
+        RecoveryTarget::CopyTo { dir, disk, .. } => format!(
+            "disk files copied to {dir}{}",
+            disk.map(|d| format!(", disk {d} only")).unwrap_or_default()
+        ),
+    }
+}
+
+/// The blobs a recovery job may read: every index piece and block of its point.
+fn build_access(st: &AppState, m: &Manifest) -> ApiResult<Access> {
+    let index = Arc::new(st.datastore.blob_index()?);
+    let mut allowed = HashSet::new();
+    for d in &m.disks {
+        for h in &d.pieces {
+            let pid = Id::from_hex(h)
+                .ok_or_else(|| internal(format!("recovery point {}: bad piece id {h:?}", m.id)))?;
+            allowed.insert(pid);
+            for b in st.datastore.read_piece(&index, pid)? {
+                if !b.is_zero() {
+                    allowed.insert(b);
+                }
+            }
+        }
+    }
+    Ok(Access { index, allowed })
+}
+
+/// `GET /agent/jobs/{id}/recovery-blob/{blob}` (agent): one framed blob of the job's
+/// recovery point, exactly as stored.
+pub(crate) async fn agent_blob(
+    State(st): St,
+    AgentHost(host): AgentHost,
+    Path((id, blob)): Path<(i64, String)>,
+) -> ApiResult<Response> {
+    let job = crate::api::own_job(&st, &host, id)?;
+    if job.kind != JobKind::Recovery {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!("job {id} is not a recovery job"),
+        ));
+    }
+    let bid =
+        Id::from_hex(&blob).ok_or_else(|| bad(format!("blob id {blob:?} is not 64 hex digits")))?;
+    let access = {
+        let have = st
+            .recoveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        match have {
+            Some(a) => a,
+            None => {
+                let s = stored(&st.cat(), id)?;
+                let st2 = st.clone();
+                let a = blocking(move || {
+                    let m = st2.datastore.point(&s.point)?;
+                    build_access(&st2, &m)
+                })
+                .await?;
+                let a = Arc::new(a);
+                st.recoveries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(id)
+                    .or_insert(a)
+                    .clone()
+            }
+        }
+    };
+    if !access.allowed.contains(&bid) {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!("blob {blob} is not part of the recovery point of job {id}"),
+        ));
+    }
+    let st2 = st.clone();
+    let out = blocking(move || Ok(st2.datastore.framed_blob(&access.index, bid)?)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+}
+
+/// `POST /agent/jobs/{id}/recovered` (agent): the recovery job wrote everything.
+pub(crate) async fn agent_done(
+    State(st): St,
+    AgentHost(host): AgentHost,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let job = crate::api::own_job(&st, &host, id)?;
+    if job.kind != JobKind::Recovery {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!("job {id} is not a recovery job"),
+        ));
+    }
+    let d: RecoveryDone = crate::api::parse(&body)?;
+    let now = datastore::time::now();
+    {
+        let cat = st.cat();
+        for f in d.files.iter().take(256) {
+            let f: String = f.chars().take(4096).collect();
+            cat.job_log(now, id, &format!("wrote {f}"))?;
+        }
+        cat.job_log(
+            now,
+            id,
+            &format!(
+                "{} bytes of data fetched from the datastore",
+                d.bytes_fetched
+            ),
+        )?;
+    }
+    st.job_succeeded(id, now)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
