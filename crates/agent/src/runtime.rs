@@ -456,7 +456,10 @@ fn recovery_job(
         prefix: prefix.to_string(),
         keys,
         cancel: cancel.clone(),
-        throttle: plan.throttle_kbps.and_then(crate::recover::Throttle::new),
+        throttle: crate::recover::Throttle::for_plan(
+            plan.throttle_kbps,
+            plan.throttle_schedule.as_ref(),
+        ),
         fetched: AtomicU64::new(0),
         budget: RETRY_BUDGET,
     };

@@ -301,6 +301,26 @@ fn alerts_and_jobs_are_emailed_and_posted() {
         assert!(m.body.contains(&want), "{want:?} not in {m:?}");
     }
 
+    // A recovery asks too: the copy's end is e-mailed.
+    let copies = c.dir.join("copies");
+    let out = c.cli_ok(&[
+        "recover",
+        "hv01/web",
+        "--copy-to",
+        &format!("hv01:{}", copies.display()),
+        "--notify",
+        "r@b.c",
+        "--wait",
+        "--json",
+    ]);
+    let rjob: JobInfo = serde_json::from_str(&out).unwrap();
+    assert_eq!(rjob.state, JobState::Succeeded, "{out}");
+    let m = smtp.wait_for("the recovery e-mail", |m| m.rcpt_to.contains("r@b.c"));
+    assert_eq!(
+        m.subject(),
+        format!("[Holdfast] job {} recovery hv01/web succeeded", rjob.id)
+    );
+
     // Bad requests: an address that is not one.
     let o = c.cli(&["backup-now", "hv01/web", "--notify", "nobody"]);
     assert!(!o.status.success());

@@ -262,6 +262,7 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         at: None,
         target,
         throttle_kbps: None,
+        notify: Vec::new(),
     };
     let copy = |dir: &str, disk: Option<u32>| RecoveryTarget::CopyTo {
         host: "hv01".into(),

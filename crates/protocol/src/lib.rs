@@ -547,9 +547,49 @@ pub struct RecoveryRequest {
     #[serde(default)]
     pub at: Option<String>,
     pub target: RecoveryTarget,
-    /// Bytes fetched from the server per second, KiB (applied on the agent).
+    /// Bytes fetched from the server per second, KiB (applied on the agent). Without
+    /// it the server's `[recovery]` work-hours schedule applies, if set.
     #[serde(default)]
     pub throttle_kbps: Option<u64>,
+    /// E-mail addresses told when the recovery ends (success or failure).
+    #[serde(default)]
+    pub notify: Vec<String>,
+}
+
+/// A bandwidth limit for recovery transfers by time of week (UTC): `work_kbps` on
+/// `work_days` (1 = Monday ... 7 = Sunday) from `work_start` to `work_end`
+/// (`HH:MM`), `other_kbps` the rest of the time; 0 = no limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleSchedule {
+    pub work_kbps: u64,
+    pub other_kbps: u64,
+    pub work_days: Vec<u8>,
+    pub work_start: String,
+    pub work_end: String,
+}
+
+impl ThrottleSchedule {
+    /// The limit in KiB/s at `unix` (UTC seconds), `None` for no limit.
+    pub fn kbps_at(&self, unix: i64) -> Option<u64> {
+        let days = unix.div_euclid(86_400);
+        // 1970-01-01 was a Thursday (ISO weekday 4).
+        let weekday = ((days + 3).rem_euclid(7) + 1) as u8;
+        let minute = (unix.rem_euclid(86_400) / 60) as u32;
+        let start = parse_time_of_day(&self.work_start).unwrap_or(0);
+        let end = parse_time_of_day(&self.work_end).unwrap_or(0);
+        let in_hours = if start <= end {
+            (start..end).contains(&minute)
+        } else {
+            minute >= start || minute < end
+        };
+        let work = self.work_days.contains(&weekday) && in_hours;
+        Some(if work {
+            self.work_kbps
+        } else {
+            self.other_kbps
+        })
+        .filter(|&k| k > 0)
+    }
 }
 
 /// `POST /api/v1/agent/jobs/{id}/recovered` (agent): a recovery job wrote everything.
@@ -577,6 +617,9 @@ pub struct RecoveryPlan {
     pub master_key: Option<String>,
     #[serde(default)]
     pub throttle_kbps: Option<u64>,
+    /// Used when `throttle_kbps` is not given.
+    #[serde(default)]
+    pub throttle_schedule: Option<ThrottleSchedule>,
 }
 
 /// `POST /api/v1/agent/jobs/{id}/start` response: what the agent needs to build blobs
@@ -819,6 +862,32 @@ pub struct IlrListing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttle_schedule_by_time_of_week() {
+        let s = ThrottleSchedule {
+            work_kbps: 1000,
+            other_kbps: 0,
+            work_days: vec![1, 2, 3, 4, 5],
+            work_start: "08:00".into(),
+            work_end: "18:00".into(),
+        };
+        // 2026-11-23 is a Monday.
+        let monday = datastore::time::parse("2026-11-23 00:00").unwrap();
+        assert_eq!(s.kbps_at(monday + 9 * 3600), Some(1000));
+        assert_eq!(s.kbps_at(monday + 18 * 3600), None);
+        assert_eq!(s.kbps_at(monday + 7 * 3600 + 3599), None);
+        assert_eq!(s.kbps_at(monday + 5 * 86_400 + 9 * 3600), None, "Saturday");
+        let night = ThrottleSchedule {
+            work_start: "22:00".into(),
+            work_end: "06:00".into(),
+            other_kbps: 50,
+            ..s
+        };
+        assert_eq!(night.kbps_at(monday + 23 * 3600), Some(1000));
+        assert_eq!(night.kbps_at(monday + 3600), Some(1000));
+        assert_eq!(night.kbps_at(monday + 12 * 3600), Some(50));
+    }
 
     #[test]
     fn vm_names_split_once() {

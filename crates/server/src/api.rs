@@ -426,7 +426,7 @@ async fn backup_now(
 }
 
 /// Addresses a job's end may be e-mailed to.
-fn check_recipients(st: &AppState, to: &[String]) -> ApiResult<()> {
+pub(crate) fn check_recipients(st: &AppState, to: &[String]) -> ApiResult<()> {
     if to.is_empty() {
         return Ok(());
     }

@@ -26,6 +26,49 @@ pub struct Config {
     pub limits: Limits,
     pub notify: Notify,
     pub smtp: Smtp,
+    pub recovery: RecoverySettings,
+}
+
+/// `[recovery]`: bandwidth limits for recovery transfers when a request gives none
+/// (MABS "network bandwidth usage throttling", work and non-work hours; UTC).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoverySettings {
+    /// KiB/s during work hours; 0 = no limit.
+    pub work_hours_kbps: u64,
+    /// KiB/s outside them; 0 = no limit.
+    pub other_hours_kbps: u64,
+    /// 1 = Monday ... 7 = Sunday.
+    pub work_days: Vec<u8>,
+    pub work_start: String,
+    pub work_end: String,
+}
+
+impl Default for RecoverySettings {
+    fn default() -> Self {
+        RecoverySettings {
+            work_hours_kbps: 0,
+            other_hours_kbps: 0,
+            work_days: vec![1, 2, 3, 4, 5],
+            work_start: "08:00".into(),
+            work_end: "18:00".into(),
+        }
+    }
+}
+
+impl RecoverySettings {
+    /// The schedule recovery jobs get, `None` when both limits are 0.
+    pub fn schedule(&self) -> Option<protocol::ThrottleSchedule> {
+        (self.work_hours_kbps > 0 || self.other_hours_kbps > 0).then(|| {
+            protocol::ThrottleSchedule {
+                work_kbps: self.work_hours_kbps,
+                other_kbps: self.other_hours_kbps,
+                work_days: self.work_days.clone(),
+                work_start: self.work_start.clone(),
+                work_end: self.work_end.clone(),
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +215,7 @@ impl Default for Config {
             limits: Limits::default(),
             notify: Notify::default(),
             smtp: Smtp::default(),
+            recovery: RecoverySettings::default(),
         }
     }
 }
@@ -227,6 +271,18 @@ impl Config {
     }
 
     pub fn check(&self) -> Result<(), String> {
+        let r = &self.recovery;
+        if r.work_days.iter().any(|d| !(1..=7).contains(d)) {
+            return Err("recovery.work_days: days are 1 (Monday) to 7 (Sunday)".into());
+        }
+        for (k, v) in [
+            ("recovery.work_start", &r.work_start),
+            ("recovery.work_end", &r.work_end),
+        ] {
+            if protocol::parse_time_of_day(v).is_none() {
+                return Err(format!("{k}: {v:?} is not a time of day HH:MM"));
+            }
+        }
         let s = &self.scheduler;
         if s.tick_seconds == 0 || s.tick_seconds > 3600 {
             return Err("scheduler.tick_seconds must be 1-3600".into());

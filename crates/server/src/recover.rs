@@ -68,6 +68,11 @@ pub(crate) fn plan(st: &AppState, s: &Stored) -> Result<RecoveryPlan, String> {
             .master_key
             .map(|k| k.iter().map(|b| format!("{b:02x}")).collect()),
         throttle_kbps: s.throttle_kbps,
+        throttle_schedule: if s.throttle_kbps.is_some() {
+            None
+        } else {
+            st.config.recovery.schedule()
+        },
     })
 }
 
@@ -190,6 +195,7 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
         }
     };
     check_host(&st, &target_host)?;
+    crate::api::check_recipients(&st, &req.notify)?;
     let now = datastore::time::now();
     let s = Stored {
         host: target_host.clone(),
@@ -226,6 +232,7 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
         cat.audit(now, "admin", "recover", &format!("{} job {id}", ds.name))?;
         id
     };
+    st.notify_job(id, &req.notify)?;
     st.wake.notify_waiters();
     let mut r = json(&st.cat().job(id)?);
     *r.status_mut() = StatusCode::CREATED;

@@ -715,9 +715,14 @@ pub struct RecoverArgs {
     /// With --copy-to: only this disk (numbered from 0).
     #[arg(long, requires = "copy_to")]
     pub disk: Option<u32>,
-    /// Limit the data fetched from the server, KiB per second.
+    /// Limit the data fetched from the server, KiB per second (default: the server's
+    /// `[recovery]` work-hours limits, if any).
     #[arg(long, value_name = "KBPS")]
     pub throttle: Option<u64>,
+    /// E-mail this address when the recovery ends (repeatable; needs [smtp] on the
+    /// server).
+    #[arg(long, value_name = "EMAIL")]
+    pub notify: Vec<String>,
     /// Wait for the job; exit 0 only when the recovery succeeded.
     #[arg(long)]
     pub wait: bool,
@@ -764,6 +769,7 @@ pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
             at: a.at.clone(),
             target,
             throttle_kbps: a.throttle,
+            notify: a.notify.clone(),
         },
     )?;
     started(&cl, j, a.wait, a.json)
