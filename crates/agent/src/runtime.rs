@@ -37,6 +37,9 @@ pub struct AgentOptions {
     /// Leave page, hibernation and swap files out of backups (found on each view's NTFS
     /// volumes and Linux swap partitions; stored as zeros). Default on.
     pub skip_page_files: bool,
+    /// Most bytes per second a backup reads from the host's disks, KiB (None: no
+    /// limit): spares the host's storage.
+    pub read_limit_kbps: Option<u64>,
 }
 
 impl AgentOptions {
@@ -56,6 +59,7 @@ impl AgentOptions {
             max_jobs: 2,
             inventory_every: Duration::from_secs(60),
             skip_page_files: true,
+            read_limit_kbps: None,
         }
     }
 }
@@ -124,6 +128,7 @@ struct Shared {
     owners: Mutex<HashMap<String, usize>>,
     threads: usize,
     skip_page_files: bool,
+    read_limit_kbps: Option<u64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -205,6 +210,7 @@ pub fn run(opts: AgentOptions, stop: Arc<AtomicBool>) -> Result<()> {
         owners: Mutex::new(HashMap::new()),
         threads: opts.threads.max(1),
         skip_page_files: opts.skip_page_files,
+        read_limit_kbps: opts.read_limit_kbps,
         stop: stop.clone(),
     });
     let max_jobs = opts.max_jobs.max(1);
@@ -584,6 +590,8 @@ fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 struct Counting<'a> {
     inner: &'a dyn vdisk::VirtualDisk,
     read: &'a AtomicU64,
+    limit: Option<&'a crate::recover::Throttle>,
+    cancel: &'a AtomicBool,
 }
 
 impl vdisk::VirtualDisk for Counting<'_> {
@@ -594,6 +602,9 @@ impl vdisk::VirtualDisk for Counting<'_> {
         self.inner.virtual_size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+        if let Some(t) = self.limit {
+            t.take(buf.len() as u64, self.cancel);
+        }
         self.inner.read_at(buf, offset)?;
         self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -618,11 +629,17 @@ fn backup(
     let remote = RemoteTarget::new(shared.transport.clone(), job.job_id, params, cancel.clone());
     let counters = Counters::default();
     let disks = snap.disks();
+    // One bucket for all disks of the job.
+    let limit = shared
+        .read_limit_kbps
+        .and_then(crate::recover::Throttle::new);
     let counting: Vec<Counting> = disks
         .iter()
         .map(|d| Counting {
             inner: d.disk,
             read: &counters.read,
+            limit: limit.as_ref(),
+            cancel,
         })
         .collect();
     let inputs: Vec<DiskInput> = disks

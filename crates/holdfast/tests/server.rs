@@ -64,6 +64,15 @@ fn restores_identical(ds: &Path, source: &str, disk: &Path, work: &Path) -> bool
     same
 }
 
+/// An agent whose backups read at most 32 MiB/s: a 160 MiB disk takes 5 s, so a test
+/// can interrupt it mid-way however fast the machine is.
+fn slow_agent(c: &mut Cluster, vms: &Path) {
+    c.agent_with(
+        "hv01",
+        &["--files-root", s(vms), "--read-limit-kbps", "32768"],
+    );
+}
+
 /// Starts a backup of hv01/big and returns once it has sent data (and is not done).
 fn start_big_backup(c: &Cluster) -> JobInfo {
     let j: JobInfo = c
@@ -498,9 +507,9 @@ fn server_killed_mid_backup_leaves_no_partial_point_and_reruns() {
     let t = tempfile::tempdir().unwrap();
     let vms = t.path().join("vms");
     // Random data: long enough to kill the server in the middle.
-    let disk = make_vm(&vms, "big", "raw", 640 << 20, 600 << 20, 6);
+    let disk = make_vm(&vms, "big", "raw", 160 << 20, 150 << 20, 6);
     let mut c = Cluster::start(t.path(), FAST);
-    c.agent("hv01", &vms);
+    slow_agent(&mut c, &vms);
     c.wait_datasources(1);
     let j = start_big_backup(&c);
     c.kill_server();
@@ -604,13 +613,13 @@ impl Relay {
 fn network_drop_mid_transfer_resumes_without_resending_much() {
     let t = tempfile::tempdir().unwrap();
     let vms = t.path().join("vms");
-    let disk = make_vm(&vms, "big", "raw", 640 << 20, 600 << 20, 8);
+    let disk = make_vm(&vms, "big", "raw", 160 << 20, 150 << 20, 8);
     let mut c = Cluster::start(t.path(), FAST);
     let server_addr: std::net::SocketAddr = c.url.trim_start_matches("https://").parse().unwrap();
     let relay = Relay::start(server_addr);
     // The agent reaches the server only through the relay.
     let real = std::mem::replace(&mut c.url, format!("https://{}", relay.addr));
-    c.agent("hv01", &vms);
+    slow_agent(&mut c, &vms);
     c.url = real;
     c.wait_datasources(1);
     let j = start_big_backup(&c);
@@ -742,9 +751,9 @@ fn manual_replica_export_and_import_seed_the_first_recovery_point() {
 fn a_running_backup_can_be_cancelled_and_leaves_nothing() {
     let t = tempfile::tempdir().unwrap();
     let vms = t.path().join("vms");
-    make_vm(&vms, "big", "raw", 640 << 20, 600 << 20, 12);
+    make_vm(&vms, "big", "raw", 160 << 20, 150 << 20, 12);
     let mut c = Cluster::start(t.path(), FAST);
-    c.agent("hv01", &vms);
+    slow_agent(&mut c, &vms);
     c.wait_datasources(1);
     let j = start_big_backup(&c);
     let out = c.cli_ok(&["jobs", "cancel", &j.id.to_string()]);

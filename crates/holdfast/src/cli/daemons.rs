@@ -102,6 +102,10 @@ pub struct AgentCmd {
     /// view's NTFS volumes and Linux swap partitions, left out and restored as zeros).
     #[arg(long)]
     keep_page_files: bool,
+    /// Most KiB per second a backup reads from this host's disks (spares the host's
+    /// storage; default: no limit).
+    #[arg(long, value_name = "KBPS")]
+    read_limit_kbps: Option<u64>,
 }
 
 pub fn agent(s: &ServerArgs, a: AgentCmd) -> anyhow::Result<ExitCode> {
@@ -135,6 +139,7 @@ pub fn agent(s: &ServerArgs, a: AgentCmd) -> anyhow::Result<ExitCode> {
         max_jobs: a.max_jobs.max(1),
         inventory_every: Duration::from_secs(a.inventory_seconds.max(1)),
         skip_page_files: !a.keep_page_files,
+        read_limit_kbps: a.read_limit_kbps.filter(|&k| k > 0),
     };
     agent::run(opts, Arc::new(AtomicBool::new(false)))?;
     Ok(ExitCode::SUCCESS)
