@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vdisk::{CreateOptions, DiskInfo, Extent, ExtentState, Format, Subformat, VirtualDisk};
+use vdisk::{CreateOptions, DiskInfo, Extent, Format, Subformat, VirtualDisk};
 
 /// Block requests in flight per read (the copy runs up to four reads at once).
 const FETCHERS: usize = 4;
@@ -325,22 +325,9 @@ impl VirtualDisk for RemotePointDisk<'_> {
 
     fn map(&self, offset: u64, length: u64) -> vdisk::Result<Vec<Extent>> {
         self.check_range(offset, length)?;
-        let bs = self.rec.block_size as u64;
-        let end = offset + length;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / bs;
-            let next = ((b + 1) * bs).min(end);
-            let state = if self.block_id(b).map_err(invalid)?.is_zero() {
-                ExtentState::Zero
-            } else {
-                ExtentState::Data
-            };
-            vdisk::extent::push_extent(&mut out, pos, next - pos, state);
-            pos = next;
-        }
-        Ok(out)
+        datastore::block_extents(offset, length, self.rec.block_size, |b| {
+            self.block_id(b).map(|id| id.is_zero()).map_err(invalid)
+        })
     }
 }
 

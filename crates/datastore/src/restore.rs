@@ -231,21 +231,35 @@ impl VirtualDisk for PointDisk<'_> {
 
     fn map(&self, offset: u64, length: u64) -> vdisk::Result<Vec<Extent>> {
         self.check_range(offset, length)?;
-        let bs = self.rec.block_size as u64;
-        let end = offset + length;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / bs;
-            let next = ((b + 1) * bs).min(end);
-            let state = if self.block_id(b).map_err(to_vdisk)?.is_zero() {
-                ExtentState::Zero
-            } else {
-                ExtentState::Data
-            };
-            vdisk::extent::push_extent(&mut out, pos, next - pos, state);
-            pos = next;
-        }
-        Ok(out)
+        block_extents(offset, length, self.rec.block_size, |b| {
+            self.block_id(b).map(|id| id.is_zero()).map_err(to_vdisk)
+        })
     }
+}
+
+/// The extents of `[offset, offset + length)` of a disk indexed in blocks of
+/// `block_size` bytes, `zero(b)` telling whether block `b` is the zero block (a hole).
+/// The range must already be checked against the disk's size.
+pub fn block_extents(
+    offset: u64,
+    length: u64,
+    block_size: u32,
+    mut zero: impl FnMut(u64) -> vdisk::Result<bool>,
+) -> vdisk::Result<Vec<Extent>> {
+    let bs = u64::from(block_size.max(1));
+    let end = offset.saturating_add(length);
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let b = pos / bs;
+        let next = ((b + 1) * bs).min(end);
+        let state = if zero(b)? {
+            ExtentState::Zero
+        } else {
+            ExtentState::Data
+        };
+        vdisk::extent::push_extent(&mut out, pos, next - pos, state);
+        pos = next;
+    }
+    Ok(out)
 }
