@@ -242,28 +242,7 @@ fn alerts_and_jobs_are_emailed_and_posted() {
     let mut c = Cluster::start(t.path(), &toml);
     c.agent("hv01", &vms);
     c.wait_datasources(2);
-    c.cli_ok(&[
-        "pg",
-        "create",
-        "pg",
-        "--member",
-        "hv01/web",
-        "--member",
-        "hv01/app",
-        "--retention-days",
-        "7",
-        "--sync-frequency",
-        "1440",
-        "--recovery-point-times",
-        "20:00",
-    ]);
-    wait_until("both initial replicas", Duration::from_secs(90), || {
-        c.jobs()
-            .iter()
-            .filter(|j| j.kind == JobKind::InitialReplica && j.state == JobState::Succeeded)
-            .count()
-            == 2
-    });
+    c.protect_daily("pg", &["hv01/web", "hv01/app"]);
 
     // A job that asks: its end is e-mailed to whom it names, with the recovery point.
     let out = c.cli_ok(&[

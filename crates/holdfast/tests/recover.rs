@@ -67,24 +67,7 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
     let mut c = Cluster::start(t.path(), FAST);
     let adir = c.agent("hv01", &vms);
     c.wait_datasources(1);
-    c.cli_ok(&[
-        "pg",
-        "create",
-        "g",
-        "--member",
-        "hv01/web01",
-        "--retention-days",
-        "7",
-        "--sync-frequency",
-        "1440",
-        "--recovery-point-times",
-        "20:00",
-    ]);
-    wait_until("the initial replica", Duration::from_secs(60), || {
-        c.jobs()
-            .iter()
-            .any(|j| j.kind == JobKind::InitialReplica && j.state == JobState::Succeeded)
-    });
+    c.protect_daily("g", &["hv01/web01"]);
     let first = c
         .jobs()
         .into_iter()
