@@ -435,7 +435,7 @@ pub fn recover(
     let mut dir_guard = None;
     let mut vm_toml = None;
     match &plan.target {
-        RecoveryTarget::Original => {
+        RecoveryTarget::Original { .. } => {
             let files = original.ok_or_else(|| {
                 Error::Invalid("no disk files of the original VM were found".into())
             })?;

@@ -452,7 +452,7 @@ fn recovery_job(
         }
     };
     let original = match plan.target {
-        protocol::RecoveryTarget::Original => {
+        protocol::RecoveryTarget::Original { .. } => {
             Some(shared.provider_for(&job.vm)?.disk_files(&job.vm)?)
         }
         _ => None,

@@ -251,6 +251,8 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         host: "hv01".into(),
         dir: dir.into(),
         disk,
+        partition: None,
+        items: Vec::new(),
     };
     let e = admin
         .post::<_, JobInfo>("/recoveries", &req("hv01/nope", copy("/tmp/x", None)))

@@ -514,8 +514,16 @@ pub struct AgentJob {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "kebab-case")]
 pub enum RecoveryTarget {
-    /// Over the VM's own disk files, in place (VMs at rest of the `files` provider).
-    Original,
+    /// Over the VM's own disk files, each replaced only once its restored copy is
+    /// complete. A running VM (`qemu` provider) is refused unless `stop_vm`: the agent
+    /// then writes the copies while the VM runs, stops it, swaps the files in, and starts
+    /// it again when `start` is set.
+    Original {
+        #[serde(default)]
+        stop_vm: bool,
+        #[serde(default)]
+        start: bool,
+    },
     /// A new VM folder `DIR/<vm name>/` on `host`, with a `vm.toml`; disks in `format`
     /// (`vhdx`, `vhd`, `qcow2`, `raw`; default: each disk's original format).
     Alternate {
@@ -524,13 +532,20 @@ pub enum RecoveryTarget {
         #[serde(default)]
         format: Option<String>,
     },
-    /// The disk files (all, or disk `disk`) in their original format into a new folder
-    /// `DIR/holdfast_<YYYYMMDD-HHMMSS>/` on `host`.
+    /// Into a new folder `DIR/holdfast_<YYYYMMDD-HHMMSS>/` on `host`: the disk files
+    /// (all, or disk `disk`) in their original format; with `partition`, that volume
+    /// of `disk` (1-based, as in /dev/sda1; 0 = a disk without a partition table) as a
+    /// raw image; with `items` as well, those files and folders of its file system
+    /// (paths from its root, folders recursively).
     CopyTo {
         host: String,
         dir: String,
         #[serde(default)]
         disk: Option<u32>,
+        #[serde(default)]
+        partition: Option<u32>,
+        #[serde(default)]
+        items: Vec<String>,
     },
 }
 

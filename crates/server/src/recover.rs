@@ -138,7 +138,7 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
         (None, None) => return Err(bad("no recovery point")),
     };
     let target_host = match &req.target {
-        RecoveryTarget::Original => {
+        RecoveryTarget::Original { .. } => {
             if ds.provider != "files" {
                 return Err(bad(format!(
                     "recovery to the original instance of a running {} VM is not supported yet; use --alternate",
@@ -180,7 +180,9 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
             }
             host.clone()
         }
-        RecoveryTarget::CopyTo { host, dir, disk } => {
+        RecoveryTarget::CopyTo {
+            host, dir, disk, ..
+        } => {
             check_dir(dir)?;
             if let Some(d) = disk
                 && *d as usize >= point.disks.len()
@@ -241,7 +243,7 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
 
 fn describe(t: &RecoveryTarget) -> String {
     match t {
-        RecoveryTarget::Original => "over the original disk files".into(),
+        RecoveryTarget::Original { .. } => "over the original disk files".into(),
         RecoveryTarget::Alternate { dir, format, .. } => format!(
             "as a new VM in {dir}{}",
             format

@@ -742,7 +742,10 @@ pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
         bail!("{:?} is not HOST/VM", a.vm);
     }
     let target = if a.original {
-        RecoveryTarget::Original
+        RecoveryTarget::Original {
+            stop_vm: false,
+            start: false,
+        }
     } else if let Some(x) = &a.alternate {
         let (host, dir) = host_dir(x)?;
         RecoveryTarget::Alternate {
@@ -756,6 +759,8 @@ pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
             host,
             dir,
             disk: a.disk,
+            partition: None,
+            items: Vec::new(),
         }
     } else {
         bail!("choose --original, --alternate HOST:DIR or --copy-to HOST:DIR");
