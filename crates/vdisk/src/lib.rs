@@ -23,6 +23,7 @@ pub mod raw;
 pub mod sink;
 pub mod vhd;
 pub mod vhdx;
+pub mod window;
 
 pub use backing::{Backing, FileBacking, MemBacking};
 pub use check::{CheckReport, Problem, Severity};
