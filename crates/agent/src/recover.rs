@@ -427,13 +427,14 @@ pub fn recover(
     plan: &RecoveryPlan,
     vm: &str,
     original: Option<Vec<(String, PathBuf)>>,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Vec<PathBuf>> {
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Recovered> {
     let m = &plan.manifest;
     let fmt_of = |rec: &DiskRecord| -> Format { rec.format.parse().unwrap_or(Format::Raw) };
     let mut outputs = Vec::new();
     let mut dir_guard = None;
-    let mut vm_toml = None;
+    // Description files written next to the disks once they are complete.
+    let mut descriptions: Vec<(PathBuf, String)> = Vec::new();
     match &plan.target {
         RecoveryTarget::Original { .. } => {
             let files = original.ok_or_else(|| {
@@ -487,7 +488,7 @@ pub fn recover(
                 });
             }
             let quoted: Vec<String> = names.iter().map(|n| toml_str(n)).collect();
-            vm_toml = Some((
+            descriptions.push((
                 folder.join("vm.toml"),
                 format!(
                     "# Recovered by holdfast from recovery point {}\nname = {}\ndisks = [{}]\n",
@@ -496,12 +497,48 @@ pub fn recover(
                     quoted.join(", ")
                 ),
             ));
+            // KVM targets (every disk qcow2 or raw) also get a libvirt domain.
+            let kvm: Vec<(PathBuf, &'static str)> = outputs
+                .iter()
+                .filter_map(|o| match o.format {
+                    Format::Qcow2 => Some((o.path.clone(), "qcow2")),
+                    Format::Raw => Some((o.path.clone(), "raw")),
+                    _ => None,
+                })
+                .collect();
+            if kvm.len() == outputs.len() {
+                descriptions.push((
+                    folder.join("domain.xml"),
+                    libvirt_domain(&safe_name(vm, "vm"), &m.id, &kvm),
+                ));
+            }
             dir_guard = Some(d);
         }
-        RecoveryTarget::CopyTo { dir, disk, .. } => {
+        RecoveryTarget::CopyTo {
+            dir,
+            disk,
+            partition,
+            items,
+            ..
+        } => {
             let folder =
                 Path::new(dir).join(format!("holdfast_{}", timestamp(datastore::time::now())));
-            let d = NewDir::create(folder.clone())?;
+            let mut d = NewDir::create(folder.clone())?;
+            if partition.is_some() || !items.is_empty() {
+                let i = disk.unwrap_or(0) as usize;
+                let rec = m.disks.get(i).ok_or_else(|| {
+                    Error::Invalid(format!("recovery point {} has no disk {i}", m.id))
+                })?;
+                let src = RemotePointDisk::open(fetch, &m.id, rec)?;
+                let out = if items.is_empty() {
+                    let p = partition.unwrap_or(0);
+                    copy_volume(fetch, &src, vm, i, p, &folder, progress)?
+                } else {
+                    copy_items(fetch, &src, vm, i, *partition, items, &folder, progress)?
+                };
+                d.keep = true;
+                return Ok(out);
+            }
             let mut names: Vec<String> = Vec::new();
             for (i, rec) in m.disks.iter().enumerate() {
                 if disk.is_some_and(|d| d as usize != i) {
@@ -556,27 +593,205 @@ pub fn recover(
         vdisk::copy::write_image(&disk, &o.path, &opts, &mut |done, _| {
             progress(before.saturating_add(done), total)
         })
-        .map_err(|err| {
-            if fetch.cancel.load(Ordering::Relaxed) {
-                Error::Cancelled("the recovery was cancelled".into())
-            } else {
-                Error::Disk {
-                    vm: vm.to_string(),
-                    err,
-                }
-            }
-        })?;
+        .map_err(|err| cancelled_or(fetch, vm, err))?;
         before = before.saturating_add(rec.virtual_size);
         written.push(o.path.clone());
     }
-    if let Some((path, text)) = vm_toml {
+    for (path, text) in descriptions {
         write_file(&path, text.as_bytes())?;
         written.push(path);
     }
     if let Some(mut d) = dir_guard {
         d.keep = true;
     }
-    Ok(written)
+    Ok(Recovered {
+        files: written,
+        notes: Vec::new(),
+    })
+}
+
+/// What a recovery wrote: the files (or, for items, the folder), and lines for the
+/// job log.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub files: Vec<PathBuf>,
+    pub notes: Vec<String>,
+}
+
+/// Partition `partition` of disk `disk` (0 = a disk without a partition table) as a
+/// raw image `disk{N}-part{P}.img` in `folder`, its holes kept.
+fn copy_volume(
+    fetch: &Fetch,
+    src: &RemotePointDisk<'_>,
+    vm: &str,
+    disk: usize,
+    partition: u32,
+    folder: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Recovered> {
+    let fs_err =
+        |e: fsview::Error| Error::Invalid(format!("disk {disk}: reading its partition table: {e}"));
+    let (_, vols) = fsview::volumes(src).map_err(fs_err)?;
+    let v = vols.iter().find(|v| v.number == partition).ok_or_else(|| {
+        let have: Vec<String> = vols.iter().map(|v| v.number.to_string()).collect();
+        Error::Invalid(format!(
+            "disk {disk} has no partition {partition} (it has: {})",
+            have.join(", ")
+        ))
+    })?;
+    let window = vdisk::window::Window::new(src, v.start, v.length).map_err(|err| Error::Disk {
+        vm: vm.to_string(),
+        err,
+    })?;
+    let path = folder.join(format!("disk{disk}-part{partition}.img"));
+    let opts = CreateOptions::new(Format::Raw, Subformat::Fixed, v.length);
+    vdisk::copy::write_image(&window, &path, &opts, &mut |done, total| {
+        progress(done, total)
+    })
+    .map_err(|err| cancelled_or(fetch, vm, err))?;
+    Ok(Recovered {
+        notes: vec![format!(
+            "partition {partition} of disk {disk} ({}, {} bytes from byte {}) written as a raw image",
+            v.fs.name(),
+            v.length,
+            v.start
+        )],
+        files: vec![path],
+    })
+}
+
+/// Files and folders of a volume's file system into `folder` (through
+/// [`fsview::extract`]: safe names, nothing followed, nothing overwritten).
+#[allow(clippy::too_many_arguments)]
+fn copy_items(
+    fetch: &Fetch,
+    src: &RemotePointDisk<'_>,
+    vm: &str,
+    disk: usize,
+    partition: Option<u32>,
+    items: &[String],
+    folder: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Recovered> {
+    let place = match partition {
+        Some(p) => format!("disk {disk} partition {p}"),
+        None => format!("disk {disk}"),
+    };
+    let (report, fs_name) = fsview::scoped(src, |d| -> Result<(fsview::Report, String)> {
+        let err = |e: fsview::Error| {
+            if fetch.cancel.load(Ordering::Relaxed) {
+                Error::Cancelled("the recovery was cancelled".into())
+            } else {
+                Error::Invalid(format!("{place}: {e}"))
+            }
+        };
+        let vol = fsview::open_volume(d, partition).map_err(err)?;
+        let mut fs = fsview::open(vol).map_err(err)?;
+        let mut report = fsview::Report::default();
+        for item in items {
+            fsview::extract(fs.as_mut(), item, folder, &mut report).map_err(|e| {
+                if fetch.cancel.load(Ordering::Relaxed) {
+                    Error::Cancelled("the recovery was cancelled".into())
+                } else {
+                    Error::Invalid(format!("{place}: copying {item}: {e}"))
+                }
+            })?;
+            progress(report.bytes, 0);
+        }
+        Ok((report, fs.kind().name().to_string()))
+    })?;
+    let mut notes = vec![format!(
+        "{} file(s), {} folder(s), {} link(s), {} bytes copied from {place} ({fs_name}) of {vm}",
+        report.files, report.dirs, report.links, report.bytes
+    )];
+    for (from, to) in report.renamed.iter().take(256) {
+        notes.push(format!(
+            "{from:?} saved as {to:?} (unsafe or duplicate name)"
+        ));
+    }
+    for p in report.skipped.iter().take(256) {
+        notes.push(format!("{p:?} skipped (not a file, folder or link)"));
+    }
+    Ok(Recovered {
+        files: vec![folder.to_path_buf()],
+        notes,
+    })
+}
+
+fn cancelled_or(fetch: &Fetch, vm: &str, err: vdisk::Error) -> Error {
+    if fetch.cancel.load(Ordering::Relaxed) {
+        Error::Cancelled("the recovery was cancelled".into())
+    } else {
+        Error::Disk {
+            vm: vm.to_string(),
+            err,
+        }
+    }
+}
+
+/// A libvirt domain for the recovered disks (`virsh define domain.xml`). Memory and
+/// vCPUs are not part of a recovery point: 1 GiB and 1 vCPU, to be set before the
+/// first start; no UUID, so libvirt gives the copy its own.
+fn libvirt_domain(name: &str, point: &str, disks: &[(PathBuf, &str)]) -> String {
+    let mut x = format!(
+        "<!-- Recovered by holdfast from recovery point {}.\n     Memory and vCPUs are not recorded in a recovery point: set them (virsh edit) before the first start. -->\n\
+         <domain type='kvm'>\n  <name>{}</name>\n  <memory unit='MiB'>1024</memory>\n  <vcpu>1</vcpu>\n\
+         \x20 <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n    <boot dev='hd'/>\n  </os>\n\
+         \x20 <features>\n    <acpi/>\n    <apic/>\n  </features>\n  <devices>\n",
+        xml_text(&comment_safe(point)),
+        xml_text(name)
+    );
+    for (i, (path, format)) in disks.iter().enumerate() {
+        x.push_str(&format!(
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{format}'/>\n\
+             \x20     <source file='{}'/>\n      <target dev='{}' bus='virtio'/>\n    </disk>\n",
+            xml_text(&path.display().to_string()),
+            virtio_name(i)
+        ));
+    }
+    x.push_str("  </devices>\n</domain>\n");
+    x
+}
+
+/// `s` without "--" (not allowed inside an XML comment).
+fn comment_safe(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if !(c == '-' && out.ends_with('-')) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `vda`, ..., `vdz`, `vdaa`, ... (the kernel's naming of virtio disks).
+fn virtio_name(i: usize) -> String {
+    let mut n = i + 1;
+    let mut letters = Vec::new();
+    while n > 0 {
+        n -= 1;
+        letters.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    letters.reverse();
+    format!("vd{}", String::from_utf8_lossy(&letters))
+}
+
+/// Text for XML content and single-quoted attributes.
+fn xml_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c if c.is_control() => out.push('_'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A TOML basic string.
@@ -608,6 +823,26 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtio_names_follow_the_kernel() {
+        let n: Vec<String> = [0, 1, 25, 26, 27, 701, 702].map(virtio_name).to_vec();
+        assert_eq!(n, ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]);
+    }
+
+    #[test]
+    fn domain_xml_escapes_names_and_paths() {
+        let x = libvirt_domain(
+            "a<b>&'c",
+            "rp---1",
+            &[(PathBuf::from("/x/it's.qcow2"), "qcow2")],
+        );
+        assert!(x.contains("<name>a&lt;b&gt;&amp;&apos;c</name>"));
+        assert!(x.contains("<source file='/x/it&apos;s.qcow2'/>"));
+        assert!(x.contains("type='qcow2'") && x.contains("dev='vda'"));
+        // A comment must not hold "--".
+        assert!(x.contains("point rp-1."));
+    }
 
     #[test]
     fn names_stay_in_the_folder() {

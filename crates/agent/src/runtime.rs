@@ -479,7 +479,7 @@ fn recovery_job(
                 shared, prefix, label, &counters, &sent, &finished, cancel, &lost,
             )
         });
-        let r = crate::recover::recover(&fetch, plan, &job.vm, original, &mut |done, total| {
+        let r = crate::recover::recover(&fetch, plan, &job.vm, original, &|done, total| {
             counters.done.store(done, Ordering::Relaxed);
             counters.total.store(total, Ordering::Relaxed);
             counters
@@ -495,7 +495,7 @@ fn recovery_job(
     if let Some(l) = lock_take(&lost) {
         return Err(Error::Client(l));
     }
-    let files = match result {
+    let out = match result {
         Ok(f) => f,
         Err(e) if cancel.load(Ordering::Relaxed) => {
             return Err(Error::Cancelled(if shared.stop.load(Ordering::Relaxed) {
@@ -519,8 +519,9 @@ fn recovery_job(
     let path = format!("{prefix}/progress");
     let _ = shared.client.post::<_, ProgressReply>(&path, &p);
     let done = protocol::RecoveryDone {
-        files: files.iter().map(|f| f.display().to_string()).collect(),
+        files: out.files.iter().map(|f| f.display().to_string()).collect(),
         bytes_fetched,
+        notes: out.notes.clone(),
     };
     let path = format!("{prefix}/recovered");
     retry(
@@ -528,7 +529,10 @@ fn recovery_job(
         || false,
         || shared.client.post_ok(&path, &done),
     )?;
-    Ok(format!("recovered {} file(s)", files.len()))
+    Ok(match out.notes.first() {
+        Some(n) => n.clone(),
+        None => format!("recovered {} file(s)", out.files.len()),
+    })
 }
 
 fn lock_take<T>(m: &Mutex<Option<T>>) -> Option<T> {

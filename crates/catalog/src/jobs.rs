@@ -54,8 +54,43 @@ fn state(r: &Cols, i: usize) -> Result<JobState> {
     JobState::parse(&s).ok_or_else(|| Error::Corrupt(format!("jobs.state: unknown {s:?}")))
 }
 
+/// Progress rate and time left: bytes done over the seconds since the start (to the
+/// end for finished jobs); no rate before a whole second has passed.
+fn rate_eta(
+    started: Option<i64>,
+    finished: Option<i64>,
+    done: u64,
+    total: u64,
+) -> (Option<u64>, Option<u64>) {
+    let Some(start) = started else {
+        return (None, None);
+    };
+    let end = finished.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(start)
+    });
+    let secs = end.saturating_sub(start);
+    if secs <= 0 || done == 0 {
+        return (None, None);
+    }
+    let rate = done / secs as u64;
+    let eta =
+        (finished.is_none() && rate > 0 && total > done).then(|| (total - done).div_ceil(rate));
+    (Some(rate), eta)
+}
+
 fn job_info(r: &Cols) -> Result<JobInfo> {
+    let (rate_bytes_per_sec, eta_seconds) = rate_eta(
+        r.get(7, "jobs.started")?,
+        r.get(8, "jobs.finished")?,
+        r.u64(9, "jobs.bytes_done")?,
+        r.u64(10, "jobs.bytes_total")?,
+    );
     Ok(JobInfo {
+        rate_bytes_per_sec,
+        eta_seconds,
         id: r.get(0, "jobs.id")?,
         kind: kind(r, 1)?,
         state: state(r, 2)?,
@@ -348,6 +383,26 @@ impl Catalog {
 mod tests {
     use super::*;
     use crate::test_util::*;
+
+    #[test]
+    fn rate_and_eta_follow_bytes_and_time() {
+        // Finished: rate over the job's run, no ETA.
+        assert_eq!(
+            rate_eta(Some(100), Some(110), 1000, 1000),
+            (Some(100), None)
+        );
+        // Running: ETA from what is left at that rate (rounded up).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let (rate, eta) = rate_eta(Some(now - 10), None, 1000, 3050);
+        assert_eq!((rate, eta), (Some(100), Some(21)));
+        // Nothing to say before a second has passed, before any byte, or unstarted.
+        assert_eq!(rate_eta(Some(now + 5), None, 1000, 2000), (None, None));
+        assert_eq!(rate_eta(Some(now - 10), None, 0, 2000), (None, None));
+        assert_eq!(rate_eta(None, None, 10, 20), (None, None));
+    }
 
     fn new_job(kind: JobKind, ds: Option<&str>) -> NewJob {
         NewJob {

@@ -11,7 +11,7 @@ mod common;
 mod support;
 
 use common::cluster::*;
-use common::{fails, s};
+use common::{fails, hash_file, s};
 use protocol::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
@@ -273,6 +273,43 @@ fn get(c: &Cluster, parent: &Path, vm: &str, args: &[&str]) -> (PathBuf, String)
     (root, err)
 }
 
+/// The one entry of folder `dir`.
+fn only_entry(dir: &Path) -> PathBuf {
+    let all: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(all.len(), 1, "{all:?}");
+    all.into_iter().next().unwrap()
+}
+
+/// `ilr get VM [ARGS] --to-folder hv01:DIR` through the agent; returns the
+/// `holdfast_<time>` folder it made in `DIR` and what the command printed.
+fn agent_get(c: &Cluster, dir: &Path, vm: &str, args: &[&str]) -> (PathBuf, String) {
+    let target = format!("hv01:{}", s(dir));
+    let mut all = vec!["ilr", "get", vm];
+    all.extend_from_slice(args);
+    all.extend(["--to-folder", &target]);
+    let o = c.cli(&all);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "holdfast {all:?}: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let folder = only_entry(dir);
+    assert!(
+        folder
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("holdfast_"),
+        "{}",
+        folder.display()
+    );
+    (folder, out)
+}
+
 fn ls_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
     let out = c.cli_ok(args);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
@@ -477,6 +514,82 @@ fn files_come_back_from_ntfs_ext4_and_fat_in_vhdx_qcow2_and_vhd() {
         std::fs::read(root.join("random.bin")).unwrap()
             == std::fs::read(base.join("a/random.bin")).unwrap()
     );
+
+    // The same through the agent, into a folder on its host (a recovery job):
+    // folders, files and NTFS-compressed files, then hostile names made safe.
+    let (folder, said) = agent_get(
+        &c,
+        &out.join("agent-some"),
+        "hv01/win",
+        &["--partition", "1", "/a/random.bin", "/a/b", "/compressed"],
+    );
+    same_tree(&base.join("a/b"), &folder.join("b"), &keep, &[], 0);
+    same_tree(
+        &ntfs_src.join("compressed"),
+        &folder.join("compressed"),
+        &keep,
+        &[],
+        0,
+    );
+    assert!(
+        std::fs::read(folder.join("random.bin")).unwrap()
+            == std::fs::read(base.join("a/random.bin")).unwrap()
+    );
+    assert!(
+        said.contains("copied from disk 0 partition 1 (ntfs)"),
+        "{said}"
+    );
+    let (folder, said) = agent_get(
+        &c,
+        &out.join("agent-hostile"),
+        "hv01/lin",
+        &["--partition", "2", "/"],
+    );
+    same_tree(&hostile, &folder, &safe, &["lost+found"], 0);
+    for (raw, safe) in HOSTILE.iter().filter(|h| h.0 != h.1) {
+        assert!(
+            said.contains(&format!("{:?} saved as {safe:?}", format!("/{raw}"))),
+            "{raw:?}: {said}"
+        );
+    }
+    // A whole volume as a raw image: the ext4 partition is the image it was made from.
+    let vol = out.join("agent-volume");
+    let o = c.cli(&[
+        "recover",
+        "hv01/win",
+        "--copy-to",
+        &format!("hv01:{}", s(&vol)),
+        "--disk",
+        "0",
+        "--partition",
+        "2",
+        "--wait",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let folder = only_entry(&vol);
+    assert_eq!(
+        hash_file(&folder.join("disk0-part2.img")),
+        hash_file(&ext_base)
+    );
+    // A missing item fails the job and leaves no folder behind.
+    let none = out.join("agent-none");
+    let o = c.cli(&[
+        "ilr",
+        "get",
+        "hv01/win",
+        "--partition",
+        "1",
+        "/nope.txt",
+        "--to-folder",
+        &format!("hv01:{}", s(&none)),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("/nope.txt"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(std::fs::read_dir(&none).unwrap().next().is_none());
 
     // Local mode: the server's datastore read directly.
     let ds = c.datastore();

@@ -146,6 +146,34 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         toml.contains("disks = [\"web01-disk0.raw\", \"data.raw\"]"),
         "{toml}"
     );
+    // A KVM target also gets a libvirt domain over those disks, valid by libvirt's
+    // own schema.
+    let xml_path = vm_dir.join("domain.xml");
+    let xml = std::fs::read_to_string(&xml_path).unwrap();
+    for (disk, dev) in [(&a0, "vda"), (&a1, "vdb")] {
+        assert!(
+            xml.contains(&format!("<source file='{}'/>", s(disk))),
+            "{xml}"
+        );
+        assert!(
+            xml.contains(&format!("<target dev='{dev}' bus='virtio'/>")),
+            "{xml}"
+        );
+    }
+    assert!(
+        xml.contains("<name>web01</name>") && xml.contains("type='raw'"),
+        "{xml}"
+    );
+    let o = std::process::Command::new("virt-xml-validate")
+        .args([s(&xml_path), "domain"])
+        .output()
+        .expect("virt-xml-validate (libvirt-clients; scripts/install-deps installs it)");
+    assert!(
+        o.status.success(),
+        "virt-xml-validate: {}{}\n{xml}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     // A second recovery into the same folder is refused, and changes nothing.
     let o = c.cli(&[
         "recover",
@@ -219,8 +247,27 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         .get_bytes(&format!("/agent/jobs/1/recovery-blob/{foreign}"))
         .unwrap_err();
     assert!(matches!(status_of(e), Some(403 | 409)));
+    // While it runs, the job shows a rate and the time left (progress comes each
+    // second; the copy takes about four).
+    let mut eta = None;
+    wait_until(
+        "a rate and ETA, or the end",
+        Duration::from_secs(30),
+        || {
+            let j = c.job(j.id);
+            if j.state == JobState::Running && j.eta_seconds.is_some() {
+                eta = Some((j.rate_bytes_per_sec, j.eta_seconds));
+            }
+            eta.is_some() || j.state.finished()
+        },
+    );
+    let (rate, left) = eta.expect("no rate and ETA while the throttled job ran");
+    // 2 MiB/s, measured over whole seconds from the job's start.
+    assert!(rate.is_some_and(|r| r > 0 && r <= 4 << 20), "{rate:?}");
+    assert!(left.is_some_and(|l| l <= 30), "{left:?}");
     let done = c.wait_job(j.id);
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    assert!(done.rate_bytes_per_sec.is_some() && done.eta_seconds.is_none());
     let secs = unix(done.finished.as_deref().unwrap()) - unix(done.started.as_deref().unwrap());
     assert!(secs >= 3, "a throttled recovery of 8 MiB took {secs} s");
     assert!(done.bytes_read >= 8 << 20, "{}", done.bytes_read);

@@ -438,6 +438,12 @@ pub struct JobInfo {
     pub attempt: u32,
     /// Earliest time a queued job may start (reruns wait).
     pub not_before: Option<String>,
+    /// `bytes_done` per second since the job started (to now, or to its end).
+    #[serde(default)]
+    pub rate_bytes_per_sec: Option<u64>,
+    /// Seconds left at that rate (running jobs with a known total).
+    #[serde(default)]
+    pub eta_seconds: Option<u64>,
     #[serde(default)]
     pub log: Vec<JobLogLine>,
 }
@@ -614,6 +620,9 @@ pub struct RecoveryDone {
     pub files: Vec<String>,
     /// Bytes of disk data fetched from the server.
     pub bytes_fetched: u64,
+    /// Lines for the job log (what an item copy copied, names it had to change).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// The formats a recovery may write.

@@ -585,6 +585,8 @@ mod tests {
             error: None,
             attempt: 1,
             not_before: None,
+            rate_bytes_per_sec: None,
+            eta_seconds: None,
             log: Vec::new(),
         }
     }

@@ -94,6 +94,20 @@ fn check_dir(dir: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// Item paths of a copy: not too many, each a path inside the file system.
+fn check_items(items: &[String]) -> ApiResult<()> {
+    if items.len() > 1000 {
+        return Err(bad(format!("items: {} paths; at most 1000", items.len())));
+    }
+    for i in items {
+        if i.len() > 4096 || i.contains('\0') {
+            return Err(bad("items: a path is too long or holds a NUL"));
+        }
+        fsview::components(i).map_err(|e| bad(format!("items: {i:?}: {e}")))?;
+    }
+    Ok(())
+}
+
 fn check_host(st: &AppState, host: &str) -> ApiResult<()> {
     let agents = st.cat().agents()?;
     match agents.iter().find(|a| a.host == host) {
@@ -181,9 +195,21 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
             host.clone()
         }
         RecoveryTarget::CopyTo {
-            host, dir, disk, ..
+            host,
+            dir,
+            disk,
+            partition,
+            items,
         } => {
             check_dir(dir)?;
+            check_items(items)?;
+            if partition.is_some_and(|p| p > 256) {
+                return Err(bad("partition: at most 256"));
+            }
+            let disk = match disk {
+                None if partition.is_some() || !items.is_empty() => &Some(0),
+                d => d,
+            };
             if let Some(d) = disk
                 && *d as usize >= point.disks.len()
             {
@@ -251,10 +277,35 @@ fn describe(t: &RecoveryTarget) -> String {
                 .map(|f| format!(", {f} disks"))
                 .unwrap_or_default()
         ),
-        RecoveryTarget::CopyTo { dir, disk, .. } => format!(
-            "disk files copied to {dir}{}",
-            disk.map(|d| format!(", disk {d} only")).unwrap_or_default()
-        ),
+        RecoveryTarget::CopyTo {
+            dir,
+            disk,
+            partition,
+            items,
+            ..
+        } => {
+            let d = disk.unwrap_or(0);
+            let volume = match partition {
+                Some(p) => format!("disk {d} partition {p}"),
+                None => format!("disk {d}"),
+            };
+            if !items.is_empty() {
+                let shown: Vec<&str> = items.iter().take(5).map(String::as_str).collect();
+                format!(
+                    "{} item(s) of {volume} copied to {dir}: {}{}",
+                    items.len(),
+                    shown.join(", "),
+                    if items.len() > 5 { ", ..." } else { "" }
+                )
+            } else if partition.is_some() {
+                format!("{volume} copied to {dir} as a raw image")
+            } else {
+                format!(
+                    "disk files copied to {dir}{}",
+                    disk.map(|d| format!(", disk {d} only")).unwrap_or_default()
+                )
+            }
+        }
     }
 }
 
@@ -352,6 +403,10 @@ pub(crate) async fn agent_done(
         for f in d.files.iter().take(256) {
             let f: String = f.chars().take(4096).collect();
             cat.job_log(now, id, &format!("wrote {f}"))?;
+        }
+        for n in d.notes.iter().take(600) {
+            let n: String = n.chars().take(4096).collect();
+            cat.job_log(now, id, &n)?;
         }
         cat.job_log(
             now,

@@ -626,11 +626,12 @@ fn wait_job(cl: &Client, id: i64, json: bool) -> anyhow::Result<ExitCode> {
             });
         }
         let line = format!(
-            "job {} {}: {} of {}",
+            "job {} {}: {} of {}{}",
             j.id,
             j.state.as_str(),
             human(j.bytes_done),
-            human(j.bytes_total)
+            human(j.bytes_total),
+            rate_eta(&j)
         );
         if line != last && !json {
             eprintln!("{line}");
@@ -643,7 +644,23 @@ fn wait_job(cl: &Client, id: i64, json: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn started(cl: &Client, j: JobInfo, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+/// `, 120.0 MiB/s, 1m05s left` (what is known of it).
+fn rate_eta(j: &JobInfo) -> String {
+    let mut out = String::new();
+    if let Some(r) = j.rate_bytes_per_sec {
+        out.push_str(&format!(", {}/s", human(r)));
+    }
+    if let Some(e) = j.eta_seconds {
+        out.push_str(&match e {
+            0..60 => format!(", {e}s left"),
+            60..3600 => format!(", {}m{:02}s left", e / 60, e % 60),
+            _ => format!(", {}h{:02}m left", e / 3600, e % 3600 / 60),
+        });
+    }
+    out
+}
+
+pub(crate) fn started(cl: &Client, j: JobInfo, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
     if wait {
         return wait_job(cl, j.id, json);
     }
@@ -715,6 +732,11 @@ pub struct RecoverArgs {
     /// With --copy-to: only this disk (numbered from 0).
     #[arg(long, requires = "copy_to")]
     pub disk: Option<u32>,
+    /// With --copy-to: only this volume of --disk (default disk 0) as a raw image
+    /// `disk<N>-part<P>.img` (partitions 1-based as in /dev/sda1; 0 = a disk without a
+    /// partition table).
+    #[arg(long, requires = "copy_to")]
+    pub partition: Option<u32>,
     /// Limit the data fetched from the server, KiB per second (default: the server's
     /// `[recovery]` work-hours limits, if any).
     #[arg(long, value_name = "KBPS")]
@@ -759,7 +781,7 @@ pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
             host,
             dir,
             disk: a.disk,
-            partition: None,
+            partition: a.partition,
             items: Vec::new(),
         }
     } else {
@@ -861,11 +883,12 @@ pub fn jobs(s: &ServerArgs, c: JobsCommand) -> anyhow::Result<ExitCode> {
                 println!("  vm: {vm}");
             }
             println!(
-                "  bytes: {} of {} done, {} read, {} sent",
+                "  bytes: {} of {} done, {} read, {} sent{}",
                 human(j.bytes_done),
                 human(j.bytes_total),
                 human(j.bytes_read),
-                human(j.bytes_sent)
+                human(j.bytes_sent),
+                rate_eta(&j)
             );
             if let Some(rp) = &j.recovery_point {
                 println!("  recovery point: {rp}");

@@ -66,10 +66,20 @@ pub struct GetArgs {
     /// Files and folders to copy (folders recursively).
     #[arg(required = true)]
     paths: Vec<String>,
-    /// Local folder to copy into (created if missing); `HOST:DIR` (through that host's
-    /// agent) is not available yet.
-    #[arg(long)]
+    /// Where to copy: a local folder (created if missing), or `HOST:DIR` for a folder
+    /// on a host with an agent (a recovery job; the items land in
+    /// `DIR/holdfast_<time>/`). A local folder whose name holds a colon: `./a:b`.
+    #[arg(long, value_name = "DIR|HOST:DIR")]
     to_folder: String,
+    /// With HOST:DIR: limit the data fetched from the server, KiB per second.
+    #[arg(long, value_name = "KBPS")]
+    throttle: Option<u64>,
+    /// With HOST:DIR: e-mail this address when the copy ends (repeatable).
+    #[arg(long, value_name = "EMAIL")]
+    notify: Vec<String>,
+    /// With HOST:DIR: queue the job and return without waiting for it.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 pub fn run(s: &ServerArgs, cmd: IlrCommand) -> anyhow::Result<ExitCode> {
@@ -90,7 +100,13 @@ pub fn run(s: &ServerArgs, cmd: IlrCommand) -> anyhow::Result<ExitCode> {
             print_listing(&listing, a.json)?;
         }
         IlrCommand::Get(a) => {
-            let to = local_folder(&a.to_folder)?;
+            if let Some((host, dir)) = host_folder(&a.to_folder) {
+                return get_on_host(s, &a, host, dir);
+            }
+            if a.throttle.is_some() || !a.notify.is_empty() || a.no_wait {
+                bail!("--throttle, --notify and --no-wait apply to a HOST:DIR target only");
+            }
+            let to = PathBuf::from(&a.to_folder);
             std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
             let mut fs: Box<dyn FileSystem> = match &a.at.datastore {
                 Some(_) => {
@@ -132,16 +148,48 @@ pub fn run(s: &ServerArgs, cmd: IlrCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn local_folder(s: &str) -> anyhow::Result<PathBuf> {
-    if let Some((host, _)) = s.split_once(':')
-        && !host.is_empty()
-        && !host.contains('/')
-    {
-        bail!(
-            "--to-folder {s:?}: copying to a host's folder through its agent is not available yet; give a local folder"
-        );
+/// `HOST:DIR` (a host name before the first colon, no slash in it), else a local path.
+fn host_folder(s: &str) -> Option<(&str, &str)> {
+    s.split_once(':')
+        .filter(|(host, _)| !host.is_empty() && !host.contains(['/', '\\']))
+}
+
+/// `ilr get ... --to-folder HOST:DIR`: a recovery job on that host's agent copies the
+/// items out of the recovery point (read through the server), into
+/// `DIR/holdfast_<time>/`.
+fn get_on_host(s: &ServerArgs, a: &GetArgs, host: &str, dir: &str) -> anyhow::Result<ExitCode> {
+    if a.at.datastore.is_some() {
+        bail!("--to-folder {host}:{dir} goes through the server; drop -d, or give a local folder");
     }
-    Ok(PathBuf::from(s))
+    let cl = s.client()?;
+    let point = server_point(&cl, &a.at)?;
+    let j: protocol::JobInfo = cl.post(
+        "/recoveries",
+        &protocol::RecoveryRequest {
+            vm: a.at.vm.clone(),
+            point: Some(point),
+            at: None,
+            target: protocol::RecoveryTarget::CopyTo {
+                host: host.to_string(),
+                dir: dir.to_string(),
+                disk: Some(a.at.disk),
+                partition: a.at.partition,
+                items: a.paths.clone(),
+            },
+            throttle_kbps: a.throttle,
+            notify: a.notify.clone(),
+        },
+    )?;
+    let id = j.id;
+    let code = super::admin::started(&cl, j, !a.no_wait, false)?;
+    if !a.no_wait {
+        // What was copied, names changed, where it went: the job's log says it.
+        let j: protocol::JobInfo = cl.get(&format!("/jobs/{id}"))?;
+        for l in &j.log {
+            println!("  {}", l.message);
+        }
+    }
+    Ok(code)
 }
 
 fn at_time(w: &Where) -> anyhow::Result<Option<i64>> {
