@@ -131,7 +131,61 @@ impl Fetch {
         }
         Ok(framed)
     }
+
+    /// Several blobs in one round trip (`recovery-blobs`), in the order asked.
+    fn get_many(&self, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled("the recovery was cancelled".into()));
+        }
+        let mut body = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            body.extend_from_slice(&id.0);
+        }
+        let body = bytes::Bytes::from(body);
+        let path = format!("{}/recovery-blobs", self.prefix);
+        let all = retry(
+            self.budget,
+            || self.cancel.load(Ordering::Relaxed),
+            || self.transport.post_bytes(&path, body.clone()),
+        )?;
+        let n = all.len() as u64;
+        let out = split_batch(&all, ids.len())?;
+        self.fetched.fetch_add(n, Ordering::Relaxed);
+        if let Some(t) = &self.throttle {
+            t.take(n, &self.cancel);
+        }
+        Ok(out)
+    }
 }
+
+/// A `recovery-blobs` answer: `count` times (u32 LE length, bytes), nothing after.
+fn split_batch(all: &[u8], count: usize) -> Result<Vec<Vec<u8>>> {
+    let bad = |what: String| Error::Server(format!("recovery-blobs answer: {what}"));
+    let mut out = Vec::with_capacity(count);
+    let mut rest = all;
+    for i in 0..count {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| bad(format!("blob {i} of {count} is missing")))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(bad(format!(
+                "blob {i} claims {len} bytes, {} are left",
+                tail.len()
+            )));
+        }
+        let (blob, tail) = tail.split_at(len);
+        out.push(blob.to_vec());
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(bad(format!("{} bytes after the last blob", rest.len())));
+    }
+    Ok(out)
+}
+
+/// One block to fetch for a read: block number, id, offset in the block, destination.
+type Task<'b> = (u64, Id, usize, &'b mut [u8]);
 
 /// One disk of a recovery point, read from the server through a recovery job.
 #[derive(Debug)]
@@ -230,11 +284,28 @@ impl<'a> RemotePointDisk<'a> {
         }
     }
 
-    /// Fetches, checks and places one block's bytes `within..within+out.len()`.
-    fn fill(&self, b: u64, id: Id, within: usize, out: &mut [u8]) -> Result<()> {
+    /// Fetches a batch of blocks in one round trip, checks them and places each one's
+    /// bytes `within..within+out.len()`.
+    fn fill(&self, batch: &mut [Task<'_>]) -> Result<()> {
+        let ids: Vec<Id> = batch.iter().map(|t| t.1).collect();
+        let blobs = self.fetch.get_many(&ids)?;
+        for ((b, id, within, out), framed) in batch.iter_mut().zip(blobs) {
+            self.place(*b, *id, *within, out, framed)?;
+        }
+        Ok(())
+    }
+
+    /// Checks one fetched block and copies its bytes `within..within+out.len()`.
+    fn place(
+        &self,
+        b: u64,
+        id: Id,
+        within: usize,
+        out: &mut [u8],
+        mut framed: Vec<u8>,
+    ) -> Result<()> {
         let bs = self.rec.block_size as u64;
         let block_len = (self.rec.virtual_size - b * bs).min(bs) as usize;
-        let mut framed = self.fetch.get(id)?;
         let plain =
             decode_framed_block(&self.fetch.keys, &mut framed, id).map_err(Error::Backup)?;
         if plain.len() != block_len {
@@ -296,8 +367,18 @@ impl VirtualDisk for RemotePointDisk<'_> {
             }
             pos += n as u64;
         }
-        let threads = FETCHERS.min(tasks.len());
-        let queue = Mutex::new(tasks.into_iter());
+        // Batches spread over the fetchers, each one round trip.
+        let per = tasks
+            .len()
+            .div_ceil(FETCHERS)
+            .clamp(1, protocol::RECOVERY_BATCH);
+        let mut batches: Vec<Vec<Task<'_>>> = Vec::new();
+        let mut it = tasks.into_iter().peekable();
+        while it.peek().is_some() {
+            batches.push(it.by_ref().take(per).collect());
+        }
+        let threads = FETCHERS.min(batches.len());
+        let queue = Mutex::new(batches.into_iter());
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|s| {
             for _ in 0..threads {
@@ -306,10 +387,10 @@ impl VirtualDisk for RemotePointDisk<'_> {
                         if lock(&failure).is_some() {
                             return;
                         }
-                        let Some((b, id, within, out)) = lock(&queue).next() else {
+                        let Some(mut batch) = lock(&queue).next() else {
                             return;
                         };
-                        if let Err(e) = self.fill(b, id, within, out) {
+                        if let Err(e) = self.fill(&mut batch) {
                             lock(&failure).get_or_insert(e);
                             return;
                         }
@@ -823,6 +904,36 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_answers_are_split_and_checked() {
+        let mut all = Vec::new();
+        for b in [&b"abc"[..], b"", b"xy"] {
+            all.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            all.extend_from_slice(b);
+        }
+        let got = split_batch(&all, 3).unwrap();
+        assert_eq!(got, [b"abc".to_vec(), Vec::new(), b"xy".to_vec()]);
+        // Fewer blobs than asked, a length past the end, bytes left over.
+        assert!(
+            split_batch(&all, 4)
+                .unwrap_err()
+                .to_string()
+                .contains("blob 3 of 4")
+        );
+        assert!(
+            split_batch(&all[..6], 3)
+                .unwrap_err()
+                .to_string()
+                .contains("claims")
+        );
+        assert!(
+            split_batch(&all, 2)
+                .unwrap_err()
+                .to_string()
+                .contains("after the last")
+        );
+    }
 
     #[test]
     fn virtio_names_follow_the_kernel() {

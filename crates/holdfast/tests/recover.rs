@@ -247,6 +247,20 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         .get_bytes(&format!("/agent/jobs/1/recovery-blob/{foreign}"))
         .unwrap_err();
     assert!(matches!(status_of(e), Some(403 | 409)));
+    // The batched route holds to the same rules, for every id of a batch.
+    let batch = |body: Vec<u8>| {
+        agent.post_bytes(
+            &format!("/agent/jobs/{}/recovery-blobs", j.id),
+            bytes::Bytes::from(body),
+        )
+    };
+    assert_eq!(status_of(batch(vec![0xab; 32]).unwrap_err()), Some(403));
+    assert_eq!(status_of(batch(vec![0xab; 33]).unwrap_err()), Some(400));
+    assert_eq!(status_of(batch(Vec::new()).unwrap_err()), Some(400));
+    assert_eq!(
+        status_of(batch(vec![0xab; 32 * 65]).unwrap_err()),
+        Some(400)
+    );
     // While it runs, the job shows a rate and the time left (progress comes each
     // second; the copy takes about four).
     let mut eta = None;

@@ -625,6 +625,10 @@ pub struct RecoveryDone {
     pub notes: Vec<String>,
 }
 
+/// Blob ids per `POST /agent/jobs/{id}/recovery-blobs` request (one round trip for up
+/// to 4 MiB of 64 KiB blocks).
+pub const RECOVERY_BATCH: usize = 64;
+
 /// The formats a recovery may write.
 pub const RECOVERY_FORMATS: [&str; 4] = ["vhdx", "vhd", "qcow2", "raw"];
 

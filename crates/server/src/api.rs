@@ -219,6 +219,10 @@ pub fn router(st: Arc<AppState>) -> Router {
             get(crate::recover::agent_blob),
         )
         .route(
+            "/agent/jobs/{id}/recovery-blobs",
+            post(crate::recover::agent_blobs),
+        )
+        .route(
             "/agent/jobs/{id}/recovered",
             post(crate::recover::agent_done),
         )

@@ -328,6 +328,55 @@ fn build_access(st: &AppState, m: &Manifest) -> ApiResult<Access> {
     Ok(Access { index, allowed })
 }
 
+/// The running recovery job `id` of agent `host`, and what it may read (built at its
+/// first request, kept while it runs).
+async fn job_access(st: &Arc<AppState>, host: &str, id: i64) -> ApiResult<Arc<Access>> {
+    let job = crate::api::own_job(st, host, id)?;
+    if job.kind != JobKind::Recovery {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!("job {id} is not a recovery job"),
+        ));
+    }
+    let have = st
+        .recoveries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&id)
+        .cloned();
+    if let Some(a) = have {
+        return Ok(a);
+    }
+    let s = stored(&st.cat(), id)?;
+    let st2 = st.clone();
+    let a = blocking(move || {
+        let m = st2.datastore.point(&s.point)?;
+        build_access(&st2, &m)
+    })
+    .await?;
+    Ok(st
+        .recoveries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(id)
+        .or_insert(Arc::new(a))
+        .clone())
+}
+
+fn check_allowed(access: &Access, id: i64, bid: Id) -> ApiResult<()> {
+    if access.allowed.contains(&bid) {
+        Ok(())
+    } else {
+        Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!(
+                "blob {} is not part of the recovery point of job {id}",
+                bid.to_hex()
+            ),
+        ))
+    }
+}
+
 /// `GET /agent/jobs/{id}/recovery-blob/{blob}` (agent): one framed blob of the job's
 /// recovery point, exactly as stored.
 pub(crate) async fn agent_blob(
@@ -335,50 +384,60 @@ pub(crate) async fn agent_blob(
     AgentHost(host): AgentHost,
     Path((id, blob)): Path<(i64, String)>,
 ) -> ApiResult<Response> {
-    let job = crate::api::own_job(&st, &host, id)?;
-    if job.kind != JobKind::Recovery {
-        return Err(ApiErr(
-            StatusCode::FORBIDDEN,
-            format!("job {id} is not a recovery job"),
-        ));
-    }
     let bid =
         Id::from_hex(&blob).ok_or_else(|| bad(format!("blob id {blob:?} is not 64 hex digits")))?;
-    let access = {
-        let have = st
-            .recoveries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned();
-        match have {
-            Some(a) => a,
-            None => {
-                let s = stored(&st.cat(), id)?;
-                let st2 = st.clone();
-                let a = blocking(move || {
-                    let m = st2.datastore.point(&s.point)?;
-                    build_access(&st2, &m)
-                })
-                .await?;
-                let a = Arc::new(a);
-                st.recoveries
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(id)
-                    .or_insert(a)
-                    .clone()
-            }
-        }
-    };
-    if !access.allowed.contains(&bid) {
-        return Err(ApiErr(
-            StatusCode::FORBIDDEN,
-            format!("blob {blob} is not part of the recovery point of job {id}"),
-        ));
-    }
+    let access = job_access(&st, &host, id).await?;
+    check_allowed(&access, id, bid)?;
     let st2 = st.clone();
     let out = blocking(move || Ok(st2.datastore.framed_blob(&access.index, bid)?)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+}
+
+/// Blobs per `recovery-blobs` request: 64 blocks of 64 KiB (framed, at most a little
+/// more) keep an answer near 4 MiB.
+pub const MAX_BATCH: usize = protocol::RECOVERY_BATCH;
+
+/// `POST /agent/jobs/{id}/recovery-blobs` (agent): several framed blobs of the job's
+/// recovery point in one round trip. The body is the ids, 32 bytes each (at most
+/// [`MAX_BATCH`]); the answer is, for each in order, its length (u32, little-endian)
+/// and its framed bytes, exactly as stored.
+pub(crate) async fn agent_blobs(
+    State(st): St,
+    AgentHost(host): AgentHost,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    if body.is_empty() || body.len() % 32 != 0 || body.len() / 32 > MAX_BATCH {
+        return Err(bad(format!(
+            "body: {} bytes; expected 1 to {MAX_BATCH} blob ids of 32 bytes",
+            body.len()
+        )));
+    }
+    let ids: Vec<Id> = body
+        .chunks_exact(32)
+        .map(|c| {
+            let mut b = [0u8; 32];
+            b.copy_from_slice(c);
+            Id(b)
+        })
+        .collect();
+    let access = job_access(&st, &host, id).await?;
+    for &b in &ids {
+        check_allowed(&access, id, b)?;
+    }
+    let st2 = st.clone();
+    let out = blocking(move || {
+        let mut out = Vec::new();
+        for b in ids {
+            let framed = st2.datastore.framed_blob(&access.index, b)?;
+            let n = u32::try_from(framed.len())
+                .map_err(|_| internal(format!("blob {} is over 4 GiB", b.to_hex())))?;
+            out.extend_from_slice(&n.to_le_bytes());
+            out.extend_from_slice(&framed);
+        }
+        Ok(out)
+    })
+    .await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
 }
 

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Whole-disk recovery benchmark, same machine, same run: `holdfast recover --copy-to`
+# through `holdfast server` + `holdfast agent` over loopback mutual TLS (the agent
+# fetches the point's blobs in batches, checks each against its id, writes a raw image
+# under a temporary name, fsyncs, renames) against local-mode `holdfast restore` of the
+# same recovery point from the server's datastore folder (raw, fsynced). RUNS rounds,
+# interleaved; best of each; both outputs compared with the source once.
+#
+#   bench/recover.sh [SIZE] [RUNS]     default 4G 3
+#
+# The image is the shared workload generator's day-0 image (../shared/bench/gen_disk.py,
+# seed 42), reused from $PERF_DIR/img when present. Results go to
+# bench/results/recover-STAMP/ (summary.md). HOLDFAST_BIN: binary (default
+# target/release/holdfast, not built here).
+set -euo pipefail
+
+SIZE=${1:-4G}
+RUNS=${2:-3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+ANCHORS=$(cd "${ANCHORS:-$ROOT/../shared/bench}" && pwd)
+HF_SRC=${HOLDFAST_BIN:-$ROOT/target/release/holdfast}
+PERF_DIR=${PERF_DIR:-/tmp/perf}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUT=$HERE/results/recover-$STAMP
+W=$(mktemp -d /tmp/hf-recover-bench.XXXXXX)
+IMG=$PERF_DIR/img/day0-$SIZE-s42.img
+mkdir -p "$OUT" "$PERF_DIR/img"
+[ -x "$HF_SRC" ] || { echo "recover.sh: no binary at $HF_SRC (cargo build --release -p holdfast)" >&2; exit 1; }
+cp "$HF_SRC" "$W/holdfast"
+HF=$W/holdfast
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+. "$HERE/lib.sh"
+
+[ -f "$IMG" ] || { say "generating $IMG"; python3 "$ANCHORS/gen_disk.py" gen --size "$SIZE" --seed 42 "$IMG"; }
+BYTES=$(stat -c %s "$IMG")
+mkdir -p "$W/vms/vm1"
+ln "$IMG" "$W/vms/vm1/disk0.raw" 2>/dev/null || cp --sparse=always "$IMG" "$W/vms/vm1/disk0.raw"
+
+start_server "$W/srv" $'[scheduler]\ntick_seconds = 1\npoll_seconds = 5\n[limits]\nlow_space_percent = 0'
+start_agent hv01 "$W/vms" "$W/agent"
+wait_sources 1
+say "backing up $IMG ($BYTES bytes)"
+"$HF" backup-now hv01/vm1 --wait >/dev/null
+DATA=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["allocated_bytes"])' "${IMG%.img}.json" 2>/dev/null || echo "$BYTES")
+
+echo "round,mode,seconds" >"$OUT/recover.csv"
+for r in $(seq 1 "$RUNS"); do
+  rm -f "$W/restored.raw"; sync
+  t0=$(now); "$HF" restore -q -d "$W/srv/datastore" --source hv01/vm1 -o "$W/restored.raw" -f raw; t1=$(now)
+  echo "$r,local restore,$(echo "$t1 - $t0" | bc)" >>"$OUT/recover.csv"
+  say "round $r local restore: $(echo "$t1 - $t0" | bc) s"
+  [ "$r" = 1 ] && { cmp -s "$W/restored.raw" "$IMG" || { echo "recover.sh: restored disk differs" >&2; exit 1; }; }
+  rm -f "$W/restored.raw"
+
+  rm -rf "$W/rec"; sync
+  t0=$(now); "$HF" recover hv01/vm1 --copy-to "hv01:$W/rec" --wait --json >"$OUT/recover-$r.json"; t1=$(now)
+  echo "$r,server+agent recover,$(echo "$t1 - $t0" | bc)" >>"$OUT/recover.csv"
+  say "round $r server+agent recover: $(echo "$t1 - $t0" | bc) s"
+  if [ "$r" = 1 ]; then cmp -s "$W"/rec/holdfast_*/disk0.raw "$IMG" || { echo "recover.sh: recovered disk differs" >&2; exit 1; }; fi
+  rm -rf "$W/rec"
+done
+
+python3 - "$OUT/recover.csv" "$OUT/summary.md" "$BYTES" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+size = int(sys.argv[3]); mib = 1 << 20
+best = {}
+for r in rows:
+    s = float(r["seconds"]); best[r["mode"]] = min(best.get(r["mode"], s), s)
+loc, rem = best["local restore"], best["server+agent recover"]
+out = [
+    f"# Whole-disk recovery, {size / (1 << 30):.0f} GiB day-0 image, best of {len(rows) // 2}",
+    "",
+    "| | seconds | MiB/s (virtual size) |",
+    "|---|---:|---:|",
+    f"| local `holdfast restore` (server's datastore folder) | {loc:.2f} | {size / mib / loc:.0f} |",
+    f"| `holdfast recover --copy-to` through server + agent | {rem:.2f} | {size / mib / rem:.0f} |",
+    f"| ratio | {loc / rem:.2f}x | |",
+]
+open(sys.argv[2], "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+PY
