@@ -407,7 +407,7 @@ pub(crate) async fn agent_blobs(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    if body.is_empty() || body.len() % 32 != 0 || body.len() / 32 > MAX_BATCH {
+    if body.is_empty() || !body.len().is_multiple_of(32) || body.len() / 32 > MAX_BATCH {
         return Err(bad(format!(
             "body: {} bytes; expected 1 to {MAX_BATCH} blob ids of 32 bytes",
             body.len()
