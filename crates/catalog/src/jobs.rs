@@ -21,6 +21,15 @@ pub struct NewJob {
     pub rerun_of: Option<i64>,
 }
 
+/// Which jobs [`Catalog::jobs_where`] lists (`None` = any).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub kind: Option<JobKind>,
+    /// `HOST/VM` as recorded when the job was queued.
+    pub vm: Option<String>,
+}
+
 /// A job as the dispatcher sees it, with its data source's *current* location (a VM
 /// that moved since the job was queued runs on its new host).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -180,18 +189,32 @@ impl Catalog {
 
     /// The newest `limit` jobs (in `state`, if given), newest first, without logs.
     pub fn jobs(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobInfo>> {
-        match state {
-            Some(s) => self.all(
-                &format!("{JOB_SELECT} WHERE state = ?1 ORDER BY id DESC LIMIT ?2"),
-                params![s.as_str(), limit],
-                job_info,
+        self.jobs_where(
+            &JobFilter {
+                state,
+                ..JobFilter::default()
+            },
+            limit,
+        )
+    }
+
+    /// The newest `limit` jobs that match every condition of `f`, newest first,
+    /// without logs (the recovery history of a VM: kind recovery, its `HOST/VM`).
+    pub fn jobs_where(&self, f: &JobFilter, limit: u32) -> Result<Vec<JobInfo>> {
+        // Each condition compares with its parameter, or is true when that is NULL.
+        self.all(
+            &format!(
+                "{JOB_SELECT} WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2)
+                 AND (?3 IS NULL OR vm = ?3) ORDER BY id DESC LIMIT ?4"
             ),
-            None => self.all(
-                &format!("{JOB_SELECT} ORDER BY id DESC LIMIT ?1"),
-                [limit],
-                job_info,
-            ),
-        }
+            params![
+                f.state.map(|s| s.as_str()),
+                f.kind.map(|k| k.as_str()),
+                f.vm.as_deref(),
+                limit
+            ],
+            job_info,
+        )
     }
 
     /// Queued jobs whose `not_before` has come, oldest first.
@@ -506,6 +529,27 @@ mod tests {
         let states: Vec<_> = c.jobs(None, 10).unwrap().iter().map(|j| j.id).collect();
         assert_eq!(states, [f, id]);
         let failed = c.jobs(Some(JobState::Failed), 10).unwrap();
+        let by_kind = c
+            .jobs_where(
+                &JobFilter {
+                    kind: Some(failed[0].kind),
+                    vm: failed[0].vm.clone(),
+                    ..JobFilter::default()
+                },
+                10,
+            )
+            .unwrap();
+        assert!(by_kind.iter().any(|j| j.id == failed[0].id));
+        assert!(
+            by_kind
+                .iter()
+                .all(|j| j.kind == failed[0].kind && j.vm == failed[0].vm)
+        );
+        let none = JobFilter {
+            vm: Some("nowhere/none".into()),
+            ..JobFilter::default()
+        };
+        assert!(c.jobs_where(&none, 10).unwrap().is_empty());
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].id, f);
         assert!(failed[0].log.is_empty());

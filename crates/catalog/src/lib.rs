@@ -49,7 +49,7 @@ use serde::de::DeserializeOwned;
 pub use agents::AgentRow;
 pub use alerts::Raised;
 pub use groups::{GroupMember, GroupRow};
-pub use jobs::{JobRow, NewJob};
+pub use jobs::{JobFilter, JobRow, NewJob};
 
 /// Catalog errors. The server maps `NotFound` to 404, `Conflict` to 409, `Invalid` to
 /// 400 and everything else to 500; messages name the thing concerned.

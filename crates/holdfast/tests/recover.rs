@@ -296,6 +296,29 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(files, ["data.raw"]);
+    // The recovery history: every recovery job of the VM, newest first, failed ones too.
+    let history: Vec<JobInfo> = serde_json::from_str(&c.cli_ok(&[
+        "jobs",
+        "list",
+        "--kind",
+        "recovery",
+        "--vm",
+        "hv01/web01",
+        "--json",
+    ]))
+    .unwrap();
+    let ids: Vec<i64> = history.iter().map(|h| h.id).collect();
+    assert_eq!(ids.len(), 5, "{history:?}");
+    assert_eq!(ids[0], j.id);
+    assert!(ids.windows(2).all(|w| w[0] > w[1]));
+    assert!(history.iter().all(|h| h.kind == JobKind::Recovery));
+    assert_eq!(
+        history
+            .iter()
+            .filter(|h| h.state == JobState::Failed)
+            .count(),
+        1
+    );
     assert_eq!(content(&folder.join("data.raw"), &work), want2.1);
 
     // Refusals.

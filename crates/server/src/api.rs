@@ -661,6 +661,8 @@ async fn recovery_points(
 #[derive(Deserialize)]
 struct JobsQuery {
     state: Option<String>,
+    kind: Option<String>,
+    vm: Option<String>,
     limit: Option<u32>,
 }
 
@@ -677,8 +679,22 @@ async fn jobs_list(
         })?),
         None => None,
     };
+    let kind = match &q.kind {
+        Some(k) => Some(JobKind::parse(k).ok_or_else(|| {
+            bad(format!(
+                "kind {k:?} is not sync, express-full, consistency-check, initial-replica, recovery, verify, prune or gc"
+            ))
+        })?),
+        None => None,
+    };
+    let f = catalog::JobFilter {
+        state,
+        kind,
+        vm: q.vm.clone(),
+    };
     Ok(json(
-        &st.cat().jobs(state, q.limit.unwrap_or(200).min(10_000))?,
+        &st.cat()
+            .jobs_where(&f, q.limit.unwrap_or(200).min(10_000))?,
     ))
 }
 

@@ -804,11 +804,19 @@ pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
-    /// List jobs, newest first.
+    /// List jobs, newest first (`--kind recovery --vm HOST/VM`: a VM's recovery
+    /// history).
     List {
         /// queued, running, succeeded, failed or cancelled.
         #[arg(long)]
         state: Option<String>,
+        /// sync, express-full, consistency-check, initial-replica, recovery, verify,
+        /// prune or gc.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only the jobs of this HOST/VM.
+        #[arg(long)]
+        vm: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long)]
@@ -837,10 +845,18 @@ pub enum JobsCommand {
 pub fn jobs(s: &ServerArgs, c: JobsCommand) -> anyhow::Result<ExitCode> {
     let cl = s.client()?;
     match c {
-        JobsCommand::List { state, limit, json } => {
+        JobsCommand::List {
+            state,
+            kind,
+            vm,
+            limit,
+            json,
+        } => {
             let mut path = format!("/jobs?limit={limit}");
-            if let Some(st) = state {
-                path.push_str(&format!("&state={}", seg(&st)));
+            for (k, v) in [("state", state), ("kind", kind), ("vm", vm)] {
+                if let Some(v) = v {
+                    path.push_str(&format!("&{k}={}", seg(&v)));
+                }
             }
             let list: Vec<JobInfo> = cl.get(&path)?;
             if json {
