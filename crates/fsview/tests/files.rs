@@ -513,6 +513,67 @@ fn ext4_inline_data_files_folders_and_links() {
     }
 }
 
+/// `meta_bg` (which ext4-view also refuses) with inline data: 1 KiB blocks, 256-block
+/// groups and 8 inodes each, so the tree's inodes lie in groups whose descriptors are
+/// in several meta groups.
+#[test]
+fn ext4_inline_data_with_meta_bg() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = make_tree(tmp.path(), Tree::Ext);
+    let img = tmp.path().join("metabg.img");
+    support::blank(&img, 64 * MIB);
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "1024",
+            "-g",
+            "256",
+            "-N",
+            "2048",
+            "-I",
+            "256",
+            "-L",
+            "TESTEXT4",
+            "-O",
+            "inline_data,meta_bg,^resize_inode",
+            "-d",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+        None,
+        &[],
+    );
+    let extra = format!("sif /top.txt mtime_extra {}", MTIME_NANOS << 2);
+    run(
+        "debugfs",
+        &["-w", "-R", &extra, img.to_str().unwrap()],
+        None,
+        &[],
+    );
+    index_dirs(&img);
+    let st = debugfs_stat(&img, "/many/entr\u{e9}e-0399-\u{65e5}\u{672c}.txt");
+    let ino: u64 = st
+        .split("Inode: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 8 inodes a group, 16 descriptors a block (64-byte descriptors, 1 KiB blocks).
+    assert!(
+        (ino - 1) / 8 >= 16,
+        "inode {ino} is in the first meta group"
+    );
+    assert_eq!(inode_flags(&img, "/inline/s61"), INLINE_FL);
+    let mut fs = open_whole(&img);
+    check(fs.as_mut(), &src, Tree::Ext, "TESTEXT4");
+}
+
 /// ext3 and ext2 with `inline_data`: block maps (no extents) through the own reader.
 #[test]
 fn ext3_and_ext2_inline_data_with_block_maps() {
