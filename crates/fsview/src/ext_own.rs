@@ -34,6 +34,7 @@ use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result, le16, le32};
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 const INCOMPAT_COMPRESSION: u32 = 0x1;
 const INCOMPAT_FILETYPE: u32 = 0x2;
@@ -442,11 +443,20 @@ struct Walk<'a> {
     f: &'a mut dyn FnMut(Run) -> Result<()>,
 }
 
+/// Directories listed lately, kept: extracting a folder looks up each of its files,
+/// which would otherwise parse the folder once per file.
+const DIR_CACHE: usize = 8;
+
+/// A directory's entries: raw name and inode number, in on-disk order.
+type DirEntries = Arc<Vec<(Vec<u8>, u32)>>;
+
 struct OwnExt {
     vol: Volume,
     sb: Sb,
     kind: FsKind,
     label: Option<String>,
+    /// (directory inode, entries), most recently used last.
+    dirs: Mutex<Vec<(u32, DirEntries)>>,
 }
 
 pub(crate) fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
@@ -461,6 +471,7 @@ pub(crate) fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> 
         sb,
         kind,
         label: (!label.is_empty()).then_some(label),
+        dirs: Mutex::default(),
     };
     fs.check_journal()?;
     let root = fs.inode(ROOT_INODE as u32)?;
@@ -827,14 +838,33 @@ impl OwnExt {
     }
 
     /// The entries (raw name, inode number) of directory `dir`, in on-disk order,
-    /// without `.` and `..`.
-    fn dir_entries(&self, dir: &Inode, path: &str) -> Result<Vec<(Vec<u8>, u32)>> {
+    /// without `.` and `..` (from the cache when listed lately).
+    fn dir_entries(&self, dir: &Inode, path: &str) -> Result<DirEntries> {
         if dir.kind() != EntryKind::Dir {
             return Err(Error::WrongKind(format!("{path}: not a directory")));
         }
         if dir.flags & FL_ENCRYPT != 0 {
             return Err(Error::Unsupported(format!("{path}: ext4 encrypted folder")));
         }
+        let mut cache = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = cache.iter().position(|(ino, _)| *ino == dir.ino) {
+            let hit = cache.remove(i);
+            let entries = hit.1.clone();
+            cache.push(hit);
+            return Ok(entries);
+        }
+        drop(cache);
+        let entries = Arc::new(self.read_dir(dir, path)?);
+        let mut cache = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= DIR_CACHE {
+            cache.remove(0);
+        }
+        cache.push((dir.ino, entries.clone()));
+        Ok(entries)
+    }
+
+    /// [`Self::dir_entries`], read from the disk.
+    fn read_dir(&self, dir: &Inode, path: &str) -> Result<Vec<(Vec<u8>, u32)>> {
         let mut out = Vec::new();
         if dir.inline() {
             // The parent's inode number, then entries; continued in system.data.
@@ -872,11 +902,11 @@ impl OwnExt {
         let mut name = Vec::new();
         for c in crate::components(path)? {
             let entries = self.dir_entries(&cur, path)?;
-            let Some((raw, ino)) = entries.into_iter().find(|(raw, _)| name_matches(raw, c)) else {
+            let Some((raw, ino)) = entries.iter().find(|(raw, _)| name_matches(raw, c)) else {
                 return Err(Error::NotFound(path.to_string()));
             };
-            cur = self.inode(ino)?;
-            name = raw;
+            cur = self.inode(*ino)?;
+            name = raw.clone();
         }
         Ok((cur, name))
     }
@@ -979,9 +1009,9 @@ impl FileSystem for OwnExt {
     fn list(&mut self, path: &str) -> Result<Vec<Entry>> {
         let (dir, _) = self.lookup(path)?;
         let mut out = Vec::new();
-        for (name, ino) in self.dir_entries(&dir, path)? {
-            let inode = self.inode(ino)?;
-            out.push(self.entry(&name, &inode)?);
+        for (name, ino) in self.dir_entries(&dir, path)?.iter() {
+            let inode = self.inode(*ino)?;
+            out.push(self.entry(name, &inode)?);
         }
         Ok(out)
     }
