@@ -69,7 +69,12 @@ pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
     check_size(&volume)?;
     let mut sb = [0u8; 1024];
     volume.read_at(&mut sb, 1024)?;
-    if crate::ext_own::wants(crate::le32(&sb, 0x60)) {
+    let incompat = crate::le32(&sb, 0x60);
+    // ext4-view reads `s_blocks_count_hi` even without the 64bit feature (where it
+    // means nothing and the kernel ignores it): a stray value there would make it size
+    // its group table by billions of groups. The own reader ignores it, as the kernel.
+    let stray_hi = incompat & 0x80 == 0 && crate::le32(&sb, 0x150) != 0;
+    if crate::ext_own::wants(incompat) || stray_hi {
         return crate::ext_own::open(volume, kind);
     }
     let fs = guard(|| Ext4::load(Box::new(Reader(volume))).map_err(|e| map_err(e, "/")))?;

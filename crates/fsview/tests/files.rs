@@ -936,6 +936,20 @@ fn damaged_and_truncated_ext4_fail_cleanly() {
     assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
 }
 
+/// Without the 64bit feature, `s_blocks_count_hi` means nothing (the kernel ignores
+/// it); ext4-view does not ignore it, so such a volume is read by the own reader (a
+/// fuzzer found ext4-view allocating for billions of block groups).
+#[test]
+fn ext2_with_a_stray_blocks_count_hi() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = make_tree(tmp.path(), Tree::Ext);
+    let img = mkext(tmp.path(), &src, "ext2", 32, None);
+    let bad = damaged(&img, "hi.img", |d| {
+        d[1024 + 0x150..1024 + 0x154].copy_from_slice(&5632u32.to_le_bytes());
+    });
+    check(open_whole(&bad).as_mut(), &src, Tree::Ext, "TESTEXT2");
+}
+
 /// FAT32 layout from the boot sector: (bytes per sector, sectors per cluster, first FAT
 /// offset, FAT count, FAT bytes, data offset, root cluster).
 fn fat32_layout(d: &[u8]) -> (u64, u64, u64, u64, u64, u64, u32) {
