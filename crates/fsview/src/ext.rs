@@ -16,6 +16,8 @@
 //!   set, so it cannot collide with an inode number (those are `u32`).
 //! - Names are bytes; lists decode them lossily. A path component holding U+FFFD is
 //!   matched against the lossy names of its directory, so listed names can be opened.
+//! - It reads `s_blocks_count_hi` even without the 64bit feature; such a volume (with a
+//!   stray value there) goes to the own reader too.
 
 use crate::fs::{Entry, EntryKind, FileSystem};
 use crate::probe::FsKind;
