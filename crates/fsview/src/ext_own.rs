@@ -28,7 +28,7 @@
 //! against node sizes, extents in increasing order, and the blocks one file maps at most
 //! the volume's block count (so a loop in the metadata ends as [`Error::Corrupt`]).
 
-use crate::ext::{READ_CHUNK, ROOT_INODE, ext_entry, name_matches};
+use crate::ext::{MAX_LINK, READ_CHUNK, ROOT_INODE, ext_entry, name_matches};
 use crate::fs::{Entry, EntryKind, FileSystem};
 use crate::probe::FsKind;
 use crate::volume::Volume;
@@ -1041,7 +1041,7 @@ impl FileSystem for OwnExt {
             }
             inode.i_block()[..inode.size as usize].to_vec()
         } else {
-            if inode.size > self.sb.bs {
+            if inode.size > self.sb.bs.min(MAX_LINK) {
                 return Err(Error::corrupt(
                     "ext inode",
                     inode.at,

@@ -950,6 +950,30 @@ fn ext2_with_a_stray_blocks_count_hi() {
     check(open_whole(&bad).as_mut(), &src, Tree::Ext, "TESTEXT2");
 }
 
+/// A link whose inode claims a terabyte-long target is corrupt, through ext4-view and
+/// through the own reader (a fuzzer found ext4-view allocating the claimed size).
+#[test]
+fn ext_links_claiming_huge_targets_are_corrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = make_tree(tmp.path(), Tree::Ext);
+    for features in [None, Some("inline_data")] {
+        let img = mkext(tmp.path(), &src, "ext4", 64, features);
+        for link in ["/link", "/a/longlink", "/a/longerlink"] {
+            let at = inode_offset(&img, link);
+            let bad = damaged(&img, "biglink.img", |d| {
+                d[at + 0x6C..at + 0x70].copy_from_slice(&255u32.to_le_bytes());
+            });
+            let mut fs = open_whole(&bad);
+            let e = fs.read_link(link).unwrap_err();
+            assert!(
+                matches!(e, Error::Corrupt { .. }),
+                "{link} {features:?}: {e:?}"
+            );
+            assert_eq!(fs.read_link("/link").is_ok(), link != "/link");
+        }
+    }
+}
+
 /// FAT32 layout from the boot sector: (bytes per sector, sectors per cluster, first FAT
 /// offset, FAT count, FAT bytes, data offset, root cluster).
 fn fat32_layout(d: &[u8]) -> (u64, u64, u64, u64, u64, u64, u32) {
