@@ -600,6 +600,24 @@ fn ext3_and_ext2_inline_data_with_block_maps() {
     }
 }
 
+/// ext2 without `filetype` (which ext4-view requires) and ext4 with `large_dir` (which
+/// it refuses) are read by the own reader.
+#[test]
+fn ext2_without_filetype_and_ext4_large_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = make_tree(tmp.path(), Tree::Ext);
+    for (t, features) in [("ext2", "^filetype"), ("ext4", "large_dir")] {
+        let img = mkext(tmp.path(), &src, t, 64, Some(features));
+        let mut fs = open_whole(&img);
+        check(
+            fs.as_mut(),
+            &src,
+            Tree::Ext,
+            &format!("TEST{}", t.to_uppercase()),
+        );
+    }
+}
+
 /// The own reader (forced) agrees with the source on volumes ext4-view also reads:
 /// ext4 extents, ext3/ext2 block maps.
 #[test]
