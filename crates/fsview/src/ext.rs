@@ -1,5 +1,11 @@
-//! ext2/3/4, read-only, through the `ext4-view` crate (extents, block maps, inline
-//! data, htree directories, journal replay in memory; it never writes).
+//! ext2/3/4, read-only. Most volumes go through the `ext4-view` crate (extents, block
+//! maps, htree directories, journal replay in memory; it never writes). ext4-view 1.0
+//! refuses a file system with `inline_data` (small files and folders stored inside their
+//! inode), `large_dir`, `meta_bg`, `ea_inode`, `dirdata` or `mmp`, or without
+//! `filetype`: [`open`] sends those to our own reader, [`crate::ext_own`], which reads
+//! inline data (in `i_block` and the in-inode `system.data` attribute), extents, block
+//! maps and linear directories, but does not replay the journal (it refuses a journal
+//! that holds transactions). Both share the name and entry helpers below.
 //!
 //! Limits of ext4-view 1.0 this file works around:
 //! - `Ext4` is built on `Rc`/`RefCell`, so it is not `Send`; [`ExtFs`] owns the only
@@ -10,6 +16,8 @@
 //!   set, so it cannot collide with an inode number (those are `u32`).
 //! - Names are bytes; lists decode them lossily. A path component holding U+FFFD is
 //!   matched against the lossy names of its directory, so listed names can be opened.
+//! - It reads `s_blocks_count_hi` even without the 64bit feature; such a volume (with a
+//!   stray value there) goes to the own reader too.
 
 use crate::fs::{Entry, EntryKind, FileSystem};
 use crate::probe::FsKind;
@@ -20,10 +28,13 @@ use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// Bytes per read when streaming a file: bounded memory whatever the file size.
-const READ_CHUNK: usize = 1 << 20;
+pub(crate) const READ_CHUNK: usize = 1 << 20;
+
+/// Longest symlink target read (the format keeps one in a block, at most 64 KiB).
+pub(crate) const MAX_LINK: u64 = 64 << 10;
 
 /// Root directory inode (fixed by the format).
-const ROOT_INODE: u64 = 2;
+pub(crate) const ROOT_INODE: u64 = 2;
 
 /// `Ext4Read` over a volume (a clone: clones share the cache).
 struct Reader(Volume);
@@ -61,6 +72,16 @@ const _: fn() = || {
 
 pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
     check_size(&volume)?;
+    let mut sb = [0u8; 1024];
+    volume.read_at(&mut sb, 1024)?;
+    let incompat = crate::le32(&sb, 0x60);
+    // ext4-view reads `s_blocks_count_hi` even without the 64bit feature (where it
+    // means nothing and the kernel ignores it): a stray value there would make it size
+    // its group table by billions of groups. The own reader ignores it, as the kernel.
+    let stray_hi = incompat & 0x80 == 0 && crate::le32(&sb, 0x150) != 0;
+    if crate::ext_own::wants(incompat) || stray_hi {
+        return crate::ext_own::open(volume, kind);
+    }
     let fs = guard(|| Ext4::load(Box::new(Reader(volume))).map_err(|e| map_err(e, "/")))?;
     let label = fs.label().display().to_string().trim().to_string();
     Ok(Box::new(ExtFs {
@@ -73,7 +94,7 @@ pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
 /// Refuses a file system larger than its volume (a truncated image or a partition
 /// clipped at the disk end): ext4-view would only fail later, on the first read past
 /// the end, after listing whatever happened to lie before it.
-fn check_size(volume: &Volume) -> Result<()> {
+pub(crate) fn check_size(volume: &Volume) -> Result<()> {
     let mut sb = [0u8; 1024];
     volume.read_at(&mut sb, 1024)?;
     let log = crate::le32(&sb, 0x18);
@@ -172,21 +193,53 @@ fn inode_from_debug(debug: &str) -> Option<u64> {
     digits.parse().ok().filter(|n| *n != 0)
 }
 
-fn entry(name: String, m: &Metadata, id: u64) -> Entry {
-    let kind = kind_of(m);
-    Entry {
+fn entry(name: &[u8], m: &Metadata, id: u64) -> Entry {
+    ext_entry(
         name,
+        kind_of(m),
+        m.len(),
+        m.modified().seconds(),
+        m.modified().nanoseconds(),
+        u32::from(m.mode()),
+        id,
+    )
+}
+
+/// An ext entry: `name` decoded lossily (U+FFFD for what is not UTF-8), the permission
+/// bits of `mode`, the size only for files and links.
+pub(crate) fn ext_entry(
+    name: &[u8],
+    kind: EntryKind,
+    len: u64,
+    secs: i64,
+    nanos: u32,
+    mode: u32,
+    id: u64,
+) -> Entry {
+    Entry {
+        name: String::from_utf8_lossy(name).into_owned(),
         kind,
         // The trait's size is content (files) or target length (links); a directory's
         // block count means nothing to a caller.
         size: match kind {
-            EntryKind::File | EntryKind::Symlink => m.len(),
+            EntryKind::File | EntryKind::Symlink => len,
             EntryKind::Dir | EntryKind::Other => 0,
         },
-        mtime: Some(m.modified().seconds()),
-        mtime_nanos: m.modified().nanoseconds(),
-        mode: Some(u32::from(m.mode()) & 0o7777),
+        mtime: Some(secs),
+        mtime_nanos: nanos,
+        mode: Some(mode & 0o7777),
         id,
+    }
+}
+
+/// Whether the raw name `raw` is what the path component `c` asks for: the same bytes,
+/// or, when `c` holds U+FFFD (a listed name that was not UTF-8), the same lossy
+/// decoding.
+pub(crate) fn name_matches(raw: &[u8], c: &str) -> bool {
+    if c.contains('\u{FFFD}') {
+        String::from_utf8_lossy(raw) == c
+    } else {
+        raw == c.as_bytes()
     }
 }
 
@@ -220,7 +273,7 @@ impl ExtFs {
         for e in rd {
             let e = e.map_err(|e| map_err(e, path))?;
             let raw = e.file_name().as_ref().to_vec();
-            if String::from_utf8_lossy(&raw) == lossy {
+            if name_matches(&raw, lossy) {
                 return Ok(raw);
             }
         }
@@ -276,7 +329,7 @@ impl FileSystem for ExtFs {
                 let m = e.metadata().map_err(|e| map_err(e, path))?;
                 let child = e.path();
                 let id = self.id_of(child.as_ref(), &m, path)?;
-                out.push(entry(String::from_utf8_lossy(name).into_owned(), &m, id));
+                out.push(entry(name, &m, id));
             }
             Ok(out)
         })
@@ -290,8 +343,8 @@ impl FileSystem for ExtFs {
                 .symlink_metadata(ext_path(&raw, path)?)
                 .map_err(|e| map_err(e, path))?;
             let name = match raw.iter().rposition(|b| *b == b'/') {
-                Some(i) => String::from_utf8_lossy(&raw[i + 1..]).into_owned(),
-                None => String::new(),
+                Some(i) => &raw[i + 1..],
+                None => &[][..],
             };
             let id = self.id_of(&raw, &m, path)?;
             Ok(entry(name, &m, id))
@@ -301,10 +354,18 @@ impl FileSystem for ExtFs {
     fn read_link(&mut self, path: &str) -> Result<String> {
         guard(|| {
             let raw = self.resolve(path)?;
-            let target = self
-                .fs
-                .read_link(ext_path(&raw, path)?)
-                .map_err(|e| map_err(e, path))?;
+            let p = ext_path(&raw, path)?;
+            // ext4-view allocates the link's size before reading it: refuse a size no
+            // link target has (a fuzzer found a damaged inode claiming a terabyte).
+            let m = self.fs.symlink_metadata(p).map_err(|e| map_err(e, path))?;
+            if m.is_symlink() && m.len() > MAX_LINK {
+                return Err(Error::corrupt(
+                    "ext4 symlink",
+                    0,
+                    format!("{path}: a target of {} bytes", m.len()),
+                ));
+            }
+            let target = self.fs.read_link(p).map_err(|e| map_err(e, path))?;
             Ok(String::from_utf8_lossy(target.as_ref()).into_owned())
         })
     }

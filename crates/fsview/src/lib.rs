@@ -16,6 +16,7 @@
 //! or beyond the end of the disk is [`Error::Corrupt`], naming the entry.
 
 mod ext;
+mod ext_own;
 mod extract;
 mod fat;
 mod fs;
@@ -27,6 +28,8 @@ mod special;
 mod table;
 mod volume;
 
+#[doc(hidden)]
+pub use ext_own::open_own as open_ext_own;
 pub use extract::{MAX_DEPTH, Report, extract, safe_name};
 pub use fs::{Entry, EntryKind, FileSystem, components, open};
 pub use probe::{FsKind, identify, probe};

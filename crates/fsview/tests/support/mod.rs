@@ -93,8 +93,7 @@ pub fn blank(path: &Path, size: u64) {
 }
 
 /// `mke2fs -t KIND` over a new `size_mib` image filled from `src` (`-d`), 4 KiB blocks,
-/// 256-byte inodes, label `label`, extra `-O features`. (Not `inline_data`: ext4-view
-/// 1.0 refuses it.)
+/// 256-byte inodes, label `label`, extra `-O features`.
 pub fn mke2fs(
     img: &Path,
     kind: &str,
@@ -103,10 +102,25 @@ pub fn mke2fs(
     src: &Path,
     features: Option<&str>,
 ) {
+    mke2fs_sized(img, kind, size_mib, label, src, features, 4096, 256);
+}
+
+/// [`mke2fs`] with the block and inode sizes given (`inline_data` keeps more bytes in
+/// larger inodes).
+#[allow(clippy::too_many_arguments)]
+pub fn mke2fs_sized(
+    img: &Path,
+    kind: &str,
+    size_mib: u64,
+    label: &str,
+    src: &Path,
+    features: Option<&str>,
+    block_size: u32,
+    inode_size: u32,
+) {
     blank(img, size_mib * MIB);
-    let mut args = vec![
-        "-q", "-F", "-t", kind, "-b", "4096", "-I", "256", "-L", label,
-    ];
+    let (b, i) = (block_size.to_string(), inode_size.to_string());
+    let mut args = vec!["-q", "-F", "-t", kind, "-b", &b, "-I", &i, "-L", label];
     if let Some(f) = features {
         args.extend(["-O", f]);
     }
