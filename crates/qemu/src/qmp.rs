@@ -192,6 +192,26 @@ impl Qmp {
         self.version
     }
 
+    /// The pid of the QEMU process serving this monitor (`SO_PEERCRED`), e.g. to wait
+    /// for it to exit after `quit` or to read how it was started from `/proc`.
+    pub fn peer_pid(&self) -> Result<u32> {
+        self.conn.peer_pid().map_err(|source| Error::Io {
+            what: format!("{}: SO_PEERCRED", self.conn.label()),
+            source,
+        })
+    }
+
+    /// `quit`: QEMU flushes and closes its images and exits. Its reply may be lost
+    /// when QEMU closes the socket first, so a broken connection afterwards is not a
+    /// failure: callers wait for the process to exit instead.
+    pub fn quit(&mut self) -> Result<()> {
+        match self.execute("quit", Value::Null) {
+            Ok(_) => Ok(()),
+            Err(Error::Io { .. } | Error::Broken(_) | Error::Protocol(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sets the per-command timeout of [`Qmp::execute`] and the typed helpers.
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
