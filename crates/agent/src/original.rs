@@ -46,7 +46,8 @@ pub fn recover(
     let files = inst.disk_files()?;
     let targets = match_disks(&m.disks, &files, vm, &m.id)?;
     // Checked before anything is written; checked again right before stopping.
-    if inst.running()? && !stop_vm {
+    let was_running = inst.running()?;
+    if was_running && !stop_vm {
         return Err(Error::Invalid(format!(
             "VM {vm} is running; add --stop-vm to stop it for the recovery"
         )));
@@ -72,6 +73,10 @@ pub fn recover(
         "{} restored disk(s) written beside the originals",
         copies.len()
     ));
+    // The note's progress reply may carry a cancel: the last moment to honour it.
+    if fetch.cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled("the recovery was cancelled".into()));
+    }
 
     // The restored files will not hold the old change tracking (QEMU keeps its
     // bitmaps in the qcow2 being replaced). Forgotten before stopping, so a failure
@@ -137,6 +142,10 @@ pub fn recover(
         } else {
             note(&format!("VM {vm} left stopped (no --start)"));
         }
+    } else if was_running {
+        note(&format!(
+            "VM {vm} had stopped by itself before its disks were replaced; it was not started"
+        ));
     }
     Ok(replaced)
 }

@@ -506,12 +506,15 @@ fn recovery_job(
                         message: Some(msg.to_string()),
                     };
                     let path = format!("{prefix}/progress");
-                    if let Err(e) = retry(
+                    match retry(
                         RETRY_BUDGET,
                         || false,
                         || shared.client.post::<_, ProgressReply>(&path, &p),
                     ) {
-                        log(format_args!("{label}: reporting {msg:?}: {e}"));
+                        // Honoured where the flow still can (before the VM stops).
+                        Ok(r) if r.cancel => cancel.store(true, Ordering::Relaxed),
+                        Ok(_) => {}
+                        Err(e) => log(format_args!("{label}: reporting {msg:?}: {e}")),
                     }
                 };
                 crate::original::recover(&fetch, plan, &job.vm, inst, &mut progress, &mut note)

@@ -800,8 +800,43 @@ fn recovery_over_a_running_vm_stops_replaces_and_starts_it_again() {
     assert!(err.contains("is a running QEMU VM; add --stop-vm"), "{err}");
     vm.qmp().status().unwrap();
 
-    // (ii) --stop-vm --start: the disk holds the point, QEMU runs again.
+    // Cancelled while the copies are written: the VM runs on, untouched, and no
+    // temporary copy is left.
     let old_pid = vm.qmp().peer_pid().unwrap();
+    let out = c.cli_ok(&[
+        "recover",
+        &name,
+        "--original",
+        "--stop-vm",
+        "--start",
+        "--point",
+        &rp0,
+        "--throttle",
+        "256",
+        "--json",
+    ]);
+    let j: JobInfo = serde_json::from_str(&out).unwrap();
+    // 3 MiB at 256 KiB/s take 12 s; the copy reports its first bytes only after a
+    // 2 MiB piece, so the cancel goes out a moment after the job started.
+    wait_until("the job to start", Duration::from_secs(30), || {
+        c.job(j.id).state == JobState::Running
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    c.cli_ok(&["jobs", "cancel", &j.id.to_string()]);
+    let done = c.wait_job(j.id);
+    assert_eq!(done.state, JobState::Cancelled, "{:?}", done.error);
+    assert!(!log_has(&done, "stopped"), "{:?}", done.log);
+    assert!(vm.qmp().status().unwrap().running);
+    assert_eq!(vm.qmp().peer_pid().unwrap(), old_pid);
+    // QEMU's qcow2 metadata cache reaches the file on a flush.
+    vm.qmp().hmp("qemu-io drive0 \"flush\"").unwrap();
+    assert!(
+        image_equals(&vm, &vm.model.clone()),
+        "the disk is untouched"
+    );
+    no_temp_files(&vm.dir);
+
+    // (ii) --stop-vm --start: the disk holds the point, QEMU runs again.
     let out = c.cli_ok(&[
         "recover",
         &name,

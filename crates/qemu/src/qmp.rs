@@ -977,6 +977,26 @@ mod tests {
     }
 
     #[test]
+    fn peer_pid_is_the_peer_and_a_silent_quit_times_out() {
+        // The peer never answers quit (QEMU answers or closes the socket: both fine).
+        let (mut q, peer) = scripted(GREETING, |req| {
+            let id = id_of(req);
+            if req["execute"] == "quit" {
+                vec![]
+            } else {
+                vec![format!("{{\"return\": {{}}, \"id\": {id}}}\r\n")]
+            }
+        });
+        // A socketpair made in this process: the peer is this process.
+        assert_eq!(q.peer_pid().unwrap(), std::process::id());
+        q.set_timeout(Duration::from_millis(200));
+        // No reply within the timeout: that is a failure, not a quit.
+        assert!(q.quit().is_err());
+        drop(q);
+        peer.join().unwrap();
+    }
+
+    #[test]
     fn a_repeated_greeting_is_skipped() {
         // QEMU sent its greeting twice to an early client (seen in CI under load).
         let twice: &'static str = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}}, \"capabilities\": []}}\r\n{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}}, \"capabilities\": []}}\r\n";
