@@ -791,6 +791,8 @@ fn recovery_over_a_running_vm_stops_replaces_and_starts_it_again() {
     let at_rp0 = vm.model.clone();
     wait_released(&mut vm);
     vm.write_blocks(&[1, 40, 100], 0x31);
+    // QEMU's qcow2 metadata cache reaches the file on a flush.
+    vm.qmp().hmp("qemu-io drive0 \"flush\"").unwrap();
     assert!(!image_equals(&vm, &at_rp0));
 
     // (i) Without --stop-vm: refused, nothing queued, the VM untouched.
@@ -828,7 +830,6 @@ fn recovery_over_a_running_vm_stops_replaces_and_starts_it_again() {
     assert!(!log_has(&done, "stopped"), "{:?}", done.log);
     assert!(vm.qmp().status().unwrap().running);
     assert_eq!(vm.qmp().peer_pid().unwrap(), old_pid);
-    // QEMU's qcow2 metadata cache reaches the file on a flush.
     vm.qmp().hmp("qemu-io drive0 \"flush\"").unwrap();
     assert!(
         image_equals(&vm, &vm.model.clone()),
