@@ -29,6 +29,9 @@ struct Vm {
     child: Option<Child>,
     /// A QEMU that is not the test's child (the agent started it again).
     adopted: Option<u32>,
+    /// The agent may have started QEMU again: on drop, whatever QEMU answers on the
+    /// test's socket is killed too (a failed test must not leave one running).
+    agent_restarts: bool,
     /// QEMU runs in `dir` and names its image relative to it.
     relative: bool,
     qmp: Option<Qmp>,
@@ -41,7 +44,14 @@ impl Drop for Vm {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let Some(pid) = self.adopted {
+        self.qmp = None;
+        let test_sock = self.dir.join(format!("{}.test.qmp", self.name));
+        let restarted = self
+            .agent_restarts
+            .then(|| Qmp::connect(&test_sock, Duration::from_millis(300)).ok())
+            .flatten()
+            .and_then(|q| q.peer_pid().ok());
+        for pid in self.adopted.iter().chain(restarted.iter()) {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
     }
@@ -82,6 +92,7 @@ impl Vm {
             img,
             child: None,
             adopted: None,
+            agent_restarts: false,
             relative: false,
             qmp: None,
             model,
@@ -783,6 +794,7 @@ fn recovery_over_a_running_vm_stops_replaces_and_starts_it_again() {
     );
     vm.quit();
     vm.relative = true;
+    vm.agent_restarts = true;
     vm.start();
     protect(&mut c, &vm, &[]);
     let name = format!("kvm01/{}", vm.name);
