@@ -23,6 +23,7 @@
 //! the agent's loop (enroll, inventory, long-poll, run jobs, report progress).
 
 pub mod files;
+pub mod original;
 pub mod provider;
 pub mod qemu;
 mod readahead;

@@ -26,8 +26,25 @@ pub trait Provider: Send + Sync {
         base: Option<&Manifest>,
     ) -> Result<Box<dyn Snapshot>>;
 
+    /// The VM's original instance, for a recovery over it ([`crate::original`]): its
+    /// disk files, and how to stop and start it. The default serves VMs at rest
+    /// through [`Provider::disk_files`]; a provider of running VMs overrides it.
+    fn instance(&self, vm: &str) -> Result<Box<dyn Instance + '_>> {
+        let files = self.disk_files(vm)?;
+        Ok(Box::new(AtRest(
+            files
+                .into_iter()
+                .map(|(name, path)| OriginalDisk {
+                    name,
+                    path,
+                    format: None,
+                })
+                .collect(),
+        )))
+    }
+
     /// The files of a VM's disks (`(disk name, path)`, recovery-point order), for a
-    /// recovery over the original instance. Only VMs at rest can be written in place.
+    /// recovery over the original instance of a VM at rest.
     fn disk_files(&self, vm: &str) -> Result<Vec<(String, std::path::PathBuf)>> {
         let kind = match self.name() {
             "qemu" => "running QEMU",
@@ -59,4 +76,55 @@ pub trait Snapshot: Send {
     /// Releases the view. `ok` false = the backup failed or was cancelled: a tracking
     /// provider then merges its change map back, so the next backup loses nothing.
     fn release(self: Box<Self>, ok: bool) -> Result<()>;
+}
+
+/// One disk file of a VM's original instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginalDisk {
+    /// The disk's name, as recovery points record it.
+    pub name: String,
+    /// The image file (absolute).
+    pub path: std::path::PathBuf,
+    /// The format the hypervisor opens it as, when it says (`qcow2`, `raw`): a
+    /// recovery point of another format cannot go there.
+    pub format: Option<String>,
+}
+
+/// A VM's original instance during a recovery over it (see [`crate::original`]).
+pub trait Instance {
+    /// The VM's disk files, in recovery-point order.
+    fn disk_files(&mut self) -> Result<Vec<OriginalDisk>>;
+
+    /// Whether the VM runs now, holding its disk files open: it must be stopped
+    /// before they are replaced.
+    fn running(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Stops the VM and waits (bounded) until it has released its disk files,
+    /// keeping what [`Instance::start`] needs. Returns how, for the job log.
+    fn stop(&mut self) -> Result<String> {
+        Err(crate::Error::Invalid("this VM cannot be stopped".into()))
+    }
+
+    /// The disk files are about to be replaced: forget whatever described the old
+    /// ones (change tracking), so the next backup reads everything.
+    fn forget_tracking(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Starts the VM again as it was started, and waits (bounded) until it answers.
+    /// Returns what happened, for the job log.
+    fn start(&mut self) -> Result<String> {
+        Err(crate::Error::Invalid("this VM cannot be started".into()))
+    }
+}
+
+/// A VM at rest: its files are written in place; there is nothing to stop or start.
+struct AtRest(Vec<OriginalDisk>);
+
+impl Instance for AtRest {
+    fn disk_files(&mut self) -> Result<Vec<OriginalDisk>> {
+        Ok(self.0.clone())
+    }
 }

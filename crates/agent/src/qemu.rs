@@ -34,7 +34,9 @@
 //! agent is undone the same way on the next start (its record is written before the
 //! transaction).
 
-use crate::provider::{Provider, Snapshot};
+mod original;
+
+use crate::provider::{Instance, Provider, Snapshot};
 use crate::readahead::{self, ReadAhead};
 use crate::{Error, Result};
 use datastore::DiskInput;
@@ -660,6 +662,16 @@ impl Provider for QemuProvider {
         base: Option<&Manifest>,
     ) -> Result<Box<dyn Snapshot>> {
         Inner::snapshot(&self.inner, vm, kind, base)
+    }
+
+    fn instance(&self, vm: &str) -> Result<Box<dyn Instance + '_>> {
+        if !self.inner.qmp_path(vm).exists() {
+            return Err(Error::VmMissing(vm.to_string()));
+        }
+        Ok(Box::new(original::QemuInstance::new(
+            self.inner.clone(),
+            vm,
+        )))
     }
 }
 

@@ -499,45 +499,28 @@ fn timestamp(unix: i64) -> String {
     }
 }
 
-/// Runs a recovery: writes the plan's disks where its target says. `original` holds
-/// the VM's current disk files (`(name, path)`) for [`RecoveryTarget::Original`].
+/// Runs a recovery into new files: the plan's disks (or a volume, or items) where its
+/// target says ([`RecoveryTarget::Original`] is [`crate::original`]'s).
 /// `progress(done, total)` follows the bytes of virtual disk written. Returns the files
 /// written.
 pub fn recover(
     fetch: &Fetch,
     plan: &RecoveryPlan,
     vm: &str,
-    original: Option<Vec<(String, PathBuf)>>,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Recovered> {
     let m = &plan.manifest;
     let fmt_of = |rec: &DiskRecord| -> Format { rec.format.parse().unwrap_or(Format::Raw) };
     let mut outputs = Vec::new();
-    let mut dir_guard = None;
+    let dir_guard;
     // Description files written next to the disks once they are complete.
     let mut descriptions: Vec<(PathBuf, String)> = Vec::new();
     match &plan.target {
         RecoveryTarget::Original { .. } => {
-            let files = original.ok_or_else(|| {
-                Error::Invalid("no disk files of the original VM were found".into())
-            })?;
-            for (i, rec) in m.disks.iter().enumerate() {
-                let path = files
-                    .iter()
-                    .find(|(n, _)| n == &rec.name)
-                    .map(|(_, p)| p.clone())
-                    .ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "disk {i} ({}) of recovery point {} is no longer a disk of VM {vm}; recover with --alternate",
-                            rec.name, m.id
-                        ))
-                    })?;
-                outputs.push(Output {
-                    disk: i,
-                    path,
-                    format: fmt_of(rec),
-                });
-            }
+            // Over the original instance: crate::original (stop, swap in, start).
+            return Err(Error::Invalid(
+                "a recovery over the original instance runs through crate::original".into(),
+            ));
         }
         RecoveryTarget::Alternate { dir, format, .. } => {
             let folder = Path::new(dir).join(safe_name(vm, "vm"));

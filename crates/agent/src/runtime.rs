@@ -451,11 +451,15 @@ fn recovery_job(
             Keys::from_master(&key).map_err(Error::Backup)?
         }
     };
-    let original = match plan.target {
-        protocol::RecoveryTarget::Original { .. } => {
-            Some(shared.provider_for(&job.vm)?.disk_files(&job.vm)?)
-        }
+    // Over the original instance: the provider's hook (disk files, stop, start) and
+    // the flow in crate::original; every other target writes new files (recover.rs).
+    let provider = match plan.target {
+        protocol::RecoveryTarget::Original { .. } => Some(shared.provider_for(&job.vm)?),
         _ => None,
+    };
+    let mut instance = match &provider {
+        Some(p) => Some(p.instance(&job.vm)?),
+        None => None,
     };
     let fetch = crate::recover::Fetch {
         transport: shared.transport.clone(),
@@ -479,7 +483,7 @@ fn recovery_job(
                 shared, prefix, label, &counters, &sent, &finished, cancel, &lost,
             )
         });
-        let r = crate::recover::recover(&fetch, plan, &job.vm, original, &|done, total| {
+        let progress = |done, total| {
             counters.done.store(done, Ordering::Relaxed);
             counters.total.store(total, Ordering::Relaxed);
             counters
@@ -488,7 +492,46 @@ fn recovery_job(
             if shared.stop.load(Ordering::Relaxed) {
                 cancel.store(true, Ordering::Relaxed);
             }
-        });
+        };
+        let r = match instance.as_deref_mut() {
+            Some(inst) => {
+                // Job-log lines travel as progress messages.
+                let mut note = |msg: &str| {
+                    log(format_args!("{label}: {msg}"));
+                    let p = Progress {
+                        bytes_done: counters.done.load(Ordering::Relaxed),
+                        bytes_total: counters.total.load(Ordering::Relaxed),
+                        bytes_read: fetch.fetched.load(Ordering::Relaxed),
+                        bytes_sent: 0,
+                        message: Some(msg.to_string()),
+                    };
+                    let path = format!("{prefix}/progress");
+                    match retry(
+                        RETRY_BUDGET,
+                        || false,
+                        || shared.client.post::<_, ProgressReply>(&path, &p),
+                    ) {
+                        // Honoured where the flow still can (before the VM stops).
+                        Ok(r) if r.cancel => cancel.store(true, Ordering::Relaxed),
+                        Ok(_) => {}
+                        Err(e) => log(format_args!("{label}: reporting {msg:?}: {e}")),
+                    }
+                };
+                crate::original::recover(
+                    &fetch,
+                    plan,
+                    &job.vm,
+                    inst,
+                    &mut |d, t| progress(d, t),
+                    &mut note,
+                )
+                .map(|files| crate::recover::Recovered {
+                    files,
+                    notes: Vec::new(),
+                })
+            }
+            None => crate::recover::recover(&fetch, plan, &job.vm, &progress),
+        };
         finished.store(true, Ordering::Relaxed);
         r
     });

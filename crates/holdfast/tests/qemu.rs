@@ -27,6 +27,13 @@ struct Vm {
     sockets: PathBuf,
     img: PathBuf,
     child: Option<Child>,
+    /// A QEMU that is not the test's child (the agent started it again).
+    adopted: Option<u32>,
+    /// The agent may have started QEMU again: on drop, whatever QEMU answers on the
+    /// test's socket is killed too (a failed test must not leave one running).
+    agent_restarts: bool,
+    /// QEMU runs in `dir` and names its image relative to it.
+    relative: bool,
     qmp: Option<Qmp>,
     model: Vec<u8>,
 }
@@ -36,6 +43,16 @@ impl Drop for Vm {
         if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        self.qmp = None;
+        let test_sock = self.dir.join(format!("{}.test.qmp", self.name));
+        let restarted = self
+            .agent_restarts
+            .then(|| Qmp::connect(&test_sock, Duration::from_millis(300)).ok())
+            .flatten()
+            .and_then(|q| q.peer_pid().ok());
+        for pid in self.adopted.iter().chain(restarted.iter()) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
     }
 }
@@ -74,6 +91,9 @@ impl Vm {
             sockets: sockets.to_path_buf(),
             img,
             child: None,
+            adopted: None,
+            agent_restarts: false,
+            relative: false,
             qmp: None,
             model,
         };
@@ -91,7 +111,13 @@ impl Vm {
             let _ = std::fs::remove_file(p);
         }
         let log = std::fs::File::create(self.dir.join(format!("{}.log", self.name))).unwrap();
+        let img = if self.relative {
+            self.img.file_name().unwrap().to_str().unwrap()
+        } else {
+            s(&self.img)
+        };
         let child = Command::new("qemu-system-x86_64")
+            .current_dir(&self.dir)
             .args([
                 "-nodefaults",
                 "-display",
@@ -115,8 +141,7 @@ impl Vm {
             .arg("-drive")
             .arg(format!(
                 "if=none,id=drive0,node-name=disk0,driver={},file.driver=file,file.filename={}",
-                self.fmt,
-                s(&self.img)
+                self.fmt, img
             ))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -714,4 +739,194 @@ fn a_raw_disk_is_tracked_by_a_bitmap_that_lives_with_qemu() {
     let j = backup_now(&c, &vm);
     assert!(log_has(&j, "is missing"), "{:?}", j.log);
     assert_restores_now(&c, &vm, &j);
+}
+
+/// `qemu-img compare` of the VM's image with `want` (raw bytes); `-U` because QEMU may
+/// hold the image open.
+fn image_equals(vm: &Vm, want: &[u8]) -> bool {
+    let raw = vm.dir.join("want.raw");
+    std::fs::write(&raw, want).unwrap();
+    let o = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-U",
+            "-f",
+            "raw",
+            "-F",
+            &vm.fmt,
+            s(&raw),
+            s(&vm.img),
+        ])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    assert!(
+        matches!(o.status.code(), Some(0 | 1)),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.status.code() == Some(0)
+}
+
+/// Whether process `pid` is gone (or a zombie, which holds no files).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(st) => st
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+#[test]
+fn recovery_over_a_running_vm_stops_replaces_and_starts_it_again() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = start_cluster(d.path());
+    // QEMU runs in its folder and opens its image by a relative name: the restart
+    // must happen in the same folder.
+    let mut vm = Vm::create(
+        d.path(),
+        &d.path().join("sockets"),
+        "vm7",
+        8 * MIB,
+        3 * MIB,
+        7,
+    );
+    vm.quit();
+    vm.relative = true;
+    vm.agent_restarts = true;
+    vm.start();
+    protect(&mut c, &vm, &[]);
+    let name = format!("kvm01/{}", vm.name);
+    let j0 = backup_now(&c, &vm);
+    let rp0 = j0.recovery_point.clone().unwrap();
+    let at_rp0 = vm.model.clone();
+    wait_released(&mut vm);
+    vm.write_blocks(&[1, 40, 100], 0x31);
+    // QEMU's qcow2 metadata cache reaches the file on a flush.
+    vm.qmp().hmp("qemu-io drive0 \"flush\"").unwrap();
+    assert!(!image_equals(&vm, &at_rp0));
+
+    // (i) Without --stop-vm: refused, nothing queued, the VM untouched.
+    let o = c.cli(&["recover", &name, "--original", "--point", &rp0]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is a running QEMU VM; add --stop-vm"), "{err}");
+    vm.qmp().status().unwrap();
+
+    // Cancelled while the copies are written: the VM runs on, untouched, and no
+    // temporary copy is left.
+    let old_pid = vm.qmp().peer_pid().unwrap();
+    let out = c.cli_ok(&[
+        "recover",
+        &name,
+        "--original",
+        "--stop-vm",
+        "--start",
+        "--point",
+        &rp0,
+        "--throttle",
+        "256",
+        "--json",
+    ]);
+    let j: JobInfo = serde_json::from_str(&out).unwrap();
+    // 3 MiB at 256 KiB/s take 12 s; the copy reports its first bytes only after a
+    // 2 MiB piece, so the cancel goes out a moment after the job started.
+    wait_until("the job to start", Duration::from_secs(30), || {
+        c.job(j.id).state == JobState::Running
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    c.cli_ok(&["jobs", "cancel", &j.id.to_string()]);
+    let done = c.wait_job(j.id);
+    assert_eq!(done.state, JobState::Cancelled, "{:?}", done.error);
+    assert!(!log_has(&done, "stopped"), "{:?}", done.log);
+    assert!(vm.qmp().status().unwrap().running);
+    assert_eq!(vm.qmp().peer_pid().unwrap(), old_pid);
+    vm.qmp().hmp("qemu-io drive0 \"flush\"").unwrap();
+    assert!(
+        image_equals(&vm, &vm.model.clone()),
+        "the disk is untouched"
+    );
+    no_temp_files(&vm.dir);
+
+    // (ii) --stop-vm --start: the disk holds the point, QEMU runs again.
+    let out = c.cli_ok(&[
+        "recover",
+        &name,
+        "--original",
+        "--stop-vm",
+        "--start",
+        "--point",
+        &rp0,
+        "--wait",
+        "--json",
+    ]);
+    let j: JobInfo = serde_json::from_str(&out).unwrap();
+    assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
+    let j = c.job(j.id);
+    for needle in [
+        "stopped (QMP quit",
+        "disk file(s) replaced",
+        "started again",
+    ] {
+        assert!(log_has(&j, needle), "{needle}: {:?}", j.log);
+    }
+    // The test's QEMU exited; the agent's runs in its place, with the same sockets.
+    vm.qmp = None;
+    let st = vm.child.take().unwrap().wait().unwrap();
+    assert!(st.success(), "QEMU quit cleanly: {st}");
+    let test_sock = vm.dir.join(format!("{}.test.qmp", vm.name));
+    vm.qmp = Some(Qmp::connect(&test_sock, Duration::from_secs(30)).unwrap());
+    let pid = vm.qmp().peer_pid().unwrap();
+    vm.adopted = Some(pid);
+    assert_ne!(pid, old_pid);
+    assert!(vm.qmp().status().unwrap().running);
+    vm.model = at_rp0.clone();
+    assert!(
+        image_equals(&vm, &at_rp0),
+        "the disk holds the recovery point"
+    );
+    no_temp_files(&vm.dir);
+    // The restored qcow2 holds no bitmap of ours: the next backup reads everything,
+    // succeeds and restores byte for byte; the one after is incremental again.
+    assert!(vm.bitmaps().iter().all(|b| !b.name.starts_with("hf-")));
+    vm.write_blocks(&[2, 60], 0x32);
+    let j1 = backup_now(&c, &vm);
+    assert_eq!(j1.kind, JobKind::Sync);
+    assert!(j1.bytes_read > 2 * BLOCK, "a full read: {j1:?}");
+    assert_restores_now(&c, &vm, &j1);
+    wait_released(&mut vm);
+    let dirty = vm.write_blocks(&[5], 0x33);
+    let j2 = backup_now(&c, &vm);
+    assert_eq!(j2.bytes_read, dirty, "change tracking works again");
+    assert_restores_now(&c, &vm, &j2);
+    wait_released(&mut vm);
+
+    // (iii) --stop-vm alone: the disk is restored and the VM stays stopped.
+    let out = c.cli_ok(&[
+        "recover",
+        &name,
+        "--original",
+        "--stop-vm",
+        "--point",
+        &rp0,
+        "--wait",
+        "--json",
+    ]);
+    let j: JobInfo = serde_json::from_str(&out).unwrap();
+    assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
+    assert!(
+        log_has(&c.job(j.id), "left stopped"),
+        "{:?}",
+        c.job(j.id).log
+    );
+    vm.qmp = None;
+    wait_until("QEMU to be gone", Duration::from_secs(10), || gone(pid));
+    vm.adopted = None;
+    assert!(Qmp::connect(&test_sock, Duration::from_millis(300)).is_err());
+    assert!(
+        image_equals(&vm, &at_rp0),
+        "the disk holds the recovery point"
+    );
+    no_temp_files(&vm.dir);
 }

@@ -379,6 +379,19 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         .post::<_, JobInfo>("/recoveries", &bad_format)
         .unwrap_err();
     assert_eq!(status_of(e), Some(400));
+    // start without stop_vm, and start for a VM at rest: 400; the CLI refuses
+    // --start without --stop-vm itself.
+    for (stop_vm, start) in [(false, true), (true, true)] {
+        let e = admin
+            .post::<_, JobInfo>(
+                "/recoveries",
+                &req("hv01/web01", RecoveryTarget::Original { stop_vm, start }),
+            )
+            .unwrap_err();
+        assert_eq!(status_of(e), Some(400), "stop_vm {stop_vm} start {start}");
+    }
+    let o = c.cli(&["recover", "hv01/web01", "--original", "--start"]);
+    assert_eq!(o.status.code(), Some(2));
     let o = c.cli(&[
         "recover",
         "hv01/web01",

@@ -74,6 +74,38 @@ impl LineConn {
         &self.label
     }
 
+    /// The pid of the process at the other end (`SO_PEERCRED`: for a socket QEMU
+    /// listens on, the QEMU process that created it).
+    pub(crate) fn peer_pid(&self) -> io::Result<u32> {
+        use std::os::fd::AsRawFd;
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        // 12 bytes: fits.
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>())
+            .map_err(io::Error::other)?;
+        // SAFETY: `cred` and `len` are valid for writes of the sizes given, and the fd
+        // is owned by `self.stream` for the duration of the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        u32::try_from(cred.pid)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| io::Error::other(format!("no peer process (pid {})", cred.pid)))
+    }
+
     /// Drops every buffered byte (used before a resynchronisation: whatever was
     /// buffered is stale by definition).
     pub(crate) fn discard_buffered(&mut self) {

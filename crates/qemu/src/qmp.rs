@@ -192,6 +192,26 @@ impl Qmp {
         self.version
     }
 
+    /// The pid of the QEMU process serving this monitor (`SO_PEERCRED`), e.g. to wait
+    /// for it to exit after `quit` or to read how it was started from `/proc`.
+    pub fn peer_pid(&self) -> Result<u32> {
+        self.conn.peer_pid().map_err(|source| Error::Io {
+            what: format!("{}: SO_PEERCRED", self.conn.label()),
+            source,
+        })
+    }
+
+    /// `quit`: QEMU flushes and closes its images and exits. Its reply may be lost
+    /// when QEMU closes the socket first, so a broken connection afterwards is not a
+    /// failure: callers wait for the process to exit instead.
+    pub fn quit(&mut self) -> Result<()> {
+        match self.execute("quit", Value::Null) {
+            Ok(_) => Ok(()),
+            Err(Error::Io { .. } | Error::Broken(_) | Error::Protocol(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sets the per-command timeout of [`Qmp::execute`] and the typed helpers.
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
@@ -952,6 +972,26 @@ mod tests {
         // exchanges remain, and the second B has not been read yet.
         assert_eq!(names, ["A", "A"]);
         assert!(q.take_events().is_empty());
+        drop(q);
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn peer_pid_is_the_peer_and_a_silent_quit_times_out() {
+        // The peer never answers quit (QEMU answers or closes the socket: both fine).
+        let (mut q, peer) = scripted(GREETING, |req| {
+            let id = id_of(req);
+            if req["execute"] == "quit" {
+                vec![]
+            } else {
+                vec![format!("{{\"return\": {{}}, \"id\": {id}}}\r\n")]
+            }
+        });
+        // A socketpair made in this process: the peer is this process.
+        assert_eq!(q.peer_pid().unwrap(), std::process::id());
+        q.set_timeout(Duration::from_millis(200));
+        // No reply within the timeout: that is a failure, not a quit.
+        assert!(q.quit().is_err());
         drop(q);
         peer.join().unwrap();
     }

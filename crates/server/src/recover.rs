@@ -152,16 +152,39 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
         (None, None) => return Err(bad("no recovery point")),
     };
     let target_host = match &req.target {
-        RecoveryTarget::Original { .. } => {
-            if ds.provider != "files" {
-                return Err(bad(format!(
-                    "recovery to the original instance of a running {} VM is not supported yet; use --alternate",
-                    if ds.provider == "qemu" {
-                        "QEMU"
-                    } else {
-                        ds.provider.as_str()
-                    }
-                )));
+        RecoveryTarget::Original { stop_vm, start } => {
+            if *start && !*stop_vm {
+                return Err(bad(
+                    "--start needs --stop-vm (start = start the VM again after stopping it)",
+                ));
+            }
+            match ds.provider.as_str() {
+                // At rest: nothing to stop (stop_vm is accepted and means nothing),
+                // and nothing to start.
+                "files" if *start => {
+                    return Err(bad(format!(
+                        "{} is a VM at rest (files provider); there is nothing to start",
+                        ds.name
+                    )));
+                }
+                "files" => {}
+                // The qemu provider sees only live QEMU processes: its disks are in use
+                // until QEMU is stopped, which the admin must ask for.
+                "qemu" if !*stop_vm => {
+                    return Err(ApiErr(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "{} is a running QEMU VM; add --stop-vm to stop it for the recovery",
+                            ds.name
+                        ),
+                    ));
+                }
+                "qemu" => {}
+                other => {
+                    return Err(bad(format!(
+                        "recovery to the original instance of a {other} VM is not supported yet; use --alternate"
+                    )));
+                }
             }
             if !ds.present {
                 return Err(bad(format!(
@@ -269,7 +292,14 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
 
 fn describe(t: &RecoveryTarget) -> String {
     match t {
-        RecoveryTarget::Original { .. } => "over the original disk files".into(),
+        RecoveryTarget::Original { stop_vm, start } => format!(
+            "over the original disk files{}",
+            match (stop_vm, start) {
+                (true, true) => ", stopping the VM and starting it again",
+                (true, false) => ", stopping the VM (left stopped)",
+                _ => "",
+            }
+        ),
         RecoveryTarget::Alternate { dir, format, .. } => format!(
             "as a new VM in {dir}{}",
             format

@@ -717,9 +717,17 @@ pub struct RecoverArgs {
     /// The VM's latest recovery point at or before this UTC time, "YYYY-MM-DD HH:MM".
     #[arg(long)]
     pub at: Option<String>,
-    /// Write over the VM's own disk files (VMs at rest of the `files` provider).
+    /// Write over the VM's own disk files, in place and format, through the agent of
+    /// its host. A running QEMU VM needs --stop-vm.
     #[arg(long)]
     pub original: bool,
+    /// With --original: stop a running VM (QEMU: `quit`) once the restored disks are
+    /// written beside the originals, then swap them in.
+    #[arg(long, requires = "original")]
+    pub stop_vm: bool,
+    /// With --stop-vm: start the VM again afterwards, as it was started.
+    #[arg(long, requires = "stop_vm")]
+    pub start: bool,
     /// HOST:DIR: a new VM folder DIR/<vm>/ with a vm.toml on that host.
     #[arg(long, value_name = "HOST:DIR")]
     pub alternate: Option<String>,
@@ -765,8 +773,8 @@ pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
     }
     let target = if a.original {
         RecoveryTarget::Original {
-            stop_vm: false,
-            start: false,
+            stop_vm: a.stop_vm,
+            start: a.start,
         }
     } else if let Some(x) = &a.alternate {
         let (host, dir) = host_dir(x)?;
