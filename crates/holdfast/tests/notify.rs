@@ -49,12 +49,18 @@ impl Drop for SmtpSink {
 
 impl SmtpSink {
     fn start(dir: &Path) -> SmtpSink {
+        Self::start_with(dir, &[])
+    }
+
+    /// With listener options (`--starttls CERT KEY`, `--auth USER PASSWORD`).
+    fn start_with(dir: &Path, args: &[&str]) -> SmtpSink {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smtp_sink.py");
         let folder = dir.join("mail");
         let log = dir.join("smtp_sink.log");
         let mut child = Command::new("python3")
             .arg(&script)
             .arg(&folder)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -361,4 +367,59 @@ fn alerts_and_jobs_are_emailed_and_posted() {
     let a = c.alerts();
     let a = a.iter().find(|a| a.kind == "disk-missing").unwrap();
     assert!(a.occurrences >= attempts as u64, "{a:?}");
+}
+
+#[test]
+fn mail_goes_over_starttls_with_a_login_to_a_private_ca() {
+    let t = tempfile::tempdir().unwrap();
+    // The relay's certificate comes from a CA of its own, as an internal relay's would.
+    let pki_dir = t.path().join("relay-pki");
+    pki::ServerPki::load_or_create(&pki_dir, &["127.0.0.1".to_string()]).unwrap();
+    let smtp = SmtpSink::start_with(
+        t.path(),
+        &[
+            "--starttls",
+            s(&pki_dir.join("server.pem")),
+            s(&pki_dir.join("server.key")),
+            "--auth",
+            "holdfast",
+            "s3cret pass",
+        ],
+    );
+    let password = t.path().join("smtp.password");
+    std::fs::write(&password, "s3cret pass\n").unwrap();
+    let vms = t.path().join("vms");
+    make_vm(&vms, "web", 8 << 20, 2 << 20, 41);
+    let toml = format!(
+        "{FAST}[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"starttls\"\n\
+         username = \"holdfast\"\npassword_file = \"{}\"\nca_file = \"{}\"\n\
+         from = \"holdfast@example.net\"\ntimeout_seconds = 10\n",
+        smtp.port,
+        s(&password),
+        s(&pki_dir.join("ca.pem"))
+    );
+    let mut c = Cluster::start(t.path(), &toml);
+    c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    c.protect_daily("pg", &["hv01/web"]);
+    let out = c.cli_ok(&[
+        "backup-now",
+        "hv01/web",
+        "--notify",
+        "tls@b.c",
+        "--wait",
+        "--json",
+    ]);
+    let job: JobInfo = serde_json::from_str(&out).unwrap();
+    // The listener takes mail only after STARTTLS and AUTH: its arrival is the proof.
+    let m = smtp.wait_for("the e-mail over STARTTLS", |m| {
+        m.rcpt_to.contains("tls@b.c")
+    });
+    assert_eq!(
+        m.subject(),
+        format!("[Holdfast] job {} sync hv01/web succeeded", job.id)
+    );
+    let st: serde_json::Value = c.admin().get("/status").unwrap();
+    assert_eq!(st["notifications_failed"], 0, "{st}");
+    assert!(st["notifications_sent"].as_u64().unwrap() >= 1, "{st}");
 }

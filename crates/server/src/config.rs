@@ -140,6 +140,9 @@ pub struct Smtp {
     /// Sender mailbox, `Name <address>` or `address`.
     pub from: String,
     pub timeout_seconds: u64,
+    /// A certificate authority (PEM) trusted for the mail server's certificate besides
+    /// the system's (an internal relay with a private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for Notify {
@@ -162,6 +165,7 @@ impl Default for Smtp {
             password_file: None,
             from: String::new(),
             timeout_seconds: 30,
+            ca_file: None,
         }
     }
 }
@@ -374,6 +378,9 @@ impl Config {
         if m.password_file.is_some() && m.username.is_none() {
             return Err("smtp.password_file needs smtp.username".into());
         }
+        if m.ca_file.is_some() && m.security == "none" {
+            return Err("smtp.ca_file needs smtp.security starttls or tls".into());
+        }
         Ok(())
     }
 
@@ -440,6 +447,10 @@ mod tests {
         assert!(err("[smtp]\nhost = \"m\"").contains("smtp.from"));
         assert!(err(&format!("{smtp}timeout_seconds = 0")).contains("smtp.timeout_seconds"));
         assert!(err(&format!("{smtp}password_file = \"/p\"")).contains("smtp.password_file"));
+        assert!(
+            err(&format!("{smtp}security = \"none\"\nca_file = \"/ca.pem\""))
+                .contains("smtp.ca_file")
+        );
         let ok: Config = toml::from_str(&format!(
             "[notify]\nemail_to = [\"x@y.z\"]\nwebhooks = [\"http://127.0.0.1:9/h\"]\n{smtp}security = \"none\"\nport = 2525"
         ))

@@ -98,6 +98,11 @@ impl Notifier {
             None => None,
         };
         let smtp = cfg.smtp.enabled();
+        if smtp {
+            // A bad CA file or sender is a configuration error at start, not e-mail
+            // quietly off later.
+            smtp_transport(&cfg.smtp, password.as_deref()).map_err(Error::Invalid)?;
+        }
         let min_severity = parse_severity(&n.min_severity)
             .ok_or_else(|| Error::Invalid(format!("notify.min_severity: {:?}", n.min_severity)))?;
         let counters = Arc::new(Counters::default());
@@ -494,7 +499,35 @@ fn smtp_transport(
         .map_err(|e| format!("smtp.from {:?}: {e}", c.from))?;
     let security = Security::parse(&c.security)
         .ok_or_else(|| format!("smtp.security {:?} is unknown", c.security))?;
-    let tls = || TlsParameters::new(c.host.clone()).map_err(|e| format!("TLS setup: {e}"));
+    let extra_ca = match &c.ca_file {
+        Some(p) => {
+            let pem = std::fs::read(p).map_err(|e| format!("smtp.ca_file {}: {e}", p.display()))?;
+            // lettre accepts a PEM without any certificate: count them here.
+            use rustls::pki_types::pem::PemObject;
+            let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("smtp.ca_file {}: {e}", p.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "smtp.ca_file {}: no PEM certificate in it",
+                    p.display()
+                ));
+            }
+            Some(
+                lettre::transport::smtp::client::Certificate::from_pem(&pem).map_err(|e| {
+                    format!("smtp.ca_file {}: not a PEM certificate: {e}", p.display())
+                })?,
+            )
+        }
+        None => None,
+    };
+    let tls = || {
+        let mut b = TlsParameters::builder(c.host.clone());
+        if let Some(ca) = &extra_ca {
+            b = b.add_root_certificate(ca.clone());
+        }
+        b.build().map_err(|e| format!("TLS setup: {e}"))
+    };
     let tls = match security {
         Security::None => Tls::None,
         Security::StartTls => Tls::Required(tls()?),
@@ -640,6 +673,24 @@ mod tests {
         assert!(b.contains("Error:          damage\n"), "{b}");
         assert!(b.contains("Duration:       9s\n"), "{b}");
         assert!(!b.contains("Recovery point"));
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_a_setup_error() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = d.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let mut c = crate::config::Smtp {
+            host: "mail.example.net".into(),
+            from: "holdfast@example.net".into(),
+            ca_file: Some(ca.clone()),
+            ..Default::default()
+        };
+        let e = smtp_transport(&c, None).unwrap_err();
+        assert!(e.contains("smtp.ca_file") && e.contains("ca.pem"), "{e}");
+        c.ca_file = Some(d.path().join("missing.pem"));
+        let e = smtp_transport(&c, None).unwrap_err();
+        assert!(e.contains("missing.pem"), "{e}");
     }
 
     #[test]
