@@ -55,13 +55,23 @@ impl Drop for Export {
 impl Export {
     /// Starts the export and waits for the URI line on stdout.
     fn start(f: &Fixture, extra: &[&str]) -> Export {
-        let stderr = f
-            .dir
-            .path()
-            .join(format!("export-{}.err", extra.join("_").replace('/', "_")));
+        let mut args = vec!["export-nbd", SOURCE, "-d", s(&f.ds)];
+        args.extend_from_slice(extra);
+        Self::spawn(f.dir.path(), &args)
+    }
+
+    /// `holdfast ARGS` (an export-nbd command line), its stderr kept in `dir`.
+    fn spawn(dir: &Path, args: &[&str]) -> Export {
+        let stderr = dir.join(format!(
+            "export-{}.err",
+            args.join("_")
+                .replace(['/', ':'], "_")
+                .chars()
+                .take(100)
+                .collect::<String>()
+        ));
         let mut child = Command::new(BIN)
-            .args(["export-nbd", SOURCE, "-d", s(&f.ds)])
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -387,4 +397,125 @@ fn errors_name_what_is_wrong() {
     let err = fails(1, &["export-nbd", SOURCE, "-d", ds, "--listen", &listen]);
     assert!(err.contains("exists"), "{err}");
     assert!(sock.exists(), "someone else's file is left alone");
+}
+
+/// Without `-d`: the point is read through the server's API (`.../disks/{n}/data` and
+/// `map`), so a hypervisor host serves it on its own socket.
+#[test]
+fn an_export_through_the_server_reads_like_the_image() {
+    let t = tempfile::tempdir().unwrap();
+    let vm = t.path().join("vms/vm1");
+    std::fs::create_dir_all(&vm).unwrap();
+    let raw = t.path().join("disk.raw");
+    make_disk(&raw, SIZE, 8 * MIB, 77);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&vm.join("disk0.qcow2")),
+    ]);
+    let mut c = common::cluster::Cluster::start(t.path(), common::cluster::FAST);
+    c.agent("hv01", &t.path().join("vms"));
+    c.wait_datasources(1);
+    c.protect_daily("pg", &["hv01/vm1"]);
+    let sd = c.dir.join("server");
+    let sock = t.path().join("nbd.sock");
+    let listen = format!("unix:{}", s(&sock));
+    let server_args = |more: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--server",
+            c.url.as_str(),
+            "--ca-file",
+            s(&sd.join("ca.pem")),
+            "--token-file",
+            s(&sd.join("admin.token")),
+            "export-nbd",
+            "hv01/vm1",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(more.iter().map(|x| x.to_string()));
+        a
+    };
+    let args = server_args(&["--listen", &listen]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut e = Export::spawn(t.path(), &refs);
+    assert_eq!(e.uri, format!("nbd+unix:///?socket={}", s(&sock)));
+    assert!(
+        e.stderr_text().contains("read through the server"),
+        "{}",
+        e.stderr_text()
+    );
+    assert_same(&raw, &e.uri);
+    let info = nbdinfo(&e.uri);
+    assert_eq!(info["export-size"], SIZE, "{info}");
+    // The holes come through the allocation map: qemu-img map sees data exactly in
+    // the source's 64 KiB blocks that are not all zeros (the datastore's blocks).
+    let map = tool("qemu-img", &["map", "--output=json", "-f", "raw", &e.uri]);
+    let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let data: u64 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["data"] == true)
+        .map(|x| x["length"].as_u64().unwrap())
+        .sum();
+    let bytes = std::fs::read(&raw).unwrap();
+    let nonzero = bytes
+        .chunks(64 << 10)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count() as u64;
+    assert_eq!(data, nonzero * (64 << 10), "{map}");
+    assert!(data < SIZE);
+    e.stop(libc::SIGTERM);
+    assert!(!sock.exists());
+
+    // The API refuses what it cannot answer exactly.
+    let admin = c.admin();
+    let points: Vec<protocol::RecoveryPointInfo> = admin
+        .get(&format!("/recovery-points?vm={}", client::seg("hv01/vm1")))
+        .unwrap();
+    let base = format!("/recovery-points/{}/disks/0", client::seg(&points[0].id));
+    let got = admin
+        .get_bytes(&format!("{base}/data?offset={}&length=4096", 5 * MIB))
+        .unwrap();
+    assert!(got == bytes[5 * MIB as usize..5 * MIB as usize + 4096]);
+    for (q, code) in [
+        (format!("{base}/data?offset=0&length=0"), 400),
+        (format!("{base}/data?offset=0&length={}", 4 * MIB + 1), 400),
+        (format!("{base}/data?offset={}&length=2", SIZE - 1), 400),
+        (format!("{base}/map?offset=0&length={}", SIZE + 1), 400),
+        (
+            "/recovery-points/20000101T000000.000000Z-00000000/disks/0/data?offset=0&length=1"
+                .into(),
+            404,
+        ),
+        (
+            format!(
+                "{}/disks/1/data?offset=0&length=1",
+                base.trim_end_matches("/disks/0")
+            ),
+            404,
+        ),
+    ] {
+        let e = admin.get_bytes(&q).unwrap_err();
+        assert_eq!(e.status(), Some(code), "{q}: {e}");
+    }
+
+    // A point or disk that is not there: a clear error, exit 1.
+    for (more, want) in [
+        (&["--point", "nope"][..], "no recovery point \"nope\""),
+        (&["--disk", "3"][..], "there is no disk 3"),
+    ] {
+        let mut a = server_args(more);
+        a.extend(["--listen".to_string(), listen.clone()]);
+        let o = Command::new(BIN).args(&a).output().unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{err}");
+    }
 }

@@ -872,6 +872,15 @@ pub struct IlrEntry {
     pub target: Option<String>,
 }
 
+/// One extent of `GET /recovery-points/{id}/disks/{n}/map`: `zero` ranges read as zeros
+/// without any stored data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskExtent {
+    pub offset: u64,
+    pub length: u64,
+    pub zero: bool,
+}
+
 /// What `GET /recovery-points/{id}/browse` answers: the disk's volumes when no
 /// partition was chosen on a partitioned disk, else the entries at `path` (a file's
 /// own entry when `path` names a file).

@@ -203,6 +203,14 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/recovery-points", get(recovery_points))
         .route("/recovery-points/{id}/browse", get(crate::ilr::browse))
         .route("/recovery-points/{id}/file", get(crate::ilr::file))
+        .route(
+            "/recovery-points/{id}/disks/{n}/data",
+            get(crate::instant::data),
+        )
+        .route(
+            "/recovery-points/{id}/disks/{n}/map",
+            get(crate::instant::map),
+        )
         .route("/recoveries", post(crate::recover::create))
         .route("/jobs", get(jobs_list).post(job_create))
         .route("/jobs/{id}", get(job_show))

@@ -30,11 +30,13 @@ impl From<recovery::Error> for ApiErr {
     }
 }
 
-fn open(
+pub(crate) fn open(
     st: &crate::state::AppState,
     id: &str,
     disk: u32,
 ) -> ApiResult<(datastore::Manifest, std::sync::Arc<dyn vdisk::VirtualDisk>)> {
+    // The catalog knows every point the server holds: an unknown id is a 404.
+    st.cat().recovery_point(id)?;
     let m = st.datastore.point(id).map_err(|e| match e {
         datastore::Error::Missing { .. } => not_found(format!("no recovery point {id}")),
         e => e.into(),
@@ -45,8 +47,50 @@ fn open(
             m.disks.len()
         )));
     }
-    let d = recovery::open_disk(&st.datastore, &m, disk as usize)?;
+    let d = cached_disk(st, &m, disk)?;
     Ok((m, d))
+}
+
+/// Disks kept open, and for how long: long enough for a client's burst of reads, short
+/// enough that a gc's new pack layout is picked up soon.
+const OPEN_DISKS: usize = 8;
+const OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A recovery point's disk kept open (see [`AppState::open_disks`]).
+pub struct OpenDisk {
+    point: String,
+    disk: u32,
+    opened: std::time::Instant,
+    vd: std::sync::Arc<dyn vdisk::VirtualDisk>,
+}
+
+/// Disk `disk` of point `m`, from the cache when it was opened less than a minute ago.
+/// The manifest is read by the caller each time, so a pruned point is gone at once.
+fn cached_disk(
+    st: &crate::state::AppState,
+    m: &datastore::Manifest,
+    disk: u32,
+) -> ApiResult<std::sync::Arc<dyn vdisk::VirtualDisk>> {
+    let lock = || st.open_disks.lock().unwrap_or_else(|p| p.into_inner());
+    {
+        let mut c = lock();
+        c.retain(|o| o.opened.elapsed() < OPEN_FOR);
+        if let Some(o) = c.iter().find(|o| o.point == m.id && o.disk == disk) {
+            return Ok(o.vd.clone());
+        }
+    }
+    let vd = recovery::open_disk(&st.datastore, m, disk as usize)?;
+    let mut c = lock();
+    if c.len() >= OPEN_DISKS {
+        c.remove(0);
+    }
+    c.push(OpenDisk {
+        point: m.id.clone(),
+        disk,
+        opened: std::time::Instant::now(),
+        vd: vd.clone(),
+    });
+    Ok(vd)
 }
 
 /// `GET /recovery-points/{id}/browse?disk=N&partition=P&path=/x`

@@ -9,6 +9,7 @@ pub mod allocation;
 pub mod api;
 pub mod config;
 mod ilr;
+mod instant;
 mod maintenance;
 pub mod notify;
 pub mod recover;

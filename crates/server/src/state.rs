@@ -54,6 +54,9 @@ pub struct AppState {
     pub sessions: Mutex<HashMap<i64, Arc<Ingest>>>,
     /// What each running recovery job may read (built at its first blob request).
     pub recoveries: Mutex<HashMap<i64, Arc<crate::recover::Access>>>,
+    /// Recovery-point disks opened for browsing and block reads, newest last (opening
+    /// one loads the blob index; an NBD client reads thousands of times).
+    pub open_disks: Mutex<Vec<crate::ilr::OpenDisk>>,
     /// When each running agent job was last heard of (watchdog).
     pub heartbeats: Mutex<HashMap<i64, Instant>>,
     /// Wakes agents' long polls when jobs are queued.
@@ -89,6 +92,7 @@ impl AppState {
             admin_token,
             sessions: Mutex::new(HashMap::new()),
             recoveries: Mutex::new(HashMap::new()),
+            open_disks: Mutex::new(Vec::new()),
             heartbeats: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             job_ended: Notify::new(),

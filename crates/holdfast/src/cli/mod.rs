@@ -137,7 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Restore(a) => store::restore(&a),
         Command::Ilr(c) => ilr::run(&cli.server, c),
-        Command::ExportNbd(a) => export::export_nbd(&a),
+        Command::ExportNbd(a) => export::export_nbd(&cli.server, &a),
         Command::Verify(a) => store::verify(&a),
         Command::Prune(a) => store::prune(&a),
         Command::Gc(a) => store::gc(&a),

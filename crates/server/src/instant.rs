@@ -1,0 +1,81 @@
+//! Block access to a recovery point's disk over the API (admin): what `holdfast
+//! export-nbd` without `-d` serves as a local NBD export on any machine, so instant
+//! recovery needs neither the datastore folder nor an unauthenticated NBD port on the
+//! backup server. Reads are decoded and checked here, like every datastore read.
+
+use crate::api::{Admin, ApiResult, St, bad, blocking, json};
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use protocol::DiskExtent;
+use serde::Deserialize;
+
+/// Largest read one request may ask for.
+pub const MAX_READ: u64 = 4 << 20;
+/// Largest range one allocation-map request may ask about.
+pub const MAX_MAP: u64 = 1 << 40;
+
+#[derive(Deserialize)]
+pub struct RangeQuery {
+    offset: u64,
+    length: u64,
+}
+
+fn check(q: &RangeQuery, max: u64, size: u64) -> ApiResult<()> {
+    if q.length == 0 || q.length > max {
+        return Err(bad(format!("length: 1 to {max} bytes, not {}", q.length)));
+    }
+    match q.offset.checked_add(q.length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(bad(format!(
+            "offset {} + length {} passes the disk's end ({size} bytes)",
+            q.offset, q.length
+        ))),
+    }
+}
+
+fn internal(e: vdisk::Error) -> crate::api::ApiErr {
+    crate::api::ApiErr(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// `GET /recovery-points/{id}/disks/{n}/data?offset=O&length=L`: the bytes.
+pub async fn data(
+    State(st): St,
+    _admin: Admin,
+    Path((id, n)): Path<(String, u32)>,
+    Query(q): Query<RangeQuery>,
+) -> ApiResult<Response> {
+    let out = blocking(move || {
+        let (_, d) = crate::ilr::open(&st, &id, n)?;
+        check(&q, MAX_READ, d.virtual_size())?;
+        let mut buf = vec![0u8; q.length as usize];
+        d.read_at(&mut buf, q.offset).map_err(internal)?;
+        Ok(buf)
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+}
+
+/// `GET /recovery-points/{id}/disks/{n}/map?offset=O&length=L`: data and zero extents.
+pub async fn map(
+    State(st): St,
+    _admin: Admin,
+    Path((id, n)): Path<(String, u32)>,
+    Query(q): Query<RangeQuery>,
+) -> ApiResult<Response> {
+    let out = blocking(move || {
+        let (_, d) = crate::ilr::open(&st, &id, n)?;
+        check(&q, MAX_MAP, d.virtual_size())?;
+        let extents = d.map(q.offset, q.length).map_err(internal)?;
+        Ok(extents
+            .into_iter()
+            .map(|e| DiskExtent {
+                offset: e.offset,
+                length: e.length,
+                zero: e.state != vdisk::ExtentState::Data,
+            })
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(json(&out))
+}
