@@ -1,8 +1,28 @@
-# Shared by the benchmarks that run `holdfast server` and `holdfast agent`. Expects
-# HF (the binary), PIDS (an array the caller's cleanup kills) and OUT (results folder).
+# Shared by the benchmarks that run `holdfast server` and `holdfast agent`. Sourced
+# with NAME, SIZE and HERE set; sets ROOT, ANCHORS, OUT (results folder), W (scratch,
+# removed at exit), HF (a copy of the binary), IMG (the shared generator's day-0 image,
+# made when missing) and BYTES, and kills every pid in PIDS at exit.
+
+ROOT=$(cd "$HERE/.." && pwd)
+ANCHORS=$(cd "${ANCHORS:-$ROOT/../shared/bench}" && pwd)
+HF_SRC=${HOLDFAST_BIN:-$ROOT/target/release/holdfast}
+PERF_DIR=${PERF_DIR:-/tmp/perf}
+OUT=$HERE/results/$NAME-$(date -u +%Y%m%dT%H%M%SZ)
+IMG=$PERF_DIR/img/day0-$SIZE-s42.img
+[ -x "$HF_SRC" ] || { echo "$NAME.sh: no binary at $HF_SRC (cargo build --release -p holdfast)" >&2; exit 1; }
+mkdir -p "$OUT" "$PERF_DIR/img"
+W=$(mktemp -d "/tmp/hf-$NAME-bench.XXXXXX")
+cp "$HF_SRC" "$W/holdfast"
+HF=$W/holdfast
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
 
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/bench.log" >&2; }
 now() { date +%s.%N; }
+
+[ -f "$IMG" ] || { say "generating $IMG"; python3 "$ANCHORS/gen_disk.py" gen --size "$SIZE" --seed 42 "$IMG"; }
+BYTES=$(stat -c %s "$IMG")
 
 # start_server DIR TOML -> sets URL, SPID
 start_server() {

@@ -17,25 +17,8 @@ set -euo pipefail
 SIZE=${1:-4G}
 RUNS=${2:-3}
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-ANCHORS=$(cd "${ANCHORS:-$ROOT/../shared/bench}" && pwd)
-HF_SRC=${HOLDFAST_BIN:-$ROOT/target/release/holdfast}
-PERF_DIR=${PERF_DIR:-/tmp/perf}
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-OUT=$HERE/results/recover-$STAMP
-W=$(mktemp -d /tmp/hf-recover-bench.XXXXXX)
-IMG=$PERF_DIR/img/day0-$SIZE-s42.img
-mkdir -p "$OUT" "$PERF_DIR/img"
-[ -x "$HF_SRC" ] || { echo "recover.sh: no binary at $HF_SRC (cargo build --release -p holdfast)" >&2; exit 1; }
-cp "$HF_SRC" "$W/holdfast"
-HF=$W/holdfast
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
+NAME=recover
 . "$HERE/lib.sh"
-
-[ -f "$IMG" ] || { say "generating $IMG"; python3 "$ANCHORS/gen_disk.py" gen --size "$SIZE" --seed 42 "$IMG"; }
-BYTES=$(stat -c %s "$IMG")
 mkdir -p "$W/vms/vm1"
 ln "$IMG" "$W/vms/vm1/disk0.raw" 2>/dev/null || cp --sparse=always "$IMG" "$W/vms/vm1/disk0.raw"
 
@@ -44,7 +27,6 @@ start_agent hv01 "$W/vms" "$W/agent"
 wait_sources 1
 say "backing up $IMG ($BYTES bytes)"
 "$HF" backup-now hv01/vm1 --wait >/dev/null
-DATA=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["allocated_bytes"])' "${IMG%.img}.json" 2>/dev/null || echo "$BYTES")
 
 echo "round,mode,seconds" >"$OUT/recover.csv"
 for r in $(seq 1 "$RUNS"); do

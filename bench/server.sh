@@ -25,25 +25,7 @@ set -euo pipefail
 SIZE=${1:-4G}
 RUNS=${2:-3}
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-ANCHORS=$(cd "${ANCHORS:-$ROOT/../shared/bench}" && pwd)
-HF_SRC=${HOLDFAST_BIN:-$ROOT/target/release/holdfast}
-PERF_DIR=${PERF_DIR:-/tmp/perf}
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-OUT=$HERE/results/server-$STAMP
-W=$(mktemp -d /tmp/hf-server-bench.XXXXXX)
-IMG=$PERF_DIR/img/day0-$SIZE-s42.img
-mkdir -p "$OUT" "$PERF_DIR/img"
-[ -x "$HF_SRC" ] || { echo "server.sh: no binary at $HF_SRC (cargo build --release -p holdfast)" >&2; exit 1; }
-cp "$HF_SRC" "$W/holdfast"
-HF=$W/holdfast
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-
-[ -f "$IMG" ] || { say "generating $IMG"; python3 "$ANCHORS/gen_disk.py" gen --size "$SIZE" --seed 42 "$IMG"; }
-BYTES=$(stat -c %s "$IMG")
-
+NAME=server
 . "$HERE/lib.sh"
 
 # ---------- 1. throughput ----------
