@@ -426,6 +426,25 @@ fn exfat_damaged_copies_are_errors() {
     let mut fs = open_bytes(b).unwrap();
     corrupt(fs.read_file("/a/random.bin", &mut std::io::sink()));
     assert_eq!(read(fs.as_mut(), "/a/b/c/deep.txt"), b"deep ".repeat(1000));
+    // ValidDataLength short of DataLength: the rest reads as zeros, and is not a range.
+    let mut b = clean.clone();
+    let valid = 1_000_000u64;
+    b[random + 32 + 8..random + 32 + 16].copy_from_slice(&valid.to_le_bytes());
+    fix_set_checksum(&mut b, random);
+    let mut fs = open_bytes(b).unwrap();
+    let data = read(fs.as_mut(), "/a/random.bin");
+    let want = std::fs::read(fx.src.join("a/random.bin")).unwrap();
+    assert_eq!(data.len(), want.len());
+    assert!(data[..valid as usize] == want[..valid as usize]);
+    assert!(data[valid as usize..].iter().all(|b| *b == 0));
+    let ranges = fs.data_ranges("/a/random.bin").unwrap().unwrap();
+    assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), valid);
+    // ValidDataLength past DataLength.
+    let mut b = clean.clone();
+    b[random + 32 + 8..random + 32 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+    fix_set_checksum(&mut b, random);
+    let mut fs = open_bytes(b).unwrap();
+    assert!(matches!(fs.list("/a"), Err(Error::Corrupt { .. })));
     // A bad SetChecksum: the folder holding the set cannot be listed.
     let mut b = clean.clone();
     b[random + 2] ^= 0x55;

@@ -4,8 +4,9 @@
 //! standard library, `libc` and `tempfile`, which both test crates have.
 //!
 //! Images are made by the real tools (mke2fs, mkfs.fat + mcopy, mkntfs + the ntfs-3g
-//! FUSE mount, mkfs.exfat + the exfat-fuse mount, sfdisk). A missing tool fails the test with the package to install (see
-//! scripts/install-deps); nothing is skipped.
+//! FUSE mount, mkfs.exfat + the exfat-fuse mount on a loop device, sfdisk). A missing
+//! tool fails the test with the package to install (see scripts/install-deps); nothing
+//! is skipped.
 //!
 //! Each including test uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
