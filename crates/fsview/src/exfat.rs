@@ -25,10 +25,14 @@ use crate::fs::{Entry, EntryKind, FileSystem};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result, le16, le32, le64};
+use std::cell::RefCell;
 use std::io::Write;
+use std::sync::Arc;
 
 /// Directories larger than this are refused (the exFAT limit; a list is held in memory).
 pub(crate) const MAX_DIR_BYTES: u64 = 256 << 20;
+/// File entry sets the folder cache holds at most (beyond one folder's own).
+const CACHE_NODES: usize = 1 << 20;
 /// Bytes of one directory entry.
 const ENTRY: usize = 32;
 /// The cluster chain end mark, and the bad-cluster mark.
@@ -276,6 +280,10 @@ struct ExFat {
     vol: Volume,
     boot: Boot,
     label: Option<String>,
+    /// The folders parsed last (id and sets, oldest first, at most [`CACHE_NODES`] sets
+    /// unless one folder alone has more): walking a tree stats each entry, which would
+    /// otherwise parse every folder of its path again for each.
+    cache: RefCell<Vec<(u64, Arc<Vec<Node>>)>>,
 }
 
 pub fn open(volume: Volume) -> Result<Box<dyn FileSystem>> {
@@ -303,6 +311,7 @@ pub fn open(volume: Volume) -> Result<Box<dyn FileSystem>> {
         vol: volume,
         boot,
         label: None,
+        cache: RefCell::new(Vec::new()),
     };
     let root = fs.root();
     let data = fs.dir_data(&root, "/")?;
@@ -544,8 +553,23 @@ impl ExFat {
         Ok(DirData { bytes, runs })
     }
 
-    /// The File entry sets of a folder, in on-disk order.
-    fn list_nodes(&self, dir: &Node, path: &str) -> Result<Vec<Node>> {
+    /// The File entry sets of a folder, in on-disk order (the last folder is cached:
+    /// the volume never changes under the reader).
+    fn list_nodes(&self, dir: &Node, path: &str) -> Result<Arc<Vec<Node>>> {
+        if let Some((_, nodes)) = self.cache.borrow().iter().find(|(id, _)| *id == dir.id) {
+            return Ok(nodes.clone());
+        }
+        let nodes = Arc::new(self.parse_dir(dir, path)?);
+        let mut cache = self.cache.borrow_mut();
+        let mut held: usize = cache.iter().map(|(_, n)| n.len()).sum();
+        while !cache.is_empty() && held.saturating_add(nodes.len()) > CACHE_NODES {
+            held -= cache.remove(0).1.len();
+        }
+        cache.push((dir.id, nodes.clone()));
+        Ok(nodes)
+    }
+
+    fn parse_dir(&self, dir: &Node, path: &str) -> Result<Vec<Node>> {
         let data = self.dir_data(dir, path)?;
         let b = &data.bytes;
         let n = b.len() / ENTRY;
@@ -603,8 +627,9 @@ impl ExFat {
             let dir_path = if walked.is_empty() { "/" } else { &walked };
             node = self
                 .list_nodes(&node, dir_path)?
-                .into_iter()
+                .iter()
                 .find(|e| eq_ci(&e.name, c))
+                .cloned()
                 .ok_or_else(|| Error::NotFound(path.to_string()))?;
             walked.push('/');
             walked.push_str(&node.name);
