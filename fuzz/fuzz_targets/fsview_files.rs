@@ -1,5 +1,5 @@
 //! Fuzz target: any bytes as a whole-disk volume, opened by fsview's file-system readers
-//! (ext2/3/4, FAT, NTFS by signature), its root walked two levels deep, files read
+//! (ext2/3/4, FAT, exFAT, NTFS by signature), its root walked two levels deep, files read
 //! (output capped), links read. Nothing may panic, hang or allocate without bound.
 //! (Panics inside the third-party readers are caught by fsview and become errors; the
 //! default panic hook is kept quiet so those do not count as crashes here.)

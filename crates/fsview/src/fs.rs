@@ -65,8 +65,8 @@ impl Entry {
 /// A file system opened read-only on a [`Volume`].
 ///
 /// Paths are `/`-separated from the root (`/`, `/Windows/System32`); a leading `/` is
-/// optional. Name matching follows the file system (case-insensitive on NTFS and
-/// FAT). A missing path is [`Error::NotFound`].
+/// optional. Name matching follows the file system (case-insensitive on NTFS, FAT
+/// and exFAT). A missing path is [`Error::NotFound`].
 pub trait FileSystem: Send {
     fn kind(&self) -> FsKind;
     /// The volume label, if the file system has one.
@@ -115,6 +115,7 @@ pub fn open(volume: Volume) -> Result<Box<dyn FileSystem>> {
         FsKind::Ntfs => crate::ntfs::open(volume),
         FsKind::Ext { .. } => crate::ext::open(volume, kind),
         FsKind::Fat { .. } => crate::fat::open(volume, kind),
+        FsKind::ExFat => crate::exfat::open(volume),
         FsKind::Unknown => Err(Error::Unsupported(
             "no file system recognised (unformatted, or a file system this version does not know)"
                 .into(),

@@ -2,8 +2,8 @@
 //!
 //! It finds the partitions of a [`vdisk::VirtualDisk`] ([`read_partitions`]: MBR with
 //! extended/logical partitions, GPT with fallback to the backup header), names the file
-//! system at a byte range by its signature ([`probe`]), and opens NTFS, ext2/3/4 and
-//! FAT read-only ([`open`], the [`FileSystem`] trait) on a [`Volume`]: a byte range of
+//! system at a byte range by its signature ([`probe`]), and opens NTFS, ext2/3/4, FAT
+//! and exFAT read-only ([`open`], the [`FileSystem`] trait) on a [`Volume`]: a byte range of
 //! the disk read through a chunk cache, so browsing a recovery point never restores it.
 //!
 //! Every number read from the disk is untrusted: arithmetic is checked, reads are
@@ -15,6 +15,7 @@
 //! the disk end, with a remark in [`PartitionTable::notes`]; a partition that starts at
 //! or beyond the end of the disk is [`Error::Corrupt`], naming the entry.
 
+mod exfat;
 mod ext;
 mod ext_own;
 mod extract;

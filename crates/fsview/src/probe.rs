@@ -48,9 +48,13 @@ impl FsKind {
         }
     }
 
-    /// Whether item-level recovery can (or will) browse it: NTFS, ext2/3/4 and FAT.
+    /// Whether item-level recovery can (or will) browse it: NTFS, ext2/3/4, FAT and
+    /// exFAT.
     pub fn supported(&self) -> bool {
-        matches!(self, FsKind::Ntfs | FsKind::Ext { .. } | FsKind::Fat { .. })
+        matches!(
+            self,
+            FsKind::Ntfs | FsKind::Ext { .. } | FsKind::Fat { .. } | FsKind::ExFat
+        )
     }
 }
 
@@ -216,7 +220,8 @@ mod tests {
         assert_eq!(identify(&b), FsKind::Xfs);
         b[0..6].copy_from_slice(b"LUKS\xba\xbe");
         assert_eq!(identify(&b), FsKind::Luks);
-        assert!(!FsKind::ExFat.supported());
+        assert!(FsKind::ExFat.supported());
+        assert!(!FsKind::Xfs.supported());
         assert!(FsKind::Fat { bits: 12 }.supported());
         assert_eq!(FsKind::Ext { version: 3 }.name(), "ext3");
     }

@@ -4,8 +4,9 @@
 //! standard library, `libc` and `tempfile`, which both test crates have.
 //!
 //! Images are made by the real tools (mke2fs, mkfs.fat + mcopy, mkntfs + the ntfs-3g
-//! FUSE mount, sfdisk). A missing tool fails the test with the package to install (see
-//! scripts/install-deps); nothing is skipped.
+//! FUSE mount, mkfs.exfat + the exfat-fuse mount on a loop device, sfdisk). A missing
+//! tool fails the test with the package to install (see scripts/install-deps); nothing
+//! is skipped.
 //!
 //! Each including test uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
@@ -29,7 +30,9 @@ pub fn pkg(tool: &str) -> &'static str {
         "mke2fs" | "debugfs" => "e2fsprogs",
         "mcopy" => "mtools",
         "mkntfs" | "ntfs-3g" | "ntfsinfo" => "ntfs-3g",
-        "mountpoint" | "umount" => "util-linux",
+        "mkfs.exfat" => "exfatprogs",
+        "mount.exfat-fuse" => "exfat-fuse",
+        "mountpoint" | "umount" | "losetup" => "util-linux",
         "qemu-img" => "qemu-utils",
         "sha256sum" => "coreutils",
         _ => "?",
@@ -193,30 +196,82 @@ pub fn mkntfs(img: &Path, size: u64, label: &str) {
     );
 }
 
-/// An ntfs-3g FUSE mount (needs root and /dev/fuse); unmounted (and the daemon reaped)
-/// on drop.
+/// A new exFAT image of `size` bytes labelled `label` (mkfs.exfat, exfatprogs).
+pub fn mkexfat(img: &Path, size: u64, label: &str) {
+    blank(img, size);
+    run(
+        "mkfs.exfat",
+        &["-L", label, img.to_str().unwrap()],
+        None,
+        &[],
+    );
+}
+
+/// A FUSE mount of an image (ntfs-3g, or mount.exfat-fuse on a loop device, since
+/// exfat-fuse always mounts with `blkdev`); needs root and /dev/fuse. Unmounted (the
+/// daemon reaped, the loop device detached) on drop.
 pub struct Mount {
     dir: PathBuf,
     child: Option<Child>,
+    tool: &'static str,
+    loop_dev: Option<String>,
 }
 
 impl Mount {
+    /// ntfs-3g.
     pub fn new(img: &Path, dir: &Path) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
-        let child = Command::new("ntfs-3g")
-            .args(["-o", "no_detach"])
-            .arg(img)
-            .arg(dir)
+        let mut cmd = Command::new("ntfs-3g");
+        cmd.args(["-o", "no_detach"]).arg(img).arg(dir);
+        Mount::spawn(cmd, "ntfs-3g", None, img, dir)
+    }
+
+    /// mount.exfat-fuse (in the foreground, `-d`) on a new loop device over `img`, with
+    /// the daemon's time zone `tz` (exFAT stores local times and their UTC offset).
+    pub fn exfat(img: &Path, dir: &Path, tz: &str) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        let dev = run(
+            "losetup",
+            &["-f", "--show", img.to_str().unwrap()],
+            None,
+            &[],
+        )
+        .trim()
+        .to_string();
+        let mut cmd = Command::new("mount.exfat-fuse");
+        cmd.arg("-d").arg(&dev).arg(dir).env("TZ", tz);
+        Mount::spawn(cmd, "mount.exfat-fuse", Some(dev), img, dir)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        tool: &'static str,
+        loop_dev: Option<String>,
+        img: &Path,
+        dir: &Path,
+    ) -> Mount {
+        let spawned = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("ntfs-3g could not be started ({e}): install it with `apt-get install ntfs-3g` (or run scripts/install-deps); the test needs root and /dev/fuse")
-            });
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(d) = &loop_dev {
+                    let _ = Command::new("losetup").arg("-d").arg(d).status();
+                }
+                panic!(
+                    "{tool} could not be started ({e}): install it with `apt-get install {}` (or run scripts/install-deps); the test needs root and /dev/fuse",
+                    pkg(tool)
+                )
+            }
+        };
         let m = Mount {
             dir: dir.to_path_buf(),
             child: Some(child),
+            tool,
+            loop_dev,
         };
         let t0 = Instant::now();
         loop {
@@ -233,7 +288,7 @@ impl Mount {
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
-                "ntfs-3g did not mount {} (needs root and /dev/fuse)",
+                "{tool} did not mount {} (needs root and /dev/fuse)",
                 img.display()
             );
             std::thread::sleep(Duration::from_millis(30));
@@ -245,12 +300,15 @@ impl Mount {
         self.dir.join(p)
     }
 
-    /// Unmounts, failing the test if ntfs-3g did not exit cleanly (everything written
+    /// Unmounts, failing the test if the daemon did not exit cleanly (everything written
     /// is then on the image).
     pub fn unmount(mut self) {
         run("umount", &[self.dir.to_str().unwrap()], None, &[]);
         let status = self.child.take().unwrap().wait().unwrap();
-        assert!(status.success(), "ntfs-3g exited with {status}");
+        assert!(status.success(), "{} exited with {status}", self.tool);
+        if let Some(d) = self.loop_dev.take() {
+            run("losetup", &["-d", &d], None, &[]);
+        }
     }
 }
 
@@ -260,6 +318,9 @@ impl Drop for Mount {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(d) = self.loop_dev.take() {
+            let _ = Command::new("losetup").arg("-d").arg(&d).status();
         }
     }
 }
