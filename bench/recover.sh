@@ -4,7 +4,9 @@
 # fetches the point's blobs in batches, checks each against its id, writes a raw image
 # under a temporary name, fsyncs, renames) against local-mode `holdfast restore` of the
 # same recovery point from the server's datastore folder (raw, fsynced). RUNS rounds,
-# interleaved; best of each; both outputs compared with the source once.
+# interleaved; best of each; both outputs compared with the source once. Then instant
+# recovery: `nbdcopy` reads the whole `export-nbd` export, served from the datastore
+# folder (-d) and through the server's API.
 #
 #   bench/recover.sh [SIZE] [RUNS]     default 4G 3
 #
@@ -45,6 +47,24 @@ for r in $(seq 1 "$RUNS"); do
   rm -rf "$W/rec"
 done
 
+# Instant recovery: the whole export read by nbdcopy (to null:), served from the
+# datastore folder (-d) and through the server's API.
+export_read() { # MODE ARGS...
+  local mode=$1; shift
+  rm -f "$W/nbd.sock"
+  "$HF" export-nbd hv01/vm1 "$@" --listen "unix:$W/nbd.sock" >"$W/uri" 2>"$W/export.err" &
+  local epid=$!
+  for _ in $(seq 1 200); do [ -s "$W/uri" ] && break; sleep 0.05; done
+  t0=$(now); nbdcopy "$(head -1 "$W/uri")" null:; t1=$(now)
+  kill "$epid"; wait "$epid" 2>/dev/null || true
+  echo "$r,$mode,$(echo "$t1 - $t0" | bc)" >>"$OUT/recover.csv"
+  say "round $r $mode: $(echo "$t1 - $t0" | bc) s"
+}
+for r in $(seq 1 "$RUNS"); do
+  export_read "export-nbd -d" -d "$W/srv/datastore"
+  export_read "export-nbd via server"
+done
+
 python3 - "$OUT/recover.csv" "$OUT/summary.md" "$BYTES" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
@@ -54,7 +74,7 @@ for r in rows:
     s = float(r["seconds"]); best[r["mode"]] = min(best.get(r["mode"], s), s)
 loc, rem = best["local restore"], best["server+agent recover"]
 out = [
-    f"# Whole-disk recovery, {size / (1 << 30):.0f} GiB day-0 image, best of {len(rows) // 2}",
+    f"# Whole-disk recovery, {size / (1 << 30):.0f} GiB day-0 image, best of {len({r['round'] for r in rows})}",
     "",
     "| | seconds | MiB/s (virtual size) |",
     "|---|---:|---:|",
@@ -62,6 +82,16 @@ out = [
     f"| `holdfast recover --copy-to` through server + agent | {rem:.2f} | {size / mib / rem:.0f} |",
     f"| ratio | {loc / rem:.2f}x | |",
 ]
+el, er = best.get("export-nbd -d"), best.get("export-nbd via server")
+if el and er:
+    out += [
+        "",
+        "| instant recovery: `nbdcopy URI null:` of the whole export | seconds | MiB/s |",
+        "|---|---:|---:|",
+        f"| `export-nbd -d` (datastore folder) | {el:.2f} | {size / mib / el:.0f} |",
+        f"| `export-nbd` through the server's API | {er:.2f} | {size / mib / er:.0f} |",
+        f"| ratio | {el / er:.2f}x | |",
+    ]
 open(sys.argv[2], "w").write("\n".join(out) + "\n")
 print("\n".join(out))
 PY

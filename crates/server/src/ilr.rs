@@ -34,9 +34,16 @@ pub(crate) fn open(
     st: &crate::state::AppState,
     id: &str,
     disk: u32,
-) -> ApiResult<(datastore::Manifest, std::sync::Arc<dyn vdisk::VirtualDisk>)> {
-    // The catalog knows every point the server holds: an unknown id is a 404.
+) -> ApiResult<(
+    std::sync::Arc<datastore::Manifest>,
+    std::sync::Arc<dyn vdisk::VirtualDisk>,
+)> {
+    // The catalog knows every point the server holds: an unknown id is a 404, and a
+    // pruned point is gone at once even while its disk is cached.
     st.cat().recovery_point(id)?;
+    if let Some(hit) = cached(st, id, disk) {
+        return Ok(hit);
+    }
     let m = st.datastore.point(id).map_err(|e| match e {
         datastore::Error::Missing { .. } => not_found(format!("no recovery point {id}")),
         e => e.into(),
@@ -47,8 +54,20 @@ pub(crate) fn open(
             m.disks.len()
         )));
     }
-    let d = cached_disk(st, &m, disk)?;
-    Ok((m, d))
+    let vd = recovery::open_disk(&st.datastore, &m, disk as usize)?;
+    let m = std::sync::Arc::new(m);
+    let mut c = lock_cache(st);
+    if c.len() >= OPEN_DISKS {
+        c.remove(0);
+    }
+    c.push(OpenDisk {
+        point: m.id.clone(),
+        disk,
+        opened: std::time::Instant::now(),
+        manifest: m.clone(),
+        vd: vd.clone(),
+    });
+    Ok((m, vd))
 }
 
 /// Disks kept open, and for how long: long enough for a client's burst of reads, short
@@ -61,36 +80,28 @@ pub struct OpenDisk {
     point: String,
     disk: u32,
     opened: std::time::Instant,
+    manifest: std::sync::Arc<datastore::Manifest>,
     vd: std::sync::Arc<dyn vdisk::VirtualDisk>,
 }
 
-/// Disk `disk` of point `m`, from the cache when it was opened less than a minute ago.
-/// The manifest is read by the caller each time, so a pruned point is gone at once.
-fn cached_disk(
+fn lock_cache(st: &crate::state::AppState) -> std::sync::MutexGuard<'_, Vec<OpenDisk>> {
+    st.open_disks.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Disk `disk` of point `id` with its manifest, when opened less than a minute ago.
+fn cached(
     st: &crate::state::AppState,
-    m: &datastore::Manifest,
+    id: &str,
     disk: u32,
-) -> ApiResult<std::sync::Arc<dyn vdisk::VirtualDisk>> {
-    let lock = || st.open_disks.lock().unwrap_or_else(|p| p.into_inner());
-    {
-        let mut c = lock();
-        c.retain(|o| o.opened.elapsed() < OPEN_FOR);
-        if let Some(o) = c.iter().find(|o| o.point == m.id && o.disk == disk) {
-            return Ok(o.vd.clone());
-        }
-    }
-    let vd = recovery::open_disk(&st.datastore, m, disk as usize)?;
-    let mut c = lock();
-    if c.len() >= OPEN_DISKS {
-        c.remove(0);
-    }
-    c.push(OpenDisk {
-        point: m.id.clone(),
-        disk,
-        opened: std::time::Instant::now(),
-        vd: vd.clone(),
-    });
-    Ok(vd)
+) -> Option<(
+    std::sync::Arc<datastore::Manifest>,
+    std::sync::Arc<dyn vdisk::VirtualDisk>,
+)> {
+    let mut c = lock_cache(st);
+    c.retain(|o| o.opened.elapsed() < OPEN_FOR);
+    c.iter()
+        .find(|o| o.point == id && o.disk == disk)
+        .map(|o| (o.manifest.clone(), o.vd.clone()))
 }
 
 /// `GET /recovery-points/{id}/browse?disk=N&partition=P&path=/x`
