@@ -103,12 +103,35 @@ impl Catalog {
 
     /// Resolves the open alerts of `subject` (of one `kind`, or all). Returns how many.
     pub fn resolve_alerts(&self, now: i64, subject: &str, kind: Option<&str>) -> Result<u64> {
-        let n = self.conn.execute(
-            "UPDATE alerts SET resolved = ?1
-             WHERE subject = ?2 AND (?3 IS NULL OR kind = ?3) AND resolved IS NULL",
-            params![now, subject, kind],
+        Ok(self.resolve_alerts_listed(now, subject, kind)?.len() as u64)
+    }
+
+    /// [`Catalog::resolve_alerts`], returning the alerts it resolved (as resolved).
+    pub fn resolve_alerts_listed(
+        &self,
+        now: i64,
+        subject: &str,
+        kind: Option<&str>,
+    ) -> Result<Vec<AlertInfo>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let ids: Vec<i64> = self.all(
+            "SELECT id FROM alerts
+             WHERE subject = ?1 AND (?2 IS NULL OR kind = ?2) AND resolved IS NULL",
+            params![subject, kind],
+            |r| r.get::<i64>(0, "alerts.id"),
         )?;
-        Ok(n as u64)
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            tx.execute(
+                "UPDATE alerts SET resolved = ?1 WHERE id = ?2",
+                params![now, id],
+            )?;
+            if let Some(a) = self.one(&format!("{ALERT_SELECT} WHERE id = ?1"), [id], alert_row)? {
+                out.push(a);
+            }
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Alerts, newest first (by when they were last seen).

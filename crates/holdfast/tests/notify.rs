@@ -367,6 +367,32 @@ fn alerts_and_jobs_are_emailed_and_posted() {
     let a = c.alerts();
     let a = a.iter().find(|a| a.kind == "disk-missing").unwrap();
     assert!(a.occurrences >= attempts as u64, "{a:?}");
+
+    // The disk comes back: the next backup resolves the alert, and that is told too.
+    std::fs::rename(t.path().join("away.qcow2"), &app).unwrap();
+    c.cli_ok(&["backup-now", "hv01/app", "--wait"]);
+    let m = smtp.wait_for("the resolved e-mail", |m| {
+        m.subject() == "[Holdfast] resolved: hv01/app: disk-missing"
+    });
+    assert!(m.rcpt_to.contains("ops@example.net"), "{m:?}");
+    assert!(m.body.contains("Kind:        disk-missing"), "{m:?}");
+    assert!(
+        m.body.contains(&format!("Occurrences: {}", a.occurrences)),
+        "{m:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let v = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, body) = hooks
+            .recv_timeout(left)
+            .expect("no alert-resolved webhook POST within 60 s");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["alert"]["kind"] == "disk-missing" {
+            break v;
+        }
+    };
+    assert_eq!(v["event"], "alert-resolved", "{v}");
+    assert!(v["alert"]["resolved"].is_string(), "{v}");
 }
 
 #[test]

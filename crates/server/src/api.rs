@@ -1159,7 +1159,8 @@ async fn agent_commit(
         if manifest.stats.changed_bytes.is_some()
             && let Some(vm) = &job.vm
         {
-            cat.resolve_alerts(now(), vm, Some("change-tracking-reset"))?;
+            st.notify
+                .resolve_alerts(&cat, now(), vm, Some("change-tracking-reset"))?;
         }
     }
     crate::ilr::check_point(st.clone(), id, job.vm.clone(), manifest.clone()).await;

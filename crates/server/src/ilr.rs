@@ -307,7 +307,8 @@ pub async fn check_point(
             })
             .collect();
         if lost.is_empty() {
-            cat.resolve_alerts(now, &vm, Some("filesystem-unreadable"))?;
+            st2.notify
+                .resolve_alerts(&cat, now, &vm, Some("filesystem-unreadable"))?;
         } else {
             st2.notify.raise_alert(
                 &cat,

@@ -35,7 +35,9 @@ pub fn run(st: &AppState, job: i64, kind: JobKind) -> Result<String, String> {
                 .map_err(|e| e.to_string())?;
             let now = datastore::time::now();
             if r.damaged_files.is_empty() && r.damaged_points.is_empty() {
-                let _ = st.cat().resolve_alerts(now, "datastore", Some("damage"));
+                let _ = st
+                    .notify
+                    .resolve_alerts(&st.cat(), now, "datastore", Some("damage"));
                 Ok(format!(
                     "verify: {} blobs in {} packs, {} recovery points: no damage",
                     r.blobs, r.packs, r.points

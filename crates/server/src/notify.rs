@@ -187,6 +187,48 @@ impl Notifier {
         Ok(r.id)
     }
 
+    /// Resolves the open alerts of `subject` (one `kind`, or all) in the catalog; each
+    /// that was worth telling when raised (at or above `notify.min_severity`) is told
+    /// resolved. The one place the server resolves alerts. Returns how many.
+    pub fn resolve_alerts(
+        &self,
+        cat: &Catalog,
+        now: i64,
+        subject: &str,
+        kind: Option<&str>,
+    ) -> Result<u64, catalog::Error> {
+        let done = cat.resolve_alerts_listed(now, subject, kind)?;
+        for a in &done {
+            if rank(a.severity) >= rank(self.min_severity) {
+                self.alert_resolved(a);
+            }
+        }
+        Ok(done.len() as u64)
+    }
+
+    fn alert_resolved(&self, a: &AlertInfo) {
+        let url = self.url.get().map(String::as_str);
+        if self.smtp && !self.email_to.is_empty() {
+            let (subject, body) = resolved_email(a, url);
+            self.push(Outgoing::Email {
+                to: self.email_to.clone(),
+                subject,
+                body,
+            });
+        }
+        for w in &self.webhooks {
+            self.push(Outgoing::Webhook {
+                url: w.clone(),
+                body: serde_json::json!({
+                    "event": "alert-resolved",
+                    "server": url,
+                    "summary": resolved_email(a, None).0,
+                    "alert": a,
+                }),
+            });
+        }
+    }
+
     fn alert_raised(&self, a: &AlertInfo) {
         let url = self.url.get().map(String::as_str);
         if self.smtp && !self.email_to.is_empty() {
@@ -289,6 +331,34 @@ pub fn alert_email(a: &AlertInfo, server_url: Option<&str>) -> (String, String) 
         "\nList open alerts with `holdfast alerts list`. This alert is not sent again while \
          it stays open.\n",
     );
+    (subject, body)
+}
+
+/// Subject and plain-text body of the e-mail telling an alert is resolved.
+pub fn resolved_email(a: &AlertInfo, server_url: Option<&str>) -> (String, String) {
+    let subject = one_line(&format!("[Holdfast] resolved: {}: {}", a.subject, a.kind));
+    let mut body = format!(
+        "An alert Holdfast raised is resolved.\n\n\
+         Severity:    {}\n\
+         Subject:     {}\n\
+         Kind:        {}\n\
+         Raised:      {}\n\
+         Resolved:    {}\n\
+         Occurrences: {}\n\
+         Alert id:    {}\n\n\
+         Last message: {}\n",
+        severity_text(a.severity),
+        a.subject,
+        a.kind,
+        a.raised,
+        a.resolved.as_deref().unwrap_or("-"),
+        a.occurrences,
+        a.id,
+        a.message
+    );
+    if let Some(u) = server_url {
+        body.push_str(&format!("\nServer: {u}\n"));
+    }
     (subject, body)
 }
 

@@ -188,7 +188,8 @@ fn space_alert(st: &AppState, now: i64) -> Result<(), catalog::Error> {
             &format!("the datastore's file system has {free} of {total} bytes free (under {pct}%)"),
         )?;
     } else {
-        cat.resolve_alerts(now, "datastore", Some("space"))?;
+        st.notify
+            .resolve_alerts(&cat, now, "datastore", Some("space"))?;
     }
     Ok(())
 }

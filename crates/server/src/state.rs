@@ -184,7 +184,8 @@ impl AppState {
         if info.kind == JobKind::Recovery {
             // A recovery changes nothing of the data source's protection.
             if let Some(vm) = &info.vm {
-                cat.resolve_alerts(now, vm, Some("recovery-failed"))?;
+                self.notify
+                    .resolve_alerts(&cat, now, vm, Some("recovery-failed"))?;
             }
             return Ok(());
         }
@@ -192,16 +193,18 @@ impl AppState {
             cat.set_replica_state(ds, "ok")?;
             if let Some(vm) = &info.vm {
                 for k in BACKUP_ALERTS {
-                    cat.resolve_alerts(now, vm, Some(k))?;
+                    self.notify.resolve_alerts(&cat, now, vm, Some(k))?;
                 }
             }
         } else {
-            cat.resolve_alerts(
+            self.notify.resolve_alerts(
+                &cat,
                 now,
                 "datastore",
                 Some(&format!("{}-failed", info.kind.as_str())),
             )?;
-            cat.resolve_alerts(now, "datastore", Some("interrupted"))?;
+            self.notify
+                .resolve_alerts(&cat, now, "datastore", Some("interrupted"))?;
         }
         Ok(())
     }
