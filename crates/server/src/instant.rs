@@ -38,19 +38,33 @@ fn internal(e: vdisk::Error) -> crate::api::ApiErr {
     crate::api::ApiErr(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
+/// Runs `f` on blocking threads with disk `n` of point `id`, once the range is checked
+/// against `max` and the disk's size.
+async fn with_disk<T: Send + 'static>(
+    st: std::sync::Arc<crate::state::AppState>,
+    (id, n): (String, u32),
+    q: RangeQuery,
+    max: u64,
+    f: impl FnOnce(&dyn vdisk::VirtualDisk, RangeQuery) -> vdisk::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    blocking(move || {
+        let (_, d) = crate::ilr::open(&st, &id, n)?;
+        check(&q, max, d.virtual_size())?;
+        f(d.as_ref(), q).map_err(internal)
+    })
+    .await
+}
+
 /// `GET /recovery-points/{id}/disks/{n}/data?offset=O&length=L`: the bytes.
 pub async fn data(
     State(st): St,
     _admin: Admin,
-    Path((id, n)): Path<(String, u32)>,
+    Path(at): Path<(String, u32)>,
     Query(q): Query<RangeQuery>,
 ) -> ApiResult<Response> {
-    let out = blocking(move || {
-        let (_, d) = crate::ilr::open(&st, &id, n)?;
-        check(&q, MAX_READ, d.virtual_size())?;
+    let out = with_disk(st, at, q, MAX_READ, |d, q| {
         let mut buf = vec![0u8; q.length as usize];
-        d.read_at(&mut buf, q.offset).map_err(internal)?;
-        Ok(buf)
+        d.read_at(&mut buf, q.offset).map(|_| buf)
     })
     .await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
@@ -60,22 +74,17 @@ pub async fn data(
 pub async fn map(
     State(st): St,
     _admin: Admin,
-    Path((id, n)): Path<(String, u32)>,
+    Path(at): Path<(String, u32)>,
     Query(q): Query<RangeQuery>,
 ) -> ApiResult<Response> {
-    let out = blocking(move || {
-        let (_, d) = crate::ilr::open(&st, &id, n)?;
-        check(&q, MAX_MAP, d.virtual_size())?;
-        let extents = d.map(q.offset, q.length).map_err(internal)?;
-        Ok(extents
-            .into_iter()
-            .map(|e| DiskExtent {
-                offset: e.offset,
-                length: e.length,
-                zero: e.state != vdisk::ExtentState::Data,
-            })
-            .collect::<Vec<_>>())
-    })
-    .await?;
+    let out = with_disk(st, at, q, MAX_MAP, |d, q| d.map(q.offset, q.length)).await?;
+    let out: Vec<DiskExtent> = out
+        .into_iter()
+        .map(|e| DiskExtent {
+            offset: e.offset,
+            length: e.length,
+            zero: e.state != vdisk::ExtentState::Data,
+        })
+        .collect();
     Ok(json(&out))
 }

@@ -207,32 +207,24 @@ impl Notifier {
     }
 
     fn alert_resolved(&self, a: &AlertInfo) {
-        let url = self.url.get().map(String::as_str);
-        if self.smtp && !self.email_to.is_empty() {
-            let (subject, body) = resolved_email(a, url);
-            self.push(Outgoing::Email {
-                to: self.email_to.clone(),
-                subject,
-                body,
-            });
-        }
-        for w in &self.webhooks {
-            self.push(Outgoing::Webhook {
-                url: w.clone(),
-                body: serde_json::json!({
-                    "event": "alert-resolved",
-                    "server": url,
-                    "summary": resolved_email(a, None).0,
-                    "alert": a,
-                }),
-            });
-        }
+        self.tell(a, "alert-resolved", resolved_email);
     }
 
     fn alert_raised(&self, a: &AlertInfo) {
+        self.tell(a, "alert-raised", alert_email);
+    }
+
+    /// E-mails `notify.email_to` and POSTs each webhook about `a`: the e-mail made by
+    /// `email`, the webhook event `event`.
+    fn tell(
+        &self,
+        a: &AlertInfo,
+        event: &str,
+        email: fn(&AlertInfo, Option<&str>) -> (String, String),
+    ) {
         let url = self.url.get().map(String::as_str);
         if self.smtp && !self.email_to.is_empty() {
-            let (subject, body) = alert_email(a, url);
+            let (subject, body) = email(a, url);
             self.push(Outgoing::Email {
                 to: self.email_to.clone(),
                 subject,
@@ -242,7 +234,7 @@ impl Notifier {
         for w in &self.webhooks {
             self.push(Outgoing::Webhook {
                 url: w.clone(),
-                body: alert_webhook(a, url),
+                body: alert_event(event, a, url, email),
             });
         }
     }
@@ -362,12 +354,18 @@ pub fn resolved_email(a: &AlertInfo, server_url: Option<&str>) -> (String, Strin
     (subject, body)
 }
 
-/// The JSON POSTed to each webhook for a new alert.
-pub fn alert_webhook(a: &AlertInfo, server_url: Option<&str>) -> serde_json::Value {
+/// The JSON POSTed to each webhook about an alert (`event`: `alert-raised` or
+/// `alert-resolved`); `summary` is the subject of the matching e-mail.
+pub fn alert_event(
+    event: &str,
+    a: &AlertInfo,
+    server_url: Option<&str>,
+    email: fn(&AlertInfo, Option<&str>) -> (String, String),
+) -> serde_json::Value {
     serde_json::json!({
-        "event": "alert-raised",
+        "event": event,
         "server": server_url,
-        "summary": alert_email(a, None).0,
+        "summary": email(a, None).0,
         "alert": a,
     })
 }
@@ -707,7 +705,13 @@ mod tests {
         let mut a = alert();
         a.subject = "evil\r\nBcc: x@y.z".into();
         assert!(!alert_email(&a, None).0.contains('\n'));
-        let w = alert_webhook(&alert(), Some("https://backup:8443"));
+        let w = alert_event(
+            "alert-raised",
+            &alert(),
+            Some("https://backup:8443"),
+            alert_email,
+        );
+        assert_eq!(w["summary"], "[Holdfast] warning: hv01/web01: disk-missing");
         assert_eq!(w["event"], "alert-raised");
         assert_eq!(w["alert"]["severity"], "warning");
         assert_eq!(w["alert"]["subject"], "hv01/web01");
