@@ -21,7 +21,7 @@
 //! entry sets inside their directory.
 
 use crate::ext::READ_CHUNK;
-use crate::fs::{Entry, EntryKind, FileSystem};
+use crate::fs::{Entry, EntryKind, FileSystem, eq_ci};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result, le16, le32, le64};
@@ -385,13 +385,6 @@ fn unix_time(ts: u32, ms10: u8, utc: u8) -> Option<(i64, u32)> {
         t -= q * 15 * 60;
     }
     Some((t, (ms10 % 100) as u32 * 10_000_000))
-}
-
-/// Case-insensitive name match (see the module notes).
-fn eq_ci(a: &str, b: &str) -> bool {
-    a.chars()
-        .flat_map(char::to_uppercase)
-        .eq(b.chars().flat_map(char::to_uppercase))
 }
 
 impl ExFat {

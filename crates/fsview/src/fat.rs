@@ -11,7 +11,7 @@
 //! then iterate forever. [`Stream`] has a read budget for directory walks, and lists
 //! stop after the format's limit of 65536 entries per directory.
 
-use crate::fs::{Entry, EntryKind, FileSystem};
+use crate::fs::{Entry, EntryKind, FileSystem, eq_ci};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result};
@@ -234,13 +234,6 @@ fn map_io(e: io::Error, what: &str) -> Error {
         io::ErrorKind::UnexpectedEof => Error::corrupt(what, 0, e.to_string()),
         _ => Error::Io(e),
     }
-}
-
-/// Case-insensitive name match, as FAT (and fatfs) compare: by Unicode upper case.
-fn eq_ci(a: &str, b: &str) -> bool {
-    a.chars()
-        .flat_map(char::to_uppercase)
-        .eq(b.chars().flat_map(char::to_uppercase))
 }
 
 /// FNV-1a: a stable hash for ids (fatfs does not expose first clusters).

@@ -90,6 +90,14 @@ pub trait FileSystem: Send {
 }
 
 /// Splits a path into its components, refusing `.`/`..`, so a path never climbs.
+/// Names equal without case (FAT and exFAT look names up this way; full Unicode
+/// upper-casing, not a volume's own up-case table).
+pub(crate) fn eq_ci(a: &str, b: &str) -> bool {
+    a.chars()
+        .flat_map(char::to_uppercase)
+        .eq(b.chars().flat_map(char::to_uppercase))
+}
+
 pub fn components(path: &str) -> Result<Vec<&str>> {
     let mut out = Vec::new();
     for c in path.split('/') {

@@ -130,46 +130,6 @@ fn build() -> Fixture {
     }
 }
 
-/// What the source holds: relative path → (kind, size).
-fn source_map(root: &Path) -> BTreeMap<String, (EntryKind, u64)> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (EntryKind, u64)>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
-            let m = std::fs::metadata(&p).unwrap();
-            let v = if m.is_dir() {
-                walk(root, &p, out);
-                (EntryKind::Dir, 0)
-            } else {
-                (EntryKind::File, m.len())
-            };
-            out.insert(rel, v);
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-fn fs_map(fs: &mut dyn FileSystem) -> BTreeMap<String, fsview::Entry> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![String::new()];
-    while let Some(dir) = todo.pop() {
-        for e in fs.list(&format!("/{dir}")).unwrap() {
-            let rel = if dir.is_empty() {
-                e.name.clone()
-            } else {
-                format!("{dir}/{}", e.name)
-            };
-            if e.kind == EntryKind::Dir {
-                todo.push(rel.clone());
-            }
-            assert!(out.insert(rel, e).is_none());
-        }
-    }
-    out
-}
-
 fn disk_of(img: Vec<u8>) -> Arc<dyn vdisk::VirtualDisk> {
     Arc::from(vdisk::open_backing(vdisk::MemBacking::new(img, "x.img")).unwrap())
 }
@@ -201,8 +161,8 @@ fn ranges_content(vol: &[u8], fs: &mut dyn FileSystem, path: &str, size: u64) ->
 fn check(fs: &mut dyn FileSystem, src: &Path, vol: &[u8]) {
     assert_eq!(fs.kind(), FsKind::ExFat);
     assert_eq!(fs.label().as_deref(), Some(LABEL));
-    let want = source_map(src);
-    let got = fs_map(fs);
+    let want = support::source_map(src);
+    let got = support::fs_map(fs);
     let kinds: BTreeMap<_, _> = got
         .iter()
         .map(|(k, e)| (k.clone(), (e.kind, e.size)))
@@ -319,7 +279,7 @@ fn exfat_reads_what_exfat_fuse_wrote() {
     let mut report = fsview::Report::default();
     fsview::extract(fs.as_mut(), "/", out.path(), &mut report).unwrap();
     assert!(report.renamed.is_empty(), "{:?}", report.renamed);
-    for (rel, (kind, _)) in source_map(&fx.src) {
+    for (rel, (kind, _)) in support::source_map(&fx.src) {
         if kind == EntryKind::File {
             assert!(
                 std::fs::read(out.path().join(&rel)).unwrap()
@@ -367,24 +327,6 @@ fn fix_set_checksum(b: &mut [u8], at: usize) {
 fn set_fat(b: &mut [u8], g: &Geo, cluster: u32, value: u32) {
     let at = g.fat + 4 * cluster as usize;
     b[at..at + 4].copy_from_slice(&value.to_le_bytes());
-}
-
-fn walk(fs: &mut dyn FileSystem, path: &str, depth: usize) {
-    let Ok(entries) = fs.list(path) else { return };
-    for e in entries {
-        let p = format!("{}/{}", path.trim_end_matches('/'), e.name);
-        let _ = fs.stat(&p);
-        match e.kind {
-            EntryKind::Dir if depth < 8 => walk(fs, &p, depth + 1),
-            _ => {
-                // Large files only cost time here: data_ranges walks their chains.
-                if e.size <= 1 << 20 {
-                    let _ = fs.read_file(&p, &mut std::io::sink());
-                }
-                let _ = fs.data_ranges(&p);
-            }
-        }
-    }
 }
 
 #[test]
@@ -507,7 +449,7 @@ fn exfat_damaged_copies_are_errors() {
             b[off] = (x >> 32) as u8;
         }
         if let Ok(mut fs) = open_bytes(b) {
-            walk(fs.as_mut(), "/", 0);
+            support::walk_ignoring_errors(fs.as_mut(), "/", 0);
         }
     }
     assert!(t0.elapsed() < Duration::from_secs(60));

@@ -116,30 +116,6 @@ fn make_tree(dir: &Path, tree: Tree) -> PathBuf {
     root
 }
 
-/// What the source holds: relative path (no leading `/`) → (kind, size).
-fn source_map(root: &Path) -> BTreeMap<String, (EntryKind, u64)> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (EntryKind, u64)>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let e = e.unwrap();
-            let p = e.path();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let (kind, size) = if m.is_dir() {
-                walk(root, &p, out);
-                (EntryKind::Dir, 0)
-            } else if m.file_type().is_symlink() {
-                (EntryKind::Symlink, m.len())
-            } else {
-                (EntryKind::File, m.len())
-            };
-            out.insert(rel, (kind, size));
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
 /// The source file for a listed path (whose U+FFFD may stand for a non-UTF-8 byte).
 fn src_path(src: &Path, rel: &str) -> PathBuf {
     if rel.contains('\u{FFFD}') {
@@ -151,32 +127,11 @@ fn src_path(src: &Path, rel: &str) -> PathBuf {
     src.join(rel)
 }
 
-/// What the file system holds, by recursive lists: path → entry.
-fn fs_map(fs: &mut dyn FileSystem) -> BTreeMap<String, fsview::Entry> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![String::new()];
-    while let Some(dir) = todo.pop() {
-        for e in fs.list(&format!("/{dir}")).unwrap() {
-            assert!(e.name != "." && e.name != "..");
-            let rel = if dir.is_empty() {
-                e.name.clone()
-            } else {
-                format!("{dir}/{}", e.name)
-            };
-            if e.kind == EntryKind::Dir {
-                todo.push(rel.clone());
-            }
-            assert!(out.insert(rel, e).is_none());
-        }
-    }
-    out
-}
-
 /// Everything the tree says must be readable back from `fs`.
 fn check(fs: &mut dyn FileSystem, src: &Path, tree: Tree, label: &str) {
     assert_eq!(fs.label().as_deref(), Some(label));
-    let mut want = source_map(src);
-    let mut got = fs_map(fs);
+    let mut want = support::source_map(src);
+    let mut got = support::fs_map(fs);
     if tree == Tree::Ext {
         // mke2fs adds it; the source has none.
         want.insert("lost+found".into(), (EntryKind::Dir, 0));

@@ -410,3 +410,78 @@ pub fn convert(raw: &Path, format: &str, out: &Path) {
         &[],
     );
 }
+
+/// What the file system holds, by recursive lists: path (without the leading `/`) →
+/// entry. No listing may hold `.` or `..`, and no path twice.
+pub fn fs_map(
+    fs: &mut dyn fsview::FileSystem,
+) -> std::collections::BTreeMap<String, fsview::Entry> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![String::new()];
+    while let Some(dir) = todo.pop() {
+        for e in fs.list(&format!("/{dir}")).unwrap() {
+            assert!(e.name != "." && e.name != "..");
+            let rel = if dir.is_empty() {
+                e.name.clone()
+            } else {
+                format!("{dir}/{}", e.name)
+            };
+            if e.kind == fsview::EntryKind::Dir {
+                todo.push(rel.clone());
+            }
+            assert!(out.insert(rel, e).is_none());
+        }
+    }
+    out
+}
+
+/// Touches everything a damaged file system still shows (lists, stats, links, file
+/// contents up to 1 MiB, data ranges), ignoring errors: only panics and hangs fail.
+pub fn walk_ignoring_errors(fs: &mut dyn fsview::FileSystem, path: &str, depth: usize) {
+    let Ok(entries) = fs.list(path) else { return };
+    for e in entries {
+        let p = format!("{}/{}", path.trim_end_matches('/'), e.name);
+        let _ = fs.stat(&p);
+        match e.kind {
+            fsview::EntryKind::Dir if depth < 8 => walk_ignoring_errors(fs, &p, depth + 1),
+            fsview::EntryKind::Symlink => {
+                let _ = fs.read_link(&p);
+            }
+            _ => {
+                // Large files only cost time here: data_ranges walks their runs.
+                if e.size <= 1 << 20 {
+                    let _ = fs.read_file(&p, &mut std::io::sink());
+                }
+                let _ = fs.data_ranges(&p);
+            }
+        }
+    }
+}
+
+/// What a source tree holds: relative path (no leading `/`) → (kind, size; a link's
+/// size is its target's length).
+pub fn source_map(root: &Path) -> std::collections::BTreeMap<String, (fsview::EntryKind, u64)> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut std::collections::BTreeMap<String, (fsview::EntryKind, u64)>,
+    ) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let v = if m.is_dir() {
+                walk(root, &p, out);
+                (fsview::EntryKind::Dir, 0)
+            } else if m.file_type().is_symlink() {
+                (fsview::EntryKind::Symlink, m.len())
+            } else {
+                (fsview::EntryKind::File, m.len())
+            };
+            out.insert(rel, v);
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
