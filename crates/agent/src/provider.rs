@@ -3,6 +3,8 @@
 use crate::Result;
 use datastore::DiskInput;
 use protocol::{Consistency, JobKind, Manifest, Note, VmInfo};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 /// One kind of VM source on this host (`files`, `qemu`, `hyperv`). Shared by the job
 /// threads, so it must be `Sync`: state (connections, change maps) lives behind locks.
@@ -72,6 +74,11 @@ pub trait Snapshot: Send {
     fn notes(&self) -> Vec<Note> {
         Vec::new()
     }
+
+    /// The backup pipeline is about to read the disks in order (after the page-file
+    /// search's scattered reads): a provider may serve reads from a read-ahead from
+    /// now on, waiting for it no longer than its own deadline and not past `cancel`.
+    fn start_reading(&self, _cancel: &Arc<AtomicBool>) {}
 
     /// Releases the view. `ok` false = the backup failed or was cancelled: a tracking
     /// provider then merges its change map back, so the next backup loses nothing.

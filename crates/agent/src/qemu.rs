@@ -47,13 +47,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Prefix of everything this provider creates in QEMU (nodes, jobs, exports, bitmaps):
 /// leftovers are recognised by it.
 const PREFIX: &str = "hf-";
-const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 const QMP_CONNECT: Duration = Duration::from_secs(2);
 const QGA_CONNECT: Duration = Duration::from_secs(3);
 
@@ -69,6 +69,40 @@ pub struct QemuOptions {
     pub state_dir: PathBuf,
     /// How long the guest agent may take to freeze the file systems.
     pub freeze_timeout: Duration,
+    /// The longest wait for one answer from QEMU: a QMP reply, an NBD reply. A QEMU
+    /// that stops answering fails the backup after this, never hangs it.
+    pub io_timeout: Duration,
+}
+
+impl QemuOptions {
+    /// Options with the defaults: no sockets, freeze timeout 10 s, QEMU answers
+    /// within [`DEFAULT_IO_TIMEOUT`].
+    pub fn new(state_dir: PathBuf) -> QemuOptions {
+        QemuOptions {
+            sockets: None,
+            listed: Vec::new(),
+            state_dir,
+            freeze_timeout: Duration::from_secs(10),
+            io_timeout: DEFAULT_IO_TIMEOUT,
+        }
+    }
+}
+
+/// Default of [`QemuOptions::io_timeout`].
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The test hook `HOLDFAST_TEST_STALL_READ=VM`: the first backup of VM `VM` in this
+/// agent process has one read that never completes (its read-ahead chunk is never
+/// fetched), as a reader stuck in a bug would. Only a cancel or the read deadline ends
+/// it. For the watchdog's test; never set in production.
+fn stall_hook(vm: &str) -> readahead::Hook {
+    static USED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let wanted = std::env::var("HOLDFAST_TEST_STALL_READ").is_ok_and(|v| v == vm);
+    if wanted && !USED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        readahead::Hook::StallFirstChunk
+    } else {
+        readahead::Hook::None
+    }
 }
 
 /// A VM given by its sockets rather than found in the folder.
@@ -120,11 +154,15 @@ struct Inner {
 }
 
 /// One VM's QMP connection (QEMU accepts one client per monitor socket, so it is kept
-/// and shared by inventory and backups) and its last inventory entry.
+/// and shared by inventory and backups), its last inventory entry, and whether a view
+/// of it is held now.
 #[derive(Default)]
 struct VmSlot {
     qmp: Mutex<Option<Qmp>>,
     last: Mutex<Option<VmInfo>>,
+    /// A snapshot of this VM is out (taken and not released): its record's pending
+    /// view is in use, not a leftover.
+    viewing: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -264,7 +302,31 @@ impl Inner {
     /// call drops the connection (it may be out of step); the next call reconnects.
     fn with_qmp<T>(&self, vm: &str, f: impl FnOnce(&mut Qmp) -> Result<T>) -> Result<T> {
         let slot = self.slot(vm);
-        let mut guard = lock(&slot.qmp);
+        let guard = lock(&slot.qmp);
+        self.on_qmp(vm, guard, f)
+    }
+
+    /// [`Inner::with_qmp`] unless another thread uses the connection now: `None` then.
+    fn try_with_qmp<T>(
+        &self,
+        vm: &str,
+        f: impl FnOnce(&mut Qmp) -> Result<T>,
+    ) -> Option<Result<T>> {
+        let slot = self.slot(vm);
+        let guard = match slot.qmp.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(self.on_qmp(vm, guard, f))
+    }
+
+    fn on_qmp<T>(
+        &self,
+        vm: &str,
+        mut guard: MutexGuard<'_, Option<Qmp>>,
+        f: impl FnOnce(&mut Qmp) -> Result<T>,
+    ) -> Result<T> {
         // A kept connection may be stale (QEMU restarted): check it with a cheap
         // command before relying on it.
         if let Some(q) = guard.as_mut()
@@ -277,7 +339,7 @@ impl Inner {
             // connect timeout keeps it from holding up the inventory.
             let mut q = Qmp::connect(&self.qmp_path(vm), QMP_CONNECT)
                 .map_err(|e| hv(vm, "connecting to QMP", e))?;
-            q.set_timeout(QMP_TIMEOUT);
+            q.set_timeout(self.opts.io_timeout);
             *guard = Some(q);
         }
         let Some(qmp) = guard.as_mut() else {
@@ -375,10 +437,11 @@ impl Inner {
     /// Freezes the guest's file systems, or pauses the VM when that is impossible.
     fn quiesce(&self, vm: &str, qmp: &mut Qmp, notes: &mut Vec<Note>) -> Result<Quiesced> {
         let qga_path = self.qga_path(vm);
+        let since = Instant::now();
         if qga_path.exists() {
             match Qga::connect(&qga_path, QGA_CONNECT) {
                 Ok(mut qga) => match qga.fsfreeze_freeze(self.opts.freeze_timeout) {
-                    Ok(n) => return Ok(Quiesced::Frozen(qga, n, Instant::now())),
+                    Ok(n) => return Ok(Quiesced::Frozen(qga, n, since, Instant::now())),
                     Err(e) => {
                         // Whatever the freeze did, thaw (a timed-out freeze may still
                         // complete in the guest).
@@ -403,25 +466,39 @@ impl Inner {
         // guest is paused for all of it.
         let since = Instant::now();
         qmp.stop().map_err(|e| hv(vm, "stop", e))?;
-        Ok(Quiesced::Paused(since))
+        Ok(Quiesced::Paused(since, Instant::now()))
     }
 
-    /// Ends the quiesce: thaws or resumes. Notes how long the guest was held.
+    /// Ends the quiesce: thaws or resumes. Notes how long the guest was held, and
+    /// which part of it was the guest's (freeze, thaw) or QEMU's (stop, cont) and which
+    /// Holdfast's own (from the quiesce's end to the resume's start: the view's
+    /// transaction).
     fn resume(&self, vm: &str, qmp: &mut Qmp, q: Quiesced, notes: &mut Vec<Note>) -> Result<()> {
+        let split = |since: Instant, held: Instant, own: Instant, [hold, free]: [&str; 2]| {
+            format!(
+                "{} ms ({hold} {} ms, Holdfast's view {} ms, {free} {} ms)",
+                since.elapsed().as_millis(),
+                held.duration_since(since).as_millis(),
+                own.duration_since(held).as_millis(),
+                own.elapsed().as_millis()
+            )
+        };
         match q {
-            Quiesced::Frozen(qga, n, since) => {
+            Quiesced::Frozen(qga, n, since, frozen) => {
+                let own = Instant::now();
                 let r = thaw(&self.qga_path(vm), Some(qga));
                 notes.push(Note::info(format!(
-                    "file systems frozen by the guest agent ({n}) for {} ms",
-                    since.elapsed().as_millis()
+                    "file systems frozen by the guest agent ({n}) for {}",
+                    split(since, frozen, own, ["freezing", "thawing"])
                 )));
                 r.map(|_| ()).map_err(|e| hv(vm, "guest-fsfreeze-thaw", e))
             }
-            Quiesced::Paused(since) => {
+            Quiesced::Paused(since, stopped) => {
+                let own = Instant::now();
                 let r = qmp.cont().map_err(|e| hv(vm, "cont", e));
                 notes.push(Note::info(format!(
-                    "VM paused for {} ms for the point-in-time view",
-                    since.elapsed().as_millis()
+                    "VM paused for {} for the point-in-time view",
+                    split(since, stopped, own, ["stopping", "resuming"])
                 )));
                 r
             }
@@ -505,9 +582,10 @@ fn disk_name(d: &BlockDevice) -> String {
     }
 }
 
+/// How the guest is held still, with when the hold was asked for and when it held.
 enum Quiesced {
-    Frozen(Qga, u64, Instant),
-    Paused(Instant),
+    Frozen(Qga, u64, Instant, Instant),
+    Paused(Instant, Instant),
     AlreadyPaused,
 }
 
@@ -693,14 +771,27 @@ impl Inner {
         let mut out = Vec::new();
         for name in names {
             let slot = self.slot(&name);
-            // A VM in the middle of a backup keeps its monitor busy only briefly; one
-            // that does not answer is left out of this inventory (logged).
-            match self.with_qmp(&name, |qmp| self.info(&name, qmp)) {
-                Ok(info) => {
+            // A VM whose monitor a backup is using is reported as last seen; one that
+            // does not answer is left out of this inventory (logged). A view that a
+            // failed release left behind (QEMU did not answer then) is undone here
+            // once QEMU answers again, not only at the VM's next backup.
+            let r = self.try_with_qmp(&name, |qmp| {
+                // Read under the monitor's lock: a snapshot marks itself before it
+                // takes the lock.
+                let viewing = slot.viewing.load(std::sync::atomic::Ordering::SeqCst);
+                if !viewing && self.load_state(&name)?.pending.is_some() {
+                    self.recover(&name, qmp)?;
+                    eprintln!("holdfast agent: qemu VM {name}: undid a view left behind");
+                }
+                self.info(&name, qmp)
+            });
+            match r {
+                Some(Ok(info)) => {
                     *lock(&slot.last) = Some(info.clone());
                     out.push(info);
                 }
-                Err(e) => eprintln!("holdfast agent: qemu VM {name}: {e}"),
+                Some(Err(e)) => eprintln!("holdfast agent: qemu VM {name}: {e}"),
+                None => out.extend(lock(&slot.last).clone()),
             }
         }
         Ok(out)
@@ -716,6 +807,11 @@ impl Inner {
             return Err(Error::VmMissing(vm.to_string()));
         }
         let mut notes = Vec::new();
+        // Marked before the monitor is locked (see `inventory`); cleared by release,
+        // or here when no view came of it.
+        let slot = self.slot(vm);
+        slot.viewing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let view = self.with_qmp(vm, |qmp| {
             self.recover(vm, qmp)?;
             match self.take_view(vm, qmp, kind, base, &mut notes) {
@@ -728,11 +824,25 @@ impl Inner {
                     Err(e)
                 }
             }
-        })?;
+        });
+        let view = match view {
+            Ok(v) => v,
+            Err(e) => {
+                slot.viewing
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         let mut disks = Vec::new();
         let result = (|| -> Result<()> {
             for (i, d) in view.disks.iter().enumerate() {
-                disks.push(NbdDisk::open(vm, &self.nbd_path(vm), i, d)?);
+                disks.push(NbdDisk::open(
+                    vm,
+                    &self.nbd_path(vm),
+                    i,
+                    d,
+                    self.opts.io_timeout,
+                )?);
             }
             Ok(())
         })();
@@ -961,17 +1071,24 @@ struct NbdDisk {
     /// Fetches what the pipeline will read (the changed blocks, else the allocated
     /// ones) ahead of it.
     ahead: ReadAhead,
+    io_timeout: Duration,
 }
 
 impl NbdDisk {
-    fn open(vm: &str, sock: &Path, i: usize, d: &ViewDisk) -> Result<NbdDisk> {
+    fn open(
+        vm: &str,
+        sock: &Path,
+        i: usize,
+        d: &ViewDisk,
+        io_timeout: Duration,
+    ) -> Result<NbdDisk> {
         let ctx = d.dirty.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
         let mut contexts = vec!["base:allocation"];
         if let Some(c) = &ctx {
             contexts.push(c);
         }
         let addr = nbd::Addr::Unix(sock.to_path_buf());
-        let mut client = nbd::Client::connect(&addr, &d.export, &contexts)
+        let mut client = nbd::Client::connect_timeout(&addr, &d.export, &contexts, io_timeout)
             .map_err(|e| hv(vm, &format!("NBD export of disk {i}"), e))?;
         // The pipeline reads up to 4 MiB at a time: in 512 KiB requests, eight are in
         // flight at once.
@@ -1026,9 +1143,18 @@ impl NbdDisk {
         // another block size some reads fall outside the plan and go direct.
         let plan = readahead::plan_chunks(&planned, 64 << 10, size);
         let export = d.export.clone();
-        let ahead = ReadAhead::start(plan, move || {
-            nbd::Client::connect(&addr, &export, &[]).map_err(|e| e.to_string())
-        });
+        let ahead = ReadAhead::start(
+            plan,
+            move || {
+                nbd::Client::connect_timeout(&addr, &export, &[], io_timeout)
+                    .map_err(|e| e.to_string())
+            },
+            if i == 0 {
+                stall_hook(vm)
+            } else {
+                readahead::Hook::None
+            },
+        );
         Ok(NbdDisk {
             client,
             name: disk_name(&d.device),
@@ -1038,6 +1164,7 @@ impl NbdDisk {
             changed,
             alloc,
             ahead,
+            io_timeout,
         })
     }
 }
@@ -1064,14 +1191,19 @@ impl vdisk::VirtualDisk for NbdDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
-        match self.ahead.read(offset, buf) {
-            Ok(true) => Ok(()),
-            Ok(false) => self
-                .client
-                .read(offset, buf)
-                .map_err(|e| vdisk::Error::Invalid(format!("NBD read at {offset}: {e}"))),
-            Err(e) => Err(vdisk::Error::Invalid(format!("NBD read at {offset}: {e}"))),
-        }
+        let len = buf.len();
+        let why = match self.ahead.read(offset, buf) {
+            Ok(true) => return Ok(()),
+            Ok(false) => match self.client.read(offset, buf) {
+                Ok(()) => return Ok(()),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e,
+        };
+        Err(vdisk::Error::Invalid(format!(
+            "disk {}: reading {len} bytes at offset {offset} from QEMU's NBD export: {why}",
+            self.name
+        )))
     }
 
     fn map(&self, offset: u64, length: u64) -> vdisk::Result<Vec<vdisk::Extent>> {
@@ -1099,6 +1231,15 @@ impl vdisk::VirtualDisk for NbdDisk {
             )));
         }
         Ok(out)
+    }
+}
+
+/// Clears a flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -1133,6 +1274,12 @@ impl Snapshot for QemuSnapshot {
         self.notes.clone()
     }
 
+    fn start_reading(&self, cancel: &Arc<AtomicBool>) {
+        for d in &self.disks {
+            d.ahead.arm(d.io_timeout, cancel.clone());
+        }
+    }
+
     fn release(self: Box<Self>, ok: bool) -> Result<()> {
         let QemuSnapshot {
             provider,
@@ -1146,6 +1293,10 @@ impl Snapshot for QemuSnapshot {
             let _ = d.client.disconnect();
         }
         let vm = vm.as_str();
+        let slot = provider.slot(vm);
+        // Whatever happens below, the view is no longer in use: a release that fails
+        // leaves its record pending, and the inventory undoes it once QEMU answers.
+        let _in_use = ClearOnDrop(&slot.viewing);
         provider.with_qmp(vm, |qmp| {
             remove_leftovers(vm, qmp)?;
             if pending.nbd_server {

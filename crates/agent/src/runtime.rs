@@ -215,23 +215,24 @@ pub fn run(opts: AgentOptions, stop: Arc<AtomicBool>) -> Result<()> {
     });
     let max_jobs = opts.max_jobs.max(1);
     let mut jobs: Vec<(JoinHandle<()>, Arc<AtomicBool>)> = Vec::new();
-    let mut next_inventory = Instant::now();
+    // The inventory runs on its own thread: a VM whose QEMU stops answering costs the
+    // inventory its deadline, never the polls that hand out other VMs' jobs.
+    let revoked = Arc::new(AtomicBool::new(false));
+    let inv_stop = Arc::new(AtomicBool::new(false));
+    let inventory = {
+        let (shared, revoked, inv_stop) = (shared.clone(), revoked.clone(), inv_stop.clone());
+        let every = opts.inventory_every;
+        std::thread::spawn(move || inventory_loop(&shared, every, &inv_stop, &revoked))
+    };
     let mut backoff = Duration::from_secs(1);
     let outcome = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
         }
-        jobs.retain(|(h, _)| !h.is_finished());
-        if Instant::now() >= next_inventory {
-            match shared.send_inventory() {
-                Ok(()) => next_inventory = Instant::now() + opts.inventory_every,
-                Err(Error::Client(e)) if forbidden(&e) => break Err(Error::Revoked),
-                Err(e) => {
-                    log(format_args!("inventory: {e}"));
-                    next_inventory = Instant::now() + opts.inventory_every.min(backoff * 10);
-                }
-            }
+        if revoked.load(Ordering::Relaxed) {
+            break Err(Error::Revoked);
         }
+        jobs.retain(|(h, _)| !h.is_finished());
         if jobs.len() >= max_jobs {
             sleep_unless(&stop, Duration::from_millis(200));
             continue;
@@ -259,13 +260,40 @@ pub fn run(opts: AgentOptions, stop: Arc<AtomicBool>) -> Result<()> {
             }
         }
     };
+    inv_stop.store(true, Ordering::Relaxed);
     for (_, cancel) in &jobs {
         cancel.store(true, Ordering::Relaxed);
     }
     for (h, _) in jobs {
         let _ = h.join();
     }
+    let _ = inventory.join();
     outcome
+}
+
+/// Sends the inventory at once and then every `every` (sooner again after a failure)
+/// until `stop`; sets `revoked` and ends when the server refuses this agent.
+fn inventory_loop(shared: &Shared, every: Duration, stop: &AtomicBool, revoked: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) && !shared.stop.load(Ordering::Relaxed) {
+        let wait = match shared.send_inventory() {
+            Ok(()) => every,
+            Err(Error::Client(e)) if forbidden(&e) => {
+                revoked.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                log(format_args!("inventory: {e}"));
+                every.min(Duration::from_secs(10))
+            }
+        };
+        let end = Instant::now() + wait;
+        while Instant::now() < end
+            && !stop.load(Ordering::Relaxed)
+            && !shared.stop.load(Ordering::Relaxed)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// What a job reports while running.
@@ -274,6 +302,21 @@ struct Counters {
     done: AtomicU64,
     total: AtomicU64,
     read: AtomicU64,
+    /// What the job is doing now (sent with progress: the server's watchdog names it
+    /// when a job stalls).
+    step: Mutex<Option<String>>,
+    /// Ends the progress reports.
+    finished: AtomicBool,
+}
+
+impl Counters {
+    fn set_step(&self, step: impl Into<String>) {
+        *self.step.lock().unwrap_or_else(|p| p.into_inner()) = Some(step.into());
+    }
+
+    fn step(&self) -> Option<String> {
+        self.step.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Runs one job to its end and tells the server how it ended.
@@ -284,11 +327,13 @@ fn run_job(shared: &Shared, job: AgentJob, cancel: Arc<AtomicBool>) {
     let outcome = if job.kind == protocol::JobKind::Recovery {
         recovery_job(shared, &job, &prefix, &label, &cancel)
     } else {
-        job_inner(shared, &job, &prefix, &label, &cancel).map(|rp| format!("recovery point {rp}"))
+        job_inner(shared, &job, &prefix, &label, &cancel)
     };
     match outcome {
         Ok(what) => log(format_args!("{label}: {what}")),
-        Err(e) if matches!(client_status(&e), Some(403 | 404)) => {
+        // 409: the job ended on the server meanwhile (cancelled, or failed by the
+        // watchdog): there is nothing left to report.
+        Err(e) if matches!(client_status(&e), Some(403 | 404 | 409)) => {
             log(format_args!(
                 "{label}: the server no longer accepts this job ({e}); dropping it"
             ));
@@ -363,36 +408,81 @@ fn job_inner(
     })?;
     let params = block_params(&start)?;
     let provider = shared.provider_for(&job.vm)?;
+    let remote = RemoteTarget::new(shared.transport.clone(), job.job_id, params, cancel.clone());
+    let counters = Counters::default();
+    let sent = remote.sent_counter();
+    let lost: Mutex<Option<client::Error>> = Mutex::new(None);
+    // Progress (and the server's cancel) flow for the whole job, from the view to its
+    // release, so that a job stuck in any step is seen and can be stopped.
+    let result = std::thread::scope(|s| {
+        s.spawn(|| report_progress(shared, prefix, label, &counters, &sent, cancel, &lost));
+        let r = backup_job(
+            shared, job, prefix, label, &start, provider, &remote, &counters, cancel,
+        );
+        counters.finished.store(true, Ordering::Relaxed);
+        r
+    });
+    match result {
+        Ok(rp) => Ok(rp),
+        Err(e) => {
+            if let Some(l) = lock_take(&lost) {
+                return Err(Error::Client(l));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A backup job from the view to its release; the view is released (with failure)
+/// on every error path.
+#[allow(clippy::too_many_arguments)]
+fn backup_job(
+    shared: &Shared,
+    job: &AgentJob,
+    prefix: &str,
+    label: &str,
+    start: &SessionStart,
+    provider: &dyn Provider,
+    remote: &RemoteTarget,
+    counters: &Counters,
+    cancel: &Arc<AtomicBool>,
+) -> Result<String> {
+    counters.set_step("taking the point-in-time view");
     let t0 = Instant::now();
     let snap = provider.snapshot(&job.vm, job.kind, start.base.as_ref())?;
     let t_view = t0.elapsed();
     let consistency = snap.consistency();
     let mut notes = snap.notes();
     let special = if shared.skip_page_files {
+        counters.set_step("looking for page and swap files");
         page_files(snap.as_ref(), &mut notes)
     } else {
         Vec::new()
     };
+    let fail = |snap: Box<dyn Snapshot>, e: Error| {
+        counters.set_step("releasing the view after a failure");
+        if let Err(re) = snap.release(false) {
+            log(format_args!("{label}: releasing the snapshot: {re}"));
+        }
+        Err(e)
+    };
+    if cancel.load(Ordering::Relaxed) {
+        return fail(snap, cancelled(shared, "by the server"));
+    }
+    snap.start_reading(cancel);
     let result = backup(
         shared,
-        job,
-        prefix,
-        label,
-        &start,
-        params,
+        start,
         snap.as_ref(),
         &special,
+        remote,
+        counters,
         cancel,
     );
     let t_read = t0.elapsed();
     let (disks, stats) = match result {
         Ok(r) => r,
-        Err(e) => {
-            if let Err(re) = snap.release(false) {
-                log(format_args!("{label}: releasing the snapshot: {re}"));
-            }
-            return Err(e);
-        }
+        Err(e) => return fail(snap, e),
     };
     let commit = Commit {
         consistency,
@@ -401,15 +491,21 @@ fn job_inner(
         stats,
         notes,
     };
+    // The server works from here; once the commit answers the job has ended there,
+    // and a progress report would only be refused.
+    counters.finished.store(true, Ordering::Relaxed);
     let path = format!("{prefix}/commit");
     // The view is released only once the server has the recovery point: a commit that
     // is refused (a late cancel) or lost counts as a failed backup, so a tracking
     // provider keeps every change for the next one.
-    match retry(RETRY_BUDGET, never, || {
-        shared.client.post::<_, CommitResponse>(&path, &commit)
-    }) {
+    match retry(
+        RETRY_BUDGET,
+        || false,
+        || shared.client.post::<_, CommitResponse>(&path, &commit),
+    ) {
         Ok(resp) => {
             let t_commit = t0.elapsed();
+            counters.set_step("releasing the view");
             snap.release(true)?;
             log(format_args!(
                 "{label}: view in {} ms, backup in {} ms, commit in {} ms, release in {} ms",
@@ -418,15 +514,19 @@ fn job_inner(
                 (t_commit - t_read).as_millis(),
                 (t0.elapsed() - t_commit).as_millis()
             ));
-            Ok(resp.recovery_point)
+            Ok(format!("recovery point {}", resp.recovery_point))
         }
-        Err(e) => {
-            if let Err(re) = snap.release(false) {
-                log(format_args!("{label}: releasing the snapshot: {re}"));
-            }
-            Err(e.into())
-        }
+        Err(e) => fail(snap, e.into()),
     }
+}
+
+/// The error of a job cancelled by the server, or by the agent stopping.
+fn cancelled(shared: &Shared, by_server: &str) -> Error {
+    Error::Cancelled(if shared.stop.load(Ordering::Relaxed) {
+        "the agent is stopping".into()
+    } else {
+        by_server.to_string()
+    })
 }
 
 /// Runs a recovery job: writes the plan's disks, reporting progress, then tells the
@@ -474,15 +574,10 @@ fn recovery_job(
         budget: RETRY_BUDGET,
     };
     let counters = Counters::default();
-    let finished = AtomicBool::new(false);
     let lost: Mutex<Option<client::Error>> = Mutex::new(None);
     let sent = AtomicU64::new(0);
     let result = std::thread::scope(|s| {
-        s.spawn(|| {
-            report_progress(
-                shared, prefix, label, &counters, &sent, &finished, cancel, &lost,
-            )
-        });
+        s.spawn(|| report_progress(shared, prefix, label, &counters, &sent, cancel, &lost));
         let progress = |done, total| {
             counters.done.store(done, Ordering::Relaxed);
             counters.total.store(total, Ordering::Relaxed);
@@ -504,6 +599,7 @@ fn recovery_job(
                         bytes_read: fetch.fetched.load(Ordering::Relaxed),
                         bytes_sent: 0,
                         message: Some(msg.to_string()),
+                        step: None,
                     };
                     let path = format!("{prefix}/progress");
                     match retry(
@@ -532,7 +628,7 @@ fn recovery_job(
             }
             None => crate::recover::recover(&fetch, plan, &job.vm, &progress),
         };
-        finished.store(true, Ordering::Relaxed);
+        counters.finished.store(true, Ordering::Relaxed);
         r
     });
     if let Some(l) = lock_take(&lost) {
@@ -558,6 +654,7 @@ fn recovery_job(
         bytes_read: bytes_fetched,
         bytes_sent: 0,
         message: None,
+        step: None,
     };
     let path = format!("{prefix}/progress");
     let _ = shared.client.post::<_, ProgressReply>(&path, &p);
@@ -601,6 +698,13 @@ fn page_files(snap: &dyn Snapshot, notes: &mut Vec<protocol::Note>) -> Vec<Vec<(
                             "disk {i}: page files not looked for: {p}"
                         )));
                     }
+                    let total: u64 = s.ranges.iter().map(|r| r.1).sum();
+                    if total > 0 {
+                        notes.push(protocol::Note::info(format!(
+                            "disk {i}: {total} bytes ({:.1} MiB) of page, hibernation and swap files left out",
+                            total as f64 / 1048576.0
+                        )));
+                    }
                     s.ranges
                 }
                 Err(e) => {
@@ -627,6 +731,33 @@ fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
                 last.1 = end.max(last.0.saturating_add(last.1)) - last.0;
             }
             _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
+/// The parts of sorted, disjoint ranges `a` outside sorted, disjoint ranges `b`.
+fn difference(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for &(o, l) in a {
+        let end = o.saturating_add(l);
+        let mut at = o;
+        // Ranges of `b` ending at or before `at` can't cut this or later ranges.
+        while j < b.len() && b[j].0.saturating_add(b[j].1) <= at {
+            j += 1;
+        }
+        let mut k = j;
+        while at < end && k < b.len() && b[k].0 < end {
+            let (bo, be) = (b[k].0, b[k].0.saturating_add(b[k].1));
+            if bo > at {
+                out.push((at, bo - at));
+            }
+            at = at.max(be);
+            k += 1;
+        }
+        if at < end {
+            out.push((at, end - at));
         }
     }
     out
@@ -661,20 +792,16 @@ impl vdisk::VirtualDisk for Counting<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Reads the view's disks through the datastore pipeline into `remote`.
 fn backup(
     shared: &Shared,
-    job: &AgentJob,
-    prefix: &str,
-    label: &str,
     start: &SessionStart,
-    params: BlockParams,
     snap: &dyn Snapshot,
     special: &[Vec<(u64, u64)>],
+    remote: &RemoteTarget,
+    counters: &Counters,
     cancel: &Arc<AtomicBool>,
 ) -> Result<(Vec<protocol::DiskRecord>, protocol::Stats)> {
-    let remote = RemoteTarget::new(shared.transport.clone(), job.job_id, params, cancel.clone());
-    let counters = Counters::default();
     let disks = snap.disks();
     // One bucket for all disks of the job.
     let limit = shared
@@ -693,31 +820,35 @@ fn backup(
         .iter()
         .zip(&counting)
         .enumerate()
-        .map(|(i, (d, c))| DiskInput {
-            disk: c,
-            name: d.name.clone(),
-            format: d.format.clone(),
-            // Ranges the base left out are read again: an exclusion lifted since then
-            // must not leave the base's zeros in place.
-            changed: d.changed.as_ref().map(|ch| {
-                let base_excl = start
-                    .base
-                    .as_ref()
-                    .and_then(|b| b.disks.get(i))
-                    .map(|r| r.excluded.as_slice())
-                    .unwrap_or_default();
-                union(ch, base_excl)
-            }),
-            // The data source's exclusions (set on the server) win over the provider's;
-            // page files found in this very view are added to them.
-            excluded: union(
+        .map(|(i, (d, c))| {
+            // The data source's exclusions (set on the server) win over the
+            // provider's; page files found in this very view are added to them.
+            let excluded = union(
                 start
                     .excluded
                     .get(i)
                     .filter(|e| !e.is_empty())
                     .unwrap_or(&d.excluded),
                 special.get(i).map(Vec::as_slice).unwrap_or_default(),
-            ),
+            );
+            // Ranges the base left out and this view does not are read again: an
+            // exclusion lifted since then must not leave the base's zeros in place.
+            let changed = d.changed.as_ref().map(|ch| {
+                let base_excl = start
+                    .base
+                    .as_ref()
+                    .and_then(|b| b.disks.get(i))
+                    .map(|r| r.excluded.as_slice())
+                    .unwrap_or_default();
+                union(ch, &difference(base_excl, &excluded))
+            });
+            DiskInput {
+                disk: c,
+                name: d.name.clone(),
+                format: d.format.clone(),
+                changed,
+                excluded,
+            }
         })
         .collect();
     // The base matters to the pipeline only for changed ranges (reusing its index).
@@ -726,55 +857,53 @@ fn backup(
     } else {
         None
     };
-    let finished = AtomicBool::new(false);
-    let lost: Mutex<Option<client::Error>> = Mutex::new(None);
-    let sent = remote.sent_counter();
-    let result = std::thread::scope(|s| {
-        s.spawn(|| {
-            report_progress(
-                shared, prefix, label, &counters, &sent, &finished, cancel, &lost,
-            )
-        });
-        let r = backup_disks(
-            &remote,
-            base,
-            &inputs,
-            shared.threads,
-            &mut |done, total| {
-                counters.done.store(done, Ordering::Relaxed);
-                counters.total.store(total, Ordering::Relaxed);
-                // The agent stopping cancels its jobs.
-                if shared.stop.load(Ordering::Relaxed) {
-                    cancel.store(true, Ordering::Relaxed);
-                }
-            },
-        );
-        finished.store(true, Ordering::Relaxed);
-        r
+    // Where each disk ends in the job's bytes, to name the disk being read.
+    let ends: Vec<u64> = inputs
+        .iter()
+        .scan(0u64, |end, d| {
+            *end = end.saturating_add(d.disk.virtual_size());
+            Some(*end)
+        })
+        .collect();
+    // Named before the first byte arrives: a first read that never ends must still
+    // say which disk it was on.
+    let mut reading = 0;
+    if let Some(d) = inputs.first() {
+        counters.set_step(format!("reading disk 0 ({})", d.name));
+    }
+    let r = backup_disks(remote, base, &inputs, shared.threads, &mut |done, total| {
+        counters.done.store(done, Ordering::Relaxed);
+        counters.total.store(total, Ordering::Relaxed);
+        let i = ends
+            .partition_point(|&e| e <= done)
+            .min(inputs.len().saturating_sub(1));
+        if i != reading {
+            reading = i;
+            if let Some(d) = inputs.get(i) {
+                counters.set_step(format!("reading disk {i} ({})", d.name));
+            }
+        }
+        // The agent stopping cancels its jobs.
+        if shared.stop.load(Ordering::Relaxed) {
+            cancel.store(true, Ordering::Relaxed);
+        }
     });
-    match result {
+    match r {
         Ok(r) => Ok(r),
         Err(e) => {
-            if let Some(l) = lost.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                return Err(Error::Client(l));
-            }
             let own = remote.take_error();
             if let Some(Error::Client(c)) = own {
                 return Err(Error::Client(c));
             }
             if cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled(if shared.stop.load(Ordering::Relaxed) {
-                    "the agent is stopping".into()
-                } else {
-                    "by the server".into()
-                }));
+                return Err(cancelled(shared, &format!("by the server ({e})")));
             }
             Err(own.unwrap_or(Error::Backup(e)))
         }
     }
 }
 
-/// Posts progress about every second until `finished`; sets `cancel` when the server
+/// Posts progress about every second until `c.finished`; sets `cancel` when the server
 /// says so, or when it no longer knows the job (`lost` then holds why).
 #[allow(clippy::too_many_arguments)]
 fn report_progress(
@@ -783,7 +912,6 @@ fn report_progress(
     label: &str,
     c: &Counters,
     sent: &AtomicU64,
-    finished: &AtomicBool,
     cancel: &AtomicBool,
     lost: &Mutex<Option<client::Error>>,
 ) {
@@ -792,7 +920,7 @@ fn report_progress(
     loop {
         let tick = Instant::now() + Duration::from_secs(1);
         while Instant::now() < tick {
-            if finished.load(Ordering::Relaxed) {
+            if c.finished.load(Ordering::Relaxed) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -803,6 +931,7 @@ fn report_progress(
             bytes_read: c.read.load(Ordering::Relaxed),
             bytes_sent: sent.load(Ordering::Relaxed),
             message: None,
+            step: c.step(),
         };
         match shared.client.post::<_, ProgressReply>(&path, &p) {
             Ok(r) if r.cancel => {
@@ -811,7 +940,14 @@ fn report_progress(
                 }
             }
             Ok(_) => {}
-            Err(e) if matches!(e.status(), Some(403 | 404)) => {
+            // The server no longer runs the job (it ended meanwhile: 409, e.g. failed
+            // by the watchdog) or no longer lets this agent report on it.
+            Err(e) if matches!(e.status(), Some(403 | 404 | 409)) => {
+                if !cancel.load(Ordering::Relaxed) {
+                    log(format_args!(
+                        "{label}: the server ended this job ({e}); stopping"
+                    ));
+                }
                 *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 cancel.store(true, Ordering::Relaxed);
                 return;
@@ -840,6 +976,28 @@ mod union_tests {
             vec![(0, 15), (30, 1), (50, 12)]
         );
         assert_eq!(union(&[(100, 10)], &[(0, 200)]), vec![(0, 200)]);
+    }
+
+    #[test]
+    fn difference_cuts_out_every_overlap() {
+        use super::difference;
+        assert_eq!(difference(&[], &[(0, 10)]), vec![]);
+        assert_eq!(difference(&[(0, 10)], &[]), vec![(0, 10)]);
+        // The same exclusion in base and view: nothing to read again.
+        assert_eq!(difference(&[(5, 10)], &[(5, 10)]), vec![]);
+        // A range cut at both ends, one split in two, one untouched.
+        assert_eq!(
+            difference(
+                &[(0, 100), (200, 10), (300, 5)],
+                &[(10, 20), (50, 10), (95, 110)]
+            ),
+            vec![(0, 10), (30, 20), (60, 35), (205, 5), (300, 5)]
+        );
+        // One range of `b` spanning several of `a`.
+        assert_eq!(
+            difference(&[(0, 5), (10, 5), (20, 5)], &[(3, 20)]),
+            vec![(0, 3), (23, 2)]
+        );
     }
 }
 

@@ -9,7 +9,8 @@ use crate::{Error, Result};
 use datastore::{BlockParams, BlockTarget, Id, backup_disks};
 use protocol::{JobKind, ReplicaSeed, SEED_FORMAT, SEED_VERSION, SessionStart};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 /// Largest blob file: a size every file system of removable media takes.
 const FILE_BYTES: usize = 32 << 20;
@@ -106,6 +107,8 @@ pub fn export(
     };
     let snap = provider.snapshot(vm, JobKind::InitialReplica, None)?;
     let consistency = snap.consistency();
+    // Nothing cancels an export but its own failure (the read deadline still holds).
+    snap.start_reading(&Arc::new(AtomicBool::new(false)));
     let result = {
         let disks = snap.disks();
         backup_disks(&target, None, &disks, threads, progress)

@@ -471,6 +471,7 @@ mod tests {
                 bytes_read: 6,
                 bytes_sent: 2,
                 message: None,
+                step: None,
             },
         )
         .unwrap();

@@ -714,6 +714,10 @@ pub struct Progress {
     pub bytes_sent: u64,
     #[serde(default)]
     pub message: Option<String>,
+    /// What the job is doing now ("taking the point-in-time view", "reading disk 0
+    /// (vda)", ...): the watchdog names it when the job stalls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
 }
 
 /// The reply to progress: whether to go on.

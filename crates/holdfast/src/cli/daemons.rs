@@ -88,6 +88,10 @@ pub struct AgentCmd {
     /// VM is paused instead.
     #[arg(long, default_value_t = 10)]
     freeze_timeout_seconds: u64,
+    /// Seconds QEMU may take to answer one request (a QMP command, an NBD read) before
+    /// the backup fails.
+    #[arg(long, default_value_t = agent::qemu::DEFAULT_IO_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    qemu_timeout_seconds: u64,
     /// Threads hashing and compressing per job (default: cores + 4, so network round
     /// trips do not leave a core idle).
     #[arg(long)]
@@ -123,8 +127,9 @@ pub fn agent(s: &ServerArgs, a: AgentCmd) -> anyhow::Result<ExitCode> {
         providers.push(Box::new(agent::QemuProvider::new(agent::QemuOptions {
             sockets: a.qmp_dir.clone(),
             listed,
-            state_dir: a.data_dir.join("qemu"),
             freeze_timeout: Duration::from_secs(a.freeze_timeout_seconds.max(1)),
+            io_timeout: Duration::from_secs(a.qemu_timeout_seconds),
+            ..agent::QemuOptions::new(a.data_dir.join("qemu"))
         })?));
     }
     if providers.is_empty() {
