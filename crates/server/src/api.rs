@@ -1056,6 +1056,7 @@ async fn agent_progress(
 ) -> ApiResult<Response> {
     own_job(&st, &host, id)?;
     let p: Progress = parse(&body)?;
+    st.progressed(id, &p);
     let cat = st.cat();
     cat.set_job_progress(id, &p)?;
     if let Some(m) = &p.message {
@@ -1089,6 +1090,8 @@ async fn agent_commit(
         .unwrap_or_else(|p| p.into_inner())
         .remove(&id)
         .ok_or_else(|| not_found(format!("job {id} has no open backup session")))?;
+    // From here the server works and the agent waits (the job then ends either way).
+    st.server_busy(id, true);
     let manifest = blocking(move || {
         // Other requests of this job may still hold the session for a moment.
         let mut s = s;
@@ -1126,6 +1129,7 @@ async fn agent_commit(
                 bytes_read: manifest.stats.bytes_read,
                 bytes_sent: sent.max(manifest.stats.bytes_stored),
                 message: None,
+                step: None,
             },
         )?;
         cat.add_recovery_point(&rp)?;

@@ -22,6 +22,7 @@ pub struct Config {
     /// all cores).
     pub threads: Option<usize>,
     pub scheduler: Scheduler,
+    pub jobs: Jobs,
     pub maintenance: Maintenance,
     pub limits: Limits,
     pub notify: Notify,
@@ -92,6 +93,23 @@ pub struct Scheduler {
     pub job_timeout_seconds: u64,
     /// How long an agent's poll waits for a job before answering "none".
     pub poll_seconds: u64,
+}
+
+/// `[jobs]`: how running jobs are watched.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Jobs {
+    /// A running agent job whose agent still reports but whose figures and step have
+    /// not moved for this long is stuck: the watchdog fails it, tells the agent to
+    /// cancel (it then undoes its view), and raises a `job-stalled` alert naming the
+    /// VM and the step. 0 switches the check off.
+    pub stall_seconds: u64,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs { stall_seconds: 600 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -215,6 +233,7 @@ impl Default for Config {
             encrypt_datastore: false,
             threads: None,
             scheduler: Scheduler::default(),
+            jobs: Jobs::default(),
             maintenance: Maintenance::default(),
             limits: Limits::default(),
             notify: Notify::default(),
@@ -302,6 +321,9 @@ impl Config {
         }
         if s.poll_seconds == 0 || s.poll_seconds > 300 {
             return Err("scheduler.poll_seconds must be 1-300".into());
+        }
+        if self.jobs.stall_seconds > 7 * 86_400 {
+            return Err("jobs.stall_seconds must be 0 (off) to 604800 (a week)".into());
         }
         for (k, v) in [
             ("maintenance.prune_time", &self.maintenance.prune_time),

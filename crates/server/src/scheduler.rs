@@ -150,24 +150,39 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
     Ok(())
 }
 
-/// Fails running agent jobs not heard of within `job_timeout_seconds`.
+/// Fails running agent jobs not heard of within `job_timeout_seconds` (the agent is
+/// gone), and jobs whose agent reports but whose figures and step have not moved for
+/// `[jobs] stall_seconds` (the job is stuck). A failed job is no longer running, so
+/// its agent's next report is refused (409) and the agent cancels it, undoing its view.
 fn watchdog(st: &AppState, now: i64) -> Result<(), catalog::Error> {
     let limit = Duration::from_secs(st.config.scheduler.job_timeout_seconds);
-    let stale: Vec<i64> = st
+    let stall = Duration::from_secs(st.config.jobs.stall_seconds);
+    let beats: Vec<(i64, crate::state::Beat)> = st
         .heartbeats
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .filter(|(_, t)| t.elapsed() > limit)
-        .map(|(id, _)| *id)
+        .map(|(id, b)| (*id, b.clone()))
         .collect();
-    for id in stale {
-        st.job_failed(
-            id,
-            now,
-            "agent-lost",
-            &format!("the agent has not reported for {} seconds", limit.as_secs()),
-        )?;
+    for (id, b) in beats {
+        if b.heard.elapsed() > limit {
+            st.job_failed(
+                id,
+                now,
+                "agent-lost",
+                &format!("the agent has not reported for {} seconds", limit.as_secs()),
+            )?;
+        } else if !stall.is_zero() && !b.server_busy && b.moved.elapsed() > stall {
+            let job = st.cat().job(id)?;
+            let [done, total, ..] = b.figures;
+            let msg = format!(
+                "{} made no progress for {} seconds while {} ({done} of {total} bytes done); the agent was told to cancel",
+                job.vm.as_deref().unwrap_or("the job"),
+                stall.as_secs(),
+                b.step.as_deref().unwrap_or("starting"),
+            );
+            st.job_failed(id, now, "stalled", &msg)?;
+        }
     }
     Ok(())
 }

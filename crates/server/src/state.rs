@@ -41,6 +41,33 @@ pub struct OpenStore {
     pub master_key: Option<[u8; 32]>,
 }
 
+/// The watchdog's view of one running agent job.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    /// When any call of the job's agent was last seen.
+    pub heard: Instant,
+    /// When its figures or step last changed.
+    pub moved: Instant,
+    /// Bytes done, total, read and sent at `moved`.
+    pub figures: [u64; 4],
+    /// The step the agent last reported.
+    pub step: Option<String>,
+    /// The server is working on the job (commit), not the agent.
+    pub server_busy: bool,
+}
+
+impl Beat {
+    fn new(now: Instant) -> Beat {
+        Beat {
+            heard: now,
+            moved: now,
+            figures: [0; 4],
+            step: None,
+            server_busy: false,
+        }
+    }
+}
+
 pub struct AppState {
     pub config: Config,
     catalog: Mutex<Catalog>,
@@ -57,8 +84,8 @@ pub struct AppState {
     /// Recovery-point disks opened for browsing and block reads, newest last (opening
     /// one loads the blob index; an NBD client reads thousands of times).
     pub open_disks: Mutex<Vec<crate::ilr::OpenDisk>>,
-    /// When each running agent job was last heard of (watchdog).
-    pub heartbeats: Mutex<HashMap<i64, Instant>>,
+    /// What the watchdog knows of each running agent job.
+    pub heartbeats: Mutex<HashMap<i64, Beat>>,
     /// Wakes agents' long polls when jobs are queued.
     pub wake: Notify,
     /// Notified whenever a job ends (`GET /jobs/{id}?wait_seconds=N` waits on it).
@@ -108,11 +135,41 @@ impl AppState {
         self.catalog.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The job's agent was heard of.
     pub fn beat(&self, job: i64) {
+        let now = Instant::now();
         self.heartbeats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(job, Instant::now());
+            .entry(job)
+            .and_modify(|b| b.heard = now)
+            .or_insert_with(|| Beat::new(now));
+    }
+
+    /// The job's agent reported `p`: the job has moved if its figures or step did.
+    pub fn progressed(&self, job: i64, p: &protocol::Progress) {
+        let now = Instant::now();
+        let mut beats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        let b = beats.entry(job).or_insert_with(|| Beat::new(now));
+        b.heard = now;
+        let figures = [p.bytes_done, p.bytes_total, p.bytes_read, p.bytes_sent];
+        // Bounded: it ends up in an alert.
+        let step: Option<String> = p.step.as_ref().map(|s| s.chars().take(200).collect());
+        if figures != b.figures || step != b.step {
+            b.figures = figures;
+            b.step = step;
+            b.moved = now;
+        }
+    }
+
+    /// The server itself is busy with the job (committing its recovery point): the
+    /// agent waits, so its figures standing still is no stall.
+    pub fn server_busy(&self, job: i64, busy: bool) {
+        let now = Instant::now();
+        let mut beats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        let b = beats.entry(job).or_insert_with(|| Beat::new(now));
+        b.server_busy = busy;
+        b.moved = now;
     }
 
     fn forget_job(&self, job: i64) {
@@ -256,6 +313,7 @@ impl AppState {
             "disk-missing" | "disk-resized" | "vm-missing" | "interrupted" | "agent-lost" => {
                 kind.to_string()
             }
+            "stalled" => "job-stalled".to_string(),
             _ if info.datasource_id.is_none() => format!("{}-failed", info.kind.as_str()),
             _ => "backup-failed".to_string(),
         };
