@@ -440,10 +440,8 @@ pub fn export_nbd(s: &ServerArgs, a: &ExportNbdArgs) -> anyhow::Result<ExitCode>
     install_signal_handlers()?;
     let listener = bind(&a.listen)?;
     let uri = listener.uri()?;
-    let mut out = io::stdout().lock();
-    writeln!(out, "{uri}")?;
-    out.flush()?;
-    drop(out);
+    // What is served goes to stderr before the URI goes to stdout: a script that waits
+    // for the URI finds the description already there.
     eprintln!(
         "holdfast: serving recovery point {} disk {disk_no} ({}, {size} bytes{}) {}; stop with Ctrl-C or SIGTERM",
         c.point,
@@ -458,6 +456,10 @@ pub fn export_nbd(s: &ServerArgs, a: &ExportNbdArgs) -> anyhow::Result<ExitCode>
             None => "read-only".to_string(),
         }
     );
+    let mut out = io::stdout().lock();
+    writeln!(out, "{uri}")?;
+    out.flush()?;
+    drop(out);
     let server = Server::new(export).with_log(Arc::new(|msg: &str| {
         eprintln!("holdfast: nbd: {msg}");
     }));
