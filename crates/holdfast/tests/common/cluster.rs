@@ -15,6 +15,8 @@ pub struct Cluster {
     pub server: Option<Child>,
     pub agents: Vec<Child>,
     pub url: String,
+    /// Environment given to agents started from now on (test hooks).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Drop for Cluster {
@@ -42,6 +44,7 @@ impl Cluster {
             server: None,
             agents: Vec::new(),
             url: String::new(),
+            agent_env: Vec::new(),
         };
         c.start_server();
         c
@@ -174,6 +177,7 @@ impl Cluster {
         args.extend_from_slice(provider);
         let child = Command::new(BIN)
             .args(&args)
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod guest;
+pub mod vm;
 
 use std::io::Read;
 use std::os::unix::fs::FileExt;
