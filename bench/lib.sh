@@ -21,8 +21,11 @@ trap cleanup EXIT
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/bench.log" >&2; }
 now() { date +%s.%N; }
 
-[ -f "$IMG" ] || { say "generating $IMG"; python3 "$ANCHORS/gen_disk.py" gen --size "$SIZE" --seed 42 "$IMG"; }
-BYTES=$(stat -c %s "$IMG")
+# NO_IMAGE=1: the benchmark makes its own disks.
+if [ -z "${NO_IMAGE:-}" ]; then
+  [ -f "$IMG" ] || { say "generating $IMG"; python3 "$ANCHORS/gen_disk.py" gen --size "$SIZE" --seed 42 "$IMG"; }
+  BYTES=$(stat -c %s "$IMG")
+fi
 
 # start_server DIR TOML -> sets URL, SPID
 start_server() {
