@@ -12,6 +12,10 @@
 #     (`nbd` crate, examples/nbdread) against `nbdcopy ... null:`, RUNS rounds
 #     interleaved, best of each. Both read only the allocated extents.
 #
+#  3. the real booted guest: bench/guest.sh RUNS (full and incremental after 64 MiB
+#     written in the guest, and how long the guest is held per backup: the guest's own
+#     freeze or pause and Holdfast's share). GUEST=0 leaves it out.
+#
 #   bench/qemu.sh [SIZE] [RUNS]     default 4G 3
 #
 # Results go to bench/results/qemu-STAMP/ (summary.md). HOLDFAST_BIN: binary (default
@@ -140,3 +144,7 @@ print(f"\nours / nbdcopy throughput: **{best['nbdcopy'] / best['holdfast-nbd']:.
 EOF
 cp "$W/agent.stderr" "$OUT/agent.log"
 cat "$OUT/summary.md"
+if [ "${GUEST:-1}" != 0 ]; then
+  say "the real guest: bench/guest.sh $RUNS"
+  HOLDFAST_BIN=$HF "$HERE/guest.sh" "$RUNS"
+fi
