@@ -484,6 +484,11 @@ fn mute_monitors_and_guest_agents_stopped_and_killed_qemus_end_within_deadlines(
     );
     assert_eq!(failed.state, JobState::Failed, "{failed:?}");
     assert!(started.elapsed() < Duration::from_secs(60));
+    let err = failed.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("disk drive0") && err.contains("NBD export"),
+        "the error names the disk and what did not answer: {err}"
+    );
     signal(pid, "CONT");
     // Once QEMU answers again, the agent undoes the view; nothing is lost.
     wait_released(&mut a);
@@ -501,10 +506,13 @@ fn mute_monitors_and_guest_agents_stopped_and_killed_qemus_end_within_deadlines(
     a.kill();
     let failed = c.wait_job(job.id);
     eprintln!(
-        "the job of the killed QEMU failed after {:.1} s",
-        started.elapsed().as_secs_f64()
+        "the job of the killed QEMU failed after {:.1} s: {:?}",
+        started.elapsed().as_secs_f64(),
+        failed.error
     );
     assert_eq!(failed.state, JobState::Failed, "{failed:?}");
+    let err = failed.error.clone().unwrap_or_default();
+    assert!(err.contains("disk drive0"), "the error names the disk: {err}");
     assert!(started.elapsed() < Duration::from_secs(30));
     backup_now(&c, &b);
     a.start();
