@@ -229,19 +229,7 @@ impl Cluster {
     /// test's own backups run) and waits for their initial replicas; a failed one
     /// fails the test at once.
     pub fn protect_daily(&self, group: &str, members: &[&str]) {
-        let mut args = vec!["pg", "create", group];
-        for m in members {
-            args.extend_from_slice(&["--member", m]);
-        }
-        args.extend_from_slice(&[
-            "--retention-days",
-            "7",
-            "--sync-frequency",
-            "1440",
-            "--recovery-point-times",
-            "20:00",
-        ]);
-        self.cli_ok(&args);
+        self.create_group(group, members, &["--recovery-point-times", "20:00"]);
         wait_until("the initial replicas", Duration::from_secs(120), || {
             let jobs = self.jobs();
             let initial = |st: JobState| {
@@ -252,6 +240,20 @@ impl Cluster {
             assert_eq!(initial(JobState::Failed), 0, "{jobs:?}");
             initial(JobState::Succeeded) == members.len()
         });
+    }
+}
+
+impl Cluster {
+    /// `pg create GROUP` with `members`, 7 days of retention, a daily synchronization
+    /// and the policy arguments `more`.
+    pub fn create_group(&self, group: &str, members: &[&str], more: &[&str]) {
+        let mut args = vec!["pg", "create", group];
+        for m in members {
+            args.extend_from_slice(&["--member", m]);
+        }
+        args.extend_from_slice(&["--retention-days", "7", "--sync-frequency", "1440"]);
+        args.extend_from_slice(more);
+        self.cli_ok(&args);
     }
 }
 

@@ -317,23 +317,13 @@ pub fn protect_with(c: &mut Cluster, vm: &Vm, args: &[&str]) -> PathBuf {
 }
 
 /// Puts `members` in a new protection group whose backups run only when asked for
-/// (manual initial replica, daily synchronization at a time the tests never reach).
+/// (manual initial replica; the daily synchronization at 03:33 UTC).
 pub fn manual_group(c: &Cluster, group: &str, members: &[&str]) {
-    let mut args = vec!["pg", "create", group];
-    for m in members {
-        args.extend_from_slice(&["--member", m]);
-    }
-    args.extend_from_slice(&[
-        "--retention-days",
-        "7",
-        "--sync-frequency",
-        "1440",
-        "--recovery-point-times",
-        "03:33",
-        "--replica",
-        "manual",
-    ]);
-    c.cli_ok(&args);
+    c.create_group(
+        group,
+        members,
+        &["--recovery-point-times", "03:33", "--replica", "manual"],
+    );
 }
 
 /// Runs `backup-now --wait` and returns the finished job.
