@@ -430,6 +430,13 @@ mod tests {
         assert!(bad.check().unwrap_err().contains("prune_time"));
         let bad: Config = toml::from_str("[limits]\nlow_space_percent = 100").unwrap();
         assert!(bad.check().unwrap_err().contains("low_space_percent"));
+        // The stall watchdog: on by default, 0 turns it off, a week at most.
+        assert_eq!(c.jobs.stall_seconds, 600);
+        let off: Config = toml::from_str("[jobs]\nstall_seconds = 0").unwrap();
+        assert!(off.check().is_ok());
+        let bad: Config = toml::from_str("[jobs]\nstall_seconds = 604801").unwrap();
+        assert!(bad.check().unwrap_err().contains("jobs.stall_seconds"));
+        assert!(toml::from_str::<Config>("[jobs]\nstall = 5").is_err());
     }
 
     fn err(toml_text: &str) -> String {
