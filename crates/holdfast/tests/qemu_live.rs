@@ -512,7 +512,10 @@ fn mute_monitors_and_guest_agents_stopped_and_killed_qemus_end_within_deadlines(
     );
     assert_eq!(failed.state, JobState::Failed, "{failed:?}");
     let err = failed.error.clone().unwrap_or_default();
-    assert!(err.contains("disk drive0"), "the error names the disk: {err}");
+    assert!(
+        err.contains("disk drive0"),
+        "the error names the disk: {err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(30));
     backup_now(&c, &b);
     a.start();
