@@ -92,7 +92,8 @@ enum Command {
         json: bool,
     },
     /// Recover a whole VM from a recovery point through an agent: over the original
-    /// disk files (VMs at rest), as a new VM in a folder, or as plain disk files.
+    /// disk files (a running QEMU VM with --stop-vm), as a new VM in a folder, or as
+    /// plain disk files.
     Recover(admin::RecoverArgs),
     /// Compare every block of a VM with its replica and repair it.
     ConsistencyCheck {
