@@ -1038,7 +1038,7 @@ pub enum ClustersCommand {
     Create {
         name: String,
         /// A member host (repeat for more); a host is in at most one cluster.
-        #[arg(long = "host", required = true)]
+        #[arg(long = "host", value_name = "HOST", required = true)]
         hosts: Vec<String>,
         #[arg(long)]
         json: bool,
@@ -1046,7 +1046,8 @@ pub enum ClustersCommand {
     /// Add hosts to a cluster.
     AddHost {
         name: String,
-        #[arg(long = "host", required = true)]
+        /// A host to add (repeat for more); in no other cluster.
+        #[arg(long = "host", value_name = "HOST", required = true)]
         hosts: Vec<String>,
     },
     /// Take a host out of a cluster.
