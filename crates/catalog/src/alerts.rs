@@ -7,24 +7,16 @@ use rusqlite::params;
 use crate::{Catalog, Cols, Error, Result};
 
 const ALERT_SELECT: &str = "SELECT id, severity, subject, kind, message, raised, last_seen,
-    resolved, occurrences FROM alerts";
+    resolved, occurrences, note FROM alerts";
 
 fn severity_text(s: Severity) -> &'static str {
-    match s {
-        Severity::Info => "info",
-        Severity::Warning => "warning",
-        Severity::Error => "error",
-    }
+    s.as_str()
 }
 
 fn alert_row(r: &Cols) -> Result<AlertInfo> {
     let s: String = r.get(1, "alerts.severity")?;
-    let severity = match s.as_str() {
-        "info" => Severity::Info,
-        "warning" => Severity::Warning,
-        "error" => Severity::Error,
-        _ => return Err(Error::Corrupt(format!("alerts.severity: unknown {s:?}"))),
-    };
+    let severity = Severity::parse(&s)
+        .ok_or_else(|| Error::Corrupt(format!("alerts.severity: unknown {s:?}")))?;
     Ok(AlertInfo {
         id: r.get(0, "alerts.id")?,
         severity,
@@ -35,6 +27,7 @@ fn alert_row(r: &Cols) -> Result<AlertInfo> {
         last_seen: r.time(6, "alerts.last_seen")?,
         resolved: r.opt_time(7, "alerts.resolved")?,
         occurrences: r.u64(8, "alerts.occurrences")?,
+        note: r.get(9, "alerts.note")?,
     })
 }
 
@@ -113,6 +106,17 @@ impl Catalog {
         subject: &str,
         kind: Option<&str>,
     ) -> Result<Vec<AlertInfo>> {
+        self.resolve_alerts_noted(now, subject, kind, None)
+    }
+
+    /// [`Catalog::resolve_alerts_listed`], with a note saying what resolved them.
+    pub fn resolve_alerts_noted(
+        &self,
+        now: i64,
+        subject: &str,
+        kind: Option<&str>,
+        note: Option<&str>,
+    ) -> Result<Vec<AlertInfo>> {
         let tx = self.conn.unchecked_transaction()?;
         let ids: Vec<i64> = self.all(
             "SELECT id FROM alerts
@@ -123,8 +127,8 @@ impl Catalog {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             tx.execute(
-                "UPDATE alerts SET resolved = ?1 WHERE id = ?2",
-                params![now, id],
+                "UPDATE alerts SET resolved = ?1, note = ?3 WHERE id = ?2",
+                params![now, id, note],
             )?;
             if let Some(a) = self.one(&format!("{ALERT_SELECT} WHERE id = ?1"), [id], alert_row)? {
                 out.push(a);
@@ -132,6 +136,31 @@ impl Catalog {
         }
         tx.commit()?;
         Ok(out)
+    }
+
+    /// One alert by id.
+    pub fn alert(&self, id: i64) -> Result<AlertInfo> {
+        self.one(&format!("{ALERT_SELECT} WHERE id = ?1"), [id], alert_row)?
+            .ok_or_else(|| Error::NotFound(format!("alert {id}")))
+    }
+
+    /// Resolves one alert by hand (an administrator), with an optional note. An alert
+    /// already resolved is a `Conflict` naming when.
+    pub fn resolve_alert(&self, now: i64, id: i64, note: Option<&str>) -> Result<AlertInfo> {
+        let tx = self.conn.unchecked_transaction()?;
+        let a = self.alert(id)?;
+        if let Some(when) = &a.resolved {
+            return Err(Error::Conflict(format!(
+                "alert {id} was already resolved at {when}"
+            )));
+        }
+        tx.execute(
+            "UPDATE alerts SET resolved = ?1, note = ?3 WHERE id = ?2 AND resolved IS NULL",
+            params![now, id, note],
+        )?;
+        let a = self.alert(id)?;
+        tx.commit()?;
+        Ok(a)
     }
 
     /// Alerts, newest first (by when they were last seen).
@@ -222,5 +251,28 @@ mod tests {
         c.resolve_alerts(3, "h1/a", None).unwrap();
         let after = c.raise(4, Severity::Error, "h1/a", "x", "m").unwrap();
         assert!(after.new && after.id != r.id);
+    }
+
+    #[test]
+    fn resolve_by_hand_with_a_note_and_critical_round_trips() {
+        let c = Catalog::open_in_memory().unwrap();
+        let id = c
+            .raise_alert(1, Severity::Critical, "h1/a", "vm-id-conflict", "m")
+            .unwrap();
+        assert_eq!(c.alert(id).unwrap().severity, Severity::Critical);
+        let a = c.resolve_alert(5, id, Some("checked: a test VM")).unwrap();
+        assert_eq!(a.resolved.as_deref(), Some("1970-01-01T00:00:05Z"));
+        assert_eq!(a.note.as_deref(), Some("checked: a test VM"));
+        let e = c.resolve_alert(6, id, None).unwrap_err();
+        assert!(matches!(e, Error::Conflict(_)), "{e}");
+        assert!(e.to_string().contains("already resolved"), "{e}");
+        assert!(matches!(
+            c.resolve_alert(6, 999, None),
+            Err(Error::NotFound(_))
+        ));
+        let noted = c
+            .resolve_alerts_noted(7, "nothing", None, Some("x"))
+            .unwrap();
+        assert!(noted.is_empty());
     }
 }

@@ -50,15 +50,74 @@ fn disks_size(disks: &[DiskInfo]) -> u64 {
         .fold(0u64, |a, d| a.saturating_add(d.virtual_size))
 }
 
+/// A data source whose `HOST/VM` changed (moved to another host, or renamed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub datasource_id: String,
+    /// `HOST/VM` before.
+    pub from: String,
+    /// `HOST/VM` now.
+    pub to: String,
+    /// `renamed`, `cluster NAME` (live migration) or `administrator`.
+    pub how: String,
+}
+
+/// A VM an agent reports under a VM id that another host's data source holds, where
+/// that data source may not follow it: the data source stays, the claimant's VM is
+/// held (not recorded as a data source) until an administrator decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// `HOSTA/VM`: what the reporting agent claims.
+    pub claimant: String,
+    /// `HOSTB/VM`: the data source that holds the id, left where it is.
+    pub holder: String,
+    /// Whether the holder's host still reports it.
+    pub holder_present: bool,
+    pub vm_id: String,
+    /// First seen with this inventory (an earlier one did not make it).
+    pub new: bool,
+}
+
+/// What [`Catalog::upsert_inventory`] did besides recording the VMs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InventoryOutcome {
+    pub moves: Vec<Move>,
+    /// Every claim this inventory makes (repeats included: alerts count occurrences).
+    pub conflicts: Vec<Conflict>,
+    /// Data sources (`HOST/VM`) no host claims any more since this inventory.
+    pub conflicts_ended: Vec<String>,
+    /// This host's present data sources that have an open `vm-missing` alert.
+    pub back: Vec<String>,
+}
+
+/// A data source holding a VM id.
+struct Holder {
+    id: String,
+    host: String,
+    vm: String,
+    present: bool,
+}
+
 impl Catalog {
     /// Records what `host`'s agent reports, in one transaction.
     ///
-    /// A VM is matched first by its hypervisor id (`vm_id`, on any host: a VM that moved
-    /// keeps its data source, group and recovery points), then by `(host, name)`;
-    /// otherwise it is new. If the moved VM's new `host/name` is already held by another
-    /// data source, that one is taken instead (names are unique). Data sources of `host`
-    /// not in `vms` are kept with `present = false`: their history matters.
-    pub fn upsert_inventory(&self, now: i64, host: &str, vms: &[VmInfo]) -> Result<()> {
+    /// A reported VM is matched first by `(host, name)`, then by its hypervisor id
+    /// (`vm_id`) among this host's data sources (a rename), then among other hosts'
+    /// data sources: such a data source follows the VM (keeping its group and recovery
+    /// points) only when its host no longer reports it and both hosts are in one
+    /// cluster (live migration). Any other claim on another host's VM id is a
+    /// [`Conflict`]: the data source stays where it is and the claimant's VM is held
+    /// in `vm_claims`, not merged, so an enrolled agent cannot take over another
+    /// host's VM by reporting its (not secret) id. A VM matched by name whose new id
+    /// another host's data source holds keeps its old id (also a conflict). Data
+    /// sources of `host` not in `vms` are kept with `present = false`: their history
+    /// matters.
+    pub fn upsert_inventory(
+        &self,
+        now: i64,
+        host: &str,
+        vms: &[VmInfo],
+    ) -> Result<InventoryOutcome> {
         check_name("host", host)?;
         let mut names = HashSet::new();
         for v in vms {
@@ -70,59 +129,110 @@ impl Catalog {
                 )));
             }
         }
+        let my_cluster = self.cluster_of(host)?;
         let tx = self.conn.unchecked_transaction()?;
+        let mut out = InventoryOutcome::default();
         let mut seen: HashSet<String> = HashSet::new();
+        let mut claimed: HashSet<&str> = HashSet::new();
         for v in vms {
             // A candidate still listed under its own name on this host is a different VM
             // sharing the id (a clone), not this one moved or renamed.
-            let by_vm_id = match &v.vm_id {
+            let holders: Vec<Holder> = match &v.vm_id {
                 Some(vid) => self
                     .all(
-                        "SELECT id, host, vm FROM datasources WHERE vm_id = ?1
+                        "SELECT id, host, vm, present FROM datasources WHERE vm_id = ?1
                          ORDER BY present DESC, last_seen DESC",
                         [vid],
                         |r| {
-                            Ok((
-                                r.get::<String>(0, "datasources.id")?,
-                                r.get::<String>(1, "datasources.host")?,
-                                r.get::<String>(2, "datasources.vm")?,
-                            ))
+                            Ok(Holder {
+                                id: r.get(0, "datasources.id")?,
+                                host: r.get(1, "datasources.host")?,
+                                vm: r.get(2, "datasources.vm")?,
+                                present: r.bool(3, "datasources.present")?,
+                            })
                         },
                     )?
                     .into_iter()
-                    .find(|(id, h, vm)| {
-                        let clone_here = h == host && names.contains(vm.as_str());
-                        !seen.contains(id) && !clone_here
+                    .filter(|h| {
+                        let clone_here = h.host == host && names.contains(h.vm.as_str());
+                        !seen.contains(&h.id) && !clone_here
                     })
-                    .map(|(id, _, _)| id),
-                None => None,
+                    .collect(),
+                None => Vec::new(),
             };
             let by_name = self.one(
-                "SELECT id FROM datasources WHERE host = ?1 AND vm = ?2",
+                "SELECT id, vm_id FROM datasources WHERE host = ?1 AND vm = ?2",
                 [host, v.name.as_str()],
-                |r| r.get::<String>(0, "datasources.id"),
+                |r| {
+                    Ok((
+                        r.get::<String>(0, "datasources.id")?,
+                        r.get::<Option<String>>(1, "datasources.vm_id")?,
+                    ))
+                },
             )?;
             let disks = to_json(&v.disks, "disks")?;
             let size = sql_u64(disks_size(&v.disks));
-            let id = match (by_vm_id, by_name) {
-                (_, Some(id)) => id,
-                (Some(id), None) => id,
-                (None, None) => {
-                    let id = random_id()?;
-                    tx.execute(
-                        "INSERT INTO datasources
-                             (id, host, vm, vm_id, provider, disks, size, first_seen, last_seen)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-                        params![id, host, v.name, v.vm_id, v.provider, disks, size, now],
-                    )?;
-                    id
-                }
+            let same_host = holders.iter().find(|h| h.host == host);
+            let foreign = holders.iter().find(|h| h.host != host);
+            let claimant = format!("{host}/{}", v.name);
+            let (id, vm_id, how) = match by_name {
+                Some((id, old)) => match foreign {
+                    // Its own VM, now reporting an id another host's data source holds:
+                    // kept, without the id.
+                    Some(f) if old != v.vm_id => {
+                        self.claim(now, host, v, f, &claimant, &mut out)?;
+                        claimed.insert(v.name.as_str());
+                        (id, old, None)
+                    }
+                    _ => (id, v.vm_id.clone(), None),
+                },
+                None => match (same_host, foreign) {
+                    (Some(h), _) => (h.id.clone(), v.vm_id.clone(), Some("renamed".to_string())),
+                    (None, Some(f)) => {
+                        let migrated = match &my_cluster {
+                            Some(k) if !f.present => (self.cluster_of(&f.host)?.as_ref()
+                                == Some(k))
+                            .then(|| format!("cluster {k}")),
+                            _ => None,
+                        };
+                        match migrated {
+                            Some(how) => (f.id.clone(), v.vm_id.clone(), Some(how)),
+                            None => {
+                                self.claim(now, host, v, f, &claimant, &mut out)?;
+                                claimed.insert(v.name.as_str());
+                                continue;
+                            }
+                        }
+                    }
+                    (None, None) => {
+                        let id = random_id()?;
+                        tx.execute(
+                            "INSERT INTO datasources
+                                 (id, host, vm, vm_id, provider, disks, size, first_seen, last_seen)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                            params![id, host, v.name, v.vm_id, v.provider, disks, size, now],
+                        )?;
+                        (id, v.vm_id.clone(), None)
+                    }
+                },
             };
+            if let Some(how) = how {
+                let from = self.datasource(&id)?.name;
+                if from != claimant {
+                    self.record_move(now, &id, &from, &claimant, &how)?;
+                    out.moves.push(Move {
+                        datasource_id: id.clone(),
+                        from,
+                        to: claimant.clone(),
+                        how,
+                    });
+                }
+            }
             tx.execute(
                 "UPDATE datasources SET host = ?2, vm = ?3, vm_id = ?4, provider = ?5,
                      disks = ?6, size = ?7, present = 1, last_seen = ?8
                  WHERE id = ?1",
-                params![id, host, v.name, v.vm_id, v.provider, disks, size, now],
+                params![id, host, v.name, vm_id, v.provider, disks, size, now],
             )?;
             seen.insert(id);
         }
@@ -134,8 +244,232 @@ impl Catalog {
         for id in here.iter().filter(|id| !seen.contains(*id)) {
             tx.execute("UPDATE datasources SET present = 0 WHERE id = ?1", [id])?;
         }
+        // Claims this host no longer makes end; a data source nobody claims any more is
+        // out of conflict.
+        let old_claims = self.all(
+            "SELECT vm, datasource_id FROM vm_claims WHERE host = ?1",
+            [host],
+            |r| {
+                Ok((
+                    r.get::<String>(0, "vm_claims.vm")?,
+                    r.get::<String>(1, "vm_claims.datasource_id")?,
+                ))
+            },
+        )?;
+        for (vm, ds) in old_claims {
+            if claimed.contains(vm.as_str()) {
+                continue;
+            }
+            tx.execute(
+                "DELETE FROM vm_claims WHERE host = ?1 AND vm = ?2",
+                [host, vm.as_str()],
+            )?;
+            if !self.exists("SELECT 1 FROM vm_claims WHERE datasource_id = ?1", [&ds])? {
+                out.conflicts_ended.push(self.datasource(&ds)?.name);
+            }
+        }
+        out.back = self.all(
+            "SELECT a.subject FROM alerts a JOIN datasources d
+                 ON a.subject = d.host || '/' || d.vm
+             WHERE d.host = ?1 AND d.present = 1 AND a.kind = 'vm-missing'
+                 AND a.resolved IS NULL",
+            [host],
+            |r| r.get(0, "alerts.subject"),
+        )?;
         tx.commit()?;
+        Ok(out)
+    }
+
+    /// Holds `v` (reported by `host`) as a claim on `holder`'s VM id.
+    fn claim(
+        &self,
+        now: i64,
+        host: &str,
+        v: &VmInfo,
+        holder: &Holder,
+        claimant: &str,
+        out: &mut InventoryOutcome,
+    ) -> Result<()> {
+        let before = self.one(
+            "SELECT datasource_id FROM vm_claims WHERE host = ?1 AND vm = ?2",
+            [host, v.name.as_str()],
+            |r| r.get::<String>(0, "vm_claims.datasource_id"),
+        )?;
+        self.conn.execute(
+            "INSERT INTO vm_claims (host, vm, datasource_id, info, first_seen, last_seen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+             ON CONFLICT (host, vm) DO UPDATE SET datasource_id = excluded.datasource_id,
+                 info = excluded.info, last_seen = excluded.last_seen",
+            params![host, v.name, holder.id, to_json(v, "vm")?, now],
+        )?;
+        out.conflicts.push(Conflict {
+            claimant: claimant.to_string(),
+            holder: format!("{}/{}", holder.host, holder.vm),
+            holder_present: holder.present,
+            vm_id: v.vm_id.clone().unwrap_or_default(),
+            new: before.as_deref() != Some(holder.id.as_str()),
+        });
         Ok(())
+    }
+
+    fn record_move(&self, now: i64, id: &str, from: &str, to: &str, how: &str) -> Result<()> {
+        let (Some((oh, ov)), Some((nh, nv))) = (protocol::split_vm(from), protocol::split_vm(to))
+        else {
+            return Err(Error::Invalid(format!(
+                "move {from:?} -> {to:?}: not HOST/VM"
+            )));
+        };
+        self.conn.execute(
+            "INSERT INTO datasource_moves
+                 (datasource_id, old_host, old_vm, new_host, new_vm, time, how)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![id, oh, ov, nh, nv, now, how],
+        )?;
+        Ok(())
+    }
+
+    /// An administrator's move of the data source `HOST/VM` to the VM `to` reports
+    /// under the same id (held as a claim, or recorded) or, failing that, the same name.
+    /// Refused when `to` reports no such VM, or when the VM there is a data source
+    /// with history of its own (recovery points, a group). The data source keeps its
+    /// id, group membership and recovery points.
+    pub fn move_datasource(&self, now: i64, host: &str, vm: &str, to: &str) -> Result<Move> {
+        check_name("host", to)?;
+        let tx = self.conn.unchecked_transaction()?;
+        let d = self.datasource_by_name(host, vm)?;
+        if d.host == to {
+            return Err(Error::Invalid(format!("{} is already on {to}", d.name)));
+        }
+        let claim = self.one(
+            "SELECT info FROM vm_claims WHERE host = ?1 AND datasource_id = ?2
+             ORDER BY last_seen DESC LIMIT 1",
+            [to, d.id.as_str()],
+            |r| r.json::<VmInfo>(0, "vm_claims.info"),
+        )?;
+        let recorded = |sql: &str, key: &str| {
+            self.one(sql, [to, key], |r| r.get::<String>(0, "datasources.id"))
+        };
+        let target: VmInfo = match claim {
+            Some(v) => v,
+            None => {
+                let by_id = match &d.vm_id {
+                    Some(vid) => recorded(
+                        "SELECT id FROM datasources WHERE host = ?1 AND vm_id = ?2 AND present = 1",
+                        vid,
+                    )?,
+                    None => None,
+                };
+                let t = match by_id {
+                    Some(t) => Some(t),
+                    None => recorded(
+                        "SELECT id FROM datasources WHERE host = ?1 AND vm = ?2 AND present = 1",
+                        &d.vm,
+                    )?,
+                };
+                let t = t.ok_or_else(|| {
+                    Error::Conflict(format!(
+                        "{to} reports no VM {}named {:?}; {} stays on {}",
+                        d.vm_id
+                            .as_ref()
+                            .map(|i| format!("with id {i} and none "))
+                            .unwrap_or_default(),
+                        d.vm,
+                        d.name,
+                        d.host
+                    ))
+                })?;
+                let t = self.datasource(&t)?;
+                VmInfo {
+                    name: t.vm,
+                    vm_id: t.vm_id.or_else(|| d.vm_id.clone()),
+                    provider: t.provider,
+                    disks: t.disks,
+                    running: None,
+                }
+            }
+        };
+        // The VM there may be recorded as a data source of its own (matched by name):
+        // it gives way only if it has no history.
+        if let Ok(t) = self.datasource_by_name(to, &target.name)
+            && t.id != d.id
+        {
+            let points = self.recovery_points(Some(&t.id))?.len();
+            if points > 0 || t.protection_group.is_some() {
+                return Err(Error::Conflict(format!(
+                    "{} is a data source with its own history ({points} recovery points{}); \
+                     remove it from its group and forget its recovery points first",
+                    t.name,
+                    t.protection_group
+                        .as_ref()
+                        .map(|g| format!(", group {g:?}"))
+                        .unwrap_or_default()
+                )));
+            }
+            tx.execute("DELETE FROM datasources WHERE id = ?1", [&t.id])?;
+        }
+        let to_name = format!("{to}/{}", target.name);
+        self.record_move(now, &d.id, &d.name, &to_name, "administrator")?;
+        tx.execute(
+            "UPDATE datasources SET host = ?2, vm = ?3, vm_id = ?4, provider = ?5,
+                 disks = ?6, size = ?7, present = 1, last_seen = ?8
+             WHERE id = ?1",
+            params![
+                d.id,
+                to,
+                target.name,
+                target.vm_id,
+                target.provider,
+                to_json(&target.disks, "disks")?,
+                sql_u64(disks_size(&target.disks)),
+                now
+            ],
+        )?;
+        // Its claims are settled: the data source is where the administrator put it.
+        tx.execute("DELETE FROM vm_claims WHERE datasource_id = ?1", [&d.id])?;
+        tx.commit()?;
+        Ok(Move {
+            datasource_id: d.id,
+            from: d.name,
+            to: to_name,
+            how: "administrator".into(),
+        })
+    }
+
+    /// Where the data source once named `host/vm` is now: its `HOST/VM` and when it
+    /// moved, if it moved and still exists.
+    pub fn moved_to(&self, host: &str, vm: &str) -> Result<Option<(String, String)>> {
+        let m = self.one(
+            "SELECT datasource_id, time FROM datasource_moves
+             WHERE old_host = ?1 AND old_vm = ?2 ORDER BY id DESC LIMIT 1",
+            [host, vm],
+            |r| {
+                Ok((
+                    r.get::<String>(0, "datasource_moves.datasource_id")?,
+                    r.time(1, "datasource_moves.time")?,
+                ))
+            },
+        )?;
+        Ok(match m {
+            Some((id, when)) => self
+                .one(
+                    "SELECT host || '/' || vm FROM datasources WHERE id = ?1",
+                    [id],
+                    |r| r.get::<String>(0, "datasources.host"),
+                )?
+                .map(|name| (name, when)),
+            None => None,
+        })
+    }
+
+    /// The VMs held as claims on other hosts' VM ids: `(HOSTA/VM, HOSTB/VM)` pairs.
+    pub fn vm_claims(&self) -> Result<Vec<(String, String)>> {
+        self.all(
+            "SELECT c.host || '/' || c.vm, d.host || '/' || d.vm
+             FROM vm_claims c JOIN datasources d ON d.id = c.datasource_id
+             ORDER BY c.host, c.vm",
+            [],
+            |r| Ok((r.get(0, "vm_claims.vm")?, r.get(1, "datasources.vm")?)),
+        )
     }
 
     /// Every data source, by `HOST/VM`.
@@ -148,13 +482,28 @@ impl Catalog {
             .ok_or_else(|| Error::NotFound(format!("data source {id:?}")))
     }
 
+    /// A data source by its current name; an old name of a moved one is
+    /// [`Error::Moved`], naming where it went.
     pub fn datasource_by_name(&self, host: &str, vm: &str) -> Result<DataSourceInfo> {
-        self.one(
+        match self.one(
             &format!("{DS_SELECT} WHERE d.host = ?1 AND d.vm = ?2"),
             [host, vm],
             ds_row,
-        )?
-        .ok_or_else(|| Error::NotFound(format!("data source {host}/{vm}")))
+        )? {
+            Some(d) => Ok(d),
+            None => Err(self.not_found(host, vm)?),
+        }
+    }
+
+    fn not_found(&self, host: &str, vm: &str) -> Result<Error> {
+        Ok(match self.moved_to(host, vm)? {
+            Some((to, when)) => Error::Moved {
+                from: format!("{host}/{vm}"),
+                to,
+                when,
+            },
+            None => Error::NotFound(format!("data source {host}/{vm}")),
+        })
     }
 
     /// `ok`, `inconsistent`, `unprotected` (or another short lowercase word the server
@@ -187,7 +536,7 @@ impl Catalog {
             [host, vm],
             |r| r.get::<String>(0, "datasources.id"),
         )?
-        .ok_or_else(|| Error::NotFound(format!("data source {host}/{vm}")))
+        .map_or_else(|| Err(self.not_found(host, vm)?), Ok)
     }
 }
 
@@ -246,6 +595,8 @@ mod tests {
     #[test]
     fn a_moved_vm_keeps_its_id_group_and_recovery_points() {
         let c = Catalog::open_in_memory().unwrap();
+        c.create_cluster(1, "k", &["h1".into(), "h2".into()])
+            .unwrap();
         c.upsert_inventory(100, "h1", &[vm("a", Some("uuid-a"), 10)])
             .unwrap();
         let a = c.datasource_by_name("h1", "a").unwrap();
@@ -254,25 +605,194 @@ mod tests {
         c.add_recovery_point(&rp("rp1", &a.id, "h1/a", 120))
             .unwrap();
 
-        // Moves to h2 (and is renamed there); h1 no longer reports it.
-        c.upsert_inventory(200, "h2", &[vm("a-moved", Some("uuid-a"), 10)])
+        // Live migration within the cluster: h1 no longer reports it, h2 does (and it
+        // is renamed there).
+        c.upsert_inventory(199, "h1", &[]).unwrap();
+        let out = c
+            .upsert_inventory(200, "h2", &[vm("a-moved", Some("uuid-a"), 10)])
             .unwrap();
-        c.upsert_inventory(201, "h1", &[]).unwrap();
+        assert_eq!(
+            out.moves,
+            [Move {
+                datasource_id: a.id.clone(),
+                from: "h1/a".into(),
+                to: "h2/a-moved".into(),
+                how: "cluster k".into(),
+            }]
+        );
+        assert!(out.conflicts.is_empty());
         let moved = c.datasource_by_name("h2", "a-moved").unwrap();
         assert_eq!(moved.id, a.id);
-        assert!(moved.present, "moving away from h1 does not mark it absent");
+        assert!(moved.present);
         assert_eq!(moved.protection_group.as_deref(), Some("pg1"));
         assert_eq!(
             moved.last_recovery_point.as_deref(),
             Some("1970-01-01T00:02:00Z")
         );
         assert_eq!(c.recovery_points(Some(&a.id)).unwrap().len(), 1);
-        assert!(matches!(
-            c.datasource_by_name("h1", "a"),
-            Err(Error::NotFound(_))
-        ));
+        // The old name says where it went.
+        let e = c.datasource_by_name("h1", "a").unwrap_err();
+        assert!(matches!(e, Error::Moved { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "h1/a moved to h2/a-moved at 1970-01-01T00:03:20Z; use h2/a-moved"
+        );
         assert_eq!(c.datasources().unwrap().len(), 1);
         assert_eq!(c.group("pg1").unwrap().members[0].name, "h2/a-moved");
+    }
+
+    /// The matching rule against takeover: another host's VM id moves a data source
+    /// only from an absent VM of a host in the claimant's cluster.
+    #[test]
+    fn a_vm_id_claimed_by_another_host_never_moves_the_data_source() {
+        let c = Catalog::open_in_memory().unwrap();
+        c.upsert_inventory(100, "hb", &[vm("web", Some("id-w"), 10)])
+            .unwrap();
+        let web = c.datasource_by_name("hb", "web").unwrap();
+        c.create_group(101, "pg", &policy(), &["hb/web".into()])
+            .unwrap();
+
+        // ha claims hb/web's id while hb still reports it: held, alerted, not merged.
+        let out = c
+            .upsert_inventory(
+                110,
+                "ha",
+                &[vm("evil", Some("id-w"), 1), vm("own", None, 1)],
+            )
+            .unwrap();
+        assert!(out.moves.is_empty());
+        assert_eq!(
+            out.conflicts,
+            [Conflict {
+                claimant: "ha/evil".into(),
+                holder: "hb/web".into(),
+                holder_present: true,
+                vm_id: "id-w".into(),
+                new: true,
+            }]
+        );
+        let still = c.datasource_by_name("hb", "web").unwrap();
+        assert_eq!((still.id.as_str(), still.present), (web.id.as_str(), true));
+        assert_eq!(still.protection_group.as_deref(), Some("pg"));
+        assert!(matches!(
+            c.datasource_by_name("ha", "evil"),
+            Err(Error::NotFound(_))
+        ));
+        assert!(c.datasource_by_name("ha", "own").is_ok());
+        assert_eq!(
+            c.vm_claims().unwrap(),
+            [("ha/evil".into(), "hb/web".into())]
+        );
+
+        // Repeats do not flip it; hb's own inventory keeps it.
+        for t in 0..3 {
+            let o = c
+                .upsert_inventory(120 + t, "ha", &[vm("evil", Some("id-w"), 1)])
+                .unwrap();
+            assert!(!o.conflicts[0].new);
+            c.upsert_inventory(121 + t, "hb", &[vm("web", Some("id-w"), 10)])
+                .unwrap();
+            assert_eq!(c.datasource_by_name("hb", "web").unwrap().id, web.id);
+        }
+
+        // hb stops reporting it, but ha is in no cluster with hb: still held.
+        c.upsert_inventory(130, "hb", &[]).unwrap();
+        let o = c
+            .upsert_inventory(131, "ha", &[vm("evil", Some("id-w"), 1)])
+            .unwrap();
+        assert!(o.moves.is_empty());
+        assert!(!o.conflicts[0].holder_present);
+        assert_eq!(c.datasource_by_name("hb", "web").unwrap().id, web.id);
+
+        // A cluster of other hosts does not help ha either.
+        c.create_cluster(132, "k", &["ha".into(), "hc".into()])
+            .unwrap();
+        let o = c
+            .upsert_inventory(133, "ha", &[vm("evil", Some("id-w"), 1)])
+            .unwrap();
+        assert!(o.moves.is_empty() && o.conflicts.len() == 1);
+
+        // A VM known by name on ha that starts reporting hb's id keeps its own id.
+        c.upsert_inventory(134, "ha", &[vm("own", Some("id-w"), 1)])
+            .unwrap();
+        assert_eq!(c.datasource_by_name("ha", "own").unwrap().vm_id, None);
+        // The claim on "evil" ended; the one of "own" stands.
+        assert_eq!(c.vm_claims().unwrap(), [("ha/own".into(), "hb/web".into())]);
+        let o = c
+            .upsert_inventory(135, "ha", &[vm("own", None, 1)])
+            .unwrap();
+        assert_eq!(o.conflicts_ended, ["hb/web"]);
+        assert!(c.vm_claims().unwrap().is_empty());
+
+        // Once hb is in ha's cluster, the absent VM follows its id (live migration).
+        c.add_cluster_hosts("k", &["hb".into()]).unwrap();
+        let o = c
+            .upsert_inventory(
+                140,
+                "ha",
+                &[vm("web", Some("id-w"), 10), vm("own", None, 1)],
+            )
+            .unwrap();
+        assert_eq!(o.moves.len(), 1);
+        assert_eq!(o.moves[0].how, "cluster k");
+        assert_eq!(c.datasource_by_name("ha", "web").unwrap().id, web.id);
+    }
+
+    #[test]
+    fn an_administrator_moves_a_held_claim_or_refuses() {
+        let c = Catalog::open_in_memory().unwrap();
+        c.upsert_inventory(100, "hb", &[vm("web", Some("id-w"), 10)])
+            .unwrap();
+        let web = c.datasource_by_name("hb", "web").unwrap();
+        c.create_group(101, "pg", &policy(), &["hb/web".into()])
+            .unwrap();
+        c.add_recovery_point(&rp("rp1", &web.id, "hb/web", 102))
+            .unwrap();
+        // ha reports nothing like it: refused, nothing moves.
+        c.upsert_inventory(103, "ha", &[vm("other", None, 1)])
+            .unwrap();
+        let e = c.move_datasource(104, "hb", "web", "ha").unwrap_err();
+        assert!(matches!(e, Error::Conflict(_)), "{e}");
+        assert!(
+            e.to_string().contains("ha reports no VM with id id-w"),
+            "{e}"
+        );
+        assert!(matches!(
+            c.move_datasource(104, "hb", "web", "hb"),
+            Err(Error::Invalid(_))
+        ));
+        // The VM really moved to ha (no cluster): held; the administrator moves it.
+        c.upsert_inventory(110, "hb", &[]).unwrap();
+        c.upsert_inventory(111, "ha", &[vm("web", Some("id-w"), 12)])
+            .unwrap();
+        let m = c.move_datasource(112, "hb", "web", "ha").unwrap();
+        assert_eq!((m.from.as_str(), m.to.as_str()), ("hb/web", "ha/web"));
+        let d = c.datasource_by_name("ha", "web").unwrap();
+        assert_eq!(d.id, web.id);
+        assert_eq!(d.size, 12);
+        assert!(d.present);
+        assert_eq!(d.protection_group.as_deref(), Some("pg"));
+        assert_eq!(c.recovery_points(Some(&d.id)).unwrap().len(), 1);
+        assert!(c.vm_claims().unwrap().is_empty());
+        // ha's next inventory keeps it there, with no conflict.
+        let o = c
+            .upsert_inventory(113, "ha", &[vm("web", Some("id-w"), 12)])
+            .unwrap();
+        assert!(o.conflicts.is_empty() && o.moves.is_empty());
+        let e = c.datasource_by_name("hb", "web").unwrap_err();
+        assert!(e.to_string().starts_with("hb/web moved to ha/web"), "{e}");
+        // A target with its own history is not overwritten.
+        c.upsert_inventory(120, "hc", &[vm("web", None, 1)])
+            .unwrap();
+        let hc = c.datasource_by_name("hc", "web").unwrap();
+        c.add_recovery_point(&rp("rp2", &hc.id, "hc/web", 121))
+            .unwrap();
+        let e = c.move_datasource(122, "ha", "web", "hc").unwrap_err();
+        assert!(
+            e.to_string().contains("its own history (1 recovery points"),
+            "{e}"
+        );
+        assert_eq!(c.datasource_by_name("ha", "web").unwrap().id, web.id);
     }
 
     #[test]

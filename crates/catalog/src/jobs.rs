@@ -589,7 +589,10 @@ mod tests {
             Some("1970-01-01T00:08:20Z")
         );
 
-        // a moves to h3: the queued job goes there.
+        // a moves to h3 (same cluster, h1 no longer reports it): the queued job goes there.
+        c.create_cluster(199, "k", &["h1".into(), "h3".into()])
+            .unwrap();
+        c.upsert_inventory(199, "h1", &[]).unwrap();
         c.upsert_inventory(200, "h3", &[vm("a2", Some("ua"), 10)])
             .unwrap();
         let r = &c.runnable_jobs(200).unwrap()[0];

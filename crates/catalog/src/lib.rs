@@ -23,6 +23,9 @@
 //! | `jobs`, `job_log`| every job with its progress, outcome and log lines |
 //! | `alerts`         | one open alert per (subject, kind); repeats count occurrences |
 //! | `schedule_runs`  | when each schedule last fired, so restarts do not re-fire |
+//! | `clusters`, `cluster_hosts` | hosts VMs may move between on their own; a host in at most one |
+//! | `vm_claims`      | VMs reported under another host's VM id, held for an administrator |
+//! | `datasource_moves` | every change of a data source's `HOST/VM` (old names say where it went) |
 //!
 //! Everything is synchronous on one connection; the server wraps a [`Catalog`] in a
 //! mutex. Functions that stamp a time take `now` (Unix seconds) so tests are
@@ -30,6 +33,7 @@
 
 mod agents;
 mod alerts;
+mod clusters;
 mod datasources;
 mod groups;
 mod jobs;
@@ -48,10 +52,11 @@ use serde::de::DeserializeOwned;
 
 pub use agents::AgentRow;
 pub use alerts::Raised;
+pub use datasources::{Conflict, InventoryOutcome, Move};
 pub use groups::{GroupMember, GroupRow};
 pub use jobs::{JobFilter, JobRow, NewJob};
 
-/// Catalog errors. The server maps `NotFound` to 404, `Conflict` to 409, `Invalid` to
+/// Catalog errors. The server maps `NotFound` and `Moved` to 404, `Conflict` to 409, `Invalid` to
 /// 400 and everything else to 500; messages name the thing concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -59,6 +64,13 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A data source asked for by an old `HOST/VM` name: it moved.
+    #[error("{from} moved to {to} at {when}; use {to}")]
+    Moved {
+        from: String,
+        to: String,
+        when: String,
+    },
     #[error("{0}")]
     Invalid(String),
     /// A row that does not decode (bad JSON, unknown enum text, negative size): names the

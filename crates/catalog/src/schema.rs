@@ -3,7 +3,52 @@
 //! because databases in the field have already run it.
 
 /// Every migration step in order; `MIGRATIONS.len()` is the version this program writes.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+
+/// Clusters (hosts VMs may move between on their own), VM-id claims held for an
+/// administrator, the record of data-source moves, and notes on resolved alerts.
+const V3: &str = r#"
+CREATE TABLE clusters (
+    name    TEXT PRIMARY KEY,
+    created INTEGER NOT NULL
+);
+
+-- A host is in at most one cluster.
+CREATE TABLE cluster_hosts (
+    host    TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL REFERENCES clusters (name) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE INDEX cluster_hosts_cluster ON cluster_hosts (cluster);
+
+-- A VM an agent reports under a VM id another host's data source holds, when the
+-- data source may not follow it: held here (not a data source) until the claim ends
+-- or an administrator moves the data source.
+CREATE TABLE vm_claims (
+    host          TEXT NOT NULL,
+    vm            TEXT NOT NULL,
+    datasource_id TEXT NOT NULL REFERENCES datasources (id) ON DELETE CASCADE,
+    info          TEXT NOT NULL,          -- JSON VmInfo as reported
+    first_seen    INTEGER NOT NULL,
+    last_seen     INTEGER NOT NULL,
+    PRIMARY KEY (host, vm)
+) WITHOUT ROWID;
+CREATE INDEX vm_claims_ds ON vm_claims (datasource_id);
+
+-- Every change of a data source's HOST/VM, so an old name can say where it went.
+CREATE TABLE datasource_moves (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    datasource_id TEXT NOT NULL,
+    old_host      TEXT NOT NULL,
+    old_vm        TEXT NOT NULL,
+    new_host      TEXT NOT NULL,
+    new_vm        TEXT NOT NULL,
+    time          INTEGER NOT NULL,
+    how           TEXT NOT NULL           -- automatic, cluster NAME, administrator
+);
+CREATE INDEX datasource_moves_old ON datasource_moves (old_host, old_vm, id);
+
+ALTER TABLE alerts ADD COLUMN note TEXT;
+"#;
 
 /// Item-level recovery: what the server found in each volume of a recovery point.
 const V2: &str = r#"

@@ -473,6 +473,40 @@ pub enum Severity {
     Info,
     Warning,
     Error,
+    /// Someone may be attacking the server (a VM id claimed by another host): act now.
+    Critical,
+}
+
+impl Severity {
+    /// Lowercase, as in JSON and `[notify] min_severity`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+            Severity::Critical => "critical",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Severity> {
+        Some(match s {
+            "info" => Severity::Info,
+            "warning" => Severity::Warning,
+            "error" => Severity::Error,
+            "critical" => Severity::Critical,
+            _ => return None,
+        })
+    }
+
+    /// Order for `min_severity` filters: info < warning < error < critical.
+    pub fn rank(self) -> u8 {
+        match self {
+            Severity::Info => 0,
+            Severity::Warning => 1,
+            Severity::Error => 2,
+            Severity::Critical => 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -488,6 +522,84 @@ pub struct AlertInfo {
     pub last_seen: String,
     pub resolved: Option<String>,
     pub occurrences: u64,
+    /// Why it was resolved: an administrator's note, or what resolved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// `POST /api/v1/alerts/{id}/resolve` (admin).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResolveAlert {
+    /// At most [`MAX_NOTE_CHARS`] characters, no control characters.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// Longest note an administrator may attach to a resolved alert.
+pub const MAX_NOTE_CHARS: usize = 2000;
+
+impl ResolveAlert {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(n) = &self.note {
+            if n.chars().count() > MAX_NOTE_CHARS {
+                return Err(format!("note: longer than {MAX_NOTE_CHARS} characters"));
+            }
+            if n.chars().any(char::is_control) {
+                return Err("note: control characters (newlines, tabs...) are not allowed".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Clusters and data-source moves
+
+/// A set of hosts VMs may move between on their own (live migration): a data source
+/// follows its VM id from one member to another once the old host stops reporting it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub created: String,
+}
+
+/// `POST /api/v1/clusters` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateCluster {
+    pub name: String,
+    pub hosts: Vec<String>,
+}
+
+/// `POST /api/v1/clusters/{name}/hosts` (admin): hosts to add.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterHosts {
+    pub hosts: Vec<String>,
+}
+
+/// `POST /api/v1/datasources/{host}/{vm}/move` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveDataSource {
+    /// The host that now reports the VM.
+    pub to: String,
+}
+
+/// A cluster or host name: 1-128 letters, digits, `-`, `.`, `_`, not `.` or `..`
+/// (the grammar enrollment tokens use for hosts).
+pub fn check_host_name(what: &str, s: &str) -> Result<(), String> {
+    if s.is_empty()
+        || s.len() > 128
+        || s == "."
+        || s == ".."
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err(format!(
+            "{what} {s:?}: use 1-128 letters, digits, '-', '.', '_' (not . or ..)"
+        ));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------

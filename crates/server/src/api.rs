@@ -41,7 +41,7 @@ impl IntoResponse for ApiErr {
 impl From<catalog::Error> for ApiErr {
     fn from(e: catalog::Error) -> Self {
         let code = match &e {
-            catalog::Error::NotFound(_) => StatusCode::NOT_FOUND,
+            catalog::Error::NotFound(_) | catalog::Error::Moved { .. } => StatusCode::NOT_FOUND,
             catalog::Error::Conflict(_) => StatusCode::CONFLICT,
             catalog::Error::Invalid(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -187,6 +187,14 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/agents/{host}/revoke", post(agent_revoke))
         .route("/datasources", get(datasources))
         .route("/datasources/{host}/{vm}/backup", post(backup_now))
+        .route("/datasources/{host}/{vm}/move", post(datasource_move))
+        .route("/clusters", get(clusters_list).post(cluster_create))
+        .route("/clusters/{name}", get(cluster_show).delete(cluster_delete))
+        .route("/clusters/{name}/hosts", post(cluster_add_hosts))
+        .route(
+            "/clusters/{name}/hosts/{host}",
+            axum::routing::delete(cluster_remove_host),
+        )
         .route(
             "/datasources/{host}/{vm}/exclusions",
             get(exclusions_get).put(exclusions_put),
@@ -216,6 +224,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/jobs/{id}", get(job_show))
         .route("/jobs/{id}/cancel", post(job_cancel))
         .route("/alerts", get(alerts_list))
+        .route("/alerts/{id}/resolve", post(alert_resolve))
         .route("/audit", get(audit_list))
         .route("/agent/inventory", post(agent_inventory))
         .route("/agent/poll", post(agent_poll))
@@ -793,6 +802,31 @@ async fn alerts_list(
     Ok(json(&st.cat().alerts(q.all)?))
 }
 
+async fn alert_resolve(
+    State(st): St,
+    _admin: Admin,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: ResolveAlert = parse(&body)?;
+    req.validate().map_err(bad)?;
+    let note = req.note.as_deref().map(str::trim).filter(|n| !n.is_empty());
+    let cat = st.cat();
+    let a = st.notify.resolve_alert(&cat, now(), id, note)?;
+    cat.audit(
+        now(),
+        "admin",
+        "alert resolve",
+        &format!(
+            "{id} {} {}{}",
+            a.subject,
+            a.kind,
+            note.map(|n| format!(": {n}")).unwrap_or_default()
+        ),
+    )?;
+    Ok(json(&a))
+}
+
 async fn audit_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
     Ok(json(&st.cat().audit_log(500)?))
 }
@@ -806,8 +840,196 @@ async fn agent_inventory(
     body: Bytes,
 ) -> ApiResult<Response> {
     let inv: Inventory = parse(&body)?;
-    st.cat().upsert_inventory(now(), &host, &inv.vms)?;
+    let t = now();
+    let cat = st.cat();
+    let out = cat.upsert_inventory(t, &host, &inv.vms)?;
+    for c in &out.conflicts {
+        // On the holder: the data source under attack (or whose VM really moved).
+        let msg = format!(
+            "{} reports VM id {}, which belongs to {} ({}); the data source stays on its host \
+             and {} is not backed up as it. If the VM really moved, run `holdfast datasources \
+             move {} --to {}`; otherwise check host {}",
+            c.claimant,
+            c.vm_id,
+            c.holder,
+            if c.holder_present {
+                "still reported by its host"
+            } else {
+                "no longer reported by its host, which is in no cluster with the claimant"
+            },
+            c.claimant,
+            c.holder,
+            c.claimant.split('/').next().unwrap_or(&host),
+            host,
+        );
+        st.notify.raise_alert(
+            &cat,
+            t,
+            Severity::Critical,
+            &c.holder,
+            "vm-id-conflict",
+            &msg,
+        )?;
+        if c.new {
+            cat.audit(
+                t,
+                &format!("agent {host}"),
+                "vm-id conflict",
+                &format!("{} claims VM id {} of {}", c.claimant, c.vm_id, c.holder),
+            )?;
+        }
+    }
+    for name in &out.conflicts_ended {
+        st.notify.resolve_alerts_noted(
+            &cat,
+            t,
+            name,
+            Some("vm-id-conflict"),
+            Some("no host claims its VM id any more"),
+        )?;
+    }
+    for m in &out.moves {
+        moved(&st, &cat, t, &format!("agent {host}"), m)?;
+    }
+    for name in &out.back {
+        st.notify.resolve_alerts_noted(
+            &cat,
+            t,
+            name,
+            Some("vm-missing"),
+            Some("its agent reports it again"),
+        )?;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// After a data source's `HOST/VM` changed: audited, and the alerts of the old name
+/// (nothing would ever clear them: the name is gone) resolved with a note.
+fn moved(
+    st: &AppState,
+    cat: &catalog::Catalog,
+    t: i64,
+    actor: &str,
+    m: &catalog::Move,
+) -> ApiResult<()> {
+    cat.audit(
+        t,
+        actor,
+        "datasource move",
+        &format!("{} -> {} ({})", m.from, m.to, m.how),
+    )?;
+    st.notify.resolve_alerts_noted(
+        cat,
+        t,
+        &m.from,
+        None,
+        Some(&format!("{} moved to {} ({})", m.from, m.to, m.how)),
+    )?;
+    Ok(())
+}
+
+/// An administrator moves a data source (group, recovery points, schedule) to the VM
+/// another host reports under its id or name.
+async fn datasource_move(
+    State(st): St,
+    _admin: Admin,
+    Path((host, vm)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: MoveDataSource = parse(&body)?;
+    check_host_name("to", &req.to).map_err(bad)?;
+    let t = now();
+    let cat = st.cat();
+    if let Some(j) = cat.active_job_for(&cat.datasource_by_name(&host, &vm)?.id)? {
+        return Err(ApiErr(
+            StatusCode::CONFLICT,
+            format!(
+                "{host}/{vm} has {} job {} {}; move it when the job has ended",
+                j.kind.as_str(),
+                j.id,
+                j.state.as_str()
+            ),
+        ));
+    }
+    let m = cat.move_datasource(t, &host, &vm, &req.to)?;
+    moved(&st, &cat, t, "admin", &m)?;
+    Ok(json(&cat.datasource(&m.datasource_id)?))
+}
+
+// ------------------------------------------------------------------------------
+// Clusters
+
+async fn clusters_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
+    Ok(json(&st.cat().clusters()?))
+}
+
+async fn cluster_show(
+    State(st): St,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    Ok(json(&st.cat().cluster(&name)?))
+}
+
+async fn cluster_create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
+    let req: CreateCluster = parse(&body)?;
+    let cat = st.cat();
+    let k = cat.create_cluster(now(), &req.name, &req.hosts)?;
+    cat.audit(
+        now(),
+        "admin",
+        "cluster create",
+        &format!("{} hosts {}", k.name, k.hosts.join(",")),
+    )?;
+    let mut r = json(&k);
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
+}
+
+async fn cluster_add_hosts(
+    State(st): St,
+    _admin: Admin,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: ClusterHosts = parse(&body)?;
+    let cat = st.cat();
+    let k = cat.add_cluster_hosts(&name, &req.hosts)?;
+    cat.audit(
+        now(),
+        "admin",
+        "cluster add-host",
+        &format!("{name} {}", req.hosts.join(",")),
+    )?;
+    Ok(json(&k))
+}
+
+async fn cluster_remove_host(
+    State(st): St,
+    _admin: Admin,
+    Path((name, host)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let cat = st.cat();
+    let k = cat.remove_cluster_host(&name, &host)?;
+    cat.audit(
+        now(),
+        "admin",
+        "cluster remove-host",
+        &format!("{name} {host}"),
+    )?;
+    Ok(json(&k))
+}
+
+async fn cluster_delete(
+    State(st): St,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let cat = st.cat();
+    let k = cat.cluster(&name)?;
+    cat.delete_cluster(&name)?;
+    cat.audit(now(), "admin", "cluster delete", &name)?;
+    Ok(json(&k))
 }
 
 /// Hands the agent its next runnable job, waiting up to `poll_seconds` for one.

@@ -139,7 +139,8 @@ pub struct Notify {
     pub email_to: Vec<String>,
     /// URLs each alert is POSTed to as JSON; empty = none.
     pub webhooks: Vec<String>,
-    /// Alerts of this severity or above are sent: `info`, `warning` or `error`.
+    /// Alerts of this severity or above are sent: `info`, `warning`, `error` or
+    /// `critical`.
     pub min_severity: String,
 }
 
@@ -188,14 +189,9 @@ impl Default for Smtp {
     }
 }
 
-/// `info`, `warning`, `error`.
+/// `info`, `warning`, `error`, `critical`.
 pub fn parse_severity(s: &str) -> Option<protocol::Severity> {
-    match s {
-        "info" => Some(protocol::Severity::Info),
-        "warning" => Some(protocol::Severity::Warning),
-        "error" => Some(protocol::Severity::Error),
-        _ => None,
-    }
+    protocol::Severity::parse(s)
 }
 
 /// SMTP connection security.
@@ -353,7 +349,7 @@ impl Config {
         let n = &self.notify;
         if parse_severity(&n.min_severity).is_none() {
             return Err(format!(
-                "notify.min_severity: {:?} is not info, warning or error",
+                "notify.min_severity: {:?} is not info, warning, error or critical",
                 n.min_severity
             ));
         }
@@ -465,6 +461,8 @@ mod tests {
 
         let smtp = "[smtp]\nhost = \"m\"\nfrom = \"a@b.c\"\n";
         assert!(err("[notify]\nmin_severity = \"loud\"").contains("notify.min_severity"));
+        let crit: Config = toml::from_str("[notify]\nmin_severity = \"critical\"\n").unwrap();
+        assert_eq!(crit.check(), Ok(()));
         assert!(err("[notify]\nemail_to = [\"nobody\"]").contains("notify.email_to"));
         assert!(err("[notify]\nemail_to = [\"ops@example.net\"]").contains("[smtp]"));
         assert!(err("[notify]\nwebhooks = [\"ftp://x\"]").contains("notify.webhooks"));

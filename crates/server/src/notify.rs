@@ -182,6 +182,7 @@ impl Notifier {
                 last_seen: t,
                 resolved: None,
                 occurrences: 1,
+                note: None,
             });
         }
         Ok(r.id)
@@ -197,13 +198,42 @@ impl Notifier {
         subject: &str,
         kind: Option<&str>,
     ) -> Result<u64, catalog::Error> {
-        let done = cat.resolve_alerts_listed(now, subject, kind)?;
+        self.resolve_alerts_noted(cat, now, subject, kind, None)
+    }
+
+    /// [`Notifier::resolve_alerts`] with a note saying what resolved them.
+    pub fn resolve_alerts_noted(
+        &self,
+        cat: &Catalog,
+        now: i64,
+        subject: &str,
+        kind: Option<&str>,
+        note: Option<&str>,
+    ) -> Result<u64, catalog::Error> {
+        let done = cat.resolve_alerts_noted(now, subject, kind, note)?;
         for a in &done {
-            if rank(a.severity) >= rank(self.min_severity) {
-                self.alert_resolved(a);
-            }
+            self.resolved(a);
         }
         Ok(done.len() as u64)
+    }
+
+    /// An administrator resolves one alert (told like any resolution).
+    pub fn resolve_alert(
+        &self,
+        cat: &Catalog,
+        now: i64,
+        id: i64,
+        note: Option<&str>,
+    ) -> Result<AlertInfo, catalog::Error> {
+        let a = cat.resolve_alert(now, id, note)?;
+        self.resolved(&a);
+        Ok(a)
+    }
+
+    fn resolved(&self, a: &AlertInfo) {
+        if rank(a.severity) >= rank(self.min_severity) {
+            self.alert_resolved(a);
+        }
     }
 
     fn alert_resolved(&self, a: &AlertInfo) {
@@ -278,19 +308,11 @@ impl Notifier {
 }
 
 fn rank(s: Severity) -> u8 {
-    match s {
-        Severity::Info => 0,
-        Severity::Warning => 1,
-        Severity::Error => 2,
-    }
+    s.rank()
 }
 
 fn severity_text(s: Severity) -> &'static str {
-    match s {
-        Severity::Info => "info",
-        Severity::Warning => "warning",
-        Severity::Error => "error",
-    }
+    s.as_str()
 }
 
 fn describe(m: &Outgoing) -> String {
@@ -338,7 +360,7 @@ pub fn resolved_email(a: &AlertInfo, server_url: Option<&str>) -> (String, Strin
          Resolved:    {}\n\
          Occurrences: {}\n\
          Alert id:    {}\n\n\
-         Last message: {}\n",
+         Last message: {}\n{}",
         severity_text(a.severity),
         a.subject,
         a.kind,
@@ -346,7 +368,11 @@ pub fn resolved_email(a: &AlertInfo, server_url: Option<&str>) -> (String, Strin
         a.resolved.as_deref().unwrap_or("-"),
         a.occurrences,
         a.id,
-        a.message
+        a.message,
+        a.note
+            .as_ref()
+            .map(|n| format!("Note: {n}\n"))
+            .unwrap_or_default()
     );
     if let Some(u) = server_url {
         body.push_str(&format!("\nServer: {u}\n"));
@@ -664,6 +690,7 @@ mod tests {
             last_seen: "2026-01-02T03:04:05Z".into(),
             resolved: None,
             occurrences: 1,
+            note: None,
         }
     }
 
@@ -844,6 +871,24 @@ mod tests {
             rx.try_recv().is_err(),
             "a repeat of an open alert is not sent"
         );
+        // Critical is above error: sent under any filter, and its resolution too.
+        n.raise_alert(&cat, 3, Severity::Critical, "hv/a", "vm-id-conflict", "m")
+            .unwrap();
+        assert!(
+            matches!(rx.try_recv(), Ok(Outgoing::Email { subject, .. }) if subject.contains("critical"))
+        );
+        assert!(matches!(rx.try_recv(), Ok(Outgoing::Webhook { .. })));
+        let id = cat.alerts(false).unwrap()[0].id;
+        let a = n.resolve_alert(&cat, 4, id, Some("a test VM")).unwrap();
+        assert_eq!(a.note.as_deref(), Some("a test VM"));
+        match rx.try_recv() {
+            Ok(Outgoing::Email { subject, body, .. }) => {
+                assert!(subject.contains("resolved"), "{subject}");
+                assert!(body.contains("Note: a test VM"), "{body}");
+            }
+            _ => panic!("the resolution of a critical alert is sent"),
+        }
+        assert!(matches!(rx.try_recv(), Ok(Outgoing::Webhook { .. })));
         // A full queue drops and counts.
         for _ in 0..10 {
             n.job_finished(&job(), vec!["a@b.c".into()]);

@@ -59,8 +59,15 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
                 continue;
             }
             if !ds.present {
+                let cat = st.cat();
+                // Re-read under the lock this alert is raised with: an inventory may have
+                // brought the VM back or moved it since, and would not resolve it again.
+                let ds = cat.datasource(&ds.id)?;
+                if ds.present {
+                    continue;
+                }
                 st.notify.raise_alert(
-                    &st.cat(),
+                    &cat,
                     now,
                     Severity::Warning,
                     &ds.name,

@@ -181,11 +181,38 @@ pub enum DataSourcesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move a data source (group, schedule, recovery points) to the VM another host
+    /// now reports under its VM id (or name): after a `vm-id-conflict` alert, once you
+    /// know the VM really moved.
+    Move {
+        /// HOST/VM
+        vm: String,
+        /// The host that reports the VM now.
+        #[arg(long, value_name = "NEWHOST")]
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn datasources(s: &ServerArgs, c: DataSourcesCommand) -> anyhow::Result<ExitCode> {
     let json = match c {
         DataSourcesCommand::List { json } => json,
+        DataSourcesCommand::Move { vm, to, json } => {
+            let d: DataSourceInfo = s
+                .client()?
+                .post(&format!("{}/move", vm_path(&vm)?), &MoveDataSource { to })?;
+            if json {
+                print_json(&d)?;
+            } else {
+                println!(
+                    "{vm} moved to {} with its group ({}) and recovery points",
+                    d.name,
+                    d.protection_group.as_deref().unwrap_or("none")
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         DataSourcesCommand::Exclude {
             vm,
             disk,
@@ -953,10 +980,32 @@ pub enum AlertsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Resolve (dismiss) an active alert by id; audited.
+    Resolve {
+        id: i64,
+        /// Why: stored with the alert and shown by `alerts list --all`.
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
+    },
 }
 
 pub fn alerts(s: &ServerArgs, c: AlertsCommand) -> anyhow::Result<ExitCode> {
-    let AlertsCommand::List { all, json } = c;
+    let (all, json) = match c {
+        AlertsCommand::List { all, json } => (all, json),
+        AlertsCommand::Resolve { id, note } => {
+            let req = ResolveAlert { note };
+            req.validate().map_err(|e| anyhow!("--{e}"))?;
+            let a: AlertInfo = s.client()?.post(&format!("/alerts/{id}/resolve"), &req)?;
+            println!(
+                "alert {} ({} {}) resolved at {}",
+                a.id,
+                a.subject,
+                a.kind,
+                a.resolved.unwrap_or_default()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let list: Vec<AlertInfo> = s.client()?.get(&format!("/alerts?all={all}"))?;
     if json {
         return print_json(&list).map(|_| ExitCode::SUCCESS);
@@ -968,14 +1017,96 @@ pub fn alerts(s: &ServerArgs, c: AlertsCommand) -> anyhow::Result<ExitCode> {
         println!(
             "{:>5} {:<8} {:<24} {:<16} {}{}",
             a.id,
-            format!("{:?}", a.severity).to_lowercase(),
+            a.severity.as_str(),
             a.subject,
             a.kind,
             a.message,
             a.resolved
-                .map(|r| format!(" (resolved {r})"))
+                .map(|r| match &a.note {
+                    Some(n) => format!(" (resolved {r}: {n})"),
+                    None => format!(" (resolved {r})"),
+                })
                 .unwrap_or_default()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClustersCommand {
+    /// Create a cluster: hosts VMs may move between on their own (live migration).
+    Create {
+        name: String,
+        /// A member host (repeat for more); a host is in at most one cluster.
+        #[arg(long = "host", value_name = "HOST", required = true)]
+        hosts: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add hosts to a cluster.
+    AddHost {
+        name: String,
+        /// A host to add (repeat for more); in no other cluster.
+        #[arg(long = "host", value_name = "HOST", required = true)]
+        hosts: Vec<String>,
+    },
+    /// Take a host out of a cluster.
+    RemoveHost {
+        name: String,
+        #[arg(long)]
+        host: String,
+    },
+    /// List clusters and their hosts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a cluster (its hosts are in none afterwards).
+    Delete { name: String },
+}
+
+pub fn clusters(s: &ServerArgs, c: ClustersCommand) -> anyhow::Result<ExitCode> {
+    let cl = s.client()?;
+    let show = |k: &ClusterInfo| println!("cluster {}: {}", k.name, k.hosts.join(", "));
+    match c {
+        ClustersCommand::Create { name, hosts, json } => {
+            let k: ClusterInfo = cl.post("/clusters", &CreateCluster { name, hosts })?;
+            if json {
+                print_json(&k)?;
+            } else {
+                show(&k);
+            }
+        }
+        ClustersCommand::AddHost { name, hosts } => {
+            let k: ClusterInfo = cl.post(
+                &format!("/clusters/{}/hosts", seg(&name)),
+                &ClusterHosts { hosts },
+            )?;
+            show(&k);
+        }
+        ClustersCommand::RemoveHost { name, host } => {
+            let k: ClusterInfo =
+                cl.delete(&format!("/clusters/{}/hosts/{}", seg(&name), seg(&host)))?;
+            show(&k);
+        }
+        ClustersCommand::List { json } => {
+            let list: Vec<ClusterInfo> = cl.get("/clusters")?;
+            if json {
+                return print_json(&list).map(|_| ExitCode::SUCCESS);
+            }
+            if list.is_empty() {
+                println!("no clusters");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{:<24} {:<22} HOSTS", "CLUSTER", "CREATED");
+            for k in list {
+                println!("{:<24} {:<22} {}", k.name, k.created, k.hosts.join(", "));
+            }
+        }
+        ClustersCommand::Delete { name } => {
+            let _: ClusterInfo = cl.delete(&format!("/clusters/{}", seg(&name)))?;
+            println!("cluster {name} deleted");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

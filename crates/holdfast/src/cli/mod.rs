@@ -74,6 +74,9 @@ enum Command {
     /// Data sources (VMs) the agents report.
     #[command(subcommand)]
     Datasources(admin::DataSourcesCommand),
+    /// Clusters: hosts a VM may move between on its own (live migration).
+    #[command(subcommand)]
+    Clusters(admin::ClustersCommand),
     /// Take a recovery point of a VM now.
     BackupNow {
         /// HOST/VM
@@ -150,6 +153,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agents(c) => admin::agents(&cli.server, c),
         Command::Pg(c) => admin::pg(&cli.server, c),
         Command::Datasources(c) => admin::datasources(&cli.server, c),
+        Command::Clusters(c) => admin::clusters(&cli.server, c),
         Command::BackupNow {
             vm,
             express_full,
