@@ -1,9 +1,11 @@
-//! What a client can hold on a real `holdfast server`: connections (a header timeout
-//! that covers connections which never send a request, an idle timeout, caps per
-//! address and in all).
+//! What a client can hold or store on a real `holdfast server`: connections (a header
+//! timeout that covers connections which never send a request, an idle timeout,
+//! caps per address and in all) and the messages, errors and logs an enrolled agent
+//! sends about its jobs.
 
 mod common;
 
+use client::{Auth, Client};
 use common::cluster::*;
 use protocol::*;
 
@@ -11,6 +13,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,8 @@ const IDLE: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_secs(3);
 const PER_ADDRESS: usize = 100;
 const TOTAL: usize = 320;
+/// The documented cap of a job-log line or error, in characters.
+const MESSAGE_CHARS: usize = 2000;
 
 type Tls = StreamOwned<ClientConnection, TcpStream>;
 
@@ -280,4 +285,180 @@ fn idle_and_half_sent_headers_close_but_slow_requests_complete() {
         status.starts_with("HTTP/1.1 4"),
         "expected the route's own refusal of the body, got {status:?}"
     );
+}
+
+/// Enrolls a host the test itself speaks for (a real certificate from the real
+/// server, no agent process), reports one VM and returns its client.
+fn enrolled_host(c: &Cluster, dir: &Path, host: &str) -> Client {
+    let token = c.token(host);
+    let key = pki::AgentIdentity::prepare(dir).unwrap();
+    let ca = std::fs::read_to_string(c.server_dir().join("ca.pem")).unwrap();
+    let anon = Client::new(
+        &c.url,
+        pki::client_config_trusting(&ca).unwrap(),
+        Auth::None,
+    )
+    .unwrap();
+    let r: EnrollResponse = anon
+        .post(
+            "/enroll",
+            &EnrollRequest {
+                token,
+                public_key_pem: key,
+                version: "test".into(),
+            },
+        )
+        .unwrap();
+    pki::AgentIdentity::store(dir, &r.certificate_pem, &r.ca_pem).unwrap();
+    let id = pki::AgentIdentity::load(dir).unwrap();
+    let agent = Client::new(&c.url, id.client_config().unwrap(), Auth::ClientCert).unwrap();
+    let inv = Inventory {
+        vms: vec![VmInfo {
+            name: "a".into(),
+            vm_id: None,
+            provider: "files".into(),
+            disks: vec![DiskInfo {
+                name: "a.qcow2".into(),
+                format: "qcow2".into(),
+                virtual_size: 1 << 20,
+            }],
+            running: None,
+        }],
+    };
+    agent
+        .post_bytes("/agent/inventory", serde_json::to_vec(&inv).unwrap())
+        .unwrap();
+    agent
+}
+
+/// `m` is `len` times `c` capped to the documented length, with the marker saying how
+/// much was cut.
+fn is_cut(m: &str, c: char, len: usize) -> bool {
+    let Some((kept, rest)) = m.split_once("… (") else {
+        return false;
+    };
+    let Some(n) = rest.strip_suffix(" bytes cut)") else {
+        return false;
+    };
+    m.chars().count() <= MESSAGE_CHARS
+        && kept.len() > MESSAGE_CHARS / 2
+        && kept.chars().all(|k| k == c)
+        && n.parse::<usize>().ok() == Some(len - kept.len())
+}
+
+fn catalog_bytes(c: &Cluster) -> u64 {
+    ["catalog.db", "catalog.db-wal", "catalog.db-shm"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(c.server_dir().join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[test]
+fn an_agent_cannot_grow_the_catalog_without_bound() {
+    let t = tempfile::tempdir().unwrap();
+    let c = Cluster::start(t.path(), FAST);
+    let agent = enrolled_host(&c, &t.path().join("hv01"), "hv01");
+    c.wait_datasources(1);
+    c.create_group("g", &["hv01/a"], &["--recovery-point-times", "20:00"]);
+    let mut job = None;
+    wait_until("the initial replica job", Duration::from_secs(30), || {
+        let r: PollResponse = agent.post("/agent/poll", &serde_json::json!({})).unwrap();
+        job = r.job;
+        job.is_some()
+    });
+    let id = job.unwrap().job_id;
+    let progress = |message: String| {
+        let r: ProgressReply = agent
+            .post(
+                &format!("/agent/jobs/{id}/progress"),
+                &Progress {
+                    bytes_done: 0,
+                    bytes_total: 1 << 20,
+                    bytes_read: 0,
+                    bytes_sent: 0,
+                    message: Some(message),
+                    step: Some("s".repeat(40_000)),
+                },
+            )
+            .unwrap();
+        assert!(!r.cancel);
+    };
+
+    let before = catalog_bytes(&c);
+    // 20 messages near the body limit (the issue measured 18 MB of growth from these),
+    // then far more full-length log lines than a job's log keeps.
+    let huge = "x".repeat(1_000_000);
+    for _ in 0..20 {
+        progress(huge.clone());
+    }
+    let n = 700;
+    for i in 0..n {
+        progress(format!("{i:04} {}", "m".repeat(MESSAGE_CHARS - 5)));
+    }
+    let after = catalog_bytes(&c);
+    let grown = after.saturating_sub(before);
+    eprintln!("catalog: {before} bytes before, {after} after ({grown} grown)");
+    // One job's log (1 MiB) plus the write-ahead log's pages; today's code grows by
+    // more than 20 MB here.
+    assert!(grown < 8 << 20, "the catalog grew by {grown} bytes");
+
+    let info = c.job(id);
+    let bytes: usize = info.log.iter().map(|l| l.message.len()).sum();
+    assert!(bytes <= 1 << 20, "the job's log holds {bytes} bytes");
+    let texts: Vec<&str> = info.log.iter().map(|l| l.message.as_str()).collect();
+    // The first lines stay (how the job began), among them the cut huge messages.
+    assert!(texts[0].starts_with("queued"), "{:?}", texts[0]);
+    assert_eq!(
+        texts
+            .iter()
+            .take(40)
+            .filter(|m| is_cut(m, 'x', 1_000_000))
+            .count(),
+        20,
+        "the 20 huge messages are not among the first lines, cut: {:?}",
+        &texts[..3]
+    );
+    // One marker where lines were left out, and the newest lines (why a job ended).
+    let markers: Vec<&&str> = texts
+        .iter()
+        .filter(|m| m.starts_with("… ") && m.ends_with(" lines left out"))
+        .collect();
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    let last = texts.last().unwrap();
+    assert!(last.starts_with(&format!("{:04} ", n - 1)), "{last:?}");
+    let left_out: usize = markers[0]
+        .trim_start_matches("… ")
+        .trim_end_matches(" lines left out")
+        .parse()
+        .unwrap();
+    let logged = info.log.len() - 1 + left_out;
+    assert!(logged >= n + 20, "{logged} lines accounted for");
+
+    // A failure's error: cut the same way, in the job and in its alert.
+    agent
+        .post_bytes(
+            &format!("/agent/jobs/{id}/fail"),
+            serde_json::to_vec(&Failure {
+                error: "e".repeat(1_000_000),
+                kind: "io".into(),
+            })
+            .unwrap(),
+        )
+        .unwrap();
+    let info = c.job(id);
+    let error = info.error.unwrap();
+    assert!(is_cut(&error, 'e', 1_000_000), "{error:?}");
+    let alert = c
+        .alerts()
+        .into_iter()
+        .find(|a| a.subject == "hv01/a")
+        .unwrap();
+    assert!(
+        alert.message.chars().count() < MESSAGE_CHARS + 100,
+        "{}",
+        alert.message.len()
+    );
+    let grown = catalog_bytes(&c).saturating_sub(before);
+    assert!(grown < 8 << 20, "the catalog grew by {grown} bytes");
 }
