@@ -44,6 +44,29 @@ pub struct JobRow {
     pub attempt: u32,
 }
 
+/// A job's log keeps at most this many lines ...
+pub const MAX_JOB_LOG_LINES: usize = 2000;
+/// ... and this many bytes of messages.
+pub const MAX_JOB_LOG_BYTES: usize = 1 << 20;
+/// The first lines of a log that always stay (at most this many, and at most
+/// [`JOB_LOG_HEAD_BYTES`]).
+pub const JOB_LOG_HEAD_LINES: usize = 100;
+pub const JOB_LOG_HEAD_BYTES: usize = 64 << 10;
+
+const MARKER_START: &str = "… ";
+const MARKER_END: &str = " lines left out";
+
+/// The number of lines a marker line `… N lines left out` stands for.
+fn dropped_count(message: &str) -> Option<u64> {
+    let n = message
+        .strip_prefix(MARKER_START)?
+        .strip_suffix(MARKER_END)?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
 pub(crate) const JOB_SELECT: &str =
     "SELECT id, kind, state, vm, datasource_id, trigger, created, started,
     finished, bytes_done, bytes_total, bytes_read, bytes_sent, recovery_point, error, attempt,
@@ -273,6 +296,7 @@ impl Catalog {
             )));
         }
         let (kind, msg) = error.unzip();
+        let msg = msg.map(|m| protocol::cap_chars(m, protocol::MAX_MESSAGE_CHARS));
         let n = self.conn.execute(
             "UPDATE jobs SET state = ?2, finished = ?3, error_kind = ?4, error = ?5
              WHERE id = ?1 AND state IN ('queued', 'running')",
@@ -317,15 +341,104 @@ impl Catalog {
         Ok(())
     }
 
-    /// Appends a line to a job's log.
+    /// Appends a line to a job's log: cut to [`protocol::MAX_MESSAGE_CHARS`]; a log
+    /// past [`MAX_JOB_LOG_LINES`] or [`MAX_JOB_LOG_BYTES`] drops its oldest lines
+    /// after the first ones (see [`Catalog::trim_job_log`]).
     pub fn job_log(&self, now: i64, id: i64, message: &str) -> Result<()> {
         if !self.exists("SELECT 1 FROM jobs WHERE id = ?1", [id])? {
             return Err(not_found(id));
         }
-        self.conn.execute(
+        let mut message = protocol::cap_chars(message, protocol::MAX_MESSAGE_CHARS);
+        // Only the catalog writes the marker: a line that looks like one is reworded.
+        if dropped_count(&message).is_some() {
+            message = format!("...{}", message.strip_prefix('…').unwrap_or(&message)).into();
+        }
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
             "INSERT INTO job_log (job_id, time, message) VALUES (?1, ?2, ?3)",
             params![id, now, message],
         )?;
+        self.trim_job_log(id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Keeps a job's log within [`MAX_JOB_LOG_LINES`] lines and [`MAX_JOB_LOG_BYTES`]
+    /// bytes: the first lines (up to [`JOB_LOG_HEAD_LINES`], how the job began) and
+    /// the newest (why it ended) stay; the lines between give way, oldest first, to
+    /// one marker line `… N lines left out` in their place.
+    fn trim_job_log(&self, id: i64) -> Result<()> {
+        let (lines, bytes) = self
+            .one(
+                "SELECT count(*), coalesce(sum(octet_length(message)), 0) FROM job_log
+                 WHERE job_id = ?1",
+                [id],
+                |r| Ok((r.u64(0, "job_log")?, r.u64(1, "job_log.message")?)),
+            )?
+            .unwrap_or((0, 0));
+        if lines <= MAX_JOB_LOG_LINES as u64 && bytes <= MAX_JOB_LOG_BYTES as u64 {
+            return Ok(());
+        }
+        // (id, bytes, lines an existing marker stands for)
+        let rows = self.all(
+            "SELECT id, octet_length(message),
+                 CASE WHEN substr(message, 1, 2) = '… ' THEN message END
+             FROM job_log WHERE job_id = ?1 ORDER BY id",
+            [id],
+            |r| {
+                let text: Option<String> = r.get(2, "job_log.message")?;
+                Ok((
+                    r.get::<i64>(0, "job_log.id")?,
+                    r.u64(1, "job_log.message")?,
+                    text.as_deref().and_then(dropped_count),
+                ))
+            },
+        )?;
+        let marker = rows.iter().position(|r| r.2.is_some());
+        // The head: the lines before the marker, or the first ones when there is none.
+        let head_len = marker.unwrap_or_else(|| {
+            let mut sum = 0u64;
+            rows.iter()
+                .take(JOB_LOG_HEAD_LINES)
+                .take_while(|r| {
+                    sum = sum.saturating_add(r.1);
+                    sum <= JOB_LOG_HEAD_BYTES as u64
+                })
+                .count()
+        });
+        let head_bytes: u64 = rows.iter().take(head_len).map(|r| r.1).sum();
+        let tail_from = head_len + usize::from(marker.is_some());
+        let tail = rows.get(tail_from..).unwrap_or_default();
+        // Room for the tail: what the head and the marker (at most ~40 bytes) leave.
+        let max_lines = MAX_JOB_LOG_LINES.saturating_sub(head_len + 1);
+        let max_bytes = (MAX_JOB_LOG_BYTES as u64).saturating_sub(head_bytes + 64);
+        let mut tail_bytes: u64 = tail.iter().map(|r| r.1).sum();
+        let mut drop_n = 0usize;
+        // The newest line always stays.
+        while drop_n + 1 < tail.len() && (tail.len() - drop_n > max_lines || tail_bytes > max_bytes)
+        {
+            tail_bytes = tail_bytes.saturating_sub(tail[drop_n].1);
+            drop_n += 1;
+        }
+        if drop_n == 0 {
+            return Ok(());
+        }
+        let (marker_id, before, gone) = match marker {
+            Some(m) => (rows[m].0, rows[m].2.unwrap_or(0), &tail[..drop_n]),
+            // The first dropped line becomes the marker, so it sits where they were.
+            None => (tail[0].0, 0, &tail[1..drop_n]),
+        };
+        let total = before.saturating_add(drop_n as u64);
+        self.conn.execute(
+            "UPDATE job_log SET message = ?2 WHERE id = ?1",
+            params![marker_id, format!("{MARKER_START}{total}{MARKER_END}")],
+        )?;
+        let mut del = self
+            .conn
+            .prepare_cached("DELETE FROM job_log WHERE id = ?1")?;
+        for r in gone {
+            del.execute([r.0])?;
+        }
         Ok(())
     }
 
@@ -446,6 +559,93 @@ mod tests {
         let a = c.datasource_by_name("h1", "a").unwrap().id;
         let b = c.datasource_by_name("h2", "b").unwrap().id;
         (c, a, b)
+    }
+
+    fn log_of(c: &Catalog, id: i64) -> Vec<String> {
+        c.job(id)
+            .unwrap()
+            .log
+            .into_iter()
+            .map(|l| l.message)
+            .collect()
+    }
+
+    #[test]
+    fn job_log_keeps_the_first_and_newest_lines_with_one_marker() {
+        let (c, a, _) = setup();
+        let id = c.add_job(100, &new_job(JobKind::Sync, Some(&a))).unwrap();
+        let other = c.add_job(100, &new_job(JobKind::Sync, Some(&a))).unwrap();
+        // An oversized line is cut on a character boundary, with the marker.
+        c.job_log(101, id, &"é".repeat(5000)).unwrap();
+        let first = &log_of(&c, id)[0];
+        let kept = protocol::MAX_MESSAGE_CHARS - "… (10000 bytes cut)".chars().count();
+        assert_eq!(
+            first,
+            &format!("{}… ({} bytes cut)", "é".repeat(kept), 10000 - 2 * kept)
+        );
+        // A line that mimics the marker is reworded, never taken for one.
+        c.job_log(101, id, "… 7 lines left out").unwrap();
+        assert_eq!(log_of(&c, id)[1], "... 7 lines left out");
+        c.job_log(101, other, "another job's line").unwrap();
+        // Far past the line cap: the head stays, the newest lines stay, one marker
+        // says how many went.
+        let n = MAX_JOB_LOG_LINES + 1500;
+        for i in 0..n {
+            c.job_log(102, id, &format!("line {i}")).unwrap();
+        }
+        let log = log_of(&c, id);
+        assert_eq!(log.len(), MAX_JOB_LOG_LINES);
+        assert_eq!(log[0], *first);
+        assert_eq!(log[1], "... 7 lines left out");
+        assert_eq!(
+            log[JOB_LOG_HEAD_LINES - 1],
+            format!("line {}", JOB_LOG_HEAD_LINES - 3)
+        );
+        let kept_tail = MAX_JOB_LOG_LINES - JOB_LOG_HEAD_LINES - 1;
+        let left_out = n + 2 - JOB_LOG_HEAD_LINES - kept_tail;
+        assert_eq!(
+            log[JOB_LOG_HEAD_LINES],
+            format!("… {left_out} lines left out")
+        );
+        assert_eq!(
+            log[JOB_LOG_HEAD_LINES + 1],
+            format!("line {}", n - kept_tail)
+        );
+        assert_eq!(log.last().unwrap(), &format!("line {}", n - 1));
+        assert_eq!(
+            log.iter().filter(|l| l.contains("lines left out")).count(),
+            2
+        );
+        // Other jobs' logs are untouched.
+        assert_eq!(log_of(&c, other), ["another job's line"]);
+
+        // The byte cap: long lines trim the log by size before it reaches the line cap.
+        let big = c.add_job(100, &new_job(JobKind::Sync, Some(&a))).unwrap();
+        let line = "z".repeat(protocol::MAX_MESSAGE_CHARS);
+        for i in 0..1000 {
+            c.job_log(103, big, &format!("{i:04}{line}")).unwrap();
+        }
+        let log = log_of(&c, big);
+        let bytes: usize = log.iter().map(|l| l.len()).sum();
+        assert!(bytes <= MAX_JOB_LOG_BYTES, "{bytes}");
+        assert!(bytes > MAX_JOB_LOG_BYTES - 2 * (line.len() + 4), "{bytes}");
+        assert!(log[0].starts_with("0000"));
+        assert!(log.last().unwrap().starts_with("0999"));
+        let markers: Vec<_> = log.iter().filter_map(|l| dropped_count(l)).collect();
+        assert_eq!(markers.len(), 1);
+        assert_eq!(markers[0] as usize + log.len() - 1, 1000);
+
+        // A job's error is capped as its log lines are.
+        c.finish_job(
+            104,
+            big,
+            JobState::Failed,
+            Some(("io", &"e".repeat(1 << 20))),
+        )
+        .unwrap();
+        let e = c.job(big).unwrap().error.unwrap();
+        assert_eq!(e.chars().count(), protocol::MAX_MESSAGE_CHARS);
+        assert!(e.starts_with("eee") && e.ends_with(" bytes cut)"), "{e}");
     }
 
     #[test]

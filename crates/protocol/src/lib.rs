@@ -20,6 +20,64 @@ pub const MAX_BLOB_BATCH: usize = 32 << 20;
 /// Largest number of ids in one `missing` request.
 pub const MAX_MISSING_IDS: usize = 1 << 16;
 
+/// The most characters a job-log line, a job's error or a provider's note keeps
+/// (agents send them; the catalog stores them).
+pub const MAX_MESSAGE_CHARS: usize = 2000;
+/// The most characters a job's step ("reading disk 0 (vda)") keeps.
+pub const MAX_STEP_CHARS: usize = 200;
+
+/// `s` cut to at most `max_chars` characters, on a character boundary and ending
+/// with a marker that says how many bytes were cut (`… (N bytes cut)`); `s` itself
+/// when it is short enough. Capping a capped string changes nothing.
+pub fn cap_chars(s: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
+    if s.char_indices().nth(max_chars).is_none() {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    // Room for the marker with as many digits as the whole length has.
+    let reserve = format!("… ({} bytes cut)", s.len()).chars().count();
+    let keep = max_chars.saturating_sub(reserve);
+    let at = s.char_indices().nth(keep).map_or(s.len(), |(i, _)| i);
+    std::borrow::Cow::Owned(format!(
+        "{}… ({} bytes cut)",
+        &s[..at],
+        s.len().saturating_sub(at)
+    ))
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::*;
+
+    #[test]
+    fn cap_chars_cuts_on_a_char_boundary_and_says_how_much() {
+        assert_eq!(cap_chars("short", 10), "short");
+        assert_eq!(cap_chars("exactly10!", 10), "exactly10!");
+        // "… (N bytes cut)" takes 16 characters here: 4 are left of the text.
+        let s = "abcdefghijklmnopqrstuvwxyz";
+        assert_eq!(cap_chars(s, 20), "abcd… (22 bytes cut)");
+        // Multi-byte characters are counted as characters and never split.
+        let e = "é".repeat(30);
+        assert_eq!(cap_chars(&e, 20), "éééé… (52 bytes cut)");
+        assert_eq!(
+            cap_chars("a😀bcdefghijklmnopqrstu", 18),
+            "a😀… (20 bytes cut)"
+        );
+        // A limit shorter than the marker keeps the marker alone.
+        assert_eq!(cap_chars("xyz", 2), "… (3 bytes cut)");
+        assert_eq!(cap_chars("", 0), "");
+        let big = "y".repeat(1 << 20);
+        let c = cap_chars(&big, MAX_MESSAGE_CHARS);
+        assert_eq!(c.chars().count(), MAX_MESSAGE_CHARS);
+        let kept = MAX_MESSAGE_CHARS - "… (1048576 bytes cut)".chars().count();
+        assert_eq!(
+            c,
+            format!("{}… ({} bytes cut)", "y".repeat(kept), (1 << 20) - kept)
+        );
+        // Capping again changes nothing.
+        assert_eq!(cap_chars(&c, MAX_MESSAGE_CHARS), c);
+    }
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {

@@ -1366,7 +1366,7 @@ async fn agent_commit(
         )?;
         for n in notes.iter().take(64) {
             // Bounded: a note is a line of the job log, not a payload.
-            let msg: String = n.message.chars().take(2000).collect();
+            let msg = protocol::cap_chars(&n.message, protocol::MAX_MESSAGE_CHARS);
             cat.job_log(now(), id, &msg)?;
             if n.kind == "change-tracking-reset"
                 && let Some(vm) = &job.vm
@@ -1415,7 +1415,9 @@ async fn agent_fail(
     } else {
         kind
     };
-    st.job_failed(id, now(), &kind, &f.error)?;
+    // Bounded: the error also goes into the job's log and an alert.
+    let error = protocol::cap_chars(&f.error, protocol::MAX_MESSAGE_CHARS);
+    st.job_failed(id, now(), &kind, &error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

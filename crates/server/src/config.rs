@@ -25,6 +25,7 @@ pub struct Config {
     pub jobs: Jobs,
     pub maintenance: Maintenance,
     pub limits: Limits,
+    pub http: Http,
     pub notify: Notify,
     pub smtp: Smtp,
     pub recovery: RecoverySettings,
@@ -131,6 +132,35 @@ pub struct Limits {
     pub low_space_percent: u8,
 }
 
+/// `[http]`: how long connections may wait and how many there may be.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// A new connection must send its first request header within this many seconds
+    /// of its TLS handshake; an HTTP/1.1 connection that has begun its next header
+    /// must finish it within as long.
+    pub header_timeout_seconds: u64,
+    /// A connection with no request in progress is closed after this many seconds
+    /// (HTTP/1.1 keep-alive, idle HTTP/2). Requests in progress are never cut.
+    pub idle_timeout_seconds: u64,
+    /// Open connections in all; more are closed at once.
+    pub max_connections: usize,
+    /// Open connections from one client address; more are closed at once.
+    pub max_connections_per_address: usize,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            header_timeout_seconds: 10,
+            // Above the agents' and CLI's own 90 s pool timeout: clients close first.
+            idle_timeout_seconds: 120,
+            max_connections: 1024,
+            max_connections_per_address: 64,
+        }
+    }
+}
+
 /// Who hears of alerts (and, per job, of job ends).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -232,6 +262,7 @@ impl Default for Config {
             jobs: Jobs::default(),
             maintenance: Maintenance::default(),
             limits: Limits::default(),
+            http: Http::default(),
             notify: Notify::default(),
             smtp: Smtp::default(),
             recovery: RecoverySettings::default(),
@@ -342,7 +373,27 @@ impl Config {
         if self.limits.low_space_percent > 99 {
             return Err("limits.low_space_percent must be 0-99".into());
         }
+        self.check_http()?;
         self.check_notify()
+    }
+
+    fn check_http(&self) -> Result<(), String> {
+        let h = &self.http;
+        if !(1..=300).contains(&h.header_timeout_seconds) {
+            return Err("http.header_timeout_seconds must be 1-300".into());
+        }
+        if !(1..=3600).contains(&h.idle_timeout_seconds) {
+            return Err("http.idle_timeout_seconds must be 1-3600".into());
+        }
+        if !(1..=65_536).contains(&h.max_connections) {
+            return Err("http.max_connections must be 1-65536".into());
+        }
+        if h.max_connections_per_address == 0 || h.max_connections_per_address > h.max_connections {
+            return Err(
+                "http.max_connections_per_address must be 1 to http.max_connections".into(),
+            );
+        }
+        Ok(())
     }
 
     fn check_notify(&self) -> Result<(), String> {
@@ -433,6 +484,45 @@ mod tests {
         let bad: Config = toml::from_str("[jobs]\nstall_seconds = 604801").unwrap();
         assert!(bad.check().unwrap_err().contains("jobs.stall_seconds"));
         assert!(toml::from_str::<Config>("[jobs]\nstall = 5").is_err());
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_bounds() {
+        let d = Config::default();
+        assert_eq!(d.http.header_timeout_seconds, 10);
+        assert_eq!(d.http.idle_timeout_seconds, 120);
+        assert_eq!(d.http.max_connections, 1024);
+        assert_eq!(d.http.max_connections_per_address, 64);
+        let ok: Config = toml::from_str(
+            "[http]\nheader_timeout_seconds = 2\nidle_timeout_seconds = 3\n\
+             max_connections = 400\nmax_connections_per_address = 400",
+        )
+        .unwrap();
+        assert_eq!(ok.check(), Ok(()));
+        assert_eq!(ok.http.max_connections, 400);
+        for (text, field) in [
+            ("header_timeout_seconds = 0", "http.header_timeout_seconds"),
+            (
+                "header_timeout_seconds = 301",
+                "http.header_timeout_seconds",
+            ),
+            ("idle_timeout_seconds = 0", "http.idle_timeout_seconds"),
+            ("idle_timeout_seconds = 3601", "http.idle_timeout_seconds"),
+            ("max_connections = 0", "http.max_connections"),
+            ("max_connections = 65537", "http.max_connections"),
+            (
+                "max_connections_per_address = 0",
+                "http.max_connections_per_address",
+            ),
+            (
+                "max_connections = 10\nmax_connections_per_address = 11",
+                "http.max_connections_per_address",
+            ),
+        ] {
+            assert!(err(&format!("[http]\n{text}")).contains(field), "{text}");
+        }
+        assert!(toml::from_str::<Config>("[http]\nheader_timeout = 5").is_err());
+        assert!(toml::from_str::<Config>("[http]\nmax_connections = -1").is_err());
     }
 
     fn err(toml_text: &str) -> String {

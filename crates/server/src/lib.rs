@@ -252,6 +252,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         datastore: ds_dir.clone(),
     };
     let listen = cfg.listen;
+    let http = cfg.http.clone();
     let st = Arc::new(AppState::new(
         cfg,
         cat,
@@ -279,7 +280,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         st.notify.set_url(&started.url);
         on_start(&started);
         tokio::spawn(scheduler::run(st.clone()));
-        tls::serve(listener, tls, api::router(st)).await;
+        tls::serve(listener, tls, api::router(st), http).await;
         Ok(())
     })
 }

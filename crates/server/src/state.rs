@@ -154,7 +154,10 @@ impl AppState {
         b.heard = now;
         let figures = [p.bytes_done, p.bytes_total, p.bytes_read, p.bytes_sent];
         // Bounded: it ends up in an alert.
-        let step: Option<String> = p.step.as_ref().map(|s| s.chars().take(200).collect());
+        let step: Option<String> = p
+            .step
+            .as_ref()
+            .map(|s| protocol::cap_chars(s, protocol::MAX_STEP_CHARS).into_owned());
         if figures != b.figures || step != b.step {
             b.figures = figures;
             b.step = step;
