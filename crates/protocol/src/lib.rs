@@ -992,7 +992,12 @@ pub struct ReplicaSeed {
     pub version: u32,
     /// `HOST/VM` and the data source id it was exported for.
     pub source: Source,
+    /// When the export finished (UTC, RFC 3339).
     pub created: String,
+    /// When the export's view of the VM was taken (UTC, RFC 3339): the time its
+    /// recovery point is dated by. Version 2 on; a version 1 seed has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viewed: Option<String>,
     pub block_size: u32,
     pub piece_blocks: u32,
     pub consistency: Consistency,
@@ -1003,4 +1008,6 @@ pub struct ReplicaSeed {
 }
 
 pub const SEED_FORMAT: &str = "holdfast-replica-seed";
-pub const SEED_VERSION: u32 = 1;
+/// 2 added `viewed`. Import reads 1 and 2 (a version 1 seed is dated by `created`, so
+/// it is taken only as a VM's first recovery point).
+pub const SEED_VERSION: u32 = 2;
