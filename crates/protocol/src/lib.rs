@@ -438,12 +438,24 @@ pub struct JobInfo {
     pub attempt: u32,
     /// Earliest time a queued job may start (reruns wait).
     pub not_before: Option<String>,
-    /// `bytes_done` per second since the job started (to now, or to its end).
+    /// Bytes per second since the job started (to now, or to its end): of
+    /// `bytes_fetched` for a recovery (what `--throttle` limits), else of `bytes_done`.
     #[serde(default)]
     pub rate_bytes_per_sec: Option<u64>,
-    /// Seconds left at that rate (running jobs with a known total).
+    /// Seconds left at the pace so far (running jobs with a known total).
     #[serde(default)]
     pub eta_seconds: Option<u64>,
+    /// Recovery jobs: bytes fetched from the datastore (framed, compressed blocks and
+    /// index pieces; holes are never fetched). The same as `bytes_read`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_fetched: Option<u64>,
+    /// Recovery jobs: bytes of disk written, holes (zero ranges, left unallocated)
+    /// included. The same as `bytes_done`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<u64>,
+    /// Recovery jobs: `bytes_written` per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_rate_bytes_per_sec: Option<u64>,
     #[serde(default)]
     pub log: Vec<JobLogLine>,
 }
@@ -618,8 +630,15 @@ impl ThrottleSchedule {
 pub struct RecoveryDone {
     /// The files written (full paths on the agent's host).
     pub files: Vec<String>,
-    /// Bytes of disk data fetched from the server.
+    /// Bytes fetched from the server (framed blocks and index pieces).
     pub bytes_fetched: u64,
+    /// Bytes of disk written, holes included (absent from older agents).
+    #[serde(default)]
+    pub bytes_written: Option<u64>,
+    /// Milliseconds from the recovery's start to its last byte written (absent from
+    /// older agents): the job log's rates are measured over it.
+    #[serde(default)]
+    pub elapsed_ms: Option<u64>,
     /// Lines for the job log (what an item copy copied, names it had to change).
     #[serde(default)]
     pub notes: Vec<String>,
