@@ -576,6 +576,9 @@ fn recovery_job(
     let counters = Counters::default();
     let lost: Mutex<Option<client::Error>> = Mutex::new(None);
     let sent = AtomicU64::new(0);
+    // The job log's rates are measured over this (the server's job times are whole
+    // seconds).
+    let began = Instant::now();
     let result = std::thread::scope(|s| {
         s.spawn(|| report_progress(shared, prefix, label, &counters, &sent, cancel, &lost));
         let progress = |done, total| {
@@ -645,7 +648,12 @@ fn recovery_job(
         }
         Err(e) => return Err(e),
     };
-    let total = counters.total.load(Ordering::Relaxed);
+    let elapsed_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // Item copies count the bytes copied with no total known in advance.
+    let total = counters
+        .total
+        .load(Ordering::Relaxed)
+        .max(counters.done.load(Ordering::Relaxed));
     let bytes_fetched = fetch.fetched.load(Ordering::Relaxed);
     // Final figures (a short job may end before its first progress report).
     let p = Progress {
@@ -661,6 +669,8 @@ fn recovery_job(
     let done = protocol::RecoveryDone {
         files: out.files.iter().map(|f| f.display().to_string()).collect(),
         bytes_fetched,
+        bytes_written: Some(total),
+        elapsed_ms: Some(elapsed_ms),
         notes: out.notes.clone(),
     };
     let path = format!("{prefix}/recovered");

@@ -105,6 +105,9 @@ pub fn export(
         dir: to.to_path_buf(),
         state: Mutex::new(SeedState::default()),
     };
+    // Taken before the view: the point is dated no later than the data it holds, so
+    // the import never ranks it above a point with newer data.
+    let viewed = datastore::time::rfc3339(datastore::time::now());
     let snap = provider.snapshot(vm, JobKind::InitialReplica, None)?;
     let consistency = snap.consistency();
     // Nothing cancels an export but its own failure (the read deadline still holds).
@@ -134,6 +137,7 @@ pub fn export(
         version: SEED_VERSION,
         source: start.source.clone(),
         created: datastore::time::rfc3339(datastore::time::now()),
+        viewed: Some(viewed),
         block_size: start.block_size,
         piece_blocks: start.piece_blocks,
         consistency,

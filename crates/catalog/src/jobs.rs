@@ -86,45 +86,56 @@ fn state(r: &Cols, i: usize) -> Result<JobState> {
     JobState::parse(&s).ok_or_else(|| Error::Corrupt(format!("jobs.state: unknown {s:?}")))
 }
 
-/// Progress rate and time left: bytes done over the seconds since the start (to the
-/// end for finished jobs); no rate before a whole second has passed.
-fn rate_eta(
-    started: Option<i64>,
-    finished: Option<i64>,
-    done: u64,
-    total: u64,
-) -> (Option<u64>, Option<u64>) {
-    let Some(start) = started else {
-        return (None, None);
-    };
+/// Seconds a job has run: since its start, to now or to its end; `None` before a
+/// whole second has passed (or unstarted).
+fn run_seconds(started: Option<i64>, finished: Option<i64>) -> Option<u64> {
+    let start = started?;
     let end = finished.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(start)
     });
-    let secs = end.saturating_sub(start);
-    if secs <= 0 || done == 0 {
-        return (None, None);
+    u64::try_from(end.saturating_sub(start))
+        .ok()
+        .filter(|&s| s > 0)
+}
+
+/// Bytes per second over `secs`; none before any byte.
+fn rate(bytes: u64, secs: Option<u64>) -> Option<u64> {
+    secs.filter(|_| bytes > 0).map(|s| bytes / s)
+}
+
+/// Time left of a running job at the pace so far: the seconds run times the share of
+/// `total` not yet done over the share done.
+fn eta(secs: Option<u64>, finished: bool, done: u64, total: u64) -> Option<u64> {
+    let secs = secs?;
+    if finished || done == 0 || total <= done {
+        return None;
     }
-    let rate = done / secs as u64;
-    let eta =
-        (finished.is_none() && rate > 0 && total > done).then(|| (total - done).div_ceil(rate));
-    (Some(rate), eta)
+    let left = (secs as u128 * (total - done) as u128).div_ceil(done as u128);
+    Some(u64::try_from(left).unwrap_or(u64::MAX))
 }
 
 fn job_info(r: &Cols) -> Result<JobInfo> {
-    let (rate_bytes_per_sec, eta_seconds) = rate_eta(
-        r.get(7, "jobs.started")?,
-        r.get(8, "jobs.finished")?,
-        r.u64(9, "jobs.bytes_done")?,
-        r.u64(10, "jobs.bytes_total")?,
-    );
+    let kind = kind(r, 1)?;
+    let started = r.get(7, "jobs.started")?;
+    let finished: Option<i64> = r.get(8, "jobs.finished")?;
+    let done = r.u64(9, "jobs.bytes_done")?;
+    let total = r.u64(10, "jobs.bytes_total")?;
+    let read = r.u64(11, "jobs.bytes_read")?;
+    let secs = run_seconds(started, finished);
+    // A recovery's pace is what it fetches (what --throttle limits): the disk bytes it
+    // writes count holes, which are never fetched. Both are reported, apart.
+    let recovery = kind == JobKind::Recovery;
     Ok(JobInfo {
-        rate_bytes_per_sec,
-        eta_seconds,
+        rate_bytes_per_sec: rate(if recovery { read } else { done }, secs),
+        eta_seconds: eta(secs, finished.is_some(), done, total),
+        bytes_fetched: recovery.then_some(read),
+        bytes_written: recovery.then_some(done),
+        write_rate_bytes_per_sec: if recovery { rate(done, secs) } else { None },
         id: r.get(0, "jobs.id")?,
-        kind: kind(r, 1)?,
+        kind,
         state: state(r, 2)?,
         vm: r.get(3, "jobs.vm")?,
         datasource_id: r.get(4, "jobs.datasource_id")?,
@@ -132,9 +143,9 @@ fn job_info(r: &Cols) -> Result<JobInfo> {
         created: r.time(6, "jobs.created")?,
         started: r.opt_time(7, "jobs.started")?,
         finished: r.opt_time(8, "jobs.finished")?,
-        bytes_done: r.u64(9, "jobs.bytes_done")?,
-        bytes_total: r.u64(10, "jobs.bytes_total")?,
-        bytes_read: r.u64(11, "jobs.bytes_read")?,
+        bytes_done: done,
+        bytes_total: total,
+        bytes_read: read,
         bytes_sent: r.u64(12, "jobs.bytes_sent")?,
         recovery_point: r.get(13, "jobs.recovery_point")?,
         error: r.get(14, "jobs.error")?,
@@ -523,21 +534,71 @@ mod tests {
     #[test]
     fn rate_and_eta_follow_bytes_and_time() {
         // Finished: rate over the job's run, no ETA.
-        assert_eq!(
-            rate_eta(Some(100), Some(110), 1000, 1000),
-            (Some(100), None)
-        );
-        // Running: ETA from what is left at that rate (rounded up).
+        let secs = run_seconds(Some(100), Some(110));
+        assert_eq!(secs, Some(10));
+        assert_eq!(rate(1000, secs), Some(100));
+        assert_eq!(eta(secs, true, 1000, 1000), None);
+        // Running: ETA from what is left at the pace so far (rounded up).
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let (rate, eta) = rate_eta(Some(now - 10), None, 1000, 3050);
-        assert_eq!((rate, eta), (Some(100), Some(21)));
+        let secs = run_seconds(Some(now - 10), None);
+        assert_eq!(rate(1000, secs), Some(100));
+        assert_eq!(eta(secs, false, 1000, 3050), Some(21));
         // Nothing to say before a second has passed, before any byte, or unstarted.
-        assert_eq!(rate_eta(Some(now + 5), None, 1000, 2000), (None, None));
-        assert_eq!(rate_eta(Some(now - 10), None, 0, 2000), (None, None));
-        assert_eq!(rate_eta(None, None, 10, 20), (None, None));
+        assert_eq!(run_seconds(Some(now + 5), None), None);
+        assert_eq!(rate(0, secs), None);
+        assert_eq!(eta(secs, false, 0, 2000), None);
+        assert_eq!(run_seconds(None, None), None);
+    }
+
+    #[test]
+    fn a_recovery_is_paced_by_what_it_fetches() {
+        let (c, a, _) = setup();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let id = c
+            .add_job(now - 20, &new_job(JobKind::Recovery, Some(&a)))
+            .unwrap();
+        c.start_job(now - 10, id).unwrap();
+        // 64 MiB of disk written, mostly holes; 1 MiB fetched.
+        let p = Progress {
+            bytes_done: 64 << 20,
+            bytes_total: 128 << 20,
+            bytes_read: 1 << 20,
+            bytes_sent: 0,
+            message: None,
+            step: None,
+        };
+        c.set_job_progress(id, &p).unwrap();
+        let j = c.job(id).unwrap();
+        // Ten seconds run (eleven if the clock ticked meanwhile).
+        let r = j.rate_bytes_per_sec.unwrap();
+        assert!(((1 << 20) / 11..=(1 << 20) / 10).contains(&r), "{r}");
+        let w = j.write_rate_bytes_per_sec.unwrap();
+        assert!(((64 << 20) / 11..=(64 << 20) / 10).contains(&w), "{w}");
+        assert_eq!(j.bytes_fetched, Some(1 << 20));
+        assert_eq!(j.bytes_written, Some(64 << 20));
+        // Half written in ten seconds: ten more.
+        assert!(
+            matches!(j.eta_seconds, Some(10 | 11)),
+            "{:?}",
+            j.eta_seconds
+        );
+        // Other jobs keep their pace in bytes done, with no recovery fields.
+        let b = c
+            .add_job(now - 20, &new_job(JobKind::Sync, Some(&a)))
+            .unwrap();
+        c.start_job(now - 10, b).unwrap();
+        c.set_job_progress(b, &p).unwrap();
+        let j = c.job(b).unwrap();
+        let r = j.rate_bytes_per_sec.unwrap();
+        assert!(((64 << 20) / 11..=(64 << 20) / 10).contains(&r), "{r}");
+        assert_eq!((j.bytes_fetched, j.bytes_written), (None, None));
+        assert_eq!(j.write_rate_bytes_per_sec, None);
     }
 
     fn new_job(kind: JobKind, ds: Option<&str>) -> NewJob {

@@ -272,8 +272,22 @@ impl Ingest {
         disks: Vec<DiskRecord>,
         stats: Stats,
     ) -> Result<Manifest> {
+        let now = crate::time::now_micros();
+        self.commit_dated(consistency, base, disks, stats, now)
+    }
+
+    /// [`Ingest::commit`], the recovery point dated `at` (Unix seconds, microseconds)
+    /// instead of now: an offline seed is dated by when its view was taken.
+    pub fn commit_dated(
+        self,
+        consistency: Consistency,
+        base: Option<String>,
+        disks: Vec<DiskRecord>,
+        stats: Stats,
+        at: (i64, u32),
+    ) -> Result<Manifest> {
         self.check_usable()?;
-        let (started, micros) = crate::time::now_micros();
+        let (started, micros) = at;
         let cfg = &self.store.config;
         for (i, d) in disks.iter().enumerate() {
             let want = d.blocks().div_ceil(cfg.piece_blocks as u64);

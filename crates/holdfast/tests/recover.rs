@@ -444,3 +444,104 @@ impl TapHost for RecoveryRequest {
         self
     }
 }
+
+/// `250.3 KiB/s` after `at ` in a job-log line, as bytes per second.
+fn rate_after_at(line: &str) -> f64 {
+    let tail = line
+        .split(" at ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{line}"));
+    let mut w = tail.split_whitespace();
+    let n: f64 = w.next().unwrap().parse().unwrap();
+    let unit = match w.next().unwrap().trim_end_matches(';') {
+        "B/s" => 1.0,
+        "KiB/s" => 1024.0,
+        "MiB/s" => 1024.0 * 1024.0,
+        "GiB/s" => 1024.0 * 1024.0 * 1024.0,
+        u => panic!("unit {u} in {line}"),
+    };
+    n * unit
+}
+
+/// Regression (issue 14, item 11): a throttled recovery of a disk that is mostly holes
+/// reports the bytes it fetched apart from the bytes of disk it wrote, and the rate it
+/// shows is the fetch rate, within the throttle (the holes are never fetched).
+#[test]
+fn a_throttled_recovery_reports_its_fetch_rate_not_its_holes() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    let dir = vms.join("sparse");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 64 MiB: 1 MiB of random data, 512 KiB of text, the rest holes.
+    make_disk(&dir.join("sparse.raw"), 64 << 20, 1 << 20, 31);
+    let mut c = Cluster::start(t.path(), FAST);
+    c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    c.protect_daily("g", &["hv01/sparse"]);
+
+    const KBPS: u64 = 256;
+    let limit = (KBPS * 1024) as f64;
+    let out = t.path().join("out");
+    let j: serde_json::Value = serde_json::from_str(&c.cli_ok(&[
+        "recover",
+        "hv01/sparse",
+        "--copy-to",
+        &format!("hv01:{}", s(&out)),
+        "--throttle",
+        &KBPS.to_string(),
+        "--wait",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let fetched = j["bytes_fetched"].as_u64().expect("bytes_fetched");
+    let written = j["bytes_written"].as_u64().expect("bytes_written");
+    assert_eq!(written, 64 << 20, "{j}");
+    assert!(fetched >= 1 << 20 && fetched < written, "{j}");
+    assert_eq!(j["bytes_read"].as_u64(), Some(fetched), "{j}");
+    // The job's rate is the fetch rate: over whole seconds of the server's clock (a
+    // run of about 5 s may count one second less), so within half again the limit;
+    // counting the holes it was 40 times the limit.
+    let rate = j["rate_bytes_per_sec"].as_u64().expect("rate") as f64;
+    assert!(
+        rate <= limit * 1.5,
+        "{rate} B/s fetched at --throttle {KBPS}: {j}"
+    );
+    let write_rate = j["write_rate_bytes_per_sec"].as_u64().expect("write rate");
+    assert!(write_rate as f64 > rate, "{j}");
+
+    // The recovery's last line in the job log (before "succeeded"): both counts, each
+    // with its rate over the agent's own measure of the time, the fetch rate within
+    // the limit (and a quarter second's burst).
+    let id = j["id"].as_i64().unwrap();
+    let log = c.job(id).log;
+    let n = log.len();
+    assert!(n >= 2 && log[n - 1].message == "succeeded", "{log:?}");
+    let last = &log[n - 2].message;
+    assert!(
+        last.contains(&format!("fetched {fetched} bytes"))
+            && last.contains(&format!("wrote {written} bytes")),
+        "{last}"
+    );
+    eprintln!("--throttle {KBPS}: job rate {rate} B/s; log: {last}");
+    let logged = rate_after_at(last);
+    assert!(logged <= limit * 1.1, "{last}");
+
+    // `jobs show` and the waited-for `recover` say the same, apart.
+    let show = c.cli_ok(&["jobs", "show", &id.to_string()]);
+    assert!(
+        show.contains("fetched") && show.contains("holes included"),
+        "{show}"
+    );
+    let again = c.cli_ok(&[
+        "recover",
+        "hv01/sparse",
+        "--copy-to",
+        &format!("hv01:{}", s(&t.path().join("out2"))),
+        "--wait",
+    ]);
+    assert!(
+        again.contains(": fetched") && again.contains("holes included"),
+        "{again}"
+    );
+}

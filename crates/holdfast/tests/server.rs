@@ -747,6 +747,161 @@ fn manual_replica_export_and_import_seed_the_first_recovery_point() {
     assert_verify_clean(&c.datastore());
 }
 
+/// Regression (issue 14, item 9): a seed's recovery point is dated by the seed's view of
+/// the VM, a seed older than the VM's newest point never becomes its latest (only an
+/// older point, when asked), and the same seed is never imported twice.
+#[test]
+fn replica_import_dates_points_by_their_view_and_never_rolls_the_vm_back() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    let disk = make_vm(&vms, "big", "raw", 16 << 20, 4 << 20, 21);
+    let mut c = Cluster::start(t.path(), FAST);
+    let adir = c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    c.create_group(
+        "seeded",
+        &["hv01/big"],
+        &["--recovery-point-times", "20:00", "--replica", "manual"],
+    );
+    let export = |to: &Path| {
+        c.cli_ok(&[
+            "replica",
+            "export",
+            "--data-dir",
+            s(&adir),
+            "--files-root",
+            s(&vms),
+            "--vm",
+            "big",
+            "--to",
+            s(to),
+        ])
+    };
+    let server_dir = c.server_dir();
+    let import = |from: &Path, more: &[&str]| {
+        let mut a = vec!["replica", "import", "--data-dir", s(&server_dir)];
+        a.extend_from_slice(more);
+        a.push(s(from));
+        let o = holdfast(&a);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        (o.status.success(), out, err)
+    };
+    let seed_json = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("seed.json")).unwrap()).unwrap()
+    };
+    let viewed = |dir: &Path| seed_json(dir)["viewed"].as_str().unwrap_or("").to_string();
+    let points = || -> Vec<RecoveryPointInfo> { c.admin().get("/recovery-points").unwrap() };
+
+    // Two seeds of different contents: s1, then (the disk changed) s2.
+    let s1 = t.path().join("media/s1");
+    let s2 = t.path().join("media/s2");
+    export(&s1);
+    change_disk(&disk, "raw", 1);
+    export(&s2);
+    let (v1, v2) = (viewed(&s1), viewed(&s2));
+    assert!(
+        !v1.is_empty() && !v2.is_empty(),
+        "no view time in the seeds"
+    );
+
+    // s1 is the VM's first point, dated by its view, not by the import.
+    let (ok1, out, err) = import(&s1, &[]);
+    assert!(ok1, "{out}{err}");
+    assert!(out.contains("its latest"), "{out}");
+    let rps = points();
+    assert_eq!(rps.len(), 1, "{rps:?}");
+    assert_eq!(rps[0].created, v1);
+    let first = rps[0].id.clone();
+
+    // The same seed again: nothing imported, and it says so.
+    let (again, out, err) = import(&s1, &[]);
+    assert!(again, "{out}{err}");
+    assert!(
+        out.contains("nothing imported") && out.contains(&first),
+        "{out}"
+    );
+    assert_eq!(points().len(), 1, "{:?}", points());
+
+    // A backup newer than s2's view (in a later second than it).
+    let v2_unix = datastore::time::parse(&v2).unwrap();
+    wait_until("a second after s2's view", Duration::from_secs(5), || {
+        datastore::time::now() > v2_unix
+    });
+    change_disk(&disk, "raw", 2);
+    let j: JobInfo =
+        serde_json::from_str(&c.cli_ok(&["backup-now", "hv01/big", "--wait", "--json"])).unwrap();
+    let newest = j.recovery_point.clone().unwrap();
+    let newest_time = points()
+        .into_iter()
+        .find(|p| p.id == newest)
+        .unwrap()
+        .created;
+
+    // s2 is older than that backup: refused, naming both times, and nothing appears.
+    let (stale, out, err) = import(&s2, &[]);
+    assert!(!stale, "a stale seed was imported: {out}");
+    assert!(
+        err.contains(&v2) && err.contains(&newest) && err.contains(&newest_time),
+        "{err}"
+    );
+    assert!(err.contains("--as-older-point"), "{err}");
+    assert_eq!(points().len(), 2, "{:?}", points());
+
+    // Asked for: an older point, dated by its view; the backup stays the latest.
+    let (older, out, err) = import(&s2, &["--as-older-point"]);
+    assert!(older, "{out}{err}");
+    assert!(out.contains("an older point"), "{out}");
+    let rps = points();
+    assert_eq!(rps.len(), 3, "{rps:?}");
+    let latest = rps
+        .iter()
+        .max_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)))
+        .unwrap();
+    assert_eq!(latest.id, newest, "{rps:?}");
+    assert!(rps.iter().any(|p| p.created == v2 && p.id != first));
+    // ... so it is what a restore of "latest" gives, and what the next sync builds on.
+    let work = t.path().join("work");
+    assert!(restores_identical(&c.datastore(), "hv01/big", &disk, &work));
+    let next: JobInfo =
+        serde_json::from_str(&c.cli_ok(&["backup-now", "hv01/big", "--wait", "--json"])).unwrap();
+    assert_eq!(next.state, JobState::Succeeded, "{next:?}");
+    let log = c.job(next.id).log;
+    assert!(
+        log.iter().any(|l| l
+            .message
+            .contains(&format!("based on recovery point {newest}"))),
+        "{log:?}"
+    );
+
+    // A version 1 seed (no view time) cannot be placed among existing points; a seed
+    // from the future is refused too. Neither leaves anything.
+    let copy = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let to = t.path().join("media").join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(&s2).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+        let mut v = seed_json(&to);
+        edit(&mut v);
+        std::fs::write(to.join("seed.json"), serde_json::to_vec(&v).unwrap()).unwrap();
+        to
+    };
+    let v1_seed = copy("v1", &|v| {
+        v["version"] = 1.into();
+        v["created"] = "2001-01-01T00:00:00Z".into();
+        v.as_object_mut().unwrap().remove("viewed");
+    });
+    let (ok_v1, _, err) = import(&v1_seed, &["--as-older-point"]);
+    assert!(!ok_v1 && err.contains("version 1"), "{err}");
+    let future = copy("future", &|v| v["viewed"] = "2099-01-01T00:00:00Z".into());
+    let (ok_future, _, err) = import(&future, &[]);
+    assert!(!ok_future && err.contains("2099-01-01T00:00:00Z"), "{err}");
+    assert_eq!(points().len(), 4, "{:?}", points());
+    assert_verify_clean(&c.datastore());
+}
+
 #[test]
 fn a_running_backup_can_be_cancelled_and_leaves_nothing() {
     let t = tempfile::tempdir().unwrap();

@@ -496,12 +496,24 @@ pub struct JobInfo {
     pub attempt: u32,
     /// Earliest time a queued job may start (reruns wait).
     pub not_before: Option<String>,
-    /// `bytes_done` per second since the job started (to now, or to its end).
+    /// Bytes per second since the job started (to now, or to its end): of
+    /// `bytes_fetched` for a recovery (what `--throttle` limits), else of `bytes_done`.
     #[serde(default)]
     pub rate_bytes_per_sec: Option<u64>,
-    /// Seconds left at that rate (running jobs with a known total).
+    /// Seconds left at the pace so far (running jobs with a known total).
     #[serde(default)]
     pub eta_seconds: Option<u64>,
+    /// Recovery jobs: bytes fetched from the datastore (framed, compressed blocks and
+    /// index pieces; holes are never fetched). The same as `bytes_read`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_fetched: Option<u64>,
+    /// Recovery jobs: bytes of disk written, holes (zero ranges, left unallocated)
+    /// included. The same as `bytes_done`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<u64>,
+    /// Recovery jobs: `bytes_written` per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_rate_bytes_per_sec: Option<u64>,
     #[serde(default)]
     pub log: Vec<JobLogLine>,
 }
@@ -788,8 +800,15 @@ impl ThrottleSchedule {
 pub struct RecoveryDone {
     /// The files written (full paths on the agent's host).
     pub files: Vec<String>,
-    /// Bytes of disk data fetched from the server.
+    /// Bytes fetched from the server (framed blocks and index pieces).
     pub bytes_fetched: u64,
+    /// Bytes of disk written, holes included (absent from older agents).
+    #[serde(default)]
+    pub bytes_written: Option<u64>,
+    /// Milliseconds from the recovery's start to its last byte written (absent from
+    /// older agents): the job log's rates are measured over it.
+    #[serde(default)]
+    pub elapsed_ms: Option<u64>,
     /// Lines for the job log (what an item copy copied, names it had to change).
     #[serde(default)]
     pub notes: Vec<String>,
@@ -1162,7 +1181,12 @@ pub struct ReplicaSeed {
     pub version: u32,
     /// `HOST/VM` and the data source id it was exported for.
     pub source: Source,
+    /// When the export finished (UTC, RFC 3339).
     pub created: String,
+    /// When the export's view of the VM was taken (UTC, RFC 3339): the time its
+    /// recovery point is dated by. Version 2 on; a version 1 seed has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viewed: Option<String>,
     pub block_size: u32,
     pub piece_blocks: u32,
     pub consistency: Consistency,
@@ -1173,4 +1197,6 @@ pub struct ReplicaSeed {
 }
 
 pub const SEED_FORMAT: &str = "holdfast-replica-seed";
-pub const SEED_VERSION: u32 = 1;
+/// 2 added `viewed`. Import reads 1 and 2 (a version 1 seed is dated by `created`, so
+/// it is taken only as a VM's first recovery point).
+pub const SEED_VERSION: u32 = 2;

@@ -298,15 +298,39 @@ fn display_addr(a: std::net::SocketAddr) -> String {
     }
 }
 
+/// What `holdfast replica import` did.
+#[derive(Debug, Clone)]
+pub enum SeedImport {
+    /// The seed is now this recovery point; `latest`: the VM's newest one.
+    Imported {
+        point: RecoveryPointInfo,
+        latest: bool,
+    },
+    /// The seed was imported before, as this recovery point: nothing was done.
+    AlreadyImported { point: RecoveryPointInfo },
+}
+
+/// How far ahead of this server's clock a seed's view time may be (clock skew between
+/// the host and the server); a seed dated further ahead would stay the VM's "latest"
+/// point over every backup made until then.
+const SEED_CLOCK_SKEW: i64 = 300;
+
 /// Imports a replica seed (`holdfast replica import`): replays its blobs through the
 /// datastore's ingest (each verified as an agent's would be), commits the recovery
-/// point and records it in the catalog. Safe while the server runs (the datastore's
-/// shared lock and SQLite's locking serialize with it). Returns the recovery point.
+/// point, dated by the seed's view time, and records it in the catalog. Safe while the
+/// server runs (the datastore's shared lock and SQLite's locking serialize with it).
+///
+/// A seed whose view is not newer than the VM's newest recovery point is refused (it
+/// would become the "latest" point with older data) unless `as_older_point`: it is then
+/// added as an older point, and the newest stays the latest (the base of the next
+/// synchronization, what `recover` takes by default). A seed already imported is a
+/// no-op ([`SeedImport::AlreadyImported`]).
 pub fn replica_import(
     data_dir: &Path,
     config_file: Option<PathBuf>,
     seed_dir: &Path,
-) -> Result<RecoveryPointInfo> {
+    as_older_point: bool,
+) -> Result<SeedImport> {
     let opts = ServerOptions {
         data_dir: data_dir.to_path_buf(),
         listen: None,
@@ -323,12 +347,43 @@ pub fn replica_import(
     })?;
     let seed: protocol::ReplicaSeed = serde_json::from_slice(&text)
         .map_err(|e| Error::Config(format!("{}: {e}", seed_file.display())))?;
-    if seed.format != protocol::SEED_FORMAT || seed.version != protocol::SEED_VERSION {
+    if seed.format != protocol::SEED_FORMAT || !(1..=protocol::SEED_VERSION).contains(&seed.version)
+    {
         return Err(Error::Config(format!(
             "{}: not a replica seed this version reads ({} v{})",
             seed_file.display(),
             seed.format,
             seed.version
+        )));
+    }
+    // The time the point is dated by: the view's (version 2), else the only time a
+    // version 1 seed has, the end of its export (later than its view).
+    let (field, when) = match (&seed.viewed, seed.version) {
+        (Some(v), 2..) => ("viewed", v),
+        (None, 2..) => {
+            return Err(Error::Config(format!(
+                "{}: field \"viewed\" is missing (a version {} seed records its view time)",
+                seed_file.display(),
+                seed.version
+            )));
+        }
+        (_, _) => ("created", &seed.created),
+    };
+    let viewed = datastore::time::parse(when)
+        .filter(|_| when.ends_with('Z'))
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{}: field {field:?} is {when:?}, not a UTC time YYYY-MM-DDTHH:MM:SSZ",
+                seed_file.display()
+            ))
+        })?;
+    let now = datastore::time::now();
+    if viewed > now.saturating_add(SEED_CLOCK_SKEW) {
+        return Err(Error::Config(format!(
+            "{}: the seed's view time {} is ahead of this server's clock ({}); check the clocks of the host and the server",
+            seed_file.display(),
+            datastore::time::rfc3339(viewed),
+            datastore::time::rfc3339(now)
         )));
     }
     let (ds, _) = open_datastore(&datastore_dir(&opts, &cfg), cfg.encrypt_datastore)?;
@@ -351,6 +406,23 @@ pub fn replica_import(
             source.id
         )));
     }
+    let points = cat.recovery_points(Some(&source.id))?;
+    // The same seed again: a point of this VM with its view time and its disks.
+    for p in points.iter().filter(|p| p.created_unix == viewed) {
+        let m = ds.point(&p.id)?;
+        let same = m.disks.len() == seed.disks.len()
+            && m.disks.iter().zip(&seed.disks).all(|(a, b)| {
+                a.virtual_size == b.virtual_size && a.pieces == b.pieces && a.name == b.name
+            });
+        if same {
+            return Ok(SeedImport::AlreadyImported { point: p.clone() });
+        }
+    }
+    let placed = |points: &[RecoveryPointInfo]| -> Result<bool> {
+        let by_view = field == "viewed";
+        seed_place(&seed_file, &seed, (viewed, by_view), points, as_older_point)
+    };
+    placed(&points)?;
     let ingest = ds.begin_ingest(seed.source.clone())?;
     for name in &seed.blob_files {
         if name.contains('/') || name.contains("..") {
@@ -366,16 +438,77 @@ pub fn replica_import(
         })?;
         ingest.put(&batch)?;
     }
-    let m = ingest.commit(seed.consistency, None, seed.disks, seed.stats)?;
+    // Again, just before the commit: a backup may have ended while the blobs were read.
+    let latest = placed(&cat.recovery_points(Some(&source.id))?)?;
+    let m = ingest.commit_dated(seed.consistency, None, seed.disks, seed.stats, (viewed, 0))?;
     let rp = rp_info(&m, None);
-    let now = datastore::time::now();
     cat.add_recovery_point(&rp)?;
-    cat.set_replica_state(&source.id, "ok")?;
+    // Only a newest point says anything about the replica as it is now.
+    if latest {
+        cat.set_replica_state(&source.id, "ok")?;
+    }
     cat.audit(
-        now,
+        datastore::time::now(),
         "admin",
         "replica import",
-        &format!("{} recovery point {}", source.name, m.id),
+        &format!(
+            "{} recovery point {} (view of {}{})",
+            source.name,
+            m.id,
+            m.created,
+            if latest { "" } else { ", an older point" }
+        ),
     )?;
-    Ok(rp)
+    Ok(SeedImport::Imported { point: rp, latest })
+}
+
+/// Where a seed dated `viewed` (`by_view`: its view time, not a version 1 seed's export
+/// time) goes among the VM's `points`: `Ok(true)` the newest, `Ok(false)` an older
+/// point (only with `as_older_point`); else why it is refused.
+fn seed_place(
+    seed_file: &Path,
+    seed: &protocol::ReplicaSeed,
+    (viewed, by_view): (i64, bool),
+    points: &[RecoveryPointInfo],
+    as_older_point: bool,
+) -> Result<bool> {
+    let Some(newest) = points
+        .iter()
+        .max_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)))
+    else {
+        return Ok(true);
+    };
+    if !by_view {
+        return Err(Error::Config(format!(
+            "{}: a version 1 seed records no view time, so it can only be the first recovery point of {}, which already has {} (newest {} of {}); export the VM again with this version",
+            seed_file.display(),
+            seed.source.name,
+            points.len(),
+            newest.id,
+            newest.created
+        )));
+    }
+    let seen = datastore::time::rfc3339(viewed);
+    if viewed > newest.created_unix {
+        return Ok(true);
+    }
+    if viewed == newest.created_unix {
+        return Err(Error::Config(format!(
+            "{}: the seed's view of {} ({seen}) is as old as its newest recovery point {} ({}): neither can be ordered before the other",
+            seed_file.display(),
+            seed.source.name,
+            newest.id,
+            newest.created
+        )));
+    }
+    if !as_older_point {
+        return Err(Error::Config(format!(
+            "{}: the seed's view of {} ({seen}) is older than its newest recovery point {} ({}); importing it as the latest point would roll the VM back. Give --as-older-point to add it as an older point",
+            seed_file.display(),
+            seed.source.name,
+            newest.id,
+            newest.created
+        )));
+    }
+    Ok(false)
 }

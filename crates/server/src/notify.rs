@@ -426,8 +426,14 @@ pub fn job_email(j: &JobInfo, server_url: Option<&str>) -> (String, String) {
     if let Some(d) = duration(j) {
         lines.push(format!("Duration:       {d}"));
     }
-    lines.push(format!("Bytes read:     {}", j.bytes_read));
-    lines.push(format!("Bytes sent:     {}", j.bytes_sent));
+    if let (Some(f), Some(w)) = (j.bytes_fetched, j.bytes_written) {
+        // A recovery: what it fetched apart from the disk bytes it wrote (holes).
+        lines.push(format!("Bytes fetched:  {f}"));
+        lines.push(format!("Bytes written:  {w} (holes included)"));
+    } else {
+        lines.push(format!("Bytes read:     {}", j.bytes_read));
+        lines.push(format!("Bytes sent:     {}", j.bytes_sent));
+    }
     if let Some(rp) = &j.recovery_point {
         lines.push(format!("Recovery point: {rp}"));
     }
@@ -715,6 +721,9 @@ mod tests {
             not_before: None,
             rate_bytes_per_sec: None,
             eta_seconds: None,
+            bytes_fetched: None,
+            bytes_written: None,
+            write_rate_bytes_per_sec: None,
             log: Vec::new(),
         }
     }

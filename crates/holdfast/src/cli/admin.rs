@@ -630,13 +630,16 @@ fn wait_job(cl: &Client, id: i64, json: bool) -> anyhow::Result<ExitCode> {
                 print_json(&j)?;
             } else {
                 println!(
-                    "job {} ({}) {}{}{}",
+                    "job {} ({}) {}{}{}{}",
                     j.id,
                     j.kind.as_str(),
                     j.state.as_str(),
                     j.recovery_point
                         .as_ref()
                         .map(|r| format!(": recovery point {r}"))
+                        .unwrap_or_default(),
+                    fetched_written(&j)
+                        .map(|t| format!(": {t}"))
                         .unwrap_or_default(),
                     j.error
                         .as_ref()
@@ -652,14 +655,20 @@ fn wait_job(cl: &Client, id: i64, json: bool) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             });
         }
-        let line = format!(
-            "job {} {}: {} of {}{}",
-            j.id,
-            j.state.as_str(),
-            human(j.bytes_done),
-            human(j.bytes_total),
-            rate_eta(&j)
-        );
+        let line = match fetched_written(&j) {
+            Some(t) => format!("job {} {}: {t}{}", j.id, j.state.as_str(), eta(&j)),
+            None => format!(
+                "job {} {}: {} of {}{}{}",
+                j.id,
+                j.state.as_str(),
+                human(j.bytes_done),
+                human(j.bytes_total),
+                j.rate_bytes_per_sec
+                    .map(|r| format!(", {}/s", human(r)))
+                    .unwrap_or_default(),
+                eta(&j)
+            ),
+        };
         if line != last && !json {
             eprintln!("{line}");
             last = line;
@@ -671,20 +680,31 @@ fn wait_job(cl: &Client, id: i64, json: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `, 120.0 MiB/s, 1m05s left` (what is known of it).
-fn rate_eta(j: &JobInfo) -> String {
-    let mut out = String::new();
-    if let Some(r) = j.rate_bytes_per_sec {
-        out.push_str(&format!(", {}/s", human(r)));
+/// A recovery's bytes, fetched and written apart (holes are written, never fetched),
+/// each with its rate: `fetched 1.2 MiB (250.0 KiB/s), wrote 64.0 MiB of 64.0 MiB of
+/// disk, holes included (12.8 MiB/s)`. `None` for other jobs.
+fn fetched_written(j: &JobInfo) -> Option<String> {
+    let fetched = j.bytes_fetched?;
+    let written = j.bytes_written.unwrap_or(j.bytes_done);
+    let per_sec = |r: Option<u64>| r.map(|r| format!(" ({}/s)", human(r)));
+    Some(format!(
+        "fetched {}{}, wrote {} of {} of disk, holes included{}",
+        human(fetched),
+        per_sec(j.rate_bytes_per_sec).unwrap_or_default(),
+        human(written),
+        human(j.bytes_total),
+        per_sec(j.write_rate_bytes_per_sec).unwrap_or_default()
+    ))
+}
+
+/// `, 1m05s left` (when known).
+fn eta(j: &JobInfo) -> String {
+    match j.eta_seconds {
+        None => String::new(),
+        Some(e @ 0..60) => format!(", {e}s left"),
+        Some(e @ 60..3600) => format!(", {}m{:02}s left", e / 60, e % 60),
+        Some(e) => format!(", {}h{:02}m left", e / 3600, e % 3600 / 60),
     }
-    if let Some(e) = j.eta_seconds {
-        out.push_str(&match e {
-            0..60 => format!(", {e}s left"),
-            60..3600 => format!(", {}m{:02}s left", e / 60, e % 60),
-            _ => format!(", {}h{:02}m left", e / 3600, e % 3600 / 60),
-        });
-    }
-    out
 }
 
 pub(crate) fn started(cl: &Client, j: JobInfo, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
@@ -933,14 +953,20 @@ pub fn jobs(s: &ServerArgs, c: JobsCommand) -> anyhow::Result<ExitCode> {
             if let Some(vm) = &j.vm {
                 println!("  vm: {vm}");
             }
-            println!(
-                "  bytes: {} of {} done, {} read, {} sent{}",
-                human(j.bytes_done),
-                human(j.bytes_total),
-                human(j.bytes_read),
-                human(j.bytes_sent),
-                rate_eta(&j)
-            );
+            match fetched_written(&j) {
+                Some(t) => println!("  bytes: {t}{}", eta(&j)),
+                None => println!(
+                    "  bytes: {} of {} done, {} read, {} sent{}{}",
+                    human(j.bytes_done),
+                    human(j.bytes_total),
+                    human(j.bytes_read),
+                    human(j.bytes_sent),
+                    j.rate_bytes_per_sec
+                        .map(|r| format!(", {}/s", human(r)))
+                        .unwrap_or_default(),
+                    eta(&j)
+                ),
+            }
             if let Some(rp) = &j.recovery_point {
                 println!("  recovery point: {rp}");
             }

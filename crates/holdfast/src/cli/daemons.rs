@@ -694,7 +694,9 @@ pub enum ReplicaCommand {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// On the server: import an exported replica as the VM's first recovery point.
+    /// On the server: import an exported replica as a recovery point of the VM, dated
+    /// by when the export's view of the VM was taken. A seed older than the VM's newest
+    /// recovery point is refused; one already imported is left as it is.
     Import {
         /// The server's data folder.
         #[arg(long)]
@@ -702,6 +704,10 @@ pub enum ReplicaCommand {
         /// The server's configuration, when not DATA_DIR/holdfast.toml.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Accept a seed older than the VM's newest recovery point, as an older point
+        /// (the newest stays the latest).
+        #[arg(long)]
+        as_older_point: bool,
         /// The exported folder.
         from: PathBuf,
     },
@@ -745,14 +751,29 @@ pub fn replica(s: &ServerArgs, c: ReplicaCommand) -> anyhow::Result<ExitCode> {
         ReplicaCommand::Import {
             data_dir,
             config,
+            as_older_point,
             from,
-        } => {
-            let rp = server::replica_import(&data_dir, config, &from)?;
-            println!(
-                "imported {} as recovery point {} ({} bytes stored)",
-                rp.vm, rp.id, rp.stats.bytes_stored
-            );
-        }
+        } => match server::replica_import(&data_dir, config, &from, as_older_point)? {
+            server::SeedImport::Imported { point, latest } => println!(
+                "imported {} as recovery point {} of {}, {} ({} bytes stored)",
+                point.vm,
+                point.id,
+                point.created,
+                if latest {
+                    "its latest"
+                } else {
+                    "an older point; the latest is unchanged"
+                },
+                point.stats.bytes_stored
+            ),
+            server::SeedImport::AlreadyImported { point } => println!(
+                "{} was imported before, as recovery point {} of {} of {}: nothing imported",
+                from.display(),
+                point.id,
+                point.vm,
+                point.created
+            ),
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
