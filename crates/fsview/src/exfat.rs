@@ -21,7 +21,7 @@
 //! entry sets inside their directory.
 
 use crate::ext::READ_CHUNK;
-use crate::fs::{Entry, EntryKind, FileSystem, eq_ci};
+use crate::fs::{Entry, EntryKind, FileSystem, find_name};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result, le16, le32, le64};
@@ -236,6 +236,10 @@ struct Node {
     id: u64,
 }
 
+/// Marks a folder's id, made from its first cluster, so a directory entry that points
+/// back at an ancestor's clusters (a loop) has the ancestor's id.
+const CLUSTER_ID: u64 = 1 << 63;
+
 impl Node {
     fn entry(&self) -> Entry {
         Entry {
@@ -249,7 +253,11 @@ impl Node {
             mtime: self.mtime,
             mtime_nanos: self.mtime_nanos,
             mode: None,
-            id: self.id,
+            id: if self.dir {
+                CLUSTER_ID | u64::from(self.first_cluster)
+            } else {
+                self.id
+            },
         }
     }
 }
@@ -618,12 +626,11 @@ impl ExFat {
                 )));
             }
             let dir_path = if walked.is_empty() { "/" } else { &walked };
-            node = self
-                .list_nodes(&node, dir_path)?
-                .iter()
-                .find(|e| eq_ci(&e.name, c))
-                .cloned()
-                .ok_or_else(|| Error::NotFound(path.to_string()))?;
+            node = find_name(&self.list_nodes(&node, dir_path)?, c, true, |e| {
+                e.name.as_str().into()
+            })
+            .cloned()
+            .ok_or_else(|| Error::NotFound(path.to_string()))?;
             walked.push('/');
             walked.push_str(&node.name);
         }
@@ -756,7 +763,7 @@ impl FileSystem for ExFat {
     fn stat(&mut self, path: &str) -> Result<Entry> {
         let node = self.lookup(path)?;
         Ok(if node.id == 0 {
-            Entry::root(0)
+            Entry::root(CLUSTER_ID | u64::from(node.first_cluster))
         } else {
             node.entry()
         })
@@ -861,6 +868,7 @@ mod tests {
 
     #[test]
     fn names_compare_without_case() {
+        use crate::fs::eq_ci;
         assert!(eq_ci("Ärger.TXT", "ärger.txt"));
         assert!(!eq_ci("a", "ab"));
     }
