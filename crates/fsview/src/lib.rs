@@ -31,7 +31,7 @@ mod volume;
 
 #[doc(hidden)]
 pub use ext_own::open_own as open_ext_own;
-pub use extract::{MAX_DEPTH, Report, extract, safe_name};
+pub use extract::{MAX_DEPTH, Renamed, Report, extract, extract_all, safe_name, shown};
 pub use fs::{Entry, EntryKind, FileSystem, components, find_name, open};
 pub use probe::{FsKind, identify, probe};
 pub use select::{VolumeInfo, open_volume, volumes};
