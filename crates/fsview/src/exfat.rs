@@ -236,10 +236,6 @@ struct Node {
     id: u64,
 }
 
-/// Marks a folder's id, made from its first cluster, so a directory entry that points
-/// back at an ancestor's clusters (a loop) has the ancestor's id.
-const CLUSTER_ID: u64 = 1 << 63;
-
 impl Node {
     fn entry(&self) -> Entry {
         Entry {
@@ -253,11 +249,7 @@ impl Node {
             mtime: self.mtime,
             mtime_nanos: self.mtime_nanos,
             mode: None,
-            id: if self.dir {
-                CLUSTER_ID | u64::from(self.first_cluster)
-            } else {
-                self.id
-            },
+            id: self.id,
         }
     }
 }
@@ -763,7 +755,7 @@ impl FileSystem for ExFat {
     fn stat(&mut self, path: &str) -> Result<Entry> {
         let node = self.lookup(path)?;
         Ok(if node.id == 0 {
-            Entry::root(CLUSTER_ID | u64::from(node.first_cluster))
+            Entry::root(0)
         } else {
             node.entry()
         })
