@@ -481,6 +481,37 @@ impl NewDir {
     }
 }
 
+impl NewDir {
+    /// A new folder `dir/base`, or `dir/base-2`, `dir/base-3`... when the name is
+    /// taken (another job's, made the same second): created with `create_dir`, which
+    /// fails rather than reuse a folder, so two jobs never share one.
+    fn create_unique(dir: &Path, base: &str) -> Result<NewDir> {
+        std::fs::create_dir_all(dir).map_err(io(dir, "creating the folder"))?;
+        let mut last = None;
+        for n in 1..=100u32 {
+            let path = match n {
+                1 => dir.join(base),
+                n => dir.join(format!("{base}-{n}")),
+            };
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(NewDir { path, keep: false }),
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => last = Some(path),
+                Err(err) => {
+                    return Err(Error::Io {
+                        path,
+                        op: "creating the folder",
+                        err,
+                    });
+                }
+            }
+        }
+        Err(Error::Invalid(format!(
+            "{} and 99 other names like it already exist; recovery writes only into a new folder",
+            last.unwrap_or_else(|| dir.join(base)).display()
+        )))
+    }
+}
+
 impl Drop for NewDir {
     fn drop(&mut self) {
         if !self.keep {
@@ -506,6 +537,7 @@ fn timestamp(unix: i64) -> String {
 pub fn recover(
     fetch: &Fetch,
     plan: &RecoveryPlan,
+    job: i64,
     vm: &str,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Recovered> {
@@ -585,9 +617,10 @@ pub fn recover(
             items,
             ..
         } => {
-            let folder =
-                Path::new(dir).join(format!("holdfast_{}", timestamp(datastore::time::now())));
-            let mut d = NewDir::create(folder.clone())?;
+            // The job id keeps two jobs of the same second apart.
+            let base = format!("holdfast_{}_job{job}", timestamp(datastore::time::now()));
+            let mut d = NewDir::create_unique(Path::new(dir), &base)?;
+            let folder = d.path.clone();
             if partition.is_some() || !items.is_empty() {
                 let i = disk.unwrap_or(0) as usize;
                 let rec = m.disks.get(i).ok_or_else(|| {
@@ -752,29 +785,28 @@ fn copy_items(
         let vol = fsview::open_volume(d, partition).map_err(err)?;
         let mut fs = fsview::open(vol).map_err(err)?;
         let mut report = fsview::Report::default();
-        for item in items {
-            fsview::extract(fs.as_mut(), item, folder, &mut report).map_err(|e| {
-                if fetch.cancel.load(Ordering::Relaxed) {
-                    Error::Cancelled("the recovery was cancelled".into())
-                } else {
-                    Error::Invalid(format!("{place}: copying {item}: {e}"))
-                }
-            })?;
-            progress(report.bytes, 0);
-        }
+        // All items at once: same-named ones get ` (2)`... instead of failing.
+        fsview::extract_all(fs.as_mut(), items, folder, &mut report).map_err(|e| {
+            if fetch.cancel.load(Ordering::Relaxed) {
+                Error::Cancelled("the recovery was cancelled".into())
+            } else {
+                Error::Invalid(format!("{place}: copying {}: {e}", items.join(", ")))
+            }
+        })?;
+        progress(report.bytes, 0);
         Ok((report, fs.kind().name().to_string()))
     })?;
     let mut notes = vec![format!(
         "{} file(s), {} folder(s), {} link(s), {} bytes copied from {place} ({fs_name}) of {vm}",
         report.files, report.dirs, report.links, report.bytes
     )];
-    for (from, to) in report.renamed.iter().take(256) {
+    let changes = report.renamed.len() + report.skipped.len();
+    notes.extend(report.lines().take(512));
+    if changes > 512 {
         notes.push(format!(
-            "{from:?} saved as {to:?} (unsafe or duplicate name)"
+            "... and {} more renamed or skipped entries",
+            changes - 512
         ));
-    }
-    for p in report.skipped.iter().take(256) {
-        notes.push(format!("{p:?} skipped (not a file, folder or link)"));
     }
     Ok(Recovered {
         files: vec![folder.to_path_buf()],
@@ -950,6 +982,18 @@ mod tests {
         assert_eq!(with_ext("os.qcow2", "raw"), "os.raw");
         assert_eq!(with_ext("disk", "raw"), "disk.raw");
         assert_eq!(toml_str("a\"b"), "\"a\\\"b\"");
+    }
+
+    #[test]
+    fn folders_of_one_second_are_told_apart() {
+        let t = tempfile::tempdir().unwrap();
+        let a = NewDir::create_unique(t.path(), "holdfast_x_job1").unwrap();
+        let b = NewDir::create_unique(t.path(), "holdfast_x_job1").unwrap();
+        assert_eq!(a.path, t.path().join("holdfast_x_job1"));
+        assert_eq!(b.path, t.path().join("holdfast_x_job1-2"));
+        // Dropped unkept: both removed, nothing else touched.
+        drop((a, b));
+        assert!(std::fs::read_dir(t.path()).unwrap().next().is_none());
     }
 
     #[test]

@@ -629,7 +629,7 @@ fn recovery_job(
                     notes: Vec::new(),
                 })
             }
-            None => crate::recover::recover(&fetch, plan, &job.vm, &progress),
+            None => crate::recover::recover(&fetch, plan, job.job_id, &job.vm, &progress),
         };
         counters.finished.store(true, Ordering::Relaxed);
         r

@@ -21,7 +21,7 @@
 //! entry sets inside their directory.
 
 use crate::ext::READ_CHUNK;
-use crate::fs::{Entry, EntryKind, FileSystem, eq_ci};
+use crate::fs::{Entry, EntryKind, FileSystem, find_name};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result, le16, le32, le64};
@@ -618,12 +618,11 @@ impl ExFat {
                 )));
             }
             let dir_path = if walked.is_empty() { "/" } else { &walked };
-            node = self
-                .list_nodes(&node, dir_path)?
-                .iter()
-                .find(|e| eq_ci(&e.name, c))
-                .cloned()
-                .ok_or_else(|| Error::NotFound(path.to_string()))?;
+            node = find_name(&self.list_nodes(&node, dir_path)?, c, true, |e| {
+                e.name.as_str().into()
+            })
+            .cloned()
+            .ok_or_else(|| Error::NotFound(path.to_string()))?;
             walked.push('/');
             walked.push_str(&node.name);
         }
@@ -861,6 +860,7 @@ mod tests {
 
     #[test]
     fn names_compare_without_case() {
+        use crate::fs::eq_ci;
         assert!(eq_ci("Ärger.TXT", "ärger.txt"));
         assert!(!eq_ci("a", "ab"));
     }

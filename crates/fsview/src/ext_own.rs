@@ -28,7 +28,7 @@
 //! against node sizes, extents in increasing order, and the blocks one file maps at most
 //! the volume's block count (so a loop in the metadata ends as [`Error::Corrupt`]).
 
-use crate::ext::{MAX_LINK, READ_CHUNK, ROOT_INODE, ext_entry, name_matches};
+use crate::ext::{MAX_LINK, READ_CHUNK, ROOT_INODE, ext_entry};
 use crate::fs::{Entry, EntryKind, FileSystem};
 use crate::probe::FsKind;
 use crate::volume::Volume;
@@ -902,7 +902,10 @@ impl OwnExt {
         let mut name = Vec::new();
         for c in crate::components(path)? {
             let entries = self.dir_entries(&cur, path)?;
-            let Some((raw, ino)) = entries.iter().find(|(raw, _)| name_matches(raw, c)) else {
+            // ext matches names exactly (the common rule without case folding).
+            let found =
+                crate::find_name(&entries, c, false, |(raw, _)| String::from_utf8_lossy(raw));
+            let Some((raw, ino)) = found else {
                 return Err(Error::NotFound(path.to_string()));
             };
             cur = self.inode(*ino)?;

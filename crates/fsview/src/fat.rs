@@ -10,8 +10,14 @@
 //! bounded: a damaged FAT can chain a directory's clusters into a loop, and fatfs would
 //! then iterate forever. [`Stream`] has a read budget for directory walks, and lists
 //! stop after the format's limit of 65536 entries per directory.
+//!
+//! A folder's id is its first cluster (fatfs does not expose it: it is read from the
+//! short entry fatfs has just parsed, whose position the stream records), so a
+//! directory entry that points back at an ancestor's cluster (a loop) has the
+//! ancestor's id, and extraction sees it has been there. Files keep a hash of their
+//! path as id (an empty file has no cluster).
 
-use crate::fs::{Entry, EntryKind, FileSystem, eq_ci};
+use crate::fs::{Entry, EntryKind, FileSystem, find_name};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result};
@@ -39,6 +45,9 @@ struct Stream {
     budget: Arc<AtomicU64>,
     /// Writes fatfs attempted (all refused): for tests and diagnostics.
     writes: Arc<AtomicU64>,
+    /// Volume offset where the last read ended: after fatfs yields a directory entry,
+    /// its 32-byte short entry ends here.
+    last_end: Arc<AtomicU64>,
 }
 
 impl Read for Stream {
@@ -53,7 +62,10 @@ impl Read for Stream {
             }
             self.budget.store(left - n, Ordering::Relaxed);
         }
-        self.vol.read(buf)
+        let n = self.vol.read(buf)?;
+        self.last_end
+            .store(self.vol.stream_position()?, Ordering::Relaxed);
+        Ok(n)
     }
 }
 
@@ -132,6 +144,81 @@ struct FatFs {
     budget: Arc<AtomicU64>,
     #[cfg_attr(not(test), allow(dead_code))]
     writes: Arc<AtomicU64>,
+    ids: Ids,
+}
+
+/// What reading folders' first clusters needs.
+struct Ids {
+    vol: Volume,
+    last_end: Arc<AtomicU64>,
+    fat32: bool,
+    /// The root folder's id: its first cluster on FAT32, 0 (no cluster) on FAT12/16.
+    root: u64,
+}
+
+/// Marks an id made from a first cluster (path-hash ids may have the bit too; only
+/// folders are compared, and a clash costs at most a folder reported as a loop).
+const CLUSTER_ID: u64 = 1 << 63;
+
+impl Ids {
+    fn new(vol: &Volume, kind: FsKind, last_end: Arc<AtomicU64>) -> Result<Ids> {
+        let fat32 = kind == (FsKind::Fat { bits: 32 });
+        let mut root = 0u32;
+        if fat32 {
+            let mut b = [0u8; 4];
+            vol.read_at(&mut b, 44)?;
+            root = u32::from_le_bytes(b);
+        }
+        Ok(Ids {
+            vol: vol.clone(),
+            last_end,
+            fat32,
+            root: CLUSTER_ID | u64::from(root),
+        })
+    }
+
+    /// The id of the folder whose short entry fatfs has just parsed as `e`, from the
+    /// entry's first cluster; `None` (the path hash is used) when the bytes found
+    /// there are not that entry.
+    fn folder_id(&self, e: &FatEntry<'_>) -> Option<u64> {
+        let at = self.last_end.load(Ordering::Relaxed).checked_sub(32)?;
+        let mut raw = [0u8; 32];
+        self.vol.read_at(&mut raw, at).ok()?;
+        if raw[11] != e.attributes().bits() || !same_short_name(&raw[..11], e) {
+            return None;
+        }
+        let hi = if self.fat32 {
+            u32::from(crate::le16(&raw, 20))
+        } else {
+            0
+        };
+        let cluster = hi << 16 | u32::from(crate::le16(&raw, 26));
+        // Cluster 0 is the root (fatfs opens such an entry as the root folder).
+        Some(if cluster == 0 {
+            self.root
+        } else {
+            CLUSTER_ID | u64::from(cluster)
+        })
+    }
+}
+
+/// Whether the 11 raw name bytes are `e`'s short name ("NAME    EXT" vs "NAME.EXT").
+fn same_short_name(raw: &[u8], e: &FatEntry<'_>) -> bool {
+    let mut base = raw[..8].to_vec();
+    if base[0] == 0x05 {
+        base[0] = 0xE5; // a leading 0xE5 is stored as 0x05
+    }
+    let trim = |b: &[u8]| -> Vec<u8> {
+        let n = b.iter().rposition(|c| *c != b' ').map_or(0, |i| i + 1);
+        b[..n].to_vec()
+    };
+    let (base, ext) = (trim(&base), trim(&raw[8..11]));
+    let mut want = base;
+    if !ext.is_empty() {
+        want.push(b'.');
+        want.extend_from_slice(&ext);
+    }
+    want == e.short_file_name_as_bytes()
 }
 
 // SAFETY: fatfs's `FileSystem<Stream>` is `!Send` only because its options hold
@@ -153,12 +240,15 @@ pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
     check_size(&volume)?;
     let budget = Arc::new(AtomicU64::new(WALK_BUDGET));
     let writes = Arc::new(AtomicU64::new(0));
+    let last_end = Arc::new(AtomicU64::new(0));
+    let ids = Ids::new(&volume, kind, last_end.clone())?;
     let mut vol = volume;
     vol.seek(SeekFrom::Start(0))?;
     let stream = Stream {
         vol,
         budget: budget.clone(),
         writes: writes.clone(),
+        last_end,
     };
     let options = fatfs::FsOptions::new()
         .update_accessed_date(false)
@@ -172,6 +262,7 @@ pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
         label,
         budget,
         writes,
+        ids,
     }))
 }
 
@@ -270,7 +361,7 @@ fn unix_time(dt: &fatfs::DateTime) -> Option<i64> {
     Some(days * 86_400 + i64::from(t.hour) * 3600 + i64::from(t.min) * 60 + i64::from(t.sec))
 }
 
-fn entry(e: &FatEntry<'_>, path_key: &str) -> Entry {
+fn entry(e: &FatEntry<'_>, path_key: &str, folder_id: Option<u64>) -> Entry {
     let modified = e.modified();
     let mtime = unix_time(&modified);
     Entry {
@@ -288,19 +379,29 @@ fn entry(e: &FatEntry<'_>, path_key: &str) -> Entry {
             0
         },
         mode: None,
-        id: fnv1a(path_key.as_bytes()),
+        id: match folder_id {
+            Some(id) if e.is_dir() => id,
+            _ => fnv1a(path_key.as_bytes()),
+        },
     }
 }
 
 /// What a path resolved to.
 enum Found<'a> {
     Root,
-    /// The entry, and its path spelled with the names as stored (the id key).
-    Entry(FatEntry<'a>, String),
+    /// The entry, its path spelled with the names as stored (the id key), and its
+    /// folder id when it is a folder ([`Ids::folder_id`]).
+    Entry(FatEntry<'a>, String, Option<u64>),
 }
 
-/// The entries of `dir` but `.` and `..`, at most [`MAX_DIR_ENTRIES`].
-fn entries<'a>(dir: &FatDir<'a>, path: &str, budget: &AtomicU64) -> Result<Vec<FatEntry<'a>>> {
+/// The entries of `dir` but `.` and `..`, at most [`MAX_DIR_ENTRIES`], each folder with
+/// its id.
+fn entries<'a>(
+    dir: &FatDir<'a>,
+    path: &str,
+    budget: &AtomicU64,
+    ids: &Ids,
+) -> Result<Vec<(FatEntry<'a>, Option<u64>)>> {
     budget.store(WALK_BUDGET, Ordering::Relaxed);
     let mut out = Vec::new();
     for (i, e) in dir.iter().enumerate() {
@@ -316,7 +417,8 @@ fn entries<'a>(dir: &FatDir<'a>, path: &str, budget: &AtomicU64) -> Result<Vec<F
         if raw == b"." || raw == b".." {
             continue;
         }
-        out.push(e);
+        let id = if e.is_dir() { ids.folder_id(&e) } else { None };
+        out.push((e, id));
     }
     Ok(out)
 }
@@ -327,7 +429,7 @@ impl FatFs {
         self.budget.store(WALK_BUDGET, Ordering::Relaxed);
     }
 
-    fn resolve<'a>(fs: &'a Fs, path: &str, budget: &AtomicU64) -> Result<Found<'a>> {
+    fn resolve<'a>(fs: &'a Fs, path: &str, budget: &AtomicU64, ids: &Ids) -> Result<Found<'a>> {
         let comps = crate::components(path)?;
         let mut dir = fs.root_dir();
         let mut key = String::new();
@@ -335,7 +437,7 @@ impl FatFs {
         for (i, c) in comps.iter().enumerate() {
             if i > 0 {
                 match &found {
-                    Found::Entry(e, _) if e.is_dir() => dir = e.to_dir(),
+                    Found::Entry(e, _, _) if e.is_dir() => dir = e.to_dir(),
                     _ => {
                         return Err(Error::WrongKind(format!(
                             "{path}: {key} is not a directory"
@@ -343,13 +445,16 @@ impl FatFs {
                     }
                 }
             }
-            let e = entries(&dir, path, budget)?
-                .into_iter()
-                .find(|e| eq_ci(&e.file_name(), c) || eq_ci(&e.short_file_name(), c))
+            let mut all = entries(&dir, path, budget, ids)?;
+            // The long name by the common rule; else the 8.3 alias, without case.
+            let i = find_name(&all, c, true, |(e, _)| e.file_name().into())
+                .or_else(|| find_name(&all, c, true, |(e, _)| e.short_file_name().into()))
+                .and_then(|hit| all.iter().position(|x| std::ptr::eq(x, hit)))
                 .ok_or_else(|| Error::NotFound(path.to_string()))?;
+            let (e, id) = all.swap_remove(i);
             key.push('/');
             key.push_str(&e.file_name());
-            found = Found::Entry(e, key.clone());
+            found = Found::Entry(e, key.clone(), id);
         }
         Ok(found)
     }
@@ -367,16 +472,16 @@ impl FileSystem for FatFs {
     fn list(&mut self, path: &str) -> Result<Vec<Entry>> {
         self.walk();
         guard(|| {
-            let (dir, key) = match Self::resolve(&self.fs, path, &self.budget)? {
+            let (dir, key) = match Self::resolve(&self.fs, path, &self.budget, &self.ids)? {
                 Found::Root => (self.fs.root_dir(), String::new()),
-                Found::Entry(e, key) if e.is_dir() => (e.to_dir(), key),
+                Found::Entry(e, key, _) if e.is_dir() => (e.to_dir(), key),
                 Found::Entry(..) => {
                     return Err(Error::WrongKind(format!("{path}: not a directory")));
                 }
             };
-            Ok(entries(&dir, path, &self.budget)?
+            Ok(entries(&dir, path, &self.budget, &self.ids)?
                 .iter()
-                .map(|e| entry(e, &format!("{key}/{}", e.file_name())))
+                .map(|(e, id)| entry(e, &format!("{key}/{}", e.file_name()), *id))
                 .collect())
         })
     }
@@ -384,17 +489,19 @@ impl FileSystem for FatFs {
     fn stat(&mut self, path: &str) -> Result<Entry> {
         self.walk();
         guard(|| {
-            Ok(match Self::resolve(&self.fs, path, &self.budget)? {
-                Found::Root => Entry::root(fnv1a(b"/")),
-                Found::Entry(e, key) => entry(&e, &key),
-            })
+            Ok(
+                match Self::resolve(&self.fs, path, &self.budget, &self.ids)? {
+                    Found::Root => Entry::root(self.ids.root),
+                    Found::Entry(e, key, id) => entry(&e, &key, id),
+                },
+            )
         })
     }
 
     fn read_link(&mut self, path: &str) -> Result<String> {
         self.walk();
         guard(|| {
-            Self::resolve(&self.fs, path, &self.budget)?;
+            Self::resolve(&self.fs, path, &self.budget, &self.ids)?;
             Err(Error::WrongKind(format!(
                 "{path}: not a symbolic link (FAT has none)"
             )))
@@ -405,8 +512,8 @@ impl FileSystem for FatFs {
         self.walk();
         let budget = self.budget.clone();
         guard(|| {
-            let e = match Self::resolve(&self.fs, path, &self.budget)? {
-                Found::Entry(e, _) if !e.is_dir() => e,
+            let e = match Self::resolve(&self.fs, path, &self.budget, &self.ids)? {
+                Found::Entry(e, _, _) if !e.is_dir() => e,
                 _ => return Err(Error::WrongKind(format!("{path}: is a directory"))),
             };
             let want = e.len();
@@ -476,6 +583,7 @@ mod tests {
 
     #[test]
     fn names_compare_without_case() {
+        use crate::fs::eq_ci;
         assert!(eq_ci("Résumé.TXT", "résumé.txt"));
         assert!(!eq_ci("a.txt", "a.txt2"));
     }
@@ -525,10 +633,13 @@ mod tests {
         let writes = {
             let budget = Arc::new(AtomicU64::new(WALK_BUDGET));
             let writes = Arc::new(AtomicU64::new(0));
+            let last_end = Arc::new(AtomicU64::new(0));
+            let ids = Ids::new(&vol, kind, last_end.clone()).unwrap();
             let stream = Stream {
                 vol,
                 budget: budget.clone(),
                 writes: writes.clone(),
+                last_end,
             };
             let fs = Fs::new(stream, fatfs::FsOptions::new().oem_cp_converter(&OEM)).unwrap();
             let mut ff = FatFs {
@@ -537,6 +648,7 @@ mod tests {
                 kind,
                 budget,
                 writes: writes.clone(),
+                ids,
             };
             assert_eq!(ff.label().as_deref(), Some("UNITFAT"));
             assert_eq!(ff.fs.read_status_flags().unwrap().dirty(), is_dirty);
@@ -553,6 +665,12 @@ mod tests {
             assert_eq!(out, vec![7u8; 100_000]);
             let s = ff.stat("/Sub Dir/long file name.txt").unwrap();
             assert_eq!(s.id, l[0].id, "one id whatever the spelling");
+            // A folder's id is its first cluster, however it is reached.
+            let root = ff.list("/").unwrap();
+            let sub = ff.stat("/sub dir").unwrap();
+            assert_eq!(root[0].id, sub.id);
+            assert_eq!(sub.id & CLUSTER_ID, CLUSTER_ID);
+            assert_ne!(sub.id, ff.stat("/").unwrap().id);
             assert!(matches!(
                 ff.list("/Sub Dir/long file name.txt"),
                 Err(Error::WrongKind(_))
@@ -572,6 +690,7 @@ mod tests {
             vol: Volume::whole(Arc::from(disk)),
             budget: Arc::new(AtomicU64::new(100)),
             writes: Arc::new(AtomicU64::new(0)),
+            last_end: Arc::new(AtomicU64::new(0)),
         };
         let mut b = [0u8; 64];
         s.read_exact(&mut b).unwrap();

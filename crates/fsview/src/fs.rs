@@ -89,15 +89,34 @@ pub trait FileSystem: Send {
     }
 }
 
-/// Splits a path into its components, refusing `.`/`..`, so a path never climbs.
-/// Names equal without case (FAT and exFAT look names up this way; full Unicode
-/// upper-casing, not a volume's own up-case table).
+/// Names equal without case (full Unicode upper-casing, not a volume's own up-case
+/// table).
 pub(crate) fn eq_ci(a: &str, b: &str) -> bool {
     a.chars()
         .flat_map(char::to_uppercase)
         .eq(b.chars().flat_map(char::to_uppercase))
 }
 
+/// The one rule by which a path component names an entry of a folder, for every
+/// reader, `ilr ls` and `ilr get`, local and through the server: the entry whose
+/// stored name is `wanted` exactly; else, when the file system ignores case (NTFS, FAT,
+/// exFAT: [`FsKind::ignores_case`]), the first whose name equals it without case. The
+/// exact match first means two entries that differ only in case (possible on a
+/// crafted volume, or POSIX names on NTFS) are each found as themselves.
+pub fn find_name<'a, T>(
+    items: &'a [T],
+    wanted: &str,
+    ignore_case: bool,
+    name: impl Fn(&T) -> std::borrow::Cow<'_, str>,
+) -> Option<&'a T> {
+    items.iter().find(|i| name(i) == wanted).or_else(|| {
+        ignore_case
+            .then(|| items.iter().find(|i| eq_ci(&name(i), wanted)))
+            .flatten()
+    })
+}
+
+/// Splits a path into its components, refusing `.`/`..`, so a path never climbs.
 pub fn components(path: &str) -> Result<Vec<&str>> {
     let mut out = Vec::new();
     for c in path.split('/') {
@@ -138,6 +157,18 @@ pub fn open(volume: Volume) -> Result<Box<dyn FileSystem>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_match_exactly_first() {
+        let names = ["REPORT.TXT", "report.txt", "Other"];
+        let f = |ci, w| find_name(&names, w, ci, |n| (*n).into()).copied();
+        assert_eq!(f(true, "report.txt"), Some("report.txt"));
+        assert_eq!(f(true, "REPORT.TXT"), Some("REPORT.TXT"));
+        assert_eq!(f(true, "Report.Txt"), Some("REPORT.TXT"));
+        assert_eq!(f(false, "Report.Txt"), None);
+        assert_eq!(f(false, "Other"), Some("Other"));
+        assert_eq!(f(true, "othe"), None);
+    }
 
     #[test]
     fn components_refuse_climbing() {

@@ -31,8 +31,8 @@ mod volume;
 
 #[doc(hidden)]
 pub use ext_own::open_own as open_ext_own;
-pub use extract::{MAX_DEPTH, Report, extract, safe_name};
-pub use fs::{Entry, EntryKind, FileSystem, components, open};
+pub use extract::{MAX_DEPTH, Renamed, Report, extract, extract_all, safe_name, shown};
+pub use fs::{Entry, EntryKind, FileSystem, components, find_name, open};
 pub use probe::{FsKind, identify, probe};
 pub use select::{VolumeInfo, open_volume, volumes};
 pub use special::{MAX_RANGES, PAGE_FILES, SWAP_HEADER_KEPT, Special, page_and_swap, scoped};

@@ -248,6 +248,23 @@ impl NtfsFs {
                     .map_err(|e| conv(start, "ntfs file record", e))?;
                 (next, key_name, ns)
             };
+            // The B-tree compares without case ($UpCase). When it found another
+            // spelling, an entry spelled exactly as asked wins (the common rule,
+            // `find_name`): two names that differ only in case (POSIX names) are
+            // each found as themselves.
+            let (next, key_name, ns) = if key_name == *c {
+                (next, key_name, ns)
+            } else {
+                match exact_entry(ntfs, rd, &file, c)? {
+                    Some(rec) => {
+                        let f = ntfs
+                            .file(rd, rec)
+                            .map_err(|e| conv(start, "ntfs file record", e))?;
+                        (f, c.to_string(), NtfsFileNamespace::Posix)
+                    }
+                    None => (next, key_name, ns),
+                }
+            };
             let parent = file.file_record_number();
             file = next;
             name = key_name;
@@ -307,6 +324,35 @@ impl NtfsFs {
         };
         Ok(e)
     }
+}
+
+/// The record of the entry of folder `dir` named exactly `c` (8.3 aliases aside).
+fn exact_entry(ntfs: &ntfs::Ntfs, rd: &mut Reader, dir: &NtfsFile, c: &str) -> Result<Option<u64>> {
+    let start = rd.vol.start();
+    let index = dir
+        .directory_index(rd)
+        .map_err(|e| conv(start, "ntfs directory index", e))?;
+    let mut names: Vec<(String, u64)> = Vec::new();
+    let max_entries = (rd.vol.len() / 0x50).max(1024);
+    let mut it = index.entries();
+    while let Some(entry) = it.next(rd) {
+        let entry = entry.map_err(|e| conv(start, "ntfs directory index", e))?;
+        let Some(key) = entry.key() else { continue };
+        let key: NtfsFileName = key.map_err(|e| conv(start, "ntfs index entry", e))?;
+        if key.namespace() != NtfsFileNamespace::Dos {
+            let rec = entry.file_reference().file_record_number();
+            names.push((key.name().to_string_lossy(), rec));
+        }
+        if names.len() as u64 > max_entries {
+            return Err(Error::corrupt(
+                "ntfs directory index",
+                start,
+                format!("more than {max_entries} entries"),
+            ));
+        }
+    }
+    let _ = ntfs;
+    Ok(crate::find_name(&names, c, false, |(n, _)| n.as_str().into()).map(|(_, r)| *r))
 }
 
 /// The first non-DOS name of `file` in directory `parent`.

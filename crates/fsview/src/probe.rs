@@ -48,6 +48,18 @@ impl FsKind {
         }
     }
 
+    /// Whether names are looked up without case ([`crate::find_name`]): NTFS, FAT and
+    /// exFAT; ext2/3/4 (and the rest) match exactly.
+    pub fn ignores_case(&self) -> bool {
+        matches!(self, FsKind::Ntfs | FsKind::Fat { .. } | FsKind::ExFat)
+    }
+
+    /// [`FsKind::ignores_case`] of the file system [`FsKind::name`] calls `name`: for a
+    /// listing received from the server, which names its file system.
+    pub fn name_ignores_case(name: &str) -> bool {
+        matches!(name, "ntfs" | "fat12" | "fat16" | "fat32" | "exfat")
+    }
+
     /// Whether item-level recovery can (or will) browse it: NTFS, ext2/3/4, FAT and
     /// exFAT.
     pub fn supported(&self) -> bool {

@@ -114,7 +114,13 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    assert!(name.starts_with("holdfast_") && name.len() == 24, "{name}");
+    // holdfast_YYYYMMDD-HHMMSS_job<ID>: two jobs of one second get their own folders.
+    assert!(
+        name.starts_with("holdfast_")
+            && name.len() == 24 + format!("_job{}", j.id).len()
+            && name.ends_with(&format!("_job{}", j.id)),
+        "{name}"
+    );
     let c0 = folders[0].join("web01-disk0.qcow2");
     let c1 = folders[0].join("data.raw");
     let info = json(&["image", "info", s(&c0), "--json"]);

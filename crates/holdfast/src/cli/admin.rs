@@ -781,7 +781,7 @@ pub struct RecoverArgs {
     /// Disk format for --alternate: vhdx, vhd, qcow2 or raw (default: each disk's own).
     #[arg(long, requires = "alternate")]
     pub format: Option<String>,
-    /// HOST:DIR: the disk files, in their format, into DIR/holdfast_<time>/ on that host.
+    /// HOST:DIR: the disk files, in their format, into DIR/holdfast_<time>_job<ID>/ on that host.
     #[arg(long, value_name = "HOST:DIR")]
     pub copy_to: Option<String>,
     /// With --copy-to: only this disk (numbered from 0).

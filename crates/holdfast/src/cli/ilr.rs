@@ -68,7 +68,7 @@ pub struct GetArgs {
     paths: Vec<String>,
     /// Where to copy: a local folder (created if missing), or `HOST:DIR` for a folder
     /// on a host with an agent (a recovery job; the items land in
-    /// `DIR/holdfast_<time>/`). A local folder whose name holds a colon: `./a:b`.
+    /// `DIR/holdfast_<time>_job<ID>/`). A local folder whose name holds a colon: `./a:b`.
     #[arg(long, value_name = "DIR|HOST:DIR")]
     to_folder: String,
     /// With HOST:DIR: limit the data fetched from the server, KiB per second.
@@ -107,7 +107,7 @@ pub fn run(s: &ServerArgs, cmd: IlrCommand) -> anyhow::Result<ExitCode> {
                 bail!("--throttle, --notify and --no-wait apply to a HOST:DIR target only");
             }
             let to = PathBuf::from(&a.to_folder);
-            std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+            let made_to = !to.exists();
             let mut fs: Box<dyn FileSystem> = match &a.at.datastore {
                 Some(_) => {
                     let (ds, m) = local_point(&a.at)?;
@@ -121,19 +121,26 @@ pub fn run(s: &ServerArgs, cmd: IlrCommand) -> anyhow::Result<ExitCode> {
                         base: browse_path(&id, &a.at),
                         file: browse_path(&id, &a.at).replace("/browse?", "/file?"),
                         cl,
+                        ignore_case: None,
                     })
                 }
             };
+            std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
             let mut report = fsview::Report::default();
-            for p in &a.paths {
-                fsview::extract(fs.as_mut(), p, &to, &mut report)
-                    .with_context(|| format!("copying {p}"))?;
+            // All items at once, so that same-named ones are told apart; a failure
+            // removes what was copied (and the folder, if this made it).
+            if let Err(e) = fsview::extract_all(fs.as_mut(), &a.paths, &to, &mut report) {
+                if made_to {
+                    let _ = std::fs::remove_dir(&to);
+                }
+                return Err(anyhow!(e).context(format!(
+                    "copying {} (nothing was left in {})",
+                    a.paths.join(", "),
+                    to.display()
+                )));
             }
-            for (from, to) in &report.renamed {
-                eprintln!("holdfast: {from:?} saved as {to:?} (unsafe or duplicate name)");
-            }
-            for p in &report.skipped {
-                eprintln!("holdfast: {p:?} skipped (not a file, folder or link)");
+            for l in report.lines() {
+                eprintln!("holdfast: {l}");
             }
             println!(
                 "copied {} file(s), {} folder(s), {} link(s), {} into {}",
@@ -156,7 +163,7 @@ fn host_folder(s: &str) -> Option<(&str, &str)> {
 
 /// `ilr get ... --to-folder HOST:DIR`: a recovery job on that host's agent copies the
 /// items out of the recovery point (read through the server), into
-/// `DIR/holdfast_<time>/`.
+/// `DIR/holdfast_<time>_job<ID>/`.
 fn get_on_host(s: &ServerArgs, a: &GetArgs, host: &str, dir: &str) -> anyhow::Result<ExitCode> {
     if a.at.datastore.is_some() {
         bail!("--to-folder {host}:{dir} goes through the server; drop -d, or give a local folder");
@@ -253,14 +260,7 @@ fn path_q(path: &str) -> String {
     format!("&path={}", seg(path))
 }
 
-/// Control characters in names would reach the terminal: show them escaped.
-fn shown(name: &str) -> String {
-    if name.chars().any(|c| c.is_control()) {
-        name.escape_debug().to_string()
-    } else {
-        name.to_string()
-    }
-}
+use fsview::shown;
 
 fn print_listing(l: &IlrListing, json: bool) -> anyhow::Result<()> {
     if json {
@@ -350,17 +350,24 @@ struct RemoteFs {
     cl: Client,
     base: String,
     file: String,
+    /// Whether the file system matches names without case (from the first listing).
+    ignore_case: Option<bool>,
 }
 
 impl RemoteFs {
-    fn listing(&self, path: &str) -> fsview::Result<IlrListing> {
-        self.cl
+    fn listing(&mut self, path: &str) -> fsview::Result<IlrListing> {
+        let l: IlrListing = self
+            .cl
             .get(&format!("{}{}", self.base, path_q(path)))
             .map_err(|e| match e.status() {
                 Some(404) => fsview::Error::NotFound(format!("{path}: {e}")),
                 Some(400 | 422) => fsview::Error::WrongKind(e.to_string()),
                 _ => fsview::Error::Io(std::io::Error::other(e.to_string())),
-            })
+            })?;
+        if let Some(fs) = &l.fs {
+            self.ignore_case = Some(fsview::FsKind::name_ignores_case(fs));
+        }
+        Ok(l)
     }
 }
 
@@ -402,10 +409,11 @@ impl FileSystem for RemoteFs {
             return Ok(Entry::root(0));
         };
         let parent = format!("/{}", dir.join("/"));
-        self.listing(&parent)?
-            .entries
-            .into_iter()
-            .find(|e| e.name == *last)
+        let entries = self.listing(&parent)?.entries;
+        // The rule the server's own lookups follow (case-insensitive on NTFS/FAT/exFAT).
+        let ci = self.ignore_case.unwrap_or(false);
+        fsview::find_name(&entries, last, ci, |e| e.name.as_str().into())
+            .cloned()
             .map(from_api)
             .ok_or_else(|| fsview::Error::NotFound(path.to_string()))
     }
