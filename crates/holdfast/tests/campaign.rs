@@ -109,12 +109,12 @@ fn print_table(seed: u64, mode: &str, rows: &[Row], took: Duration) {
         if mode == "long" { " --long" } else { "" }
     );
     println!(
-        "{:<22} {:>8} {:>11} {:>10} {:>22}  result",
+        "{:<24} {:>8} {:>11} {:>10} {:>22}  result",
         "fault kind", "injected", "points lost", "verify ok", "bytes re-sent"
     );
     for r in rows {
         println!(
-            "{:<22} {:>8} {:>11} {:>10} {:>22}  {}",
+            "{:<24} {:>8} {:>11} {:>10} {:>22}  {}",
             r.kind,
             r.injected,
             r.lost,
