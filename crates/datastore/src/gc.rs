@@ -183,6 +183,12 @@ impl Datastore {
             self.backend.delete(&key)?;
             freed += size as i64;
         }
+        // A rewritten pack whose blobs and order did not change (a damaged trailer) has
+        // its old name: it was just replaced by the good copy, so it must stay.
+        let rewritten: HashSet<Id> = all.iter().map(|(p, _)| *p).collect();
+        // Damaged copies in the packs replaced (deleted or rewritten) are gone.
+        let dropped: HashSet<Id> = drop_packs.iter().copied().collect();
+        drop_packs.retain(|p| !rewritten.contains(p));
         for pack in &drop_packs {
             let key = format::pack_key(pack);
             self.backend.delete(&key)?;
@@ -190,7 +196,6 @@ impl Datastore {
         }
         report.packs_deleted = drop_packs.len() as u64;
         // Damaged copies that are gone no longer need recording.
-        let dropped: HashSet<Id> = drop_packs.into_iter().collect();
         let damaged: Vec<_> = self
             .damaged()?
             .into_iter()

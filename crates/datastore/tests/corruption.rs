@@ -228,6 +228,25 @@ fn pack_trailer() {
     f.check_restores(&BTreeSet::new());
 }
 
+/// A damaged trailer that verify recorded makes gc rewrite the pack. The rewrite holds
+/// the same blobs in the same order, so the new pack has the old pack's name: gc must
+/// not then delete it as the old one (it did, and every point in it was lost).
+#[test]
+fn gc_after_a_damaged_trailer_keeps_the_rewritten_pack() {
+    let f = Fix::new(false);
+    let (pack, _) = f.pack_of(1);
+    let len = std::fs::metadata(&pack).unwrap().len();
+    flip(&pack, len - 16 - 20);
+    let r = verify(&f.open());
+    assert!(!r.damaged_files.is_empty(), "{r:#?}");
+    let ds = f.open();
+    let g = ds.gc(&mut |_| {}).unwrap();
+    assert_eq!(g.packs_repacked, 1, "{g:#?}");
+    assert_eq!(g.missing_blobs, 0, "{g:#?}");
+    assert_clean(&verify(&ds));
+    f.check_restores(&BTreeSet::new());
+}
+
 #[test]
 fn truncated_pack() {
     let f = Fix::new(false);
