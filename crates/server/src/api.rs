@@ -306,24 +306,36 @@ async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
     if fp != st.pki.ca_fingerprint() {
         return Err(forbidden("this enrollment token is for another server"));
     }
-    let host = st
-        .cat()
-        .use_enroll_token(now(), &pki::secret_hash(&secret))
-        .map_err(|e| match e {
-            catalog::Error::NotFound(_) | catalog::Error::Invalid(_) => {
-                forbidden(format!("enrollment refused: {e}"))
-            }
-            e => e.into(),
-        })?;
+    req.validate().map_err(bad)?;
+    let hash = pki::secret_hash(&secret);
+    let refused = |e: catalog::Error| match e {
+        catalog::Error::NotFound(_) | catalog::Error::Invalid(_) => {
+            forbidden(format!("enrollment refused: {e}"))
+        }
+        e => e.into(),
+    };
+    // The whole request is checked (the token may be used, the key makes a
+    // certificate) before the token is spent: a malformed key costs nothing.
+    let host = st.cat().enroll_token_host(now(), &hash).map_err(refused)?;
     let cert = st
         .pki
         .issue_client_cert(&host, &req.public_key_pem)
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| bad(format!("public_key_pem: {e}")))?;
     let der = pki::pem_cert_to_der(&cert)
         .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     {
         let cat = st.cat();
-        cat.enroll_agent(now(), &host, &pki::cert_fingerprint(&der), &req.version)?;
+        // Token and agent in one transaction: a token raced away meanwhile enrolls
+        // nothing.
+        let got = cat
+            .enroll_with_token(now(), &hash, &pki::cert_fingerprint(&der), &req.version)
+            .map_err(refused)?;
+        if got != host {
+            return Err(ApiErr(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "enrollment token changed host".into(),
+            ));
+        }
         cat.audit(now(), &format!("agent {host}"), "enroll", &req.version)?;
     }
     Ok(json(&EnrollResponse {
