@@ -203,7 +203,7 @@ fn at_time(w: &Where) -> anyhow::Result<Option<i64>> {
 
 fn local_point(w: &Where) -> anyhow::Result<(Arc<Datastore>, Manifest)> {
     let dir = w.datastore.as_deref().unwrap_or(Path::new("."));
-    let ds = Arc::new(Datastore::open(dir, w.key_file.as_deref())?);
+    let ds = Arc::new(super::store::open_store(dir, w.key_file.as_deref())?);
     let m = match at_time(w)? {
         Some(t) => {
             let (points, _) = ds.points()?;
