@@ -101,7 +101,7 @@ fn pg_create<'a>(name: &'a str, member: &'a str, replica: &'a str) -> Vec<&'a st
 }
 
 #[test]
-fn api_and_cli_refuse_the_same_bad_requests_and_create_nothing() {
+fn bad_vm_names_are_left_out_of_the_inventory_with_an_alert() {
     let t = tempfile::tempdir().unwrap();
     let vms = t.path().join("vms");
     vm_folder(&vms, "sql", Some("SQL Server (prod) – 2019"));
@@ -130,6 +130,30 @@ fn api_and_cli_refuse_the_same_bad_requests_and_create_nothing() {
     for shown in ["\"..\"", "\"a?b\"", "\"x#y\"", "\\u{1}", "(5000 bytes)"] {
         assert!(alert.message.contains(shown), "{shown}: {}", alert.message);
     }
+
+    // Renamed, the VMs come in and the alert resolves.
+    for i in 0..bad_names.len() {
+        std::fs::write(
+            vms.join(format!("bad{i}/vm.toml")),
+            format!("name = \"fixed {i}\"\n"),
+        )
+        .unwrap();
+    }
+    c.wait_datasources(2 + bad_names.len());
+    wait_until("the alert to resolve", Duration::from_secs(30), || {
+        !c.alerts().iter().any(|a| a.kind == "vm-name-invalid")
+    });
+}
+
+#[test]
+fn api_and_cli_refuse_the_same_bad_requests_and_create_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let vms = t.path().join("vms");
+    vm_folder(&vms, "sql", Some("SQL Server (prod) – 2019"));
+    vm_folder(&vms, "web", None);
+    let mut c = Cluster::start(t.path(), FAST);
+    c.agent("hv01", &vms);
+    c.wait_datasources(2);
 
     // Protection groups: impossible times, `.` and `..`, a member that is no name.
     for (at, name) in [
@@ -264,17 +288,4 @@ fn api_and_cli_refuse_the_same_bad_requests_and_create_nothing() {
         "hv01/SQL Server (prod) – 2019",
         "2099-12-31T23:00:00Z",
     ));
-
-    // Renamed, the VMs come in and the alert resolves.
-    for i in 0..bad_names.len() {
-        std::fs::write(
-            vms.join(format!("bad{i}/vm.toml")),
-            format!("name = \"fixed {i}\"\n"),
-        )
-        .unwrap();
-    }
-    c.wait_datasources(2 + bad_names.len());
-    wait_until("the alert to resolve", Duration::from_secs(30), || {
-        !c.alerts().iter().any(|a| a.kind == "vm-name-invalid")
-    });
 }
