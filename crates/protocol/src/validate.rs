@@ -608,7 +608,8 @@ mod tests {
             policy: policy(),
         };
         assert_eq!(ok.validate(), Ok(()));
-        let cases: Vec<(Box<dyn Fn(&mut CreateGroup)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut CreateGroup)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|g| g.name = ".".into()), "name: "),
             (Box::new(|g| g.name = "..".into()), "name: "),
             (Box::new(|g| g.name = "a/b".into()), "name: "),
