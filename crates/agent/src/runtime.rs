@@ -82,17 +82,46 @@ fn log(msg: impl std::fmt::Display) {
 /// and stores the certificate it returns. Enrolling again replaces the certificate.
 /// Returns the host name the server knows this agent by.
 pub fn enroll(server: &str, data_dir: &Path, token: &str) -> Result<String> {
-    let (ca_fp, _) = pki::parse_token(token)?;
+    let (ca_fp, secret) = pki::parse_token(token)?;
     let public_key_pem = AgentIdentity::prepare(data_dir)?;
-    let http = Client::new(server, pki::pinned_ca_config(&ca_fp)?, Auth::None)?;
+    let resp = send_enrollment(server, &ca_fp, token, public_key_pem)?;
+    AgentIdentity::store(data_dir, &resp.certificate_pem, &resp.ca_pem)?;
+    AgentIdentity::record_token(data_dir, &pki::secret_hash(&secret))?;
+    Ok(resp.host)
+}
+
+/// Enrolls an agent that already has an identity again, with a new key: the key,
+/// certificate and CA in `data_dir` are replaced together, and only once the server
+/// has accepted the enrollment (until then the current identity stays as it is).
+/// `Ok(None)` when `token` is the one the identity was enrolled with (a service that
+/// keeps `--enroll TOKEN` on its command line restarts without enrolling again).
+pub fn reenroll(server: &str, data_dir: &Path, token: &str) -> Result<Option<String>> {
+    let (ca_fp, secret) = pki::parse_token(token)?;
+    let hash = pki::secret_hash(&secret);
+    if AgentIdentity::enrolled_with(data_dir, &hash) {
+        return Ok(None);
+    }
+    let key = pki::PendingKey::generate()?;
+    let resp = send_enrollment(server, &ca_fp, token, key.public_key_pem())?;
+    AgentIdentity::replace(data_dir, &key, &resp.certificate_pem, &resp.ca_pem)?;
+    AgentIdentity::record_token(data_dir, &hash)?;
+    Ok(Some(resp.host))
+}
+
+/// `POST /enroll` to the server whose CA the token pins.
+fn send_enrollment(
+    server: &str,
+    ca_fp: &str,
+    token: &str,
+    public_key_pem: String,
+) -> Result<EnrollResponse> {
+    let http = Client::new(server, pki::pinned_ca_config(ca_fp)?, Auth::None)?;
     let req = EnrollRequest {
         token: token.trim().to_string(),
         public_key_pem,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let resp: EnrollResponse = http.post("/enroll", &req)?;
-    AgentIdentity::store(data_dir, &resp.certificate_pem, &resp.ca_pem)?;
-    Ok(resp.host)
+    Ok(http.post("/enroll", &req)?)
 }
 
 /// Whether a server call was refused because of who this agent is.
@@ -200,6 +229,21 @@ pub fn run(opts: AgentOptions, stop: Arc<AtomicBool>) -> Result<()> {
         };
         let host = enroll(&opts.server, &opts.data_dir, token)?;
         log(format_args!("enrolled as host {host}"));
+    } else if let Some(token) = &opts.enroll_token {
+        // Enrolled already: a new token enrolls again (a revoked or expiring
+        // certificate is replaced). A refused one leaves the current identity, which
+        // the server then accepts or refuses as before.
+        match reenroll(&opts.server, &opts.data_dir, token) {
+            Ok(Some(host)) => log(format_args!(
+                "enrolled again as host {host}: new key and certificate in {}",
+                opts.data_dir.display()
+            )),
+            Ok(None) => {}
+            Err(e @ (Error::Identity(_) | Error::Invalid(_))) => return Err(e),
+            Err(e) => log(format_args!(
+                "--enroll: enrolling again failed ({e}); keeping the current certificate"
+            )),
+        }
     }
     let identity = AgentIdentity::load(&opts.data_dir)?;
     let client = Client::new(&opts.server, identity.client_config()?, Auth::ClientCert)?;

@@ -45,6 +45,10 @@ fn agent_row(r: &Cols) -> Result<AgentRow> {
     })
 }
 
+fn token_expired(expires: i64) -> Error {
+    Error::Invalid(format!("enrollment token expired at {}", rfc3339(expires)))
+}
+
 impl Catalog {
     /// Stores a one-use enrollment token for `host` (only the secret's hash is kept, so a
     /// leaked catalog does not leak usable tokens).
@@ -73,12 +77,43 @@ impl Catalog {
     /// UPDATE, so two enrollments racing with one token cannot both win.
     pub fn use_enroll_token(&self, now: i64, secret_hash: &str) -> Result<String> {
         let tx = self.conn.unchecked_transaction()?;
-        let n = tx.execute(
-            "UPDATE enroll_tokens SET used = ?2
-             WHERE secret_hash = ?1 AND used IS NULL AND expires > ?2",
-            params![secret_hash, now],
-        )?;
-        let row = self.one(
+        let host = self.mark_token_used(now, secret_hash)?;
+        tx.commit()?;
+        Ok(host)
+    }
+
+    /// The host of a token that may be used now, without using it: the enrollment
+    /// request is checked against it before anything is spent.
+    pub fn enroll_token_host(&self, now: i64, secret_hash: &str) -> Result<String> {
+        let (host, expires, used) = self.token_row(secret_hash)?;
+        if used.is_some() {
+            return Err(Error::Invalid("enrollment token was already used".into()));
+        }
+        if expires <= now {
+            return Err(token_expired(expires));
+        }
+        Ok(host)
+    }
+
+    /// Uses the token and records the agent of its host with this certificate, in one
+    /// transaction: either both happen or neither (a refused certificate leaves the
+    /// token usable). Returns the host.
+    pub fn enroll_with_token(
+        &self,
+        now: i64,
+        secret_hash: &str,
+        cert_fingerprint: &str,
+        version: &str,
+    ) -> Result<String> {
+        let tx = self.conn.unchecked_transaction()?;
+        let host = self.mark_token_used(now, secret_hash)?;
+        self.enroll_agent_in(now, &host, cert_fingerprint, version)?;
+        tx.commit()?;
+        Ok(host)
+    }
+
+    fn token_row(&self, secret_hash: &str) -> Result<(String, i64, Option<i64>)> {
+        self.one(
             "SELECT host, expires, used FROM enroll_tokens WHERE secret_hash = ?1",
             [secret_hash],
             |r| {
@@ -88,21 +123,25 @@ impl Catalog {
                     r.get::<Option<i64>>(2, "enroll_tokens.used")?,
                 ))
             },
+        )?
+        .ok_or_else(|| Error::NotFound("enrollment token".into()))
+    }
+
+    /// Marks the token used (inside the caller's transaction) and returns its host.
+    fn mark_token_used(&self, now: i64, secret_hash: &str) -> Result<String> {
+        let n = self.conn.execute(
+            "UPDATE enroll_tokens SET used = ?2
+             WHERE secret_hash = ?1 AND used IS NULL AND expires > ?2",
+            params![secret_hash, now],
         )?;
-        let Some((host, expires, used)) = row else {
-            return Err(Error::NotFound("enrollment token".into()));
-        };
+        let (host, expires, used) = self.token_row(secret_hash)?;
         if n == 1 {
-            tx.commit()?;
             return Ok(host);
         }
         if used.is_some() {
             return Err(Error::Invalid("enrollment token was already used".into()));
         }
-        Err(Error::Invalid(format!(
-            "enrollment token expired at {}",
-            rfc3339(expires)
-        )))
+        Err(token_expired(expires))
     }
 
     /// Records a new agent, or a re-enrollment of `host` with a new certificate: the old
@@ -116,6 +155,19 @@ impl Catalog {
         version: &str,
     ) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
+        self.enroll_agent_in(now, host, cert_fingerprint, version)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// [`Catalog::enroll_agent`] inside the caller's transaction.
+    fn enroll_agent_in(
+        &self,
+        now: i64,
+        host: &str,
+        cert_fingerprint: &str,
+        version: &str,
+    ) -> Result<()> {
         if self.exists(
             "SELECT 1 FROM revoked_certs WHERE fingerprint = ?1",
             [cert_fingerprint],
@@ -139,20 +191,19 @@ impl Catalog {
             |r| r.get::<String>(0, "agents.cert_fingerprint"),
         )?;
         if let Some(old) = old.filter(|old| old != cert_fingerprint) {
-            tx.execute(
+            self.conn.execute(
                 "INSERT INTO revoked_certs (fingerprint, host, revoked) VALUES (?1, ?2, ?3)
                  ON CONFLICT (fingerprint) DO NOTHING",
                 params![old, host, now],
             )?;
         }
-        tx.execute(
+        self.conn.execute(
             "INSERT INTO agents (host, cert_fingerprint, enrolled, revoked, version)
              VALUES (?1, ?2, ?3, 0, ?4)
              ON CONFLICT (host) DO UPDATE SET cert_fingerprint = excluded.cert_fingerprint,
                  enrolled = excluded.enrolled, revoked = 0, version = excluded.version",
             params![host, cert_fingerprint, now, version],
         )?;
-        tx.commit()?;
         Ok(())
     }
 

@@ -36,12 +36,10 @@ fn ds_row(r: &Cols) -> Result<DataSourceInfo> {
     })
 }
 
-/// Host and VM names may not contain `/` (it separates them in `HOST/VM`).
+/// Host and VM names follow the one name grammar (`protocol::check_name`); the server
+/// leaves out VMs that break it before they get here.
 fn check_name(what: &str, name: &str) -> Result<()> {
-    if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
-        return Err(Error::Invalid(format!("{what} name {name:?} is not valid")));
-    }
-    Ok(())
+    protocol::check_name(&format!("{what} name"), name).map_err(Error::Invalid)
 }
 
 fn disks_size(disks: &[DiskInfo]) -> u64 {

@@ -175,6 +175,20 @@ pub fn write_key_file(path: &Path, datastore_id: &str, master: &[u8; 32]) -> Res
     Ok(())
 }
 
+/// A warning when the key file at `path` can be read by its group or by others (mode
+/// bits 0o077): anyone who can read it can decrypt every recovery point. `None` when
+/// its mode is private, or when it cannot be examined (reading it reports that).
+pub fn key_file_exposure(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "key file {} has mode {mode:04o}: its group or others can read it, and with it decrypt every recovery point; chmod 600 it",
+            path.display()
+        )
+    })
+}
+
 /// Reads a key file and returns the master key.
 pub fn read_key_file(path: &Path) -> Result<[u8; 32]> {
     let body = std::fs::read(path).map_err(|e| {

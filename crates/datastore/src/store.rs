@@ -227,6 +227,18 @@ impl Datastore {
         };
         let config = parse_config(dir, &body)?;
         let keys = match &config.encryption {
+            // A key given for a plain datastore is a mistake worth naming: the user
+            // believes the data is encrypted, or has the wrong datastore.
+            None if key_file.is_some() => {
+                return Err(Error::Key(format!(
+                    "{}: datastore {} is not encrypted, so it takes no key file; leave out --key-file (or check that this is the datastore meant)",
+                    key_file
+                        .map(Path::display)
+                        .map(|d| d.to_string())
+                        .unwrap_or_default(),
+                    dir.display()
+                )));
+            }
             None => Keys::plain(),
             Some(enc) => {
                 if enc.algorithm != "aes-256-gcm" {

@@ -135,13 +135,12 @@ fn wrong_missing_and_explicit_keys() {
         &want,
         "right key",
     );
-    // A plain datastore ignores a key file.
+    // A plain datastore refuses a key file (whoever gives one believes the data is
+    // encrypted, or has the wrong datastore), naming both.
     let plain = d.path().join("plain");
     create_store(&plain, false);
-    assert!(
-        !Datastore::open(&plain, Some(&key))
-            .unwrap()
-            .keys()
-            .encrypted()
-    );
+    let e = Datastore::open(&plain, Some(&key)).unwrap_err().to_string();
+    assert!(e.contains("not encrypted"), "{e}");
+    assert!(e.contains(&key.display().to_string()), "{e}");
+    assert!(!Datastore::open(&plain, None).unwrap().keys().encrypted());
 }

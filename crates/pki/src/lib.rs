@@ -22,7 +22,7 @@ use rustls::crypto::CryptoProvider;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-pub use agent::AgentIdentity;
+pub use agent::{AgentIdentity, PendingKey};
 pub use server::ServerPki;
 pub use token::{load_or_create_admin_token, make_token, parse_token, secret_hash, token_eq};
 pub use verify::{client_config_trusting, pinned_ca_config};

@@ -8,6 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod validate;
+pub use validate::*;
+
 pub use datastore::manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
 
 /// Path prefix of every API route.
@@ -861,37 +864,11 @@ pub struct SessionStart {
 
 /// `PUT|GET /api/v1/datasources/{host}/{vm}/exclusions` (admin): per disk, in
 /// recovery-point order, `(offset, length)` ranges left out of backups and stored as
-/// zeros. Sorted, non-empty and disjoint within a disk.
+/// zeros. Sorted, non-empty and disjoint within a disk, whole sectors, outside the
+/// partition tables ([`Exclusions::validate`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exclusions {
     pub disks: Vec<Vec<(u64, u64)>>,
-}
-
-impl Exclusions {
-    /// Checks the shape (sizes are checked against the disks at backup time).
-    pub fn validate(&self) -> Result<(), String> {
-        if self.disks.len() > 64 {
-            return Err(format!("{} disks; at most 64", self.disks.len()));
-        }
-        for (i, d) in self.disks.iter().enumerate() {
-            if d.len() > 4096 {
-                return Err(format!("disk {i}: {} ranges; at most 4096", d.len()));
-            }
-            let mut prev_end = 0u64;
-            for &(o, l) in d {
-                let end = o
-                    .checked_add(l)
-                    .ok_or_else(|| format!("disk {i}: range {o}+{l} overflows"))?;
-                if l == 0 || o < prev_end {
-                    return Err(format!(
-                        "disk {i}: range {o}+{l} is empty, out of order or overlaps the previous one"
-                    ));
-                }
-                prev_end = end;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// `POST /api/v1/agent/jobs/{id}/progress`.

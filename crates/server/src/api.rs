@@ -291,19 +291,9 @@ async fn ca(State(st): St) -> Response {
 
 async fn agent_token(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
     let req: AgentTokenRequest = parse(&body)?;
-    let host = req.host.trim();
-    if host.is_empty()
-        || host.len() > 128
-        || !host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-    {
-        return Err(bad(format!(
-            "host {:?}: use 1-128 letters, digits, '-', '.', '_'",
-            req.host
-        )));
-    }
-    let minutes = req.valid_minutes.unwrap_or(60).clamp(1, 7 * 24 * 60);
+    req.validate().map_err(bad)?;
+    let host = req.host.as_str();
+    let minutes = req.valid_minutes.unwrap_or(60);
     let (token, secret) = pki::make_token(&st.pki.ca_fingerprint())
         .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let expires = now() + minutes as i64 * 60;
@@ -325,24 +315,36 @@ async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
     if fp != st.pki.ca_fingerprint() {
         return Err(forbidden("this enrollment token is for another server"));
     }
-    let host = st
-        .cat()
-        .use_enroll_token(now(), &pki::secret_hash(&secret))
-        .map_err(|e| match e {
-            catalog::Error::NotFound(_) | catalog::Error::Invalid(_) => {
-                forbidden(format!("enrollment refused: {e}"))
-            }
-            e => e.into(),
-        })?;
+    req.validate().map_err(bad)?;
+    let hash = pki::secret_hash(&secret);
+    let refused = |e: catalog::Error| match e {
+        catalog::Error::NotFound(_) | catalog::Error::Invalid(_) => {
+            forbidden(format!("enrollment refused: {e}"))
+        }
+        e => e.into(),
+    };
+    // The whole request is checked (the token may be used, the key makes a
+    // certificate) before the token is spent: a malformed key costs nothing.
+    let host = st.cat().enroll_token_host(now(), &hash).map_err(refused)?;
     let cert = st
         .pki
         .issue_client_cert(&host, &req.public_key_pem)
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| bad(format!("public_key_pem: {e}")))?;
     let der = pki::pem_cert_to_der(&cert)
         .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     {
         let cat = st.cat();
-        cat.enroll_agent(now(), &host, &pki::cert_fingerprint(&der), &req.version)?;
+        // Token and agent in one transaction: a token raced away meanwhile enrolls
+        // nothing.
+        let got = cat
+            .enroll_with_token(now(), &hash, &pki::cert_fingerprint(&der), &req.version)
+            .map_err(refused)?;
+        if got != host {
+            return Err(ApiErr(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "enrollment token changed host".into(),
+            ));
+        }
         cat.audit(now(), &format!("agent {host}"), "enroll", &req.version)?;
     }
     Ok(json(&EnrollResponse {
@@ -481,16 +483,6 @@ async fn consistency_check(
 // ------------------------------------------------------------------------------
 // Protection groups
 
-fn resolve_members(st: &AppState, members: &[String]) -> ApiResult<()> {
-    for m in members {
-        if split_vm(m).is_none() {
-            return Err(bad(format!("member {m:?} is not HOST/VM")));
-        }
-    }
-    let _ = st;
-    Ok(())
-}
-
 fn group_info(st: &AppState, g: catalog::GroupRow) -> GroupInfo {
     let allocation = crate::allocation::review(st, g.data_size(), &g.policy);
     GroupInfo {
@@ -548,8 +540,7 @@ fn mark_schedules_now(st: &AppState, g: &catalog::GroupRow) -> ApiResult<()> {
 
 async fn group_create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
     let req: CreateGroup = parse(&body)?;
-    req.policy.validate().map_err(bad)?;
-    resolve_members(&st, &req.members)?;
+    req.validate().map_err(bad)?;
     let mut size = 0u64;
     for m in &req.members {
         if let Some((h, v)) = split_vm(m) {
@@ -580,10 +571,7 @@ async fn group_modify(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: ModifyGroup = parse(&body)?;
-    if let Some(p) = &req.policy {
-        p.validate().map_err(bad)?;
-    }
-    resolve_members(&st, &req.add_members)?;
+    req.validate().map_err(bad)?;
     let before = st.cat().group(&name)?;
     let g = st.cat().modify_group(
         &name,
@@ -839,10 +827,34 @@ async fn agent_inventory(
     AgentHost(host): AgentHost,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let inv: Inventory = parse(&body)?;
+    let mut inv: Inventory = parse(&body)?;
+    // A VM whose name breaks the name grammar is left out (with an alert), not the
+    // whole report: the host's other VMs stay protected.
+    let refused = inv.take_invalid();
     let t = now();
     let cat = st.cat();
     let out = cat.upsert_inventory(t, &host, &inv.vms)?;
+    let subject = format!("agent {host}");
+    if refused.is_empty() {
+        st.notify
+            .resolve_alerts(&cat, t, &subject, Some("vm-name-invalid"))?;
+    } else {
+        let why: Vec<String> = refused.iter().map(|(_, w)| w.clone()).collect();
+        let msg = format!(
+            "{host} reported {} VM(s) whose name Holdfast cannot use; they are not protected until renamed: {}",
+            refused.len(),
+            why.join("; ")
+        );
+        eprintln!("holdfast server: inventory of {host}: {msg}");
+        st.notify.raise_alert(
+            &cat,
+            t,
+            Severity::Warning,
+            &subject,
+            "vm-name-invalid",
+            &msg,
+        )?;
+    }
     for c in &out.conflicts {
         // On the holder: the data source under attack (or whose VM really moved).
         let msg = format!(
@@ -1191,8 +1203,11 @@ async fn exclusions_put(
     body: Bytes,
 ) -> ApiResult<Response> {
     let ex: Exclusions = parse(&body)?;
-    ex.validate().map_err(|e| bad(format!("exclusions: {e}")))?;
+    ex.validate(&[]).map_err(bad)?;
     let ds = st.cat().datasource_by_name(&host, &vm)?;
+    // Against the disks the agent last reported, when it reported them.
+    let sizes: Vec<u64> = ds.disks.iter().map(|d| d.virtual_size).collect();
+    ex.validate(&sizes).map_err(bad)?;
     let key = format!("exclusions:{}", ds.id);
     if ex.disks.iter().all(Vec::is_empty) {
         st.cat().delete_setting(&key)?;

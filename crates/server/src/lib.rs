@@ -118,9 +118,13 @@ fn open_datastore(dir: &Path, encrypt: bool) -> Result<(Datastore, Option<[u8; 3
         };
         Datastore::create(dir, &opts)?;
     }
-    let encrypted = key_path.exists();
-    let ds = Datastore::open(dir, encrypted.then_some(key_path.as_path()))?;
+    // The datastore's configuration says whether it is encrypted; its key is then
+    // the default one beside it (a stray key file beside a plain one is not used).
+    let ds = Datastore::open(dir, None)?;
     let master = if ds.keys().encrypted() {
+        if let Some(w) = datastore::crypto::key_file_exposure(&key_path) {
+            eprintln!("holdfast server: warning: {w}");
+        }
         Some(datastore::crypto::read_key_file(&key_path)?)
     } else {
         None

@@ -11,8 +11,7 @@ use axum::response::{IntoResponse, Response};
 use catalog::NewJob;
 use datastore::{BlobIndex, Id};
 use protocol::{
-    JobKind, Manifest, RECOVERY_FORMATS, RecoveryDone, RecoveryPlan, RecoveryRequest,
-    RecoveryTarget, split_vm,
+    JobKind, Manifest, RecoveryDone, RecoveryPlan, RecoveryRequest, RecoveryTarget, split_vm,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -76,38 +75,6 @@ pub(crate) fn plan(st: &AppState, s: &Stored) -> Result<RecoveryPlan, String> {
     })
 }
 
-fn check_dir(dir: &str) -> ApiResult<()> {
-    let p = std::path::Path::new(dir);
-    if dir.is_empty() || !p.is_absolute() {
-        return Err(bad(format!(
-            "target folder {dir:?} is not an absolute path"
-        )));
-    }
-    if p.components()
-        .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err(bad(format!("target folder {dir:?} must not contain '..'")));
-    }
-    if dir.len() > 4096 || dir.contains('\0') {
-        return Err(bad("target folder: too long or holds a NUL"));
-    }
-    Ok(())
-}
-
-/// Item paths of a copy: not too many, each a path inside the file system.
-fn check_items(items: &[String]) -> ApiResult<()> {
-    if items.len() > 1000 {
-        return Err(bad(format!("items: {} paths; at most 1000", items.len())));
-    }
-    for i in items {
-        if i.len() > 4096 || i.contains('\0') {
-            return Err(bad("items: a path is too long or holds a NUL"));
-        }
-        fsview::components(i).map_err(|e| bad(format!("items: {i:?}: {e}")))?;
-    }
-    Ok(())
-}
-
 fn check_host(st: &AppState, host: &str) -> ApiResult<()> {
     let agents = st.cat().agents()?;
     match agents.iter().find(|a| a.host == host) {
@@ -121,6 +88,7 @@ fn check_host(st: &AppState, host: &str) -> ApiResult<()> {
 pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
     let req: RecoveryRequest =
         serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    req.validate().map_err(bad)?;
     let (host, vm) =
         split_vm(&req.vm).ok_or_else(|| bad(format!("{:?} is not HOST/VM", req.vm)))?;
     let ds = st.cat().datasource_by_name(host, vm)?;
@@ -128,8 +96,7 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
     let point = match (&req.point, &req.at) {
         (Some(_), Some(_)) => return Err(bad("give a recovery point or a time, not both")),
         (None, Some(at)) => {
-            let t = datastore::time::parse(at)
-                .ok_or_else(|| bad(format!("{at:?} is not a time YYYY-MM-DD HH:MM (UTC)")))?;
+            let t = protocol::check_time("at", at).map_err(bad)?;
             points
                 .iter()
                 .filter(|p| p.created_unix <= t)
@@ -205,30 +172,15 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
             }
             ds.host.clone()
         }
-        RecoveryTarget::Alternate { host, dir, format } => {
-            check_dir(dir)?;
-            if let Some(f) = format
-                && !RECOVERY_FORMATS.contains(&f.as_str())
-            {
-                return Err(bad(format!(
-                    "format {f:?}: use one of {}",
-                    RECOVERY_FORMATS.join(", ")
-                )));
-            }
-            host.clone()
-        }
+        // Folder and format were checked by validate() above.
+        RecoveryTarget::Alternate { host, .. } => host.clone(),
         RecoveryTarget::CopyTo {
             host,
-            dir,
             disk,
             partition,
             items,
+            ..
         } => {
-            check_dir(dir)?;
-            check_items(items)?;
-            if partition.is_some_and(|p| p > 256) {
-                return Err(bad("partition: at most 256"));
-            }
             let disk = match disk {
                 None if partition.is_some() || !items.is_empty() => &Some(0),
                 d => d,

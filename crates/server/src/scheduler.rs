@@ -82,7 +82,7 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
             if ds.last_recovery_point.is_none() {
                 let start = match &p.replica_creation {
                     ReplicaCreation::Now => true,
-                    ReplicaCreation::At(t) => datastore::time::parse(t).is_some_and(|t| now >= t),
+                    ReplicaCreation::At(t) => protocol::parse_utc_time(t).is_some_and(|t| now >= t),
                     ReplicaCreation::Manual => false,
                 };
                 if start {

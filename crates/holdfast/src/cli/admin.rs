@@ -83,13 +83,13 @@ pub fn agent_token(s: &ServerArgs, c: TokenCommand) -> anyhow::Result<ExitCode> 
         valid_minutes,
         json,
     } = c;
-    let r: AgentTokenResponse = s.client()?.post(
-        "/agent-tokens",
-        &AgentTokenRequest {
-            host,
-            valid_minutes: Some(valid_minutes),
-        },
-    )?;
+    let req = AgentTokenRequest {
+        host,
+        valid_minutes: Some(valid_minutes),
+    };
+    // The server's own check, before anything is sent.
+    req.validate().map_err(|e| anyhow!(e))?;
+    let r: AgentTokenResponse = s.client()?.post("/agent-tokens", &req)?;
     if json {
         print_json(&r)?;
     } else {
@@ -275,6 +275,14 @@ fn exclude(
         while ex.disks.last().is_some_and(Vec::is_empty) {
             ex.disks.pop();
         }
+        // The server's own check, against the disks it knows.
+        let list: Vec<DataSourceInfo> = cl.get("/datasources")?;
+        let sizes: Vec<u64> = list
+            .iter()
+            .find(|d| d.name == vm)
+            .map(|d| d.disks.iter().map(|x| x.virtual_size).collect())
+            .unwrap_or_default();
+        ex.validate(&sizes).map_err(|e| anyhow!(e))?;
         ex = cl.put(&path, &ex)?;
     }
     if json {
@@ -356,12 +364,8 @@ impl PolicyArgs {
             None => None,
             Some("now") => Some(ReplicaCreation::Now),
             Some("manual") => Some(ReplicaCreation::Manual),
-            Some(t) => {
-                datastore::time::parse(t).ok_or_else(|| {
-                    anyhow!("--replica {t:?}: now, manual, or a UTC time like 2026-11-25T22:00:00Z")
-                })?;
-                Some(ReplicaCreation::At(t.to_string()))
-            }
+            // Checked with the rest of the policy, as the server checks it.
+            Some(t) => Some(ReplicaCreation::At(t.to_string())),
         };
         let p = match base {
             Some(mut p) => {
@@ -412,7 +416,7 @@ impl PolicyArgs {
                 churn_percent: self.churn_percent.unwrap_or(5.0),
             },
         };
-        p.validate().map_err(|e| anyhow!("policy: {e}"))?;
+        p.validate_request().map_err(|e| anyhow!(e))?;
         Ok(p)
     }
 }
@@ -519,14 +523,13 @@ pub fn pg(s: &ServerArgs, c: PgCommand) -> anyhow::Result<ExitCode> {
             policy,
             json,
         } => {
-            let g: GroupInfo = cl.post(
-                "/protection-groups",
-                &CreateGroup {
-                    name,
-                    members,
-                    policy: policy.apply(None)?,
-                },
-            )?;
+            let req = CreateGroup {
+                name,
+                members,
+                policy: policy.apply(None)?,
+            };
+            req.validate().map_err(|e| anyhow!(e))?;
+            let g: GroupInfo = cl.post("/protection-groups", &req)?;
             if json {
                 print_json(&g)?;
             } else {
@@ -574,14 +577,13 @@ pub fn pg(s: &ServerArgs, c: PgCommand) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
-            let g: GroupInfo = cl.patch(
-                &format!("/protection-groups/{}", seg(&name)),
-                &ModifyGroup {
-                    add_members: add,
-                    remove_members: remove,
-                    policy: new_policy,
-                },
-            )?;
+            let req = ModifyGroup {
+                add_members: add,
+                remove_members: remove,
+                policy: new_policy,
+            };
+            req.validate().map_err(|e| anyhow!(e))?;
+            let g: GroupInfo = cl.patch(&format!("/protection-groups/{}", seg(&name)), &req)?;
             if json {
                 print_json(&g)?;
             } else {
@@ -842,18 +844,17 @@ pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
     } else {
         bail!("choose --original, --alternate HOST:DIR or --copy-to HOST:DIR");
     };
+    let req = RecoveryRequest {
+        vm: a.vm.clone(),
+        point: a.point.clone(),
+        at: a.at.clone(),
+        target,
+        throttle_kbps: a.throttle,
+        notify: a.notify.clone(),
+    };
+    req.validate().map_err(|e| anyhow!(e))?;
     let cl = s.client()?;
-    let j: JobInfo = cl.post(
-        "/recoveries",
-        &RecoveryRequest {
-            vm: a.vm.clone(),
-            point: a.point.clone(),
-            at: a.at.clone(),
-            target,
-            throttle_kbps: a.throttle,
-            notify: a.notify.clone(),
-        },
-    )?;
+    let j: JobInfo = cl.post("/recoveries", &req)?;
     started(&cl, j, a.wait, a.json)
 }
 

@@ -66,7 +66,9 @@ pub fn server(a: ServerCmd) -> anyhow::Result<ExitCode> {
 
 #[derive(Debug, Args)]
 pub struct AgentCmd {
-    /// One-time enrollment token from `holdfast agent-token create` (first start).
+    /// One-time enrollment token from `holdfast agent-token create`: enrolls (first
+    /// start), or enrolls again with a new key and certificate (a new token on an
+    /// enrolled data dir, e.g. after a revocation).
     #[arg(long)]
     enroll: Option<String>,
     /// The agent's folder: its key, certificate and pinned CA.

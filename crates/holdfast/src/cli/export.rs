@@ -14,7 +14,6 @@ use super::store::choose_disk;
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use client::{Client, seg};
-use datastore::Datastore;
 use nbd::{CowExport, Export, Listener, Server};
 use protocol::{DiskExtent, RecoveryPointInfo};
 use std::collections::{HashMap, VecDeque};
@@ -249,7 +248,7 @@ struct Chosen {
 }
 
 fn local_disk(a: &ExportNbdArgs, dir: &std::path::Path) -> anyhow::Result<Chosen> {
-    let ds = Arc::new(Datastore::open(dir, a.key_file.as_deref())?);
+    let ds = Arc::new(super::store::open_store(dir, a.key_file.as_deref())?);
     let m = ds.find_point(&a.source, Some(&a.point))?;
     let disk_no = choose_disk(&m, a.disk)?;
     let index = Arc::new(ds.blob_index()?);

@@ -168,25 +168,25 @@ fn get_on_host(s: &ServerArgs, a: &GetArgs, host: &str, dir: &str) -> anyhow::Re
     if a.at.datastore.is_some() {
         bail!("--to-folder {host}:{dir} goes through the server; drop -d, or give a local folder");
     }
-    let cl = s.client()?;
-    let point = server_point(&cl, &a.at)?;
-    let j: protocol::JobInfo = cl.post(
-        "/recoveries",
-        &protocol::RecoveryRequest {
-            vm: a.at.vm.clone(),
-            point: Some(point),
-            at: None,
-            target: protocol::RecoveryTarget::CopyTo {
-                host: host.to_string(),
-                dir: dir.to_string(),
-                disk: Some(a.at.disk),
-                partition: a.at.partition,
-                items: a.paths.clone(),
-            },
-            throttle_kbps: a.throttle,
-            notify: a.notify.clone(),
+    let mut req = protocol::RecoveryRequest {
+        vm: a.at.vm.clone(),
+        point: None,
+        at: None,
+        target: protocol::RecoveryTarget::CopyTo {
+            host: host.to_string(),
+            dir: dir.to_string(),
+            disk: Some(a.at.disk),
+            partition: a.at.partition,
+            items: a.paths.clone(),
         },
-    )?;
+        throttle_kbps: a.throttle,
+        notify: a.notify.clone(),
+    };
+    // The server's own check (folder, items), before anything is asked of it.
+    req.validate().map_err(|e| anyhow!(e))?;
+    let cl = s.client()?;
+    req.point = Some(server_point(&cl, &a.at)?);
+    let j: protocol::JobInfo = cl.post("/recoveries", &req)?;
     let id = j.id;
     let code = super::admin::started(&cl, j, !a.no_wait, false)?;
     if !a.no_wait {
@@ -210,7 +210,7 @@ fn at_time(w: &Where) -> anyhow::Result<Option<i64>> {
 
 fn local_point(w: &Where) -> anyhow::Result<(Arc<Datastore>, Manifest)> {
     let dir = w.datastore.as_deref().unwrap_or(Path::new("."));
-    let ds = Arc::new(Datastore::open(dir, w.key_file.as_deref())?);
+    let ds = Arc::new(super::store::open_store(dir, w.key_file.as_deref())?);
     let m = match at_time(w)? {
         Some(t) => {
             let (points, _) = ds.points()?;

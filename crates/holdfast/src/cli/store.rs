@@ -10,7 +10,7 @@ use datastore::{
     BackupRequest, BaseChoice, Consistency, Datastore, DiskInput, Manifest, Retention, Source,
 };
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,8 +51,24 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     pub(super) fn open(&self) -> anyhow::Result<Datastore> {
-        Ok(Datastore::open(&self.datastore, self.key_file.as_deref())?)
+        open_store(&self.datastore, self.key_file.as_deref())
     }
+}
+
+/// Opens a datastore folder the way every local-mode command does: a key file given
+/// for a plain datastore is refused (by `Datastore::open`), and the key of an
+/// encrypted one that its group or others can read is warned about on stderr.
+pub(super) fn open_store(dir: &Path, key_file: Option<&Path>) -> anyhow::Result<Datastore> {
+    let ds = Datastore::open(dir, key_file)?;
+    if ds.keys().encrypted() {
+        let key = key_file
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| datastore::default_key_path(dir));
+        if let Some(w) = datastore::crypto::key_file_exposure(&key) {
+            eprintln!("holdfast: warning: {w}");
+        }
+    }
+    Ok(ds)
 }
 
 #[derive(Debug, Args)]
