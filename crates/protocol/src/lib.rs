@@ -657,24 +657,6 @@ pub struct MoveDataSource {
     pub to: String,
 }
 
-/// A cluster or host name: 1-128 letters, digits, `-`, `.`, `_`, not `.` or `..`
-/// (the grammar enrollment tokens use for hosts).
-pub fn check_host_name(what: &str, s: &str) -> Result<(), String> {
-    if s.is_empty()
-        || s.len() > 128
-        || s == "."
-        || s == ".."
-        || !s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-    {
-        return Err(format!(
-            "{what} {s:?}: use 1-128 letters, digits, '-', '.', '_' (not . or ..)"
-        ));
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------
 // Agent <-> server: jobs and data
 
