@@ -320,9 +320,10 @@ fn excluded_ranges_are_zeros_recorded_and_read_again_once_lifted() {
     drop(std::os::unix::net::UnixListener::bind(sockets.join("ghost.qmp")).unwrap());
     let (c, mut vm) = setup(d.path(), "vm5", 16 * MIB, 8 * MIB, 5, &[]);
     assert_eq!(c.datasources().len(), 1, "the ghost is not a VM");
-    // 2 MiB of data left out (a page file, say), and 1000 bytes inside one block.
+    // 2 MiB of data left out (a page file, say), and two sectors inside one block
+    // (ranges are whole sectors: protocol refuses anything else).
     let range = (MIB, 2 * MIB);
-    let small = (5 * MIB + 100, 1000);
+    let small = (5 * MIB + 512, 1024);
     let fmt = |r: (u64, u64)| format!("{}+{}", r.0, r.1);
     c.cli_ok(&[
         "datasources",
