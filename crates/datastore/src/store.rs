@@ -608,14 +608,28 @@ impl Datastore {
             Err(Error::Missing { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let json = format::open_sealed(&self.keys, DAMAGED_KEY, &body)?;
-        let list: Vec<(String, u32)> = serde_json::from_slice(&json)
-            .map_err(|e| Error::corrupt(DAMAGED_KEY, e.to_string()))?;
+        // Without this list a backup could reuse a copy verify found bad, so an
+        // unreadable list stops backups; say how to rebuild it.
+        let unreadable = |detail: String| {
+            Error::corrupt(
+                DAMAGED_KEY,
+                format!(
+                    "verify's list of damaged blocks is unreadable ({detail}); \
+                     run `holdfast verify` (or `holdfast jobs run verify`) to rebuild it"
+                ),
+            )
+        };
+        let json = format::open_sealed(&self.keys, DAMAGED_KEY, &body).map_err(|e| match e {
+            Error::Corrupt { detail, .. } => unreadable(detail),
+            e => e,
+        })?;
+        let list: Vec<(String, u32)> =
+            serde_json::from_slice(&json).map_err(|e| unreadable(e.to_string()))?;
         list.into_iter()
             .map(|(p, o)| {
                 Id::from_hex(&p)
                     .map(|id| (id, o))
-                    .ok_or_else(|| Error::corrupt(DAMAGED_KEY, format!("bad pack id {p:?}")))
+                    .ok_or_else(|| unreadable(format!("bad pack id {p:?}")))
             })
             .collect()
     }

@@ -402,3 +402,29 @@ fn gc_with_unhealed_damage() {
     assert_eq!(damaged_disks(&after), damaged_disks(&before), "{after:#?}");
     f.check_restores(&damaged_disks(&before));
 }
+
+/// A damaged `damaged` list stops backups (without it a backup could reuse a bad copy)
+/// with a message that says how to rebuild it; verify rebuilds it and backups go on.
+#[test]
+fn an_unreadable_damaged_list_says_how_to_rebuild_it() {
+    let f = Fix::new(false);
+    let (pack, e) = f.blob_needed_by(Kind::Data, &[(0, 0), (2, 0)]);
+    flip(&pack, e.offset as u64 + BLOB_HEADER as u64 + 10);
+    f.verify_names(&HashSet::from([e.id]));
+    let list = f.dir.join("damaged");
+    flip(&list, 10);
+    let ds = f.open();
+    let err = ds
+        .blob_index()
+        .err()
+        .expect("blob_index over a damaged list")
+        .to_string();
+    assert!(
+        err.contains("damaged") && err.contains("run `holdfast verify`"),
+        "{err}"
+    );
+    f.verify_names(&HashSet::from([e.id]));
+    let ds = f.open();
+    let p = backup_full(&ds, "a", &f._d.path().join("a.raw"));
+    assert!(p.stats.blocks_new >= 1, "{:?}", p.stats);
+}
