@@ -21,6 +21,9 @@ const HEADER: Duration = Duration::from_secs(2);
 const IDLE: Duration = Duration::from_secs(3);
 /// Time for the server to notice, send its GOAWAY or close, and for a loaded machine.
 const MARGIN: Duration = Duration::from_secs(3);
+/// The server's timers start a moment before the client's stamps (its side of a
+/// handshake or response ends first), so "not before the timeout" allows this much.
+const SLACK: Duration = Duration::from_millis(250);
 const PER_ADDRESS: usize = 100;
 const TOTAL: usize = 320;
 /// The documented cap of a job-log line or error, in characters.
@@ -208,7 +211,7 @@ fn held_connections_time_out_are_capped_and_do_not_starve_the_api() {
         );
         let after = opened.elapsed();
         assert!(
-            after >= HEADER,
+            after + SLACK >= HEADER,
             "connection {i} closed after only {after:?}"
         );
     }
@@ -249,7 +252,7 @@ fn idle_and_half_sent_headers_close_but_slow_requests_complete() {
         "an idle connection is still open after {:?}",
         done.elapsed()
     );
-    assert!(done.elapsed() >= IDLE);
+    assert!(done.elapsed() + SLACK >= IDLE);
 
     // A next header begun and not finished: closed by the header timeout.
     let mut half = open_from(from, to, &cfg).unwrap();
@@ -261,7 +264,7 @@ fn idle_and_half_sent_headers_close_but_slow_requests_complete() {
     let begun = Instant::now();
     let took = closed_within(&mut half, HEADER + MARGIN)
         .unwrap_or_else(|| panic!("a half-sent header still open after {:?}", begun.elapsed()));
-    assert!(took >= HEADER - Duration::from_millis(100), "{took:?}");
+    assert!(took + SLACK >= HEADER, "{took:?}");
     assert!(
         took < IDLE,
         "{took:?}: the idle timeout, not the header one"
