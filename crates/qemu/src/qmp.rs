@@ -165,8 +165,19 @@ impl Qmp {
             "no QMP greeting within {} (QEMU serves one client per QMP socket: is another one connected?)",
             fmt_duration(timeout)
         );
-        let line = conn.read_line(deadline, &waiting)?;
-        let greeting = parse_line(&line, conn.label())?;
+        // QEMU can write an event (a RESUME as the guest starts) to a client that
+        // connects while the monitor is still starting up, before its greeting (seen in
+        // CI): such events are kept, in order, and the greeting is still required.
+        let mut early = Vec::new();
+        let (line, greeting) = loop {
+            let line = conn.read_line(deadline, &waiting)?;
+            let v = parse_line(&line, conn.label())?;
+            if v.get("event").is_some_and(Value::is_string) && early.len() < MAX_QUEUED_EVENTS {
+                early.push(v);
+                continue;
+            }
+            break (line, v);
+        };
         let version = parse_greeting(&greeting).map_err(|m| {
             Error::Protocol(format!(
                 "{}: not a QMP greeting ({m}): {}",
@@ -179,7 +190,7 @@ impl Qmp {
             version,
             next_id: 1,
             timeout: DEFAULT_TIMEOUT,
-            events: VecDeque::new(),
+            events: VecDeque::from(early),
             dropped_events: 0,
             broken: None,
         };
@@ -1124,6 +1135,44 @@ mod tests {
         b.write_all(b"{\"return\": 5}\n").unwrap();
         let t = Duration::from_secs(1);
         let err = Qmp::handshake(LineConn::new(a, "qga.sock".into()), deadline_after(t), t)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, Error::Protocol(m) if m.contains("not a QMP greeting")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn events_before_the_greeting_are_kept_and_the_greeting_still_required() {
+        // Regression (CI): QEMU wrote a RESUME event before its greeting.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let peer = thread::spawn(move || {
+            b.write_all(b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"RESUME\"}\r\n")
+                .unwrap();
+            b.write_all(GREETING.as_bytes()).unwrap();
+            let mut r = io::BufReader::new(b.try_clone().unwrap());
+            let mut req = String::new();
+            io::BufRead::read_line(&mut r, &mut req).unwrap();
+            let req: Value = serde_json::from_str(&req).unwrap();
+            assert_eq!(req["execute"], "qmp_capabilities");
+            b.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", id_of(&req)).as_bytes())
+                .unwrap();
+        });
+        let t = Duration::from_secs(5);
+        let mut q =
+            Qmp::handshake(LineConn::new(a, "vm.qmp".into()), deadline_after(t), t).unwrap();
+        let evs = q.take_events();
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0]["event"], "RESUME");
+        peer.join().unwrap();
+
+        // Events alone, then something that is no greeting: still refused.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"{\"event\": \"RESUME\"}\n{\"return\": 5}\n")
+            .unwrap();
+        let t = Duration::from_secs(1);
+        let err = Qmp::handshake(LineConn::new(a, "vm.qmp".into()), deadline_after(t), t)
             .err()
             .unwrap();
         assert!(
