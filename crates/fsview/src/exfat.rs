@@ -20,8 +20,7 @@
 //! [`Error::Corrupt`]), directories at most [`MAX_DIR_BYTES`] (the format's own limit),
 //! entry sets inside their directory.
 
-use crate::ext::READ_CHUNK;
-use crate::fs::{Entry, EntryKind, FileSystem, find_name};
+use crate::fs::{Entry, EntryKind, FileSystem, READ_CHUNK, find_name};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result, le16, le32, le64};

@@ -5,7 +5,7 @@
 //! `filetype`: [`open`] sends those to our own reader, [`crate::ext_own`], which reads
 //! inline data (in `i_block` and the in-inode `system.data` attribute), extents, block
 //! maps and linear directories, but does not replay the journal (it refuses a journal
-//! that holds transactions). Both share the name and entry helpers below.
+//! that holds transactions). Both share the helpers of [`crate::ext_common`].
 //!
 //! Limits of ext4-view 1.0 this file works around:
 //! - `Ext4` is built on `Rc`/`RefCell`, so it is not `Send`; [`ExtFs`] owns the only
@@ -19,22 +19,14 @@
 //! - It reads `s_blocks_count_hi` even without the 64bit feature; such a volume (with a
 //!   stray value there) goes to the own reader too.
 
-use crate::fs::{Entry, EntryKind, FileSystem};
+use crate::ext_common::{MAX_LINK, ROOT_INODE, check_size, ext_entry};
+use crate::fs::{Entry, EntryKind, FileSystem, READ_CHUNK};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result};
 use ext4_view::{Ext4, Ext4Error, Ext4Read, Metadata};
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-
-/// Bytes per read when streaming a file: bounded memory whatever the file size.
-pub(crate) const READ_CHUNK: usize = 1 << 20;
-
-/// Longest symlink target read (the format keeps one in a block, at most 64 KiB).
-pub(crate) const MAX_LINK: u64 = 64 << 10;
-
-/// Root directory inode (fixed by the format).
-pub(crate) const ROOT_INODE: u64 = 2;
 
 /// `Ext4Read` over a volume (a clone: clones share the cache).
 struct Reader(Volume);
@@ -89,41 +81,6 @@ pub fn open(volume: Volume, kind: FsKind) -> Result<Box<dyn FileSystem>> {
         kind,
         label: (!label.is_empty()).then_some(label),
     }))
-}
-
-/// Refuses a file system larger than its volume (a truncated image or a partition
-/// clipped at the disk end): ext4-view would only fail later, on the first read past
-/// the end, after listing whatever happened to lie before it.
-pub(crate) fn check_size(volume: &Volume) -> Result<()> {
-    let mut sb = [0u8; 1024];
-    volume.read_at(&mut sb, 1024)?;
-    let log = crate::le32(&sb, 0x18);
-    let incompat = crate::le32(&sb, 0x60);
-    let mut blocks = u64::from(crate::le32(&sb, 0x04));
-    // 64bit feature: the high half of the block count.
-    if incompat & 0x80 != 0 {
-        blocks |= u64::from(crate::le32(&sb, 0x150)) << 32;
-    }
-    let bytes = 1024u64
-        .checked_shl(log)
-        .filter(|_| log <= 6)
-        .and_then(|bs| bs.checked_mul(blocks));
-    match bytes {
-        Some(b) if b <= volume.len() => Ok(()),
-        Some(b) => Err(Error::corrupt(
-            "ext superblock",
-            1024,
-            format!(
-                "the file system is {b} bytes but its volume only {} (truncated image?)",
-                volume.len()
-            ),
-        )),
-        None => Err(Error::corrupt(
-            "ext superblock",
-            1024,
-            format!("block size exponent {log} or block count {blocks} out of range"),
-        )),
-    }
 }
 
 /// Runs `f`, turning a panic inside ext4-view (on data it did not expect) into an error:
@@ -203,33 +160,6 @@ fn entry(name: &[u8], m: &Metadata, id: u64) -> Entry {
         u32::from(m.mode()),
         id,
     )
-}
-
-/// An ext entry: `name` decoded lossily (U+FFFD for what is not UTF-8), the permission
-/// bits of `mode`, the size only for files and links.
-pub(crate) fn ext_entry(
-    name: &[u8],
-    kind: EntryKind,
-    len: u64,
-    secs: i64,
-    nanos: u32,
-    mode: u32,
-    id: u64,
-) -> Entry {
-    Entry {
-        name: String::from_utf8_lossy(name).into_owned(),
-        kind,
-        // The trait's size is content (files) or target length (links); a directory's
-        // block count means nothing to a caller.
-        size: match kind {
-            EntryKind::File | EntryKind::Symlink => len,
-            EntryKind::Dir | EntryKind::Other => 0,
-        },
-        mtime: Some(secs),
-        mtime_nanos: nanos,
-        mode: Some(mode & 0o7777),
-        id,
-    }
 }
 
 /// Whether the raw name `raw` is what the path component `c` asks for: the same bytes,

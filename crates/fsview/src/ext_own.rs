@@ -28,8 +28,8 @@
 //! against node sizes, extents in increasing order, and the blocks one file maps at most
 //! the volume's block count (so a loop in the metadata ends as [`Error::Corrupt`]).
 
-use crate::ext::{MAX_LINK, READ_CHUNK, ROOT_INODE, ext_entry};
-use crate::fs::{Entry, EntryKind, FileSystem};
+use crate::ext_common::{MAX_LINK, ROOT_INODE, ext_entry};
+use crate::fs::{Entry, EntryKind, FileSystem, READ_CHUNK};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result, le16, le32};
@@ -1106,7 +1106,7 @@ pub fn open_own(volume: Volume) -> Result<Box<dyn FileSystem>> {
     let kind = crate::probe::probe(volume.disk().as_ref(), volume.start(), volume.len())?;
     match kind {
         FsKind::Ext { .. } => {
-            crate::ext::check_size(&volume)?;
+            crate::ext_common::check_size(&volume)?;
             open(volume, kind)
         }
         _ => Err(Error::Unsupported("not an ext file system".into())),

@@ -2,9 +2,11 @@
 //! system: list a directory, stat a path, stream a file, read a link.
 
 use crate::probe::FsKind;
-use crate::volume::Volume;
 use crate::{Error, Result};
 use std::io::Write;
+
+/// Bytes per read when streaming a file: bounded memory whatever the file size.
+pub(crate) const READ_CHUNK: usize = 1 << 20;
 
 /// What a directory entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -131,27 +133,6 @@ pub fn components(path: &str) -> Result<Vec<&str>> {
         }
     }
     Ok(out)
-}
-
-/// Opens the file system found on `volume` (by its signature). A file system that item-
-/// level recovery cannot read (BitLocker, LVM, XFS...) is [`Error::Unsupported`] naming
-/// it; an unrecognised one is [`Error::Unsupported`] with "no file system recognised".
-pub fn open(volume: Volume) -> Result<Box<dyn FileSystem>> {
-    let kind = crate::probe::probe(volume.disk().as_ref(), volume.start(), volume.len())?;
-    match kind {
-        FsKind::Ntfs => crate::ntfs::open(volume),
-        FsKind::Ext { .. } => crate::ext::open(volume, kind),
-        FsKind::Fat { .. } => crate::fat::open(volume, kind),
-        FsKind::ExFat => crate::exfat::open(volume),
-        FsKind::Unknown => Err(Error::Unsupported(
-            "no file system recognised (unformatted, or a file system this version does not know)"
-                .into(),
-        )),
-        other => Err(Error::Unsupported(format!(
-            "{}: item-level recovery cannot read this kind of volume",
-            other.name()
-        ))),
-    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 
 mod exfat;
 mod ext;
+mod ext_common;
 mod ext_own;
 mod extract;
 mod fat;
@@ -32,7 +33,7 @@ mod volume;
 #[doc(hidden)]
 pub use ext_own::open_own as open_ext_own;
 pub use extract::{MAX_DEPTH, Renamed, Report, extract, extract_all, safe_name, shown};
-pub use fs::{Entry, EntryKind, FileSystem, components, find_name, open};
+pub use fs::{Entry, EntryKind, FileSystem, components, find_name};
 pub use probe::{FsKind, identify, probe};
 pub use select::{VolumeInfo, open_volume, volumes};
 pub use special::{MAX_RANGES, PAGE_FILES, SWAP_HEADER_KEPT, Special, page_and_swap, scoped};
@@ -82,6 +83,29 @@ impl Error {
             offset,
             detail: detail.into(),
         }
+    }
+}
+
+/// Opens the file system found on `volume` (by its signature). A file system that item-
+/// level recovery cannot read (BitLocker, LVM, XFS...) is [`Error::Unsupported`] naming
+/// it; an unrecognised one is [`Error::Unsupported`] with "no file system recognised".
+/// Here, above [`fs`] and the readers, so the readers use `fs`'s types without `fs`
+/// importing every reader.
+pub fn open(volume: Volume) -> Result<Box<dyn FileSystem>> {
+    let kind = probe(volume.disk().as_ref(), volume.start(), volume.len())?;
+    match kind {
+        FsKind::Ntfs => crate::ntfs::open(volume),
+        FsKind::Ext { .. } => crate::ext::open(volume, kind),
+        FsKind::Fat { .. } => crate::fat::open(volume, kind),
+        FsKind::ExFat => crate::exfat::open(volume),
+        FsKind::Unknown => Err(Error::Unsupported(
+            "no file system recognised (unformatted, or a file system this version does not know)"
+                .into(),
+        )),
+        other => Err(Error::Unsupported(format!(
+            "{}: item-level recovery cannot read this kind of volume",
+            other.name()
+        ))),
     }
 }
 

@@ -2,11 +2,10 @@
 //! rebuilds it), found from the file-system view of the same point in time so the
 //! ranges are exact for that moment. Backups store these ranges as zeros.
 
-use crate::fs::open;
 use crate::probe::FsKind;
 use crate::select::volumes;
 use crate::volume::Volume;
-use crate::{Error, Result};
+use crate::{Error, Result, open};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use vdisk::{DiskInfo, Extent, VirtualDisk};

@@ -416,7 +416,7 @@ pub fn write_image(
 ) -> Result<CopyStats> {
     let tmp = TempPath::next_to(dst)?;
     let total = disk.virtual_size();
-    let mut sink = crate::sink::create(tmp.path(), opts)?;
+    let mut sink = crate::create(tmp.path(), opts)?;
     let stats = copy(disk, sink.as_mut(), &mut |done| progress(done, total))?;
     sink.finish()?;
     tmp.persist(dst, opts.durable)?;

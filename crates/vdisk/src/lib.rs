@@ -20,6 +20,7 @@ mod error;
 pub mod extent;
 pub mod qcow2;
 pub mod raw;
+mod report;
 pub mod sink;
 pub mod vhd;
 pub mod vhdx;
@@ -30,7 +31,7 @@ pub use check::{CheckReport, Problem, Severity};
 pub use copy::{CopyStats, convert, copy, copy_ranges};
 pub use error::{Error, Result};
 pub use extent::{Extent, ExtentState};
-pub use sink::{CreateOptions, Sink, create};
+pub use sink::{CreateOptions, Sink};
 
 use serde::Serialize;
 use std::fmt::Debug;
@@ -266,6 +267,23 @@ fn open_backing_ctx(file: Arc<dyn Backing>, ctx: &OpenCtx) -> Result<Box<dyn Vir
         Format::Vhd => vhd::open(file, &ctx),
         Format::Vhdx => vhdx::open(file, &ctx),
         Format::Qcow2 => qcow2::open(file, &ctx),
+    }
+}
+
+/// Creates a new image file at `path` (which must not exist) and returns its writer.
+/// The dispatch by format lives here, above both [`sink`] and the writers, so the
+/// writers can use the sink's types without the sink importing every format.
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
+    if opts.subformat == Subformat::Differencing && opts.parent.is_none() {
+        return Err(Error::Invalid(
+            "a differencing image needs a parent".to_string(),
+        ));
+    }
+    match opts.format {
+        Format::Raw => raw::create(path, opts),
+        Format::Vhd => vhd::create(path, opts),
+        Format::Vhdx => vhdx::create(path, opts),
+        Format::Qcow2 => qcow2::create(path, opts),
     }
 }
 

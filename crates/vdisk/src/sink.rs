@@ -105,21 +105,6 @@ impl CreateOptions {
     }
 }
 
-/// Creates a new image file at `path` (which must not exist) and returns its writer.
-pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Sink>> {
-    if opts.subformat == Subformat::Differencing && opts.parent.is_none() {
-        return Err(Error::Invalid(
-            "a differencing image needs a parent".to_string(),
-        ));
-    }
-    match opts.format {
-        Format::Raw => crate::raw::create(path, opts),
-        Format::Vhd => crate::vhd::create(path, opts),
-        Format::Vhdx => crate::vhdx::create(path, opts),
-        Format::Qcow2 => crate::qcow2::create(path, opts),
-    }
-}
-
 /// Creates `path` exclusively for writing (never truncates an existing file), durable
 /// or not as `opts` says.
 pub(crate) fn create_file(path: &Path, opts: &CreateOptions) -> Result<OutFile> {

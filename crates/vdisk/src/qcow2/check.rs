@@ -7,7 +7,7 @@ use super::{
     open_backing_file, parse_header, read_l1, read_table,
 };
 use crate::backing::{Backing, be};
-use crate::check::CheckReport;
+use crate::report::CheckReport;
 use crate::{Error, OpenCtx};
 use std::sync::Arc;
 

@@ -8,7 +8,7 @@ use super::{
 };
 use crate::OpenCtx;
 use crate::backing::Backing;
-use crate::check::CheckReport;
+use crate::report::CheckReport;
 use std::sync::Arc;
 
 /// Most problems reported per kind (a wholly damaged BAT would otherwise flood).

@@ -7,7 +7,7 @@ mod read;
 mod write;
 
 use crate::backing::{Backing, le};
-use crate::check::CheckReport;
+use crate::report::CheckReport;
 use crate::sink::{CreateOptions, Sink};
 use crate::{Error, OpenCtx, Result, VirtualDisk};
 use layout::*;

@@ -4,8 +4,8 @@
 use super::Parsed;
 use super::layout::*;
 use crate::backing::Backing;
-use crate::check::CheckReport;
 use crate::extent::{ExtentState, map_range_end, push_extent};
+use crate::report::CheckReport;
 use crate::{DiskInfo, Error, Extent, Format, Result, Subformat, VirtualDisk, check_range};
 use std::collections::HashMap;
 use std::path::PathBuf;
