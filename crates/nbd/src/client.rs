@@ -368,184 +368,14 @@ impl Conn {
         max_req: u32,
         depth: usize,
     ) -> Result<()> {
-        struct Req {
-            offset: u64,
-            len: u32,
-            /// Position of the request's first byte in `buf`.
-            at: usize,
-            cov: Coverage,
-            err: Option<Error>,
-        }
-        let total = buf.len();
-        let max_req = (max_req as usize).max(1);
-        let mut next = 0usize;
-        let mut inflight: HashMap<u64, Req> = HashMap::new();
-        let mut first_err: Option<Error> = None;
-        loop {
-            self.wbuf.clear();
-            while first_err.is_none() && inflight.len() < depth && next < total {
-                let n = max_req.min(total - next);
-                let cookie = self.cookie();
-                let off = offset
-                    .checked_add(next as u64)
-                    .ok_or_else(|| Error::InvalidArgument("read offset overflows".into()))?;
-                let len = n as u32; // n <= max_req <= u32::MAX
-                proto::encode_request(&mut self.wbuf, 0, proto::CMD_READ, cookie, off, len);
-                inflight.insert(
-                    cookie,
-                    Req {
-                        offset: off,
-                        len,
-                        at: next,
-                        cov: Coverage::new(n as u64),
-                        err: None,
-                    },
-                );
-                next += n;
-            }
-            if !self.wbuf.is_empty() {
-                self.flush_wbuf("sending read requests")?;
-            }
-            if inflight.is_empty() {
-                break;
-            }
-            let (flags, kind, cookie, len) = match self.read_reply_header()? {
-                ReplyHeader::Simple { error, cookie } => {
-                    let known = if inflight.contains_key(&cookie) {
-                        ""
-                    } else {
-                        "unknown "
-                    };
-                    return protocol(format!(
-                        "simple reply (error {error}) to NBD_CMD_READ with {known}cookie {cookie}, although structured replies were negotiated"
-                    ));
-                }
-                ReplyHeader::Chunk {
-                    flags,
-                    kind,
-                    cookie,
-                    len,
-                } => (flags, kind, cookie, len),
-            };
-            let Some(req) = inflight.get_mut(&cookie) else {
-                return protocol(format!(
-                    "{} for cookie {cookie}, which matches no outstanding read",
-                    proto::chunk_name(kind)
-                ));
-            };
-            let what = format!("read of {} bytes at offset {}", req.len, req.offset);
-            match kind {
-                proto::REPLY_TYPE_NONE => {
-                    if len != 0 || flags & proto::REPLY_FLAG_DONE == 0 {
-                        return protocol(format!(
-                            "NBD_REPLY_TYPE_NONE for {what}: length {len}, flags {flags:#x} (must be 0 and DONE)"
-                        ));
-                    }
-                }
-                proto::REPLY_TYPE_OFFSET_DATA => {
-                    let data_len = u64::from(len)
-                        .checked_sub(8)
-                        .filter(|&d| d > 0 && d <= u64::from(req.len));
-                    let Some(data_len) = data_len else {
-                        return protocol(format!(
-                            "NBD_REPLY_TYPE_OFFSET_DATA for {what}: payload length {len} must be 9..={}",
-                            u64::from(req.len) + 8
-                        ));
-                    };
-                    let mut o = [0u8; 8];
-                    self.read_exact(&mut o, "reading NBD_REPLY_TYPE_OFFSET_DATA")?;
-                    let chunk_off = proto::parse_offset_data_header(&o)?;
-                    let rel = place(
-                        &mut req.cov,
-                        req.offset,
-                        chunk_off,
-                        data_len,
-                        "NBD_REPLY_TYPE_OFFSET_DATA",
-                        &what,
-                    )?;
-                    let (at, rel, n) = (req.at, rel as usize, data_len as usize);
-                    let dst = at
-                        .checked_add(rel)
-                        .and_then(|s| buf.get_mut(s..s.checked_add(n)?))
-                        .ok_or_else(|| {
-                            Error::Protocol(format!(
-                                "NBD_REPLY_TYPE_OFFSET_DATA for {what}: out of range"
-                            ))
-                        })?;
-                    self.read_exact(dst, "reading NBD_REPLY_TYPE_OFFSET_DATA payload")?;
-                }
-                proto::REPLY_TYPE_OFFSET_HOLE => {
-                    if len != 12 {
-                        return protocol(format!(
-                            "NBD_REPLY_TYPE_OFFSET_HOLE for {what}: payload length {len} instead of 12"
-                        ));
-                    }
-                    let p = self.read_vec(12, "reading NBD_REPLY_TYPE_OFFSET_HOLE")?;
-                    let (chunk_off, size) = proto::parse_offset_hole(&p)?;
-                    let rel = place(
-                        &mut req.cov,
-                        req.offset,
-                        chunk_off,
-                        u64::from(size),
-                        "NBD_REPLY_TYPE_OFFSET_HOLE",
-                        &what,
-                    )?;
-                    let (at, rel, n) = (req.at, rel as usize, size as usize);
-                    let dst = at
-                        .checked_add(rel)
-                        .and_then(|s| buf.get_mut(s..s.checked_add(n)?))
-                        .ok_or_else(|| {
-                            Error::Protocol(format!(
-                                "NBD_REPLY_TYPE_OFFSET_HOLE for {what}: out of range"
-                            ))
-                        })?;
-                    dst.fill(0);
-                }
-                k if k & proto::REPLY_TYPE_ERROR_BIT != 0 => {
-                    let e = self.read_error_chunk(k, len, cookie)?;
-                    if let Some(o) = e.offset
-                        && !(o >= req.offset && o - req.offset < u64::from(req.len))
-                    {
-                        return protocol(format!(
-                            "NBD_REPLY_TYPE_ERROR_OFFSET for {what}: offset {o} outside the request"
-                        ));
-                    }
-                    if req.err.is_none() {
-                        let what = match e.offset {
-                            Some(o) => format!("{what} (failed at offset {o})"),
-                            None => what,
-                        };
-                        req.err = Some(Error::Server {
-                            what,
-                            errno: e.errno,
-                            message: e.message,
-                        });
-                    }
-                }
-                k => {
-                    return protocol(format!(
-                        "unexpected {} (length {len}) in reply to {what}",
-                        proto::chunk_name(k)
-                    ));
-                }
-            }
-            if flags & proto::REPLY_FLAG_DONE != 0 {
-                let Some(req) = inflight.remove(&cookie) else {
-                    return protocol("internal: finished request vanished");
-                };
-                if let Some(e) = req.err {
-                    first_err.get_or_insert(e);
-                } else if !req.cov.is_complete() {
-                    return protocol(format!(
-                        "read of {} bytes at offset {} finished (DONE) with only {} bytes covered by data and hole chunks",
-                        req.len,
-                        req.offset,
-                        req.cov.covered()
-                    ));
-                }
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        let mut op = ReadOp {
+            offset,
+            total: buf.len(),
+            buf,
+            max_req: (max_req as usize).max(1),
+            next: 0,
+        };
+        self.pipelined(&mut op, depth)
     }
 
     /// Pipelined block status for one context over [`offset`, `offset + length`), in
@@ -562,13 +392,6 @@ impl Conn {
         depth: usize,
         min_block: u32,
     ) -> Result<Vec<Extent>> {
-        struct Req {
-            offset: u64,
-            len: u32,
-            seen: Vec<u32>,
-            got: Option<Vec<Extent>>,
-            err: Option<Error>,
-        }
         let end = offset
             .checked_add(length)
             .ok_or_else(|| Error::InvalidArgument("block status range overflows".into()))?;
@@ -579,93 +402,73 @@ impl Conn {
             queue.push_back((pos, n));
             pos += u64::from(n);
         }
-        let mut done: Vec<(u64, Vec<Extent>)> = Vec::new();
-        let mut inflight: HashMap<u64, Req> = HashMap::new();
+        let mut op = BlockStatusOp {
+            want_id,
+            all_ids,
+            min_block,
+            queue,
+            done: Vec::new(),
+        };
+        self.pipelined(&mut op, depth)?;
+        tile(op.done, offset, end)
+    }
+
+    /// The pipelined request/reply dispatch every command shares: keeps up to `depth`
+    /// requests of `op` in flight, matches each reply to its request by cookie, checks
+    /// the chunks all commands know (NONE, errors) and hands the others to `op`. A
+    /// server error for one request is returned once the others are drained (the
+    /// stream stays in step); anything malformed is returned at once.
+    fn pipelined<P: Pipeline>(&mut self, op: &mut P, depth: usize) -> Result<()> {
+        let mut inflight: HashMap<u64, Inflight<P::State>> = HashMap::new();
         let mut first_err: Option<Error> = None;
         loop {
             self.wbuf.clear();
             while first_err.is_none() && inflight.len() < depth {
-                let Some((off, len)) = queue.pop_front() else {
+                let Some((offset, len, state)) = op.next_request()? else {
                     break;
                 };
                 let cookie = self.cookie();
-                proto::encode_request(&mut self.wbuf, 0, proto::CMD_BLOCK_STATUS, cookie, off, len);
-                inflight.insert(
-                    cookie,
-                    Req {
-                        offset: off,
-                        len,
-                        seen: Vec::new(),
-                        got: None,
-                        err: None,
-                    },
-                );
+                proto::encode_request(&mut self.wbuf, 0, P::CMD, cookie, offset, len);
+                let req = Inflight {
+                    offset,
+                    len,
+                    err: None,
+                    state,
+                };
+                inflight.insert(cookie, req);
             }
             if !self.wbuf.is_empty() {
-                self.flush_wbuf("sending block status requests")?;
+                self.flush_wbuf(P::SENDING)?;
             }
             if inflight.is_empty() {
                 break;
             }
             let header = self.read_reply_header()?;
-            let cookie = header.cookie();
-            let Some(req) = inflight.get_mut(&cookie) else {
-                return protocol(format!(
-                    "reply {header:?} matches no outstanding block status request"
-                ));
-            };
-            let what = format!("block status of {} bytes at offset {}", req.len, req.offset);
-            let (flags, kind, len) = match header {
-                ReplyHeader::Simple { error: 0, .. } => {
-                    return protocol(format!(
-                        "simple reply without error to {what}: block status needs a structured reply"
-                    ));
-                }
-                ReplyHeader::Simple { error, .. } => {
-                    // A simple reply is final: it answers the whole request with an error.
-                    first_err.get_or_insert(Error::Server {
-                        what,
-                        errno: error,
-                        message: String::new(),
-                    });
+            let (flags, kind, cookie, len) = match header {
+                ReplyHeader::Simple { error, cookie } => {
+                    let what = inflight.get(&cookie).map(|r| op.describe(r.offset, r.len));
+                    // A simple reply is final: it answers the whole request.
+                    first_err.get_or_insert(op.simple_reply(&header, error, cookie, what)?);
                     inflight.remove(&cookie);
                     continue;
                 }
                 ReplyHeader::Chunk {
-                    flags, kind, len, ..
-                } => (flags, kind, len),
+                    flags,
+                    kind,
+                    cookie,
+                    len,
+                } => (flags, kind, cookie, len),
             };
+            let Some(req) = inflight.get_mut(&cookie) else {
+                return Err(op.unmatched(&header, kind, cookie));
+            };
+            let what = op.describe(req.offset, req.len);
             match kind {
                 proto::REPLY_TYPE_NONE => {
                     if len != 0 || flags & proto::REPLY_FLAG_DONE == 0 {
                         return protocol(format!(
                             "NBD_REPLY_TYPE_NONE for {what}: length {len}, flags {flags:#x} (must be 0 and DONE)"
                         ));
-                    }
-                }
-                proto::REPLY_TYPE_BLOCK_STATUS => {
-                    let cap = proto::max_block_status_payload(req.len, min_block);
-                    if u64::from(len) > cap {
-                        return protocol(format!(
-                            "NBD_REPLY_TYPE_BLOCK_STATUS for {what}: payload length {len} exceeds {cap} (more descriptors than the range can hold)"
-                        ));
-                    }
-                    let p = self.read_vec(len as usize, "reading NBD_REPLY_TYPE_BLOCK_STATUS")?;
-                    let (id, descs) = proto::parse_block_status(&p)?;
-                    if !all_ids.contains(&id) {
-                        return protocol(format!(
-                            "NBD_REPLY_TYPE_BLOCK_STATUS for {what}: context id {id} was never negotiated (have {all_ids:?})"
-                        ));
-                    }
-                    if req.seen.contains(&id) {
-                        return protocol(format!(
-                            "NBD_REPLY_TYPE_BLOCK_STATUS for {what}: second chunk for context id {id}"
-                        ));
-                    }
-                    req.seen.push(id);
-                    let extents = proto::descriptors_to_extents(req.offset, req.len, &descs)?;
-                    if id == want_id {
-                        req.got = Some(extents);
                     }
                 }
                 k if k & proto::REPLY_TYPE_ERROR_BIT != 0 => {
@@ -679,75 +482,34 @@ impl Conn {
                     }
                     if req.err.is_none() {
                         req.err = Some(Error::Server {
-                            what,
+                            what: P::failed(what, e.offset),
                             errno: e.errno,
                             message: e.message,
                         });
                     }
                 }
                 k => {
-                    return protocol(format!(
-                        "unexpected {} (length {len}) in reply to {what}",
-                        proto::chunk_name(k)
-                    ));
+                    if !op.chunk(self, req, k, len, &what)? {
+                        return protocol(format!(
+                            "unexpected {} (length {len}) in reply to {what}",
+                            proto::chunk_name(k)
+                        ));
+                    }
                 }
             }
             if flags & proto::REPLY_FLAG_DONE != 0 {
                 let Some(req) = inflight.remove(&cookie) else {
                     return protocol("internal: finished request vanished");
                 };
-                if let Some(e) = req.err {
-                    first_err.get_or_insert(e);
-                    continue;
-                }
-                if let Some(missing) = all_ids.iter().find(|i| !req.seen.contains(i)) {
-                    return protocol(format!(
-                        "block status of {} bytes at offset {} finished (DONE) without a chunk for context id {missing}",
-                        req.len, req.offset
-                    ));
-                }
-                let Some(extents) = req.got else {
-                    return protocol("internal: wanted context seen but not kept");
-                };
-                let covered: u64 = extents.iter().map(|e| e.length).sum();
-                if covered < u64::from(req.len) {
-                    let rest = req.offset + covered;
-                    if !rest.is_multiple_of(u64::from(min_block.max(1))) {
-                        return protocol(format!(
-                            "block status of {} bytes at offset {} answered {covered} bytes, not a multiple of the minimum block size {min_block}",
-                            req.len, req.offset
-                        ));
+                match req.err {
+                    Some(e) => {
+                        first_err.get_or_insert(e);
                     }
-                    // The server may answer a prefix; ask again for the rest, first.
-                    queue.push_front((rest, req.len - covered as u32));
+                    None => op.finished(req)?,
                 }
-                done.push((req.offset, extents));
             }
         }
-        if let Some(e) = first_err {
-            return Err(e);
-        }
-        done.sort_by_key(|(o, _)| *o);
-        let mut out: Vec<Extent> = Vec::new();
-        let mut expect = offset;
-        for (_, extents) in done {
-            for e in extents {
-                if e.offset != expect {
-                    return protocol(format!(
-                        "block status answers do not tile the range: extent at {} where {expect} was expected",
-                        e.offset
-                    ));
-                }
-                expect = e.end();
-                out.push(e);
-            }
-        }
-        if expect != end {
-            return protocol(format!(
-                "block status answers end at {expect} instead of {end}"
-            ));
-        }
-        Ok(out)
+        first_err.map_or(Ok(()), Err)
     }
 
     fn send_disc(&mut self) -> Result<()> {
@@ -778,6 +540,365 @@ fn place(
         ))
     })?;
     Ok(rel)
+}
+
+/// One request of a pipelined command while it is in flight.
+struct Inflight<S> {
+    offset: u64,
+    len: u32,
+    /// The server's first error chunk for it, returned once the request is DONE.
+    err: Option<Error>,
+    /// What the command keeps per request.
+    state: S,
+}
+
+/// What a pipelined command (`NBD_CMD_READ`, `NBD_CMD_BLOCK_STATUS`) adds to the
+/// dispatch they share ([`Conn::pipelined`]): its requests, how it names them, the
+/// content chunks it expects and what a finished request means.
+trait Pipeline {
+    /// Per-request state.
+    type State;
+    const CMD: u16;
+    /// What sending requests is called in I/O errors.
+    const SENDING: &'static str;
+    /// The next request to send as `(offset, length, state)`; `None`: none for now.
+    fn next_request(&mut self) -> Result<Option<(u64, u32, Self::State)>>;
+    /// How errors name a request.
+    fn describe(&self, offset: u64, len: u32) -> String;
+    /// A simple reply (`what`: the request it answers, if any): `Ok` is the server's
+    /// error for the request, which ends it; `Err` breaks the connection.
+    fn simple_reply(
+        &self,
+        header: &ReplyHeader,
+        error: u32,
+        cookie: u64,
+        what: Option<String>,
+    ) -> Result<Error>;
+    /// The error for a chunk whose cookie matches no request in flight.
+    fn unmatched(&self, header: &ReplyHeader, kind: u16, cookie: u64) -> Error;
+    /// The `what` of the [`Error::Server`] an error chunk becomes.
+    fn failed(what: String, offset: Option<u64>) -> String {
+        let _ = offset;
+        what
+    }
+    /// Reads a content chunk of `kind` and `len` payload bytes for `req`; `false`
+    /// when the command expects no such chunk (nothing was read).
+    fn chunk(
+        &mut self,
+        conn: &mut Conn,
+        req: &mut Inflight<Self::State>,
+        kind: u16,
+        len: u32,
+        what: &str,
+    ) -> Result<bool>;
+    /// A request ended (DONE) without an error chunk.
+    fn finished(&mut self, req: Inflight<Self::State>) -> Result<()>;
+}
+
+/// Reads into `buf`, which holds the export's bytes from `offset`.
+struct ReadOp<'a> {
+    offset: u64,
+    buf: &'a mut [u8],
+    total: usize,
+    max_req: usize,
+    /// Position in `buf` of the next request's first byte.
+    next: usize,
+}
+
+/// A read request's state: where its bytes go in `buf` and which it has received.
+struct ReadState {
+    at: usize,
+    cov: Coverage,
+}
+
+impl ReadOp<'_> {
+    /// The part of `buf` a chunk of `n` bytes at `rel` in request `req` fills.
+    fn dest(
+        &mut self,
+        req: &Inflight<ReadState>,
+        rel: u64,
+        n: u64,
+        name: &str,
+        what: &str,
+    ) -> Result<&mut [u8]> {
+        let (at, rel, n) = (req.state.at, rel as usize, n as usize);
+        at.checked_add(rel)
+            .and_then(|s| self.buf.get_mut(s..s.checked_add(n)?))
+            .ok_or_else(|| Error::Protocol(format!("{name} for {what}: out of range")))
+    }
+}
+
+impl Pipeline for ReadOp<'_> {
+    type State = ReadState;
+    const CMD: u16 = proto::CMD_READ;
+    const SENDING: &'static str = "sending read requests";
+
+    fn next_request(&mut self) -> Result<Option<(u64, u32, ReadState)>> {
+        if self.next >= self.total {
+            return Ok(None);
+        }
+        let n = self.max_req.min(self.total - self.next);
+        let off = self
+            .offset
+            .checked_add(self.next as u64)
+            .ok_or_else(|| Error::InvalidArgument("read offset overflows".into()))?;
+        let state = ReadState {
+            at: self.next,
+            cov: Coverage::new(n as u64),
+        };
+        self.next += n;
+        // n <= max_req <= u32::MAX
+        Ok(Some((off, n as u32, state)))
+    }
+
+    fn describe(&self, offset: u64, len: u32) -> String {
+        format!("read of {len} bytes at offset {offset}")
+    }
+
+    fn simple_reply(
+        &self,
+        _header: &ReplyHeader,
+        error: u32,
+        cookie: u64,
+        what: Option<String>,
+    ) -> Result<Error> {
+        let known = if what.is_some() { "" } else { "unknown " };
+        protocol(format!(
+            "simple reply (error {error}) to NBD_CMD_READ with {known}cookie {cookie}, although structured replies were negotiated"
+        ))
+    }
+
+    fn unmatched(&self, _header: &ReplyHeader, kind: u16, cookie: u64) -> Error {
+        Error::Protocol(format!(
+            "{} for cookie {cookie}, which matches no outstanding read",
+            proto::chunk_name(kind)
+        ))
+    }
+
+    fn failed(what: String, offset: Option<u64>) -> String {
+        match offset {
+            Some(o) => format!("{what} (failed at offset {o})"),
+            None => what,
+        }
+    }
+
+    fn chunk(
+        &mut self,
+        conn: &mut Conn,
+        req: &mut Inflight<ReadState>,
+        kind: u16,
+        len: u32,
+        what: &str,
+    ) -> Result<bool> {
+        match kind {
+            proto::REPLY_TYPE_OFFSET_DATA => {
+                const NAME: &str = "NBD_REPLY_TYPE_OFFSET_DATA";
+                let data_len = u64::from(len)
+                    .checked_sub(8)
+                    .filter(|&d| d > 0 && d <= u64::from(req.len));
+                let Some(data_len) = data_len else {
+                    return protocol(format!(
+                        "{NAME} for {what}: payload length {len} must be 9..={}",
+                        u64::from(req.len) + 8
+                    ));
+                };
+                let mut o = [0u8; 8];
+                conn.read_exact(&mut o, "reading NBD_REPLY_TYPE_OFFSET_DATA")?;
+                let chunk_off = proto::parse_offset_data_header(&o)?;
+                let rel = place(
+                    &mut req.state.cov,
+                    req.offset,
+                    chunk_off,
+                    data_len,
+                    NAME,
+                    what,
+                )?;
+                let dst = self.dest(req, rel, data_len, NAME, what)?;
+                conn.read_exact(dst, "reading NBD_REPLY_TYPE_OFFSET_DATA payload")?;
+            }
+            proto::REPLY_TYPE_OFFSET_HOLE => {
+                const NAME: &str = "NBD_REPLY_TYPE_OFFSET_HOLE";
+                if len != 12 {
+                    return protocol(format!(
+                        "{NAME} for {what}: payload length {len} instead of 12"
+                    ));
+                }
+                let p = conn.read_vec(12, "reading NBD_REPLY_TYPE_OFFSET_HOLE")?;
+                let (chunk_off, size) = proto::parse_offset_hole(&p)?;
+                let size = u64::from(size);
+                let rel = place(&mut req.state.cov, req.offset, chunk_off, size, NAME, what)?;
+                self.dest(req, rel, size, NAME, what)?.fill(0);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn finished(&mut self, req: Inflight<ReadState>) -> Result<()> {
+        if !req.state.cov.is_complete() {
+            return protocol(format!(
+                "read of {} bytes at offset {} finished (DONE) with only {} bytes covered by data and hole chunks",
+                req.len,
+                req.offset,
+                req.state.cov.covered()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Block status for one context (`want_id`) of those negotiated (`all_ids`).
+struct BlockStatusOp<'a> {
+    want_id: u32,
+    all_ids: &'a [u32],
+    min_block: u32,
+    /// Requests still to send: `(offset, length)`.
+    queue: VecDeque<(u64, u32)>,
+    /// Finished requests: their offset and the wanted context's extents.
+    done: Vec<(u64, Vec<Extent>)>,
+}
+
+/// A block status request's state: the context ids answered so far, and the wanted
+/// context's extents once they came.
+#[derive(Default)]
+struct StatusState {
+    seen: Vec<u32>,
+    got: Option<Vec<Extent>>,
+}
+
+impl Pipeline for BlockStatusOp<'_> {
+    type State = StatusState;
+    const CMD: u16 = proto::CMD_BLOCK_STATUS;
+    const SENDING: &'static str = "sending block status requests";
+
+    fn next_request(&mut self) -> Result<Option<(u64, u32, StatusState)>> {
+        Ok(self
+            .queue
+            .pop_front()
+            .map(|(off, len)| (off, len, StatusState::default())))
+    }
+
+    fn describe(&self, offset: u64, len: u32) -> String {
+        format!("block status of {len} bytes at offset {offset}")
+    }
+
+    fn simple_reply(
+        &self,
+        header: &ReplyHeader,
+        error: u32,
+        cookie: u64,
+        what: Option<String>,
+    ) -> Result<Error> {
+        let Some(what) = what else {
+            return Err(self.unmatched(header, 0, cookie));
+        };
+        if error == 0 {
+            return protocol(format!(
+                "simple reply without error to {what}: block status needs a structured reply"
+            ));
+        }
+        Ok(Error::Server {
+            what,
+            errno: error,
+            message: String::new(),
+        })
+    }
+
+    fn unmatched(&self, header: &ReplyHeader, _kind: u16, _cookie: u64) -> Error {
+        Error::Protocol(format!(
+            "reply {header:?} matches no outstanding block status request"
+        ))
+    }
+
+    fn chunk(
+        &mut self,
+        conn: &mut Conn,
+        req: &mut Inflight<StatusState>,
+        kind: u16,
+        len: u32,
+        what: &str,
+    ) -> Result<bool> {
+        if kind != proto::REPLY_TYPE_BLOCK_STATUS {
+            return Ok(false);
+        }
+        let cap = proto::max_block_status_payload(req.len, self.min_block);
+        if u64::from(len) > cap {
+            return protocol(format!(
+                "NBD_REPLY_TYPE_BLOCK_STATUS for {what}: payload length {len} exceeds {cap} (more descriptors than the range can hold)"
+            ));
+        }
+        let p = conn.read_vec(len as usize, "reading NBD_REPLY_TYPE_BLOCK_STATUS")?;
+        let (id, descs) = proto::parse_block_status(&p)?;
+        if !self.all_ids.contains(&id) {
+            return protocol(format!(
+                "NBD_REPLY_TYPE_BLOCK_STATUS for {what}: context id {id} was never negotiated (have {:?})",
+                self.all_ids
+            ));
+        }
+        if req.state.seen.contains(&id) {
+            return protocol(format!(
+                "NBD_REPLY_TYPE_BLOCK_STATUS for {what}: second chunk for context id {id}"
+            ));
+        }
+        req.state.seen.push(id);
+        let extents = proto::descriptors_to_extents(req.offset, req.len, &descs)?;
+        if id == self.want_id {
+            req.state.got = Some(extents);
+        }
+        Ok(true)
+    }
+
+    fn finished(&mut self, req: Inflight<StatusState>) -> Result<()> {
+        if let Some(missing) = self.all_ids.iter().find(|i| !req.state.seen.contains(i)) {
+            return protocol(format!(
+                "block status of {} bytes at offset {} finished (DONE) without a chunk for context id {missing}",
+                req.len, req.offset
+            ));
+        }
+        let Some(extents) = req.state.got else {
+            return protocol("internal: wanted context seen but not kept");
+        };
+        let covered: u64 = extents.iter().map(|e| e.length).sum();
+        if covered < u64::from(req.len) {
+            let rest = req.offset + covered;
+            if !rest.is_multiple_of(u64::from(self.min_block.max(1))) {
+                return protocol(format!(
+                    "block status of {} bytes at offset {} answered {covered} bytes, not a multiple of the minimum block size {}",
+                    req.len, req.offset, self.min_block
+                ));
+            }
+            // The server may answer a prefix; ask again for the rest, first.
+            self.queue.push_front((rest, req.len - covered as u32));
+        }
+        self.done.push((req.offset, extents));
+        Ok(())
+    }
+}
+
+/// Puts the finished block status answers in order and checks they tile
+/// [`offset`, `end`) exactly.
+fn tile(mut done: Vec<(u64, Vec<Extent>)>, offset: u64, end: u64) -> Result<Vec<Extent>> {
+    done.sort_by_key(|(o, _)| *o);
+    let mut out: Vec<Extent> = Vec::new();
+    let mut expect = offset;
+    for (_, extents) in done {
+        for e in extents {
+            if e.offset != expect {
+                return protocol(format!(
+                    "block status answers do not tile the range: extent at {} where {expect} was expected",
+                    e.offset
+                ));
+            }
+            expect = e.end();
+            out.push(e);
+        }
+    }
+    if expect != end {
+        return protocol(format!(
+            "block status answers end at {expect} instead of {end}"
+        ));
+    }
+    Ok(out)
 }
 
 struct Negotiated {

@@ -449,22 +449,9 @@ impl<S: Read + Write> Conn<S> {
     /// Greeting and option haggling. `Ok(true)`: enter transmission; `Ok(false)`: the
     /// client went away or aborted.
     fn handshake(&mut self) -> io::Result<bool> {
-        let mut g = Vec::with_capacity(GREETING_LEN);
-        g.extend_from_slice(&NBDMAGIC.to_be_bytes());
-        g.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        self.send(&g)?;
-        let mut cf = [0u8; 4];
-        if !eof_is_ok(self.r.read_exact(&mut cf))? {
+        if !self.greet()? {
             return Ok(false);
         }
-        let cflags = u32::from_be_bytes(cf);
-        if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(violation(format!(
-                "client flags {cflags:#x} include ones this server does not know"
-            )));
-        }
-        self.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
         for _ in 0..MAX_OPTIONS {
             let mut h = [0u8; 16];
             if !eof_is_ok(self.r.read_exact(&mut h))? {
@@ -488,120 +475,154 @@ impl<S: Read + Write> Conn<S> {
             }
             let mut data = vec![0u8; len as usize];
             self.r.read_exact(&mut data)?;
-            match option {
-                OPT_EXPORT_NAME => {
-                    if !data.is_empty() {
-                        // Unknown export: this option has no way to say so but hanging up.
-                        return Ok(false);
-                    }
-                    let mut b = Vec::with_capacity(10 + 124);
-                    b.extend_from_slice(&self.export.size().to_be_bytes());
-                    b.extend_from_slice(&self.tflags().to_be_bytes());
-                    if !self.no_zeroes {
-                        b.extend_from_slice(&[0u8; 124]);
-                    }
-                    self.send(&b)?;
-                    return Ok(true);
-                }
-                OPT_ABORT => {
-                    // Best effort: the client may already have hung up.
-                    let _ = self.opt_reply(option, REP_ACK, &[]);
-                    return Ok(false);
-                }
-                OPT_LIST => {
-                    if !data.is_empty() {
-                        self.opt_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
-                        continue;
-                    }
-                    self.opt_reply(option, REP_SERVER, &0u32.to_be_bytes())?;
-                    self.opt_reply(option, REP_ACK, &[])?;
-                }
-                OPT_STRUCTURED_REPLY => {
-                    if !data.is_empty() {
-                        self.opt_reply(
-                            option,
-                            REP_ERR_INVALID,
-                            b"NBD_OPT_STRUCTURED_REPLY takes no data",
-                        )?;
-                        continue;
-                    }
-                    self.structured = true;
-                    self.opt_reply(option, REP_ACK, &[])?;
-                }
-                OPT_INFO | OPT_GO => {
-                    let Some((name, infos)) = parse_go(&data) else {
-                        self.opt_reply(option, REP_ERR_INVALID, b"malformed request")?;
-                        continue;
-                    };
-                    if !name.is_empty() {
-                        let msg = format!(
-                            "no export named {:?}; the only export is \"\"",
-                            String::from_utf8_lossy(&name[..name.len().min(256)])
-                        );
-                        self.opt_reply(option, REP_ERR_UNKNOWN, msg.as_bytes())?;
-                        continue;
-                    }
-                    let mut e = INFO_EXPORT.to_be_bytes().to_vec();
-                    e.extend_from_slice(&self.export.size().to_be_bytes());
-                    e.extend_from_slice(&self.tflags().to_be_bytes());
-                    self.opt_reply(option, REP_INFO, &e)?;
-                    let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                    for v in [1, PREFERRED_BLOCK, MAX_REQUEST] {
-                        b.extend_from_slice(&v.to_be_bytes());
-                    }
-                    self.opt_reply(option, REP_INFO, &b)?;
-                    if infos.contains(&INFO_NAME) {
-                        self.opt_reply(option, REP_INFO, &INFO_NAME.to_be_bytes())?;
-                    }
-                    self.opt_reply(option, REP_ACK, &[])?;
-                    if option == OPT_GO {
-                        return Ok(true);
-                    }
-                }
-                OPT_SET_META_CONTEXT | OPT_LIST_META_CONTEXT => {
-                    let Some((name, queries)) = parse_meta(&data) else {
-                        self.opt_reply(option, REP_ERR_INVALID, b"malformed request")?;
-                        continue;
-                    };
-                    let set = option == OPT_SET_META_CONTEXT;
-                    if set && !self.structured {
-                        self.opt_reply(
-                            option,
-                            REP_ERR_INVALID,
-                            b"metadata contexts need structured replies",
-                        )?;
-                        continue;
-                    }
-                    if !name.is_empty() {
-                        self.opt_reply(option, REP_ERR_UNKNOWN, b"the only export is \"\"")?;
-                        continue;
-                    }
-                    let name = crate::CONTEXT_BASE_ALLOCATION.as_bytes();
-                    let wanted = if set {
-                        queries.contains(&name)
-                    } else {
-                        queries.is_empty() || queries.iter().any(|q| *q == name || *q == b"base:")
-                    };
-                    if set {
-                        self.base_allocation = wanted;
-                    }
-                    if wanted {
-                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
-                        let mut p = id.to_be_bytes().to_vec();
-                        p.extend_from_slice(name);
-                        self.opt_reply(option, REP_META_CONTEXT, &p)?;
-                    }
-                    self.opt_reply(option, REP_ACK, &[])?;
-                }
-                _ => {
-                    let msg = format!("{} is not supported", proto::opt_name(option));
-                    self.opt_reply(option, REP_ERR_UNSUP, msg.as_bytes())?;
-                }
+            if let Some(transmit) = self.option(option, &data)? {
+                return Ok(transmit);
             }
         }
         Err(violation(format!(
             "more than {MAX_OPTIONS} options without entering transmission"
         )))
+    }
+
+    /// Sends the greeting and reads the client's flags; `Ok(false)`: the client went
+    /// away.
+    fn greet(&mut self) -> io::Result<bool> {
+        let mut g = Vec::with_capacity(GREETING_LEN);
+        g.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        self.send(&g)?;
+        let mut cf = [0u8; 4];
+        if !eof_is_ok(self.r.read_exact(&mut cf))? {
+            return Ok(false);
+        }
+        let cflags = u32::from_be_bytes(cf);
+        if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(violation(format!(
+                "client flags {cflags:#x} include ones this server does not know"
+            )));
+        }
+        self.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+        Ok(true)
+    }
+
+    /// Answers one option. `None`: read the next; `Some` ends the haggling as
+    /// [`Conn::handshake`] does.
+    fn option(&mut self, option: u32, data: &[u8]) -> io::Result<Option<bool>> {
+        match option {
+            OPT_EXPORT_NAME => {
+                if !data.is_empty() {
+                    // Unknown export: this option has no way to say so but hanging up.
+                    return Ok(Some(false));
+                }
+                let mut b = Vec::with_capacity(10 + 124);
+                b.extend_from_slice(&self.export.size().to_be_bytes());
+                b.extend_from_slice(&self.tflags().to_be_bytes());
+                if !self.no_zeroes {
+                    b.extend_from_slice(&[0u8; 124]);
+                }
+                self.send(&b)?;
+                return Ok(Some(true));
+            }
+            OPT_ABORT => {
+                // Best effort: the client may already have hung up.
+                let _ = self.opt_reply(option, REP_ACK, &[]);
+                return Ok(Some(false));
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    self.opt_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                    return Ok(None);
+                }
+                self.opt_reply(option, REP_SERVER, &0u32.to_be_bytes())?;
+                self.opt_reply(option, REP_ACK, &[])?;
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    self.opt_reply(
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )?;
+                    return Ok(None);
+                }
+                self.structured = true;
+                self.opt_reply(option, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => return self.opt_go(option, data),
+            OPT_SET_META_CONTEXT | OPT_LIST_META_CONTEXT => self.opt_meta_context(option, data)?,
+            _ => {
+                let msg = format!("{} is not supported", proto::opt_name(option));
+                self.opt_reply(option, REP_ERR_UNSUP, msg.as_bytes())?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// NBD_OPT_INFO and NBD_OPT_GO: the export's size, flags and block sizes; GO then
+    /// enters transmission (`Some(true)`).
+    fn opt_go(&mut self, option: u32, data: &[u8]) -> io::Result<Option<bool>> {
+        let Some((name, infos)) = parse_go(data) else {
+            self.opt_reply(option, REP_ERR_INVALID, b"malformed request")?;
+            return Ok(None);
+        };
+        if !name.is_empty() {
+            let msg = format!(
+                "no export named {:?}; the only export is \"\"",
+                String::from_utf8_lossy(&name[..name.len().min(256)])
+            );
+            self.opt_reply(option, REP_ERR_UNKNOWN, msg.as_bytes())?;
+            return Ok(None);
+        }
+        let mut e = INFO_EXPORT.to_be_bytes().to_vec();
+        e.extend_from_slice(&self.export.size().to_be_bytes());
+        e.extend_from_slice(&self.tflags().to_be_bytes());
+        self.opt_reply(option, REP_INFO, &e)?;
+        let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [1, PREFERRED_BLOCK, MAX_REQUEST] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        self.opt_reply(option, REP_INFO, &b)?;
+        if infos.contains(&INFO_NAME) {
+            self.opt_reply(option, REP_INFO, &INFO_NAME.to_be_bytes())?;
+        }
+        self.opt_reply(option, REP_ACK, &[])?;
+        Ok((option == OPT_GO).then_some(true))
+    }
+
+    /// NBD_OPT_SET_META_CONTEXT and NBD_OPT_LIST_META_CONTEXT: `base:allocation` is
+    /// the only context.
+    fn opt_meta_context(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
+        let Some((name, queries)) = parse_meta(data) else {
+            return self.opt_reply(option, REP_ERR_INVALID, b"malformed request");
+        };
+        let set = option == OPT_SET_META_CONTEXT;
+        if set && !self.structured {
+            return self.opt_reply(
+                option,
+                REP_ERR_INVALID,
+                b"metadata contexts need structured replies",
+            );
+        }
+        if !name.is_empty() {
+            return self.opt_reply(option, REP_ERR_UNKNOWN, b"the only export is \"\"");
+        }
+        let name = crate::CONTEXT_BASE_ALLOCATION.as_bytes();
+        let wanted = if set {
+            queries.contains(&name)
+        } else {
+            queries.is_empty() || queries.iter().any(|q| *q == name || *q == b"base:")
+        };
+        if set {
+            self.base_allocation = wanted;
+        }
+        if wanted {
+            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+            let mut p = id.to_be_bytes().to_vec();
+            p.extend_from_slice(name);
+            self.opt_reply(option, REP_META_CONTEXT, &p)?;
+        }
+        self.opt_reply(option, REP_ACK, &[])
     }
 
     /// Sends a reply without data: simple, or a structured NONE/ERROR chunk.
