@@ -142,67 +142,24 @@ pub(crate) fn parse_header(file: &dyn Backing) -> Result<Header> {
         ));
     }
     let cs = 1u64 << cluster_bits;
-    let size = be::u64(&h, 24);
     let crypt = be::u32(&h, 32);
-    let l1_size = be::u32(&h, 36);
-    let l1_offset = be::u64(&h, 40);
-    let refcount_table_offset = be::u64(&h, 48);
-    let refcount_table_clusters = be::u32(&h, 56);
-    let nb_snapshots = be::u32(&h, 60);
-    let snapshots_offset = be::u64(&h, 64);
-    let (mut incompatible, mut refcount_order, mut header_length) = (0u64, 4u32, 72u32);
-    let mut compression = Compression::Zlib;
-    if version == 3 {
-        file.read_exact_at(&mut h[72..104], 72, "qcow2 v3 header")?;
-        incompatible = be::u64(&h, 72);
-        refcount_order = be::u32(&h, 96);
-        header_length = be::u32(&h, 100);
-        if header_length < 104 || u64::from(header_length) > cs {
-            return Err(Error::corrupt(
-                path,
-                "qcow2 header",
-                100,
-                format!("header_length {header_length} out of range 104..={cs}"),
-            ));
+    let v3 = if version == 3 {
+        parse_v3_fields(file, &mut h, cs)?
+    } else {
+        V3Fields {
+            incompatible: 0,
+            refcount_order: 4,
+            header_length: 72,
+            compression: Compression::Zlib,
         }
-        if refcount_order > 6 {
-            return Err(Error::corrupt(
-                path,
-                "qcow2 header",
-                96,
-                format!("refcount_order {refcount_order} above 6"),
-            ));
-        }
-        let mut ct = [0u8; 1];
-        if header_length > 104 {
-            file.read_exact_at(&mut ct, 104, "qcow2 compression type")?;
-        }
-        match (incompatible & INCOMPAT_COMPRESSION != 0, ct[0]) {
-            (_, 0) => {}
-            (true, 1) => compression = Compression::Zstd,
-            (true, t) => {
-                return Err(Error::unsupported(
-                    path,
-                    format!("qcow2 compression type {t}"),
-                ));
-            }
-            (false, t) => {
-                return Err(Error::corrupt(
-                    path,
-                    "qcow2 header",
-                    104,
-                    format!("compression type {t} without the compression type feature bit"),
-                ));
-            }
-        }
-    }
+    };
     if crypt != 0 {
         return Err(Error::unsupported(
             path,
             format!("encrypted qcow2 (crypt_method {crypt})"),
         ));
     }
-    if incompatible & INCOMPAT_DATA_FILE != 0 {
+    if v3.incompatible & INCOMPAT_DATA_FILE != 0 {
         return Err(Error::unsupported(path, "qcow2 with an external data file"));
     }
 
@@ -213,10 +170,111 @@ pub(crate) fn parse_header(file: &dyn Backing) -> Result<Header> {
         cs
     }
     .min(file.len());
+    let exts = parse_extensions(file, v3.header_length, ext_end)?;
+    let extended_l2 = check_features(path, v3.incompatible, &exts.feature_names, cluster_bits)?;
+    let backing_name = read_backing_name(file, backing_file_offset, backing_file_size, cs)?;
+
+    let hdr = Header {
+        version,
+        cluster_bits,
+        size: be::u64(&h, 24),
+        l1_size: be::u32(&h, 36),
+        l1_offset: be::u64(&h, 40),
+        refcount_table_offset: be::u64(&h, 48),
+        refcount_table_clusters: be::u32(&h, 56),
+        nb_snapshots: be::u32(&h, 60),
+        snapshots_offset: be::u64(&h, 64),
+        incompatible: v3.incompatible,
+        refcount_order: v3.refcount_order,
+        compression: v3.compression,
+        extended_l2,
+        backing_name,
+        backing_format: exts.backing_format,
+        bitmaps: exts.bitmaps,
+    };
+    check_tables(path, &hdr)?;
+    Ok(hdr)
+}
+
+/// The fields a version 3 header adds (version 2 has their defaults).
+struct V3Fields {
+    incompatible: u64,
+    refcount_order: u32,
+    header_length: u32,
+    compression: Compression,
+}
+
+/// Reads bytes 72..104 of a version 3 header into `h` and validates what they hold,
+/// with the compression type that may follow them.
+fn parse_v3_fields(file: &dyn Backing, h: &mut [u8; 104], cs: u64) -> Result<V3Fields> {
+    let path = file.path();
+    file.read_exact_at(&mut h[72..104], 72, "qcow2 v3 header")?;
+    let incompatible = be::u64(h, 72);
+    let refcount_order = be::u32(h, 96);
+    let header_length = be::u32(h, 100);
+    if header_length < 104 || u64::from(header_length) > cs {
+        return Err(Error::corrupt(
+            path,
+            "qcow2 header",
+            100,
+            format!("header_length {header_length} out of range 104..={cs}"),
+        ));
+    }
+    if refcount_order > 6 {
+        return Err(Error::corrupt(
+            path,
+            "qcow2 header",
+            96,
+            format!("refcount_order {refcount_order} above 6"),
+        ));
+    }
+    let mut ct = [0u8; 1];
+    if header_length > 104 {
+        file.read_exact_at(&mut ct, 104, "qcow2 compression type")?;
+    }
+    let compression = match (incompatible & INCOMPAT_COMPRESSION != 0, ct[0]) {
+        (_, 0) => Compression::Zlib,
+        (true, 1) => Compression::Zstd,
+        (true, t) => {
+            return Err(Error::unsupported(
+                path,
+                format!("qcow2 compression type {t}"),
+            ));
+        }
+        (false, t) => {
+            return Err(Error::corrupt(
+                path,
+                "qcow2 header",
+                104,
+                format!("compression type {t} without the compression type feature bit"),
+            ));
+        }
+    };
+    Ok(V3Fields {
+        incompatible,
+        refcount_order,
+        header_length,
+        compression,
+    })
+}
+
+/// What the header extensions say.
+struct Extensions {
+    backing_format: Option<String>,
+    bitmaps: Option<BitmapsExt>,
+    /// Feature name table entries: (type, bit, name).
+    feature_names: Vec<(u8, u8, String)>,
+}
+
+/// Walks the header extensions from the end of the header to `ext_end`.
+fn parse_extensions(file: &dyn Backing, header_length: u32, ext_end: u64) -> Result<Extensions> {
+    let path = file.path();
     let head = file.read_vec(0, ext_end as usize, "qcow2 header extensions")?;
-    let mut backing_format = None;
-    let mut bitmaps = None;
-    let mut feature_names: Vec<(u8, u8, String)> = Vec::new();
+    let mut exts = Extensions {
+        backing_format: None,
+        bitmaps: None,
+        feature_names: Vec::new(),
+    };
     let mut pos = u64::from(header_length).next_multiple_of(8);
     while pos.saturating_add(8) <= ext_end {
         let p = pos as usize;
@@ -237,7 +295,7 @@ pub(crate) fn parse_header(file: &dyn Backing) -> Result<Header> {
         };
         match typ {
             EXT_BACKING_FORMAT => {
-                backing_format = Some(
+                exts.backing_format = Some(
                     String::from_utf8_lossy(data)
                         .trim_end_matches('\0')
                         .to_string(),
@@ -251,7 +309,7 @@ pub(crate) fn parse_header(file: &dyn Backing) -> Result<Header> {
                         e.first().copied().unwrap_or(0),
                         e.get(1).copied().unwrap_or(0),
                     );
-                    feature_names.push((
+                    exts.feature_names.push((
                         t,
                         b,
                         String::from_utf8_lossy(name.get(..end).unwrap_or_default()).into(),
@@ -267,7 +325,7 @@ pub(crate) fn parse_header(file: &dyn Backing) -> Result<Header> {
                         "shorter than 24 bytes",
                     ));
                 }
-                bitmaps = Some(BitmapsExt {
+                exts.bitmaps = Some(BitmapsExt {
                     nb_bitmaps: be::u32(data, 0),
                     dir_size: be::u64(data, 8),
                     dir_offset: be::u64(data, 16),
@@ -280,7 +338,17 @@ pub(crate) fn parse_header(file: &dyn Backing) -> Result<Header> {
         }
         pos = data_start.saturating_add(len.next_multiple_of(8));
     }
+    Ok(exts)
+}
 
+/// Refuses incompatible features we do not know (named from the feature name table
+/// when it has them); returns whether L2 entries are extended.
+fn check_features(
+    path: &Path,
+    incompatible: u64,
+    feature_names: &[(u8, u8, String)],
+    cluster_bits: u32,
+) -> Result<bool> {
     let unknown = incompatible & !INCOMPAT_KNOWN;
     if unknown != 0 {
         let bit = unknown.trailing_zeros();
@@ -303,47 +371,41 @@ pub(crate) fn parse_header(file: &dyn Backing) -> Result<Header> {
             "extended L2 entries need clusters of at least 16 KiB",
         ));
     }
+    Ok(extended_l2)
+}
 
-    let mut backing_name = None;
-    if backing_file_offset != 0 && backing_file_size != 0 {
-        if backing_file_size > MAX_BACKING_NAME
-            || backing_file_offset.saturating_add(u64::from(backing_file_size)) > cs
-        {
-            return Err(Error::corrupt(
-                path,
-                "qcow2 backing file name",
-                backing_file_offset,
-                format!(
-                    "name of {backing_file_size} bytes is too long or leaves the first cluster"
-                ),
-            ));
-        }
-        let name = file.read_vec(
-            backing_file_offset,
-            backing_file_size as usize,
-            "qcow2 backing file name",
-        )?;
-        backing_name = Some(String::from_utf8_lossy(&name).into_owned());
+/// Reads the backing file name, which must lie within the first cluster.
+fn read_backing_name(
+    file: &dyn Backing,
+    offset: u64,
+    size: u32,
+    cs: u64,
+) -> Result<Option<String>> {
+    if offset == 0 || size == 0 {
+        return Ok(None);
     }
+    if size > MAX_BACKING_NAME || offset.saturating_add(u64::from(size)) > cs {
+        return Err(Error::corrupt(
+            file.path(),
+            "qcow2 backing file name",
+            offset,
+            format!("name of {size} bytes is too long or leaves the first cluster"),
+        ));
+    }
+    let name = file.read_vec(offset, size as usize, "qcow2 backing file name")?;
+    Ok(Some(String::from_utf8_lossy(&name).into_owned()))
+}
 
-    let hdr = Header {
-        version,
-        cluster_bits,
+/// Bounds the virtual size and the L1 table, and checks the tables are cluster-aligned.
+fn check_tables(path: &Path, hdr: &Header) -> Result<()> {
+    let Header {
         size,
         l1_size,
         l1_offset,
         refcount_table_offset,
-        refcount_table_clusters,
-        nb_snapshots,
-        snapshots_offset,
-        incompatible,
-        refcount_order,
-        compression,
-        extended_l2,
-        backing_name,
-        backing_format,
-        bitmaps,
-    };
+        ..
+    } = *hdr;
+    let cs = hdr.cluster_size();
     if size > i64::MAX as u64 {
         return Err(Error::corrupt(
             path,
@@ -387,7 +449,7 @@ pub(crate) fn parse_header(file: &dyn Backing) -> Result<Header> {
             "offset not cluster-aligned",
         ));
     }
-    Ok(hdr)
+    Ok(())
 }
 
 /// Reads the active L1 table (bounded by the header checks and the file length).

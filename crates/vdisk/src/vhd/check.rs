@@ -2,9 +2,9 @@
 //! parent linkage. Collects every problem; never stops at the first.
 
 use super::{
-    DYN_HEADER_SIZE, DynHeader, FOOTER_SIZE, Footer, MAX_SIZE, TYPE_DIFFERENCING, TYPE_DYNAMIC,
-    TYPE_FIXED, UNALLOCATED, block_span, geometry, open_parent, read_bat, read_footer,
-    read_locator, size_rule, tag, uuid,
+    DYN_HEADER_SIZE, DynHeader, FOOTER_SIZE, Footer, Geometry, MAX_SIZE, TYPE_DIFFERENCING,
+    TYPE_DYNAMIC, TYPE_FIXED, UNALLOCATED, block_span, geometry, open_parent, read_bat,
+    read_footer, read_locator, size_rule, tag, uuid,
 };
 use crate::OpenCtx;
 use crate::backing::Backing;
@@ -174,11 +174,29 @@ fn check_sparse(
     r: &mut CheckReport,
 ) {
     let len = file.len();
-    let h = match DynHeader::read(file.as_ref(), footer.data_offset) {
+    let Some((h, geo, bat)) = read_dynamic(file.as_ref(), footer, size, r) else {
+        return;
+    };
+    let meta = metadata_areas(&h, footer, len);
+    check_blocks(&h, &geo, &bat, &meta, size, len, r);
+    if footer.disk_type == TYPE_DIFFERENCING {
+        check_parent(file.as_ref(), ctx, &h, size, r);
+    }
+}
+
+/// Reads the dynamic header (checking its version and DataOffset), the geometry and
+/// the BAT; `None` when one cannot be read (reported).
+fn read_dynamic(
+    file: &dyn Backing,
+    footer: &Footer,
+    size: u64,
+    r: &mut CheckReport,
+) -> Option<(DynHeader, Geometry, Vec<u32>)> {
+    let h = match DynHeader::read(file, footer.data_offset) {
         Ok(h) => h,
         Err(e) => {
             r.from_error("VHD dynamic header", &e);
-            return;
+            return None;
         }
     };
     r.checked(format!("dynamic header at {:#x}", h.offset));
@@ -196,22 +214,26 @@ fn check_sparse(
             format!("DataOffset {:#x}, expected all ones", h.data_offset),
         );
     }
-    let geo = match geometry(file.as_ref(), &h, size) {
+    let geo = match geometry(file, &h, size) {
         Ok(g) => g,
         Err(e) => {
             r.from_error("VHD dynamic header", &e);
-            return;
+            return None;
         }
     };
-    let bat = match read_bat(file.as_ref(), &h, &geo) {
+    let bat = match read_bat(file, &h, &geo) {
         Ok(b) => b,
         Err(e) => {
             r.from_error("BAT", &e);
-            return;
+            return None;
         }
     };
+    Some((h, geo, bat))
+}
+
+/// Metadata areas no block may overlap: (start, end, name).
+fn metadata_areas(h: &DynHeader, footer: &Footer, len: u64) -> Vec<(u64, u64, String)> {
     let table_len = (u64::from(h.max_entries) * 4).div_ceil(512) * 512;
-    // Metadata areas no block may overlap: (start, end, name).
     let mut meta: Vec<(u64, u64, String)> = vec![
         (0, FOOTER_SIZE, "footer copy".into()),
         (
@@ -238,6 +260,20 @@ fn check_sparse(
             ));
         }
     }
+    meta
+}
+
+/// Checks that every allocated block lies in the data area and overlaps neither
+/// metadata nor another block.
+fn check_blocks(
+    h: &DynHeader,
+    geo: &Geometry,
+    bat: &[u32],
+    meta: &[(u64, u64, String)],
+    size: u64,
+    len: u64,
+    r: &mut CheckReport,
+) {
     let mut blocks: Vec<(u64, u64, usize)> = Vec::new();
     let mut beyond = 0usize;
     let mut over_meta = 0usize;
@@ -247,7 +283,7 @@ fn check_sparse(
         }
         let entry_at = h.table_offset + 4 * i as u64;
         let start = u64::from(e) * 512;
-        let end = start.saturating_add(block_span(&geo, i as u64, size));
+        let end = start.saturating_add(block_span(geo, i as u64, size));
         if end > len - FOOTER_SIZE {
             beyond += 1;
             if beyond <= MAX_PER_KIND {
@@ -262,7 +298,7 @@ fn check_sparse(
             }
             continue;
         }
-        for (ms, me, name) in &meta {
+        for (ms, me, name) in meta {
             if start < *me && *ms < end && name != "footer" {
                 over_meta += 1;
                 if over_meta <= MAX_PER_KIND {
@@ -321,46 +357,47 @@ fn check_sparse(
         "BAT at {:#x}: {} entries, {allocated} allocated blocks of {} bytes",
         h.table_offset, geo.entries, geo.block_size
     ));
+}
 
-    if footer.disk_type == TYPE_DIFFERENCING {
-        for (i, l) in h.locators.iter().enumerate() {
-            if l.code == [0; 4] {
-                continue;
-            }
-            let at = h.offset + 576 + 24 * i as u64;
-            match &l.code {
-                b"W2ru" | b"W2ku" => match read_locator(file.as_ref(), l) {
-                    Ok(p) => r.checked(format!(
-                        "parent locator {i} {} ({} bytes in {} reserved): {p}",
-                        tag(&l.code),
-                        l.length,
-                        l.space
-                    )),
-                    Err(e) => r.error(format!("parent locator {i}"), Some(at), e),
-                },
-                other => r.checked(format!("parent locator {i} {} (not used here)", tag(other))),
-            }
+/// A differencing image's parent locators and parent.
+fn check_parent(file: &dyn Backing, ctx: &OpenCtx, h: &DynHeader, size: u64, r: &mut CheckReport) {
+    for (i, l) in h.locators.iter().enumerate() {
+        if l.code == [0; 4] {
+            continue;
         }
-        match open_parent(file.as_ref(), &h, ctx) {
-            Ok((p, path)) => {
-                if p.virtual_size() != size {
-                    r.error(
-                        "parent",
-                        None,
-                        format!(
-                            "parent {} has {} bytes, this image {size}",
-                            path.display(),
-                            p.virtual_size()
-                        ),
-                    );
-                }
-                r.checked(format!(
-                    "parent {} (UniqueId {})",
-                    path.display(),
-                    uuid(&h.parent_uid)
-                ));
-            }
-            Err(e) => r.from_error("parent", &e),
+        let at = h.offset + 576 + 24 * i as u64;
+        match &l.code {
+            b"W2ru" | b"W2ku" => match read_locator(file, l) {
+                Ok(p) => r.checked(format!(
+                    "parent locator {i} {} ({} bytes in {} reserved): {p}",
+                    tag(&l.code),
+                    l.length,
+                    l.space
+                )),
+                Err(e) => r.error(format!("parent locator {i}"), Some(at), e),
+            },
+            other => r.checked(format!("parent locator {i} {} (not used here)", tag(other))),
         }
+    }
+    match open_parent(file, h, ctx) {
+        Ok((p, path)) => {
+            if p.virtual_size() != size {
+                r.error(
+                    "parent",
+                    None,
+                    format!(
+                        "parent {} has {} bytes, this image {size}",
+                        path.display(),
+                        p.virtual_size()
+                    ),
+                );
+            }
+            r.checked(format!(
+                "parent {} (UniqueId {})",
+                path.display(),
+                uuid(&h.parent_uid)
+            ));
+        }
+        Err(e) => r.from_error("parent", &e),
     }
 }

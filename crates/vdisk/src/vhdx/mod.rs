@@ -210,151 +210,11 @@ pub(crate) fn parse(file: Arc<dyn Backing>, diag: &mut Diag) -> Option<Parsed> {
     ));
 
     // The log first: region tables are not logged but BAT and metadata are.
-    let (file, log_state) = if h.log_guid.is_zero() {
-        (file, "clean".to_string())
-    } else {
-        match log::find_active(file.as_ref(), &h) {
-            Ok(active) if active.entries == 0 => {
-                diag.warn.push((
-                    "VHDX log".into(),
-                    Some(h.log_offset),
-                    "the header names a log but it holds no valid entry: nothing to replay".into(),
-                ));
-                (file, "log GUID set, no valid entries".to_string())
-            }
-            Ok(active) => {
-                let n = active.entries;
-                diag.warn.push((
-                    "VHDX log".into(),
-                    Some(h.log_offset),
-                    format!("dirty log: {n} entries must be replayed (replayed in memory for reading; `repair` writes them)"),
-                ));
-                let o: Arc<dyn Backing> = Arc::new(log::Overlay::new(file, active));
-                (o, format!("dirty: {n} entries replayed in memory"))
-            }
-            Err(e) => {
-                diag.hard.push(e);
-                return None;
-            }
-        }
-    };
+    let (file, log_state) = open_log(file, &h, diag)?;
     let file_len = file.len();
-
-    // Region tables: use the first valid copy.
-    let mut tables = Vec::new();
-    for &off in &REGION_TABLE_OFFSETS {
-        let mut b = vec![0u8; REGION_TABLE_SIZE];
-        match file
-            .read_exact_at(&mut b, off, "VHDX region table")
-            .and_then(|()| parse_region_table(&b, &path, off))
-        {
-            Ok(t) => tables.push(t),
-            Err(e) => diag.soft.push(e),
-        }
-    }
-    if tables.is_empty() {
-        let why: Vec<String> = diag
-            .soft
-            .iter()
-            .rev()
-            .take(2)
-            .rev()
-            .map(|e| e.to_string())
-            .collect();
-        diag.hard.push(Error::corrupt(
-            &path,
-            "VHDX region tables",
-            REGION_TABLE_OFFSETS[0],
-            format!("both region tables are invalid: {}", why.join("; ")),
-        ));
-        return None;
-    }
-    if let [a, b] = tables.as_slice()
-        && a != b
-    {
-        diag.warn.push((
-            "VHDX region table 2".into(),
-            Some(REGION_TABLE_OFFSETS[1]),
-            "differs from region table 1".into(),
-        ));
-    }
-    let regions = tables.swap_remove(0);
-    let mut bat_region = None;
-    let mut meta_region = None;
-    for r in &regions {
-        if r.guid == REGION_BAT {
-            bat_region = Some(*r);
-        } else if r.guid == REGION_METADATA {
-            meta_region = Some(*r);
-        } else if r.required {
-            diag.hard.push(Error::unsupported(
-                &path,
-                format!("unknown required region {} in the region table", r.guid),
-            ));
-            return None;
-        } else {
-            diag.checked
-                .push(format!("ignored optional region {}", r.guid));
-        }
-    }
-    let (Some(bat_region), Some(meta_region)) = (bat_region, meta_region) else {
-        diag.hard.push(Error::corrupt(
-            &path,
-            "VHDX region table",
-            REGION_TABLE_OFFSETS[0],
-            "the BAT or metadata region is missing",
-        ));
-        return None;
-    };
-    // Layout: regions and log must lie in the file and not overlap each other.
-    let mut areas: Vec<(&str, u64, u64)> = vec![("header section", 0, HEADER_SECTION)];
-    if h.log_length > 0 {
-        areas.push((
-            "log",
-            h.log_offset,
-            h.log_offset.saturating_add(u64::from(h.log_length)),
-        ));
-    }
-    for r in &regions {
-        let name = if r.guid == REGION_BAT {
-            "BAT region"
-        } else if r.guid == REGION_METADATA {
-            "metadata region"
-        } else {
-            "region"
-        };
-        areas.push((
-            name,
-            r.file_offset,
-            r.file_offset.saturating_add(u64::from(r.length)),
-        ));
-    }
-    for (i, a) in areas.iter().enumerate() {
-        if a.2 > file_len {
-            diag.hard.push(Error::corrupt(
-                &path,
-                "VHDX region table",
-                a.1,
-                format!(
-                    "{} {:#x}..{:#x} extends beyond the end of the file ({file_len:#x})",
-                    a.0, a.1, a.2
-                ),
-            ));
-        }
-        for b in areas.iter().skip(i + 1) {
-            if ranges_overlap((a.1, a.2), (b.1, b.2)) {
-                diag.hard.push(Error::corrupt(
-                    &path,
-                    "VHDX region table",
-                    b.1,
-                    format!(
-                        "{} {:#x}..{:#x} overlaps {} {:#x}..{:#x}",
-                        b.0, b.1, b.2, a.0, a.1, a.2
-                    ),
-                ));
-            }
-        }
-    }
+    let regions = read_region_tables(file.as_ref(), &path, diag)?;
+    let (bat_region, meta_region) = find_regions(&regions, &path, diag)?;
+    check_layout(&h, &regions, file_len, &path, diag);
     diag.checked.push(format!(
         "region table: BAT at {:#x} ({} bytes), metadata at {:#x} ({} bytes), {} regions",
         bat_region.file_offset,
@@ -405,6 +265,179 @@ pub(crate) fn parse(file: Arc<dyn Backing>, diag: &mut Diag) -> Option<Parsed> {
     })
 }
 
+/// Opens the file through its log: as it is when the log is clean or holds nothing,
+/// else through an overlay with the log replayed in memory. Returns the file and the
+/// log's state for the report.
+fn open_log(
+    file: Arc<dyn Backing>,
+    h: &Header,
+    diag: &mut Diag,
+) -> Option<(Arc<dyn Backing>, String)> {
+    Some(if h.log_guid.is_zero() {
+        (file, "clean".to_string())
+    } else {
+        match log::find_active(file.as_ref(), h) {
+            Ok(active) if active.entries == 0 => {
+                diag.warn.push((
+                    "VHDX log".into(),
+                    Some(h.log_offset),
+                    "the header names a log but it holds no valid entry: nothing to replay".into(),
+                ));
+                (file, "log GUID set, no valid entries".to_string())
+            }
+            Ok(active) => {
+                let n = active.entries;
+                diag.warn.push((
+                    "VHDX log".into(),
+                    Some(h.log_offset),
+                    format!("dirty log: {n} entries must be replayed (replayed in memory for reading; `repair` writes them)"),
+                ));
+                let o: Arc<dyn Backing> = Arc::new(log::Overlay::new(file, active));
+                (o, format!("dirty: {n} entries replayed in memory"))
+            }
+            Err(e) => {
+                diag.hard.push(e);
+                return None;
+            }
+        }
+    })
+}
+
+/// Reads both region tables and returns the first valid one.
+fn read_region_tables(
+    file: &dyn Backing,
+    path: &Path,
+    diag: &mut Diag,
+) -> Option<Vec<RegionEntry>> {
+    let mut tables = Vec::new();
+    for &off in &REGION_TABLE_OFFSETS {
+        let mut b = vec![0u8; REGION_TABLE_SIZE];
+        match file
+            .read_exact_at(&mut b, off, "VHDX region table")
+            .and_then(|()| parse_region_table(&b, &path, off))
+        {
+            Ok(t) => tables.push(t),
+            Err(e) => diag.soft.push(e),
+        }
+    }
+    if tables.is_empty() {
+        let why: Vec<String> = diag
+            .soft
+            .iter()
+            .rev()
+            .take(2)
+            .rev()
+            .map(|e| e.to_string())
+            .collect();
+        diag.hard.push(Error::corrupt(
+            &path,
+            "VHDX region tables",
+            REGION_TABLE_OFFSETS[0],
+            format!("both region tables are invalid: {}", why.join("; ")),
+        ));
+        return None;
+    }
+    if let [a, b] = tables.as_slice()
+        && a != b
+    {
+        diag.warn.push((
+            "VHDX region table 2".into(),
+            Some(REGION_TABLE_OFFSETS[1]),
+            "differs from region table 1".into(),
+        ));
+    }
+    Some(tables.swap_remove(0))
+}
+
+/// The BAT and metadata regions of `regions`, refusing unknown required ones.
+fn find_regions(
+    regions: &[RegionEntry],
+    path: &Path,
+    diag: &mut Diag,
+) -> Option<(RegionEntry, RegionEntry)> {
+    let mut bat_region = None;
+    let mut meta_region = None;
+    for r in regions {
+        if r.guid == REGION_BAT {
+            bat_region = Some(*r);
+        } else if r.guid == REGION_METADATA {
+            meta_region = Some(*r);
+        } else if r.required {
+            diag.hard.push(Error::unsupported(
+                path,
+                format!("unknown required region {} in the region table", r.guid),
+            ));
+            return None;
+        } else {
+            diag.checked
+                .push(format!("ignored optional region {}", r.guid));
+        }
+    }
+    let (Some(bat_region), Some(meta_region)) = (bat_region, meta_region) else {
+        diag.hard.push(Error::corrupt(
+            path,
+            "VHDX region table",
+            REGION_TABLE_OFFSETS[0],
+            "the BAT or metadata region is missing",
+        ));
+        return None;
+    };
+    Some((bat_region, meta_region))
+}
+
+/// Checks that the header section, the log and the regions lie in the file and do not
+/// overlap each other.
+fn check_layout(h: &Header, regions: &[RegionEntry], file_len: u64, path: &Path, diag: &mut Diag) {
+    let mut areas: Vec<(&str, u64, u64)> = vec![("header section", 0, HEADER_SECTION)];
+    if h.log_length > 0 {
+        areas.push((
+            "log",
+            h.log_offset,
+            h.log_offset.saturating_add(u64::from(h.log_length)),
+        ));
+    }
+    for r in regions {
+        let name = if r.guid == REGION_BAT {
+            "BAT region"
+        } else if r.guid == REGION_METADATA {
+            "metadata region"
+        } else {
+            "region"
+        };
+        areas.push((
+            name,
+            r.file_offset,
+            r.file_offset.saturating_add(u64::from(r.length)),
+        ));
+    }
+    for (i, a) in areas.iter().enumerate() {
+        if a.2 > file_len {
+            diag.hard.push(Error::corrupt(
+                path,
+                "VHDX region table",
+                a.1,
+                format!(
+                    "{} {:#x}..{:#x} extends beyond the end of the file ({file_len:#x})",
+                    a.0, a.1, a.2
+                ),
+            ));
+        }
+        for b in areas.iter().skip(i + 1) {
+            if ranges_overlap((a.1, a.2), (b.1, b.2)) {
+                diag.hard.push(Error::corrupt(
+                    path,
+                    "VHDX region table",
+                    b.1,
+                    format!(
+                        "{} {:#x}..{:#x} overlaps {} {:#x}..{:#x}",
+                        b.0, b.1, b.2, a.0, a.1, a.2
+                    ),
+                ));
+            }
+        }
+    }
+}
+
 fn parse_metadata(file: &dyn Backing, region: &RegionEntry, diag: &mut Diag) -> Option<Metadata> {
     let path = file.path().to_path_buf();
     let base = region.file_offset;
@@ -432,15 +465,35 @@ fn parse_metadata(file: &dyn Backing, region: &RegionEntry, diag: &mut Diag) -> 
             return None;
         }
     };
-    let mut fp: Option<(u32, u32)> = None;
-    let mut vsize = None;
-    let mut logical = None;
-    let mut physical = None;
-    let mut page83 = None;
-    let mut locator = None;
-    let mut item_off = [0u64; 4];
     let before = diag.hard.len();
-    for e in &entries {
+    let items = read_items(file, &entries, base, &path, diag)?;
+    check_items(items, base, &path, diag, before)
+}
+
+/// The known items of a metadata table, as read (validated by [`check_items`]).
+#[derive(Default)]
+struct Items {
+    /// Block size and flags.
+    fp: Option<(u32, u32)>,
+    vsize: Option<u64>,
+    logical: Option<u32>,
+    physical: Option<u32>,
+    page83: Option<Guid>,
+    locator: Option<Vec<(String, String)>>,
+    /// File offsets of file parameters, virtual size, logical and physical sector size.
+    item_off: [u64; 4],
+}
+
+/// Reads the known items the table lists; `None` for an unknown required item.
+fn read_items(
+    file: &dyn Backing,
+    entries: &[MetadataEntry],
+    base: u64,
+    path: &Path,
+    diag: &mut Diag,
+) -> Option<Items> {
+    let mut it = Items::default();
+    for e in entries {
         let off = base + u64::from(e.offset);
         let known = !e.is_user
             && [
@@ -455,7 +508,7 @@ fn parse_metadata(file: &dyn Backing, region: &RegionEntry, diag: &mut Diag) -> 
         if !known {
             if e.is_required {
                 diag.hard.push(Error::unsupported(
-                    &path,
+                    path,
                     format!("unknown required metadata item {} at {off:#x}", e.item_id),
                 ));
                 return None;
@@ -470,7 +523,7 @@ fn parse_metadata(file: &dyn Backing, region: &RegionEntry, diag: &mut Diag) -> 
         };
         if e.length < want || e.length > MAX_ITEM_LEN {
             diag.hard.push(Error::corrupt(
-                &path,
+                path,
                 "VHDX metadata item",
                 off,
                 format!(
@@ -494,34 +547,54 @@ fn parse_metadata(file: &dyn Backing, region: &RegionEntry, diag: &mut Diag) -> 
         };
         match e.item_id {
             g if g == META_FILE_PARAMETERS => {
-                fp = Some((le::u32(&b, 0), le::u32(&b, 4)));
-                item_off[0] = off;
+                it.fp = Some((le::u32(&b, 0), le::u32(&b, 4)));
+                it.item_off[0] = off;
             }
             g if g == META_VIRTUAL_DISK_SIZE => {
-                vsize = Some(le::u64(&b, 0));
-                item_off[1] = off;
+                it.vsize = Some(le::u64(&b, 0));
+                it.item_off[1] = off;
             }
-            g if g == META_PAGE83 => page83 = Some(Guid::read(&b, 0)),
+            g if g == META_PAGE83 => it.page83 = Some(Guid::read(&b, 0)),
             g if g == META_LOGICAL_SECTOR => {
-                logical = Some(le::u32(&b, 0));
-                item_off[2] = off;
+                it.logical = Some(le::u32(&b, 0));
+                it.item_off[2] = off;
             }
             g if g == META_PHYSICAL_SECTOR => {
-                physical = Some(le::u32(&b, 0));
-                item_off[3] = off;
+                it.physical = Some(le::u32(&b, 0));
+                it.item_off[3] = off;
             }
-            _ => match parse_locator(&b, &path, off) {
-                Ok(l) => locator = Some(l),
+            _ => match parse_locator(&b, path, off) {
+                Ok(l) => it.locator = Some(l),
                 Err(err) => diag.hard.push(err),
             },
         }
     }
+    Some(it)
+}
+
+/// Checks the items' values and that the required ones are there.
+fn check_items(
+    it: Items,
+    base: u64,
+    path: &Path,
+    diag: &mut Diag,
+    before: usize,
+) -> Option<Metadata> {
+    let Items {
+        fp,
+        vsize,
+        logical,
+        physical,
+        page83,
+        locator,
+        item_off,
+    } = it;
     let bad = |what: &str, off: u64, d: String| {
-        Error::corrupt(&path, "VHDX metadata item", off, format!("{what}: {d}"))
+        Error::corrupt(path, "VHDX metadata item", off, format!("{what}: {d}"))
     };
     let missing = |what: &str| {
         Error::corrupt(
-            &path,
+            path,
             "VHDX metadata table",
             base,
             format!("required item {what} is missing"),

@@ -527,48 +527,10 @@ const MAX_LISTED: usize = 50;
 pub(crate) fn check_bat(p: &Parsed, report: &mut CheckReport) {
     let file = p.file.as_ref();
     let g = &p.geo;
-    let file_len = file.len();
-    let mut meta_areas: Vec<(&str, u64, u64)> = vec![
-        ("header section", 0, HEADER_SECTION),
-        (
-            "BAT region",
-            p.bat_region.file_offset,
-            p.bat_region.file_offset + u64::from(p.bat_region.length),
-        ),
-        (
-            "metadata region",
-            p.meta_region.file_offset,
-            p.meta_region.file_offset + u64::from(p.meta_region.length),
-        ),
-    ];
-    if p.header.log_length > 0 {
-        meta_areas.push((
-            "log",
-            p.header.log_offset,
-            p.header
-                .log_offset
-                .saturating_add(u64::from(p.header.log_length)),
-        ));
-    }
-    // Allocations to compare for overlaps; bounded by the number of MiB in the file.
-    let max_alloc = (file_len / MIB) as usize + 1;
-    let mut allocs: Vec<(u64, u64, u64)> = Vec::new();
-    let mut untracked = 0u64;
-    let mut listed = 0usize;
-    let mut more = 0usize;
-    let mut problem = |report: &mut CheckReport, at: u64, d: String| {
-        if listed < MAX_LISTED {
-            listed += 1;
-            report.error("VHDX BAT entry", Some(at), d);
-        } else {
-            more += 1;
-        }
-    };
-    let mut counts = [0u64; 8];
-    let page_entries = BAT_PAGE;
+    let mut c = BatCheck::new(p);
     let mut first = 0u64;
     while first < g.bat_entries {
-        let n = (g.bat_entries - first).min(page_entries);
+        let n = (g.bat_entries - first).min(BAT_PAGE);
         let base = p.bat_region.file_offset + first * 8;
         let b = match file.read_vec(base, (n * 8) as usize, "VHDX BAT") {
             Ok(b) => b,
@@ -578,161 +540,258 @@ pub(crate) fn check_bat(p: &Parsed, report: &mut CheckReport) {
             }
         };
         for (k, e) in decode_entries(&b).into_iter().enumerate() {
-            let i = first + k as u64;
-            let at = base + k as u64 * 8;
-            let state = bat_state(e);
-            let off = bat_offset(e);
-            let is_bitmap = (i + 1).is_multiple_of(g.chunk_ratio + 1);
-            if bat_reserved(e) != 0 {
-                problem(
-                    report,
-                    at,
-                    format!("entry {i}: reserved bits set ({e:#018x})"),
-                );
-            }
-            let (len, needs_file) = if is_bitmap {
-                match state {
-                    SB_NOT_PRESENT => (0, false),
-                    SB_PRESENT => {
-                        if !p.meta.has_parent {
-                            report.warning(
-                                "VHDX BAT entry",
-                                Some(at),
-                                format!(
-                                    "entry {i}: sector bitmap present in an image without parent"
-                                ),
-                            );
-                        }
-                        (BITMAP_BLOCK_SIZE, true)
-                    }
-                    s => {
-                        problem(
-                            report,
-                            at,
-                            format!("entry {i}: invalid sector bitmap state {s}"),
-                        );
-                        continue;
-                    }
-                }
-            } else {
-                let blk = i - i / (g.chunk_ratio + 1);
-                let blen = g
-                    .virtual_size
-                    .saturating_sub(blk * g.block_size)
-                    .min(g.block_size);
-                if let Some(c) = counts.get_mut(state as usize) {
-                    *c += 1;
-                }
-                match state {
-                    PAYLOAD_FULLY_PRESENT => (blen, true),
-                    PAYLOAD_PARTIALLY_PRESENT if p.meta.has_parent => (blen, true),
-                    PAYLOAD_PARTIALLY_PRESENT => {
-                        problem(
-                            report,
-                            at,
-                            format!(
-                                "entry {i} (block {blk}): PARTIALLY_PRESENT in an image without parent"
-                            ),
-                        );
-                        continue;
-                    }
-                    PAYLOAD_NOT_PRESENT
-                    | PAYLOAD_UNDEFINED
-                    | PAYLOAD_ZERO
-                    | PAYLOAD_UNMAPPED
-                    | PAYLOAD_UNMAPPED_V095 => (if off != 0 { blen } else { 0 }, false),
-                    s => {
-                        problem(
-                            report,
-                            at,
-                            format!("entry {i} (block {blk}): invalid payload state {s}"),
-                        );
-                        continue;
-                    }
-                }
-            };
-            if len == 0 {
-                continue;
-            }
-            let end = off.saturating_add(len);
-            if needs_file && end > file_len {
-                problem(
-                    report,
-                    at,
-                    format!(
-                        "entry {i}: block at file offset {off:#x} extends beyond the end of the file ({file_len:#x})"
-                    ),
-                );
-                continue;
-            }
-            if let Some(m) = meta_areas.iter().find(|m| off < m.2 && m.1 < end) {
-                problem(
-                    report,
-                    at,
-                    format!(
-                        "entry {i}: block at file offset {off:#x} overlaps the {} {:#x}..{:#x}",
-                        m.0, m.1, m.2
-                    ),
-                );
-                continue;
-            }
-            if allocs.len() >= MAX_TRACKED {
-                untracked += 1;
-            } else if allocs.len() < max_alloc {
-                allocs.push((off, end, i));
-            } else {
-                problem(
-                    report,
-                    at,
-                    format!("entry {i}: more allocated blocks than the file can hold"),
-                );
-            }
+            c.entry(report, first + k as u64, base + k as u64 * 8, e);
         }
         first += n;
     }
-    allocs.sort_unstable();
-    let mut prev: Option<(u64, u64, u64)> = None;
-    for a in allocs {
-        if let Some(pv) = prev
-            && a.0 < pv.1
-        {
-            let at = p.bat_region.file_offset + a.2 * 8;
-            problem(
+    c.overlaps(report);
+    c.summary(report);
+}
+
+/// The state of [`check_bat`] while it walks the entries.
+struct BatCheck<'a> {
+    p: &'a Parsed,
+    file_len: u64,
+    /// Metadata structures no block may overlap: (name, start, end).
+    meta_areas: Vec<(&'static str, u64, u64)>,
+    /// Allocations to compare for overlaps; bounded by the number of MiB in the file.
+    max_alloc: usize,
+    /// (start, end, entry index) of the allocated blocks.
+    allocs: Vec<(u64, u64, u64)>,
+    untracked: u64,
+    listed: usize,
+    more: usize,
+    /// Payload entries by state.
+    counts: [u64; 8],
+}
+
+impl<'a> BatCheck<'a> {
+    fn new(p: &'a Parsed) -> Self {
+        let file_len = p.file.len();
+        let mut meta_areas: Vec<(&'static str, u64, u64)> = vec![
+            ("header section", 0, HEADER_SECTION),
+            (
+                "BAT region",
+                p.bat_region.file_offset,
+                p.bat_region.file_offset + u64::from(p.bat_region.length),
+            ),
+            (
+                "metadata region",
+                p.meta_region.file_offset,
+                p.meta_region.file_offset + u64::from(p.meta_region.length),
+            ),
+        ];
+        if p.header.log_length > 0 {
+            meta_areas.push((
+                "log",
+                p.header.log_offset,
+                p.header
+                    .log_offset
+                    .saturating_add(u64::from(p.header.log_length)),
+            ));
+        }
+        BatCheck {
+            p,
+            file_len,
+            meta_areas,
+            max_alloc: (file_len / MIB) as usize + 1,
+            allocs: Vec::new(),
+            untracked: 0,
+            listed: 0,
+            more: 0,
+            counts: [0; 8],
+        }
+    }
+
+    /// Records a damaged entry; past [`MAX_LISTED`] only counts it.
+    fn problem(&mut self, report: &mut CheckReport, at: u64, d: String) {
+        if self.listed < MAX_LISTED {
+            self.listed += 1;
+            report.error("VHDX BAT entry", Some(at), d);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// Checks entry `i` (at file offset `at`) and tracks its block for the overlap check.
+    fn entry(&mut self, report: &mut CheckReport, i: u64, at: u64, e: u64) {
+        let off = bat_offset(e);
+        if bat_reserved(e) != 0 {
+            self.problem(
+                report,
+                at,
+                format!("entry {i}: reserved bits set ({e:#018x})"),
+            );
+        }
+        let Some((len, needs_file)) = self.block_of(report, i, at, e) else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        let file_len = self.file_len;
+        let end = off.saturating_add(len);
+        if needs_file && end > file_len {
+            self.problem(
                 report,
                 at,
                 format!(
-                    "entry {}: block at {:#x} overlaps the block of entry {} at {:#x}",
-                    a.2, a.0, pv.2, pv.0
+                    "entry {i}: block at file offset {off:#x} extends beyond the end of the file ({file_len:#x})"
+                ),
+            );
+            return;
+        }
+        if let Some(&m) = self.meta_areas.iter().find(|m| off < m.2 && m.1 < end) {
+            self.problem(
+                report,
+                at,
+                format!(
+                    "entry {i}: block at file offset {off:#x} overlaps the {} {:#x}..{:#x}",
+                    m.0, m.1, m.2
+                ),
+            );
+            return;
+        }
+        if self.allocs.len() >= MAX_TRACKED {
+            self.untracked += 1;
+        } else if self.allocs.len() < self.max_alloc {
+            self.allocs.push((off, end, i));
+        } else {
+            self.problem(
+                report,
+                at,
+                format!("entry {i}: more allocated blocks than the file can hold"),
+            );
+        }
+    }
+
+    /// The length of the block entry `i` points at and whether it must lie in the
+    /// file; `None` when the state is invalid (reported).
+    fn block_of(
+        &mut self,
+        report: &mut CheckReport,
+        i: u64,
+        at: u64,
+        e: u64,
+    ) -> Option<(u64, bool)> {
+        let p = self.p;
+        let g = &p.geo;
+        let state = bat_state(e);
+        let off = bat_offset(e);
+        let is_bitmap = (i + 1).is_multiple_of(g.chunk_ratio + 1);
+        if is_bitmap {
+            return match state {
+                SB_NOT_PRESENT => Some((0, false)),
+                SB_PRESENT => {
+                    if !p.meta.has_parent {
+                        report.warning(
+                            "VHDX BAT entry",
+                            Some(at),
+                            format!("entry {i}: sector bitmap present in an image without parent"),
+                        );
+                    }
+                    Some((BITMAP_BLOCK_SIZE, true))
+                }
+                s => {
+                    self.problem(
+                        report,
+                        at,
+                        format!("entry {i}: invalid sector bitmap state {s}"),
+                    );
+                    None
+                }
+            };
+        }
+        let blk = i - i / (g.chunk_ratio + 1);
+        let blen = g
+            .virtual_size
+            .saturating_sub(blk * g.block_size)
+            .min(g.block_size);
+        if let Some(c) = self.counts.get_mut(state as usize) {
+            *c += 1;
+        }
+        match state {
+            PAYLOAD_FULLY_PRESENT => Some((blen, true)),
+            PAYLOAD_PARTIALLY_PRESENT if p.meta.has_parent => Some((blen, true)),
+            PAYLOAD_PARTIALLY_PRESENT => {
+                self.problem(
+                    report,
+                    at,
+                    format!(
+                        "entry {i} (block {blk}): PARTIALLY_PRESENT in an image without parent"
+                    ),
+                );
+                None
+            }
+            PAYLOAD_NOT_PRESENT
+            | PAYLOAD_UNDEFINED
+            | PAYLOAD_ZERO
+            | PAYLOAD_UNMAPPED
+            | PAYLOAD_UNMAPPED_V095 => Some((if off != 0 { blen } else { 0 }, false)),
+            s => {
+                self.problem(
+                    report,
+                    at,
+                    format!("entry {i} (block {blk}): invalid payload state {s}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Reports blocks that overlap each other.
+    fn overlaps(&mut self, report: &mut CheckReport) {
+        let mut allocs = std::mem::take(&mut self.allocs);
+        allocs.sort_unstable();
+        let mut prev: Option<(u64, u64, u64)> = None;
+        for a in allocs {
+            if let Some(pv) = prev
+                && a.0 < pv.1
+            {
+                let at = self.p.bat_region.file_offset + a.2 * 8;
+                self.problem(
+                    report,
+                    at,
+                    format!(
+                        "entry {}: block at {:#x} overlaps the block of entry {} at {:#x}",
+                        a.2, a.0, pv.2, pv.0
+                    ),
+                );
+            }
+            if prev.is_none_or(|pv| a.1 > pv.1) {
+                prev = Some(a);
+            }
+        }
+    }
+
+    /// What was left unchecked or unlisted, and what was checked.
+    fn summary(&self, report: &mut CheckReport) {
+        let (p, g, counts) = (self.p, &self.p.geo, &self.counts);
+        if self.untracked > 0 {
+            report.warning(
+                "VHDX BAT",
+                Some(p.bat_region.file_offset),
+                format!(
+                    "{} blocks beyond the first {MAX_TRACKED} were not checked for overlaps",
+                    self.untracked
                 ),
             );
         }
-        if prev.is_none_or(|pv| a.1 > pv.1) {
-            prev = Some(a);
+        if self.more > 0 {
+            report.error(
+                "VHDX BAT",
+                Some(p.bat_region.file_offset),
+                format!("{} more BAT problems not listed", self.more),
+            );
         }
+        report.checked(format!(
+            "BAT: {} entries ({} payload blocks: {} fully present, {} partially present, {} zero, {} not present/unmapped)",
+            g.bat_entries,
+            g.payload_blocks,
+            counts[6],
+            counts[7],
+            counts[2],
+            counts[0] + counts[1] + counts[3] + counts[5]
+        ));
     }
-    if untracked > 0 {
-        report.warning(
-            "VHDX BAT",
-            Some(p.bat_region.file_offset),
-            format!(
-                "{untracked} blocks beyond the first {MAX_TRACKED} were not checked for overlaps"
-            ),
-        );
-    }
-    if more > 0 {
-        report.error(
-            "VHDX BAT",
-            Some(p.bat_region.file_offset),
-            format!("{more} more BAT problems not listed"),
-        );
-    }
-    report.checked(format!(
-        "BAT: {} entries ({} payload blocks: {} fully present, {} partially present, {} zero, {} not present/unmapped)",
-        g.bat_entries,
-        g.payload_blocks,
-        counts[6],
-        counts[7],
-        counts[2],
-        counts[0] + counts[1] + counts[3] + counts[5]
-    ));
 }
