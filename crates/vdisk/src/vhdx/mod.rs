@@ -314,7 +314,7 @@ fn read_region_tables(
         let mut b = vec![0u8; REGION_TABLE_SIZE];
         match file
             .read_exact_at(&mut b, off, "VHDX region table")
-            .and_then(|()| parse_region_table(&b, &path, off))
+            .and_then(|()| parse_region_table(&b, path, off))
         {
             Ok(t) => tables.push(t),
             Err(e) => diag.soft.push(e),
@@ -330,7 +330,7 @@ fn read_region_tables(
             .map(|e| e.to_string())
             .collect();
         diag.hard.push(Error::corrupt(
-            &path,
+            path,
             "VHDX region tables",
             REGION_TABLE_OFFSETS[0],
             format!("both region tables are invalid: {}", why.join("; ")),
