@@ -46,6 +46,25 @@ pub enum Error {
     /// A caller asked for something impossible (bad option, bad size...).
     #[error("{0}")]
     Invalid(String),
+    /// An error of another crate, carried whole: a [`VirtualDisk`](crate::VirtualDisk)
+    /// implemented elsewhere (a recovery point's blocks, a disk read over NBD or
+    /// HTTPS) fails with its own error, which callers can still inspect
+    /// (`error.downcast_ref`). `what` says what failed, empty when the error says it
+    /// all. Like [`Error::Io`], not a `#[source]`: the message already includes it.
+    #[error("{}", other_message(.what, .error.as_ref()))]
+    Other {
+        what: String,
+        error: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+/// The message of [`Error::Other`]: `what: error`, or the error alone.
+fn other_message(what: &str, error: &(dyn std::error::Error + Send + Sync)) -> String {
+    if what.is_empty() {
+        error.to_string()
+    } else {
+        format!("{what}: {error}")
+    }
 }
 
 /// Result with [`Error`].
@@ -83,6 +102,26 @@ impl Error {
         }
     }
 
+    /// Shorthand for [`Error::Other`]: another crate's `error`, with what failed
+    /// (`""` when the error says it all).
+    pub fn other(
+        what: impl Into<String>,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Error::Other {
+            what: what.into(),
+            error: error.into(),
+        }
+    }
+
+    /// The foreign error an [`Error::Other`] carries, if it is a `T`.
+    pub fn foreign<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        match self {
+            Error::Other { error, .. } => error.downcast_ref::<T>(),
+            _ => None,
+        }
+    }
+
     /// Shorthand for [`Error::Io`].
     pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
         Error::Io {
@@ -90,5 +129,26 @@ impl Error {
             op,
             err: source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("blob 7 is missing")]
+    struct Foreign;
+
+    #[test]
+    fn other_keeps_the_foreign_error() {
+        let e = Error::other("", Foreign);
+        assert_eq!(e.to_string(), "blob 7 is missing");
+        assert!(e.foreign::<Foreign>().is_some());
+        assert!(e.foreign::<std::io::Error>().is_none());
+        let e = Error::other("server", Foreign);
+        assert_eq!(e.to_string(), "server: blob 7 is missing");
+        assert!(std::error::Error::source(&e).is_none());
+        assert!(Error::Invalid("x".into()).foreign::<Foreign>().is_none());
     }
 }
