@@ -13,7 +13,6 @@ use datastore::{
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use vdisk::VirtualDisk;
 
@@ -24,37 +23,9 @@ pub const MARKER: &str = "HOLDFAST-PLAINTEXT-MARKER";
 /// 20 MiB + 4 KiB: not a multiple of the block size.
 pub const ODD_SIZE: u64 = (20 << 20) + 4096;
 
-/// A small deterministic PRNG (splitmix64).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-    /// A seeded Fisher-Yates shuffle.
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
-}
+// Not every test binary uses both.
+#[allow(unused_imports)]
+pub use testkit::{Rng, qemu_img};
 
 /// Compressible text holding [`MARKER`], `len` bytes.
 pub fn text(len: usize, tag: u64) -> Vec<u8> {
@@ -101,21 +72,6 @@ pub fn gen_raw(path: &Path, size: u64, seed: u64) -> Vec<u8> {
     f.write_all_at(&data[end - 512..], size - 512).unwrap();
     f.sync_all().unwrap();
     data
-}
-
-/// Runs qemu-img (which must be installed: a missing qemu-img fails the test).
-pub fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed (qemu-utils)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub fn s(p: &Path) -> &str {

@@ -4,32 +4,10 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// A small deterministic PRNG (splitmix64), so fixtures need no extra crates.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
+// Not every test binary uses both.
+#[allow(unused_imports)]
+pub use testkit::{Rng, qemu_img};
 
 /// Writes a deterministic raw disk of `size` bytes at `path`: a mix of holes, written
 /// zeros, random data, compressible text and a repeated pattern, in runs of 4 KiB to
@@ -70,21 +48,6 @@ pub fn gen_raw(path: &Path, size: u64, seed: u64) {
     let tail = [0xA5u8; 512];
     f.write_all_at(&tail, size - 512).unwrap();
     f.sync_all().unwrap();
-}
-
-/// Runs qemu-img with `args`; panics with its stderr when it fails.
-pub fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed (.ci/run installs qemu-utils)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `qemu-img compare -f FA -F FB A B` must say identical.
