@@ -73,6 +73,31 @@ impl CowExport {
         self.dirty.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `[off, end)` (not empty) cut where blocks change between written to the
+    /// overlay and not: `(start, end, written)` runs, from one look at the bitmap.
+    fn runs(&self, off: u64, end: u64) -> Vec<(u64, u64, bool)> {
+        let (first, last) = (off / BLOCK, (end - 1) / BLOCK);
+        let dirty: Vec<bool> = {
+            let bits = self.bits();
+            (first..=last).map(|b| is_set(&bits, b)).collect()
+        };
+        let mut out = Vec::new();
+        let mut pos = off;
+        let mut i = 0usize;
+        while pos < end {
+            let state = dirty[i];
+            let mut j = i;
+            while j + 1 < dirty.len() && dirty[j + 1] == state {
+                j += 1;
+            }
+            let run_end = ((first + j as u64 + 1) * BLOCK).min(end);
+            out.push((pos, run_end, state));
+            pos = run_end;
+            i = j + 1;
+        }
+        out
+    }
+
     fn file(&self) -> &File {
         self.file.as_file()
     }
@@ -112,29 +137,14 @@ impl Export for CowExport {
         if buf.is_empty() {
             return Ok(());
         }
-        let (first, last) = (off / BLOCK, (end - 1) / BLOCK);
-        let dirty: Vec<bool> = {
-            let bits = self.bits();
-            (first..=last).map(|b| is_set(&bits, b)).collect()
-        };
         // Runs of blocks with the same state, read in one go each.
-        let mut pos = off;
-        let mut i = 0usize;
-        while pos < end {
-            let state = dirty[i];
-            let mut j = i;
-            while j + 1 < dirty.len() && dirty[j + 1] == state {
-                j += 1;
-            }
-            let run_end = ((first + j as u64 + 1) * BLOCK).min(end);
+        for (pos, run_end, state) in self.runs(off, end) {
             let out = &mut buf[(pos - off) as usize..(run_end - off) as usize];
             if state {
                 self.file().read_exact_at(out, pos)?;
             } else {
                 self.base.read_at(out, pos)?;
             }
-            pos = run_end;
-            i = j + 1;
         }
         Ok(())
     }
@@ -174,26 +184,13 @@ impl Export for CowExport {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let (first, last) = (off / BLOCK, (end - 1) / BLOCK);
-        let dirty: Vec<bool> = {
-            let bits = self.bits();
-            (first..=last).map(|b| is_set(&bits, b)).collect()
-        };
         // Written blocks are data; the rest is whatever the base says.
         let mut out: Vec<(u64, u32)> = Vec::new();
         let mut push = |l: u64, f: u32| match out.last_mut() {
             Some((pl, pf)) if *pf == f => *pl += l,
             _ => out.push((l, f)),
         };
-        let mut pos = off;
-        let mut i = 0usize;
-        while pos < end {
-            let state = dirty[i];
-            let mut j = i;
-            while j + 1 < dirty.len() && dirty[j + 1] == state {
-                j += 1;
-            }
-            let run_end = ((first + j as u64 + 1) * BLOCK).min(end);
+        for (pos, run_end, state) in self.runs(off, end) {
             if state {
                 push(run_end - pos, 0);
             } else {
@@ -208,8 +205,6 @@ impl Export for CowExport {
                     break;
                 }
             }
-            pos = run_end;
-            i = j + 1;
         }
         Ok(out)
     }
