@@ -858,13 +858,6 @@ mod tests {
     }
 
     #[test]
-    fn names_compare_without_case() {
-        use crate::fs::eq_ci;
-        assert!(eq_ci("Ärger.TXT", "ärger.txt"));
-        assert!(!eq_ci("a", "ab"));
-    }
-
-    #[test]
     fn trimming_runs() {
         assert_eq!(trim(vec![(5, 3), (20, 4)], 5), vec![(5, 3), (20, 2)]);
         assert_eq!(trim(vec![(5, 3)], 0), vec![]);

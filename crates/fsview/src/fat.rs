@@ -582,13 +582,6 @@ mod tests {
     }
 
     #[test]
-    fn names_compare_without_case() {
-        use crate::fs::eq_ci;
-        assert!(eq_ci("Résumé.TXT", "résumé.txt"));
-        assert!(!eq_ci("a.txt", "a.txt2"));
-    }
-
-    #[test]
     fn labels() {
         assert_eq!(bpb_label(b"NO NAME    "), None);
         assert_eq!(bpb_label(b"           "), None);

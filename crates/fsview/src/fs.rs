@@ -152,6 +152,15 @@ mod tests {
     }
 
     #[test]
+    fn names_compare_without_case() {
+        // From the exFAT and FAT readers, which both match names with it.
+        assert!(eq_ci("Ärger.TXT", "ärger.txt"));
+        assert!(!eq_ci("a", "ab"));
+        assert!(eq_ci("Résumé.TXT", "résumé.txt"));
+        assert!(!eq_ci("a.txt", "a.txt2"));
+    }
+
+    #[test]
     fn components_refuse_climbing() {
         assert_eq!(components("/a//b/").unwrap(), vec!["a", "b"]);
         assert!(components("/").unwrap().is_empty());
