@@ -40,6 +40,7 @@ use crate::provider::{Instance, Provider, Snapshot};
 use crate::readahead::{self, ReadAhead};
 use crate::{Error, Result};
 use datastore::DiskInput;
+use locks::lock;
 use protocol::{Consistency, DiskInfo, JobKind, Manifest, Note, VmInfo};
 use qemu::qga::Qga;
 use qemu::qmp::{BlockDevice, Qmp};
@@ -163,10 +164,6 @@ struct VmSlot {
     /// A snapshot of this VM is out (taken and not released): its record's pending
     /// view is in use, not a leftover.
     viewing: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn hv(vm: &str, what: &str, e: impl std::fmt::Display) -> Error {
@@ -313,11 +310,7 @@ impl Inner {
         f: impl FnOnce(&mut Qmp) -> Result<T>,
     ) -> Option<Result<T>> {
         let slot = self.slot(vm);
-        let guard = match slot.qmp.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
+        let guard = locks::try_lock(&slot.qmp)?;
         Some(self.on_qmp(vm, guard, f))
     }
 

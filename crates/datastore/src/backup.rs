@@ -16,6 +16,7 @@ use crate::manifest::{
 };
 use crate::ranges::RangeCursor;
 use crate::store::{BlobIndex, Datastore};
+use locks::lock;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -130,18 +131,13 @@ struct FreeList<T = Vec<u8>>(Mutex<Vec<T>>);
 
 impl<T: Default + Clearable> FreeList<T> {
     fn take(&self) -> T {
-        let mut v = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
+        let mut v = locks::lock(&self.0).pop().unwrap_or_default();
         v.clear();
         v
     }
 
     fn give(&self, v: T, max: usize) {
-        let mut l = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l = locks::lock(&self.0);
         if l.len() < max {
             l.push(v);
         }
@@ -422,10 +418,6 @@ impl LocalOut<'_> {
         up.send(msg)
             .map_err(|_| Error::Invalid("storing a pack failed".into()))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl LocalTarget<'_, '_> {

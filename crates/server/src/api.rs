@@ -271,11 +271,7 @@ async fn status(State(st): St, _admin: Admin) -> ApiResult<Response> {
         recovery_points: c.recovery_points,
         active_alerts: c.active_alerts,
         running_jobs: c.running_jobs,
-        scheduler_tick_ms: st
-            .last_tick
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map(|d| d.as_secs_f64() * 1000.0),
+        scheduler_tick_ms: locks::lock(&st.last_tick).map(|d| d.as_secs_f64() * 1000.0),
         notifications_sent: st.notify.counters.sent.load(Ordering::Relaxed),
         notifications_failed: st.notify.counters.failed.load(Ordering::Relaxed),
         notifications_dropped: st.notify.counters.dropped.load(Ordering::Relaxed),
@@ -359,7 +355,7 @@ async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
 
 async fn agents_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
     let rows = st.cat().agents()?;
-    let polling = st.polling.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let polling = locks::lock(&st.polling).clone();
     let window = Duration::from_secs(st.config.scheduler.poll_seconds + 15);
     let out: Vec<AgentInfo> = rows
         .into_iter()
@@ -1049,10 +1045,7 @@ async fn agent_poll(State(st): St, AgentHost(host): AgentHost) -> ApiResult<Resp
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(st.config.scheduler.poll_seconds);
     loop {
-        st.polling
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(host.clone(), std::time::Instant::now());
+        locks::lock(&st.polling).insert(host.clone(), std::time::Instant::now());
         let notified = st.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
@@ -1095,16 +1088,11 @@ pub(crate) fn own_job(st: &AppState, host: &str, id: i64) -> ApiResult<JobInfo> 
 }
 
 fn session(st: &AppState, id: i64) -> ApiResult<Arc<datastore::Ingest>> {
-    st.sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&id)
-        .cloned()
-        .ok_or_else(|| {
-            not_found(format!(
-                "job {id} has no open backup session (the server restarted or the job ended)"
-            ))
-        })
+    locks::lock(&st.sessions).get(&id).cloned().ok_or_else(|| {
+        not_found(format!(
+            "job {id} has no open backup session (the server restarted or the job ended)"
+        ))
+    })
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -1147,10 +1135,7 @@ async fn agent_start(
     })
     .await?;
     let params = ingest.params();
-    st.sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, Arc::new(ingest));
+    locks::lock(&st.sessions).insert(id, Arc::new(ingest));
     st.cat().job_log(
         now(),
         id,
@@ -1321,10 +1306,7 @@ async fn agent_commit(
             format!("job {id} was cancelled"),
         ));
     }
-    let s = st
-        .sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let s = locks::lock(&st.sessions)
         .remove(&id)
         .ok_or_else(|| not_found(format!("job {id} has no open backup session")))?;
     // From here the server works and the agent waits (the job then ends either way).

@@ -85,7 +85,7 @@ pub struct OpenDisk {
 }
 
 fn lock_cache(st: &crate::state::AppState) -> std::sync::MutexGuard<'_, Vec<OpenDisk>> {
-    st.open_disks.lock().unwrap_or_else(|p| p.into_inner())
+    locks::lock(&st.open_disks)
 }
 
 /// Disk `disk` of point `id` with its manifest, when opened less than a minute ago.

@@ -320,12 +320,7 @@ async fn job_access(st: &Arc<AppState>, host: &str, id: i64) -> ApiResult<Arc<Ac
             format!("job {id} is not a recovery job"),
         ));
     }
-    let have = st
-        .recoveries
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&id)
-        .cloned();
+    let have = locks::lock(&st.recoveries).get(&id).cloned();
     if let Some(a) = have {
         return Ok(a);
     }
@@ -336,10 +331,7 @@ async fn job_access(st: &Arc<AppState>, host: &str, id: i64) -> ApiResult<Arc<Ac
         build_access(&st2, &m)
     })
     .await?;
-    Ok(st
-        .recoveries
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    Ok(locks::lock(&st.recoveries)
         .entry(id)
         .or_insert(Arc::new(a))
         .clone())

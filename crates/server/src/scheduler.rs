@@ -164,10 +164,7 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
 fn watchdog(st: &AppState, now: i64) -> Result<(), catalog::Error> {
     let limit = Duration::from_secs(st.config.scheduler.job_timeout_seconds);
     let stall = Duration::from_secs(st.config.jobs.stall_seconds);
-    let beats: Vec<(i64, crate::state::Beat)> = st
-        .heartbeats
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let beats: Vec<(i64, crate::state::Beat)> = locks::lock(&st.heartbeats)
         .iter()
         .map(|(id, b)| (*id, b.clone()))
         .collect();
@@ -327,7 +324,7 @@ pub async fn run(st: Arc<AppState>) {
         let s = st.clone();
         let t = Instant::now();
         let r = tokio::task::spawn_blocking(move || tick(&s)).await;
-        *st.last_tick.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.elapsed());
+        *locks::lock(&st.last_tick) = Some(t.elapsed());
         match r {
             Ok(Ok(())) => {}
             Ok(Err(e)) => eprintln!("holdfast server: scheduler: {e}"),

@@ -132,15 +132,13 @@ impl AppState {
 
     /// The catalog; hold the guard briefly and never across an `.await`.
     pub fn cat(&self) -> MutexGuard<'_, Catalog> {
-        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+        locks::lock(&self.catalog)
     }
 
     /// The job's agent was heard of.
     pub fn beat(&self, job: i64) {
         let now = Instant::now();
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        locks::lock(&self.heartbeats)
             .entry(job)
             .and_modify(|b| b.heard = now)
             .or_insert_with(|| Beat::new(now));
@@ -149,7 +147,7 @@ impl AppState {
     /// The job's agent reported `p`: the job has moved if its figures or step did.
     pub fn progressed(&self, job: i64, p: &protocol::Progress) {
         let now = Instant::now();
-        let mut beats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut beats = locks::lock(&self.heartbeats);
         let b = beats.entry(job).or_insert_with(|| Beat::new(now));
         b.heard = now;
         let figures = [p.bytes_done, p.bytes_total, p.bytes_read, p.bytes_sent];
@@ -169,26 +167,17 @@ impl AppState {
     /// agent waits, so its figures standing still is no stall.
     pub fn server_busy(&self, job: i64, busy: bool) {
         let now = Instant::now();
-        let mut beats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut beats = locks::lock(&self.heartbeats);
         let b = beats.entry(job).or_insert_with(|| Beat::new(now));
         b.server_busy = busy;
         b.moved = now;
     }
 
     fn forget_job(&self, job: i64) {
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job);
-        self.recoveries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job);
+        locks::lock(&self.heartbeats).remove(&job);
+        locks::lock(&self.recoveries).remove(&job);
         // Dropping the session aborts it: staged packs go, nothing becomes visible.
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job);
+        locks::lock(&self.sessions).remove(&job);
     }
 
     /// Records that `job`'s end is e-mailed to `to` (added to earlier recipients).
