@@ -2,77 +2,23 @@
 //! agent, and the agent reads the recovery point's blobs through
 //! `GET /agent/jobs/{id}/recovery-blob/{blob}`, limited to the blobs of that point.
 
-use crate::api::{Admin, AgentHost, ApiErr, ApiResult, St, bad, blocking, json, not_found};
+use crate::auth::{Admin, AgentHost};
+use crate::caches::Access;
+use crate::http::{ApiErr, ApiResult, St, bad, blocking, json, not_found};
+use crate::recovery_plan::{Stored, key, stored};
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use catalog::NewJob;
-use datastore::{BlobIndex, Id};
-use protocol::{
-    JobKind, Manifest, RecoveryDone, RecoveryPlan, RecoveryRequest, RecoveryTarget, split_vm,
-};
-use serde::{Deserialize, Serialize};
+use datastore::Id;
+use protocol::{JobKind, Manifest, RecoveryDone, RecoveryRequest, RecoveryTarget, split_vm};
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// What the server keeps of a queued recovery (settings row `recovery:{job}`): the
-/// target host, and the point (the manifest is read again when the job is handed out).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Stored {
-    pub host: String,
-    pub point: String,
-    pub target: RecoveryTarget,
-    #[serde(default)]
-    pub throttle_kbps: Option<u64>,
-}
-
-/// What a running recovery job may read: the blob index and the point's blob ids.
-pub struct Access {
-    index: Arc<BlobIndex>,
-    allowed: HashSet<Id>,
-}
-
-fn key(job: i64) -> String {
-    format!("recovery:{job}")
-}
-
 fn internal(msg: impl Into<String>) -> ApiErr {
     ApiErr(StatusCode::INTERNAL_SERVER_ERROR, msg.into())
-}
-
-/// The stored plan of recovery job `job`.
-pub(crate) fn stored(cat: &catalog::Catalog, job: i64) -> Result<Stored, catalog::Error> {
-    let v = cat
-        .setting(&key(job))?
-        .ok_or_else(|| catalog::Error::NotFound(format!("the plan of recovery job {job}")))?;
-    serde_json::from_str(&v)
-        .map_err(|e| catalog::Error::Corrupt(format!("the plan of recovery job {job}: {e}")))
-}
-
-/// The plan an agent gets: the point's manifest and the datastore's parameters.
-pub(crate) fn plan(st: &AppState, s: &Stored) -> Result<RecoveryPlan, String> {
-    let manifest = st
-        .datastore
-        .point(&s.point)
-        .map_err(|e| format!("recovery point {}: {e}", s.point))?;
-    let p = st.datastore.block_params();
-    Ok(RecoveryPlan {
-        target: s.target.clone(),
-        manifest,
-        block_size: p.block_size,
-        piece_blocks: p.piece_blocks,
-        master_key: st
-            .master_key
-            .map(|k| k.iter().map(|b| format!("{b:02x}")).collect()),
-        throttle_kbps: s.throttle_kbps,
-        throttle_schedule: if s.throttle_kbps.is_some() {
-            None
-        } else {
-            st.config.recovery.schedule()
-        },
-    })
 }
 
 fn check_host(st: &AppState, host: &str) -> ApiResult<()> {
@@ -198,7 +144,7 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
         }
     };
     check_host(&st, &target_host)?;
-    crate::api::check_recipients(&st, &req.notify)?;
+    crate::http::check_recipients(&st, &req.notify)?;
     let now = datastore::time::now();
     let s = Stored {
         host: target_host.clone(),
@@ -313,7 +259,7 @@ fn build_access(st: &AppState, m: &Manifest) -> ApiResult<Access> {
 /// The running recovery job `id` of agent `host`, and what it may read (built at its
 /// first request, kept while it runs).
 async fn job_access(st: &Arc<AppState>, host: &str, id: i64) -> ApiResult<Arc<Access>> {
-    let job = crate::api::own_job(st, host, id)?;
+    let job = crate::auth::own_job(st, host, id)?;
     if job.kind != JobKind::Recovery {
         return Err(ApiErr(
             StatusCode::FORBIDDEN,
@@ -422,14 +368,14 @@ pub(crate) async fn agent_done(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let job = crate::api::own_job(&st, &host, id)?;
+    let job = crate::auth::own_job(&st, &host, id)?;
     if job.kind != JobKind::Recovery {
         return Err(ApiErr(
             StatusCode::FORBIDDEN,
             format!("job {id} is not a recovery job"),
         ));
     }
-    let d: RecoveryDone = crate::api::parse(&body)?;
+    let d: RecoveryDone = crate::http::parse(&body)?;
     let now = datastore::time::now();
     {
         let cat = st.cat();

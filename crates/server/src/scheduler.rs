@@ -232,7 +232,7 @@ pub fn dispatch(st: &AppState, host: &str) -> Result<Option<AgentJob>, catalog::
         }
         // A recovery runs on its target host, which may be another than the VM's.
         let stored = if j.kind == JobKind::Recovery {
-            match crate::recover::stored(&cat, j.id) {
+            match crate::recovery_plan::stored(&cat, j.id) {
                 Ok(s) if s.host == host => Some(s),
                 Ok(_) => continue,
                 Err(e) => {
@@ -249,7 +249,10 @@ pub fn dispatch(st: &AppState, host: &str) -> Result<Option<AgentJob>, catalog::
         let (Some(ds), Some(vm)) = (j.datasource_id.clone(), j.vm.clone()) else {
             continue;
         };
-        let recovery = match stored.map(|s| crate::recover::plan(st, &s)).transpose() {
+        let recovery = match stored
+            .map(|s| crate::recovery_plan::plan(st, &s))
+            .transpose()
+        {
             Ok(p) => p,
             Err(e) => {
                 drop(cat);

@@ -80,10 +80,9 @@ pub struct AppState {
     /// Ingest sessions of running agent jobs, by job id.
     pub sessions: Mutex<HashMap<i64, Arc<Ingest>>>,
     /// What each running recovery job may read (built at its first blob request).
-    pub recoveries: Mutex<HashMap<i64, Arc<crate::recover::Access>>>,
-    /// Recovery-point disks opened for browsing and block reads, newest last (opening
-    /// one loads the blob index; an NBD client reads thousands of times).
-    pub open_disks: Mutex<Vec<crate::ilr::OpenDisk>>,
+    pub recoveries: Mutex<HashMap<i64, Arc<crate::caches::Access>>>,
+    /// Recovery-point disks opened for browsing and block reads.
+    pub open_disks: crate::caches::OpenDisks,
     /// What the watchdog knows of each running agent job.
     pub heartbeats: Mutex<HashMap<i64, Beat>>,
     /// Wakes agents' long polls when jobs are queued.
@@ -119,7 +118,7 @@ impl AppState {
             admin_token,
             sessions: Mutex::new(HashMap::new()),
             recoveries: Mutex::new(HashMap::new()),
-            open_disks: Mutex::new(Vec::new()),
+            open_disks: crate::caches::OpenDisks::default(),
             heartbeats: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             job_ended: Notify::new(),

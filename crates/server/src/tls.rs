@@ -11,7 +11,7 @@
 //! header must finish it within `header_timeout_seconds`. A request in progress (an
 //! upload, a download, an agent's long poll) is never cut by these timers.
 
-use crate::api::Peer;
+use crate::auth::Peer;
 use crate::config::Http;
 use axum::Router;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
