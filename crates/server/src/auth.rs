@@ -82,7 +82,8 @@ impl FromRequestParts<Arc<AppState>> for AgentHost {
     type Rejection = ApiErr;
 
     async fn from_request_parts(parts: &mut Parts, st: &Arc<AppState>) -> ApiResult<AgentHost> {
-        agent(st, &peer_of(parts)).map(AgentHost)
+        let peer = peer_of(parts);
+        st.offload(move |st| agent(st, &peer)).await.map(AgentHost)
     }
 }
 
@@ -92,8 +93,14 @@ fn peer_of(parts: &Parts) -> Peer {
     })
 }
 
-/// The job must be this agent's and running.
-pub(crate) fn own_job(st: &AppState, host: &str, id: i64) -> ApiResult<JobInfo> {
+/// The job must be this agent's and running (the catalog read on a blocking thread).
+pub(crate) async fn own_job(st: &Arc<AppState>, host: &str, id: i64) -> ApiResult<JobInfo> {
+    let host = host.to_string();
+    st.offload(move |st| own_job_sync(st, &host, id)).await
+}
+
+/// [`own_job`], on a blocking thread already.
+pub(crate) fn own_job_sync(st: &AppState, host: &str, id: i64) -> ApiResult<JobInfo> {
     let job = st.cat().job(id)?;
     let ds = job
         .datasource_id

@@ -82,12 +82,43 @@ pub(crate) fn now() -> i64 {
     datastore::time::now()
 }
 
+/// Runs `f` on tokio's blocking threads (datastore reads, decompression).
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiErr> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, format!("worker: {e}")))?
+}
+
+/// How handlers reach the catalog. SQLite calls run under the catalog's std mutex, so a
+/// handler that made them on a runtime thread would hold that thread while it waits for
+/// the lock and the disk; these run them on the blocking threads instead. Everything
+/// that locks the catalog (`cat()`, and the job bookkeeping of [`AppState`]) goes
+/// through them.
+impl AppState {
+    /// Runs `f` with the catalog, locked for its duration, on a blocking thread.
+    pub(crate) async fn catalog<T, E>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&catalog::Catalog) -> Result<T, E> + Send + 'static,
+    ) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        E: Into<ApiErr> + 'static,
+    {
+        self.offload(move |st| f(&st.cat()).map_err(Into::into))
+            .await
+    }
+
+    /// Runs `f` with the state on a blocking thread, for work that locks the catalog
+    /// more than once or between other steps (each `cat()` as before).
+    pub(crate) async fn offload<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&AppState) -> ApiResult<T> + Send + 'static,
+    ) -> ApiResult<T> {
+        let st = self.clone();
+        blocking(move || f(&st)).await
+    }
 }
 
 /// Addresses a job's end may be e-mailed to.

@@ -277,10 +277,9 @@ pub async fn check_point(
     })
     .await;
     if let Err(e) = r {
-        let _ = st.cat().job_log(
-            datastore::time::now(),
-            job,
-            &format!("volume check failed: {}", e.1),
-        );
+        let line = format!("volume check failed: {}", e.1);
+        let _ = st
+            .catalog(move |c| c.job_log(datastore::time::now(), job, &line))
+            .await;
     }
 }

@@ -13,7 +13,10 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use catalog::NewJob;
 use datastore::Id;
-use protocol::{JobKind, Manifest, RecoveryDone, RecoveryRequest, RecoveryTarget, split_vm};
+use protocol::{
+    DataSourceInfo, JobInfo, JobKind, Manifest, RecoveryDone, RecoveryPointInfo, RecoveryRequest,
+    RecoveryTarget, split_vm,
+};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -35,11 +38,36 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
     let req: RecoveryRequest =
         serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     req.validate().map_err(bad)?;
+    let job = st.offload(move |st| plan_and_queue(st, &req)).await?;
+    let mut r = json(&job);
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
+}
+
+/// The phases of `POST /recoveries`: the data source and its point, the target host
+/// and its agent, then the job queued with its stored plan.
+fn plan_and_queue(st: &AppState, req: &RecoveryRequest) -> ApiResult<JobInfo> {
     let (host, vm) =
         split_vm(&req.vm).ok_or_else(|| bad(format!("{:?} is not HOST/VM", req.vm)))?;
     let ds = st.cat().datasource_by_name(host, vm)?;
     let points = st.cat().recovery_points(Some(&ds.id))?;
-    let point = match (&req.point, &req.at) {
+    let point = pick_point(req, &ds, &points)?;
+    let target_host = target_host(st, &req.target, &ds, point)?;
+    check_host(st, &target_host)?;
+    crate::http::check_recipients(st, &req.notify)?;
+    let id = queue_job(st, req, &ds, point, &target_host)?;
+    st.notify_job(id, &req.notify)?;
+    st.wake.notify_waiters();
+    Ok(st.cat().job(id)?)
+}
+
+/// The recovery point asked for: by id, the newest at or before a time, or the latest.
+fn pick_point<'a>(
+    req: &RecoveryRequest,
+    ds: &DataSourceInfo,
+    points: &'a [RecoveryPointInfo],
+) -> ApiResult<&'a RecoveryPointInfo> {
+    Ok(match (&req.point, &req.at) {
         (Some(_), Some(_)) => return Err(bad("give a recovery point or a time, not both")),
         (None, Some(at)) => {
             let t = protocol::check_time("at", at).map_err(bad)?;
@@ -63,8 +91,17 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
             .find(|r| &r.id == p)
             .ok_or_else(|| not_found(format!("{} has no recovery point {p:?}", ds.name)))?,
         (None, None) => return Err(bad("no recovery point")),
-    };
-    let target_host = match &req.target {
+    })
+}
+
+/// The host whose agent runs the recovery, once the target is possible there.
+fn target_host(
+    st: &AppState,
+    target: &RecoveryTarget,
+    ds: &DataSourceInfo,
+    point: &RecoveryPointInfo,
+) -> ApiResult<String> {
+    Ok(match target {
         RecoveryTarget::Original { stop_vm, start } => {
             if *start && !*stop_vm {
                 return Err(bad(
@@ -142,50 +179,51 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
             }
             host.clone()
         }
-    };
-    check_host(&st, &target_host)?;
-    crate::http::check_recipients(&st, &req.notify)?;
+    })
+}
+
+/// Queues the recovery job with its stored plan; returns its id.
+fn queue_job(
+    st: &AppState,
+    req: &RecoveryRequest,
+    ds: &DataSourceInfo,
+    point: &RecoveryPointInfo,
+    target_host: &str,
+) -> ApiResult<i64> {
     let now = datastore::time::now();
     let s = Stored {
-        host: target_host.clone(),
+        host: target_host.to_string(),
         point: point.id.clone(),
         target: req.target.clone(),
         throttle_kbps: req.throttle_kbps.filter(|&k| k > 0),
     };
     let v = serde_json::to_string(&s).map_err(|e| internal(e.to_string()))?;
-    let id = {
-        let cat = st.cat();
-        let id = cat.add_job(
-            now,
-            &NewJob {
-                kind: JobKind::Recovery,
-                datasource_id: Some(ds.id.clone()),
-                trigger: "admin".into(),
-                not_before: None,
-                attempt: 1,
-                rerun_of: None,
-            },
-        )?;
-        cat.set_setting(&key(id), &v)?;
-        cat.set_job_recovery_point(id, &point.id)?;
-        cat.job_log(
-            now,
-            id,
-            &format!(
-                "queued: recover {} from recovery point {} on {target_host} ({})",
-                ds.name,
-                point.id,
-                describe(&req.target)
-            ),
-        )?;
-        cat.audit(now, "admin", "recover", &format!("{} job {id}", ds.name))?;
-        id
-    };
-    st.notify_job(id, &req.notify)?;
-    st.wake.notify_waiters();
-    let mut r = json(&st.cat().job(id)?);
-    *r.status_mut() = StatusCode::CREATED;
-    Ok(r)
+    let cat = st.cat();
+    let id = cat.add_job(
+        now,
+        &NewJob {
+            kind: JobKind::Recovery,
+            datasource_id: Some(ds.id.clone()),
+            trigger: "admin".into(),
+            not_before: None,
+            attempt: 1,
+            rerun_of: None,
+        },
+    )?;
+    cat.set_setting(&key(id), &v)?;
+    cat.set_job_recovery_point(id, &point.id)?;
+    cat.job_log(
+        now,
+        id,
+        &format!(
+            "queued: recover {} from recovery point {} on {target_host} ({})",
+            ds.name,
+            point.id,
+            describe(&req.target)
+        ),
+    )?;
+    cat.audit(now, "admin", "recover", &format!("{} job {id}", ds.name))?;
+    Ok(id)
 }
 
 fn describe(t: &RecoveryTarget) -> String {
@@ -259,7 +297,7 @@ fn build_access(st: &AppState, m: &Manifest) -> ApiResult<Access> {
 /// The running recovery job `id` of agent `host`, and what it may read (built at its
 /// first request, kept while it runs).
 async fn job_access(st: &Arc<AppState>, host: &str, id: i64) -> ApiResult<Arc<Access>> {
-    let job = crate::auth::own_job(st, host, id)?;
+    let job = crate::auth::own_job(st, host, id).await?;
     if job.kind != JobKind::Recovery {
         return Err(ApiErr(
             StatusCode::FORBIDDEN,
@@ -270,13 +308,13 @@ async fn job_access(st: &Arc<AppState>, host: &str, id: i64) -> ApiResult<Arc<Ac
     if let Some(a) = have {
         return Ok(a);
     }
-    let s = stored(&st.cat(), id)?;
-    let st2 = st.clone();
-    let a = blocking(move || {
-        let m = st2.datastore.point(&s.point)?;
-        build_access(&st2, &m)
-    })
-    .await?;
+    let a = st
+        .offload(move |st| {
+            let s = stored(&st.cat(), id)?;
+            let m = st.datastore.point(&s.point)?;
+            build_access(st, &m)
+        })
+        .await?;
     Ok(locks::lock(&st.recoveries)
         .entry(id)
         .or_insert(Arc::new(a))
@@ -368,7 +406,7 @@ pub(crate) async fn agent_done(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let job = crate::auth::own_job(&st, &host, id)?;
+    let job = crate::auth::own_job(&st, &host, id).await?;
     if job.kind != JobKind::Recovery {
         return Err(ApiErr(
             StatusCode::FORBIDDEN,
@@ -377,19 +415,22 @@ pub(crate) async fn agent_done(
     }
     let d: RecoveryDone = crate::http::parse(&body)?;
     let now = datastore::time::now();
-    {
-        let cat = st.cat();
-        for f in d.files.iter().take(256) {
-            let f: String = f.chars().take(4096).collect();
-            cat.job_log(now, id, &format!("wrote {f}"))?;
+    st.offload(move |st| {
+        {
+            let cat = st.cat();
+            for f in d.files.iter().take(256) {
+                let f: String = f.chars().take(4096).collect();
+                cat.job_log(now, id, &format!("wrote {f}"))?;
+            }
+            for n in d.notes.iter().take(600) {
+                let n: String = n.chars().take(4096).collect();
+                cat.job_log(now, id, &n)?;
+            }
+            cat.job_log(now, id, &recovery_summary(&d))?;
         }
-        for n in d.notes.iter().take(600) {
-            let n: String = n.chars().take(4096).collect();
-            cat.job_log(now, id, &n)?;
-        }
-        cat.job_log(now, id, &recovery_summary(&d))?;
-    }
-    st.job_succeeded(id, now)?;
+        Ok(st.job_succeeded(id, now)?)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

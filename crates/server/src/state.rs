@@ -129,7 +129,8 @@ impl AppState {
         }
     }
 
-    /// The catalog; hold the guard briefly and never across an `.await`.
+    /// The catalog; hold the guard briefly. SQLite blocks: call this on a blocking
+    /// thread only (handlers go through `AppState::catalog` and `AppState::offload`).
     pub fn cat(&self) -> MutexGuard<'_, Catalog> {
         locks::lock(&self.catalog)
     }

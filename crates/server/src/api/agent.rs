@@ -24,8 +24,22 @@ pub(crate) async fn agent_inventory(
     // whole report: the host's other VMs stay protected.
     let refused = inv.take_invalid();
     let t = now();
+    st.offload(move |st| inventory(st, t, &host, &inv.vms, &refused))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Records an agent's inventory: its VMs, the alerts of invalid names, VM id conflicts,
+/// moves and VMs reported again.
+fn inventory(
+    st: &AppState,
+    t: i64,
+    host: &str,
+    vms: &[VmInfo],
+    refused: &[(VmInfo, String)],
+) -> ApiResult<()> {
     let cat = st.cat();
-    let out = cat.upsert_inventory(t, &host, &inv.vms)?;
+    let out = cat.upsert_inventory(t, host, vms)?;
     let subject = format!("agent {host}");
     if refused.is_empty() {
         st.notify
@@ -63,7 +77,7 @@ pub(crate) async fn agent_inventory(
             },
             c.claimant,
             c.holder,
-            c.claimant.split('/').next().unwrap_or(&host),
+            c.claimant.split('/').next().unwrap_or(host),
             host,
         );
         st.notify.raise_alert(
@@ -93,7 +107,7 @@ pub(crate) async fn agent_inventory(
         )?;
     }
     for m in &out.moves {
-        moved(&st, &cat, t, &format!("agent {host}"), m)?;
+        moved(st, &cat, t, &format!("agent {host}"), m)?;
     }
     for name in &out.back {
         st.notify.resolve_alerts_noted(
@@ -104,7 +118,7 @@ pub(crate) async fn agent_inventory(
             Some("its agent reports it again"),
         )?;
     }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(())
 }
 
 /// Hands the agent its next runnable job, waiting up to `poll_seconds` for one.
@@ -116,7 +130,11 @@ pub(crate) async fn agent_poll(State(st): St, AgentHost(host): AgentHost) -> Api
         let notified = st.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if let Some(job) = crate::scheduler::dispatch(&st, &host)? {
+        let h = host.clone();
+        let job = st
+            .offload(move |st| Ok(crate::scheduler::dispatch(st, &h)?))
+            .await?;
+        if let Some(job) = job {
             return Ok(json(&PollResponse { job: Some(job) }));
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -138,7 +156,7 @@ pub(crate) async fn agent_start(
     AgentHost(host): AgentHost,
     Path(id): Path<i64>,
 ) -> ApiResult<Response> {
-    let job = own_job(&st, &host, id)?;
+    let job = own_job(&st, &host, id).await?;
     if !job.kind.is_backup() {
         return Err(ApiErr(
             StatusCode::CONFLICT,
@@ -146,7 +164,7 @@ pub(crate) async fn agent_start(
         ));
     }
     let ds_id = job.datasource_id.clone().unwrap_or_default();
-    let ds = st.cat().datasource(&ds_id)?;
+    let ds = st.catalog(move |c| c.datasource(&ds_id)).await?;
     let source = Source {
         name: ds.name.clone(),
         id: ds.id.clone(),
@@ -166,23 +184,26 @@ pub(crate) async fn agent_start(
     .await?;
     let params = ingest.params();
     locks::lock(&st.sessions).insert(id, Arc::new(ingest));
-    st.cat().job_log(
-        now(),
-        id,
-        &format!(
-            "started on {host}{}",
-            base.as_ref()
-                .map(|b| format!(", based on recovery point {}", b.id))
-                .unwrap_or_default()
-        ),
-    )?;
+    let line = format!(
+        "started on {host}{}",
+        base.as_ref()
+            .map(|b| format!(", based on recovery point {}", b.id))
+            .unwrap_or_default()
+    );
+    let ds_id = ds.id.clone();
+    let excluded = st
+        .offload(move |st| {
+            st.cat().job_log(now(), id, &line)?;
+            Ok(exclusions(st, &ds_id)?.disks)
+        })
+        .await?;
     Ok(json(&SessionStart {
         block_size: params.block_size,
         piece_blocks: params.piece_blocks,
         zstd_level: params.zstd_level,
         master_key: st.master_key.map(|k| hex(&k)),
         base,
-        excluded: exclusions(&st, &ds.id)?.disks,
+        excluded,
         source: Source {
             name: ds.name,
             id: ds.id,
@@ -200,7 +221,7 @@ pub(crate) async fn agent_missing(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    own_job(&st, &host, id)?;
+    own_job(&st, &host, id).await?;
     if !body.len().is_multiple_of(32) {
         return Err(bad(format!(
             "missing: body of {} bytes is not a list of 32-byte ids",
@@ -229,13 +250,13 @@ pub(crate) async fn agent_blobs(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    own_job(&st, &host, id)?;
+    own_job(&st, &host, id).await?;
     let s = session(&st, id)?;
     let res = blocking(move || Ok(s.put(&body)?)).await;
     if let Err(e) = &res {
         // A rejected batch ends the session (the datastore refuses further use).
-        st.cat()
-            .job_log(now(), id, &format!("blob batch refused: {}", e.1))?;
+        let line = format!("blob batch refused: {}", e.1);
+        st.catalog(move |c| c.job_log(now(), id, &line)).await?;
     }
     res?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -246,7 +267,7 @@ pub(crate) async fn agent_blob(
     AgentHost(host): AgentHost,
     Path((id, blob)): Path<(i64, String)>,
 ) -> ApiResult<Response> {
-    own_job(&st, &host, id)?;
+    own_job(&st, &host, id).await?;
     let bid =
         Id::from_hex(&blob).ok_or_else(|| bad(format!("blob id {blob:?} is not 64 hex digits")))?;
     let s = session(&st, id)?;
@@ -260,15 +281,18 @@ pub(crate) async fn agent_progress(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    own_job(&st, &host, id)?;
+    own_job(&st, &host, id).await?;
     let p: Progress = parse(&body)?;
     st.progressed(id, &p);
-    let cat = st.cat();
-    cat.set_job_progress(id, &p)?;
-    if let Some(m) = &p.message {
-        cat.job_log(now(), id, m)?;
-    }
-    let cancel = cat.setting(&format!("cancel:{id}"))?.is_some();
+    let cancel = st
+        .catalog(move |cat| {
+            cat.set_job_progress(id, &p)?;
+            if let Some(m) = &p.message {
+                cat.job_log(now(), id, m)?;
+            }
+            Ok::<_, catalog::Error>(cat.setting(&format!("cancel:{id}"))?.is_some())
+        })
+        .await?;
     Ok(json(&ProgressReply { cancel }))
 }
 
@@ -278,18 +302,22 @@ pub(crate) async fn agent_commit(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let job = own_job(&st, &host, id)?;
+    let job = own_job(&st, &host, id).await?;
     let mut c: Commit = parse(&body)?;
     let notes = std::mem::take(&mut c.notes);
     // A cancel that arrived after the agent's last progress report still wins: no
     // recovery point from a cancelled job.
-    if st.cat().setting(&format!("cancel:{id}"))?.is_some() {
-        st.job_failed(id, now(), "cancelled", "cancelled by an administrator")?;
-        return Err(ApiErr(
-            StatusCode::CONFLICT,
-            format!("job {id} was cancelled"),
-        ));
-    }
+    st.offload(move |st| {
+        if st.cat().setting(&format!("cancel:{id}"))?.is_some() {
+            st.job_failed(id, now(), "cancelled", "cancelled by an administrator")?;
+            return Err(ApiErr(
+                StatusCode::CONFLICT,
+                format!("job {id} was cancelled"),
+            ));
+        }
+        Ok(())
+    })
+    .await?;
     let s = locks::lock(&st.sessions)
         .remove(&id)
         .ok_or_else(|| not_found(format!("job {id} has no open backup session")))?;
@@ -313,11 +341,34 @@ pub(crate) async fn agent_commit(
     let manifest = match manifest {
         Ok(m) => m,
         Err(e) => {
-            st.job_failed(id, now(), "server", &format!("commit refused: {}", e.1))?;
+            let why = format!("commit refused: {}", e.1);
+            st.offload(move |st| Ok(st.job_failed(id, now(), "server", &why)?))
+                .await?;
             return Err(e);
         }
     };
-    let rp = crate::rp_info(&manifest, Some(id));
+    let m = manifest.clone();
+    let vm = job.vm.clone();
+    st.offload(move |st| record_point(st, id, &m, vm.as_deref(), &notes))
+        .await?;
+    crate::ilr::check_point(st.clone(), id, job.vm.clone(), manifest.clone()).await;
+    st.offload(move |st| Ok(st.job_succeeded(id, now())?))
+        .await?;
+    Ok(json(&CommitResponse {
+        recovery_point: manifest.id,
+    }))
+}
+
+/// A committed backup in the catalog: the job's final figures, the recovery point,
+/// the agent's notes in the job log, and the change-tracking alerts they raise or clear.
+fn record_point(
+    st: &AppState,
+    id: i64,
+    manifest: &datastore::Manifest,
+    vm: Option<&str>,
+    notes: &[Note],
+) -> ApiResult<()> {
+    let rp = crate::rp_info(manifest, Some(id));
     {
         let cat = st.cat();
         // Final figures from the recovery point itself (progress reports are periodic,
@@ -350,7 +401,7 @@ pub(crate) async fn agent_commit(
             let msg = protocol::cap_chars(&n.message, protocol::MAX_MESSAGE_CHARS);
             cat.job_log(now(), id, &msg)?;
             if n.kind == "change-tracking-reset"
-                && let Some(vm) = &job.vm
+                && let Some(vm) = vm
             {
                 st.notify.raise_alert(
                     &cat,
@@ -364,17 +415,13 @@ pub(crate) async fn agent_commit(
         }
         // A backup that used change tracking clears the earlier reset.
         if manifest.stats.changed_bytes.is_some()
-            && let Some(vm) = &job.vm
+            && let Some(vm) = vm
         {
             st.notify
                 .resolve_alerts(&cat, now(), vm, Some("change-tracking-reset"))?;
         }
     }
-    crate::ilr::check_point(st.clone(), id, job.vm.clone(), manifest.clone()).await;
-    st.job_succeeded(id, now())?;
-    Ok(json(&CommitResponse {
-        recovery_point: manifest.id,
-    }))
+    Ok(())
 }
 
 pub(crate) async fn agent_fail(
@@ -383,7 +430,7 @@ pub(crate) async fn agent_fail(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    own_job(&st, &host, id)?;
+    own_job(&st, &host, id).await?;
     let f: Failure = parse(&body)?;
     let kind: String = f
         .kind
@@ -397,8 +444,9 @@ pub(crate) async fn agent_fail(
         kind
     };
     // Bounded: the error also goes into the job's log and an alert.
-    let error = protocol::cap_chars(&f.error, protocol::MAX_MESSAGE_CHARS);
-    st.job_failed(id, now(), &kind, &error)?;
+    let error = protocol::cap_chars(&f.error, protocol::MAX_MESSAGE_CHARS).into_owned();
+    st.offload(move |st| Ok(st.job_failed(id, now(), &kind, &error)?))
+        .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -409,20 +457,25 @@ pub(crate) async fn agent_replica_params(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: ReplicaParamsRequest = parse(&body)?;
-    let ds = st.cat().datasource_by_name(&host, &req.vm)?;
-    let p = st.datastore.block_params();
-    st.cat()
-        .audit(now(), &format!("agent {host}"), "replica export", &ds.name)?;
-    Ok(json(&SessionStart {
-        block_size: p.block_size,
-        piece_blocks: p.piece_blocks,
-        zstd_level: p.zstd_level,
-        master_key: st.master_key.map(|k| hex(&k)),
-        base: None,
-        excluded: exclusions(&st, &ds.id)?.disks,
-        source: Source {
-            name: ds.name,
-            id: ds.id,
-        },
-    }))
+    let start = st
+        .offload(move |st| {
+            let ds = st.cat().datasource_by_name(&host, &req.vm)?;
+            let p = st.datastore.block_params();
+            st.cat()
+                .audit(now(), &format!("agent {host}"), "replica export", &ds.name)?;
+            Ok(SessionStart {
+                block_size: p.block_size,
+                piece_blocks: p.piece_blocks,
+                zstd_level: p.zstd_level,
+                master_key: st.master_key.map(|k| hex(&k)),
+                base: None,
+                excluded: exclusions(st, &ds.id)?.disks,
+                source: Source {
+                    name: ds.name,
+                    id: ds.id,
+                },
+            })
+        })
+        .await?;
+    Ok(json(&start))
 }

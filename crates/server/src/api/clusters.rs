@@ -9,7 +9,7 @@ use axum::response::Response;
 use protocol::*;
 
 pub(crate) async fn clusters_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
-    Ok(json(&st.cat().clusters()?))
+    Ok(json(&st.catalog(|c| c.clusters()).await?))
 }
 
 pub(crate) async fn cluster_show(
@@ -17,7 +17,7 @@ pub(crate) async fn cluster_show(
     _admin: Admin,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    Ok(json(&st.cat().cluster(&name)?))
+    Ok(json(&st.catalog(move |c| c.cluster(&name)).await?))
 }
 
 pub(crate) async fn cluster_create(
@@ -26,14 +26,18 @@ pub(crate) async fn cluster_create(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: CreateCluster = parse(&body)?;
-    let cat = st.cat();
-    let k = cat.create_cluster(now(), &req.name, &req.hosts)?;
-    cat.audit(
-        now(),
-        "admin",
-        "cluster create",
-        &format!("{} hosts {}", k.name, k.hosts.join(",")),
-    )?;
+    let k = st
+        .catalog(move |cat| {
+            let k = cat.create_cluster(now(), &req.name, &req.hosts)?;
+            cat.audit(
+                now(),
+                "admin",
+                "cluster create",
+                &format!("{} hosts {}", k.name, k.hosts.join(",")),
+            )?;
+            Ok::<_, catalog::Error>(k)
+        })
+        .await?;
     let mut r = json(&k);
     *r.status_mut() = StatusCode::CREATED;
     Ok(r)
@@ -46,14 +50,18 @@ pub(crate) async fn cluster_add_hosts(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: ClusterHosts = parse(&body)?;
-    let cat = st.cat();
-    let k = cat.add_cluster_hosts(&name, &req.hosts)?;
-    cat.audit(
-        now(),
-        "admin",
-        "cluster add-host",
-        &format!("{name} {}", req.hosts.join(",")),
-    )?;
+    let k = st
+        .catalog(move |cat| {
+            let k = cat.add_cluster_hosts(&name, &req.hosts)?;
+            cat.audit(
+                now(),
+                "admin",
+                "cluster add-host",
+                &format!("{name} {}", req.hosts.join(",")),
+            )?;
+            Ok::<_, catalog::Error>(k)
+        })
+        .await?;
     Ok(json(&k))
 }
 
@@ -62,14 +70,18 @@ pub(crate) async fn cluster_remove_host(
     _admin: Admin,
     Path((name, host)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let cat = st.cat();
-    let k = cat.remove_cluster_host(&name, &host)?;
-    cat.audit(
-        now(),
-        "admin",
-        "cluster remove-host",
-        &format!("{name} {host}"),
-    )?;
+    let k = st
+        .catalog(move |cat| {
+            let k = cat.remove_cluster_host(&name, &host)?;
+            cat.audit(
+                now(),
+                "admin",
+                "cluster remove-host",
+                &format!("{name} {host}"),
+            )?;
+            Ok::<_, catalog::Error>(k)
+        })
+        .await?;
     Ok(json(&k))
 }
 
@@ -78,9 +90,13 @@ pub(crate) async fn cluster_delete(
     _admin: Admin,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    let cat = st.cat();
-    let k = cat.cluster(&name)?;
-    cat.delete_cluster(&name)?;
-    cat.audit(now(), "admin", "cluster delete", &name)?;
+    let k = st
+        .catalog(move |cat| {
+            let k = cat.cluster(&name)?;
+            cat.delete_cluster(&name)?;
+            cat.audit(now(), "admin", "cluster delete", &name)?;
+            Ok::<_, catalog::Error>(k)
+        })
+        .await?;
     Ok(json(&k))
 }

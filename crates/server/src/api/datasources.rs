@@ -10,7 +10,7 @@ use axum::response::Response;
 use protocol::*;
 
 pub(crate) async fn datasources(State(st): St, _admin: Admin) -> ApiResult<Response> {
-    Ok(json(&st.cat().datasources()?))
+    Ok(json(&st.catalog(|c| c.datasources()).await?))
 }
 
 pub(crate) fn queue_for_vm(
@@ -59,19 +59,22 @@ pub(crate) async fn backup_now(
 ) -> ApiResult<Response> {
     let req: BackupNowRequest = parse(&body)?;
     check_recipients(&st, &req.notify)?;
-    let has_point = st
-        .cat()
-        .datasource_by_name(&host, &vm)?
-        .last_recovery_point
-        .is_some();
-    let kind = if !has_point {
-        JobKind::InitialReplica
-    } else if req.express_full {
-        JobKind::ExpressFull
-    } else {
-        JobKind::Sync
-    };
-    queue_for_vm(&st, &host, &vm, kind, &req.notify)
+    st.offload(move |st| {
+        let has_point = st
+            .cat()
+            .datasource_by_name(&host, &vm)?
+            .last_recovery_point
+            .is_some();
+        let kind = if !has_point {
+            JobKind::InitialReplica
+        } else if req.express_full {
+            JobKind::ExpressFull
+        } else {
+            JobKind::Sync
+        };
+        queue_for_vm(st, &host, &vm, kind, &req.notify)
+    })
+    .await
 }
 
 pub(crate) async fn consistency_check(
@@ -79,7 +82,8 @@ pub(crate) async fn consistency_check(
     _admin: Admin,
     Path((host, vm)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    queue_for_vm(&st, &host, &vm, JobKind::ConsistencyCheck, &[])
+    st.offload(move |st| queue_for_vm(st, &host, &vm, JobKind::ConsistencyCheck, &[]))
+        .await
 }
 
 pub(crate) fn exclusions(st: &AppState, ds_id: &str) -> ApiResult<Exclusions> {
@@ -99,8 +103,13 @@ pub(crate) async fn exclusions_get(
     _admin: Admin,
     Path((host, vm)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let ds = st.cat().datasource_by_name(&host, &vm)?;
-    Ok(json(&exclusions(&st, &ds.id)?))
+    let ex = st
+        .offload(move |st| {
+            let ds = st.cat().datasource_by_name(&host, &vm)?;
+            exclusions(st, &ds.id)
+        })
+        .await?;
+    Ok(json(&ex))
 }
 
 pub(crate) async fn exclusions_put(
@@ -111,20 +120,25 @@ pub(crate) async fn exclusions_put(
 ) -> ApiResult<Response> {
     let ex: Exclusions = parse(&body)?;
     ex.validate(&[]).map_err(bad)?;
-    let ds = st.cat().datasource_by_name(&host, &vm)?;
-    // Against the disks the agent last reported, when it reported them.
-    let sizes: Vec<u64> = ds.disks.iter().map(|d| d.virtual_size).collect();
-    ex.validate(&sizes).map_err(bad)?;
-    let key = format!("exclusions:{}", ds.id);
-    if ex.disks.iter().all(Vec::is_empty) {
-        st.cat().delete_setting(&key)?;
-    } else {
-        let v = serde_json::to_string(&ex)
-            .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        st.cat().set_setting(&key, &v)?;
-    }
-    st.cat()
-        .audit(now(), "admin", "exclusions", &format!("{host}/{vm}"))?;
+    let ex = st
+        .offload(move |st| {
+            let ds = st.cat().datasource_by_name(&host, &vm)?;
+            // Against the disks the agent last reported, when it reported them.
+            let sizes: Vec<u64> = ds.disks.iter().map(|d| d.virtual_size).collect();
+            ex.validate(&sizes).map_err(bad)?;
+            let key = format!("exclusions:{}", ds.id);
+            if ex.disks.iter().all(Vec::is_empty) {
+                st.cat().delete_setting(&key)?;
+            } else {
+                let v = serde_json::to_string(&ex)
+                    .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+                st.cat().set_setting(&key, &v)?;
+            }
+            st.cat()
+                .audit(now(), "admin", "exclusions", &format!("{host}/{vm}"))?;
+            Ok(ex)
+        })
+        .await?;
     Ok(json(&ex))
 }
 
@@ -164,19 +178,24 @@ pub(crate) async fn datasource_move(
     let req: MoveDataSource = parse(&body)?;
     check_host_name("to", &req.to).map_err(bad)?;
     let t = now();
-    let cat = st.cat();
-    if let Some(j) = cat.active_job_for(&cat.datasource_by_name(&host, &vm)?.id)? {
-        return Err(ApiErr(
-            StatusCode::CONFLICT,
-            format!(
-                "{host}/{vm} has {} job {} {}; move it when the job has ended",
-                j.kind.as_str(),
-                j.id,
-                j.state.as_str()
-            ),
-        ));
-    }
-    let m = cat.move_datasource(t, &host, &vm, &req.to)?;
-    moved(&st, &cat, t, "admin", &m)?;
-    Ok(json(&cat.datasource(&m.datasource_id)?))
+    let ds = st
+        .offload(move |st| {
+            let cat = st.cat();
+            if let Some(j) = cat.active_job_for(&cat.datasource_by_name(&host, &vm)?.id)? {
+                return Err(ApiErr(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "{host}/{vm} has {} job {} {}; move it when the job has ended",
+                        j.kind.as_str(),
+                        j.id,
+                        j.state.as_str()
+                    ),
+                ));
+            }
+            let m = cat.move_datasource(t, &host, &vm, &req.to)?;
+            moved(st, &cat, t, "admin", &m)?;
+            Ok(cat.datasource(&m.datasource_id)?)
+        })
+        .await?;
+    Ok(json(&ds))
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub(crate) async fn status(State(st): St, _admin: Admin) -> ApiResult<Response> {
-    let c = st.cat().counts()?;
+    let c = st.catalog(|c| c.counts()).await?;
     Ok(json(&ServerStatus {
         version: env!("CARGO_PKG_VERSION").into(),
         server_time: datastore::time::rfc3339(now()),
@@ -46,16 +46,28 @@ pub(crate) async fn agent_token(State(st): St, _admin: Admin, body: Bytes) -> Ap
     let (token, secret) = pki::make_token(&st.pki.ca_fingerprint())
         .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let expires = now() + minutes as i64 * 60;
-    {
-        let cat = st.cat();
-        cat.add_enroll_token(now(), host, &pki::secret_hash(&secret), expires)?;
-        cat.audit(now(), "admin", "agent-token create", host)?;
-    }
+    let hash = pki::secret_hash(&secret);
+    let h = host.to_string();
+    st.catalog(move |cat| {
+        cat.add_enroll_token(now(), &h, &hash, expires)?;
+        cat.audit(now(), "admin", "agent-token create", &h)
+    })
+    .await?;
     Ok(json(&AgentTokenResponse {
         token,
         host: host.to_string(),
         expires: datastore::time::rfc3339(expires),
     }))
+}
+
+/// A catalog refusal of an enrollment token: 403, naming why.
+fn refused(e: catalog::Error) -> ApiErr {
+    match e {
+        catalog::Error::NotFound(_) | catalog::Error::Invalid(_) => {
+            forbidden(format!("enrollment refused: {e}"))
+        }
+        e => e.into(),
+    }
 }
 
 pub(crate) async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
@@ -66,36 +78,37 @@ pub(crate) async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
     }
     req.validate().map_err(bad)?;
     let hash = pki::secret_hash(&secret);
-    let refused = |e: catalog::Error| match e {
-        catalog::Error::NotFound(_) | catalog::Error::Invalid(_) => {
-            forbidden(format!("enrollment refused: {e}"))
-        }
-        e => e.into(),
-    };
     // The whole request is checked (the token may be used, the key makes a
     // certificate) before the token is spent: a malformed key costs nothing.
-    let host = st.cat().enroll_token_host(now(), &hash).map_err(refused)?;
+    let host = st
+        .catalog({
+            let hash = hash.clone();
+            move |c| c.enroll_token_host(now(), &hash).map_err(refused)
+        })
+        .await?;
     let cert = st
         .pki
         .issue_client_cert(&host, &req.public_key_pem)
         .map_err(|e| bad(format!("public_key_pem: {e}")))?;
     let der = pki::pem_cert_to_der(&cert)
         .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    {
-        let cat = st.cat();
+    let h = host.clone();
+    st.catalog(move |cat| {
         // Token and agent in one transaction: a token raced away meanwhile enrolls
         // nothing.
         let got = cat
             .enroll_with_token(now(), &hash, &pki::cert_fingerprint(&der), &req.version)
             .map_err(refused)?;
-        if got != host {
+        if got != h {
             return Err(ApiErr(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "enrollment token changed host".into(),
             ));
         }
-        cat.audit(now(), &format!("agent {host}"), "enroll", &req.version)?;
-    }
+        cat.audit(now(), &format!("agent {h}"), "enroll", &req.version)?;
+        Ok(())
+    })
+    .await?;
     Ok(json(&EnrollResponse {
         host,
         certificate_pem: cert,
@@ -104,7 +117,7 @@ pub(crate) async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
 }
 
 pub(crate) async fn agents_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
-    let rows = st.cat().agents()?;
+    let rows = st.catalog(|c| c.agents()).await?;
     let polling = locks::lock(&st.polling).clone();
     let window = Duration::from_secs(st.config.scheduler.poll_seconds + 15);
     let out: Vec<AgentInfo> = rows
@@ -123,8 +136,11 @@ pub(crate) async fn agent_revoke(
     _admin: Admin,
     Path(host): Path<String>,
 ) -> ApiResult<Response> {
-    let cat = st.cat();
-    cat.revoke_agent(now(), &host)?;
-    cat.audit(now(), "admin", "agent revoke", &host)?;
+    let h = host.clone();
+    st.catalog(move |cat| {
+        cat.revoke_agent(now(), &h)?;
+        cat.audit(now(), "admin", "agent revoke", &h)
+    })
+    .await?;
     Ok(json(&serde_json::json!({ "host": host, "revoked": true })))
 }

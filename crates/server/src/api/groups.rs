@@ -22,8 +22,15 @@ pub(crate) fn group_info(st: &AppState, g: catalog::GroupRow) -> GroupInfo {
 }
 
 pub(crate) async fn groups_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
-    let rows = st.cat().groups()?;
-    let out: Vec<GroupInfo> = rows.into_iter().map(|g| group_info(&st, g)).collect();
+    let out = st
+        .offload(|st| {
+            let rows = st.cat().groups()?;
+            Ok(rows
+                .into_iter()
+                .map(|g| group_info(st, g))
+                .collect::<Vec<GroupInfo>>())
+        })
+        .await?;
     Ok(json(&out))
 }
 
@@ -32,8 +39,13 @@ pub(crate) async fn group_show(
     _admin: Admin,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    let g = st.cat().group(&name)?;
-    Ok(json(&group_info(&st, g)))
+    let g = st
+        .offload(move |st| {
+            let g = st.cat().group(&name)?;
+            Ok(group_info(st, g))
+        })
+        .await?;
+    Ok(json(&g))
 }
 
 /// Refuses a group whose members cannot fit the datastore under its policy.
@@ -72,25 +84,30 @@ pub(crate) fn mark_schedules_now(st: &AppState, g: &catalog::GroupRow) -> ApiRes
 pub(crate) async fn group_create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
     let req: CreateGroup = parse(&body)?;
     req.validate().map_err(bad)?;
-    let mut size = 0u64;
-    for m in &req.members {
-        if let Some((h, v)) = split_vm(m) {
-            size = size.saturating_add(st.cat().datasource_by_name(h, v)?.size);
-        }
-    }
-    check_fits(&st, size, &req.policy)?;
     let g = st
-        .cat()
-        .create_group(now(), &req.name, &req.policy, &req.members)?;
-    mark_schedules_now(&st, &g)?;
-    st.cat().audit(
-        now(),
-        "admin",
-        "pg create",
-        &format!("{} members {}", g.name, g.member_names().join(",")),
-    )?;
-    st.wake.notify_waiters();
-    let mut r = json(&group_info(&st, g));
+        .offload(move |st| {
+            let mut size = 0u64;
+            for m in &req.members {
+                if let Some((h, v)) = split_vm(m) {
+                    size = size.saturating_add(st.cat().datasource_by_name(h, v)?.size);
+                }
+            }
+            check_fits(st, size, &req.policy)?;
+            let g = st
+                .cat()
+                .create_group(now(), &req.name, &req.policy, &req.members)?;
+            mark_schedules_now(st, &g)?;
+            st.cat().audit(
+                now(),
+                "admin",
+                "pg create",
+                &format!("{} members {}", g.name, g.member_names().join(",")),
+            )?;
+            st.wake.notify_waiters();
+            Ok(group_info(st, g))
+        })
+        .await?;
+    let mut r = json(&g);
     *r.status_mut() = StatusCode::CREATED;
     Ok(r)
 }
@@ -103,25 +120,30 @@ pub(crate) async fn group_modify(
 ) -> ApiResult<Response> {
     let req: ModifyGroup = parse(&body)?;
     req.validate().map_err(bad)?;
-    let before = st.cat().group(&name)?;
-    let g = st.cat().modify_group(
-        &name,
-        &req.add_members,
-        &req.remove_members,
-        req.policy.as_ref(),
-    )?;
-    // Removed members keep their data, which expires by the retention it had.
-    for m in &before.members {
-        if !g.members.iter().any(|x| x.datasource_id == m.datasource_id) {
-            st.cat().set_setting(
-                &format!("retention:{}", m.datasource_id),
-                &before.policy.retention_days.to_string(),
+    let g = st
+        .offload(move |st| {
+            let before = st.cat().group(&name)?;
+            let g = st.cat().modify_group(
+                &name,
+                &req.add_members,
+                &req.remove_members,
+                req.policy.as_ref(),
             )?;
-        }
-    }
-    mark_schedules_now(&st, &g)?;
-    st.cat().audit(now(), "admin", "pg modify", &name)?;
-    Ok(json(&group_info(&st, g)))
+            // Removed members keep their data, which expires by the retention it had.
+            for m in &before.members {
+                if !g.members.iter().any(|x| x.datasource_id == m.datasource_id) {
+                    st.cat().set_setting(
+                        &format!("retention:{}", m.datasource_id),
+                        &before.policy.retention_days.to_string(),
+                    )?;
+                }
+            }
+            mark_schedules_now(st, &g)?;
+            st.cat().audit(now(), "admin", "pg modify", &name)?;
+            Ok(group_info(st, g))
+        })
+        .await?;
+    Ok(json(&g))
 }
 
 #[derive(Deserialize)]
@@ -136,34 +158,37 @@ pub(crate) async fn group_delete(
     Path(name): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<Response> {
-    let g = st.cat().delete_group(&name)?;
-    let mut deleted = 0u64;
-    for m in &g.members {
-        if q.delete_data {
-            let points = st.cat().recovery_points(Some(&m.datasource_id))?;
-            for p in points {
-                let ds = st.datastore.clone();
-                let id = p.id.clone();
-                tokio::task::spawn_blocking(move || ds.forget(&id))
-                    .await
-                    .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-                st.cat().delete_recovery_point(&p.id)?;
-                deleted += 1;
+    let n = name.clone();
+    let deleted = st
+        .offload(move |st| {
+            let name = n;
+            let g = st.cat().delete_group(&name)?;
+            let mut deleted = 0u64;
+            for m in &g.members {
+                if q.delete_data {
+                    let points = st.cat().recovery_points(Some(&m.datasource_id))?;
+                    for p in points {
+                        st.datastore.forget(&p.id)?;
+                        st.cat().delete_recovery_point(&p.id)?;
+                        deleted += 1;
+                    }
+                } else {
+                    // Kept data expires by the retention it was protected with.
+                    st.cat().set_setting(
+                        &format!("retention:{}", m.datasource_id),
+                        &g.policy.retention_days.to_string(),
+                    )?;
+                }
             }
-        } else {
-            // Kept data expires by the retention it was protected with.
-            st.cat().set_setting(
-                &format!("retention:{}", m.datasource_id),
-                &g.policy.retention_days.to_string(),
+            st.cat().audit(
+                now(),
+                "admin",
+                "pg delete",
+                &format!("{name} delete_data={} points={deleted}", q.delete_data),
             )?;
-        }
-    }
-    st.cat().audit(
-        now(),
-        "admin",
-        "pg delete",
-        &format!("{name} delete_data={} points={deleted}", q.delete_data),
-    )?;
+            Ok(deleted)
+        })
+        .await?;
     Ok(json(&DeleteGroupResponse {
         name,
         recovery_points_deleted: deleted,

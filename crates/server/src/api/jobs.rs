@@ -20,15 +20,20 @@ pub(crate) async fn recovery_points(
     _admin: Admin,
     Query(q): Query<RpQuery>,
 ) -> ApiResult<Response> {
-    let cat = st.cat();
-    let ds = match &q.vm {
-        Some(vm) => {
-            let (h, v) = split_vm(vm).ok_or_else(|| bad(format!("vm {vm:?} is not HOST/VM")))?;
-            Some(cat.datasource_by_name(h, v)?.id)
-        }
-        None => None,
-    };
-    Ok(json(&cat.recovery_points(ds.as_deref())?))
+    let points = st
+        .catalog(move |cat| {
+            let ds = match &q.vm {
+                Some(vm) => {
+                    let (h, v) =
+                        split_vm(vm).ok_or_else(|| bad(format!("vm {vm:?} is not HOST/VM")))?;
+                    Some(cat.datasource_by_name(h, v)?.id)
+                }
+                None => None,
+            };
+            Ok::<_, ApiErr>(cat.recovery_points(ds.as_deref())?)
+        })
+        .await?;
+    Ok(json(&points))
 }
 
 #[derive(Deserialize)]
@@ -65,10 +70,8 @@ pub(crate) async fn jobs_list(
         kind,
         vm: q.vm.clone(),
     };
-    Ok(json(
-        &st.cat()
-            .jobs_where(&f, q.limit.unwrap_or(200).min(10_000))?,
-    ))
+    let limit = q.limit.unwrap_or(200).min(10_000);
+    Ok(json(&st.catalog(move |c| c.jobs_where(&f, limit)).await?))
 }
 
 #[derive(Deserialize)]
@@ -87,8 +90,13 @@ pub(crate) async fn job_create(State(st): St, _admin: Admin, body: Bytes) -> Api
                 req.kind
             ))
         })?;
-    let (id, _) = st.queue(now(), kind, None, "admin")?;
-    let mut r = json(&st.cat().job(id)?);
+    let job = st
+        .offload(move |st| {
+            let (id, _) = st.queue(now(), kind, None, "admin")?;
+            Ok(st.cat().job(id)?)
+        })
+        .await?;
+    let mut r = json(&job);
     *r.status_mut() = StatusCode::CREATED;
     Ok(r)
 }
@@ -112,7 +120,7 @@ pub(crate) async fn job_show(
         let ended = st.job_ended.notified();
         tokio::pin!(ended);
         ended.as_mut().enable();
-        let job = st.cat().job(id)?;
+        let job = st.catalog(move |c| c.job(id)).await?;
         if job.state.finished() || tokio::time::Instant::now() >= deadline {
             return Ok(json(&job));
         }
@@ -125,27 +133,32 @@ pub(crate) async fn job_cancel(
     _admin: Admin,
     Path(id): Path<i64>,
 ) -> ApiResult<Response> {
-    let state = st.cat().job_state(id)?;
-    match state {
-        JobState::Queued => {
-            st.job_failed(id, now(), "cancelled", "cancelled by an administrator")?;
-        }
-        JobState::Running => {
-            // The agent learns it at its next progress report and stops; the job
-            // ends as cancelled then. Server-side jobs finish their step.
-            st.cat().set_setting(&format!("cancel:{id}"), "1")?;
-            st.cat().job_log(now(), id, "cancel requested")?;
-        }
-        s => {
-            return Err(ApiErr(
-                StatusCode::CONFLICT,
-                format!("job {id} already {}", s.as_str()),
-            ));
-        }
-    }
-    st.cat()
-        .audit(now(), "admin", "job cancel", &id.to_string())?;
-    Ok(json(&st.cat().job(id)?))
+    let job = st
+        .offload(move |st| {
+            let state = st.cat().job_state(id)?;
+            match state {
+                JobState::Queued => {
+                    st.job_failed(id, now(), "cancelled", "cancelled by an administrator")?;
+                }
+                JobState::Running => {
+                    // The agent learns it at its next progress report and stops; the job
+                    // ends as cancelled then. Server-side jobs finish their step.
+                    st.cat().set_setting(&format!("cancel:{id}"), "1")?;
+                    st.cat().job_log(now(), id, "cancel requested")?;
+                }
+                s => {
+                    return Err(ApiErr(
+                        StatusCode::CONFLICT,
+                        format!("job {id} already {}", s.as_str()),
+                    ));
+                }
+            }
+            st.cat()
+                .audit(now(), "admin", "job cancel", &id.to_string())?;
+            Ok(st.cat().job(id)?)
+        })
+        .await?;
+    Ok(json(&job))
 }
 
 #[derive(Deserialize)]
@@ -159,7 +172,7 @@ pub(crate) async fn alerts_list(
     _admin: Admin,
     Query(q): Query<AlertsQuery>,
 ) -> ApiResult<Response> {
-    Ok(json(&st.cat().alerts(q.all)?))
+    Ok(json(&st.catalog(move |c| c.alerts(q.all)).await?))
 }
 
 pub(crate) async fn alert_resolve(
@@ -170,23 +183,28 @@ pub(crate) async fn alert_resolve(
 ) -> ApiResult<Response> {
     let req: ResolveAlert = parse(&body)?;
     req.validate().map_err(bad)?;
-    let note = req.note.as_deref().map(str::trim).filter(|n| !n.is_empty());
-    let cat = st.cat();
-    let a = st.notify.resolve_alert(&cat, now(), id, note)?;
-    cat.audit(
-        now(),
-        "admin",
-        "alert resolve",
-        &format!(
-            "{id} {} {}{}",
-            a.subject,
-            a.kind,
-            note.map(|n| format!(": {n}")).unwrap_or_default()
-        ),
-    )?;
+    let a = st
+        .offload(move |st| {
+            let note = req.note.as_deref().map(str::trim).filter(|n| !n.is_empty());
+            let cat = st.cat();
+            let a = st.notify.resolve_alert(&cat, now(), id, note)?;
+            cat.audit(
+                now(),
+                "admin",
+                "alert resolve",
+                &format!(
+                    "{id} {} {}{}",
+                    a.subject,
+                    a.kind,
+                    note.map(|n| format!(": {n}")).unwrap_or_default()
+                ),
+            )?;
+            Ok(a)
+        })
+        .await?;
     Ok(json(&a))
 }
 
 pub(crate) async fn audit_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
-    Ok(json(&st.cat().audit_log(500)?))
+    Ok(json(&st.catalog(|c| c.audit_log(500)).await?))
 }
