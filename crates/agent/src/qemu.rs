@@ -40,6 +40,7 @@ use crate::provider::{Instance, Provider, Snapshot};
 use crate::readahead::{self, ReadAhead};
 use crate::{Error, Result};
 use datastore::DiskInput;
+use locks::lock;
 use protocol::{Consistency, DiskInfo, JobKind, Manifest, Note, VmInfo};
 use qemu::qga::Qga;
 use qemu::qmp::{BlockDevice, Qmp};
@@ -163,10 +164,6 @@ struct VmSlot {
     /// A snapshot of this VM is out (taken and not released): its record's pending
     /// view is in use, not a leftover.
     viewing: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn hv(vm: &str, what: &str, e: impl std::fmt::Display) -> Error {
@@ -313,11 +310,7 @@ impl Inner {
         f: impl FnOnce(&mut Qmp) -> Result<T>,
     ) -> Option<Result<T>> {
         let slot = self.slot(vm);
-        let guard = match slot.qmp.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
+        let guard = locks::try_lock(&slot.qmp)?;
         Some(self.on_qmp(vm, guard, f))
     }
 
@@ -894,59 +887,12 @@ impl Inner {
         if devices.is_empty() {
             return Err(hv(vm, "inventory", "the VM has no writable disk"));
         }
-        // Which disks may use their bitmap.
-        let mut dirty: Vec<Option<String>> = Vec::new();
-        let mut olds: Vec<Option<String>> = Vec::new();
-        for (i, dev) in devices.iter().enumerate() {
-            let bitmaps = qmp
-                .bitmaps(&dev.node_name)
-                .map_err(|e| hv(vm, "query-named-block-nodes", e))?;
-            let old = st
-                .disks
-                .get(i)
-                .filter(|t| t.node == dev.node_name)
-                .map(|t| t.bitmap.clone())
-                .filter(|b| bitmaps.iter().any(|x| &x.name == b));
-            olds.push(old);
-            let d = if kind == JobKind::Sync {
-                match Self::trusted(&st, i, dev, &bitmaps, base) {
-                    Ok(b) => Some(b),
-                    Err(why) => {
-                        if base.is_some() {
-                            notes.push(Note {
-                                kind: "change-tracking-reset".into(),
-                                message: format!(
-                                    "disk {i} ({}): change tracking not used: {why}; every block is read and compared (consistency check)",
-                                    disk_name(dev)
-                                ),
-                            });
-                        }
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            dirty.push(d);
-        }
+        let (dirty, olds) = Self::choose_bitmaps(vm, qmp, &st, &devices, kind, base, notes)?;
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let new_name = format!("{PREFIX}{now_ms}");
-        // Fleecing images: empty qcow2 files the size of each disk.
-        for (i, dev) in devices.iter().enumerate() {
-            let path = self.fleece_path(vm, i);
-            let _ = std::fs::remove_file(&path);
-            let mut o = vdisk::CreateOptions::new(
-                vdisk::Format::Qcow2,
-                vdisk::Subformat::Dynamic,
-                dev.virtual_size,
-            );
-            o.durable = false;
-            vdisk::create(&path, &o)
-                .and_then(|s| s.finish())
-                .map_err(|e| hv(vm, "creating the fleecing image", e))?;
-        }
+        self.create_fleece_images(vm, &devices)?;
         let pending = Pending {
             disks: devices
                 .iter()
@@ -967,6 +913,98 @@ impl Inner {
         let mut rec = st.clone();
         rec.pending = Some(pending.clone());
         self.save_state(vm, &rec)?;
+        self.start_nbd_server(vm, qmp, &mut rec)?;
+        self.add_fleece_nodes(vm, qmp, &devices)?;
+        let actions = Self::view_actions(vm, qmp, &devices, &olds, &new_name)?;
+        let q = self.quiesce(vm, qmp, notes)?;
+        let consistency = match q {
+            Quiesced::Frozen(..) => Consistency::FileConsistent,
+            _ => Consistency::CrashConsistent,
+        };
+        let tx = qmp.execute("transaction", json!({ "actions": actions }));
+        // Resume first, whatever the transaction did.
+        let resumed = self.resume(vm, qmp, q, notes);
+        tx.map_err(|e| hv(vm, "point-in-time transaction", e))?;
+        resumed?;
+        let disks = Self::export_views(vm, qmp, devices, dirty)?;
+        Ok(View {
+            consistency,
+            disks,
+            pending,
+        })
+    }
+
+    /// Which disks may read their changes from their bitmap (a sync whose bitmap is
+    /// trusted; a note says why not when a base was expected to be used), and each
+    /// disk's bitmap of the last view, when it still exists.
+    #[allow(clippy::type_complexity)]
+    fn choose_bitmaps(
+        vm: &str,
+        qmp: &mut Qmp,
+        st: &VmState,
+        devices: &[BlockDevice],
+        kind: JobKind,
+        base: Option<&Manifest>,
+        notes: &mut Vec<Note>,
+    ) -> Result<(Vec<Option<String>>, Vec<Option<String>>)> {
+        let mut dirty: Vec<Option<String>> = Vec::new();
+        let mut olds: Vec<Option<String>> = Vec::new();
+        for (i, dev) in devices.iter().enumerate() {
+            let bitmaps = qmp
+                .bitmaps(&dev.node_name)
+                .map_err(|e| hv(vm, "query-named-block-nodes", e))?;
+            let old = st
+                .disks
+                .get(i)
+                .filter(|t| t.node == dev.node_name)
+                .map(|t| t.bitmap.clone())
+                .filter(|b| bitmaps.iter().any(|x| &x.name == b));
+            olds.push(old);
+            let d = if kind == JobKind::Sync {
+                match Self::trusted(st, i, dev, &bitmaps, base) {
+                    Ok(b) => Some(b),
+                    Err(why) => {
+                        if base.is_some() {
+                            notes.push(Note {
+                                kind: "change-tracking-reset".into(),
+                                message: format!(
+                                    "disk {i} ({}): change tracking not used: {why}; every block is read and compared (consistency check)",
+                                    disk_name(dev)
+                                ),
+                            });
+                        }
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            dirty.push(d);
+        }
+        Ok((dirty, olds))
+    }
+
+    /// Fleecing images: empty qcow2 files the size of each disk.
+    fn create_fleece_images(&self, vm: &str, devices: &[BlockDevice]) -> Result<()> {
+        for (i, dev) in devices.iter().enumerate() {
+            let path = self.fleece_path(vm, i);
+            let _ = std::fs::remove_file(&path);
+            let mut o = vdisk::CreateOptions::new(
+                vdisk::Format::Qcow2,
+                vdisk::Subformat::Dynamic,
+                dev.virtual_size,
+            );
+            o.durable = false;
+            vdisk::create(&path, &o)
+                .and_then(|s| s.finish())
+                .map_err(|e| hv(vm, "creating the fleecing image", e))?;
+        }
+        Ok(())
+    }
+
+    /// Starts QEMU's NBD server on the VM's socket; when QEMU refuses, the record says
+    /// the server is not ours to stop.
+    fn start_nbd_server(&self, vm: &str, qmp: &mut Qmp, rec: &mut VmState) -> Result<()> {
         let sock = self.nbd_path(vm);
         let _ = std::fs::remove_file(&sock);
         if let Err(e) = qmp.execute(
@@ -977,13 +1015,18 @@ impl Inner {
             if let Some(p) = rec.pending.as_mut() {
                 p.nbd_server = false;
             }
-            self.save_state(vm, &rec)?;
+            self.save_state(vm, rec)?;
             return Err(hv(
                 vm,
                 "nbd-server-start (is another NBD server running in this QEMU?)",
                 e,
             ));
         }
+        Ok(())
+    }
+
+    /// A fleecing node over each disk, backed by it.
+    fn add_fleece_nodes(&self, vm: &str, qmp: &mut Qmp, devices: &[BlockDevice]) -> Result<()> {
         for (i, dev) in devices.iter().enumerate() {
             qmp.execute(
                 "blockdev-add",
@@ -997,8 +1040,20 @@ impl Inner {
             )
             .map_err(|e| hv(vm, "adding the fleecing node", e))?;
         }
+        Ok(())
+    }
+
+    /// The point-in-time transaction's actions: stray bitmaps of ours removed, the new
+    /// bitmap added and the last one disabled, and a fleecing backup job per disk.
+    fn view_actions(
+        vm: &str,
+        qmp: &mut Qmp,
+        devices: &[BlockDevice],
+        olds: &[Option<String>],
+        new_name: &str,
+    ) -> Result<Vec<Value>> {
         let mut actions = Vec::new();
-        for (i, (dev, old)) in devices.iter().zip(&olds).enumerate() {
+        for (i, (dev, old)) in devices.iter().zip(olds).enumerate() {
             // Bitmaps of ours that no record names (an agent whose records were lost)
             // would record forever: removed.
             for b in qmp
@@ -1023,16 +1078,16 @@ impl Inner {
                          "target": format!("{PREFIX}fleece{i}"), "sync": "none",
                          "auto-dismiss": true}}));
         }
-        let q = self.quiesce(vm, qmp, notes)?;
-        let consistency = match q {
-            Quiesced::Frozen(..) => Consistency::FileConsistent,
-            _ => Consistency::CrashConsistent,
-        };
-        let tx = qmp.execute("transaction", json!({ "actions": actions }));
-        // Resume first, whatever the transaction did.
-        let resumed = self.resume(vm, qmp, q, notes);
-        tx.map_err(|e| hv(vm, "point-in-time transaction", e))?;
-        resumed?;
+        Ok(actions)
+    }
+
+    /// Exports each fleecing node over NBD, with the bitmap to read changes from.
+    fn export_views(
+        vm: &str,
+        qmp: &mut Qmp,
+        devices: Vec<BlockDevice>,
+        dirty: Vec<Option<String>>,
+    ) -> Result<Vec<ViewDisk>> {
         let mut disks = Vec::new();
         for (i, (dev, d)) in devices.into_iter().zip(dirty).enumerate() {
             let export = format!("{PREFIX}{i}");
@@ -1049,11 +1104,7 @@ impl Inner {
                 dirty: d,
             });
         }
-        Ok(View {
-            consistency,
-            disks,
-            pending,
-        })
+        Ok(disks)
     }
 }
 

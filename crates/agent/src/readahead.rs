@@ -64,15 +64,12 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        locks::lock(&self.state)
     }
 
     /// Waits for a change, at most `d`.
     fn wait<'a>(&self, st: MutexGuard<'a, State>, d: Duration) -> MutexGuard<'a, State> {
-        match self.changed.wait_timeout(st, d) {
-            Ok((g, _)) => g,
-            Err(p) => p.into_inner().0,
-        }
+        locks::wait_timeout(&self.changed, st, d)
     }
 }
 

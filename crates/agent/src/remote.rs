@@ -10,10 +10,11 @@
 use crate::Error;
 use bytes::Bytes;
 use datastore::{BlockParams, BlockTarget, Id, decode_framed_piece};
+use locks::lock;
 use protocol::MAX_MISSING_IDS;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,11 +66,6 @@ type Sender = (SyncSender<Vec<u8>>, Vec<JoinHandle<()>>);
 
 /// Batches posted at once: the server verifies one while the next is on the wire.
 const SENDERS: usize = 3;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicked holder leaves plain data behind; nothing to repair.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// One job's backup target on the server.
 pub struct RemoteTarget {

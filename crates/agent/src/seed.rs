@@ -62,7 +62,7 @@ impl BlockTarget for SeedTarget {
     }
 
     fn put(&self, framed: &[u8]) -> datastore::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = locks::lock(&self.state);
         st.buf.extend_from_slice(framed);
         if st.buf.len() >= FILE_BYTES {
             self.flush(&mut st)?;
@@ -71,7 +71,7 @@ impl BlockTarget for SeedTarget {
     }
 
     fn finish(&self) -> datastore::Result<u64> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = locks::lock(&self.state);
         self.flush(&mut st)?;
         Ok(st.bytes)
     }
@@ -126,12 +126,7 @@ pub fn export(
             return Err(Error::Backup(e));
         }
     };
-    let files = target
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .files
-        .clone();
+    let files = locks::lock(&target.state).files.clone();
     let seed = ReplicaSeed {
         format: SEED_FORMAT.into(),
         version: SEED_VERSION,

@@ -89,6 +89,50 @@ pub struct InventoryOutcome {
 }
 
 /// A data source holding a VM id.
+/// One VM of an inventory, as it is written to its data source.
+struct Reported<'a> {
+    now: i64,
+    host: &'a str,
+    v: &'a VmInfo,
+    /// `disks` as stored (JSON) and their total size.
+    disks: String,
+    size: i64,
+    /// `HOST/VM` as reported.
+    claimant: String,
+}
+
+/// How a reported VM got to its data source: held as a claim on another host's VM id,
+/// and the move (rename, migration) that changed its name.
+#[derive(Default)]
+struct How {
+    claimed: bool,
+    moved: Option<String>,
+}
+
+impl How {
+    fn moved(how: String) -> How {
+        How {
+            claimed: false,
+            moved: Some(how),
+        }
+    }
+}
+
+/// The names of an inventory, each checked and listed once.
+fn inventory_names<'a>(host: &str, vms: &'a [VmInfo]) -> Result<HashSet<&'a str>> {
+    let mut names = HashSet::new();
+    for v in vms {
+        check_name("VM", &v.name)?;
+        if !names.insert(v.name.as_str()) {
+            return Err(Error::Invalid(format!(
+                "inventory of {host} lists VM {:?} twice",
+                v.name
+            )));
+        }
+    }
+    Ok(names)
+}
+
 struct Holder {
     id: String,
     host: String,
@@ -117,121 +161,32 @@ impl Catalog {
         vms: &[VmInfo],
     ) -> Result<InventoryOutcome> {
         check_name("host", host)?;
-        let mut names = HashSet::new();
-        for v in vms {
-            check_name("VM", &v.name)?;
-            if !names.insert(v.name.as_str()) {
-                return Err(Error::Invalid(format!(
-                    "inventory of {host} lists VM {:?} twice",
-                    v.name
-                )));
-            }
-        }
+        let names = inventory_names(host, vms)?;
         let my_cluster = self.cluster_of(host)?;
         let tx = self.conn.unchecked_transaction()?;
         let mut out = InventoryOutcome::default();
         let mut seen: HashSet<String> = HashSet::new();
         let mut claimed: HashSet<&str> = HashSet::new();
         for v in vms {
-            // A candidate still listed under its own name on this host is a different VM
-            // sharing the id (a clone), not this one moved or renamed.
-            let holders: Vec<Holder> = match &v.vm_id {
-                Some(vid) => self
-                    .all(
-                        "SELECT id, host, vm, present FROM datasources WHERE vm_id = ?1
-                         ORDER BY present DESC, last_seen DESC",
-                        [vid],
-                        |r| {
-                            Ok(Holder {
-                                id: r.get(0, "datasources.id")?,
-                                host: r.get(1, "datasources.host")?,
-                                vm: r.get(2, "datasources.vm")?,
-                                present: r.bool(3, "datasources.present")?,
-                            })
-                        },
-                    )?
-                    .into_iter()
-                    .filter(|h| {
-                        let clone_here = h.host == host && names.contains(h.vm.as_str());
-                        !seen.contains(&h.id) && !clone_here
-                    })
-                    .collect(),
-                None => Vec::new(),
+            let holders = self.id_holders(host, v, &names, &seen)?;
+            let r = Reported {
+                now,
+                host,
+                v,
+                disks: to_json(&v.disks, "disks")?,
+                size: sql_u64(disks_size(&v.disks)),
+                claimant: format!("{host}/{}", v.name),
             };
-            let by_name = self.one(
-                "SELECT id, vm_id FROM datasources WHERE host = ?1 AND vm = ?2",
-                [host, v.name.as_str()],
-                |r| {
-                    Ok((
-                        r.get::<String>(0, "datasources.id")?,
-                        r.get::<Option<String>>(1, "datasources.vm_id")?,
-                    ))
-                },
-            )?;
-            let disks = to_json(&v.disks, "disks")?;
-            let size = sql_u64(disks_size(&v.disks));
-            let same_host = holders.iter().find(|h| h.host == host);
-            let foreign = holders.iter().find(|h| h.host != host);
-            let claimant = format!("{host}/{}", v.name);
-            let (id, vm_id, how) = match by_name {
-                Some((id, old)) => match foreign {
-                    // Its own VM, now reporting an id another host's data source holds:
-                    // kept, without the id.
-                    Some(f) if old != v.vm_id => {
-                        self.claim(now, host, v, f, &claimant, &mut out)?;
-                        claimed.insert(v.name.as_str());
-                        (id, old, None)
-                    }
-                    _ => (id, v.vm_id.clone(), None),
-                },
-                None => match (same_host, foreign) {
-                    (Some(h), _) => (h.id.clone(), v.vm_id.clone(), Some("renamed".to_string())),
-                    (None, Some(f)) => {
-                        let migrated = match &my_cluster {
-                            Some(k) if !f.present => (self.cluster_of(&f.host)?.as_ref()
-                                == Some(k))
-                            .then(|| format!("cluster {k}")),
-                            _ => None,
-                        };
-                        match migrated {
-                            Some(how) => (f.id.clone(), v.vm_id.clone(), Some(how)),
-                            None => {
-                                self.claim(now, host, v, f, &claimant, &mut out)?;
-                                claimed.insert(v.name.as_str());
-                                continue;
-                            }
-                        }
-                    }
-                    (None, None) => {
-                        let id = random_id()?;
-                        tx.execute(
-                            "INSERT INTO datasources
-                                 (id, host, vm, vm_id, provider, disks, size, first_seen, last_seen)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-                            params![id, host, v.name, v.vm_id, v.provider, disks, size, now],
-                        )?;
-                        (id, v.vm_id.clone(), None)
-                    }
-                },
+            let Some((id, vm_id, how)) =
+                self.match_reported(&tx, &r, &holders, &my_cluster, &mut out)?
+            else {
+                claimed.insert(v.name.as_str());
+                continue;
             };
-            if let Some(how) = how {
-                let from = self.datasource(&id)?.name;
-                if from != claimant {
-                    self.record_move(now, &id, &from, &claimant, &how)?;
-                    out.moves.push(Move {
-                        datasource_id: id.clone(),
-                        from,
-                        to: claimant.clone(),
-                        how,
-                    });
-                }
+            if how.claimed {
+                claimed.insert(v.name.as_str());
             }
-            tx.execute(
-                "UPDATE datasources SET host = ?2, vm = ?3, vm_id = ?4, provider = ?5,
-                     disks = ?6, size = ?7, present = 1, last_seen = ?8
-                 WHERE id = ?1",
-                params![id, host, v.name, vm_id, v.provider, disks, size, now],
-            )?;
+            self.record_reported(&tx, &r, &id, &vm_id, how.moved, &mut out)?;
             seen.insert(id);
         }
         let here = self.all(
@@ -242,8 +197,170 @@ impl Catalog {
         for id in here.iter().filter(|id| !seen.contains(*id)) {
             tx.execute("UPDATE datasources SET present = 0 WHERE id = ?1", [id])?;
         }
-        // Claims this host no longer makes end; a data source nobody claims any more is
-        // out of conflict.
+        self.end_claims(&tx, host, &claimed, &mut out)?;
+        out.back = self.all(
+            "SELECT a.subject FROM alerts a JOIN datasources d
+                 ON a.subject = d.host || '/' || d.vm
+             WHERE d.host = ?1 AND d.present = 1 AND a.kind = 'vm-missing'
+                 AND a.resolved IS NULL",
+            [host],
+            |r| r.get(0, "alerts.subject"),
+        )?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// The data sources holding `v`'s hypervisor id, present ones and the most recently
+    /// seen first, except those already matched in this inventory. A candidate still
+    /// listed under its own name on this host is a different VM sharing the id (a
+    /// clone), not this one moved or renamed.
+    fn id_holders(
+        &self,
+        host: &str,
+        v: &VmInfo,
+        names: &HashSet<&str>,
+        seen: &HashSet<String>,
+    ) -> Result<Vec<Holder>> {
+        let Some(vid) = &v.vm_id else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .all(
+                "SELECT id, host, vm, present FROM datasources WHERE vm_id = ?1
+                 ORDER BY present DESC, last_seen DESC",
+                [vid],
+                |r| {
+                    Ok(Holder {
+                        id: r.get(0, "datasources.id")?,
+                        host: r.get(1, "datasources.host")?,
+                        vm: r.get(2, "datasources.vm")?,
+                        present: r.bool(3, "datasources.present")?,
+                    })
+                },
+            )?
+            .into_iter()
+            .filter(|h| {
+                let clone_here = h.host == host && names.contains(h.vm.as_str());
+                !seen.contains(&h.id) && !clone_here
+            })
+            .collect())
+    }
+
+    /// The matching rule, in order: by `(host, name)` (keeping its old id when another
+    /// host's data source holds the new one: a claim); by id among this host's data
+    /// sources (a rename); by id among other hosts' (a migration within one cluster
+    /// when the holder's host no longer reports it, else a claim: `None`); else a new
+    /// data source. Returns the data source, the id it keeps and how it got there.
+    fn match_reported(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        r: &Reported<'_>,
+        holders: &[Holder],
+        my_cluster: &Option<String>,
+        out: &mut InventoryOutcome,
+    ) -> Result<Option<(String, Option<String>, How)>> {
+        let (now, host, v) = (r.now, r.host, r.v);
+        let by_name = self.one(
+            "SELECT id, vm_id FROM datasources WHERE host = ?1 AND vm = ?2",
+            [host, v.name.as_str()],
+            |r| {
+                Ok((
+                    r.get::<String>(0, "datasources.id")?,
+                    r.get::<Option<String>>(1, "datasources.vm_id")?,
+                ))
+            },
+        )?;
+        let same_host = holders.iter().find(|h| h.host == host);
+        let foreign = holders.iter().find(|h| h.host != host);
+        let stays = How::default();
+        Ok(Some(match by_name {
+            Some((id, old)) => match foreign {
+                // Its own VM, now reporting an id another host's data source holds:
+                // kept, without the id.
+                Some(f) if old != v.vm_id => {
+                    self.claim(now, host, v, f, &r.claimant, out)?;
+                    let how = How {
+                        claimed: true,
+                        moved: None,
+                    };
+                    (id, old, how)
+                }
+                _ => (id, v.vm_id.clone(), stays),
+            },
+            None => match (same_host, foreign) {
+                (Some(h), _) => (h.id.clone(), v.vm_id.clone(), How::moved("renamed".into())),
+                (None, Some(f)) => {
+                    let migrated = match my_cluster {
+                        Some(k) if !f.present => (self.cluster_of(&f.host)?.as_ref() == Some(k))
+                            .then(|| format!("cluster {k}")),
+                        _ => None,
+                    };
+                    match migrated {
+                        Some(how) => (f.id.clone(), v.vm_id.clone(), How::moved(how)),
+                        None => {
+                            self.claim(now, host, v, f, &r.claimant, out)?;
+                            return Ok(None);
+                        }
+                    }
+                }
+                (None, None) => {
+                    let id = random_id()?;
+                    tx.execute(
+                        "INSERT INTO datasources
+                             (id, host, vm, vm_id, provider, disks, size, first_seen, last_seen)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                        params![id, host, v.name, v.vm_id, v.provider, r.disks, r.size, now],
+                    )?;
+                    (id, v.vm_id.clone(), stays)
+                }
+            },
+        }))
+    }
+
+    /// Data source `id` is now the reported VM: its move recorded when its name
+    /// changed, then its row brought up to date and present.
+    fn record_reported(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        r: &Reported<'_>,
+        id: &str,
+        vm_id: &Option<String>,
+        how: Option<String>,
+        out: &mut InventoryOutcome,
+    ) -> Result<()> {
+        let v = r.v;
+        if let Some(how) = how {
+            let from = self.datasource(id)?.name;
+            if from != r.claimant {
+                self.record_move(r.now, id, &from, &r.claimant, &how)?;
+                out.moves.push(Move {
+                    datasource_id: id.to_string(),
+                    from,
+                    to: r.claimant.clone(),
+                    how,
+                });
+            }
+        }
+        tx.execute(
+            "UPDATE datasources SET host = ?2, vm = ?3, vm_id = ?4, provider = ?5,
+                 disks = ?6, size = ?7, present = 1, last_seen = ?8
+             WHERE id = ?1",
+            params![
+                id, r.host, v.name, vm_id, v.provider, r.disks, r.size, r.now
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Claims `host` no longer makes end; a data source nobody claims any more is out
+    /// of conflict.
+    fn end_claims(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        host: &str,
+        claimed: &HashSet<&str>,
+        out: &mut InventoryOutcome,
+    ) -> Result<()> {
         let old_claims = self.all(
             "SELECT vm, datasource_id FROM vm_claims WHERE host = ?1",
             [host],
@@ -266,16 +383,7 @@ impl Catalog {
                 out.conflicts_ended.push(self.datasource(&ds)?.name);
             }
         }
-        out.back = self.all(
-            "SELECT a.subject FROM alerts a JOIN datasources d
-                 ON a.subject = d.host || '/' || d.vm
-             WHERE d.host = ?1 AND d.present = 1 AND a.kind = 'vm-missing'
-                 AND a.resolved IS NULL",
-            [host],
-            |r| r.get(0, "alerts.subject"),
-        )?;
-        tx.commit()?;
-        Ok(out)
+        Ok(())
     }
 
     /// Holds `v` (reported by `host`) as a claim on `holder`'s VM id.

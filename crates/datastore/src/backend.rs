@@ -119,7 +119,7 @@ impl LocalBackend {
     }
 
     fn lock_handles(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<File>>> {
-        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+        locks::lock(&self.handles)
     }
 
     /// Writes `data` to a fresh temporary file beside `path` and fsyncs it.

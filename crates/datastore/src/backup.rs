@@ -16,6 +16,7 @@ use crate::manifest::{
 };
 use crate::ranges::RangeCursor;
 use crate::store::{BlobIndex, Datastore};
+use locks::lock;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -130,18 +131,13 @@ struct FreeList<T = Vec<u8>>(Mutex<Vec<T>>);
 
 impl<T: Default + Clearable> FreeList<T> {
     fn take(&self) -> T {
-        let mut v = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
+        let mut v = locks::lock(&self.0).pop().unwrap_or_default();
         v.clear();
         v
     }
 
     fn give(&self, v: T, max: usize) {
-        let mut l = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l = locks::lock(&self.0);
         if l.len() < max {
             l.push(v);
         }
@@ -424,10 +420,6 @@ impl LocalOut<'_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl LocalTarget<'_, '_> {
     /// Closes the pack queue (flushing the last pack first when `flush`) and waits for
     /// the uploader; returns the packs it stored, or its error.
@@ -514,6 +506,92 @@ impl BlockTarget for LocalTarget<'_, '_> {
     }
 }
 
+/// The writer's side of one disk: the blocks listed so far and the index piece being
+/// filled, from segments taken in disk order.
+struct Assembly {
+    disk_no: u32,
+    pb: u64,
+    nblocks: u64,
+    block: u64,
+    piece: Vec<u8>,
+}
+
+impl Assembly {
+    /// Lists a segment's blocks; stores its new blobs (contiguous in `framed`: put in
+    /// runs) and each full index piece after the blocks it lists.
+    fn blocks(
+        &mut self,
+        rec: &mut DiskRecord,
+        w: &mut Writer<'_>,
+        done: Vec<Done>,
+        framed: &[u8],
+    ) -> Result<()> {
+        // New blobs are contiguous in `framed`: put them in runs.
+        let mut run = 0..0;
+        for d in done {
+            let id = match d {
+                Done::Zero => {
+                    rec.stats.blocks_zero += 1;
+                    Id::ZERO
+                }
+                Done::Reuse(id) => {
+                    rec.stats.blocks_reused += 1;
+                    id
+                }
+                Done::Known(id) => {
+                    rec.stats.blocks_dedup += 1;
+                    id
+                }
+                Done::New {
+                    id,
+                    plain,
+                    start,
+                    end,
+                } => {
+                    // Two workers may both have found a
+                    // repeated block missing: store it once.
+                    if w.session.insert(id) {
+                        if run.end != start {
+                            w.put(&framed[run])?;
+                            run = start..start;
+                        }
+                        run.end = end;
+                        rec.stats.blocks_new += 1;
+                        rec.stats.bytes_new += plain as u64;
+                        rec.stats.bytes_stored += (end - start) as u64;
+                    } else {
+                        rec.stats.blocks_dedup += 1;
+                    }
+                    id
+                }
+            };
+            self.piece.extend_from_slice(&id.0);
+            self.block += 1;
+            if self.block.is_multiple_of(self.pb) || self.block == self.nblocks {
+                // Blocks before the piece that lists them.
+                w.put(&framed[run.clone()])?;
+                run = run.end..run.end;
+                let pid = w.add_piece(&self.piece)?;
+                rec.pieces.push(pid.to_hex());
+                self.piece.clear();
+            }
+        }
+        w.put(&framed[run])?;
+        Ok(())
+    }
+
+    /// Every block listed, every piece stored.
+    fn finish(&self) -> Result<()> {
+        if self.block != self.nblocks || !self.piece.is_empty() {
+            return Err(Error::Invalid(format!(
+                "internal: disk {} ended at block {} of {}",
+                self.disk_no, self.block, self.nblocks
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The pipeline's shared parts: where blocks go and how they are built.
 struct Pipe<'a> {
     target: &'a dyn BlockTarget,
@@ -522,6 +600,31 @@ struct Pipe<'a> {
 }
 
 impl Pipe<'_> {
+    /// Which base pieces the target still has: one question for the whole disk.
+    fn base_present(&self, base: Option<&DiskRecord>) -> Result<Vec<bool>> {
+        let Some(bd) = base else {
+            return Ok(Vec::new());
+        };
+        let ids = bd
+            .pieces
+            .iter()
+            .enumerate()
+            .map(|(p, h)| {
+                Id::from_hex(h)
+                    .ok_or_else(|| Error::Invalid(format!("base index piece {p} is malformed")))
+            })
+            .collect::<Result<Vec<Id>>>()?;
+        let miss = self.target.missing(&ids)?;
+        if miss.len() != ids.len() {
+            return Err(Error::Invalid(format!(
+                "target answered {} of {} ids",
+                miss.len(),
+                ids.len()
+            )));
+        }
+        Ok(miss.into_iter().map(|m| !m).collect())
+    }
+
     fn backup_disk(
         &self,
         disk_no: u32,
@@ -541,30 +644,7 @@ impl Pipe<'_> {
         // A base is only consulted block by block when change tracking says what changed.
         let base = base.filter(|_| changed.is_some());
         // Which base pieces the target still has: one question for the whole disk.
-        let base_present: Vec<bool> = match base {
-            Some(bd) => {
-                let ids = bd
-                    .pieces
-                    .iter()
-                    .enumerate()
-                    .map(|(p, h)| {
-                        Id::from_hex(h).ok_or_else(|| {
-                            Error::Invalid(format!("base index piece {p} is malformed"))
-                        })
-                    })
-                    .collect::<Result<Vec<Id>>>()?;
-                let miss = self.target.missing(&ids)?;
-                if miss.len() != ids.len() {
-                    return Err(Error::Invalid(format!(
-                        "target answered {} of {} ids",
-                        miss.len(),
-                        ids.len()
-                    )));
-                }
-                miss.into_iter().map(|m| !m).collect()
-            }
-            None => Vec::new(),
-        };
+        let base_present = self.base_present(base)?;
         let base_present = &base_present;
         let threads = self.threads;
         let (job_tx, job_rx) = sync_channel::<Result<(u64, Work)>>(threads);
@@ -637,8 +717,13 @@ impl Pipe<'_> {
              -> Result<u64> {
                 let mut pending = BTreeMap::new();
                 let mut next = 0u64;
-                let mut block = 0u64;
-                let mut piece: Vec<u8> = Vec::with_capacity(pb as usize * 32);
+                let mut asm = Assembly {
+                    disk_no,
+                    pb,
+                    nblocks,
+                    block: 0,
+                    piece: Vec::with_capacity(pb as usize * 32),
+                };
                 for msg in out_rx {
                     let (seq, p) = msg?;
                     pending.insert(seq, p);
@@ -648,7 +733,7 @@ impl Pipe<'_> {
                             Processed::Piece { id, blocks } => {
                                 rec.pieces.push(id.to_hex());
                                 rec.stats.blocks_reused += blocks;
-                                block += blocks;
+                                asm.block += blocks;
                             }
                             Processed::Blocks {
                                 done,
@@ -657,71 +742,17 @@ impl Pipe<'_> {
                                 buf,
                             } => {
                                 rec.stats.bytes_read += read;
-                                // New blobs are contiguous in `framed`: put them in runs.
-                                let mut run = 0..0;
-                                for d in done {
-                                    let id = match d {
-                                        Done::Zero => {
-                                            rec.stats.blocks_zero += 1;
-                                            Id::ZERO
-                                        }
-                                        Done::Reuse(id) => {
-                                            rec.stats.blocks_reused += 1;
-                                            id
-                                        }
-                                        Done::Known(id) => {
-                                            rec.stats.blocks_dedup += 1;
-                                            id
-                                        }
-                                        Done::New {
-                                            id,
-                                            plain,
-                                            start,
-                                            end,
-                                        } => {
-                                            // Two workers may both have found a
-                                            // repeated block missing: store it once.
-                                            if w.session.insert(id) {
-                                                if run.end != start {
-                                                    w.put(&framed[run])?;
-                                                    run = start..start;
-                                                }
-                                                run.end = end;
-                                                rec.stats.blocks_new += 1;
-                                                rec.stats.bytes_new += plain as u64;
-                                                rec.stats.bytes_stored += (end - start) as u64;
-                                            } else {
-                                                rec.stats.blocks_dedup += 1;
-                                            }
-                                            id
-                                        }
-                                    };
-                                    piece.extend_from_slice(&id.0);
-                                    block += 1;
-                                    if block.is_multiple_of(pb) || block == nblocks {
-                                        // Blocks before the piece that lists them.
-                                        w.put(&framed[run.clone()])?;
-                                        run = run.end..run.end;
-                                        let pid = w.add_piece(&piece)?;
-                                        rec.pieces.push(pid.to_hex());
-                                        piece.clear();
-                                    }
-                                }
-                                w.put(&framed[run])?;
+                                asm.blocks(&mut rec, w, done, &framed)?;
                                 framed_pool.give(framed, threads + 2);
                                 if buf.capacity() > 0 {
                                     let _ = pool_tx.try_send(buf);
                                 }
                             }
                         }
-                        progress((block * bs).min(size));
+                        progress((asm.block * bs).min(size));
                     }
                 }
-                if block != nblocks || !piece.is_empty() {
-                    return Err(Error::Invalid(format!(
-                        "internal: disk {disk_no} ended at block {block} of {nblocks}"
-                    )));
-                }
+                asm.finish()?;
                 Ok(next)
             };
             // The consumer owns the last sender of the pool: when it stops, the reader's

@@ -10,7 +10,8 @@
 use crate::error::{Error, Result};
 use crate::format::{self, PackBuilder, PackEntry};
 use crate::id::Id;
-use crate::store::Datastore;
+use crate::manifest::Manifest;
+use crate::store::{BlobIndex, Datastore};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 
@@ -36,6 +37,25 @@ pub struct GcReport {
     pub missing_blobs: u64,
 }
 
+/// Packs with their tables (blob entries).
+type Tables = Vec<(Id, Vec<PackEntry>)>;
+
+/// What the sweep decided for each pack.
+struct Sweep {
+    packs_before: u64,
+    /// Packs kept as they are, with their tables.
+    keep: Tables,
+    /// Packs to delete (dead, or repacked).
+    drop: Vec<Id>,
+    /// Live blobs to copy out of repacked packs.
+    moves: Vec<(Id, PackEntry)>,
+    repacked: u64,
+    unhealed: u64,
+    missing: u64,
+    /// Size of each pack file, by key.
+    sizes: HashMap<String, u64>,
+}
+
 impl Datastore {
     /// Reclaims unreferenced data. `progress` receives messages (waiting for backups...).
     pub fn gc(&self, notice: &mut dyn FnMut(&str)) -> Result<GcReport> {
@@ -56,9 +76,47 @@ impl Datastore {
         }
         report.points = points.len() as u64;
         let index = self.blob_index()?;
-        // Mark.
+        let live = self.mark(&points, &index)?;
+        report.live_blobs = live.len() as u64;
+        let mut sweep = self.sweep(&index, &live)?;
+        report.packs_before = sweep.packs_before;
+        report.packs_repacked = sweep.repacked;
+        report.unhealed_blobs = sweep.unhealed;
+        report.missing_blobs = sweep.missing;
+        let (new_tables, mut written) = self.compact(std::mem::take(&mut sweep.moves))?;
+        report.packs_written = new_tables.len() as u64;
+        let mut all = std::mem::take(&mut sweep.keep);
+        all.extend(new_tables);
+        let (index_bytes, mut freed) = self.replace_index(&all)?;
+        written += index_bytes;
+        // A rewritten pack whose blobs and order did not change (a damaged trailer) has
+        // its old name: it was just replaced by the good copy, so it must stay.
+        let rewritten: HashSet<Id> = all.iter().map(|(p, _)| *p).collect();
+        // Damaged copies in the packs replaced (deleted or rewritten) are gone.
+        let dropped: HashSet<Id> = sweep.drop.iter().copied().collect();
+        sweep.drop.retain(|p| !rewritten.contains(p));
+        for pack in &sweep.drop {
+            let key = format::pack_key(pack);
+            self.backend.delete(&key)?;
+            freed += sweep.sizes.get(&key).copied().unwrap_or(0) as i64;
+        }
+        report.packs_deleted = sweep.drop.len() as u64;
+        // Damaged copies that are gone no longer need recording.
+        let damaged: Vec<_> = self
+            .damaged()?
+            .into_iter()
+            .filter(|(p, _)| !dropped.contains(p))
+            .collect();
+        self.write_damaged(&damaged)?;
+        report.leftover_bytes = self.backend.remove_leftovers()?;
+        report.bytes_freed = freed + report.leftover_bytes as i64 - written;
+        Ok(report)
+    }
+
+    /// Mark: every index piece and block some recovery point references.
+    fn mark(&self, points: &[Manifest], index: &BlobIndex) -> Result<HashSet<Id>> {
         let mut live: HashSet<Id> = HashSet::new();
-        for m in &points {
+        for m in points {
             for d in &m.disks {
                 for h in &d.pieces {
                     let pid = Id::from_hex(h).ok_or_else(|| {
@@ -67,7 +125,7 @@ impl Datastore {
                     if !live.insert(pid) {
                         continue;
                     }
-                    let ids = self.read_piece(&index, pid).map_err(|e| {
+                    let ids = self.read_piece(index, pid).map_err(|e| {
                         Error::Invalid(format!(
                             "recovery point {} disk {}: {e}; gc stops rather than guess what it references (run verify)",
                             m.id, d.index
@@ -77,21 +135,30 @@ impl Datastore {
                 }
             }
         }
-        report.live_blobs = live.len() as u64;
-        // The chosen location of each live blob; anything else is dead.
+        Ok(live)
+    }
+
+    /// Sweep: the chosen location of each live blob; anything else is dead. Each pack
+    /// is kept, dropped, or repacked (mostly dead, or holding a damaged copy).
+    fn sweep(&self, index: &BlobIndex, live: &HashSet<Id>) -> Result<Sweep> {
         let mut files = Vec::new();
         let mut damaged_files = Vec::new();
         let tables = self.pack_tables(&mut files, &mut damaged_files)?;
-        report.packs_before = tables.len() as u64;
         let mut damaged_packs: HashSet<String> =
             damaged_files.iter().map(|(k, _)| k.clone()).collect();
         // Packs holding a copy verify found damaged are rewritten without it.
         damaged_packs.extend(self.damaged()?.iter().map(|(p, _)| format::pack_key(p)));
-        let mut keep_tables: Vec<(Id, Vec<PackEntry>)> = Vec::new();
-        let mut drop_packs: Vec<Id> = Vec::new();
-        let mut moves: Vec<(Id, PackEntry)> = Vec::new();
+        let mut sweep = Sweep {
+            packs_before: tables.len() as u64,
+            keep: Vec::new(),
+            drop: Vec::new(),
+            moves: Vec::new(),
+            repacked: 0,
+            unhealed: 0,
+            missing: 0,
+            sizes: self.pack_sizes()?,
+        };
         let mut taken: HashSet<Id> = HashSet::new();
-        let sizes = self.pack_sizes()?;
         let pack_no: HashMap<Id, usize> = index
             .packs
             .iter()
@@ -122,28 +189,33 @@ impl Datastore {
                 for e in entries.iter().filter(|e| live.contains(&e.id)) {
                     taken.insert(e.id);
                 }
-                keep_tables.push((*pack, entries.clone()));
+                sweep.keep.push((*pack, entries.clone()));
             } else if live_entries.is_empty() {
-                drop_packs.push(*pack);
+                sweep.drop.push(*pack);
             } else if (live_bytes as f64) < REPACK_BELOW * total as f64
                 || damaged_packs.contains(&format::pack_key(pack))
             {
-                drop_packs.push(*pack);
+                sweep.drop.push(*pack);
                 for e in live_entries {
                     taken.insert(e.id);
-                    moves.push((*pack, *e));
+                    sweep.moves.push((*pack, *e));
                 }
-                report.packs_repacked += 1;
+                sweep.repacked += 1;
             } else {
                 for e in &live_entries {
                     taken.insert(e.id);
                 }
-                keep_tables.push((*pack, entries.clone()));
+                sweep.keep.push((*pack, entries.clone()));
             }
         }
-        report.unhealed_blobs = unhealed.len() as u64;
-        report.missing_blobs = live.iter().filter(|id| !taken.contains(id)).count() as u64;
-        // Compact: copy live blobs (checked) into new packs.
+        sweep.unhealed = unhealed.len() as u64;
+        sweep.missing = live.iter().filter(|id| !taken.contains(id)).count() as u64;
+        Ok(sweep)
+    }
+
+    /// Compact: copies the live blobs (checked) of repacked packs into new packs;
+    /// returns their tables and the bytes written.
+    fn compact(&self, moves: Vec<(Id, PackEntry)>) -> Result<(Tables, i64)> {
         let mut new_tables = Vec::new();
         let mut pb = PackBuilder::new(self.config.pack_size as usize);
         let mut plain = Vec::new();
@@ -160,16 +232,18 @@ impl Datastore {
         if !pb.is_empty() {
             written += self.store_pack(pb, &mut new_tables)? as i64;
         }
-        report.packs_written = new_tables.len() as u64;
-        // New consolidated index, then remove old index files, then old packs.
-        let mut all = keep_tables;
-        all.extend(new_tables);
+        Ok((new_tables, written))
+    }
+
+    /// Writes the new consolidated index of `all`, then removes the old index files;
+    /// returns the bytes written and freed.
+    fn replace_index(&self, all: &[(Id, Vec<PackEntry>)]) -> Result<(i64, i64)> {
         let name = format!(
             "gc-{}-{}",
             crate::time::compact(crate::time::now()),
             crate::crypto::random_hex(4)?
         );
-        let new_index = format::encode_index(&all);
+        let new_index = format::encode_index(all);
         let old_index: Vec<(String, u64)> = self
             .backend
             .list("index/")?
@@ -177,34 +251,12 @@ impl Datastore {
             .map(|e| (e.key, e.size))
             .collect();
         self.backend.put(&format!("index/{name}"), &new_index)?;
-        written += new_index.len() as i64;
         let mut freed: i64 = 0;
         for (key, size) in old_index {
             self.backend.delete(&key)?;
             freed += size as i64;
         }
-        // A rewritten pack whose blobs and order did not change (a damaged trailer) has
-        // its old name: it was just replaced by the good copy, so it must stay.
-        let rewritten: HashSet<Id> = all.iter().map(|(p, _)| *p).collect();
-        // Damaged copies in the packs replaced (deleted or rewritten) are gone.
-        let dropped: HashSet<Id> = drop_packs.iter().copied().collect();
-        drop_packs.retain(|p| !rewritten.contains(p));
-        for pack in &drop_packs {
-            let key = format::pack_key(pack);
-            self.backend.delete(&key)?;
-            freed += sizes.get(&key).copied().unwrap_or(0) as i64;
-        }
-        report.packs_deleted = drop_packs.len() as u64;
-        // Damaged copies that are gone no longer need recording.
-        let damaged: Vec<_> = self
-            .damaged()?
-            .into_iter()
-            .filter(|(p, _)| !dropped.contains(p))
-            .collect();
-        self.write_damaged(&damaged)?;
-        report.leftover_bytes = self.backend.remove_leftovers()?;
-        report.bytes_freed = freed + report.leftover_bytes as i64 - written;
-        Ok(report)
+        Ok((new_index.len() as i64, freed))
     }
 
     fn store_pack(&self, pb: PackBuilder, tables: &mut Vec<(Id, Vec<PackEntry>)>) -> Result<u64> {

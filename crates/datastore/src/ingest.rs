@@ -16,8 +16,9 @@ use crate::manifest::{
     Consistency, DiskRecord, MANIFEST_FORMAT, MANIFEST_VERSION, Manifest, Source, Stats,
 };
 use crate::store::{BlobIndex, Datastore, Loc};
+use locks::lock;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 /// Largest disk a remote agent may record.
 pub const MAX_REMOTE_DISK: u64 = 64 << 40;
@@ -54,10 +55,6 @@ impl std::fmt::Debug for Ingest {
             .field("source", &self.source)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn rejected(what: impl Into<String>) -> Error {
@@ -320,7 +317,7 @@ impl Ingest {
                 )));
             }
         }
-        let mut st = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut st = locks::into_inner(self.state);
         if !st.pack.is_empty() {
             let (buf, entries) = std::mem::replace(&mut st.pack, PackBuilder::new(0)).finish();
             let id = format::pack_id(&buf);

@@ -139,18 +139,11 @@ impl Datastore {
                             Err(e) => Some(detail(e)),
                         };
                         if let Some(p) = trailer_problem {
-                            bad_trailers
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push((*pack, p));
+                            locks::lock(&bad_trailers).push((*pack, p));
                         }
-                        good.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .extend(ok_ids);
-                        bad.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .extend(bad_here);
-                        let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
+                        locks::lock(&good).extend(ok_ids);
+                        locks::lock(&bad).extend(bad_here);
+                        let mut d = locks::lock(&done);
                         d.0 += bytes;
                         let n = d.0;
                         (d.1)(n, total);
@@ -158,12 +151,12 @@ impl Datastore {
                 });
             }
         });
-        let good = good.into_inner().unwrap_or_else(|p| p.into_inner());
-        let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+        let good = locks::into_inner(good);
+        let bad = locks::into_inner(bad);
         report.packs = tables.len() as u64;
         report.blobs = tables.iter().map(|(_, e)| e.len() as u64).sum();
         report.bytes = total;
-        let bad_trailers = bad_trailers.into_inner().unwrap_or_else(|p| p.into_inner());
+        let bad_trailers = locks::into_inner(bad_trailers);
         // Record damaged locations before reading indexes, so pieces come from good copies.
         // A damaged trailer is recorded as offset u32::MAX: gc then rewrites the pack.
         let mut bad_locs: Vec<BadLoc> = bad.iter().map(|b| b.0).collect();

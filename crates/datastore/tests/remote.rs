@@ -428,14 +428,14 @@ fn concurrent_sessions_for_two_sources() {
     assert_clean(&verify(&fresh));
 }
 
-/// Ingest throughput for typical compressible data (printed; run with --release and
-/// --nocapture to measure). INGEST_MIB sets the batch volume.
+/// Ingest of typical compressible data (half text, half random: about 2:1), plain and
+/// encrypted: every block of the batches is stored once, counted in the figures `put`
+/// returns, and no longer missing; the same batch again stores nothing. (Throughput is
+/// measured by bench/datastore.sh, not here.)
 #[test]
-fn ingest_rate() {
-    let mib: usize = std::env::var("INGEST_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16);
+fn ingest_counts_and_dedups() {
+    const BATCHES: usize = 4;
+    const PER_BATCH: usize = 64;
     for encrypted in [false, true] {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("ds");
@@ -443,42 +443,43 @@ fn ingest_rate() {
         let p = ds.block_params();
         let mut rng = Rng::new(5);
         let mut batches = Vec::new();
+        let mut ids = Vec::new();
         let mut plain = 0usize;
-        for b in 0..mib / 4 {
+        for b in 0..BATCHES {
             let mut batch = Vec::new();
-            for k in 0..64 {
-                // Half log-like text, half half-random: compresses about 2:1.
-                let mut block = text(BS as usize, (b * 64 + k) as u64);
+            for k in 0..PER_BATCH {
+                let mut block = text(BS as usize, (b * PER_BATCH + k) as u64);
                 rng.fill(&mut block[..BS as usize / 2]);
                 let mut z = zstd::bulk::Compressor::new(p.zstd_level).unwrap();
-                format::encode_blob(
-                    &p.keys,
-                    &mut z,
-                    Kind::Data,
-                    p.keys.id(&block),
-                    &block,
-                    &mut batch,
-                )
-                .unwrap();
+                let id = p.keys.id(&block);
+                format::encode_blob(&p.keys, &mut z, Kind::Data, id, &block, &mut batch).unwrap();
+                ids.push(id);
                 plain += block.len();
             }
             batches.push(batch);
         }
         let ing = ds.begin_ingest(source("bench")).unwrap();
-        let t = std::time::Instant::now();
-        let mut framed_total = 0;
+        assert!(ing.missing(&ids).unwrap().iter().all(|&m| m));
+        let (mut blobs, mut bytes, mut framed_total) = (0u64, 0u64, 0usize);
         for b in &batches {
             framed_total += b.len();
-            ing.put(b).unwrap();
+            let (n, stored) = ing.put(b).unwrap();
+            blobs += n;
+            bytes += stored;
         }
-        let s = t.elapsed().as_secs_f64();
-        ing.abort();
-        println!(
-            "ingest ({}): {} MiB plaintext ({} MiB framed) in {s:.3} s: {:.0} MiB/s plaintext",
-            if encrypted { "encrypted" } else { "plain" },
-            plain >> 20,
-            framed_total >> 20,
-            plain as f64 / (1 << 20) as f64 / s
+        assert_eq!(
+            blobs,
+            (BATCHES * PER_BATCH) as u64,
+            "encrypted: {encrypted}"
         );
+        assert_eq!(bytes, framed_total as u64, "encrypted: {encrypted}");
+        assert!(
+            framed_total < plain * 3 / 4,
+            "{framed_total} framed bytes for {plain} plaintext bytes: not compressed"
+        );
+        assert!(ing.missing(&ids).unwrap().iter().all(|&m| !m));
+        // Deduplicated: the same blobs again store nothing.
+        assert_eq!(ing.put(&batches[0]).unwrap(), (0, 0));
+        ing.abort();
     }
 }

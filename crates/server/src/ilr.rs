@@ -2,7 +2,8 @@
 //! download one file. Admin only. The work (datastore reads, decompression) runs on
 //! blocking threads; a file streams in 1 MiB pieces, never whole in memory.
 
-use crate::api::{Admin, ApiErr, ApiResult, St, bad, blocking, json, not_found};
+use crate::auth::Admin;
+use crate::http::{ApiErr, ApiResult, St, bad, blocking, json, not_found};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -34,14 +35,11 @@ pub(crate) fn open(
     st: &crate::state::AppState,
     id: &str,
     disk: u32,
-) -> ApiResult<(
-    std::sync::Arc<datastore::Manifest>,
-    std::sync::Arc<dyn vdisk::VirtualDisk>,
-)> {
+) -> ApiResult<crate::caches::Opened> {
     // The catalog knows every point the server holds: an unknown id is a 404, and a
     // pruned point is gone at once even while its disk is cached.
     st.cat().recovery_point(id)?;
-    if let Some(hit) = cached(st, id, disk) {
+    if let Some(hit) = st.open_disks.get(id, disk) {
         return Ok(hit);
     }
     let m = st.datastore.point(id).map_err(|e| match e {
@@ -56,52 +54,8 @@ pub(crate) fn open(
     }
     let vd = recovery::open_disk(&st.datastore, &m, disk as usize)?;
     let m = std::sync::Arc::new(m);
-    let mut c = lock_cache(st);
-    if c.len() >= OPEN_DISKS {
-        c.remove(0);
-    }
-    c.push(OpenDisk {
-        point: m.id.clone(),
-        disk,
-        opened: std::time::Instant::now(),
-        manifest: m.clone(),
-        vd: vd.clone(),
-    });
+    st.open_disks.put(disk, m.clone(), vd.clone());
     Ok((m, vd))
-}
-
-/// Disks kept open, and for how long: long enough for a client's burst of reads, short
-/// enough that a gc's new pack layout is picked up soon.
-const OPEN_DISKS: usize = 8;
-const OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// A recovery point's disk kept open (see [`AppState::open_disks`]).
-pub struct OpenDisk {
-    point: String,
-    disk: u32,
-    opened: std::time::Instant,
-    manifest: std::sync::Arc<datastore::Manifest>,
-    vd: std::sync::Arc<dyn vdisk::VirtualDisk>,
-}
-
-fn lock_cache(st: &crate::state::AppState) -> std::sync::MutexGuard<'_, Vec<OpenDisk>> {
-    st.open_disks.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Disk `disk` of point `id` with its manifest, when opened less than a minute ago.
-fn cached(
-    st: &crate::state::AppState,
-    id: &str,
-    disk: u32,
-) -> Option<(
-    std::sync::Arc<datastore::Manifest>,
-    std::sync::Arc<dyn vdisk::VirtualDisk>,
-)> {
-    let mut c = lock_cache(st);
-    c.retain(|o| o.opened.elapsed() < OPEN_FOR);
-    c.iter()
-        .find(|o| o.point == id && o.disk == disk)
-        .map(|o| (o.manifest.clone(), o.vd.clone()))
 }
 
 /// `GET /recovery-points/{id}/browse?disk=N&partition=P&path=/x`
@@ -323,10 +277,9 @@ pub async fn check_point(
     })
     .await;
     if let Err(e) = r {
-        let _ = st.cat().job_log(
-            datastore::time::now(),
-            job,
-            &format!("volume check failed: {}", e.1),
-        );
+        let line = format!("volume check failed: {}", e.1);
+        let _ = st
+            .catalog(move |c| c.job_log(datastore::time::now(), job, &line))
+            .await;
     }
 }

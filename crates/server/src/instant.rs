@@ -3,7 +3,8 @@
 //! recovery needs neither the datastore folder nor an unauthenticated NBD port on the
 //! backup server. Reads are decoded and checked here, like every datastore read.
 
-use crate::api::{Admin, ApiResult, St, bad, blocking, json};
+use crate::auth::Admin;
+use crate::http::{ApiErr, ApiResult, St, bad, blocking, json};
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -34,8 +35,8 @@ fn check(q: &RangeQuery, max: u64, size: u64) -> ApiResult<()> {
     }
 }
 
-fn internal(e: vdisk::Error) -> crate::api::ApiErr {
-    crate::api::ApiErr(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+fn internal(e: vdisk::Error) -> ApiErr {
+    ApiErr(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
 /// Runs `f` on blocking threads with disk `n` of point `id`, once the range is checked

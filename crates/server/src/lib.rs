@@ -7,12 +7,16 @@
 
 pub mod allocation;
 pub mod api;
+mod auth;
+mod caches;
 pub mod config;
+mod http;
 mod ilr;
 mod instant;
 mod maintenance;
 pub mod notify;
 pub mod recover;
+mod recovery_plan;
 pub mod scheduler;
 pub mod state;
 mod tls;

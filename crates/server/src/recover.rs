@@ -2,77 +2,26 @@
 //! agent, and the agent reads the recovery point's blobs through
 //! `GET /agent/jobs/{id}/recovery-blob/{blob}`, limited to the blobs of that point.
 
-use crate::api::{Admin, AgentHost, ApiErr, ApiResult, St, bad, blocking, json, not_found};
+use crate::auth::{Admin, AgentHost};
+use crate::caches::Access;
+use crate::http::{ApiErr, ApiResult, St, bad, blocking, json, not_found};
+use crate::recovery_plan::{Stored, key, stored};
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use catalog::NewJob;
-use datastore::{BlobIndex, Id};
+use datastore::Id;
 use protocol::{
-    JobKind, Manifest, RecoveryDone, RecoveryPlan, RecoveryRequest, RecoveryTarget, split_vm,
+    DataSourceInfo, JobInfo, JobKind, Manifest, RecoveryDone, RecoveryPointInfo, RecoveryRequest,
+    RecoveryTarget, split_vm,
 };
-use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// What the server keeps of a queued recovery (settings row `recovery:{job}`): the
-/// target host, and the point (the manifest is read again when the job is handed out).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Stored {
-    pub host: String,
-    pub point: String,
-    pub target: RecoveryTarget,
-    #[serde(default)]
-    pub throttle_kbps: Option<u64>,
-}
-
-/// What a running recovery job may read: the blob index and the point's blob ids.
-pub struct Access {
-    index: Arc<BlobIndex>,
-    allowed: HashSet<Id>,
-}
-
-fn key(job: i64) -> String {
-    format!("recovery:{job}")
-}
-
 fn internal(msg: impl Into<String>) -> ApiErr {
     ApiErr(StatusCode::INTERNAL_SERVER_ERROR, msg.into())
-}
-
-/// The stored plan of recovery job `job`.
-pub(crate) fn stored(cat: &catalog::Catalog, job: i64) -> Result<Stored, catalog::Error> {
-    let v = cat
-        .setting(&key(job))?
-        .ok_or_else(|| catalog::Error::NotFound(format!("the plan of recovery job {job}")))?;
-    serde_json::from_str(&v)
-        .map_err(|e| catalog::Error::Corrupt(format!("the plan of recovery job {job}: {e}")))
-}
-
-/// The plan an agent gets: the point's manifest and the datastore's parameters.
-pub(crate) fn plan(st: &AppState, s: &Stored) -> Result<RecoveryPlan, String> {
-    let manifest = st
-        .datastore
-        .point(&s.point)
-        .map_err(|e| format!("recovery point {}: {e}", s.point))?;
-    let p = st.datastore.block_params();
-    Ok(RecoveryPlan {
-        target: s.target.clone(),
-        manifest,
-        block_size: p.block_size,
-        piece_blocks: p.piece_blocks,
-        master_key: st
-            .master_key
-            .map(|k| k.iter().map(|b| format!("{b:02x}")).collect()),
-        throttle_kbps: s.throttle_kbps,
-        throttle_schedule: if s.throttle_kbps.is_some() {
-            None
-        } else {
-            st.config.recovery.schedule()
-        },
-    })
 }
 
 fn check_host(st: &AppState, host: &str) -> ApiResult<()> {
@@ -89,11 +38,36 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
     let req: RecoveryRequest =
         serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     req.validate().map_err(bad)?;
+    let job = st.offload(move |st| plan_and_queue(st, &req)).await?;
+    let mut r = json(&job);
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
+}
+
+/// The phases of `POST /recoveries`: the data source and its point, the target host
+/// and its agent, then the job queued with its stored plan.
+fn plan_and_queue(st: &AppState, req: &RecoveryRequest) -> ApiResult<JobInfo> {
     let (host, vm) =
         split_vm(&req.vm).ok_or_else(|| bad(format!("{:?} is not HOST/VM", req.vm)))?;
     let ds = st.cat().datasource_by_name(host, vm)?;
     let points = st.cat().recovery_points(Some(&ds.id))?;
-    let point = match (&req.point, &req.at) {
+    let point = pick_point(req, &ds, &points)?;
+    let target_host = target_host(st, &req.target, &ds, point)?;
+    check_host(st, &target_host)?;
+    crate::http::check_recipients(st, &req.notify)?;
+    let id = queue_job(st, req, &ds, point, &target_host)?;
+    st.notify_job(id, &req.notify)?;
+    st.wake.notify_waiters();
+    Ok(st.cat().job(id)?)
+}
+
+/// The recovery point asked for: by id, the newest at or before a time, or the latest.
+fn pick_point<'a>(
+    req: &RecoveryRequest,
+    ds: &DataSourceInfo,
+    points: &'a [RecoveryPointInfo],
+) -> ApiResult<&'a RecoveryPointInfo> {
+    Ok(match (&req.point, &req.at) {
         (Some(_), Some(_)) => return Err(bad("give a recovery point or a time, not both")),
         (None, Some(at)) => {
             let t = protocol::check_time("at", at).map_err(bad)?;
@@ -117,8 +91,17 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
             .find(|r| &r.id == p)
             .ok_or_else(|| not_found(format!("{} has no recovery point {p:?}", ds.name)))?,
         (None, None) => return Err(bad("no recovery point")),
-    };
-    let target_host = match &req.target {
+    })
+}
+
+/// The host whose agent runs the recovery, once the target is possible there.
+fn target_host(
+    st: &AppState,
+    target: &RecoveryTarget,
+    ds: &DataSourceInfo,
+    point: &RecoveryPointInfo,
+) -> ApiResult<String> {
+    Ok(match target {
         RecoveryTarget::Original { stop_vm, start } => {
             if *start && !*stop_vm {
                 return Err(bad(
@@ -196,50 +179,51 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
             }
             host.clone()
         }
-    };
-    check_host(&st, &target_host)?;
-    crate::api::check_recipients(&st, &req.notify)?;
+    })
+}
+
+/// Queues the recovery job with its stored plan; returns its id.
+fn queue_job(
+    st: &AppState,
+    req: &RecoveryRequest,
+    ds: &DataSourceInfo,
+    point: &RecoveryPointInfo,
+    target_host: &str,
+) -> ApiResult<i64> {
     let now = datastore::time::now();
     let s = Stored {
-        host: target_host.clone(),
+        host: target_host.to_string(),
         point: point.id.clone(),
         target: req.target.clone(),
         throttle_kbps: req.throttle_kbps.filter(|&k| k > 0),
     };
     let v = serde_json::to_string(&s).map_err(|e| internal(e.to_string()))?;
-    let id = {
-        let cat = st.cat();
-        let id = cat.add_job(
-            now,
-            &NewJob {
-                kind: JobKind::Recovery,
-                datasource_id: Some(ds.id.clone()),
-                trigger: "admin".into(),
-                not_before: None,
-                attempt: 1,
-                rerun_of: None,
-            },
-        )?;
-        cat.set_setting(&key(id), &v)?;
-        cat.set_job_recovery_point(id, &point.id)?;
-        cat.job_log(
-            now,
-            id,
-            &format!(
-                "queued: recover {} from recovery point {} on {target_host} ({})",
-                ds.name,
-                point.id,
-                describe(&req.target)
-            ),
-        )?;
-        cat.audit(now, "admin", "recover", &format!("{} job {id}", ds.name))?;
-        id
-    };
-    st.notify_job(id, &req.notify)?;
-    st.wake.notify_waiters();
-    let mut r = json(&st.cat().job(id)?);
-    *r.status_mut() = StatusCode::CREATED;
-    Ok(r)
+    let cat = st.cat();
+    let id = cat.add_job(
+        now,
+        &NewJob {
+            kind: JobKind::Recovery,
+            datasource_id: Some(ds.id.clone()),
+            trigger: "admin".into(),
+            not_before: None,
+            attempt: 1,
+            rerun_of: None,
+        },
+    )?;
+    cat.set_setting(&key(id), &v)?;
+    cat.set_job_recovery_point(id, &point.id)?;
+    cat.job_log(
+        now,
+        id,
+        &format!(
+            "queued: recover {} from recovery point {} on {target_host} ({})",
+            ds.name,
+            point.id,
+            describe(&req.target)
+        ),
+    )?;
+    cat.audit(now, "admin", "recover", &format!("{} job {id}", ds.name))?;
+    Ok(id)
 }
 
 fn describe(t: &RecoveryTarget) -> String {
@@ -313,33 +297,25 @@ fn build_access(st: &AppState, m: &Manifest) -> ApiResult<Access> {
 /// The running recovery job `id` of agent `host`, and what it may read (built at its
 /// first request, kept while it runs).
 async fn job_access(st: &Arc<AppState>, host: &str, id: i64) -> ApiResult<Arc<Access>> {
-    let job = crate::api::own_job(st, host, id)?;
+    let job = crate::auth::own_job(st, host, id).await?;
     if job.kind != JobKind::Recovery {
         return Err(ApiErr(
             StatusCode::FORBIDDEN,
             format!("job {id} is not a recovery job"),
         ));
     }
-    let have = st
-        .recoveries
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&id)
-        .cloned();
+    let have = locks::lock(&st.recoveries).get(&id).cloned();
     if let Some(a) = have {
         return Ok(a);
     }
-    let s = stored(&st.cat(), id)?;
-    let st2 = st.clone();
-    let a = blocking(move || {
-        let m = st2.datastore.point(&s.point)?;
-        build_access(&st2, &m)
-    })
-    .await?;
-    Ok(st
-        .recoveries
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let a = st
+        .offload(move |st| {
+            let s = stored(&st.cat(), id)?;
+            let m = st.datastore.point(&s.point)?;
+            build_access(st, &m)
+        })
+        .await?;
+    Ok(locks::lock(&st.recoveries)
         .entry(id)
         .or_insert(Arc::new(a))
         .clone())
@@ -430,28 +406,31 @@ pub(crate) async fn agent_done(
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let job = crate::api::own_job(&st, &host, id)?;
+    let job = crate::auth::own_job(&st, &host, id).await?;
     if job.kind != JobKind::Recovery {
         return Err(ApiErr(
             StatusCode::FORBIDDEN,
             format!("job {id} is not a recovery job"),
         ));
     }
-    let d: RecoveryDone = crate::api::parse(&body)?;
+    let d: RecoveryDone = crate::http::parse(&body)?;
     let now = datastore::time::now();
-    {
-        let cat = st.cat();
-        for f in d.files.iter().take(256) {
-            let f: String = f.chars().take(4096).collect();
-            cat.job_log(now, id, &format!("wrote {f}"))?;
+    st.offload(move |st| {
+        {
+            let cat = st.cat();
+            for f in d.files.iter().take(256) {
+                let f: String = f.chars().take(4096).collect();
+                cat.job_log(now, id, &format!("wrote {f}"))?;
+            }
+            for n in d.notes.iter().take(600) {
+                let n: String = n.chars().take(4096).collect();
+                cat.job_log(now, id, &n)?;
+            }
+            cat.job_log(now, id, &recovery_summary(&d))?;
         }
-        for n in d.notes.iter().take(600) {
-            let n: String = n.chars().take(4096).collect();
-            cat.job_log(now, id, &n)?;
-        }
-        cat.job_log(now, id, &recovery_summary(&d))?;
-    }
-    st.job_succeeded(id, now)?;
+        Ok(st.job_succeeded(id, now)?)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

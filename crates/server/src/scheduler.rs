@@ -164,10 +164,7 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
 fn watchdog(st: &AppState, now: i64) -> Result<(), catalog::Error> {
     let limit = Duration::from_secs(st.config.scheduler.job_timeout_seconds);
     let stall = Duration::from_secs(st.config.jobs.stall_seconds);
-    let beats: Vec<(i64, crate::state::Beat)> = st
-        .heartbeats
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let beats: Vec<(i64, crate::state::Beat)> = locks::lock(&st.heartbeats)
         .iter()
         .map(|(id, b)| (*id, b.clone()))
         .collect();
@@ -235,7 +232,7 @@ pub fn dispatch(st: &AppState, host: &str) -> Result<Option<AgentJob>, catalog::
         }
         // A recovery runs on its target host, which may be another than the VM's.
         let stored = if j.kind == JobKind::Recovery {
-            match crate::recover::stored(&cat, j.id) {
+            match crate::recovery_plan::stored(&cat, j.id) {
                 Ok(s) if s.host == host => Some(s),
                 Ok(_) => continue,
                 Err(e) => {
@@ -252,7 +249,10 @@ pub fn dispatch(st: &AppState, host: &str) -> Result<Option<AgentJob>, catalog::
         let (Some(ds), Some(vm)) = (j.datasource_id.clone(), j.vm.clone()) else {
             continue;
         };
-        let recovery = match stored.map(|s| crate::recover::plan(st, &s)).transpose() {
+        let recovery = match stored
+            .map(|s| crate::recovery_plan::plan(st, &s))
+            .transpose()
+        {
             Ok(p) => p,
             Err(e) => {
                 drop(cat);
@@ -327,7 +327,7 @@ pub async fn run(st: Arc<AppState>) {
         let s = st.clone();
         let t = Instant::now();
         let r = tokio::task::spawn_blocking(move || tick(&s)).await;
-        *st.last_tick.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.elapsed());
+        *locks::lock(&st.last_tick) = Some(t.elapsed());
         match r {
             Ok(Ok(())) => {}
             Ok(Err(e)) => eprintln!("holdfast server: scheduler: {e}"),

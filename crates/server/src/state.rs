@@ -80,10 +80,9 @@ pub struct AppState {
     /// Ingest sessions of running agent jobs, by job id.
     pub sessions: Mutex<HashMap<i64, Arc<Ingest>>>,
     /// What each running recovery job may read (built at its first blob request).
-    pub recoveries: Mutex<HashMap<i64, Arc<crate::recover::Access>>>,
-    /// Recovery-point disks opened for browsing and block reads, newest last (opening
-    /// one loads the blob index; an NBD client reads thousands of times).
-    pub open_disks: Mutex<Vec<crate::ilr::OpenDisk>>,
+    pub recoveries: Mutex<HashMap<i64, Arc<crate::caches::Access>>>,
+    /// Recovery-point disks opened for browsing and block reads.
+    pub open_disks: crate::caches::OpenDisks,
     /// What the watchdog knows of each running agent job.
     pub heartbeats: Mutex<HashMap<i64, Beat>>,
     /// Wakes agents' long polls when jobs are queued.
@@ -119,7 +118,7 @@ impl AppState {
             admin_token,
             sessions: Mutex::new(HashMap::new()),
             recoveries: Mutex::new(HashMap::new()),
-            open_disks: Mutex::new(Vec::new()),
+            open_disks: crate::caches::OpenDisks::default(),
             heartbeats: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             job_ended: Notify::new(),
@@ -130,17 +129,16 @@ impl AppState {
         }
     }
 
-    /// The catalog; hold the guard briefly and never across an `.await`.
+    /// The catalog; hold the guard briefly. SQLite blocks: call this on a blocking
+    /// thread only (handlers go through `AppState::catalog` and `AppState::offload`).
     pub fn cat(&self) -> MutexGuard<'_, Catalog> {
-        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+        locks::lock(&self.catalog)
     }
 
     /// The job's agent was heard of.
     pub fn beat(&self, job: i64) {
         let now = Instant::now();
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        locks::lock(&self.heartbeats)
             .entry(job)
             .and_modify(|b| b.heard = now)
             .or_insert_with(|| Beat::new(now));
@@ -149,7 +147,7 @@ impl AppState {
     /// The job's agent reported `p`: the job has moved if its figures or step did.
     pub fn progressed(&self, job: i64, p: &protocol::Progress) {
         let now = Instant::now();
-        let mut beats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut beats = locks::lock(&self.heartbeats);
         let b = beats.entry(job).or_insert_with(|| Beat::new(now));
         b.heard = now;
         let figures = [p.bytes_done, p.bytes_total, p.bytes_read, p.bytes_sent];
@@ -169,26 +167,17 @@ impl AppState {
     /// agent waits, so its figures standing still is no stall.
     pub fn server_busy(&self, job: i64, busy: bool) {
         let now = Instant::now();
-        let mut beats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut beats = locks::lock(&self.heartbeats);
         let b = beats.entry(job).or_insert_with(|| Beat::new(now));
         b.server_busy = busy;
         b.moved = now;
     }
 
     fn forget_job(&self, job: i64) {
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job);
-        self.recoveries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job);
+        locks::lock(&self.heartbeats).remove(&job);
+        locks::lock(&self.recoveries).remove(&job);
         // Dropping the session aborts it: staged packs go, nothing becomes visible.
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job);
+        locks::lock(&self.sessions).remove(&job);
     }
 
     /// Records that `job`'s end is e-mailed to `to` (added to earlier recipients).

@@ -11,7 +11,7 @@
 //! header must finish it within `header_timeout_seconds`. A request in progress (an
 //! upload, a download, an agent's long poll) is never cut by these timers.
 
-use crate::api::Peer;
+use crate::auth::Peer;
 use crate::config::Http;
 use axum::Router;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -145,7 +145,7 @@ impl Slots {
     }
 
     fn take(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = locks::lock(&self.open);
         if open.0 >= self.max_total {
             return Err(Refused::Total);
         }
@@ -170,7 +170,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = locks::lock(&self.slots.open);
         open.0 = open.0.saturating_sub(1);
         if let Some(n) = open.1.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
@@ -276,7 +276,7 @@ impl ConnWatch {
     }
 
     fn lock(&self) -> MutexGuard<'_, ConnState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        locks::lock(&self.state)
     }
 
     /// Returns once the connection has waited too long: for its first request header
