@@ -10,10 +10,13 @@ mod enroll;
 mod groups;
 mod jobs;
 
-use crate::http::not_found;
+use crate::http::{ApiErr, not_found};
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use protocol::API;
 use std::sync::Arc;
@@ -115,5 +118,17 @@ pub fn router(st: Arc<AppState>) -> Router {
     Router::new()
         .nest(API, api)
         .fallback(|| async { not_found("no such API route") })
+        .layer(axum::middleware::from_fn(run_to_completion))
         .with_state(st)
+}
+
+/// Runs each request's handler as its own task. Hyper drops a request's future when its
+/// client goes away, and handlers await the catalog between steps (a job's failure, then
+/// its alert and notification): a disconnect must not stop a handler halfway. The task
+/// runs on after the client is gone; every wait inside it has its own deadline.
+async fn run_to_completion(req: Request, next: Next) -> Response {
+    match tokio::spawn(next.run(req)).await {
+        Ok(response) => response,
+        Err(e) => ApiErr(StatusCode::INTERNAL_SERVER_ERROR, format!("worker: {e}")).into_response(),
+    }
 }
