@@ -605,12 +605,12 @@ fn recovery_job(
         Some(p) => Some(p.instance(&job.vm)?),
         None => None,
     };
-    let fetch = crate::recover::Fetch {
+    let fetch = crate::fetch::Fetch {
         transport: shared.transport.clone(),
         prefix: prefix.to_string(),
         keys,
         cancel: cancel.clone(),
-        throttle: crate::recover::Throttle::for_plan(
+        throttle: crate::fetch::Throttle::for_plan(
             plan.throttle_kbps,
             plan.throttle_schedule.as_ref(),
         ),
@@ -822,7 +822,7 @@ fn difference(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 struct Counting<'a> {
     inner: &'a dyn vdisk::VirtualDisk,
     read: &'a AtomicU64,
-    limit: Option<&'a crate::recover::Throttle>,
+    limit: Option<&'a crate::fetch::Throttle>,
     cancel: &'a AtomicBool,
 }
 
@@ -858,9 +858,7 @@ fn backup(
 ) -> Result<(Vec<protocol::DiskRecord>, protocol::Stats)> {
     let disks = snap.disks();
     // One bucket for all disks of the job.
-    let limit = shared
-        .read_limit_kbps
-        .and_then(crate::recover::Throttle::new);
+    let limit = shared.read_limit_kbps.and_then(crate::fetch::Throttle::new);
     let counting: Vec<Counting> = disks
         .iter()
         .map(|d| Counting {
