@@ -141,12 +141,7 @@ pub fn recover(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Recovered> {
     let m = &plan.manifest;
-    let fmt_of = |rec: &DiskRecord| -> Format { rec.format.parse().unwrap_or(Format::Raw) };
-    let mut outputs = Vec::new();
-    let dir_guard;
-    // Description files written next to the disks once they are complete.
-    let mut descriptions: Vec<(PathBuf, String)> = Vec::new();
-    match &plan.target {
+    let planned = match &plan.target {
         RecoveryTarget::Original { .. } => {
             // Over the original instance: crate::original (stop, swap in, start).
             return Err(Error::Invalid(
@@ -154,60 +149,7 @@ pub fn recover(
             ));
         }
         RecoveryTarget::Alternate { dir, format, .. } => {
-            let folder = Path::new(dir).join(safe_name(vm, "vm"));
-            if folder.exists() {
-                return Err(Error::Invalid(format!(
-                    "{} already exists; choose another folder or remove it",
-                    folder.display()
-                )));
-            }
-            let d = NewDir::create(folder.clone())?;
-            let mut names = Vec::new();
-            for (i, rec) in m.disks.iter().enumerate() {
-                let f = match format {
-                    Some(f) => f
-                        .parse()
-                        .map_err(|e: vdisk::Error| Error::Invalid(e.to_string()))?,
-                    None => fmt_of(rec),
-                };
-                let base = safe_name(&rec.name, &format!("disk{i}"));
-                let mut name = with_ext(&base, f.name());
-                if names.contains(&name) {
-                    name = format!("disk{i}-{name}");
-                }
-                names.push(name.clone());
-                outputs.push(Output {
-                    disk: i,
-                    path: folder.join(&name),
-                    format: f,
-                });
-            }
-            let quoted: Vec<String> = names.iter().map(|n| toml_str(n)).collect();
-            descriptions.push((
-                folder.join("vm.toml"),
-                format!(
-                    "# Recovered by holdfast from recovery point {}\nname = {}\ndisks = [{}]\n",
-                    m.id,
-                    toml_str(vm),
-                    quoted.join(", ")
-                ),
-            ));
-            // KVM targets (every disk qcow2 or raw) also get a libvirt domain.
-            let kvm: Vec<(PathBuf, &'static str)> = outputs
-                .iter()
-                .filter_map(|o| match o.format {
-                    Format::Qcow2 => Some((o.path.clone(), "qcow2")),
-                    Format::Raw => Some((o.path.clone(), "raw")),
-                    _ => None,
-                })
-                .collect();
-            if kvm.len() == outputs.len() {
-                descriptions.push((
-                    folder.join("domain.xml"),
-                    libvirt_domain(&safe_name(vm, "vm"), &m.id, &kvm),
-                ));
-            }
-            dir_guard = Some(d);
+            plan_alternate(m, vm, Path::new(dir), format.as_deref())?
         }
         RecoveryTarget::CopyTo {
             dir,
@@ -219,7 +161,6 @@ pub fn recover(
             // The job id keeps two jobs of the same second apart.
             let base = format!("holdfast_{}_job{job}", timestamp(datastore::time::now()));
             let mut d = NewDir::create_unique(Path::new(dir), &base)?;
-            let folder = d.path.clone();
             if partition.is_some() || !items.is_empty() {
                 let i = disk.unwrap_or(0) as usize;
                 let rec = m.disks.get(i).ok_or_else(|| {
@@ -228,39 +169,147 @@ pub fn recover(
                 let src = open_disk(fetch, &m.id, rec)?;
                 let out = if items.is_empty() {
                     let p = partition.unwrap_or(0);
-                    copy_volume(fetch, &src, vm, i, p, &folder, progress)?
+                    copy_volume(fetch, &src, vm, i, p, &d.path, progress)?
                 } else {
-                    copy_items(fetch, &src, vm, i, *partition, items, &folder, progress)?
+                    copy_items(fetch, &src, vm, i, *partition, items, &d.path, progress)?
                 };
                 d.keep = true;
                 return Ok(out);
             }
-            let mut names: Vec<String> = Vec::new();
-            for (i, rec) in m.disks.iter().enumerate() {
-                if disk.is_some_and(|d| d as usize != i) {
-                    continue;
-                }
-                let mut name = safe_name(&rec.name, &format!("disk{i}.{}", rec.format));
-                if names.contains(&name) {
-                    name = format!("disk{i}-{name}");
-                }
-                names.push(name.clone());
-                outputs.push(Output {
-                    disk: i,
-                    path: folder.join(name),
-                    format: fmt_of(rec),
-                });
-            }
-            if outputs.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "recovery point {} has no disk {}",
-                    m.id,
-                    disk.unwrap_or(0)
-                )));
-            }
-            dir_guard = Some(d);
+            plan_copies(m, *disk, d)?
         }
+    };
+    write_planned(fetch, m, vm, planned, progress)
+}
+
+fn fmt_of(rec: &DiskRecord) -> Format {
+    rec.format.parse().unwrap_or(Format::Raw)
+}
+
+/// What a recovery into new files writes, into a folder it made.
+struct Planned {
+    outputs: Vec<Output>,
+    /// Description files written next to the disks once they are complete.
+    descriptions: Vec<(PathBuf, String)>,
+    dir: NewDir,
+}
+
+/// `--alternate`: a new VM folder `dir/<vm>` with every disk (in `format`, else its
+/// own), a `vm.toml`, and for KVM formats a libvirt `domain.xml`.
+fn plan_alternate(
+    m: &datastore::Manifest,
+    vm: &str,
+    dir: &Path,
+    format: Option<&str>,
+) -> Result<Planned> {
+    let folder = dir.join(safe_name(vm, "vm"));
+    if folder.exists() {
+        return Err(Error::Invalid(format!(
+            "{} already exists; choose another folder or remove it",
+            folder.display()
+        )));
     }
+    let d = NewDir::create(folder.clone())?;
+    let mut outputs = Vec::new();
+    let mut names = Vec::new();
+    for (i, rec) in m.disks.iter().enumerate() {
+        let f = match format {
+            Some(f) => f
+                .parse()
+                .map_err(|e: vdisk::Error| Error::Invalid(e.to_string()))?,
+            None => fmt_of(rec),
+        };
+        let base = safe_name(&rec.name, &format!("disk{i}"));
+        let mut name = with_ext(&base, f.name());
+        if names.contains(&name) {
+            name = format!("disk{i}-{name}");
+        }
+        names.push(name.clone());
+        outputs.push(Output {
+            disk: i,
+            path: folder.join(&name),
+            format: f,
+        });
+    }
+    let quoted: Vec<String> = names.iter().map(|n| toml_str(n)).collect();
+    let mut descriptions = vec![(
+        folder.join("vm.toml"),
+        format!(
+            "# Recovered by holdfast from recovery point {}\nname = {}\ndisks = [{}]\n",
+            m.id,
+            toml_str(vm),
+            quoted.join(", ")
+        ),
+    )];
+    // KVM targets (every disk qcow2 or raw) also get a libvirt domain.
+    let kvm: Vec<(PathBuf, &'static str)> = outputs
+        .iter()
+        .filter_map(|o| match o.format {
+            Format::Qcow2 => Some((o.path.clone(), "qcow2")),
+            Format::Raw => Some((o.path.clone(), "raw")),
+            _ => None,
+        })
+        .collect();
+    if kvm.len() == outputs.len() {
+        descriptions.push((
+            folder.join("domain.xml"),
+            libvirt_domain(&safe_name(vm, "vm"), &m.id, &kvm),
+        ));
+    }
+    Ok(Planned {
+        outputs,
+        descriptions,
+        dir: d,
+    })
+}
+
+/// `--copy-to` of disk files: every disk (or disk `disk`) in its own format, into `d`.
+fn plan_copies(m: &datastore::Manifest, disk: Option<u32>, d: NewDir) -> Result<Planned> {
+    let mut outputs = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for (i, rec) in m.disks.iter().enumerate() {
+        if disk.is_some_and(|d| d as usize != i) {
+            continue;
+        }
+        let mut name = safe_name(&rec.name, &format!("disk{i}.{}", rec.format));
+        if names.contains(&name) {
+            name = format!("disk{i}-{name}");
+        }
+        names.push(name.clone());
+        outputs.push(Output {
+            disk: i,
+            path: d.path.join(name),
+            format: fmt_of(rec),
+        });
+    }
+    if outputs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "recovery point {} has no disk {}",
+            m.id,
+            disk.unwrap_or(0)
+        )));
+    }
+    Ok(Planned {
+        outputs,
+        descriptions: Vec::new(),
+        dir: d,
+    })
+}
+
+/// Writes the planned images, then their descriptions; the folder is kept only when
+/// all of it was written.
+fn write_planned(
+    fetch: &Fetch,
+    m: &datastore::Manifest,
+    vm: &str,
+    planned: Planned,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Recovered> {
+    let Planned {
+        outputs,
+        descriptions,
+        dir: mut dir_guard,
+    } = planned;
     let total: u64 = outputs
         .iter()
         .filter_map(|o| m.disks.get(o.disk))
@@ -297,9 +346,7 @@ pub fn recover(
         write_file(&path, text.as_bytes())?;
         written.push(path);
     }
-    if let Some(mut d) = dir_guard {
-        d.keep = true;
-    }
+    dir_guard.keep = true;
     Ok(Recovered {
         files: written,
         notes: Vec::new(),
