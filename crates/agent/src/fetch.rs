@@ -9,7 +9,8 @@ use crate::remote::{Transport, retry};
 use crate::{Error, Result};
 use datastore::crypto::Keys;
 use datastore::{
-    BlobSource, BlockRead, DiskRecord, Id, PointDisk, decode_framed_block, decode_framed_piece,
+    BlobSource, BlockRead, DiskRecord, DiskRef, Id, PointDisk, decode_framed_block,
+    decode_framed_piece,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -217,12 +218,7 @@ impl BlobSource for Fetch {
     }
 
     /// Batches spread over up to [`FETCHERS`] threads, each batch one round trip.
-    fn read_blocks(
-        &self,
-        point: &str,
-        rec: &DiskRecord,
-        reads: &mut [BlockRead<'_>],
-    ) -> vdisk::Result<()> {
+    fn read_blocks(&self, disk: DiskRef<'_>, reads: &mut [BlockRead<'_>]) -> vdisk::Result<()> {
         let per = reads
             .len()
             .div_ceil(FETCHERS)
@@ -241,7 +237,7 @@ impl BlobSource for Fetch {
                         let Some(batch) = lock(&queue).next() else {
                             return;
                         };
-                        if let Err(e) = self.fill(point, rec, batch) {
+                        if let Err(e) = self.fill(disk, batch) {
                             lock(&failure).get_or_insert(e);
                             return;
                         }
@@ -259,7 +255,7 @@ impl BlobSource for Fetch {
 impl Fetch {
     /// Fetches a batch of blocks in one round trip, checks them and places each one's
     /// bytes.
-    fn fill(&self, point: &str, rec: &DiskRecord, batch: &mut [BlockRead<'_>]) -> Result<()> {
+    fn fill(&self, disk: DiskRef<'_>, batch: &mut [BlockRead<'_>]) -> Result<()> {
         let ids: Vec<Id> = batch.iter().map(|r| r.id).collect();
         let blobs = self.get_many(&ids)?;
         for (r, mut framed) in batch.iter_mut().zip(blobs) {
@@ -268,8 +264,9 @@ impl Fetch {
                 decode_framed_block(&self.keys, &mut framed, r.id).map_err(Error::Backup)?;
             if plain.len() != r.block_len {
                 return Err(Error::Server(format!(
-                    "recovery point {point} disk {} block {b}: {} bytes, expected {}",
-                    rec.index,
+                    "recovery point {} disk {} block {b}: {} bytes, expected {}",
+                    disk.point,
+                    disk.rec.index,
                     plain.len(),
                     r.block_len
                 )));

@@ -26,13 +26,15 @@ pub trait BlobSource: Send + Sync + std::fmt::Debug {
     fn piece(&self, id: Id) -> vdisk::Result<Vec<Id>>;
 
     /// Fills every read's `out` with bytes `within..within + out.len()` of its block.
-    /// `point` and `rec` name the disk, for messages.
-    fn read_blocks(
-        &self,
-        point: &str,
-        rec: &DiskRecord,
-        reads: &mut [BlockRead<'_>],
-    ) -> vdisk::Result<()>;
+    fn read_blocks(&self, disk: DiskRef<'_>, reads: &mut [BlockRead<'_>]) -> vdisk::Result<()>;
+}
+
+/// The disk a [`BlobSource`] reads for (messages name it).
+#[derive(Debug, Clone, Copy)]
+pub struct DiskRef<'a> {
+    /// The recovery point's id.
+    pub point: &'a str,
+    pub rec: &'a DiskRecord,
 }
 
 /// One data block a read needs (never the zero block: holes are filled by the disk).
@@ -55,13 +57,8 @@ impl<S: BlobSource + ?Sized> BlobSource for &S {
     fn piece(&self, id: Id) -> vdisk::Result<Vec<Id>> {
         (**self).piece(id)
     }
-    fn read_blocks(
-        &self,
-        point: &str,
-        rec: &DiskRecord,
-        reads: &mut [BlockRead<'_>],
-    ) -> vdisk::Result<()> {
-        (**self).read_blocks(point, rec, reads)
+    fn read_blocks(&self, disk: DiskRef<'_>, reads: &mut [BlockRead<'_>]) -> vdisk::Result<()> {
+        (**self).read_blocks(disk, reads)
     }
 }
 
@@ -109,19 +106,15 @@ impl BlobSource for LocalBlobs<'_> {
         self.store.read_piece(&self.index, id).map_err(to_vdisk)
     }
 
-    fn read_blocks(
-        &self,
-        point: &str,
-        rec: &DiskRecord,
-        reads: &mut [BlockRead<'_>],
-    ) -> vdisk::Result<()> {
-        let bs = rec.block_size as u64;
+    fn read_blocks(&self, disk: DiskRef<'_>, reads: &mut [BlockRead<'_>]) -> vdisk::Result<()> {
+        let bs = disk.rec.block_size as u64;
         let mut plain = Vec::with_capacity(bs as usize);
         for r in reads {
             let at = |what: String| {
                 vdisk::Error::Invalid(format!(
-                    "recovery point {point} disk {} offset {}: {what}",
-                    rec.index,
+                    "recovery point {} disk {} offset {}: {what}",
+                    disk.point,
+                    disk.rec.index,
                     r.block * bs
                 ))
             };
@@ -349,7 +342,11 @@ impl<S: BlobSource> VirtualDisk for PointDisk<S> {
         if reads.is_empty() {
             return Ok(());
         }
-        self.source.read_blocks(&self.point, &self.rec, &mut reads)
+        let disk = DiskRef {
+            point: &self.point,
+            rec: &self.rec,
+        };
+        self.source.read_blocks(disk, &mut reads)
     }
 
     fn map(&self, offset: u64, length: u64) -> vdisk::Result<Vec<Extent>> {
