@@ -400,15 +400,7 @@ fn run_job(shared: &Shared, job: AgentJob, cancel: Arc<AtomicBool>) {
 
 /// The datastore parameters of a session, checked (they come from the network).
 pub(crate) fn block_params(start: &SessionStart) -> Result<BlockParams> {
-    let keys = match &start.master_key {
-        None => Keys::plain(),
-        Some(hex) => {
-            let key = decode_key(hex).ok_or_else(|| {
-                Error::Server("the session's master key is not 64 hex digits".into())
-            })?;
-            Keys::from_master(&key).map_err(Error::Backup)?
-        }
-    };
+    let keys = keys_from(start.master_key.as_deref(), "session")?;
     let p = BlockParams {
         block_size: start.block_size,
         piece_blocks: start.piece_blocks,
@@ -418,6 +410,17 @@ pub(crate) fn block_params(start: &SessionStart) -> Result<BlockParams> {
     p.check()
         .map_err(|e| Error::Server(format!("session parameters: {e}")))?;
     Ok(p)
+}
+
+/// The keys of a session or recovery (`what`) from the master key the server sent
+/// (none for an unencrypted datastore).
+fn keys_from(master_key: Option<&str>, what: &str) -> Result<Keys> {
+    let Some(hex) = master_key else {
+        return Ok(Keys::plain());
+    };
+    let key = decode_key(hex)
+        .ok_or_else(|| Error::Server(format!("the {what}'s master key is not 64 hex digits")))?;
+    Keys::from_master(&key).map_err(Error::Backup)
 }
 
 pub(crate) fn decode_key(hex: &str) -> Option<[u8; 32]> {
@@ -587,7 +590,7 @@ fn recovery_job(
         .recovery
         .as_ref()
         .ok_or_else(|| Error::Server("a recovery job without a recovery plan".into()))?;
-    let keys = recovery_keys(plan)?;
+    let keys = keys_from(plan.master_key.as_deref(), "recovery")?;
     // Over the original instance: the provider's hook (disk files, stop, start) and
     // the flow in crate::original; every other target writes new files (recover.rs).
     let provider = match plan.target {
@@ -626,20 +629,6 @@ fn recovery_job(
     };
     let out = run.write(instance.as_deref_mut())?;
     run.report_done(&out, began)
-}
-
-/// The keys a recovery's blobs are decoded with (the plan carries the master key of
-/// an encrypted datastore).
-fn recovery_keys(plan: &protocol::RecoveryPlan) -> Result<Keys> {
-    Ok(match &plan.master_key {
-        None => Keys::plain(),
-        Some(hex) => {
-            let key = decode_key(hex).ok_or_else(|| {
-                Error::Server("the recovery's master key is not 64 hex digits".into())
-            })?;
-            Keys::from_master(&key).map_err(Error::Backup)?
-        }
-    })
 }
 
 /// One recovery job's parts, shared by its phases.
