@@ -307,11 +307,20 @@ fn step(n: u32, what: &str) {
     println!("\n== {n}. {what}");
 }
 
-fn wait_job(cl: &Client, id: i64) -> anyhow::Result<JobInfo> {
-    wait_for(&format!("job {id}"), Duration::from_secs(300), || {
+/// Waits for job `id` to end; unless it succeeded, an error naming it `what`.
+fn wait_succeeded(cl: &Client, id: i64, what: &str) -> anyhow::Result<JobInfo> {
+    let j = wait_for(&format!("job {id}"), Duration::from_secs(300), || {
         let j: JobInfo = cl.get(&format!("/jobs/{id}"))?;
         Ok(j.state.finished().then_some(j))
-    })
+    })?;
+    if j.state != JobState::Succeeded {
+        bail!(
+            "{what} {}: {}",
+            j.state.as_str(),
+            j.error.unwrap_or_default()
+        );
+    }
+    Ok(j)
 }
 
 pub fn demo(a: DemoCmd) -> anyhow::Result<ExitCode> {
@@ -659,14 +668,7 @@ fn demo_change_and_sync(d: &mut Demo) -> anyhow::Result<()> {
         incr.push(j.id);
     }
     for id in incr {
-        let j = wait_job(cl, id)?;
-        if j.state != JobState::Succeeded {
-            bail!(
-                "job {id} {}: {}",
-                j.state.as_str(),
-                j.error.unwrap_or_default()
-            );
-        }
+        let j = wait_succeeded(cl, id, &format!("job {id}"))?;
         println!(
             "  job {} sync of {}: {} read, {} sent -> {}",
             j.id,
@@ -732,14 +734,7 @@ fn demo_points(d: &mut Demo) -> anyhow::Result<()> {
 fn demo_verify(d: &mut Demo) -> anyhow::Result<()> {
     let cl = d.cl()?;
     let j: JobInfo = cl.post("/jobs", &serde_json::json!({"kind": "verify"}))?;
-    let j = wait_job(cl, j.id)?;
-    if j.state != JobState::Succeeded {
-        bail!(
-            "verify {}: {}",
-            j.state.as_str(),
-            j.error.unwrap_or_default()
-        );
-    }
+    let j = wait_succeeded(cl, j.id, "verify")?;
     println!(
         "  {}",
         j.log
