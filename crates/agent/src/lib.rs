@@ -22,6 +22,7 @@
 //! backup pipeline against the server ("ask first, then send"), and [`runtime`] is
 //! the agent's loop (enroll, inventory, long-poll, run jobs, report progress).
 
+pub mod fetch;
 pub mod files;
 pub mod original;
 pub mod provider;

@@ -12,8 +12,8 @@
 //!
 //! Any failure before 3 removes the copies and leaves the disks as they were.
 
+use crate::fetch::{Fetch, open_disk};
 use crate::provider::{Instance, OriginalDisk};
-use crate::recover::{Fetch, RemotePointDisk};
 use crate::{Error, Result};
 use datastore::DiskRecord;
 use protocol::{RecoveryPlan, RecoveryTarget};
@@ -212,7 +212,7 @@ fn write_copy(
         .format
         .parse()
         .map_err(|e: vdisk::Error| Error::Invalid(e.to_string()))?;
-    let disk = RemotePointDisk::open(fetch, point, rec)?;
+    let disk = open_disk(fetch, point, rec)?;
     let subformat = if format == Format::Raw {
         Subformat::Fixed
     } else {

@@ -1,416 +1,15 @@
 //! Whole-VM recovery on the agent: a recovery point's disks read from the server
-//! ([`RemotePointDisk`], blob by blob through the job's `recovery-blob` route, each blob
-//! checked against its id) and written as image files with [`vdisk::copy::write_image`]
+//! ([`RemotePointDisk`], through [`crate::fetch`]) and written as image files with [`vdisk::copy::write_image`]
 //! (temporary name, fsync, rename: a cancelled or failed recovery leaves no partial
 //! file behind).
 
-use crate::remote::{Transport, retry};
+use crate::fetch::{Fetch, RemotePointDisk, open_disk};
 use crate::{Error, Result};
-use datastore::crypto::Keys;
-use datastore::{DiskRecord, Id, decode_framed_block, decode_framed_piece};
+use datastore::DiskRecord;
 use protocol::{RecoveryPlan, RecoveryTarget};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use vdisk::{CreateOptions, DiskInfo, Extent, Format, Subformat, VirtualDisk};
-
-/// Block requests in flight per read (the copy runs up to four reads at once).
-const FETCHERS: usize = 4;
-/// Index pieces kept in memory.
-const PIECE_CACHE: usize = 64;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A token bucket over bytes per second, at a fixed rate or one that follows a
-/// work-hours schedule (looked up at each take); waits are cut short by `cancel`.
-#[derive(Debug)]
-pub struct Throttle {
-    rate: Rate,
-    /// Tokens (may go negative: a debt paid by waiting) and when last refilled.
-    state: Mutex<(f64, Instant)>,
-}
-
-#[derive(Debug)]
-enum Rate {
-    Fixed(f64),
-    Schedule(protocol::ThrottleSchedule),
-}
-
-impl Throttle {
-    /// `kbps` KiB per second (0 = none).
-    pub fn new(kbps: u64) -> Option<Throttle> {
-        (kbps > 0).then(|| Throttle {
-            rate: Rate::Fixed(kbps as f64 * 1024.0),
-            state: Mutex::new((0.0, Instant::now())),
-        })
-    }
-
-    /// The plan's limit: its fixed rate, else its schedule, else none.
-    pub fn for_plan(
-        kbps: Option<u64>,
-        schedule: Option<&protocol::ThrottleSchedule>,
-    ) -> Option<Throttle> {
-        match (kbps.and_then(Throttle::new), schedule) {
-            (Some(t), _) => Some(t),
-            (None, Some(s)) => Some(Throttle {
-                rate: Rate::Schedule(s.clone()),
-                state: Mutex::new((0.0, Instant::now())),
-            }),
-            (None, None) => None,
-        }
-    }
-
-    /// Bytes per second now, `None` for no limit.
-    fn rate_now(&self) -> Option<f64> {
-        match &self.rate {
-            Rate::Fixed(r) => Some(*r),
-            Rate::Schedule(s) => s.kbps_at(datastore::time::now()).map(|k| k as f64 * 1024.0),
-        }
-    }
-
-    /// Takes `n` bytes' worth of tokens, waiting until they are earned.
-    pub fn take(&self, n: u64, cancel: &AtomicBool) {
-        let wait = {
-            let mut s = lock(&self.state);
-            let now = Instant::now();
-            let Some(rate) = self.rate_now() else {
-                // Unlimited for now: no debt carried into a limited period.
-                *s = (0.0, now);
-                return;
-            };
-            // A burst of at most a quarter second.
-            let burst = rate / 4.0;
-            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * rate).min(burst);
-            s.1 = now;
-            s.0 -= n as f64;
-            if s.0 < 0.0 { -s.0 / rate } else { 0.0 }
-        };
-        let end = Instant::now() + Duration::from_secs_f64(wait.min(3600.0));
-        while !cancel.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            if now >= end {
-                break;
-            }
-            std::thread::sleep((end - now).min(Duration::from_millis(50)));
-        }
-    }
-}
-
-/// What every disk of a recovery shares.
-pub struct Fetch {
-    pub transport: Arc<dyn Transport>,
-    /// `/agent/jobs/{id}`.
-    pub prefix: String,
-    pub keys: Keys,
-    pub cancel: Arc<AtomicBool>,
-    pub throttle: Option<Throttle>,
-    /// Framed bytes fetched so far.
-    pub fetched: AtomicU64,
-    pub budget: Duration,
-}
-
-impl Fetch {
-    fn get(&self, id: Id) -> Result<Vec<u8>> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled("the recovery was cancelled".into()));
-        }
-        let path = format!("{}/recovery-blob/{}", self.prefix, id.to_hex());
-        let framed = retry(
-            self.budget,
-            || self.cancel.load(Ordering::Relaxed),
-            || self.transport.get_bytes(&path),
-        )?;
-        let n = framed.len() as u64;
-        self.fetched.fetch_add(n, Ordering::Relaxed);
-        if let Some(t) = &self.throttle {
-            t.take(n, &self.cancel);
-        }
-        Ok(framed)
-    }
-
-    /// Several blobs in one round trip (`recovery-blobs`), in the order asked.
-    fn get_many(&self, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled("the recovery was cancelled".into()));
-        }
-        let mut body = Vec::with_capacity(ids.len() * 32);
-        for id in ids {
-            body.extend_from_slice(&id.0);
-        }
-        let body = bytes::Bytes::from(body);
-        let path = format!("{}/recovery-blobs", self.prefix);
-        let all = retry(
-            self.budget,
-            || self.cancel.load(Ordering::Relaxed),
-            || self.transport.post_bytes(&path, body.clone()),
-        )?;
-        let n = all.len() as u64;
-        let out = split_batch(&all, ids.len())?;
-        self.fetched.fetch_add(n, Ordering::Relaxed);
-        if let Some(t) = &self.throttle {
-            t.take(n, &self.cancel);
-        }
-        Ok(out)
-    }
-}
-
-/// A `recovery-blobs` answer: `count` times (u32 LE length, bytes), nothing after.
-fn split_batch(all: &[u8], count: usize) -> Result<Vec<Vec<u8>>> {
-    let bad = |what: String| Error::Server(format!("recovery-blobs answer: {what}"));
-    let mut out = Vec::with_capacity(count);
-    let mut rest = all;
-    for i in 0..count {
-        let (len, tail) = rest
-            .split_first_chunk::<4>()
-            .ok_or_else(|| bad(format!("blob {i} of {count} is missing")))?;
-        let len = u32::from_le_bytes(*len) as usize;
-        if tail.len() < len {
-            return Err(bad(format!(
-                "blob {i} claims {len} bytes, {} are left",
-                tail.len()
-            )));
-        }
-        let (blob, tail) = tail.split_at(len);
-        out.push(blob.to_vec());
-        rest = tail;
-    }
-    if !rest.is_empty() {
-        return Err(bad(format!("{} bytes after the last blob", rest.len())));
-    }
-    Ok(out)
-}
-
-/// One block to fetch for a read: block number, id, offset in the block, destination.
-type Task<'b> = (u64, Id, usize, &'b mut [u8]);
-
-/// One disk of a recovery point, read from the server through a recovery job.
-#[derive(Debug)]
-pub struct RemotePointDisk<'a> {
-    fetch: &'a Fetch,
-    point: String,
-    rec: DiskRecord,
-    pieces: Vec<Id>,
-    cache: Mutex<HashMap<usize, Arc<Vec<Id>>>>,
-}
-
-impl std::fmt::Debug for Fetch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fetch")
-            .field("prefix", &self.prefix)
-            .finish()
-    }
-}
-
-fn invalid(e: impl std::fmt::Display) -> vdisk::Error {
-    vdisk::Error::Invalid(e.to_string())
-}
-
-impl<'a> RemotePointDisk<'a> {
-    pub fn open(fetch: &'a Fetch, point: &str, rec: &DiskRecord) -> Result<RemotePointDisk<'a>> {
-        let pieces = rec
-            .pieces
-            .iter()
-            .map(|h| {
-                Id::from_hex(h).ok_or_else(|| {
-                    Error::Server(format!("recovery point {point}: bad piece id {h:?}"))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if rec.block_size == 0
-            || rec.piece_blocks == 0
-            || pieces.len() as u64 != rec.blocks().div_ceil(rec.piece_blocks as u64)
-        {
-            return Err(Error::Server(format!(
-                "recovery point {point} disk {}: the index does not cover the disk",
-                rec.index
-            )));
-        }
-        Ok(RemotePointDisk {
-            fetch,
-            point: point.to_string(),
-            rec: rec.clone(),
-            pieces,
-            cache: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn piece(&self, p: usize) -> Result<Arc<Vec<Id>>> {
-        if let Some(ids) = lock(&self.cache).get(&p) {
-            return Ok(ids.clone());
-        }
-        let pid = *self
-            .pieces
-            .get(p)
-            .ok_or_else(|| Error::Invalid(format!("index piece {p} is past the disk's end")))?;
-        let mut framed = self.fetch.get(pid)?;
-        let ids = decode_framed_piece(&self.fetch.keys, &mut framed, pid).map_err(Error::Backup)?;
-        let pb = self.rec.piece_blocks as u64;
-        let want = (self.rec.blocks() - p as u64 * pb).min(pb);
-        if ids.len() as u64 != want {
-            return Err(Error::Server(format!(
-                "index piece {pid} holds {} entries, expected {want}",
-                ids.len()
-            )));
-        }
-        let ids = Arc::new(ids);
-        let mut c = lock(&self.cache);
-        if c.len() >= PIECE_CACHE {
-            c.clear();
-        }
-        c.insert(p, ids.clone());
-        Ok(ids)
-    }
-
-    fn block_id(&self, b: u64) -> Result<Id> {
-        let pb = self.rec.piece_blocks as u64;
-        let ids = self.piece((b / pb) as usize)?;
-        ids.get((b % pb) as usize)
-            .copied()
-            .ok_or_else(|| Error::Server(format!("block {b} is not in its index piece")))
-    }
-
-    fn check_range(&self, offset: u64, len: u64) -> vdisk::Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.rec.virtual_size => Ok(()),
-            _ => Err(vdisk::Error::OutOfRange {
-                offset,
-                len,
-                size: self.rec.virtual_size,
-            }),
-        }
-    }
-
-    /// Fetches a batch of blocks in one round trip, checks them and places each one's
-    /// bytes `within..within+out.len()`.
-    fn fill(&self, batch: &mut [Task<'_>]) -> Result<()> {
-        let ids: Vec<Id> = batch.iter().map(|t| t.1).collect();
-        let blobs = self.fetch.get_many(&ids)?;
-        for ((b, id, within, out), framed) in batch.iter_mut().zip(blobs) {
-            self.place(*b, *id, *within, out, framed)?;
-        }
-        Ok(())
-    }
-
-    /// Checks one fetched block and copies its bytes `within..within+out.len()`.
-    fn place(
-        &self,
-        b: u64,
-        id: Id,
-        within: usize,
-        out: &mut [u8],
-        mut framed: Vec<u8>,
-    ) -> Result<()> {
-        let bs = self.rec.block_size as u64;
-        let block_len = (self.rec.virtual_size - b * bs).min(bs) as usize;
-        let plain =
-            decode_framed_block(&self.fetch.keys, &mut framed, id).map_err(Error::Backup)?;
-        if plain.len() != block_len {
-            return Err(Error::Server(format!(
-                "recovery point {} disk {} block {b}: {} bytes, expected {block_len}",
-                self.point,
-                self.rec.index,
-                plain.len()
-            )));
-        }
-        let src = plain
-            .get(within..within + out.len())
-            .ok_or_else(|| Error::Server(format!("block {b} is too short")))?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-}
-
-impl VirtualDisk for RemotePointDisk<'_> {
-    fn info(&self) -> DiskInfo {
-        DiskInfo {
-            path: format!("server#{}/disk{}", self.point, self.rec.index).into(),
-            format: Format::Raw,
-            subformat: Subformat::Fixed,
-            virtual_size: self.rec.virtual_size,
-            logical_sector_size: self.rec.logical_sector_size,
-            physical_sector_size: self.rec.physical_sector_size,
-            block_size: Some(self.rec.block_size as u64),
-            file_size: 0,
-            allocated_bytes: 0,
-            details: vec![("recovery point".into(), self.point.clone())],
-            parent: None,
-        }
-    }
-
-    fn virtual_size(&self) -> u64 {
-        self.rec.virtual_size
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let bs = self.rec.block_size as u64;
-        // Split the buffer by block; holes are filled here, data blocks are fetched by
-        // up to FETCHERS threads at once.
-        let mut tasks = Vec::new();
-        let mut rest: &mut [u8] = buf;
-        let mut pos = offset;
-        while !rest.is_empty() {
-            let b = pos / bs;
-            let within = (pos % bs) as usize;
-            let n = (bs as usize - within).min(rest.len());
-            let (out, tail) = rest.split_at_mut(n);
-            rest = tail;
-            let id = self.block_id(b).map_err(invalid)?;
-            if id.is_zero() {
-                out.fill(0);
-            } else {
-                tasks.push((b, id, within, out));
-            }
-            pos += n as u64;
-        }
-        // Batches spread over the fetchers, each one round trip.
-        let per = tasks
-            .len()
-            .div_ceil(FETCHERS)
-            .clamp(1, protocol::RECOVERY_BATCH);
-        let mut batches: Vec<Vec<Task<'_>>> = Vec::new();
-        let mut it = tasks.into_iter().peekable();
-        while it.peek().is_some() {
-            batches.push(it.by_ref().take(per).collect());
-        }
-        let threads = FETCHERS.min(batches.len());
-        let queue = Mutex::new(batches.into_iter());
-        let failure: Mutex<Option<Error>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| {
-                    loop {
-                        if lock(&failure).is_some() {
-                            return;
-                        }
-                        let Some(mut batch) = lock(&queue).next() else {
-                            return;
-                        };
-                        if let Err(e) = self.fill(&mut batch) {
-                            lock(&failure).get_or_insert(e);
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        match lock(&failure).take() {
-            Some(e) => Err(invalid(e)),
-            None => Ok(()),
-        }
-    }
-
-    fn map(&self, offset: u64, length: u64) -> vdisk::Result<Vec<Extent>> {
-        self.check_range(offset, length)?;
-        datastore::block_extents(offset, length, self.rec.block_size, |b| {
-            self.block_id(b).map(|id| id.is_zero()).map_err(invalid)
-        })
-    }
-}
+use std::sync::atomic::Ordering;
+use vdisk::{CreateOptions, Format, Subformat};
 
 /// A file name from a disk name of the manifest: its last path component, without
 /// anything that could leave the target folder; `fallback` when nothing usable is left.
@@ -542,12 +141,7 @@ pub fn recover(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Recovered> {
     let m = &plan.manifest;
-    let fmt_of = |rec: &DiskRecord| -> Format { rec.format.parse().unwrap_or(Format::Raw) };
-    let mut outputs = Vec::new();
-    let dir_guard;
-    // Description files written next to the disks once they are complete.
-    let mut descriptions: Vec<(PathBuf, String)> = Vec::new();
-    match &plan.target {
+    let planned = match &plan.target {
         RecoveryTarget::Original { .. } => {
             // Over the original instance: crate::original (stop, swap in, start).
             return Err(Error::Invalid(
@@ -555,60 +149,7 @@ pub fn recover(
             ));
         }
         RecoveryTarget::Alternate { dir, format, .. } => {
-            let folder = Path::new(dir).join(safe_name(vm, "vm"));
-            if folder.exists() {
-                return Err(Error::Invalid(format!(
-                    "{} already exists; choose another folder or remove it",
-                    folder.display()
-                )));
-            }
-            let d = NewDir::create(folder.clone())?;
-            let mut names = Vec::new();
-            for (i, rec) in m.disks.iter().enumerate() {
-                let f = match format {
-                    Some(f) => f
-                        .parse()
-                        .map_err(|e: vdisk::Error| Error::Invalid(e.to_string()))?,
-                    None => fmt_of(rec),
-                };
-                let base = safe_name(&rec.name, &format!("disk{i}"));
-                let mut name = with_ext(&base, f.name());
-                if names.contains(&name) {
-                    name = format!("disk{i}-{name}");
-                }
-                names.push(name.clone());
-                outputs.push(Output {
-                    disk: i,
-                    path: folder.join(&name),
-                    format: f,
-                });
-            }
-            let quoted: Vec<String> = names.iter().map(|n| toml_str(n)).collect();
-            descriptions.push((
-                folder.join("vm.toml"),
-                format!(
-                    "# Recovered by holdfast from recovery point {}\nname = {}\ndisks = [{}]\n",
-                    m.id,
-                    toml_str(vm),
-                    quoted.join(", ")
-                ),
-            ));
-            // KVM targets (every disk qcow2 or raw) also get a libvirt domain.
-            let kvm: Vec<(PathBuf, &'static str)> = outputs
-                .iter()
-                .filter_map(|o| match o.format {
-                    Format::Qcow2 => Some((o.path.clone(), "qcow2")),
-                    Format::Raw => Some((o.path.clone(), "raw")),
-                    _ => None,
-                })
-                .collect();
-            if kvm.len() == outputs.len() {
-                descriptions.push((
-                    folder.join("domain.xml"),
-                    libvirt_domain(&safe_name(vm, "vm"), &m.id, &kvm),
-                ));
-            }
-            dir_guard = Some(d);
+            plan_alternate(m, vm, Path::new(dir), format.as_deref())?
         }
         RecoveryTarget::CopyTo {
             dir,
@@ -620,48 +161,155 @@ pub fn recover(
             // The job id keeps two jobs of the same second apart.
             let base = format!("holdfast_{}_job{job}", timestamp(datastore::time::now()));
             let mut d = NewDir::create_unique(Path::new(dir), &base)?;
-            let folder = d.path.clone();
             if partition.is_some() || !items.is_empty() {
                 let i = disk.unwrap_or(0) as usize;
                 let rec = m.disks.get(i).ok_or_else(|| {
                     Error::Invalid(format!("recovery point {} has no disk {i}", m.id))
                 })?;
-                let src = RemotePointDisk::open(fetch, &m.id, rec)?;
+                let src = open_disk(fetch, &m.id, rec)?;
                 let out = if items.is_empty() {
                     let p = partition.unwrap_or(0);
-                    copy_volume(fetch, &src, vm, i, p, &folder, progress)?
+                    copy_volume(fetch, &src, vm, i, p, &d.path, progress)?
                 } else {
-                    copy_items(fetch, &src, vm, i, *partition, items, &folder, progress)?
+                    copy_items(fetch, &src, vm, i, *partition, items, &d.path, progress)?
                 };
                 d.keep = true;
                 return Ok(out);
             }
-            let mut names: Vec<String> = Vec::new();
-            for (i, rec) in m.disks.iter().enumerate() {
-                if disk.is_some_and(|d| d as usize != i) {
-                    continue;
-                }
-                let mut name = safe_name(&rec.name, &format!("disk{i}.{}", rec.format));
-                if names.contains(&name) {
-                    name = format!("disk{i}-{name}");
-                }
-                names.push(name.clone());
-                outputs.push(Output {
-                    disk: i,
-                    path: folder.join(name),
-                    format: fmt_of(rec),
-                });
-            }
-            if outputs.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "recovery point {} has no disk {}",
-                    m.id,
-                    disk.unwrap_or(0)
-                )));
-            }
-            dir_guard = Some(d);
+            plan_copies(m, *disk, d)?
         }
+    };
+    write_planned(fetch, m, vm, planned, progress)
+}
+
+fn fmt_of(rec: &DiskRecord) -> Format {
+    rec.format.parse().unwrap_or(Format::Raw)
+}
+
+/// What a recovery into new files writes, into a folder it made.
+struct Planned {
+    outputs: Vec<Output>,
+    /// Description files written next to the disks once they are complete.
+    descriptions: Vec<(PathBuf, String)>,
+    dir: NewDir,
+}
+
+/// `--alternate`: a new VM folder `dir/<vm>` with every disk (in `format`, else its
+/// own), a `vm.toml`, and for KVM formats a libvirt `domain.xml`.
+fn plan_alternate(
+    m: &datastore::Manifest,
+    vm: &str,
+    dir: &Path,
+    format: Option<&str>,
+) -> Result<Planned> {
+    let folder = dir.join(safe_name(vm, "vm"));
+    if folder.exists() {
+        return Err(Error::Invalid(format!(
+            "{} already exists; choose another folder or remove it",
+            folder.display()
+        )));
     }
+    let d = NewDir::create(folder.clone())?;
+    let mut outputs = Vec::new();
+    let mut names = Vec::new();
+    for (i, rec) in m.disks.iter().enumerate() {
+        let f = match format {
+            Some(f) => f
+                .parse()
+                .map_err(|e: vdisk::Error| Error::Invalid(e.to_string()))?,
+            None => fmt_of(rec),
+        };
+        let base = safe_name(&rec.name, &format!("disk{i}"));
+        let mut name = with_ext(&base, f.name());
+        if names.contains(&name) {
+            name = format!("disk{i}-{name}");
+        }
+        names.push(name.clone());
+        outputs.push(Output {
+            disk: i,
+            path: folder.join(&name),
+            format: f,
+        });
+    }
+    let quoted: Vec<String> = names.iter().map(|n| toml_str(n)).collect();
+    let mut descriptions = vec![(
+        folder.join("vm.toml"),
+        format!(
+            "# Recovered by holdfast from recovery point {}\nname = {}\ndisks = [{}]\n",
+            m.id,
+            toml_str(vm),
+            quoted.join(", ")
+        ),
+    )];
+    // KVM targets (every disk qcow2 or raw) also get a libvirt domain.
+    let kvm: Vec<(PathBuf, &'static str)> = outputs
+        .iter()
+        .filter_map(|o| match o.format {
+            Format::Qcow2 => Some((o.path.clone(), "qcow2")),
+            Format::Raw => Some((o.path.clone(), "raw")),
+            _ => None,
+        })
+        .collect();
+    if kvm.len() == outputs.len() {
+        descriptions.push((
+            folder.join("domain.xml"),
+            libvirt_domain(&safe_name(vm, "vm"), &m.id, &kvm),
+        ));
+    }
+    Ok(Planned {
+        outputs,
+        descriptions,
+        dir: d,
+    })
+}
+
+/// `--copy-to` of disk files: every disk (or disk `disk`) in its own format, into `d`.
+fn plan_copies(m: &datastore::Manifest, disk: Option<u32>, d: NewDir) -> Result<Planned> {
+    let mut outputs = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for (i, rec) in m.disks.iter().enumerate() {
+        if disk.is_some_and(|d| d as usize != i) {
+            continue;
+        }
+        let mut name = safe_name(&rec.name, &format!("disk{i}.{}", rec.format));
+        if names.contains(&name) {
+            name = format!("disk{i}-{name}");
+        }
+        names.push(name.clone());
+        outputs.push(Output {
+            disk: i,
+            path: d.path.join(name),
+            format: fmt_of(rec),
+        });
+    }
+    if outputs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "recovery point {} has no disk {}",
+            m.id,
+            disk.unwrap_or(0)
+        )));
+    }
+    Ok(Planned {
+        outputs,
+        descriptions: Vec::new(),
+        dir: d,
+    })
+}
+
+/// Writes the planned images, then their descriptions; the folder is kept only when
+/// all of it was written.
+fn write_planned(
+    fetch: &Fetch,
+    m: &datastore::Manifest,
+    vm: &str,
+    planned: Planned,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Recovered> {
+    let Planned {
+        outputs,
+        descriptions,
+        dir: mut dir_guard,
+    } = planned;
     let total: u64 = outputs
         .iter()
         .filter_map(|o| m.disks.get(o.disk))
@@ -674,7 +322,7 @@ pub fn recover(
             .disks
             .get(o.disk)
             .ok_or_else(|| Error::Invalid(format!("no disk {}", o.disk)))?;
-        let disk = RemotePointDisk::open(fetch, &m.id, rec)?;
+        let disk = open_disk(fetch, &m.id, rec)?;
         let subformat = if o.format == Format::Raw {
             Subformat::Fixed
         } else {
@@ -698,9 +346,7 @@ pub fn recover(
         write_file(&path, text.as_bytes())?;
         written.push(path);
     }
-    if let Some(mut d) = dir_guard {
-        d.keep = true;
-    }
+    dir_guard.keep = true;
     Ok(Recovered {
         files: written,
         notes: Vec::new(),
@@ -921,36 +567,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batch_answers_are_split_and_checked() {
-        let mut all = Vec::new();
-        for b in [&b"abc"[..], b"", b"xy"] {
-            all.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            all.extend_from_slice(b);
-        }
-        let got = split_batch(&all, 3).unwrap();
-        assert_eq!(got, [b"abc".to_vec(), Vec::new(), b"xy".to_vec()]);
-        // Fewer blobs than asked, a length past the end, bytes left over.
-        assert!(
-            split_batch(&all, 4)
-                .unwrap_err()
-                .to_string()
-                .contains("blob 3 of 4")
-        );
-        assert!(
-            split_batch(&all[..6], 3)
-                .unwrap_err()
-                .to_string()
-                .contains("claims")
-        );
-        assert!(
-            split_batch(&all, 2)
-                .unwrap_err()
-                .to_string()
-                .contains("after the last")
-        );
-    }
-
-    #[test]
     fn virtio_names_follow_the_kernel() {
         let n: Vec<String> = [0, 1, 25, 26, 27, 701, 702].map(virtio_name).to_vec();
         assert_eq!(n, ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]);
@@ -999,54 +615,5 @@ mod tests {
     #[test]
     fn timestamps_are_compact() {
         assert_eq!(timestamp(0), "19700101-000000");
-    }
-
-    #[test]
-    fn throttle_paces_bytes() {
-        let t = Throttle::new(1024).unwrap();
-        let cancel = AtomicBool::new(false);
-        let start = Instant::now();
-        for _ in 0..4 {
-            t.take(128 * 1024, &cancel);
-        }
-        // 512 KiB at 1 MiB/s: about half a second.
-        assert!(start.elapsed() >= Duration::from_millis(400));
-        assert!(Throttle::new(0).is_none());
-    }
-
-    #[test]
-    fn scheduled_throttle_follows_the_clock() {
-        // Work hours all week, all day: the work rate always applies.
-        let always = protocol::ThrottleSchedule {
-            work_kbps: 1024,
-            other_kbps: 0,
-            work_days: (1..=7).collect(),
-            work_start: "00:00".into(),
-            work_end: "00:00".into(),
-        };
-        // start == end is an empty window (never work hours): unlimited now.
-        let t = Throttle::for_plan(None, Some(&always)).unwrap();
-        let cancel = AtomicBool::new(false);
-        let start = Instant::now();
-        for _ in 0..4 {
-            t.take(1 << 20, &cancel);
-        }
-        assert!(start.elapsed() < Duration::from_millis(200));
-        let busy = protocol::ThrottleSchedule {
-            other_kbps: 1024,
-            ..always.clone()
-        };
-        let t = Throttle::for_plan(None, Some(&busy)).unwrap();
-        let start = Instant::now();
-        for _ in 0..4 {
-            t.take(128 * 1024, &cancel);
-        }
-        assert!(start.elapsed() >= Duration::from_millis(400));
-        // A fixed rate wins over the schedule; neither means no throttle.
-        assert!(matches!(
-            Throttle::for_plan(Some(10), Some(&busy)).unwrap().rate,
-            Rate::Fixed(_)
-        ));
-        assert!(Throttle::for_plan(None, None).is_none());
     }
 }

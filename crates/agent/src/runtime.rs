@@ -1,7 +1,8 @@
 //! The agent's loop: enroll, report the inventory, long-poll for jobs, run each job on
 //! its own thread (bounded), report progress, commit or fail.
 
-use crate::provider::{Provider, Snapshot};
+use crate::provider::{Instance, Provider, Snapshot};
+use crate::recover::Recovered;
 use crate::remote::{RETRY_BUDGET, RemoteTarget, Transport, retry};
 use crate::{Error, Result};
 use client::{Auth, Client};
@@ -399,15 +400,7 @@ fn run_job(shared: &Shared, job: AgentJob, cancel: Arc<AtomicBool>) {
 
 /// The datastore parameters of a session, checked (they come from the network).
 pub(crate) fn block_params(start: &SessionStart) -> Result<BlockParams> {
-    let keys = match &start.master_key {
-        None => Keys::plain(),
-        Some(hex) => {
-            let key = decode_key(hex).ok_or_else(|| {
-                Error::Server("the session's master key is not 64 hex digits".into())
-            })?;
-            Keys::from_master(&key).map_err(Error::Backup)?
-        }
-    };
+    let keys = keys_from(start.master_key.as_deref(), "session")?;
     let p = BlockParams {
         block_size: start.block_size,
         piece_blocks: start.piece_blocks,
@@ -417,6 +410,17 @@ pub(crate) fn block_params(start: &SessionStart) -> Result<BlockParams> {
     p.check()
         .map_err(|e| Error::Server(format!("session parameters: {e}")))?;
     Ok(p)
+}
+
+/// The keys of a session or recovery (`what`) from the master key the server sent
+/// (none for an unencrypted datastore).
+fn keys_from(master_key: Option<&str>, what: &str) -> Result<Keys> {
+    let Some(hex) = master_key else {
+        return Ok(Keys::plain());
+    };
+    let key = decode_key(hex)
+        .ok_or_else(|| Error::Server(format!("the {what}'s master key is not 64 hex digits")))?;
+    Keys::from_master(&key).map_err(Error::Backup)
 }
 
 pub(crate) fn decode_key(hex: &str) -> Option<[u8; 32]> {
@@ -586,15 +590,7 @@ fn recovery_job(
         .recovery
         .as_ref()
         .ok_or_else(|| Error::Server("a recovery job without a recovery plan".into()))?;
-    let keys = match &plan.master_key {
-        None => Keys::plain(),
-        Some(hex) => {
-            let key = decode_key(hex).ok_or_else(|| {
-                Error::Server("the recovery's master key is not 64 hex digits".into())
-            })?;
-            Keys::from_master(&key).map_err(Error::Backup)?
-        }
-    };
+    let keys = keys_from(plan.master_key.as_deref(), "recovery")?;
     // Over the original instance: the provider's hook (disk files, stop, start) and
     // the flow in crate::original; every other target writes new files (recover.rs).
     let provider = match plan.target {
@@ -605,12 +601,12 @@ fn recovery_job(
         Some(p) => Some(p.instance(&job.vm)?),
         None => None,
     };
-    let fetch = crate::recover::Fetch {
+    let fetch = crate::fetch::Fetch {
         transport: shared.transport.clone(),
         prefix: prefix.to_string(),
         keys,
         cancel: cancel.clone(),
-        throttle: crate::recover::Throttle::for_plan(
+        throttle: crate::fetch::Throttle::for_plan(
             plan.throttle_kbps,
             plan.throttle_schedule.as_ref(),
         ),
@@ -618,115 +614,170 @@ fn recovery_job(
         budget: RETRY_BUDGET,
     };
     let counters = Counters::default();
-    let lost: Mutex<Option<client::Error>> = Mutex::new(None);
-    let sent = AtomicU64::new(0);
     // The job log's rates are measured over this (the server's job times are whole
     // seconds).
     let began = Instant::now();
-    let result = std::thread::scope(|s| {
-        s.spawn(|| report_progress(shared, prefix, label, &counters, &sent, cancel, &lost));
-        let progress = |done, total| {
-            counters.done.store(done, Ordering::Relaxed);
-            counters.total.store(total, Ordering::Relaxed);
-            counters
-                .read
-                .store(fetch.fetched.load(Ordering::Relaxed), Ordering::Relaxed);
-            if shared.stop.load(Ordering::Relaxed) {
-                cancel.store(true, Ordering::Relaxed);
-            }
-        };
-        let r = match instance.as_deref_mut() {
-            Some(inst) => {
-                // Job-log lines travel as progress messages.
-                let mut note = |msg: &str| {
-                    log(format_args!("{label}: {msg}"));
-                    let p = Progress {
-                        bytes_done: counters.done.load(Ordering::Relaxed),
-                        bytes_total: counters.total.load(Ordering::Relaxed),
-                        bytes_read: fetch.fetched.load(Ordering::Relaxed),
-                        bytes_sent: 0,
-                        message: Some(msg.to_string()),
-                        step: None,
-                    };
-                    let path = format!("{prefix}/progress");
-                    match retry(
-                        RETRY_BUDGET,
-                        || false,
-                        || shared.client.post::<_, ProgressReply>(&path, &p),
-                    ) {
-                        // Honoured where the flow still can (before the VM stops).
-                        Ok(r) if r.cancel => cancel.store(true, Ordering::Relaxed),
-                        Ok(_) => {}
-                        Err(e) => log(format_args!("{label}: reporting {msg:?}: {e}")),
-                    }
-                };
-                crate::original::recover(
-                    &fetch,
-                    plan,
-                    &job.vm,
+    let run = RecoveryRun {
+        shared,
+        job,
+        plan,
+        fetch: &fetch,
+        prefix,
+        label,
+        cancel,
+        counters: &counters,
+    };
+    let out = run.write(instance.as_deref_mut())?;
+    run.report_done(&out, began)
+}
+
+/// One recovery job's parts, shared by its phases.
+struct RecoveryRun<'a> {
+    shared: &'a Shared,
+    job: &'a AgentJob,
+    plan: &'a protocol::RecoveryPlan,
+    fetch: &'a crate::fetch::Fetch,
+    prefix: &'a str,
+    label: &'a str,
+    cancel: &'a Arc<AtomicBool>,
+    counters: &'a Counters,
+}
+
+impl RecoveryRun<'_> {
+    /// Writes the recovery (over `instance` when it is one over the original), with
+    /// progress reports on a thread of their own until it ends.
+    fn write(&self, instance: Option<&mut (dyn Instance + '_)>) -> Result<Recovered> {
+        let (shared, cancel, counters, fetch) =
+            (self.shared, self.cancel, self.counters, self.fetch);
+        let lost: Mutex<Option<client::Error>> = Mutex::new(None);
+        let sent = AtomicU64::new(0);
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                report_progress(
+                    shared,
+                    self.prefix,
+                    self.label,
+                    counters,
+                    &sent,
+                    cancel,
+                    &lost,
+                )
+            });
+            let progress = |done, total| {
+                counters.done.store(done, Ordering::Relaxed);
+                counters.total.store(total, Ordering::Relaxed);
+                counters
+                    .read
+                    .store(fetch.fetched.load(Ordering::Relaxed), Ordering::Relaxed);
+                if shared.stop.load(Ordering::Relaxed) {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            };
+            let r = match instance {
+                Some(inst) => crate::original::recover(
+                    fetch,
+                    self.plan,
+                    &self.job.vm,
                     inst,
                     &mut |d, t| progress(d, t),
-                    &mut note,
+                    &mut |msg: &str| self.note(msg),
                 )
-                .map(|files| crate::recover::Recovered {
+                .map(|files| Recovered {
                     files,
                     notes: Vec::new(),
-                })
-            }
-            None => crate::recover::recover(&fetch, plan, job.job_id, &job.vm, &progress),
-        };
-        counters.finished.store(true, Ordering::Relaxed);
-        r
-    });
-    if let Some(l) = lock_take(&lost) {
-        return Err(Error::Client(l));
-    }
-    let out = match result {
-        Ok(f) => f,
-        Err(e) if cancel.load(Ordering::Relaxed) => {
-            return Err(Error::Cancelled(if shared.stop.load(Ordering::Relaxed) {
-                "the agent is stopping".into()
-            } else {
-                format!("by the server ({e})")
-            }));
+                }),
+                None => crate::recover::recover(
+                    fetch,
+                    self.plan,
+                    self.job.job_id,
+                    &self.job.vm,
+                    &progress,
+                ),
+            };
+            counters.finished.store(true, Ordering::Relaxed);
+            r
+        });
+        if let Some(l) = lock_take(&lost) {
+            return Err(Error::Client(l));
         }
-        Err(e) => return Err(e),
-    };
-    let elapsed_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
-    // Item copies count the bytes copied with no total known in advance.
-    let total = counters
-        .total
-        .load(Ordering::Relaxed)
-        .max(counters.done.load(Ordering::Relaxed));
-    let bytes_fetched = fetch.fetched.load(Ordering::Relaxed);
-    // Final figures (a short job may end before its first progress report).
-    let p = Progress {
-        bytes_done: total,
-        bytes_total: total,
-        bytes_read: bytes_fetched,
-        bytes_sent: 0,
-        message: None,
-        step: None,
-    };
-    let path = format!("{prefix}/progress");
-    let _ = shared.client.post::<_, ProgressReply>(&path, &p);
-    let done = protocol::RecoveryDone {
-        files: out.files.iter().map(|f| f.display().to_string()).collect(),
-        bytes_fetched,
-        bytes_written: Some(total),
-        elapsed_ms: Some(elapsed_ms),
-        notes: out.notes.clone(),
-    };
-    let path = format!("{prefix}/recovered");
-    retry(
-        RETRY_BUDGET,
-        || false,
-        || shared.client.post_ok(&path, &done),
-    )?;
-    Ok(match out.notes.first() {
-        Some(n) => n.clone(),
-        None => format!("recovered {} file(s)", out.files.len()),
-    })
+        match result {
+            Ok(f) => Ok(f),
+            Err(e) if cancel.load(Ordering::Relaxed) => {
+                Err(Error::Cancelled(if shared.stop.load(Ordering::Relaxed) {
+                    "the agent is stopping".into()
+                } else {
+                    format!("by the server ({e})")
+                }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A job-log line of a recovery over the original, sent as a progress message.
+    fn note(&self, msg: &str) {
+        let (label, counters) = (self.label, self.counters);
+        log(format_args!("{label}: {msg}"));
+        let p = Progress {
+            bytes_done: counters.done.load(Ordering::Relaxed),
+            bytes_total: counters.total.load(Ordering::Relaxed),
+            bytes_read: self.fetch.fetched.load(Ordering::Relaxed),
+            bytes_sent: 0,
+            message: Some(msg.to_string()),
+            step: None,
+        };
+        let path = format!("{}/progress", self.prefix);
+        match retry(
+            RETRY_BUDGET,
+            || false,
+            || self.shared.client.post::<_, ProgressReply>(&path, &p),
+        ) {
+            // Honoured where the flow still can (before the VM stops).
+            Ok(r) if r.cancel => self.cancel.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(e) => log(format_args!("{label}: reporting {msg:?}: {e}")),
+        }
+    }
+
+    /// The final figures and the server's `recovered` call; returns the log summary.
+    fn report_done(&self, out: &Recovered, began: Instant) -> Result<String> {
+        let (shared, prefix, counters, fetch) =
+            (self.shared, self.prefix, self.counters, self.fetch);
+        let elapsed_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Item copies count the bytes copied with no total known in advance.
+        let total = counters
+            .total
+            .load(Ordering::Relaxed)
+            .max(counters.done.load(Ordering::Relaxed));
+        let bytes_fetched = fetch.fetched.load(Ordering::Relaxed);
+        // Final figures (a short job may end before its first progress report).
+        let p = Progress {
+            bytes_done: total,
+            bytes_total: total,
+            bytes_read: bytes_fetched,
+            bytes_sent: 0,
+            message: None,
+            step: None,
+        };
+        let path = format!("{prefix}/progress");
+        let _ = shared.client.post::<_, ProgressReply>(&path, &p);
+        let done = protocol::RecoveryDone {
+            files: out.files.iter().map(|f| f.display().to_string()).collect(),
+            bytes_fetched,
+            bytes_written: Some(total),
+            elapsed_ms: Some(elapsed_ms),
+            notes: out.notes.clone(),
+        };
+        let path = format!("{prefix}/recovered");
+        retry(
+            RETRY_BUDGET,
+            || false,
+            || shared.client.post_ok(&path, &done),
+        )?;
+        Ok(match out.notes.first() {
+            Some(n) => n.clone(),
+            None => format!("recovered {} file(s)", out.files.len()),
+        })
+    }
 }
 
 fn lock_take<T>(m: &Mutex<Option<T>>) -> Option<T> {
@@ -822,7 +873,7 @@ fn difference(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 struct Counting<'a> {
     inner: &'a dyn vdisk::VirtualDisk,
     read: &'a AtomicU64,
-    limit: Option<&'a crate::recover::Throttle>,
+    limit: Option<&'a crate::fetch::Throttle>,
     cancel: &'a AtomicBool,
 }
 
@@ -858,9 +909,7 @@ fn backup(
 ) -> Result<(Vec<protocol::DiskRecord>, protocol::Stats)> {
     let disks = snap.disks();
     // One bucket for all disks of the job.
-    let limit = shared
-        .read_limit_kbps
-        .and_then(crate::recover::Throttle::new);
+    let limit = shared.read_limit_kbps.and_then(crate::fetch::Throttle::new);
     let counting: Vec<Counting> = disks
         .iter()
         .map(|d| Counting {

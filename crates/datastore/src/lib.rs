@@ -34,6 +34,9 @@ pub use id::Id;
 pub use ingest::{Ingest, MAX_REMOTE_DISK, decode_framed_block, decode_framed_piece};
 pub use manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
 pub use prune::{Decision, Retention};
-pub use restore::{PointDisk, block_extents};
+pub use restore::{
+    BlobSource, BlockRead, DiskRef, LocalBlobs, LocalPointDisk, PointDisk, block_extents,
+    check_range,
+};
 pub use store::{BlobIndex, CreateOptions, DamagedPoint, Datastore, default_key_path};
 pub use verify::{DiskDamage, FileDamage, PointDamage, VerifyReport};

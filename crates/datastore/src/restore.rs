@@ -1,5 +1,9 @@
-//! Reading a recovery point's disk as a virtual disk: random access straight from the
-//! datastore (restore, and later item-level recovery and NBD exports).
+//! Reading a recovery point's disk as a virtual disk: [`PointDisk`], random access to
+//! one disk of a recovery point, generic over where its blobs come from
+//! ([`BlobSource`]): the datastore itself ([`LocalBlobs`]: restore, item-level
+//! recovery, NBD exports and the server's block API) or the server, for an agent's
+//! recovery (the agent's fetcher). One piece cache, one block lookup and one range
+//! check serve them all.
 
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -12,7 +16,53 @@ use vdisk::{DiskInfo, Extent, ExtentState, Format, Subformat, VirtualDisk};
 /// Index pieces kept in memory (64 MiB of disk each at the default sizes).
 const PIECE_CACHE: usize = 64;
 
-/// The datastore a [`PointDisk`] reads from: borrowed, or shared so the disk can be
+/// Where a [`PointDisk`] gets its blobs: index pieces and data blocks by id, each
+/// checked against its id by the source (it holds the keys, or asks who does).
+pub trait BlobSource: Send + Sync + std::fmt::Debug {
+    /// Where the blobs come from, for [`DiskInfo::path`] (`LOCATION#POINT/diskN`).
+    fn location(&self) -> String;
+
+    /// The block ids index piece `id` holds.
+    fn piece(&self, id: Id) -> vdisk::Result<Vec<Id>>;
+
+    /// Fills every read's `out` with bytes `within..within + out.len()` of its block.
+    fn read_blocks(&self, disk: DiskRef<'_>, reads: &mut [BlockRead<'_>]) -> vdisk::Result<()>;
+}
+
+/// The disk a [`BlobSource`] reads for (messages name it).
+#[derive(Debug, Clone, Copy)]
+pub struct DiskRef<'a> {
+    /// The recovery point's id.
+    pub point: &'a str,
+    pub rec: &'a DiskRecord,
+}
+
+/// One data block a read needs (never the zero block: holes are filled by the disk).
+#[derive(Debug)]
+pub struct BlockRead<'b> {
+    /// Block number within the disk.
+    pub block: u64,
+    pub id: Id,
+    /// Bytes the block holds (the last block of a disk may be short).
+    pub block_len: usize,
+    /// Where `out` starts within the block.
+    pub within: usize,
+    pub out: &'b mut [u8],
+}
+
+impl<S: BlobSource + ?Sized> BlobSource for &S {
+    fn location(&self) -> String {
+        (**self).location()
+    }
+    fn piece(&self, id: Id) -> vdisk::Result<Vec<Id>> {
+        (**self).piece(id)
+    }
+    fn read_blocks(&self, disk: DiskRef<'_>, reads: &mut [BlockRead<'_>]) -> vdisk::Result<()> {
+        (**self).read_blocks(disk, reads)
+    }
+}
+
+/// The datastore a [`LocalBlobs`] reads from: borrowed, or shared so the disk can be
 /// `'static` (file-system readers and NBD exports keep it on other threads).
 #[derive(Debug)]
 enum StoreRef<'a> {
@@ -30,15 +80,61 @@ impl std::ops::Deref for StoreRef<'_> {
     }
 }
 
-/// One disk of a recovery point, readable through [`VirtualDisk`].
+/// Blobs read straight from a datastore (decoded and checked by it).
 #[derive(Debug)]
-pub struct PointDisk<'a> {
+pub struct LocalBlobs<'a> {
     store: StoreRef<'a>,
     index: Arc<BlobIndex>,
-    point: String,
-    rec: DiskRecord,
-    pieces: Vec<Id>,
-    cache: Mutex<HashMap<usize, Arc<Vec<Id>>>>,
+}
+
+/// A recovery point's disk read from the datastore.
+pub type LocalPointDisk<'a> = PointDisk<LocalBlobs<'a>>;
+
+fn to_vdisk(e: Error) -> vdisk::Error {
+    match e {
+        Error::Disk(d) => d,
+        other => vdisk::Error::Invalid(other.to_string()),
+    }
+}
+
+impl BlobSource for LocalBlobs<'_> {
+    fn location(&self) -> String {
+        self.store.backend.location()
+    }
+
+    fn piece(&self, id: Id) -> vdisk::Result<Vec<Id>> {
+        self.store.read_piece(&self.index, id).map_err(to_vdisk)
+    }
+
+    fn read_blocks(&self, disk: DiskRef<'_>, reads: &mut [BlockRead<'_>]) -> vdisk::Result<()> {
+        let bs = disk.rec.block_size as u64;
+        let mut plain = Vec::with_capacity(bs as usize);
+        for r in reads {
+            let at = |what: String| {
+                vdisk::Error::Invalid(format!(
+                    "recovery point {} disk {} offset {}: {what}",
+                    disk.point,
+                    disk.rec.index,
+                    r.block * bs
+                ))
+            };
+            if r.within == 0 && r.out.len() == r.block_len {
+                // A whole block: decode straight into the caller's buffer.
+                self.store
+                    .read_blob_into(&self.index, r.id, r.out)
+                    .map_err(|e| at(e.to_string()))?;
+            } else {
+                self.store
+                    .read_blob(&self.index, r.id, &mut plain)
+                    .map_err(|e| at(e.to_string()))?;
+                let src = plain
+                    .get(r.within..r.within + r.out.len())
+                    .ok_or_else(|| at(format!("block is {} bytes, too short", plain.len())))?;
+                r.out.copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Datastore {
@@ -48,8 +144,12 @@ impl Datastore {
         m: &Manifest,
         disk: usize,
         index: Arc<BlobIndex>,
-    ) -> Result<PointDisk<'a>> {
-        open_point_disk(StoreRef::Borrowed(self), m, disk, index)
+    ) -> Result<LocalPointDisk<'a>> {
+        let blobs = LocalBlobs {
+            store: StoreRef::Borrowed(self),
+            index,
+        };
+        PointDisk::open(blobs, m, disk)
     }
 
     /// [`Datastore::open_disk`] holding a share of the datastore: the disk lives as long
@@ -59,72 +159,99 @@ impl Datastore {
         m: &Manifest,
         disk: usize,
         index: Arc<BlobIndex>,
-    ) -> Result<PointDisk<'static>> {
-        open_point_disk(StoreRef::Shared(self.clone()), m, disk, index)
+    ) -> Result<LocalPointDisk<'static>> {
+        let blobs = LocalBlobs {
+            store: StoreRef::Shared(self.clone()),
+            index,
+        };
+        PointDisk::open(blobs, m, disk)
     }
 }
 
-fn open_point_disk<'a>(
-    store: StoreRef<'a>,
-    m: &Manifest,
-    disk: usize,
-    index: Arc<BlobIndex>,
-) -> Result<PointDisk<'a>> {
-    let rec = m.disks.get(disk).cloned().ok_or_else(|| {
-        Error::Invalid(format!(
-            "recovery point {} has {} disk(s); there is no disk {disk} (disks are numbered from 0)",
-            m.id,
-            m.disks.len()
-        ))
-    })?;
-    let key = format!("points/{}", m.id);
-    let pieces = rec
-        .pieces
-        .iter()
-        .map(|h| {
-            Id::from_hex(h)
-                .ok_or_else(|| Error::corrupt(&key, format!("disk {disk}: bad piece id {h:?}")))
+/// One disk of a recovery point, readable through [`VirtualDisk`], its blobs read from
+/// `S`.
+#[derive(Debug)]
+pub struct PointDisk<S> {
+    source: S,
+    point: String,
+    rec: DiskRecord,
+    pieces: Vec<Id>,
+    cache: Mutex<HashMap<usize, Arc<Vec<Id>>>>,
+}
+
+impl<S: BlobSource> PointDisk<S> {
+    /// Disk `disk` of recovery point `m`, its blobs read from `source`.
+    pub fn open(source: S, m: &Manifest, disk: usize) -> Result<PointDisk<S>> {
+        let rec = m.disks.get(disk).ok_or_else(|| {
+            Error::Invalid(format!(
+                "recovery point {} has {} disk(s); there is no disk {disk} (disks are numbered from 0)",
+                m.id,
+                m.disks.len()
+            ))
+        })?;
+        PointDisk::with_record(source, &m.id, disk, rec)
+    }
+
+    /// The disk `rec` describes (disk `disk` of recovery point `point`).
+    pub fn with_record(
+        source: S,
+        point: &str,
+        disk: usize,
+        rec: &DiskRecord,
+    ) -> Result<PointDisk<S>> {
+        let key = format!("points/{point}");
+        let pieces = rec
+            .pieces
+            .iter()
+            .map(|h| {
+                Id::from_hex(h)
+                    .ok_or_else(|| Error::corrupt(&key, format!("disk {disk}: bad piece id {h:?}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if rec.block_size == 0
+            || rec.piece_blocks == 0
+            || pieces.len() as u64 != rec.blocks().div_ceil(rec.piece_blocks as u64)
+        {
+            return Err(Error::corrupt(
+                &key,
+                format!("disk {disk}: index does not cover the disk"),
+            ));
+        }
+        Ok(PointDisk {
+            source,
+            point: point.to_string(),
+            rec: rec.clone(),
+            pieces,
+            cache: Mutex::new(HashMap::new()),
         })
-        .collect::<Result<Vec<_>>>()?;
-    if rec.block_size == 0
-        || rec.piece_blocks == 0
-        || pieces.len() as u64 != rec.blocks().div_ceil(rec.piece_blocks as u64)
-    {
-        return Err(Error::corrupt(
-            &key,
-            format!("disk {disk}: index does not cover the disk"),
-        ));
     }
-    Ok(PointDisk {
-        store,
-        index,
-        point: m.id.clone(),
-        rec,
-        pieces,
-        cache: Mutex::new(HashMap::new()),
-    })
-}
 
-impl PointDisk<'_> {
     pub fn record(&self) -> &DiskRecord {
         &self.rec
     }
 
-    fn piece(&self, p: usize) -> Result<Arc<Vec<Id>>> {
-        if let Some(ids) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&p) {
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    fn piece(&self, p: usize) -> vdisk::Result<Arc<Vec<Id>>> {
+        if let Some(ids) = lock(&self.cache).get(&p) {
             return Ok(ids.clone());
         }
-        let ids = self.store.read_piece(&self.index, self.pieces[p])?;
+        let pid = *self.pieces.get(p).ok_or_else(|| {
+            vdisk::Error::Invalid(format!("index piece {p} is past the disk's end"))
+        })?;
+        let ids = self.source.piece(pid)?;
         let pb = self.rec.piece_blocks as u64;
         let want = (self.rec.blocks() - p as u64 * pb).min(pb);
         if ids.len() as u64 != want {
-            return Err(Error::corrupt(
-                format!("index piece {}", self.pieces[p]),
+            return Err(to_vdisk(Error::corrupt(
+                format!("index piece {pid}"),
                 format!("holds {} entries, expected {want}", ids.len()),
-            ));
+            )));
         }
         let ids = Arc::new(ids);
-        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = lock(&self.cache);
         if c.len() >= PIECE_CACHE {
             c.clear();
         }
@@ -132,37 +259,34 @@ impl PointDisk<'_> {
         Ok(ids)
     }
 
-    fn block_id(&self, b: u64) -> Result<Id> {
+    fn block_id(&self, b: u64) -> vdisk::Result<Id> {
         let pb = self.rec.piece_blocks as u64;
         let ids = self.piece((b / pb) as usize)?;
-        Ok(ids[(b % pb) as usize])
-    }
-
-    fn check_range(&self, offset: u64, len: u64) -> vdisk::Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.rec.virtual_size => Ok(()),
-            _ => Err(vdisk::Error::OutOfRange {
-                offset,
-                len,
-                size: self.rec.virtual_size,
-            }),
-        }
+        ids.get((b % pb) as usize)
+            .copied()
+            .ok_or_else(|| vdisk::Error::Invalid(format!("block {b} is not in its index piece")))
     }
 }
 
-fn to_vdisk(e: Error) -> vdisk::Error {
-    match e {
-        Error::Disk(d) => d,
-        other => vdisk::Error::Invalid(other.to_string()),
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Checks that `[offset, offset + len)` lies within a disk of `size` bytes: the one
+/// range check of every recovery-point reader.
+pub fn check_range(offset: u64, len: u64, size: u64) -> vdisk::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(vdisk::Error::OutOfRange { offset, len, size }),
     }
 }
 
-impl VirtualDisk for PointDisk<'_> {
+impl<S: BlobSource> VirtualDisk for PointDisk<S> {
     fn info(&self) -> DiskInfo {
         DiskInfo {
             path: format!(
                 "{}#{}/disk{}",
-                self.store.backend.location(),
+                self.source.location(),
                 self.point,
                 self.rec.index
             )
@@ -188,51 +312,47 @@ impl VirtualDisk for PointDisk<'_> {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
+        check_range(offset, buf.len() as u64, self.rec.virtual_size)?;
         let bs = self.rec.block_size as u64;
-        let mut plain = Vec::with_capacity(bs as usize);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
+        // Split the buffer by block: holes are filled here, data blocks go to the
+        // source all at once (a remote source fetches them in parallel batches).
+        let mut reads = Vec::new();
+        let mut rest: &mut [u8] = buf;
+        let mut pos = offset;
+        while !rest.is_empty() {
             let b = pos / bs;
             let within = (pos % bs) as usize;
-            let n = (bs as usize - within).min(buf.len() - done);
-            let id = self.block_id(b).map_err(to_vdisk)?;
-            let out = &mut buf[done..done + n];
-            let block_len = (self.rec.virtual_size - b * bs).min(bs) as usize;
-            let at = |what: String| {
-                vdisk::Error::Invalid(format!(
-                    "recovery point {} disk {} offset {}: {what}",
-                    self.point,
-                    self.rec.index,
-                    b * bs
-                ))
-            };
+            let n = (bs as usize - within).min(rest.len());
+            let (out, tail) = rest.split_at_mut(n);
+            rest = tail;
+            let id = self.block_id(b)?;
             if id.is_zero() {
                 out.fill(0);
-            } else if within == 0 && n == block_len {
-                // A whole block: decode straight into the caller's buffer.
-                self.store
-                    .read_blob_into(&self.index, id, out)
-                    .map_err(|e| at(e.to_string()))?;
             } else {
-                self.store
-                    .read_blob(&self.index, id, &mut plain)
-                    .map_err(|e| at(e.to_string()))?;
-                let src = plain
-                    .get(within..within + n)
-                    .ok_or_else(|| at(format!("block is {} bytes, too short", plain.len())))?;
-                out.copy_from_slice(src);
+                reads.push(BlockRead {
+                    block: b,
+                    id,
+                    block_len: (self.rec.virtual_size - b * bs).min(bs) as usize,
+                    within,
+                    out,
+                });
             }
-            done += n;
+            pos += n as u64;
         }
-        Ok(())
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let disk = DiskRef {
+            point: &self.point,
+            rec: &self.rec,
+        };
+        self.source.read_blocks(disk, &mut reads)
     }
 
     fn map(&self, offset: u64, length: u64) -> vdisk::Result<Vec<Extent>> {
-        self.check_range(offset, length)?;
+        check_range(offset, length, self.rec.virtual_size)?;
         block_extents(offset, length, self.rec.block_size, |b| {
-            self.block_id(b).map(|id| id.is_zero()).map_err(to_vdisk)
+            self.block_id(b).map(|id| id.is_zero())
         })
     }
 }

@@ -1,7 +1,14 @@
 //! Recovery from the datastore. This part is item-level recovery: a recovery point's
 //! disk opened as a virtual disk straight from the datastore ([`open_disk`]), its
 //! volumes and file systems browsed ([`browse`]) and files copied out ([`open_fs`] +
-//! [`fsview::extract`]), all without restoring the disk.
+//! [`fsview::extract`]), all without restoring the disk; the same through the server's
+//! API ([`remote`]); and a recovery point's disk as an NBD export ([`export`]).
+
+pub mod export;
+pub mod remote;
+
+pub use export::PointExport;
+pub use remote::{RemoteDisk, RemoteFs};
 
 use datastore::{Datastore, Manifest};
 use fsview::{Entry, EntryKind, FileSystem};

@@ -307,11 +307,20 @@ fn step(n: u32, what: &str) {
     println!("\n== {n}. {what}");
 }
 
-fn wait_job(cl: &Client, id: i64) -> anyhow::Result<JobInfo> {
-    wait_for(&format!("job {id}"), Duration::from_secs(300), || {
+/// Waits for job `id` to end; unless it succeeded, an error naming it `what`.
+fn wait_succeeded(cl: &Client, id: i64, what: &str) -> anyhow::Result<JobInfo> {
+    let j = wait_for(&format!("job {id}"), Duration::from_secs(300), || {
         let j: JobInfo = cl.get(&format!("/jobs/{id}"))?;
         Ok(j.state.finished().then_some(j))
-    })
+    })?;
+    if j.state != JobState::Succeeded {
+        bail!(
+            "{what} {}: {}",
+            j.state.as_str(),
+            j.error.unwrap_or_default()
+        );
+    }
+    Ok(j)
 }
 
 pub fn demo(a: DemoCmd) -> anyhow::Result<ExitCode> {
@@ -339,20 +348,121 @@ pub fn demo(a: DemoCmd) -> anyhow::Result<ExitCode> {
     r
 }
 
+/// A sample VM's disk: where the agent finds it, its format, and the ext4 image and
+/// raw disk it was made from (the demo changes them and converts again).
+struct SampleDisk {
+    vm: &'static str,
+    dst: PathBuf,
+    fmt: &'static str,
+    fs: PathBuf,
+    raw: PathBuf,
+}
+
+/// What the demo's steps share.
+struct Demo<'a> {
+    exe: &'a Path,
+    disk_mib: u64,
+    server_dir: PathBuf,
+    agent_dir: PathBuf,
+    vms: PathBuf,
+    work: PathBuf,
+    disks: Vec<SampleDisk>,
+    children: Children,
+    url: String,
+    /// The admin client, once the server answers.
+    cl: Option<Client>,
+    /// Recovery points in the catalog (step 6).
+    points: usize,
+    /// Whether every restored disk equals its source (step 8).
+    all_same: bool,
+}
+
+impl Demo<'_> {
+    fn cl(&self) -> anyhow::Result<&Client> {
+        self.cl
+            .as_ref()
+            .ok_or_else(|| anyhow!("the demo's server has not started"))
+    }
+}
+
+/// One step of the demo: what it shows, and what does it.
+type DemoStep = (&'static str, fn(&mut Demo) -> anyhow::Result<()>);
+
+/// The demo, in order (numbered from 1 as they run).
+const DEMO_STEPS: &[DemoStep] = &[
+    (
+        "sample VMs: two disks with an MBR partition table and an ext4 file system",
+        demo_sample_vms,
+    ),
+    (
+        "start a server on loopback (first start creates catalog, datastore, CA, admin token)",
+        demo_start_server,
+    ),
+    (
+        "enroll an agent for host hv01 (one-time token pinning the CA, then mutual TLS)",
+        demo_enroll_agent,
+    ),
+    (
+        "protection group: both VMs, 7 days retention, hourly sync, recovery point at 20:00; initial replica now",
+        demo_protect,
+    ),
+    (
+        "change the VMs' disks (new and rewritten files), then back up again",
+        demo_change_and_sync,
+    ),
+    ("recovery points in the catalog", demo_points),
+    ("verify the datastore (a server job)", demo_verify),
+    (
+        "restore each VM's latest disk from the datastore and compare byte for byte",
+        demo_restore,
+    ),
+];
+
 fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
-    let server_dir = root.join("server");
-    let agent_dir = root.join("agent");
-    let vms = root.join("vms");
-    let work = root.join("work");
-    std::fs::create_dir_all(&work)?;
+    let mut d = Demo {
+        exe,
+        disk_mib,
+        server_dir: root.join("server"),
+        agent_dir: root.join("agent"),
+        vms: root.join("vms"),
+        work: root.join("work"),
+        disks: Vec::new(),
+        children: Children(Vec::new()),
+        url: String::new(),
+        cl: None,
+        points: 0,
+        all_same: true,
+    };
+    std::fs::create_dir_all(&d.work)?;
+    for (n, (what, run)) in (1u32..).zip(DEMO_STEPS) {
+        step(n, what);
+        run(&mut d)?;
+    }
 
-    step(
-        1,
-        "sample VMs: two disks with an MBR partition table and an ext4 file system",
+    println!("\n== summary");
+    println!(
+        "  server + agent over mutual TLS on loopback, 2 VMs protected, {} recovery points",
+        d.points
     );
+    println!(
+        "  verify: clean; restores: {}",
+        if d.all_same {
+            "byte-identical"
+        } else {
+            "MISMATCH"
+        }
+    );
+    println!("  took {:.1} s", t0.elapsed().as_secs_f64());
+    if !d.all_same {
+        return Err(anyhow!("a restored disk differs from its source"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo_sample_vms(d: &mut Demo) -> anyhow::Result<()> {
     // web01: a Hyper-V export (Virtual Hard Disks/*.vhdx, Virtual Machines/<GUID>.vmcx).
-    let web = vms.join("web01");
+    let web = d.vms.join("web01");
     std::fs::create_dir_all(web.join("Virtual Hard Disks"))?;
     std::fs::create_dir_all(web.join("Virtual Machines"))?;
     std::fs::write(
@@ -360,13 +470,13 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
         b"",
     )?;
     // db01: a KVM-style folder with a qcow2 disk and a vm.toml.
-    let db = vms.join("db01");
+    let db = d.vms.join("db01");
     std::fs::create_dir_all(&db)?;
     std::fs::write(
         db.join("vm.toml"),
         "name = \"db01\"\nid = \"3f2504e0-4f89-11d3-9a0c-0305e82c3301\"\ndisks = [\"db01-os.qcow2\"]\n",
     )?;
-    let mut disks = Vec::new();
+    let disk_mib = d.disk_mib;
     for (vm, dst, fmt, seed) in [
         (
             "web01",
@@ -376,13 +486,13 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
         ),
         ("db01", db.join("db01-os.qcow2"), "qcow2", 11u64),
     ] {
-        let files = work.join(format!("{vm}-files"));
+        let files = d.work.join(format!("{vm}-files"));
         sample_files(&files, vm, seed)?;
-        let fs = work.join(format!("{vm}.ext4"));
-        let raw = work.join(format!("{vm}.raw"));
+        let fs = d.work.join(format!("{vm}.ext4"));
+        let raw = d.work.join(format!("{vm}.raw"));
         make_disk(&raw, &fs, &files, disk_mib)?;
         run_tool(
-            Command::new(exe)
+            Command::new(d.exe)
                 .args(["image", "convert"])
                 .arg(&raw)
                 .arg(&dst)
@@ -392,25 +502,30 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
             "  {vm}: {} ({fmt}, {disk_mib} MiB, MBR + ext4 with 18 MiB of files)",
             dst.display()
         );
-        disks.push((vm, dst, fmt, fs, raw, files));
+        d.disks.push(SampleDisk {
+            vm,
+            dst,
+            fmt,
+            fs,
+            raw,
+        });
     }
+    Ok(())
+}
 
-    step(
-        2,
-        "start a server on loopback (first start creates catalog, datastore, CA, admin token)",
-    );
+fn demo_start_server(d: &mut Demo) -> anyhow::Result<()> {
     let port = free_port()?;
-    std::fs::create_dir_all(&server_dir)?;
+    let server_dir = &d.server_dir;
+    std::fs::create_dir_all(server_dir)?;
     // A short scheduler tick so the demo's jobs start at once.
     std::fs::write(
         server_dir.join("holdfast.toml"),
         "[scheduler]\ntick_seconds = 1\npoll_seconds = 5\n",
     )?;
-    let mut children = Children(Vec::new());
-    children.0.push(
-        Command::new(exe)
+    d.children.0.push(
+        Command::new(d.exe)
             .args(["server", "--data-dir"])
-            .arg(&server_dir)
+            .arg(server_dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -418,7 +533,7 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
             .context("starting holdfast server")?,
     );
     let url = format!("https://127.0.0.1:{port}");
-    let admin = wait_for("the server", Duration::from_secs(60), || {
+    let (cl, status) = wait_for("the server", Duration::from_secs(60), || {
         let (Ok(ca), Ok(token)) = (
             std::fs::read_to_string(server_dir.join("ca.pem")),
             std::fs::read_to_string(server_dir.join("admin.token")),
@@ -435,13 +550,14 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
             .ok()
             .map(|s| (cl.clone(), s)))
     })?;
-    let (cl, status) = admin;
     println!("  {url}  CA fingerprint {}", status.ca_fingerprint);
+    d.url = url;
+    d.cl = Some(cl);
+    Ok(())
+}
 
-    step(
-        3,
-        "enroll an agent for host hv01 (one-time token pinning the CA, then mutual TLS)",
-    );
+fn demo_enroll_agent(d: &mut Demo) -> anyhow::Result<()> {
+    let cl = d.cl()?.clone();
     let tok: AgentTokenResponse = cl.post(
         "/agent-tokens",
         &AgentTokenRequest {
@@ -449,19 +565,19 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
             valid_minutes: Some(10),
         },
     )?;
-    children.0.push(
-        Command::new(exe)
+    d.children.0.push(
+        Command::new(d.exe)
             .args([
                 "agent",
                 "--server",
-                &url,
+                &d.url,
                 "--enroll",
                 &tok.token,
                 "--data-dir",
             ])
-            .arg(&agent_dir)
+            .arg(&d.agent_dir)
             .arg("--files-root")
-            .arg(&vms)
+            .arg(&d.vms)
             .args(["--inventory-seconds", "2"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -472,20 +588,20 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
         let l: Vec<DataSourceInfo> = cl.get("/datasources")?;
         Ok((l.len() >= 2).then_some(l))
     })?;
-    for d in &found {
+    for s in &found {
         println!(
             "  data source {} ({} provider, {} disk(s), {} bytes)",
-            d.name,
-            d.provider,
-            d.disks.len(),
-            d.size
+            s.name,
+            s.provider,
+            s.disks.len(),
+            s.size
         );
     }
+    Ok(())
+}
 
-    step(
-        4,
-        "protection group: both VMs, 7 days retention, hourly sync, recovery point at 20:00; initial replica now",
-    );
+fn demo_protect(d: &mut Demo) -> anyhow::Result<()> {
+    let cl = d.cl()?;
     let g: GroupInfo = cl.post(
         "/protection-groups",
         &CreateGroup {
@@ -534,13 +650,48 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
             j.recovery_point.clone().unwrap_or_default()
         );
     }
+    Ok(())
+}
 
-    step(
-        5,
-        "change the VMs' disks (new and rewritten files), then back up again",
-    );
-    for (vm, dst, fmt, fs, raw, _) in &disks {
-        let note = work.join(format!("{vm}-note.txt"));
+fn demo_change_and_sync(d: &mut Demo) -> anyhow::Result<()> {
+    demo_change_disks(d)?;
+    let cl = d.cl()?;
+    let mut incr = Vec::new();
+    for vm in ["web01", "db01"] {
+        let j: JobInfo = cl.post(
+            &format!("/datasources/hv01/{vm}/backup"),
+            &BackupNowRequest {
+                express_full: false,
+                ..Default::default()
+            },
+        )?;
+        incr.push(j.id);
+    }
+    for id in incr {
+        let j = wait_succeeded(cl, id, &format!("job {id}"))?;
+        println!(
+            "  job {} sync of {}: {} read, {} sent -> {}",
+            j.id,
+            j.vm.unwrap_or_default(),
+            j.bytes_read,
+            j.bytes_sent,
+            j.recovery_point.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// A new file in each sample disk's ext4, the disk assembled and converted again.
+fn demo_change_disks(d: &Demo) -> anyhow::Result<()> {
+    for SampleDisk {
+        vm,
+        dst,
+        fmt,
+        fs,
+        raw,
+    } in &d.disks
+    {
+        let note = d.work.join(format!("{vm}-note.txt"));
         std::fs::write(
             &note,
             format!(
@@ -554,10 +705,10 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
                 .arg(format!("write {} etc/demo-note.txt", note.display()))
                 .arg(fs),
         )?;
-        assemble(raw, fs, disk_mib << 20)?;
+        assemble(raw, fs, d.disk_mib << 20)?;
         let tmp = dst.with_extension("new");
         run_tool(
-            Command::new(exe)
+            Command::new(d.exe)
                 .args(["image", "convert"])
                 .arg(raw)
                 .arg(&tmp)
@@ -565,55 +716,25 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
         )?;
         std::fs::rename(&tmp, dst)?;
     }
-    let mut incr = Vec::new();
-    for vm in ["web01", "db01"] {
-        let j: JobInfo = cl.post(
-            &format!("/datasources/hv01/{vm}/backup"),
-            &BackupNowRequest {
-                express_full: false,
-                ..Default::default()
-            },
-        )?;
-        incr.push(j.id);
-    }
-    for id in incr {
-        let j = wait_job(&cl, id)?;
-        if j.state != JobState::Succeeded {
-            bail!(
-                "job {id} {}: {}",
-                j.state.as_str(),
-                j.error.unwrap_or_default()
-            );
-        }
-        println!(
-            "  job {} sync of {}: {} read, {} sent -> {}",
-            j.id,
-            j.vm.unwrap_or_default(),
-            j.bytes_read,
-            j.bytes_sent,
-            j.recovery_point.unwrap_or_default()
-        );
-    }
+    Ok(())
+}
 
-    step(6, "recovery points in the catalog");
-    let rps: Vec<RecoveryPointInfo> = cl.get("/recovery-points")?;
+fn demo_points(d: &mut Demo) -> anyhow::Result<()> {
+    let rps: Vec<RecoveryPointInfo> = d.cl()?.get("/recovery-points")?;
     for r in &rps {
         println!(
             "  {}  {:<12} {}  read {:>10}  stored {:>10}",
             r.id, r.vm, r.created, r.stats.bytes_read, r.stats.bytes_stored
         );
     }
+    d.points = rps.len();
+    Ok(())
+}
 
-    step(7, "verify the datastore (a server job)");
+fn demo_verify(d: &mut Demo) -> anyhow::Result<()> {
+    let cl = d.cl()?;
     let j: JobInfo = cl.post("/jobs", &serde_json::json!({"kind": "verify"}))?;
-    let j = wait_job(&cl, j.id)?;
-    if j.state != JobState::Succeeded {
-        bail!(
-            "verify {}: {}",
-            j.state.as_str(),
-            j.error.unwrap_or_default()
-        );
-    }
+    let j = wait_succeeded(cl, j.id, "verify")?;
     println!(
         "  {}",
         j.log
@@ -623,25 +744,24 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
             .map(|l| l.message.clone())
             .unwrap_or_default()
     );
+    Ok(())
+}
 
-    step(
-        8,
-        "restore each VM's latest disk from the datastore and compare byte for byte",
-    );
-    drop(children);
-    let store = server_dir.join("datastore");
-    let mut all_same = true;
-    for (vm, dst, fmt, _, _, _) in &disks {
-        let out = work.join(format!("{vm}-restored.{fmt}"));
+fn demo_restore(d: &mut Demo) -> anyhow::Result<()> {
+    // The server and agent stop first: restore reads the datastore folder itself.
+    d.children = Children(Vec::new());
+    let store = d.server_dir.join("datastore");
+    for SampleDisk { vm, dst, fmt, .. } in &d.disks {
+        let out = d.work.join(format!("{vm}-restored.{fmt}"));
         run_tool(
-            Command::new(exe)
+            Command::new(d.exe)
                 .args(["restore", "-d"])
                 .arg(&store)
                 .args(["--source", &format!("hv01/{vm}"), "-o"])
                 .arg(&out),
         )?;
         let same = same_content(dst, &out)?;
-        all_same &= same;
+        d.all_same &= same;
         println!(
             "  hv01/{vm}: restored {} -> {}",
             out.display(),
@@ -652,25 +772,7 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
             }
         );
     }
-
-    println!("\n== summary");
-    println!(
-        "  server + agent over mutual TLS on loopback, 2 VMs protected, {} recovery points",
-        rps.len()
-    );
-    println!(
-        "  verify: clean; restores: {}",
-        if all_same {
-            "byte-identical"
-        } else {
-            "MISMATCH"
-        }
-    );
-    println!("  took {:.1} s", t0.elapsed().as_secs_f64());
-    if !all_same {
-        return Err(anyhow!("a restored disk differs from its source"));
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------

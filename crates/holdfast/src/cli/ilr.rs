@@ -7,9 +7,10 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use client::{Client, seg};
 use datastore::{Datastore, Manifest};
-use fsview::{Entry, EntryKind, FileSystem};
-use protocol::{IlrEntry, IlrListing, RecoveryPointInfo};
-use std::io::Write;
+use fsview::FileSystem;
+use protocol::{IlrListing, RecoveryPointInfo};
+use recovery::RemoteFs;
+use recovery::remote::path_q;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -117,12 +118,7 @@ pub fn run(s: &ServerArgs, cmd: IlrCommand) -> anyhow::Result<ExitCode> {
                 None => {
                     let cl = s.client()?;
                     let id = server_point(&cl, &a.at)?;
-                    Box::new(RemoteFs {
-                        base: browse_path(&id, &a.at),
-                        file: browse_path(&id, &a.at).replace("/browse?", "/file?"),
-                        cl,
-                        ignore_case: None,
-                    })
+                    Box::new(RemoteFs::new(cl, &id, a.at.disk, a.at.partition))
                 }
             };
             std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
@@ -249,15 +245,7 @@ fn server_point(cl: &Client, w: &Where) -> anyhow::Result<String> {
 }
 
 fn browse_path(id: &str, w: &Where) -> String {
-    let mut p = format!("/recovery-points/{}/browse?disk={}", seg(id), w.disk);
-    if let Some(n) = w.partition {
-        p.push_str(&format!("&partition={n}"));
-    }
-    p
-}
-
-fn path_q(path: &str) -> String {
-    format!("&path={}", seg(path))
+    recovery::remote::browse_path(id, w.disk, w.partition)
 }
 
 use fsview::shown;
@@ -342,92 +330,4 @@ fn print_listing(l: &IlrListing, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// A recovery point's file system seen through the server's API, so `ilr get` against
-/// a server uses the same safe extraction as local mode.
-struct RemoteFs {
-    cl: Client,
-    base: String,
-    file: String,
-    /// Whether the file system matches names without case (from the first listing).
-    ignore_case: Option<bool>,
-}
-
-impl RemoteFs {
-    fn listing(&mut self, path: &str) -> fsview::Result<IlrListing> {
-        let l: IlrListing = self
-            .cl
-            .get(&format!("{}{}", self.base, path_q(path)))
-            .map_err(|e| match e.status() {
-                Some(404) => fsview::Error::NotFound(format!("{path}: {e}")),
-                Some(400 | 422) => fsview::Error::WrongKind(e.to_string()),
-                _ => fsview::Error::Io(std::io::Error::other(e.to_string())),
-            })?;
-        if let Some(fs) = &l.fs {
-            self.ignore_case = Some(fsview::FsKind::name_ignores_case(fs));
-        }
-        Ok(l)
-    }
-}
-
-fn from_api(e: IlrEntry) -> Entry {
-    Entry {
-        name: e.name,
-        kind: match e.kind.as_str() {
-            "file" => EntryKind::File,
-            "dir" => EntryKind::Dir,
-            "symlink" => EntryKind::Symlink,
-            _ => EntryKind::Other,
-        },
-        size: e.size,
-        mtime: e.modified_unix,
-        mtime_nanos: 0,
-        mode: e.mode,
-        id: e.id,
-    }
-}
-
-impl FileSystem for RemoteFs {
-    fn kind(&self) -> fsview::FsKind {
-        fsview::FsKind::Unknown
-    }
-    fn label(&self) -> Option<String> {
-        None
-    }
-    fn list(&mut self, path: &str) -> fsview::Result<Vec<Entry>> {
-        Ok(self
-            .listing(path)?
-            .entries
-            .into_iter()
-            .map(from_api)
-            .collect())
-    }
-    fn stat(&mut self, path: &str) -> fsview::Result<Entry> {
-        let parts = fsview::components(path)?;
-        let Some((last, dir)) = parts.split_last() else {
-            return Ok(Entry::root(0));
-        };
-        let parent = format!("/{}", dir.join("/"));
-        let entries = self.listing(&parent)?.entries;
-        // The rule the server's own lookups follow (case-insensitive on NTFS/FAT/exFAT).
-        let ci = self.ignore_case.unwrap_or(false);
-        fsview::find_name(&entries, last, ci, |e| e.name.as_str().into())
-            .cloned()
-            .map(from_api)
-            .ok_or_else(|| fsview::Error::NotFound(path.to_string()))
-    }
-    fn read_link(&mut self, path: &str) -> fsview::Result<String> {
-        self.listing(path)?
-            .entries
-            .into_iter()
-            .next()
-            .and_then(|e| e.target)
-            .ok_or_else(|| fsview::Error::WrongKind(format!("{path} is not a symbolic link")))
-    }
-    fn read_file(&mut self, path: &str, out: &mut dyn Write) -> fsview::Result<u64> {
-        self.cl
-            .get_to(&format!("{}{}", self.file, path_q(path)), out)
-            .map_err(|e| fsview::Error::Io(std::io::Error::other(e.to_string())))
-    }
 }

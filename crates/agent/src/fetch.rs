@@ -1,0 +1,365 @@
+//! Reading a recovery point from the server during a recovery job: [`Fetch`] is the
+//! [`BlobSource`] of the agent's [`PointDisk`]s (blobs fetched through the job's
+//! `recovery-blob`/`recovery-blobs` routes, each one checked against its id, in
+//! parallel batches, paced by a [`Throttle`] and counted in `fetched`). Shared by the
+//! recoveries into new files (`recover.rs`) and over the original instance
+//! (`original.rs`).
+
+use crate::remote::{Transport, retry};
+use crate::{Error, Result};
+use datastore::crypto::Keys;
+use datastore::{
+    BlobSource, BlockRead, DiskRecord, DiskRef, Id, PointDisk, decode_framed_block,
+    decode_framed_piece,
+};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Block requests in flight per read (the copy runs up to four reads at once).
+const FETCHERS: usize = 4;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A token bucket over bytes per second, at a fixed rate or one that follows a
+/// work-hours schedule (looked up at each take); waits are cut short by `cancel`.
+#[derive(Debug)]
+pub struct Throttle {
+    rate: Rate,
+    /// Tokens (may go negative: a debt paid by waiting) and when last refilled.
+    state: Mutex<(f64, Instant)>,
+}
+
+#[derive(Debug)]
+enum Rate {
+    Fixed(f64),
+    Schedule(protocol::ThrottleSchedule),
+}
+
+impl Throttle {
+    /// `kbps` KiB per second (0 = none).
+    pub fn new(kbps: u64) -> Option<Throttle> {
+        (kbps > 0).then(|| Throttle {
+            rate: Rate::Fixed(kbps as f64 * 1024.0),
+            state: Mutex::new((0.0, Instant::now())),
+        })
+    }
+
+    /// The plan's limit: its fixed rate, else its schedule, else none.
+    pub fn for_plan(
+        kbps: Option<u64>,
+        schedule: Option<&protocol::ThrottleSchedule>,
+    ) -> Option<Throttle> {
+        match (kbps.and_then(Throttle::new), schedule) {
+            (Some(t), _) => Some(t),
+            (None, Some(s)) => Some(Throttle {
+                rate: Rate::Schedule(s.clone()),
+                state: Mutex::new((0.0, Instant::now())),
+            }),
+            (None, None) => None,
+        }
+    }
+
+    /// Bytes per second now, `None` for no limit.
+    fn rate_now(&self) -> Option<f64> {
+        match &self.rate {
+            Rate::Fixed(r) => Some(*r),
+            Rate::Schedule(s) => s.kbps_at(datastore::time::now()).map(|k| k as f64 * 1024.0),
+        }
+    }
+
+    /// Takes `n` bytes' worth of tokens, waiting until they are earned.
+    pub fn take(&self, n: u64, cancel: &AtomicBool) {
+        let wait = {
+            let mut s = lock(&self.state);
+            let now = Instant::now();
+            let Some(rate) = self.rate_now() else {
+                // Unlimited for now: no debt carried into a limited period.
+                *s = (0.0, now);
+                return;
+            };
+            // A burst of at most a quarter second.
+            let burst = rate / 4.0;
+            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * rate).min(burst);
+            s.1 = now;
+            s.0 -= n as f64;
+            if s.0 < 0.0 { -s.0 / rate } else { 0.0 }
+        };
+        let end = Instant::now() + Duration::from_secs_f64(wait.min(3600.0));
+        while !cancel.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            std::thread::sleep((end - now).min(Duration::from_millis(50)));
+        }
+    }
+}
+
+/// What every disk of a recovery shares.
+pub struct Fetch {
+    pub transport: Arc<dyn Transport>,
+    /// `/agent/jobs/{id}`.
+    pub prefix: String,
+    pub keys: Keys,
+    pub cancel: Arc<AtomicBool>,
+    pub throttle: Option<Throttle>,
+    /// Framed bytes fetched so far.
+    pub fetched: AtomicU64,
+    pub budget: Duration,
+}
+
+impl Fetch {
+    fn get(&self, id: Id) -> Result<Vec<u8>> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled("the recovery was cancelled".into()));
+        }
+        let path = format!("{}/recovery-blob/{}", self.prefix, id.to_hex());
+        let framed = retry(
+            self.budget,
+            || self.cancel.load(Ordering::Relaxed),
+            || self.transport.get_bytes(&path),
+        )?;
+        let n = framed.len() as u64;
+        self.fetched.fetch_add(n, Ordering::Relaxed);
+        if let Some(t) = &self.throttle {
+            t.take(n, &self.cancel);
+        }
+        Ok(framed)
+    }
+
+    /// Several blobs in one round trip (`recovery-blobs`), in the order asked.
+    fn get_many(&self, ids: &[Id]) -> Result<Vec<Vec<u8>>> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled("the recovery was cancelled".into()));
+        }
+        let mut body = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            body.extend_from_slice(&id.0);
+        }
+        let body = bytes::Bytes::from(body);
+        let path = format!("{}/recovery-blobs", self.prefix);
+        let all = retry(
+            self.budget,
+            || self.cancel.load(Ordering::Relaxed),
+            || self.transport.post_bytes(&path, body.clone()),
+        )?;
+        let n = all.len() as u64;
+        let out = split_batch(&all, ids.len())?;
+        self.fetched.fetch_add(n, Ordering::Relaxed);
+        if let Some(t) = &self.throttle {
+            t.take(n, &self.cancel);
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Debug for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetch")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// A `recovery-blobs` answer: `count` times (u32 LE length, bytes), nothing after.
+fn split_batch(all: &[u8], count: usize) -> Result<Vec<Vec<u8>>> {
+    let bad = |what: String| Error::Server(format!("recovery-blobs answer: {what}"));
+    let mut out = Vec::with_capacity(count);
+    let mut rest = all;
+    for i in 0..count {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| bad(format!("blob {i} of {count} is missing")))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(bad(format!(
+                "blob {i} claims {len} bytes, {} are left",
+                tail.len()
+            )));
+        }
+        let (blob, tail) = tail.split_at(len);
+        out.push(blob.to_vec());
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(bad(format!("{} bytes after the last blob", rest.len())));
+    }
+    Ok(out)
+}
+
+/// One disk of a recovery point, read from the server through a recovery job.
+pub type RemotePointDisk<'a> = PointDisk<&'a Fetch>;
+
+/// Disk `rec` of recovery point `point`, read through `fetch`.
+pub fn open_disk<'a>(
+    fetch: &'a Fetch,
+    point: &str,
+    rec: &DiskRecord,
+) -> Result<RemotePointDisk<'a>> {
+    PointDisk::with_record(fetch, point, rec.index as usize, rec)
+        .map_err(|e| Error::Server(e.to_string()))
+}
+
+fn invalid(e: impl std::fmt::Display) -> vdisk::Error {
+    vdisk::Error::Invalid(e.to_string())
+}
+
+impl BlobSource for Fetch {
+    fn location(&self) -> String {
+        "server".into()
+    }
+
+    fn piece(&self, id: Id) -> vdisk::Result<Vec<Id>> {
+        let mut framed = self.get(id).map_err(invalid)?;
+        decode_framed_piece(&self.keys, &mut framed, id).map_err(invalid)
+    }
+
+    /// Batches spread over up to [`FETCHERS`] threads, each batch one round trip.
+    fn read_blocks(&self, disk: DiskRef<'_>, reads: &mut [BlockRead<'_>]) -> vdisk::Result<()> {
+        let per = reads
+            .len()
+            .div_ceil(FETCHERS)
+            .clamp(1, protocol::RECOVERY_BATCH);
+        let batches = reads.chunks_mut(per);
+        let threads = FETCHERS.min(batches.len());
+        let queue = Mutex::new(batches);
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    loop {
+                        if lock(&failure).is_some() {
+                            return;
+                        }
+                        let Some(batch) = lock(&queue).next() else {
+                            return;
+                        };
+                        if let Err(e) = self.fill(disk, batch) {
+                            lock(&failure).get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        match lock(&failure).take() {
+            Some(e) => Err(invalid(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Fetch {
+    /// Fetches a batch of blocks in one round trip, checks them and places each one's
+    /// bytes.
+    fn fill(&self, disk: DiskRef<'_>, batch: &mut [BlockRead<'_>]) -> Result<()> {
+        let ids: Vec<Id> = batch.iter().map(|r| r.id).collect();
+        let blobs = self.get_many(&ids)?;
+        for (r, mut framed) in batch.iter_mut().zip(blobs) {
+            let b = r.block;
+            let plain =
+                decode_framed_block(&self.keys, &mut framed, r.id).map_err(Error::Backup)?;
+            if plain.len() != r.block_len {
+                return Err(Error::Server(format!(
+                    "recovery point {} disk {} block {b}: {} bytes, expected {}",
+                    disk.point,
+                    disk.rec.index,
+                    plain.len(),
+                    r.block_len
+                )));
+            }
+            let src = plain
+                .get(r.within..r.within + r.out.len())
+                .ok_or_else(|| Error::Server(format!("block {b} is too short")))?;
+            r.out.copy_from_slice(src);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_answers_are_split_and_checked() {
+        let mut all = Vec::new();
+        for b in [&b"abc"[..], b"", b"xy"] {
+            all.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            all.extend_from_slice(b);
+        }
+        let got = split_batch(&all, 3).unwrap();
+        assert_eq!(got, [b"abc".to_vec(), Vec::new(), b"xy".to_vec()]);
+        // Fewer blobs than asked, a length past the end, bytes left over.
+        assert!(
+            split_batch(&all, 4)
+                .unwrap_err()
+                .to_string()
+                .contains("blob 3 of 4")
+        );
+        assert!(
+            split_batch(&all[..6], 3)
+                .unwrap_err()
+                .to_string()
+                .contains("claims")
+        );
+        assert!(
+            split_batch(&all, 2)
+                .unwrap_err()
+                .to_string()
+                .contains("after the last")
+        );
+    }
+
+    #[test]
+    fn throttle_paces_bytes() {
+        let t = Throttle::new(1024).unwrap();
+        let cancel = AtomicBool::new(false);
+        let start = Instant::now();
+        for _ in 0..4 {
+            t.take(128 * 1024, &cancel);
+        }
+        // 512 KiB at 1 MiB/s: about half a second.
+        assert!(start.elapsed() >= Duration::from_millis(400));
+        assert!(Throttle::new(0).is_none());
+    }
+
+    #[test]
+    fn scheduled_throttle_follows_the_clock() {
+        // Work hours all week, all day: the work rate always applies.
+        let always = protocol::ThrottleSchedule {
+            work_kbps: 1024,
+            other_kbps: 0,
+            work_days: (1..=7).collect(),
+            work_start: "00:00".into(),
+            work_end: "00:00".into(),
+        };
+        // start == end is an empty window (never work hours): unlimited now.
+        let t = Throttle::for_plan(None, Some(&always)).unwrap();
+        let cancel = AtomicBool::new(false);
+        let start = Instant::now();
+        for _ in 0..4 {
+            t.take(1 << 20, &cancel);
+        }
+        assert!(start.elapsed() < Duration::from_millis(200));
+        let busy = protocol::ThrottleSchedule {
+            other_kbps: 1024,
+            ..always.clone()
+        };
+        let t = Throttle::for_plan(None, Some(&busy)).unwrap();
+        let start = Instant::now();
+        for _ in 0..4 {
+            t.take(128 * 1024, &cancel);
+        }
+        assert!(start.elapsed() >= Duration::from_millis(400));
+        // A fixed rate wins over the schedule; neither means no throttle.
+        assert!(matches!(
+            Throttle::for_plan(Some(10), Some(&busy)).unwrap().rate,
+            Rate::Fixed(_)
+        ));
+        assert!(Throttle::for_plan(None, None).is_none());
+    }
+}
