@@ -12,16 +12,13 @@ use datastore::{
     BlobSource, BlockRead, DiskRecord, DiskRef, Id, PointDisk, decode_framed_block,
     decode_framed_piece,
 };
+use locks::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Block requests in flight per read (the copy runs up to four reads at once).
 const FETCHERS: usize = 4;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A token bucket over bytes per second, at a fixed rate or one that follows a
 /// work-hours schedule (looked up at each take); waits are cut short by `cancel`.

@@ -182,7 +182,7 @@ impl Shared {
                 vms.push(vm);
             }
         }
-        *self.owners.lock().unwrap_or_else(|p| p.into_inner()) = owners;
+        *locks::lock(&self.owners) = owners;
         Ok(vms)
     }
 
@@ -194,13 +194,7 @@ impl Shared {
     }
 
     fn provider_for(&self, vm: &str) -> Result<&dyn Provider> {
-        let known = |s: &Shared| {
-            s.owners
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(vm)
-                .copied()
-        };
+        let known = |s: &Shared| locks::lock(&s.owners).get(vm).copied();
         let i = match known(self) {
             Some(i) => Some(i),
             None => {
@@ -356,11 +350,11 @@ struct Counters {
 
 impl Counters {
     fn set_step(&self, step: impl Into<String>) {
-        *self.step.lock().unwrap_or_else(|p| p.into_inner()) = Some(step.into());
+        *locks::lock(&self.step) = Some(step.into());
     }
 
     fn step(&self) -> Option<String> {
-        self.step.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        locks::lock(&self.step).clone()
     }
 }
 
@@ -781,7 +775,7 @@ impl RecoveryRun<'_> {
 }
 
 fn lock_take<T>(m: &Mutex<Option<T>>) -> Option<T> {
-    m.lock().unwrap_or_else(|p| p.into_inner()).take()
+    locks::lock(m).take()
 }
 
 /// Page, hibernation and swap files of each disk of the view (disk byte ranges), with
@@ -1051,7 +1045,7 @@ fn report_progress(
                         "{label}: the server ended this job ({e}); stopping"
                     ));
                 }
-                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                *locks::lock(&lost) = Some(e);
                 cancel.store(true, Ordering::Relaxed);
                 return;
             }

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::manifest::{DiskRecord, Manifest};
 use crate::store::{BlobIndex, Datastore};
+use locks::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use vdisk::{DiskInfo, Extent, ExtentState, Format, Subformat, VirtualDisk};
@@ -266,10 +267,6 @@ impl<S: BlobSource> PointDisk<S> {
             .copied()
             .ok_or_else(|| vdisk::Error::Invalid(format!("block {b} is not in its index piece")))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes: the one

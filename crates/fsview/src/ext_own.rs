@@ -846,7 +846,7 @@ impl OwnExt {
         if dir.flags & FL_ENCRYPT != 0 {
             return Err(Error::Unsupported(format!("{path}: ext4 encrypted folder")));
         }
-        let mut cache = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = locks::lock(&self.dirs);
         if let Some(i) = cache.iter().position(|(ino, _)| *ino == dir.ino) {
             let hit = cache.remove(i);
             let entries = hit.1.clone();
@@ -855,7 +855,7 @@ impl OwnExt {
         }
         drop(cache);
         let entries = Arc::new(self.read_dir(dir, path)?);
-        let mut cache = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = locks::lock(&self.dirs);
         if cache.len() >= DIR_CACHE {
             cache.remove(0);
         }

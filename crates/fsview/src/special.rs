@@ -132,9 +132,7 @@ impl VirtualDisk for Proxy {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
         let (rtx, rrx) = mpsc::channel();
         let gone = || vdisk::Error::Invalid("the disk is no longer available".into());
-        self.tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        locks::lock(&self.tx)
             .send((offset, buf.len(), rtx))
             .map_err(|_| gone())?;
         let data = rrx.recv().map_err(|_| gone())??;

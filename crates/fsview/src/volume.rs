@@ -83,7 +83,7 @@ impl Volume {
 
     fn chunk(&self, c: u64) -> io::Result<Arc<Vec<u8>>> {
         {
-            let mut g = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = locks::lock(&self.cache);
             g.tick += 1;
             let tick = g.tick;
             if let Some((data, used)) = g.chunks.get_mut(&c) {
@@ -98,7 +98,7 @@ impl Volume {
             .read_at(&mut data, self.start + off)
             .map_err(|e| io::Error::other(e.to_string()))?;
         let data = Arc::new(data);
-        let mut g = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = locks::lock(&self.cache);
         if g.chunks.len() >= CACHE_CHUNKS
             && let Some(old) = g
                 .chunks

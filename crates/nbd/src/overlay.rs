@@ -70,7 +70,7 @@ impl CowExport {
     }
 
     fn bits(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        self.dirty.lock().unwrap_or_else(|e| e.into_inner())
+        locks::lock(&self.dirty)
     }
 
     /// `[off, end)` (not empty) cut where blocks change between written to the

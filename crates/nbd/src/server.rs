@@ -264,9 +264,7 @@ impl Server {
                     continue;
                 }
             };
-            open.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, handle);
+            locks::lock(&open).insert(id, handle);
             let export = self.export.clone();
             let log = self.log.clone();
             let open2 = open.clone();
@@ -278,11 +276,11 @@ impl Server {
                     {
                         log(&format!("connection {id}: {e}"));
                     }
-                    open2.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    locks::lock(&open2).remove(&id);
                 })?;
             threads.push((id, t));
         }
-        for s in open.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for s in locks::lock(&open).values() {
             s.shutdown();
         }
         for (_, t) in threads {
