@@ -94,7 +94,7 @@ pub type LocalPointDisk<'a> = PointDisk<LocalBlobs<'a>>;
 fn to_vdisk(e: Error) -> vdisk::Error {
     match e {
         Error::Disk(d) => d,
-        other => vdisk::Error::Invalid(other.to_string()),
+        other => vdisk::Error::other("", other),
     }
 }
 

@@ -36,6 +36,11 @@ fn remote_err(e: impl std::fmt::Display) -> vdisk::Error {
     vdisk::Error::Invalid(format!("server: {e}"))
 }
 
+/// The client's own error, kept whole (the message reads as `remote_err`'s).
+fn client_err(e: client::Error) -> vdisk::Error {
+    vdisk::Error::other("server", e)
+}
+
 impl RemoteDisk {
     /// Disk `disk` (of `size` bytes) of recovery point `point`, read through `cl`.
     pub fn new(cl: Client, point: &str, disk: usize, size: u64) -> RemoteDisk {
@@ -80,7 +85,7 @@ impl VirtualDisk for RemoteDisk {
             let got = self
                 .cl
                 .get_bytes(&format!("{}/data?offset={pos}&length={n}", self.base))
-                .map_err(remote_err)?;
+                .map_err(client_err)?;
             if got.len() as u64 != n {
                 return Err(remote_err(format!(
                     "{} bytes at {pos}, asked for {n}",
@@ -101,7 +106,7 @@ impl VirtualDisk for RemoteDisk {
                 "{}/map?offset={offset}&length={length}",
                 self.base
             ))
-            .map_err(remote_err)?;
+            .map_err(client_err)?;
         // The answer must tile the asked range exactly.
         let mut pos = offset;
         let mut out = Vec::with_capacity(list.len());
