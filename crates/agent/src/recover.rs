@@ -68,7 +68,7 @@ impl Throttle {
     fn rate_now(&self) -> Option<f64> {
         match &self.rate {
             Rate::Fixed(r) => Some(*r),
-            Rate::Schedule(s) => s.kbps_at(datastore::time::now()).map(|k| k as f64 * 1024.0),
+            Rate::Schedule(s) => s.kbps_at(utc::now()).map(|k| k as f64 * 1024.0),
         }
     }
 
@@ -522,7 +522,7 @@ impl Drop for NewDir {
 
 fn timestamp(unix: i64) -> String {
     // 2026-11-25T19:04:05Z -> 20261125-190405
-    let s = datastore::time::rfc3339(unix);
+    let s = utc::rfc3339(unix);
     let digits: String = s.chars().filter(|c| c.is_ascii_digit()).collect();
     match (digits.get(..8), digits.get(8..14)) {
         (Some(d), Some(t)) => format!("{d}-{t}"),
@@ -618,7 +618,7 @@ pub fn recover(
             ..
         } => {
             // The job id keeps two jobs of the same second apart.
-            let base = format!("holdfast_{}_job{job}", timestamp(datastore::time::now()));
+            let base = format!("holdfast_{}_job{job}", timestamp(utc::now()));
             let mut d = NewDir::create_unique(Path::new(dir), &base)?;
             let folder = d.path.clone();
             if partition.is_some() || !items.is_empty() {

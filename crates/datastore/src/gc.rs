@@ -166,7 +166,7 @@ impl Datastore {
         all.extend(new_tables);
         let name = format!(
             "gc-{}-{}",
-            crate::time::compact(crate::time::now()),
+            utc::compact(utc::now()),
             crate::crypto::random_hex(4)?
         );
         let new_index = format::encode_index(&all);

@@ -23,7 +23,6 @@ pub mod prune;
 pub mod ranges;
 mod restore;
 mod store;
-pub mod time;
 mod verify;
 
 pub use backend::{Backend, LocalBackend};

@@ -1062,7 +1062,7 @@ mod tests {
             work_end: "18:00".into(),
         };
         // 2026-11-23 is a Monday.
-        let monday = datastore::time::parse("2026-11-23 00:00").unwrap();
+        let monday = utc::parse("2026-11-23 00:00").unwrap();
         assert_eq!(s.kbps_at(monday + 9 * 3600), Some(1000));
         assert_eq!(s.kbps_at(monday + 18 * 3600), None);
         assert_eq!(s.kbps_at(monday + 7 * 3600 + 3599), None);

@@ -89,7 +89,7 @@ pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 }
 
 fn now() -> i64 {
-    datastore::time::now()
+    utc::now()
 }
 
 /// Admin calls: the bearer token. A caller with an agent certificate gets 403 (agents
@@ -261,7 +261,7 @@ async fn status(State(st): St, _admin: Admin) -> ApiResult<Response> {
     let c = st.cat().counts()?;
     Ok(json(&ServerStatus {
         version: env!("CARGO_PKG_VERSION").into(),
-        server_time: datastore::time::rfc3339(now()),
+        server_time: utc::rfc3339(now()),
         datastore: st.datastore.backend().location(),
         datastore_encrypted: st.master_key.is_some(),
         ca_fingerprint: st.pki.ca_fingerprint(),
@@ -305,7 +305,7 @@ async fn agent_token(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Res
     Ok(json(&AgentTokenResponse {
         token,
         host: host.to_string(),
-        expires: datastore::time::rfc3339(expires),
+        expires: utc::rfc3339(expires),
     }))
 }
 

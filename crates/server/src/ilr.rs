@@ -257,7 +257,7 @@ pub async fn check_point(
         }
         let cat = st2.cat();
         cat.set_recovery_point_volumes(&m.id, &all)?;
-        let now = datastore::time::now();
+        let now = utc::now();
         for v in &all {
             let what = match v.partition {
                 0 => format!("disk {} (whole disk)", v.disk),
@@ -323,10 +323,8 @@ pub async fn check_point(
     })
     .await;
     if let Err(e) = r {
-        let _ = st.cat().job_log(
-            datastore::time::now(),
-            job,
-            &format!("volume check failed: {}", e.1),
-        );
+        let _ = st
+            .cat()
+            .job_log(utc::now(), job, &format!("volume check failed: {}", e.1));
     }
 }

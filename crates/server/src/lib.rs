@@ -146,7 +146,7 @@ pub fn rebuild_catalog(data_dir: &Path, config_file: Option<PathBuf>) -> Result<
     let rps: Vec<RecoveryPointInfo> = points.iter().map(|m| rp_info(m, None)).collect();
     cat.replace_recovery_points(&rps)?;
     cat.audit(
-        datastore::time::now(),
+        utc::now(),
         "admin",
         "rebuild-catalog",
         &format!(
@@ -187,7 +187,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     ds.set_threads(threads);
     let notifier = notify::Notifier::start(&cfg)?;
     // Jobs that were running when the server stopped: failed, and run again now.
-    let now = datastore::time::now();
+    let now = utc::now();
     for j in cat.fail_interrupted_jobs(now, "the server stopped while the job ran")? {
         let subject = j
             .host
@@ -373,7 +373,7 @@ pub fn replica_import(
         }
         (_, _) => ("created", &seed.created),
     };
-    let viewed = datastore::time::parse(when)
+    let viewed = utc::parse(when)
         .filter(|_| when.ends_with('Z'))
         .ok_or_else(|| {
             Error::Config(format!(
@@ -381,13 +381,13 @@ pub fn replica_import(
                 seed_file.display()
             ))
         })?;
-    let now = datastore::time::now();
+    let now = utc::now();
     if viewed > now.saturating_add(SEED_CLOCK_SKEW) {
         return Err(Error::Config(format!(
             "{}: the seed's view time {} is ahead of this server's clock ({}); check the clocks of the host and the server",
             seed_file.display(),
-            datastore::time::rfc3339(viewed),
-            datastore::time::rfc3339(now)
+            utc::rfc3339(viewed),
+            utc::rfc3339(now)
         )));
     }
     let (ds, _) = open_datastore(&datastore_dir(&opts, &cfg), cfg.encrypt_datastore)?;
@@ -452,7 +452,7 @@ pub fn replica_import(
         cat.set_replica_state(&source.id, "ok")?;
     }
     cat.audit(
-        datastore::time::now(),
+        utc::now(),
         "admin",
         "replica import",
         &format!(
@@ -492,7 +492,7 @@ fn seed_place(
             newest.created
         )));
     }
-    let seen = datastore::time::rfc3339(viewed);
+    let seen = utc::rfc3339(viewed);
     if viewed > newest.created_unix {
         return Ok(true);
     }

@@ -199,7 +199,7 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
     };
     check_host(&st, &target_host)?;
     crate::api::check_recipients(&st, &req.notify)?;
-    let now = datastore::time::now();
+    let now = utc::now();
     let s = Stored {
         host: target_host.clone(),
         point: point.id.clone(),
@@ -438,7 +438,7 @@ pub(crate) async fn agent_done(
         ));
     }
     let d: RecoveryDone = crate::api::parse(&body)?;
-    let now = datastore::time::now();
+    let now = utc::now();
     {
         let cat = st.cat();
         for f in d.files.iter().take(256) {

@@ -543,10 +543,7 @@ fn demo_in(exe: &Path, root: &Path, disk_mib: u64) -> anyhow::Result<ExitCode> {
         let note = work.join(format!("{vm}-note.txt"));
         std::fs::write(
             &note,
-            format!(
-                "changed by the demo at {}\n",
-                datastore::time::rfc3339(datastore::time::now())
-            ),
+            format!("changed by the demo at {}\n", utc::rfc3339(utc::now())),
         )?;
         run_tool(
             Command::new("debugfs")
