@@ -541,7 +541,7 @@ pub fn recover(
     vm: &str,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Recovered> {
-    let m = &plan.manifest;
+    let m = &datastore::Manifest::from(plan.manifest.clone());
     let fmt_of = |rec: &DiskRecord| -> Format { rec.format.parse().unwrap_or(Format::Raw) };
     let mut outputs = Vec::new();
     let dir_guard;

@@ -141,8 +141,8 @@ pub fn export(
         block_size: start.block_size,
         piece_blocks: start.piece_blocks,
         consistency,
-        disks,
-        stats,
+        disks: disks.into_iter().map(Into::into).collect(),
+        stats: stats.into(),
         blob_files: files,
     };
     let body = serde_json::to_vec_pretty(&seed).map_err(|e| Error::Invalid(e.to_string()))?;

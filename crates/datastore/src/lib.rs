@@ -24,6 +24,7 @@ pub mod ranges;
 mod restore;
 mod store;
 mod verify;
+mod wire;
 
 pub use backend::{Backend, LocalBackend};
 pub use backup::{BackupRequest, BaseChoice, BlockParams, BlockTarget, DiskInput, backup_disks};

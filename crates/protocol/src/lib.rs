@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 mod validate;
 pub use validate::*;
 
-pub use datastore::manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
+mod manifest;
+pub use manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
 
 /// Path prefix of every API route.
 pub const API: &str = "/api/v1";

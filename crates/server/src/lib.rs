@@ -73,7 +73,7 @@ pub fn rp_info(m: &Manifest, job_id: Option<i64>) -> RecoveryPointInfo {
         datasource_id: m.source.id.clone(),
         created: m.created.clone(),
         created_unix: m.created_unix,
-        consistency: m.consistency,
+        consistency: m.consistency.into(),
         base: m.base.clone(),
         disks: m
             .disks
@@ -84,7 +84,7 @@ pub fn rp_info(m: &Manifest, job_id: Option<i64>) -> RecoveryPointInfo {
                 virtual_size: d.virtual_size,
             })
             .collect(),
-        stats: m.stats,
+        stats: m.stats.into(),
         job_id,
         volumes: None,
     }
@@ -427,7 +427,7 @@ pub fn replica_import(
         seed_place(&seed_file, &seed, (viewed, by_view), points, as_older_point)
     };
     placed(&points)?;
-    let ingest = ds.begin_ingest(seed.source.clone())?;
+    let ingest = ds.begin_ingest(seed.source.clone().into())?;
     for name in &seed.blob_files {
         if name.contains('/') || name.contains("..") {
             return Err(Error::Config(format!(
@@ -444,7 +444,14 @@ pub fn replica_import(
     }
     // Again, just before the commit: a backup may have ended while the blobs were read.
     let latest = placed(&cat.recovery_points(Some(&source.id))?)?;
-    let m = ingest.commit_dated(seed.consistency, None, seed.disks, seed.stats, (viewed, 0))?;
+    let disks = seed.disks.into_iter().map(Into::into).collect();
+    let m = ingest.commit_dated(
+        seed.consistency.into(),
+        None,
+        disks,
+        seed.stats.into(),
+        (viewed, 0),
+    )?;
     let rp = rp_info(&m, None);
     cat.add_recovery_point(&rp)?;
     // Only a newest point says anything about the replica as it is now.

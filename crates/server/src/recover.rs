@@ -9,10 +9,8 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use catalog::NewJob;
-use datastore::{BlobIndex, Id};
-use protocol::{
-    JobKind, Manifest, RecoveryDone, RecoveryPlan, RecoveryRequest, RecoveryTarget, split_vm,
-};
+use datastore::{BlobIndex, Id, Manifest};
+use protocol::{JobKind, RecoveryDone, RecoveryPlan, RecoveryRequest, RecoveryTarget, split_vm};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -60,7 +58,7 @@ pub(crate) fn plan(st: &AppState, s: &Stored) -> Result<RecoveryPlan, String> {
     let p = st.datastore.block_params();
     Ok(RecoveryPlan {
         target: s.target.clone(),
-        manifest,
+        manifest: manifest.into(),
         block_size: p.block_size,
         piece_blocks: p.piece_blocks,
         master_key: st
