@@ -27,6 +27,12 @@ pub enum Consistency {
     CrashConsistent,
 }
 
+string_enum!(Consistency {
+    CrashConsistent => "crash-consistent",
+    FileConsistent => "file-consistent",
+    ApplicationConsistent => "application-consistent",
+});
+
 /// One recovery point.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -95,4 +101,21 @@ pub struct Stats {
     pub blocks_zero: u64,
     /// Total of the changed ranges given, when the backup used them.
     pub changed_bytes: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consistencies_travel_as_their_names() {
+        for &c in Consistency::ALL {
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(json, format!("\"{}\"", c.as_str()));
+            assert_eq!(Consistency::parse(c.as_str()), Some(c));
+            assert_eq!(serde_json::from_str::<Consistency>(&json).unwrap(), c);
+        }
+        assert_eq!(Consistency::ALL.len(), 3);
+        assert_eq!(Consistency::parse("bogus"), None);
+    }
 }
