@@ -6,19 +6,46 @@
 
 use crate::manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
 
-impl From<Source> for protocol::Source {
-    fn from(s: Source) -> Self {
-        let Source { name, id } = s;
-        protocol::Source { name, id }
-    }
+/// `From` both ways between `$ty` and `protocol::$ty`, field by field: fields taken as
+/// they are, fields converted with `into`, lists converted item by item. Each struct
+/// literal names every field of its target, so a field added on one side only does
+/// not compile.
+macro_rules! both_ways {
+    ($ty:ident { $($same:ident),* ; $($into:ident),* ; $($list:ident),* }) => {
+        impl From<$ty> for protocol::$ty {
+            fn from(v: $ty) -> Self {
+                protocol::$ty {
+                    $($same: v.$same,)*
+                    $($into: v.$into.into(),)*
+                    $($list: v.$list.into_iter().map(Into::into).collect(),)*
+                }
+            }
+        }
+
+        impl From<protocol::$ty> for $ty {
+            fn from(v: protocol::$ty) -> Self {
+                $ty {
+                    $($same: v.$same,)*
+                    $($into: v.$into.into(),)*
+                    $($list: v.$list.into_iter().map(Into::into).collect(),)*
+                }
+            }
+        }
+    };
 }
 
-impl From<protocol::Source> for Source {
-    fn from(s: protocol::Source) -> Self {
-        let protocol::Source { name, id } = s;
-        Source { name, id }
-    }
-}
+both_ways!(Source { name, id ; ; });
+both_ways!(Stats {
+    bytes_read, bytes_stored, bytes_new, blocks_new, blocks_dedup, blocks_reused,
+    blocks_zero, changed_bytes ; ;
+});
+both_ways!(DiskRecord {
+    index, name, format, virtual_size, logical_sector_size, physical_sector_size,
+    block_size, piece_blocks, pieces, excluded ; stats ;
+});
+both_ways!(Manifest {
+    format, version, id, created, created_unix, base ; source, consistency, stats ; disks
+});
 
 impl From<Consistency> for protocol::Consistency {
     fn from(c: Consistency) -> Self {
@@ -40,176 +67,6 @@ impl From<protocol::Consistency> for Consistency {
     }
 }
 
-impl From<Stats> for protocol::Stats {
-    fn from(s: Stats) -> Self {
-        let Stats {
-            bytes_read,
-            bytes_stored,
-            bytes_new,
-            blocks_new,
-            blocks_dedup,
-            blocks_reused,
-            blocks_zero,
-            changed_bytes,
-        } = s;
-        protocol::Stats {
-            bytes_read,
-            bytes_stored,
-            bytes_new,
-            blocks_new,
-            blocks_dedup,
-            blocks_reused,
-            blocks_zero,
-            changed_bytes,
-        }
-    }
-}
-
-impl From<protocol::Stats> for Stats {
-    fn from(s: protocol::Stats) -> Self {
-        let protocol::Stats {
-            bytes_read,
-            bytes_stored,
-            bytes_new,
-            blocks_new,
-            blocks_dedup,
-            blocks_reused,
-            blocks_zero,
-            changed_bytes,
-        } = s;
-        Stats {
-            bytes_read,
-            bytes_stored,
-            bytes_new,
-            blocks_new,
-            blocks_dedup,
-            blocks_reused,
-            blocks_zero,
-            changed_bytes,
-        }
-    }
-}
-
-impl From<DiskRecord> for protocol::DiskRecord {
-    fn from(d: DiskRecord) -> Self {
-        let DiskRecord {
-            index,
-            name,
-            format,
-            virtual_size,
-            logical_sector_size,
-            physical_sector_size,
-            block_size,
-            piece_blocks,
-            pieces,
-            stats,
-            excluded,
-        } = d;
-        protocol::DiskRecord {
-            index,
-            name,
-            format,
-            virtual_size,
-            logical_sector_size,
-            physical_sector_size,
-            block_size,
-            piece_blocks,
-            pieces,
-            stats: stats.into(),
-            excluded,
-        }
-    }
-}
-
-impl From<protocol::DiskRecord> for DiskRecord {
-    fn from(d: protocol::DiskRecord) -> Self {
-        let protocol::DiskRecord {
-            index,
-            name,
-            format,
-            virtual_size,
-            logical_sector_size,
-            physical_sector_size,
-            block_size,
-            piece_blocks,
-            pieces,
-            stats,
-            excluded,
-        } = d;
-        DiskRecord {
-            index,
-            name,
-            format,
-            virtual_size,
-            logical_sector_size,
-            physical_sector_size,
-            block_size,
-            piece_blocks,
-            pieces,
-            stats: stats.into(),
-            excluded,
-        }
-    }
-}
-
-impl From<Manifest> for protocol::Manifest {
-    fn from(m: Manifest) -> Self {
-        let Manifest {
-            format,
-            version,
-            id,
-            source,
-            created,
-            created_unix,
-            base,
-            consistency,
-            disks,
-            stats,
-        } = m;
-        protocol::Manifest {
-            format,
-            version,
-            id,
-            source: source.into(),
-            created,
-            created_unix,
-            base,
-            consistency: consistency.into(),
-            disks: disks.into_iter().map(Into::into).collect(),
-            stats: stats.into(),
-        }
-    }
-}
-
-impl From<protocol::Manifest> for Manifest {
-    fn from(m: protocol::Manifest) -> Self {
-        let protocol::Manifest {
-            format,
-            version,
-            id,
-            source,
-            created,
-            created_unix,
-            base,
-            consistency,
-            disks,
-            stats,
-        } = m;
-        Manifest {
-            format,
-            version,
-            id,
-            source: source.into(),
-            created,
-            created_unix,
-            base,
-            consistency: consistency.into(),
-            disks: disks.into_iter().map(Into::into).collect(),
-            stats: stats.into(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,7 +80,7 @@ mod tests {
             blocks_dedup: k + 4,
             blocks_reused: k + 5,
             blocks_zero: k + 6,
-            changed_bytes: (k % 2 == 0).then_some(k + 7),
+            changed_bytes: k.is_multiple_of(2).then_some(k + 7),
         }
     }
 
