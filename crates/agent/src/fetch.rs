@@ -63,7 +63,7 @@ impl Throttle {
     fn rate_now(&self) -> Option<f64> {
         match &self.rate {
             Rate::Fixed(r) => Some(*r),
-            Rate::Schedule(s) => s.kbps_at(datastore::time::now()).map(|k| k as f64 * 1024.0),
+            Rate::Schedule(s) => s.kbps_at(utc::now()).map(|k| k as f64 * 1024.0),
         }
     }
 

@@ -42,7 +42,7 @@ pub fn recover(
     if start && !stop_vm {
         return Err(Error::Invalid("start needs stop_vm".into()));
     }
-    let m = &plan.manifest;
+    let m = &datastore::Manifest::from(plan.manifest.clone());
     let files = inst.disk_files()?;
     let targets = match_disks(&m.disks, &files, vm, &m.id)?;
     // Checked before anything is written; checked again right before stopping.

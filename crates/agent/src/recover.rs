@@ -121,7 +121,7 @@ impl Drop for NewDir {
 
 fn timestamp(unix: i64) -> String {
     // 2026-11-25T19:04:05Z -> 20261125-190405
-    let s = datastore::time::rfc3339(unix);
+    let s = utc::rfc3339(unix);
     let digits: String = s.chars().filter(|c| c.is_ascii_digit()).collect();
     match (digits.get(..8), digits.get(8..14)) {
         (Some(d), Some(t)) => format!("{d}-{t}"),
@@ -140,7 +140,7 @@ pub fn recover(
     vm: &str,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Recovered> {
-    let m = &plan.manifest;
+    let m = &datastore::Manifest::from(plan.manifest.clone());
     let planned = match &plan.target {
         RecoveryTarget::Original { .. } => {
             // Over the original instance: crate::original (stop, swap in, start).
@@ -159,7 +159,7 @@ pub fn recover(
             ..
         } => {
             // The job id keeps two jobs of the same second apart.
-            let base = format!("holdfast_{}_job{job}", timestamp(datastore::time::now()));
+            let base = format!("holdfast_{}_job{job}", timestamp(utc::now()));
             let mut d = NewDir::create_unique(Path::new(dir), &base)?;
             if partition.is_some() || !items.is_empty() {
                 let i = disk.unwrap_or(0) as usize;

@@ -475,7 +475,8 @@ mod tests {
         // A second backup asks first and sends nothing the server has.
         let f2 = fake(&ds);
         let remote = target(&f2, &ds, Arc::new(AtomicBool::new(false)));
-        let snap = prov.snapshot("vm", JobKind::Sync, Some(&m)).unwrap();
+        let base = protocol::Manifest::from(m.clone());
+        let snap = prov.snapshot("vm", JobKind::Sync, Some(&base)).unwrap();
         let (_, stats) = backup_disks(&remote, None, &snap.disks(), 2, &mut |_, _| {}).unwrap();
         assert_eq!(remote.bytes_sent(), 0);
         assert_eq!(stats.blocks_new, 0);

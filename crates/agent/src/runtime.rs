@@ -949,8 +949,8 @@ fn backup(
         })
         .collect();
     // The base matters to the pipeline only for changed ranges (reusing its index).
-    let base = if inputs.iter().any(|d| d.changed.is_some()) {
-        start.base.as_ref()
+    let base: Option<datastore::Manifest> = if inputs.iter().any(|d| d.changed.is_some()) {
+        start.base.clone().map(Into::into)
     } else {
         None
     };
@@ -968,25 +968,31 @@ fn backup(
     if let Some(d) = inputs.first() {
         counters.set_step(format!("reading disk 0 ({})", d.name));
     }
-    let r = backup_disks(remote, base, &inputs, shared.threads, &mut |done, total| {
-        counters.done.store(done, Ordering::Relaxed);
-        counters.total.store(total, Ordering::Relaxed);
-        let i = ends
-            .partition_point(|&e| e <= done)
-            .min(inputs.len().saturating_sub(1));
-        if i != reading {
-            reading = i;
-            if let Some(d) = inputs.get(i) {
-                counters.set_step(format!("reading disk {i} ({})", d.name));
+    let r = backup_disks(
+        remote,
+        base.as_ref(),
+        &inputs,
+        shared.threads,
+        &mut |done, total| {
+            counters.done.store(done, Ordering::Relaxed);
+            counters.total.store(total, Ordering::Relaxed);
+            let i = ends
+                .partition_point(|&e| e <= done)
+                .min(inputs.len().saturating_sub(1));
+            if i != reading {
+                reading = i;
+                if let Some(d) = inputs.get(i) {
+                    counters.set_step(format!("reading disk {i} ({})", d.name));
+                }
             }
-        }
-        // The agent stopping cancels its jobs.
-        if shared.stop.load(Ordering::Relaxed) {
-            cancel.store(true, Ordering::Relaxed);
-        }
-    });
+            // The agent stopping cancels its jobs.
+            if shared.stop.load(Ordering::Relaxed) {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        },
+    );
     match r {
-        Ok(r) => Ok(r),
+        Ok((disks, stats)) => Ok((disks.into_iter().map(Into::into).collect(), stats.into())),
         Err(e) => {
             let own = remote.take_error();
             if let Some(Error::Client(c)) = own {

@@ -107,7 +107,7 @@ pub fn export(
     };
     // Taken before the view: the point is dated no later than the data it holds, so
     // the import never ranks it above a point with newer data.
-    let viewed = datastore::time::rfc3339(datastore::time::now());
+    let viewed = utc::rfc3339(utc::now());
     let snap = provider.snapshot(vm, JobKind::InitialReplica, None)?;
     let consistency = snap.consistency();
     // Nothing cancels an export but its own failure (the read deadline still holds).
@@ -131,13 +131,13 @@ pub fn export(
         format: SEED_FORMAT.into(),
         version: SEED_VERSION,
         source: start.source.clone(),
-        created: datastore::time::rfc3339(datastore::time::now()),
+        created: utc::rfc3339(utc::now()),
         viewed: Some(viewed),
         block_size: start.block_size,
         piece_blocks: start.piece_blocks,
         consistency,
-        disks,
-        stats,
+        disks: disks.into_iter().map(Into::into).collect(),
+        stats: stats.into(),
         blob_files: files,
     };
     let body = serde_json::to_vec_pretty(&seed).map_err(|e| Error::Invalid(e.to_string()))?;

@@ -68,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 id: format!("{ds}-{k:03}"),
                 vm: name.clone(),
                 datasource_id: ds.clone(),
-                created: datastore::time::rfc3339(unix),
+                created: utc::rfc3339(unix),
                 created_unix: unix,
                 consistency: Consistency::CrashConsistent,
                 base: None,

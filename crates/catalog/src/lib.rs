@@ -368,7 +368,7 @@ impl Cols<'_> {
 }
 
 fn rfc3339(unix: i64) -> String {
-    datastore::time::rfc3339(unix)
+    utc::rfc3339(unix)
 }
 
 /// JSON text for a column. Protocol types always serialize; a failure would be a bug.

@@ -128,7 +128,7 @@ fn a_full_catalog_answers_correctly() {
         assert_eq!(ds.name, format!("h{:02}/vm{}", i / VMS, i % VMS));
         assert_eq!(
             ds.last_recovery_point.as_deref(),
-            Some(datastore::time::rfc3339(created(PER_DS - 1, i)).as_str())
+            Some(utc::rfc3339(created(PER_DS - 1, i)).as_str())
         );
         let group = (i % 5 != 4).then(|| format!("g{}", i % 4));
         assert_eq!(ds.protection_group, group, "{}", ds.name);
@@ -192,10 +192,7 @@ fn a_full_catalog_answers_correctly() {
             Some(created(last_ok, i) + 60)
         );
         let last = c.last_job(ds, &[JobKind::Sync]).unwrap().unwrap();
-        assert_eq!(
-            last.created,
-            datastore::time::rfc3339(created(PER_DS - 1, i))
-        );
+        assert_eq!(last.created, utc::rfc3339(created(PER_DS - 1, i)));
     }
 }
 

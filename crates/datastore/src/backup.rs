@@ -278,12 +278,12 @@ impl Datastore {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Manifest> {
         let _lock = self.backend.lock(false, true)?;
-        let (started, micros) = crate::time::now_micros();
+        let (started, micros) = utc::now_micros();
         let index = self.blob_index()?;
         let base = self.resolve_base(&req)?;
         let id = format!(
             "{}-{}",
-            crate::time::id_stamp(started, micros),
+            utc::id_stamp(started, micros),
             crate::crypto::random_hex(4)?
         );
         let spare_packs = FreeList::<AlignedBuf>::default();
@@ -315,7 +315,7 @@ impl Datastore {
             version: MANIFEST_VERSION,
             id,
             source: req.source,
-            created: crate::time::rfc3339(started),
+            created: utc::rfc3339(started),
             created_unix: started,
             base: base.map(|b| b.id),
             consistency: req.consistency,

@@ -240,7 +240,7 @@ impl Datastore {
     fn replace_index(&self, all: &[(Id, Vec<PackEntry>)]) -> Result<(i64, i64)> {
         let name = format!(
             "gc-{}-{}",
-            crate::time::compact(crate::time::now()),
+            utc::compact(utc::now()),
             crate::crypto::random_hex(4)?
         );
         let new_index = format::encode_index(all);

@@ -269,7 +269,7 @@ impl Ingest {
         disks: Vec<DiskRecord>,
         stats: Stats,
     ) -> Result<Manifest> {
-        let now = crate::time::now_micros();
+        let now = utc::now_micros();
         self.commit_dated(consistency, base, disks, stats, now)
     }
 
@@ -379,7 +379,7 @@ impl Ingest {
         }
         let id = format!(
             "{}-{}",
-            crate::time::id_stamp(started, micros),
+            utc::id_stamp(started, micros),
             crate::crypto::random_hex(4)?
         );
         self.store.write_index(&id, &st.packs)?;
@@ -390,7 +390,7 @@ impl Ingest {
             version: MANIFEST_VERSION,
             id,
             source: self.source,
-            created: crate::time::rfc3339(started),
+            created: utc::rfc3339(started),
             created_unix: started,
             base,
             consistency,

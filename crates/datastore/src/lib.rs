@@ -23,8 +23,8 @@ pub mod prune;
 pub mod ranges;
 mod restore;
 mod store;
-pub mod time;
 mod verify;
+mod wire;
 
 pub use backend::{Backend, LocalBackend};
 pub use backup::{BackupRequest, BaseChoice, BlockParams, BlockTarget, DiskInput, backup_disks};

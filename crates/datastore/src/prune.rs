@@ -88,12 +88,10 @@ pub fn plan(
             // Weeks start on Monday: 1970-01-01 was a Thursday.
             ("weekly", rules.weekly, &|m| (day(m) + 3).div_euclid(7)),
             ("monthly", rules.monthly, &|m| {
-                let (y, mo, _) = crate::time::civil_from_days(day(m));
+                let (y, mo, _) = utc::civil_from_days(day(m));
                 y * 12 + mo as i64
             }),
-            ("yearly", rules.yearly, &|m| {
-                crate::time::civil_from_days(day(m)).0
-            }),
+            ("yearly", rules.yearly, &|m| utc::civil_from_days(day(m)).0),
         ];
         for (name, count, key) in buckets {
             let Some(count) = count else { continue };
@@ -131,7 +129,7 @@ impl crate::store::Datastore {
     ) -> Result<Vec<Decision>> {
         let _lock = self.backend.lock(false, true)?;
         let (points, _) = self.points()?;
-        let plan = plan(&points, rules, crate::time::now(), sources)?;
+        let plan = plan(&points, rules, utc::now(), sources)?;
         if !dry_run {
             for d in plan.iter().filter(|d| !d.keep) {
                 self.forget(&d.id)?;
@@ -155,7 +153,7 @@ mod tests {
                 name: "vm".into(),
                 id: "vm".into(),
             },
-            created: crate::time::rfc3339(t),
+            created: utc::rfc3339(t),
             created_unix: t,
             base: None,
             consistency: Consistency::CrashConsistent,
@@ -178,7 +176,7 @@ mod tests {
     #[test]
     fn rules() {
         let day = 86_400;
-        let base = crate::time::parse("2026-11-02T10:00:00Z").unwrap(); // a Monday
+        let base = utc::parse("2026-11-02T10:00:00Z").unwrap(); // a Monday
         // Two points a day for 20 days: p00 (oldest) .. p39.
         let pts: Vec<Manifest> = (0..40)
             .map(|i| point(&format!("p{i:02}"), base + i / 2 * day + (i % 2) * 3600))

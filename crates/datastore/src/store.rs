@@ -184,7 +184,7 @@ impl Datastore {
             format: CONFIG_FORMAT.into(),
             version: CONFIG_VERSION,
             id,
-            created: crate::time::rfc3339(crate::time::now()),
+            created: utc::rfc3339(utc::now()),
             block_size: opts.block_size,
             piece_blocks: DEFAULT_PIECE_BLOCKS,
             pack_size: DEFAULT_PACK_SIZE,

@@ -82,6 +82,60 @@ fn backup_prints_its_id_and_json_stats() {
 }
 
 #[test]
+fn consistency_is_one_of_three_names_and_is_recorded() {
+    let (_d, ds, disk) = setup(3);
+    // An unknown value is refused before anything is read, naming the valid ones.
+    let err = fails(
+        2,
+        &[
+            "backup",
+            "-d",
+            s(&ds),
+            "--source",
+            "vm1",
+            "--consistency",
+            "bogus",
+            s(&disk),
+        ],
+    );
+    assert!(
+        err.contains("invalid value 'bogus' for '--consistency"),
+        "{err}"
+    );
+    for v in [
+        "crash-consistent",
+        "file-consistent",
+        "application-consistent",
+    ] {
+        assert!(err.contains(v), "{v} missing from {err}");
+    }
+    assert!(point_ids(&ds).is_empty());
+    // Each valid value is accepted and recorded as given; none is the default.
+    for v in [
+        "file-consistent",
+        "application-consistent",
+        "crash-consistent",
+        "",
+    ] {
+        let mut args = vec!["backup", "-d", s(&ds), "--source", "vm1", "-q"];
+        if !v.is_empty() {
+            args.extend(["--consistency", v]);
+        }
+        args.push(s(&disk));
+        let id = ok(&args).trim().to_string();
+        let points = json(&["recovery-points", "-d", s(&ds), "--json"]);
+        let p = points
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} not in {points}"));
+        let want = if v.is_empty() { "crash-consistent" } else { v };
+        assert_eq!(p["consistency"], want, "{p}");
+    }
+}
+
+#[test]
 fn recovery_points_lists_and_filters_by_source() {
     let (d, ds, disk) = setup(2);
     let other = d.path().join("other.img");

@@ -50,7 +50,7 @@ fn recover_json(c: &Cluster, args: &[&str]) -> JobInfo {
 }
 
 fn unix(t: &str) -> i64 {
-    datastore::time::parse(t).unwrap()
+    utc::parse(t).unwrap()
 }
 
 fn status_of(e: client::Error) -> Option<u16> {

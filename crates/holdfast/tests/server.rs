@@ -155,7 +155,7 @@ fn two_vms_protected_on_schedule_restore_exactly() {
     change_disk(&web, "vhdx", 10);
     change_disk(&db, "qcow2", 11);
     // Only synchronizations that started after both changes (a whole second later).
-    let started = datastore::time::now();
+    let started = utc::now();
     let mut syncs = Vec::new();
     wait_until(
         "scheduled synchronizations of both VMs",
@@ -170,7 +170,7 @@ fn two_vms_protected_on_schedule_restore_exactly() {
                         && j.state == JobState::Succeeded
                         && j.started
                             .as_deref()
-                            .and_then(datastore::time::parse)
+                            .and_then(utc::parse)
                             .is_some_and(|s| s > started)
                 })
                 .collect();
@@ -824,9 +824,9 @@ fn replica_import_dates_points_by_their_view_and_never_rolls_the_vm_back() {
     assert_eq!(points().len(), 1, "{:?}", points());
 
     // A backup newer than s2's view (in a later second than it).
-    let v2_unix = datastore::time::parse(&v2).unwrap();
+    let v2_unix = utc::parse(&v2).unwrap();
     wait_until("a second after s2's view", Duration::from_secs(5), || {
-        datastore::time::now() > v2_unix
+        utc::now() > v2_unix
     });
     change_disk(&disk, "raw", 2);
     let j: JobInfo =

@@ -8,10 +8,54 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Gives an enum whose values travel as fixed strings `as_str`, `parse`, `ALL` (in the
+/// order the CLI lists them) and, with the `clap` feature, `clap::ValueEnum`, so the
+/// CLI accepts exactly the strings the API carries. The strings must be serde's names
+/// of the variants (each use has a test that checks it).
+macro_rules! string_enum {
+    ($name:ident { $($variant:ident => $s:literal),+ $(,)? }) => {
+        impl $name {
+            /// Every value, in the order the CLI lists them.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $s),+
+                }
+            }
+
+            pub fn parse(s: &str) -> Option<$name> {
+                match s {
+                    $($s => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        #[cfg(feature = "clap")]
+        impl clap::ValueEnum for $name {
+            fn value_variants<'a>() -> &'a [Self] {
+                Self::ALL
+            }
+
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(clap::builder::PossibleValue::new(self.as_str()))
+            }
+        }
+    };
+}
+
 mod validate;
 pub use validate::*;
 
-pub use datastore::manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
+mod manifest;
+pub use manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
 
 /// Path prefix of every API route.
 pub const API: &str = "/api/v1";
@@ -1062,7 +1106,7 @@ mod tests {
             work_end: "18:00".into(),
         };
         // 2026-11-23 is a Monday.
-        let monday = datastore::time::parse("2026-11-23 00:00").unwrap();
+        let monday = utc::parse("2026-11-23 00:00").unwrap();
         assert_eq!(s.kbps_at(monday + 9 * 3600), Some(1000));
         assert_eq!(s.kbps_at(monday + 18 * 3600), None);
         assert_eq!(s.kbps_at(monday + 7 * 3600 + 3599), None);

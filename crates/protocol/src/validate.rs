@@ -187,7 +187,7 @@ pub fn parse_utc_time(s: &str) -> Option<i64> {
     if !(1..=days_in_month).contains(&d) {
         return None;
     }
-    let days = datastore::time::days_from_civil(y, mo as u32, d as u32);
+    let days = utc::days_from_civil(y, mo as u32, d as u32);
     Some(days * 86_400 + hh * 3600 + mm * 60 + ss - offset)
 }
 
@@ -562,7 +562,7 @@ mod tests {
         assert_eq!(t("2000-02-28T23:00:00.5-01:00"), Some(951_782_400));
         assert_eq!(
             t("2026-11-25T22:00:00Z"),
-            datastore::time::parse("2026-11-25T22:00:00Z")
+            utc::parse("2026-11-25T22:00:00Z")
         );
         for bad in [
             "9999-99-99T99:99:99Z",

@@ -168,7 +168,7 @@ fn entry(e: Entry, target: Option<String>) -> IlrEntry {
         name: e.name,
         kind: e.kind.name().into(),
         size: e.size,
-        modified: e.mtime.map(datastore::time::rfc3339),
+        modified: e.mtime.map(utc::rfc3339),
         modified_unix: e.mtime,
         mode: e.mode,
         id: e.id,

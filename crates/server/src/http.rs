@@ -79,7 +79,7 @@ pub(crate) fn octets(out: Vec<u8>) -> Response {
 }
 
 pub(crate) fn now() -> i64 {
-    datastore::time::now()
+    utc::now()
 }
 
 /// Runs `f` on tokio's blocking threads (datastore reads, decompression).

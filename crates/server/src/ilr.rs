@@ -211,7 +211,7 @@ pub async fn check_point(
         }
         let cat = st2.cat();
         cat.set_recovery_point_volumes(&m.id, &all)?;
-        let now = datastore::time::now();
+        let now = utc::now();
         for v in &all {
             let what = match v.partition {
                 0 => format!("disk {} (whole disk)", v.disk),
@@ -278,8 +278,6 @@ pub async fn check_point(
     .await;
     if let Err(e) = r {
         let line = format!("volume check failed: {}", e.1);
-        let _ = st
-            .catalog(move |c| c.job_log(datastore::time::now(), job, &line))
-            .await;
+        let _ = st.catalog(move |c| c.job_log(utc::now(), job, &line)).await;
     }
 }

@@ -77,7 +77,7 @@ pub fn rp_info(m: &Manifest, job_id: Option<i64>) -> RecoveryPointInfo {
         datasource_id: m.source.id.clone(),
         created: m.created.clone(),
         created_unix: m.created_unix,
-        consistency: m.consistency,
+        consistency: m.consistency.into(),
         base: m.base.clone(),
         disks: m
             .disks
@@ -88,7 +88,7 @@ pub fn rp_info(m: &Manifest, job_id: Option<i64>) -> RecoveryPointInfo {
                 virtual_size: d.virtual_size,
             })
             .collect(),
-        stats: m.stats,
+        stats: m.stats.into(),
         job_id,
         volumes: None,
     }
@@ -150,7 +150,7 @@ pub fn rebuild_catalog(data_dir: &Path, config_file: Option<PathBuf>) -> Result<
     let rps: Vec<RecoveryPointInfo> = points.iter().map(|m| rp_info(m, None)).collect();
     cat.replace_recovery_points(&rps)?;
     cat.audit(
-        datastore::time::now(),
+        utc::now(),
         "admin",
         "rebuild-catalog",
         &format!(
@@ -191,7 +191,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     ds.set_threads(threads);
     let notifier = notify::Notifier::start(&cfg)?;
     // Jobs that were running when the server stopped: failed, and run again now.
-    let now = datastore::time::now();
+    let now = utc::now();
     for j in cat.fail_interrupted_jobs(now, "the server stopped while the job ran")? {
         let subject = j
             .host
@@ -377,7 +377,7 @@ pub fn replica_import(
         }
         (_, _) => ("created", &seed.created),
     };
-    let viewed = datastore::time::parse(when)
+    let viewed = utc::parse(when)
         .filter(|_| when.ends_with('Z'))
         .ok_or_else(|| {
             Error::Config(format!(
@@ -385,13 +385,13 @@ pub fn replica_import(
                 seed_file.display()
             ))
         })?;
-    let now = datastore::time::now();
+    let now = utc::now();
     if viewed > now.saturating_add(SEED_CLOCK_SKEW) {
         return Err(Error::Config(format!(
             "{}: the seed's view time {} is ahead of this server's clock ({}); check the clocks of the host and the server",
             seed_file.display(),
-            datastore::time::rfc3339(viewed),
-            datastore::time::rfc3339(now)
+            utc::rfc3339(viewed),
+            utc::rfc3339(now)
         )));
     }
     let (ds, _) = open_datastore(&datastore_dir(&opts, &cfg), cfg.encrypt_datastore)?;
@@ -431,7 +431,7 @@ pub fn replica_import(
         seed_place(&seed_file, &seed, (viewed, by_view), points, as_older_point)
     };
     placed(&points)?;
-    let ingest = ds.begin_ingest(seed.source.clone())?;
+    let ingest = ds.begin_ingest(seed.source.clone().into())?;
     for name in &seed.blob_files {
         if name.contains('/') || name.contains("..") {
             return Err(Error::Config(format!(
@@ -448,7 +448,14 @@ pub fn replica_import(
     }
     // Again, just before the commit: a backup may have ended while the blobs were read.
     let latest = placed(&cat.recovery_points(Some(&source.id))?)?;
-    let m = ingest.commit_dated(seed.consistency, None, seed.disks, seed.stats, (viewed, 0))?;
+    let disks = seed.disks.into_iter().map(Into::into).collect();
+    let m = ingest.commit_dated(
+        seed.consistency.into(),
+        None,
+        disks,
+        seed.stats.into(),
+        (viewed, 0),
+    )?;
     let rp = rp_info(&m, None);
     cat.add_recovery_point(&rp)?;
     // Only a newest point says anything about the replica as it is now.
@@ -456,7 +463,7 @@ pub fn replica_import(
         cat.set_replica_state(&source.id, "ok")?;
     }
     cat.audit(
-        datastore::time::now(),
+        utc::now(),
         "admin",
         "replica import",
         &format!(
@@ -496,7 +503,7 @@ fn seed_place(
             newest.created
         )));
     }
-    let seen = datastore::time::rfc3339(viewed);
+    let seen = utc::rfc3339(viewed);
     if viewed > newest.created_unix {
         return Ok(true);
     }

@@ -14,7 +14,7 @@ pub fn run(st: &AppState, job: i64, kind: JobKind) -> Result<String, String> {
             let r = st
                 .datastore
                 .gc(&mut |m| {
-                    let _ = st.cat().job_log(datastore::time::now(), job, m);
+                    let _ = st.cat().job_log(utc::now(), job, m);
                 })
                 .map_err(|e| e.to_string())?;
             if r.unhealed_blobs > 0 || r.missing_blobs > 0 {
@@ -33,7 +33,7 @@ pub fn run(st: &AppState, job: i64, kind: JobKind) -> Result<String, String> {
                 .datastore
                 .verify(&mut |_, _| {})
                 .map_err(|e| e.to_string())?;
-            let now = datastore::time::now();
+            let now = utc::now();
             if r.damaged_files.is_empty() && r.damaged_points.is_empty() {
                 let _ = st
                     .notify
@@ -122,7 +122,7 @@ fn prune(st: &AppState, job: i64) -> Result<String, String> {
         for d in plan.iter().filter(|d| !d.keep) {
             cat.delete_recovery_point(&d.id).map_err(e)?;
             cat.job_log(
-                datastore::time::now(),
+                utc::now(),
                 job,
                 &format!(
                     "removed recovery point {} of {} (older than {days} days)",

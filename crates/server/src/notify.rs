@@ -171,7 +171,7 @@ impl Notifier {
     ) -> Result<i64, catalog::Error> {
         let r = cat.raise(now, severity, subject, kind, message)?;
         if r.new && rank(severity) >= rank(self.min_severity) {
-            let t = datastore::time::rfc3339(now);
+            let t = utc::rfc3339(now);
             self.alert_raised(&AlertInfo {
                 id: r.id,
                 severity,
@@ -454,8 +454,8 @@ pub fn job_email(j: &JobInfo, server_url: Option<&str>) -> (String, String) {
 
 /// `1h 2m 3s`, from the job's start and end.
 fn duration(j: &JobInfo) -> Option<String> {
-    let s = datastore::time::parse(j.started.as_deref()?)?;
-    let f = datastore::time::parse(j.finished.as_deref()?)?;
+    let s = utc::parse(j.started.as_deref()?)?;
+    let f = utc::parse(j.finished.as_deref()?)?;
     let d = (f - s).max(0);
     Some(match (d / 3600, d / 60 % 60, d % 60) {
         (0, 0, s) => format!("{s}s"),

@@ -12,9 +12,9 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use catalog::NewJob;
-use datastore::Id;
+use datastore::{Id, Manifest};
 use protocol::{
-    DataSourceInfo, JobInfo, JobKind, Manifest, RecoveryDone, RecoveryPointInfo, RecoveryRequest,
+    DataSourceInfo, JobInfo, JobKind, RecoveryDone, RecoveryPointInfo, RecoveryRequest,
     RecoveryTarget, split_vm,
 };
 use std::collections::HashSet;
@@ -190,7 +190,7 @@ fn queue_job(
     point: &RecoveryPointInfo,
     target_host: &str,
 ) -> ApiResult<i64> {
-    let now = datastore::time::now();
+    let now = utc::now();
     let s = Stored {
         host: target_host.to_string(),
         point: point.id.clone(),
@@ -414,7 +414,7 @@ pub(crate) async fn agent_done(
         ));
     }
     let d: RecoveryDone = crate::http::parse(&body)?;
-    let now = datastore::time::now();
+    let now = utc::now();
     st.offload(move |st| {
         {
             let cat = st.cat();

@@ -39,7 +39,7 @@ pub(crate) fn plan(st: &AppState, s: &Stored) -> Result<RecoveryPlan, String> {
     let p = st.datastore.block_params();
     Ok(RecoveryPlan {
         target: s.target.clone(),
-        manifest,
+        manifest: manifest.into(),
         block_size: p.block_size,
         piece_blocks: p.piece_blocks,
         master_key: st

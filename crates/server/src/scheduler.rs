@@ -49,7 +49,7 @@ fn due_every(st: &AppState, key: &str, period: i64, now: i64) -> Result<bool, ca
 
 /// One pass over every schedule. Cheap: a few indexed queries per data source.
 pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
-    let now = datastore::time::now();
+    let now = utc::now();
     let groups = st.cat().groups()?;
     for g in &groups {
         let p = &g.policy;
@@ -220,7 +220,7 @@ fn low_on_space(free: u64, total: u64, pct: u8) -> bool {
 
 /// Picks this host's next runnable job within the limits and marks it running.
 pub fn dispatch(st: &AppState, host: &str) -> Result<Option<AgentJob>, catalog::Error> {
-    let now = datastore::time::now();
+    let now = utc::now();
     let cat = st.cat();
     let s = &st.config.scheduler;
     if cat.running_jobs()? >= s.max_jobs || cat.running_jobs_on_host(host)? >= s.max_jobs_per_host {
@@ -298,7 +298,7 @@ fn run_server_jobs(st: &Arc<AppState>, now: i64) -> Result<(), catalog::Error> {
     std::thread::spawn(move || {
         let started = Instant::now();
         let r = crate::maintenance::run(&st, j.id, j.kind);
-        let now = datastore::time::now();
+        let now = utc::now();
         let res = match r {
             Ok(summary) => {
                 let _ = st.cat().job_log(

@@ -30,7 +30,7 @@ impl Dated for protocol::RecoveryPointInfo {
 
 /// `YYYY-MM-DD` (UTC) of a time.
 pub fn day(unix: i64) -> String {
-    datastore::time::rfc3339(unix)
+    utc::rfc3339(unix)
         .split('T')
         .next()
         .unwrap_or("")
@@ -39,7 +39,7 @@ pub fn day(unix: i64) -> String {
 
 /// Parses `--at`.
 pub fn parse_at(at: &str) -> anyhow::Result<i64> {
-    datastore::time::parse(at)
+    utc::parse(at)
         .ok_or_else(|| anyhow!("--at {at:?} is not a time like \"2026-11-24 18:00\" (UTC)"))
 }
 

@@ -694,10 +694,7 @@ fn demo_change_disks(d: &Demo) -> anyhow::Result<()> {
         let note = d.work.join(format!("{vm}-note.txt"));
         std::fs::write(
             &note,
-            format!(
-                "changed by the demo at {}\n",
-                datastore::time::rfc3339(datastore::time::now())
-            ),
+            format!("changed by the demo at {}\n", utc::rfc3339(utc::now())),
         )?;
         run_tool(
             Command::new("debugfs")

@@ -198,7 +198,7 @@ fn get_on_host(s: &ServerArgs, a: &GetArgs, host: &str, dir: &str) -> anyhow::Re
 fn at_time(w: &Where) -> anyhow::Result<Option<i64>> {
     w.at.as_deref()
         .map(|t| {
-            datastore::time::parse(t)
+            utc::parse(t)
                 .ok_or_else(|| anyhow!("--at {t:?} is not a time like \"2026-11-24 18:00\" (UTC)"))
         })
         .transpose()

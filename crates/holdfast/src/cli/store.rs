@@ -6,9 +6,7 @@ use super::progress::Progress;
 use super::units::human;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use datastore::{
-    BackupRequest, BaseChoice, Consistency, Datastore, DiskInput, Manifest, Retention, Source,
-};
+use datastore::{BackupRequest, BaseChoice, Datastore, DiskInput, Manifest, Retention, Source};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -91,8 +89,8 @@ pub struct BackupArgs {
     #[arg(long, default_value = "latest")]
     base: String,
     /// Consistency of the disks' point-in-time view.
-    #[arg(long, default_value = "crash-consistent", value_parser = ["crash-consistent", "file-consistent", "application-consistent"])]
-    consistency: String,
+    #[arg(long, value_enum, default_value = "crash-consistent")]
+    consistency: protocol::Consistency,
     /// Machine-readable output: id, bytes_read, bytes_stored and more.
     #[arg(long)]
     json: bool,
@@ -285,11 +283,6 @@ pub fn backup(a: &BackupArgs) -> anyhow::Result<ExitCode> {
             excluded: Vec::new(),
         })
         .collect();
-    let consistency = match a.consistency.as_str() {
-        "file-consistent" => Consistency::FileConsistent,
-        "application-consistent" => Consistency::ApplicationConsistent,
-        _ => Consistency::CrashConsistent,
-    };
     let base = match a.base.as_str() {
         "latest" => BaseChoice::Latest,
         "none" => BaseChoice::None,
@@ -304,7 +297,7 @@ pub fn backup(a: &BackupArgs) -> anyhow::Result<ExitCode> {
                 name: a.source.clone(),
                 id: a.source_id.clone().unwrap_or_else(|| a.source.clone()),
             },
-            consistency,
+            consistency: a.consistency.into(),
             base,
             disks: inputs,
         },

@@ -172,7 +172,7 @@ pub(crate) async fn agent_start(
     let store = st.datastore.clone();
     let kind = job.kind;
     let (ingest, base) = blocking(move || {
-        let ingest = store.begin_ingest(source)?;
+        let ingest = store.begin_ingest(source.into())?;
         // A consistency check or first replica builds on nothing: every block is read
         // and compared; a sync builds on the latest recovery point.
         let base = match kind {
@@ -202,7 +202,7 @@ pub(crate) async fn agent_start(
         piece_blocks: params.piece_blocks,
         zstd_level: params.zstd_level,
         master_key: st.master_key.map(|k| hex(&k)),
-        base,
+        base: base.map(Into::into),
         excluded,
         source: Source {
             name: ds.name,
@@ -335,7 +335,8 @@ pub(crate) async fn agent_commit(
                 }
             }
         };
-        Ok(ingest.commit(c.consistency, c.base, c.disks, c.stats)?)
+        let disks = c.disks.into_iter().map(Into::into).collect();
+        Ok(ingest.commit(c.consistency.into(), c.base, disks, c.stats.into())?)
     })
     .await;
     let manifest = match manifest {

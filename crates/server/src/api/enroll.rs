@@ -14,7 +14,7 @@ pub(crate) async fn status(State(st): St, _admin: Admin) -> ApiResult<Response> 
     let c = st.catalog(|c| c.counts()).await?;
     Ok(json(&ServerStatus {
         version: env!("CARGO_PKG_VERSION").into(),
-        server_time: datastore::time::rfc3339(now()),
+        server_time: utc::rfc3339(now()),
         datastore: st.datastore.backend().location(),
         datastore_encrypted: st.master_key.is_some(),
         ca_fingerprint: st.pki.ca_fingerprint(),
@@ -56,7 +56,7 @@ pub(crate) async fn agent_token(State(st): St, _admin: Admin, body: Bytes) -> Ap
     Ok(json(&AgentTokenResponse {
         token,
         host: host.to_string(),
-        expires: datastore::time::rfc3339(expires),
+        expires: utc::rfc3339(expires),
     }))
 }
 

@@ -44,6 +44,9 @@ pub fn compact(unix: i64) -> String {
     rfc3339(unix).replace(['-', ':'], "")
 }
 
+/// The largest year (and, negated, the smallest) [`parse`] takes.
+const MAX_YEAR: i64 = 1_000_000_000;
+
 /// Parses `YYYY-MM-DD[ T]HH:MM[:SS][Z]` (UTC) into seconds since the epoch.
 pub fn parse(s: &str) -> Option<i64> {
     let s = s.trim().trim_end_matches('Z');
@@ -52,6 +55,10 @@ pub fn parse(s: &str) -> Option<i64> {
     let y: i64 = dp.next()?.parse().ok()?;
     let m: u32 = dp.next()?.parse().ok()?;
     let d: u32 = dp.next()?.parse().ok()?;
+    // A year this far out is a typo; refusing it keeps the arithmetic below in range.
+    if !(-MAX_YEAR..=MAX_YEAR).contains(&y) {
+        return None;
+    }
     if dp.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
@@ -115,5 +122,9 @@ mod tests {
         assert_eq!(compact(0), "19700101T000000Z");
         assert_eq!(id_stamp(0, 42), "19700101T000000.000042Z");
         assert_eq!(parse("2026-13-01"), None);
+        // Years that would overflow the seconds are refused, not wrapped.
+        assert_eq!(parse("99999999999999-01-01"), None);
+        assert_eq!(parse("-9223372036854775808-01-01"), None);
+        assert!(parse("1000000000-12-31T23:59:59Z").is_some());
     }
 }
