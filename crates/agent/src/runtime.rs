@@ -1051,7 +1051,7 @@ fn report_progress(
                         "{label}: the server ended this job ({e}); stopping"
                     ));
                 }
-                *locks::lock(&lost) = Some(e);
+                *locks::lock(lost) = Some(e);
                 cancel.store(true, Ordering::Relaxed);
                 return;
             }

@@ -75,7 +75,7 @@ impl PointExport {
     }
 
     fn cached_block(&self, cache: &Mutex<BlockCache>, b: u64) -> io::Result<Arc<Vec<u8>>> {
-        let lock = || locks::lock(&cache);
+        let lock = || locks::lock(cache);
         if let Some(d) = lock().get(b) {
             return Ok(d);
         }
