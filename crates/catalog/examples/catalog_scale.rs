@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use catalog::{Catalog, NewJob};
 use protocol::{
-    Consistency, DiskInfo, JobKind, JobState, Policy, RecoveryPointInfo, ReplicaCreation, Stats,
-    SyncFrequency, VmInfo,
+    Consistency, DiskInfo, JobKind, JobState, Policy, RecoveryPointInfo, Stats, SyncFrequency,
+    VmInfo,
 };
 
 const BASE: i64 = 1_780_000_000;
@@ -41,16 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ));
         }
     }
-    let policy = Policy {
-        retention_days: 14,
-        sync_frequency: SyncFrequency::Minutes(60),
-        recovery_point_times: vec!["20:00".into()],
-        express_full_times: vec![],
-        consistency_check_when_inconsistent: true,
-        consistency_check_daily: None,
-        replica_creation: ReplicaCreation::Now,
-        churn_percent: 5.0,
-    };
+    let policy = Policy::daily_at(14, SyncFrequency::Minutes(60), "20:00");
     for g in 0..4 {
         let members: Vec<String> = ids
             .iter()

@@ -412,16 +412,7 @@ pub(crate) mod test_util {
     }
 
     pub fn policy() -> protocol::Policy {
-        protocol::Policy {
-            retention_days: 5,
-            sync_frequency: protocol::SyncFrequency::Minutes(15),
-            recovery_point_times: vec!["20:00".into()],
-            express_full_times: vec![],
-            consistency_check_when_inconsistent: true,
-            consistency_check_daily: None,
-            replica_creation: protocol::ReplicaCreation::Now,
-            churn_percent: 5.0,
-        }
+        protocol::Policy::daily_at(5, protocol::SyncFrequency::Minutes(15), "20:00")
     }
 
     pub fn rp(id: &str, ds: &str, vm: &str, unix: i64) -> protocol::RecoveryPointInfo {

@@ -316,6 +316,24 @@ pub struct Policy {
     pub churn_percent: f64,
 }
 
+impl Policy {
+    /// A policy with one recovery point a day at `time` (`HH:MM` UTC) and the serde
+    /// defaults for the rest: no express fulls, a consistency check when a replica turns
+    /// inconsistent, no daily check, the first replica now, 5% churn.
+    pub fn daily_at(retention_days: u32, sync_frequency: SyncFrequency, time: &str) -> Policy {
+        Policy {
+            retention_days,
+            sync_frequency,
+            recovery_point_times: vec![time.to_string()],
+            express_full_times: Vec::new(),
+            consistency_check_when_inconsistent: yes(),
+            consistency_check_daily: None,
+            replica_creation: ReplicaCreation::Now,
+            churn_percent: default_churn(),
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -1142,16 +1160,7 @@ mod tests {
 
     #[test]
     fn policy_ranges() {
-        let mut p = Policy {
-            retention_days: 5,
-            sync_frequency: SyncFrequency::Minutes(15),
-            recovery_point_times: vec!["20:00".into()],
-            express_full_times: vec![],
-            consistency_check_when_inconsistent: true,
-            consistency_check_daily: None,
-            replica_creation: ReplicaCreation::Now,
-            churn_percent: 5.0,
-        };
+        let mut p = Policy::daily_at(5, SyncFrequency::Minutes(15), "20:00");
         assert!(p.validate().is_ok());
         p.retention_days = 449;
         assert!(p.validate().unwrap_err().contains("retention_days"));

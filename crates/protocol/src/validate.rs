@@ -588,16 +588,7 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        Policy {
-            retention_days: 5,
-            sync_frequency: SyncFrequency::Minutes(15),
-            recovery_point_times: vec!["20:00".into()],
-            express_full_times: vec![],
-            consistency_check_when_inconsistent: true,
-            consistency_check_daily: None,
-            replica_creation: ReplicaCreation::Now,
-            churn_percent: 5.0,
-        }
+        Policy::daily_at(5, SyncFrequency::Minutes(15), "20:00")
     }
 
     #[test]

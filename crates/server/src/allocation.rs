@@ -46,20 +46,11 @@ pub fn review(st: &AppState, size: u64, policy: &Policy) -> AllocationReview {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::{ReplicaCreation, SyncFrequency};
+    use protocol::SyncFrequency;
 
     #[test]
     fn formula() {
-        let p = Policy {
-            retention_days: 10,
-            sync_frequency: SyncFrequency::Minutes(60),
-            recovery_point_times: vec!["20:00".into()],
-            express_full_times: vec![],
-            consistency_check_when_inconsistent: true,
-            consistency_check_daily: None,
-            replica_creation: ReplicaCreation::Now,
-            churn_percent: 5.0,
-        };
+        let p = Policy::daily_at(10, SyncFrequency::Minutes(60), "20:00");
         // 100 GiB, 5% a day for 10 days: 100 + 50 GiB.
         assert_eq!(required(100 << 30, &p), 150 << 30);
         assert!(fs_space(std::path::Path::new("/")).is_some_and(|(f, t)| t >= f && t > 0));

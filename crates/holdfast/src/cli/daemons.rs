@@ -607,16 +607,7 @@ fn demo_protect(d: &mut Demo) -> anyhow::Result<()> {
         &CreateGroup {
             name: "demo".into(),
             members: vec!["hv01/web01".into(), "hv01/db01".into()],
-            policy: Policy {
-                retention_days: 7,
-                sync_frequency: SyncFrequency::Minutes(60),
-                recovery_point_times: vec!["20:00".into()],
-                express_full_times: vec![],
-                consistency_check_when_inconsistent: true,
-                consistency_check_daily: None,
-                replica_creation: ReplicaCreation::Now,
-                churn_percent: 5.0,
-            },
+            policy: Policy::daily_at(7, SyncFrequency::Minutes(60), "20:00"),
         },
     )?;
     println!(
