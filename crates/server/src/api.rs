@@ -94,7 +94,6 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/alerts/{id}/resolve", post(jobs::alert_resolve))
         .route("/audit", get(jobs::audit_list))
         .route("/agent/inventory", post(agent::agent_inventory))
-        .route("/agent/poll", post(agent::agent_poll))
         .route("/agent/replica-params", post(agent::agent_replica_params))
         .route("/agent/jobs/{id}/start", post(agent::agent_start))
         .route("/agent/jobs/{id}/blob/{blob}", get(agent::agent_blob))
@@ -115,17 +114,26 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/agent/jobs/{id}/fail", post(agent::agent_fail))
         .layer(DefaultBodyLimit::max(json_limit))
         .merge(bulk);
+    // The long poll stays cancellable: an agent that goes away while it waits must not
+    // be handed a job it will never run.
+    let poll = Router::new()
+        .route("/agent/poll", post(agent::agent_poll))
+        .layer(DefaultBodyLimit::max(json_limit));
     Router::new()
-        .nest(API, api)
+        .nest(
+            API,
+            api.layer(axum::middleware::from_fn(run_to_completion))
+                .merge(poll),
+        )
         .fallback(|| async { not_found("no such API route") })
-        .layer(axum::middleware::from_fn(run_to_completion))
         .with_state(st)
 }
 
 /// Runs each request's handler as its own task. Hyper drops a request's future when its
 /// client goes away, and handlers await the catalog between steps (a job's failure, then
 /// its alert and notification): a disconnect must not stop a handler halfway. The task
-/// runs on after the client is gone; every wait inside it has its own deadline.
+/// runs on after the client is gone; every wait inside it has its own deadline. Not for
+/// the agents' long poll (see `router`).
 async fn run_to_completion(req: Request, next: Next) -> Response {
     match tokio::spawn(next.run(req)).await {
         Ok(response) => response,
