@@ -18,7 +18,7 @@
 use crate::provider::{Provider, Snapshot};
 use crate::{Error, Result};
 use datastore::DiskInput;
-use protocol::{Consistency, DiskInfo, JobKind, Manifest, VmInfo};
+use protocol::{Consistency, VmDisk, JobKind, Manifest, VmInfo};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -311,10 +311,10 @@ impl Found {
         VmInfo {
             name: self.name.clone(),
             vm_id: self.id.clone(),
-            provider: "files".into(),
+            provider: protocol::ProviderKind::Files,
             disks: opened
                 .iter()
-                .map(|o| DiskInfo {
+                .map(|o| VmDisk {
                     name: o.name.clone(),
                     format: o.format.clone(),
                     virtual_size: o.disk.virtual_size(),
@@ -555,7 +555,7 @@ pub(crate) mod tests {
         assert_eq!(inv.len(), 1);
         assert_eq!(inv[0].name, "vm1");
         assert_eq!(inv[0].vm_id.as_deref(), Some(GUID));
-        assert_eq!(inv[0].provider, "files");
+        assert_eq!(inv[0].provider, protocol::ProviderKind::Files);
         assert_eq!(inv[0].running, None);
         assert_eq!(
             names(&inv[0]),

@@ -41,7 +41,7 @@ use crate::readahead::{self, ReadAhead};
 use crate::{Error, Result};
 use datastore::DiskInput;
 use locks::lock;
-use protocol::{Consistency, DiskInfo, JobKind, Manifest, Note, VmInfo};
+use protocol::{Consistency, VmDisk, JobKind, Manifest, Note, VmInfo};
 use qemu::qga::Qga;
 use qemu::qmp::{BlockDevice, Qmp};
 use serde::{Deserialize, Serialize};
@@ -379,10 +379,10 @@ impl Inner {
             name: vm.to_string(),
             // QEMU started without -uuid reports all zeros: not an identity.
             vm_id: (!uuid.chars().all(|c| c == '0' || c == '-')).then_some(uuid),
-            provider: "qemu".into(),
+            provider: protocol::ProviderKind::Qemu,
             disks: disks
                 .iter()
-                .map(|d| DiskInfo {
+                .map(|d| VmDisk {
                     name: disk_name(d),
                     format: d.format.clone(),
                     virtual_size: d.virtual_size,

@@ -319,7 +319,7 @@ mod tests {
     use super::*;
     use crate::files::FilesProvider;
     use crate::provider::Provider;
-    use datastore::{Consistency, CreateOptions, Datastore, Ingest, Source, backup_disks};
+    use datastore::{Consistency, StoreOptions, Datastore, Ingest, Source, backup_disks};
     use protocol::JobKind;
     use std::sync::atomic::AtomicU32;
     use vdisk::VirtualDisk;
@@ -381,7 +381,7 @@ mod tests {
     }
 
     fn store(dir: &std::path::Path) -> Arc<Datastore> {
-        let opts = CreateOptions {
+        let opts = StoreOptions {
             key_file: Some(dir.join("key")),
             zstd_level: 3,
             block_size: 65536,

@@ -11,7 +11,7 @@ use datastore::{BlockParams, DiskInput, backup_disks};
 use pki::AgentIdentity;
 use protocol::{
     AgentJob, Commit, CommitResponse, EnrollRequest, EnrollResponse, Failure, Inventory,
-    PollResponse, Progress, ProgressReply, SessionStart, VmInfo,
+    PollResponse, JobProgress, JobProgressReply, SessionStart, VmInfo,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -711,7 +711,7 @@ impl RecoveryRun<'_> {
     fn note(&self, msg: &str) {
         let (label, counters) = (self.label, self.counters);
         log(format_args!("{label}: {msg}"));
-        let p = Progress {
+        let p = JobProgress {
             bytes_done: counters.done.load(Ordering::Relaxed),
             bytes_total: counters.total.load(Ordering::Relaxed),
             bytes_read: self.fetch.fetched.load(Ordering::Relaxed),
@@ -723,7 +723,7 @@ impl RecoveryRun<'_> {
         match retry(
             RETRY_BUDGET,
             || false,
-            || self.shared.client.post::<_, ProgressReply>(&path, &p),
+            || self.shared.client.post::<_, JobProgressReply>(&path, &p),
         ) {
             // Honoured where the flow still can (before the VM stops).
             Ok(r) if r.cancel => self.cancel.store(true, Ordering::Relaxed),
@@ -744,7 +744,7 @@ impl RecoveryRun<'_> {
             .max(counters.done.load(Ordering::Relaxed));
         let bytes_fetched = fetch.fetched.load(Ordering::Relaxed);
         // Final figures (a short job may end before its first progress report).
-        let p = Progress {
+        let p = JobProgress {
             bytes_done: total,
             bytes_total: total,
             bytes_read: bytes_fetched,
@@ -753,7 +753,7 @@ impl RecoveryRun<'_> {
             step: None,
         };
         let path = format!("{prefix}/progress");
-        let _ = shared.client.post::<_, ProgressReply>(&path, &p);
+        let _ = shared.client.post::<_, JobProgressReply>(&path, &p);
         let done = protocol::RecoveryDone {
             files: out.files.iter().map(|f| f.display().to_string()).collect(),
             bytes_fetched,
@@ -1028,7 +1028,7 @@ fn report_progress(
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let p = Progress {
+        let p = JobProgress {
             bytes_done: c.done.load(Ordering::Relaxed),
             bytes_total: c.total.load(Ordering::Relaxed),
             bytes_read: c.read.load(Ordering::Relaxed),
@@ -1036,7 +1036,7 @@ fn report_progress(
             message: None,
             step: c.step(),
         };
-        match shared.client.post::<_, ProgressReply>(&path, &p) {
+        match shared.client.post::<_, JobProgressReply>(&path, &p) {
             Ok(r) if r.cancel => {
                 if !cancel.swap(true, Ordering::Relaxed) {
                     log(format_args!("{label}: cancel requested by the server"));

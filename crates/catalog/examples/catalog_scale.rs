@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use catalog::{Catalog, NewJob};
 use protocol::{
-    Consistency, DiskInfo, JobKind, JobState, Policy, RecoveryPointInfo, Stats, SyncFrequency,
+    Consistency, VmDisk, JobKind, JobState, Policy, RecoveryPointInfo, Stats, SyncFrequency,
     VmInfo,
 };
 
@@ -24,8 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|v| VmInfo {
                 name: format!("vm{v}"),
                 vm_id: Some(format!("uuid-{h}-{v}")),
-                provider: "qemu".into(),
-                disks: vec![DiskInfo {
+                provider: protocol::ProviderKind::Qemu,
+                disks: vec![VmDisk {
                     name: "d.qcow2".into(),
                     format: "qcow2".into(),
                     virtual_size: 1 << 30,

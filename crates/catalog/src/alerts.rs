@@ -14,9 +14,7 @@ fn severity_text(s: Severity) -> &'static str {
 }
 
 fn alert_row(r: &Cols) -> Result<AlertInfo> {
-    let s: String = r.get(1, "alerts.severity")?;
-    let severity = Severity::parse(&s)
-        .ok_or_else(|| Error::Corrupt(format!("alerts.severity: unknown {s:?}")))?;
+    let severity = r.word(1, "alerts.severity", Severity::parse)?;
     Ok(AlertInfo {
         id: r.get(0, "alerts.id")?,
         severity,

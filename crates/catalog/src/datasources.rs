@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use protocol::{DataSourceInfo, DiskInfo, VmInfo};
+use protocol::{DataSourceInfo, ProviderKind, ReplicaState, VmDisk, VmInfo};
 use rusqlite::params;
 
 use crate::{Catalog, Cols, Error, Result, random_id, sql_u64, to_json};
@@ -26,11 +26,11 @@ fn ds_row(r: &Cols) -> Result<DataSourceInfo> {
         host,
         vm,
         vm_id: r.get(3, "datasources.vm_id")?,
-        provider: r.get(4, "datasources.provider")?,
+        provider: r.word(4, "datasources.provider", ProviderKind::parse)?,
         disks: r.json(5, "datasources.disks")?,
         size: r.u64(6, "datasources.size")?,
         present: r.bool(7, "datasources.present")?,
-        replica_state: r.get(8, "datasources.replica_state")?,
+        replica_state: r.word(8, "datasources.replica_state", ReplicaState::parse)?,
         protection_group: r.get(9, "group_members.group_name")?,
         last_recovery_point: r.get(10, "recovery_points.created")?,
     })
@@ -42,7 +42,7 @@ fn check_name(what: &str, name: &str) -> Result<()> {
     protocol::check_name(&format!("{what} name"), name).map_err(Error::Invalid)
 }
 
-fn disks_size(disks: &[DiskInfo]) -> u64 {
+fn disks_size(disks: &[VmDisk]) -> u64 {
     disks
         .iter()
         .fold(0u64, |a, d| a.saturating_add(d.virtual_size))
@@ -309,7 +309,7 @@ impl Catalog {
                         "INSERT INTO datasources
                              (id, host, vm, vm_id, provider, disks, size, first_seen, last_seen)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-                        params![id, host, v.name, v.vm_id, v.provider, r.disks, r.size, now],
+                        params![id, host, v.name, v.vm_id, v.provider.as_str(), r.disks, r.size, now],
                     )?;
                     (id, v.vm_id.clone(), stays)
                 }
@@ -346,7 +346,7 @@ impl Catalog {
                  disks = ?6, size = ?7, present = 1, last_seen = ?8
              WHERE id = ?1",
             params![
-                id, r.host, v.name, vm_id, v.provider, r.disks, r.size, r.now
+                id, r.host, v.name, vm_id, v.provider.as_str(), r.disks, r.size, r.now
             ],
         )?;
         Ok(())
@@ -524,7 +524,7 @@ impl Catalog {
                 to,
                 target.name,
                 target.vm_id,
-                target.provider,
+                target.provider.as_str(),
                 to_json(&target.disks, "disks")?,
                 sql_u64(disks_size(&target.disks)),
                 now
@@ -612,20 +612,10 @@ impl Catalog {
         })
     }
 
-    /// `ok`, `inconsistent`, `unprotected` (or another short lowercase word the server
-    /// defines).
-    pub fn set_replica_state(&self, id: &str, state: &str) -> Result<()> {
-        if state.is_empty()
-            || state.len() > 32
-            || !state.chars().all(|c| c.is_ascii_lowercase() || c == '-')
-        {
-            return Err(Error::Invalid(format!(
-                "replica state {state:?} is not valid"
-            )));
-        }
+    pub fn set_replica_state(&self, id: &str, state: ReplicaState) -> Result<()> {
         let n = self.conn.execute(
             "UPDATE datasources SET replica_state = ?2 WHERE id = ?1",
-            [id, state],
+            [id, state.as_str()],
         )?;
         if n == 0 {
             return Err(Error::NotFound(format!("data source {id:?}")));
@@ -663,7 +653,7 @@ mod tests {
         assert_eq!(a.size, 10);
         assert_eq!(a.id.len(), 16);
         assert!(a.present);
-        assert_eq!(a.replica_state, "unprotected");
+        assert_eq!(a.replica_state, ReplicaState::Unprotected);
         assert_eq!(a.protection_group, None);
         assert_eq!(a.last_recovery_point, None);
         assert_eq!(c.datasource(&a.id).unwrap().name, "h1/a");
@@ -931,15 +921,24 @@ mod tests {
         let c = Catalog::open_in_memory().unwrap();
         c.upsert_inventory(100, "h1", &[vm("a", None, 10)]).unwrap();
         let a = c.datasource_by_name("h1", "a").unwrap();
-        c.set_replica_state(&a.id, "inconsistent").unwrap();
-        assert_eq!(c.datasource(&a.id).unwrap().replica_state, "inconsistent");
+        c.set_replica_state(&a.id, ReplicaState::Inconsistent)
+            .unwrap();
+        assert_eq!(
+            c.datasource(&a.id).unwrap().replica_state,
+            ReplicaState::Inconsistent
+        );
         assert!(matches!(
-            c.set_replica_state(&a.id, "Bad State"),
-            Err(Error::Invalid(_))
-        ));
-        assert!(matches!(
-            c.set_replica_state("nope", "ok"),
+            c.set_replica_state("nope", ReplicaState::Ok),
             Err(Error::NotFound(_))
         ));
+        // A word the code does not know, in a damaged catalog, is named when read.
+        c.conn
+            .execute(
+                "UPDATE datasources SET replica_state = 'Bad State', provider = 'qemu'",
+                [],
+            )
+            .unwrap();
+        let e = c.datasource(&a.id).unwrap_err().to_string();
+        assert!(e.contains("datasources.replica_state: unknown \"Bad State\""), "{e}");
     }
 }

@@ -238,6 +238,7 @@ impl Catalog {
 mod tests {
     use super::*;
     use crate::test_util::*;
+    use protocol::ReplicaState;
 
     fn setup() -> Catalog {
         let c = Catalog::open_in_memory().unwrap();
@@ -321,7 +322,7 @@ mod tests {
         c.create_group(200, "pg2", &policy(), &["h1/c".into()])
             .unwrap();
         let aid = c.datasource_by_name("h1", "a").unwrap().id;
-        c.set_replica_state(&aid, "ok").unwrap();
+        c.set_replica_state(&aid, ReplicaState::Ok).unwrap();
 
         let mut p = policy();
         p.retention_days = 14;
@@ -330,7 +331,7 @@ mod tests {
             .unwrap();
         assert_eq!(names(&g), ["h1/b"]);
         assert_eq!(g.policy.retention_days, 14);
-        assert_eq!(c.datasource(&aid).unwrap().replica_state, "unprotected");
+        assert_eq!(c.datasource(&aid).unwrap().replica_state, ReplicaState::Unprotected);
         assert_eq!(c.group_of(&aid).unwrap(), None);
 
         let e = c
@@ -366,11 +367,11 @@ mod tests {
         assert_eq!(names(&all[1]), ["h1/c"]);
 
         let cid = c.datasource_by_name("h1", "c").unwrap().id;
-        c.set_replica_state(&cid, "ok").unwrap();
+        c.set_replica_state(&cid, ReplicaState::Ok).unwrap();
         let gone = c.delete_group("pg2").unwrap();
         assert_eq!(names(&gone), ["h1/c"]);
         assert_eq!(c.group_of(&cid).unwrap(), None);
-        assert_eq!(c.datasource(&cid).unwrap().replica_state, "unprotected");
+        assert_eq!(c.datasource(&cid).unwrap().replica_state, ReplicaState::Unprotected);
         assert!(matches!(c.delete_group("pg2"), Err(Error::NotFound(_))));
         // c is free to join another group now.
         c.modify_group("pg1", &["h1/c".into()], &[], None).unwrap();

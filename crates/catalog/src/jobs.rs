@@ -1,6 +1,6 @@
 //! Jobs: the queue the scheduler feeds and the history operators read.
 
-use protocol::{JobInfo, JobKind, JobLogLine, JobState, Progress};
+use protocol::{JobInfo, JobKind, JobLogLine, JobState, JobProgress};
 use rusqlite::params;
 use serde::Serialize;
 
@@ -77,13 +77,11 @@ pub(crate) const JOB_ROW_SELECT: &str =
     FROM jobs j LEFT JOIN datasources d ON d.id = j.datasource_id";
 
 fn kind(r: &Cols, i: usize) -> Result<JobKind> {
-    let s: String = r.get(i, "jobs.kind")?;
-    JobKind::parse(&s).ok_or_else(|| Error::Corrupt(format!("jobs.kind: unknown {s:?}")))
+    r.word(i, "jobs.kind", JobKind::parse)
 }
 
 fn state(r: &Cols, i: usize) -> Result<JobState> {
-    let s: String = r.get(i, "jobs.state")?;
-    JobState::parse(&s).ok_or_else(|| Error::Corrupt(format!("jobs.state: unknown {s:?}")))
+    r.word(i, "jobs.state", JobState::parse)
 }
 
 /// Seconds a job has run: since its start, to now or to its end; `None` before a
@@ -323,7 +321,7 @@ impl Catalog {
         Ok(())
     }
 
-    pub fn set_job_progress(&self, id: i64, p: &Progress) -> Result<()> {
+    pub fn set_job_progress(&self, id: i64, p: &JobProgress) -> Result<()> {
         let n = self.conn.execute(
             "UPDATE jobs SET bytes_done = ?2, bytes_total = ?3, bytes_read = ?4, bytes_sent = ?5
              WHERE id = ?1",
@@ -565,7 +563,7 @@ mod tests {
             .unwrap();
         c.start_job(now - 10, id).unwrap();
         // 64 MiB of disk written, mostly holes; 1 MiB fetched.
-        let p = Progress {
+        let p = JobProgress {
             bytes_done: 64 << 20,
             bytes_total: 128 << 20,
             bytes_read: 1 << 20,
@@ -726,7 +724,7 @@ mod tests {
         assert_eq!(c.running_jobs_on_host("h2").unwrap(), 0);
         c.set_job_progress(
             id,
-            &Progress {
+            &JobProgress {
                 bytes_done: 5,
                 bytes_total: 10,
                 bytes_read: 6,

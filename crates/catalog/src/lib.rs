@@ -361,6 +361,12 @@ impl Cols<'_> {
         Ok(self.get::<Option<i64>>(i, what)?.map(rfc3339))
     }
 
+    /// A protocol word (`JobKind`, `Severity`, ...) stored as its name.
+    fn word<T>(&self, i: usize, what: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
+        let s: String = self.get(i, what)?;
+        parse(&s).ok_or_else(|| Error::Corrupt(format!("{what}: unknown {s:?}")))
+    }
+
     fn json<T: DeserializeOwned>(&self, i: usize, what: &str) -> Result<T> {
         let s: String = self.get(i, what)?;
         serde_json::from_str(&s).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
@@ -393,8 +399,8 @@ fn random_id() -> Result<String> {
 pub(crate) mod test_util {
     use super::*;
 
-    pub fn disk(name: &str, size: u64) -> protocol::DiskInfo {
-        protocol::DiskInfo {
+    pub fn disk(name: &str, size: u64) -> protocol::VmDisk {
+        protocol::VmDisk {
             name: name.into(),
             format: "qcow2".into(),
             virtual_size: size,
@@ -405,7 +411,7 @@ pub(crate) mod test_util {
         protocol::VmInfo {
             name: name.into(),
             vm_id: vm_id.map(String::from),
-            provider: "qemu".into(),
+            provider: protocol::ProviderKind::Qemu,
             disks: vec![disk(&format!("{name}.qcow2"), size)],
             running: Some(true),
         }

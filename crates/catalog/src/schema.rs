@@ -101,7 +101,7 @@ CREATE TABLE datasources (
     vm            TEXT NOT NULL,
     vm_id         TEXT,
     provider      TEXT NOT NULL,
-    disks         TEXT NOT NULL,          -- JSON [DiskInfo]
+    disks         TEXT NOT NULL,          -- JSON [VmDisk]
     size          INTEGER NOT NULL,       -- sum of the disks' virtual sizes
     present       INTEGER NOT NULL DEFAULT 1,
     replica_state TEXT NOT NULL DEFAULT 'unprotected',
@@ -134,7 +134,7 @@ CREATE TABLE recovery_points (
     created_unix  INTEGER NOT NULL,
     consistency   TEXT NOT NULL,
     base          TEXT,
-    disks         TEXT NOT NULL,          -- JSON [DiskInfo]
+    disks         TEXT NOT NULL,          -- JSON [VmDisk]
     stats         TEXT NOT NULL,          -- JSON Stats
     job_id        INTEGER
 );

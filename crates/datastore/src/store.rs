@@ -58,16 +58,16 @@ impl Config {
 
 /// Options of `datastore create`.
 #[derive(Debug, Clone)]
-pub struct CreateOptions {
+pub struct StoreOptions {
     /// Write a key file here and encrypt everything.
     pub key_file: Option<PathBuf>,
     pub zstd_level: i32,
     pub block_size: u32,
 }
 
-impl Default for CreateOptions {
+impl Default for StoreOptions {
     fn default() -> Self {
-        CreateOptions {
+        StoreOptions {
             key_file: None,
             zstd_level: 1,
             block_size: DEFAULT_BLOCK_SIZE,
@@ -137,7 +137,7 @@ pub fn default_key_path(dir: &Path) -> PathBuf {
 
 impl Datastore {
     /// Creates a datastore in `dir` (which must not exist or be empty).
-    pub fn create(dir: &Path, opts: &CreateOptions) -> Result<Datastore> {
+    pub fn create(dir: &Path, opts: &StoreOptions) -> Result<Datastore> {
         if !(1..=22).contains(&opts.zstd_level) {
             return Err(Error::Invalid(format!(
                 "zstd level {} is out of range (1-22)",
@@ -722,7 +722,7 @@ mod tests {
         let key = d.path().join("ds.key");
         Datastore::create(
             &ds,
-            &CreateOptions {
+            &StoreOptions {
                 key_file: Some(key.clone()),
                 ..Default::default()
             },

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use datastore::format::Kind;
-use datastore::{CreateOptions, Datastore, Id};
+use datastore::{StoreOptions, Datastore, Id};
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -101,7 +101,7 @@ fn wrong_missing_and_explicit_keys() {
     let key = d.path().join("elsewhere.key");
     let ds = Datastore::create(
         &dir,
-        &CreateOptions {
+        &StoreOptions {
             key_file: Some(key.clone()),
             ..Default::default()
         },

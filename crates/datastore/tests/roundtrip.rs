@@ -105,7 +105,7 @@ fn small_block_size() {
     let dir = d.path().join("ds");
     let ds = Datastore::create(
         &dir,
-        &datastore::CreateOptions {
+        &datastore::StoreOptions {
             block_size: 4096,
             ..Default::default()
         },

@@ -346,8 +346,8 @@ fn enrolled_host(c: &Cluster, dir: &Path, host: &str) -> Client {
         vms: vec![VmInfo {
             name: "a".into(),
             vm_id: None,
-            provider: "files".into(),
-            disks: vec![DiskInfo {
+            provider: protocol::ProviderKind::Files,
+            disks: vec![VmDisk {
                 name: "a.qcow2".into(),
                 format: "qcow2".into(),
                 virtual_size: 1 << 20,
@@ -399,10 +399,10 @@ fn an_agent_cannot_grow_the_catalog_without_bound() {
     });
     let id = job.unwrap().job_id;
     let progress = |message: String| {
-        let r: ProgressReply = agent
+        let r: JobProgressReply = agent
             .post(
                 &format!("/agent/jobs/{id}/progress"),
-                &Progress {
+                &JobProgress {
                     bytes_done: 0,
                     bytes_total: 1 << 20,
                     bytes_read: 0,

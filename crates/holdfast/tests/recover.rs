@@ -213,7 +213,7 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
     no_temp_files(&vms.join("web01"));
     // Nothing of the data source changed.
     let ds = c.datasources();
-    assert_eq!(ds[0].replica_state, "ok");
+    assert_eq!(ds[0].replica_state, protocol::ReplicaState::Ok);
     assert!(
         !c.alerts()
             .iter()

@@ -497,7 +497,7 @@ fn vanished_and_resized_disks_fail_clearly_then_heal() {
         c.alerts().is_empty()
     });
     let ds = c.datasources();
-    assert_eq!(ds[0].replica_state, "ok");
+    assert_eq!(ds[0].replica_state, protocol::ReplicaState::Ok);
     let work = t.path().join("work");
     assert!(restores_identical(&c.datastore(), "hv01/app", &disk, &work));
 }

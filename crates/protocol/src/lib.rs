@@ -92,6 +92,40 @@ pub fn cap_chars(s: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
 }
 
 #[cfg(test)]
+mod enum_tests {
+    use super::*;
+
+    /// Each string enum's `as_str` is serde's name of the variant, and `parse` inverts it.
+    fn travels_as_its_names<T>(all: &[T], len: usize)
+    where
+        T: Copy + PartialEq + std::fmt::Debug + Serialize + serde::de::DeserializeOwned,
+        T: std::fmt::Display,
+    {
+        assert_eq!(all.len(), len);
+        for &v in all {
+            let json = serde_json::to_string(&v).unwrap();
+            assert_eq!(json, format!("\"{v}\""));
+            assert_eq!(serde_json::from_str::<T>(&json).unwrap(), v);
+        }
+        assert!(serde_json::from_str::<T>("\"bogus\"").is_err());
+    }
+
+    #[test]
+    fn string_enums_travel_as_their_names() {
+        travels_as_its_names(JobKind::ALL, 8);
+        travels_as_its_names(JobState::ALL, 5);
+        travels_as_its_names(Severity::ALL, 4);
+        travels_as_its_names(DiskFormat::ALL, 4);
+        travels_as_its_names(ProviderKind::ALL, 3);
+        travels_as_its_names(ReplicaState::ALL, 3);
+        travels_as_its_names(EntryKind::ALL, 4);
+        assert_eq!(JobKind::parse("express-full"), Some(JobKind::ExpressFull));
+        assert_eq!(ReplicaState::parse("Bad State"), None);
+        assert_eq!(DiskFormat::parse("vmdk"), None);
+    }
+}
+
+#[cfg(test)]
 mod cap_tests {
     use super::*;
 
@@ -213,12 +247,67 @@ pub struct AgentInfo {
 // ---------------------------------------------------------------------------------
 // Inventory and data sources
 
+/// A disk image format Holdfast writes (`recover --alternate --format`, `image
+/// convert`, `restore`). A VM's reported disk ([`VmDisk::format`]) stays a string: QEMU
+/// reports whatever block driver it runs (`vmdk`, `vdi`, ...), and those back up too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Vhdx,
+    Vhd,
+    Qcow2,
+    Raw,
+}
+
+string_enum!(DiskFormat {
+    Vhdx => "vhdx",
+    Vhd => "vhd",
+    Qcow2 => "qcow2",
+    Raw => "raw",
+});
+
+/// The provider on an agent that found a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// VM folders on disk (`--files-root`).
+    Files,
+    /// Running QEMU VMs through QMP.
+    Qemu,
+    /// Hyper-V (not yet shipped: no agent reports it).
+    Hyperv,
+}
+
+string_enum!(ProviderKind {
+    Files => "files",
+    Qemu => "qemu",
+    Hyperv => "hyperv",
+});
+
+/// The state of a data source's replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    Ok,
+    /// The next backup must be a consistency check.
+    Inconsistent,
+    /// Not in a protection group, or no replica yet.
+    Unprotected,
+}
+
+string_enum!(ReplicaState {
+    Ok => "ok",
+    Inconsistent => "inconsistent",
+    Unprotected => "unprotected",
+});
+
 /// One disk of a VM as the agent sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct DiskInfo {
+pub struct VmDisk {
     /// File name (or device name).
     pub name: String,
-    /// `vhdx`, `vhd`, `qcow2`, `raw`.
+    /// `vhdx`, `vhd`, `qcow2`, `raw` from the files provider; QEMU's block driver name
+    /// from the QEMU provider (see [`DiskFormat`]).
     pub format: String,
     pub virtual_size: u64,
 }
@@ -231,9 +320,9 @@ pub struct VmInfo {
     /// The hypervisor's id for the VM (Hyper-V GUID, QEMU UUID, `vm.toml` id) when
     /// known: it is how a VM keeps its data source when it moves between hosts.
     pub vm_id: Option<String>,
-    /// Provider that found it: `files`, `qemu`, `hyperv`.
-    pub provider: String,
-    pub disks: Vec<DiskInfo>,
+    /// Provider that found it.
+    pub provider: ProviderKind,
+    pub disks: Vec<VmDisk>,
     /// Whether the VM runs (`None` for VMs at rest).
     pub running: Option<bool>,
 }
@@ -254,16 +343,15 @@ pub struct DataSourceInfo {
     pub host: String,
     pub vm: String,
     pub vm_id: Option<String>,
-    pub provider: String,
-    pub disks: Vec<DiskInfo>,
+    pub provider: ProviderKind,
+    pub disks: Vec<VmDisk>,
     /// Sum of the disks' virtual sizes.
     pub size: u64,
     pub protection_group: Option<String>,
     /// Whether the agent still reports it.
     pub present: bool,
     pub last_recovery_point: Option<String>,
-    /// `ok`, `inconsistent` (next backup must be a consistency check), `unprotected`.
-    pub replica_state: String,
+    pub replica_state: ReplicaState,
 }
 
 // ---------------------------------------------------------------------------------
@@ -404,7 +492,7 @@ pub struct RecoveryPointInfo {
     pub created_unix: i64,
     pub consistency: Consistency,
     pub base: Option<String>,
-    pub disks: Vec<DiskInfo>,
+    pub disks: Vec<VmDisk>,
     pub stats: Stats,
     /// The job that made it, when made through the server.
     pub job_id: Option<i64>,
@@ -452,34 +540,18 @@ pub enum JobKind {
     Recovery,
 }
 
+string_enum!(JobKind {
+    Sync => "sync",
+    ExpressFull => "express-full",
+    ConsistencyCheck => "consistency-check",
+    InitialReplica => "initial-replica",
+    Verify => "verify",
+    Prune => "prune",
+    Gc => "gc",
+    Recovery => "recovery",
+});
+
 impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Sync => "sync",
-            JobKind::ExpressFull => "express-full",
-            JobKind::ConsistencyCheck => "consistency-check",
-            JobKind::InitialReplica => "initial-replica",
-            JobKind::Verify => "verify",
-            JobKind::Prune => "prune",
-            JobKind::Gc => "gc",
-            JobKind::Recovery => "recovery",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<JobKind> {
-        Some(match s {
-            "sync" => JobKind::Sync,
-            "express-full" => JobKind::ExpressFull,
-            "consistency-check" => JobKind::ConsistencyCheck,
-            "initial-replica" => JobKind::InitialReplica,
-            "verify" => JobKind::Verify,
-            "prune" => JobKind::Prune,
-            "gc" => JobKind::Gc,
-            "recovery" => JobKind::Recovery,
-            _ => return None,
-        })
-    }
-
     /// Jobs an agent runs (the others run on the server).
     pub fn on_agent(self) -> bool {
         matches!(
@@ -508,28 +580,15 @@ pub enum JobState {
     Cancelled,
 }
 
+string_enum!(JobState {
+    Queued => "queued",
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
+
 impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<JobState> {
-        Some(match s {
-            "queued" => JobState::Queued,
-            "running" => JobState::Running,
-            "succeeded" => JobState::Succeeded,
-            "failed" => JobState::Failed,
-            "cancelled" => JobState::Cancelled,
-            _ => return None,
-        })
-    }
-
     pub fn finished(self) -> bool {
         matches!(
             self,
@@ -612,27 +671,15 @@ pub enum Severity {
     Critical,
 }
 
+// Lowercase, as in JSON and `[notify] min_severity`.
+string_enum!(Severity {
+    Info => "info",
+    Warning => "warning",
+    Error => "error",
+    Critical => "critical",
+});
+
 impl Severity {
-    /// Lowercase, as in JSON and `[notify] min_severity`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Info => "info",
-            Severity::Warning => "warning",
-            Severity::Error => "error",
-            Severity::Critical => "critical",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Severity> {
-        Some(match s {
-            "info" => Severity::Info,
-            "warning" => Severity::Warning,
-            "error" => Severity::Error,
-            "critical" => Severity::Critical,
-            _ => return None,
-        })
-    }
-
     /// Order for `min_severity` filters: info < warning < error < critical.
     pub fn rank(self) -> u8 {
         match self {
@@ -865,9 +912,6 @@ pub struct RecoveryDone {
 /// to 4 MiB of 64 KiB blocks).
 pub const RECOVERY_BATCH: usize = 64;
 
-/// The formats a recovery may write.
-pub const RECOVERY_FORMATS: [&str; 4] = ["vhdx", "vhd", "qcow2", "raw"];
-
 /// What an agent needs to run a recovery job (in [`AgentJob::recovery`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecoveryPlan {
@@ -917,7 +961,7 @@ pub struct Exclusions {
 
 /// `POST /api/v1/agent/jobs/{id}/progress`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Progress {
+pub struct JobProgress {
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub bytes_read: u64,
@@ -932,7 +976,7 @@ pub struct Progress {
 
 /// The reply to progress: whether to go on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProgressReply {
+pub struct JobProgressReply {
     pub cancel: bool,
 }
 
@@ -1067,13 +1111,30 @@ pub struct IlrVolume {
     pub name: Option<String>,
 }
 
+/// What a file-system entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    /// Devices, sockets, FIFOs, reparse points Holdfast does not follow.
+    Other,
+}
+
+string_enum!(EntryKind {
+    File => "file",
+    Dir => "dir",
+    Symlink => "symlink",
+    Other => "other",
+});
+
 /// One file-system entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IlrEntry {
     pub name: String,
-    /// `file`, `dir`, `symlink` or `other`.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: EntryKind,
     pub size: u64,
     /// Last modification (UTC, RFC 3339) and the same in Unix seconds.
     pub modified: Option<String>,

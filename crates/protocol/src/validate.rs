@@ -18,7 +18,7 @@
 
 use crate::{
     AgentTokenRequest, CreateGroup, EnrollRequest, Exclusions, Inventory, ModifyGroup, Policy,
-    RECOVERY_FORMATS, RecoveryRequest, RecoveryTarget, ReplicaCreation, VmInfo, split_vm,
+    DiskFormat, RecoveryRequest, RecoveryTarget, ReplicaCreation, VmInfo, split_vm,
 };
 
 /// Longest name, bytes (a file name's limit: a VM name becomes a folder name).
@@ -366,12 +366,16 @@ impl RecoveryRequest {
                 check_host_name("target.host", host)?;
                 check_folder("target.dir", dir)?;
                 if let Some(f) = format
-                    && !RECOVERY_FORMATS.contains(&f.as_str())
+                    && DiskFormat::parse(f).is_none()
                 {
                     return Err(format!(
                         "target.format: {} is not one of {}",
                         shown(f),
-                        RECOVERY_FORMATS.join(", ")
+                        DiskFormat::ALL
+                            .iter()
+                            .map(|f| f.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ));
                 }
             }
@@ -486,7 +490,7 @@ impl Exclusions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DiskInfo, SyncFrequency};
+    use crate::{VmDisk, SyncFrequency};
 
     #[test]
     fn names_follow_one_grammar() {
@@ -727,8 +731,8 @@ mod tests {
         let vm = |n: &str| VmInfo {
             name: n.into(),
             vm_id: None,
-            provider: "files".into(),
-            disks: vec![DiskInfo {
+            provider: crate::ProviderKind::Files,
+            disks: vec![VmDisk {
                 name: "d.qcow2".into(),
                 format: "qcow2".into(),
                 virtual_size: 1 << 20,

@@ -166,7 +166,12 @@ fn join(dir: &str, name: &str, listed_dir: bool) -> String {
 fn entry(e: Entry, target: Option<String>) -> IlrEntry {
     IlrEntry {
         name: e.name,
-        kind: e.kind.name().into(),
+        kind: match e.kind {
+            fsview::EntryKind::File => protocol::EntryKind::File,
+            fsview::EntryKind::Dir => protocol::EntryKind::Dir,
+            fsview::EntryKind::Symlink => protocol::EntryKind::Symlink,
+            fsview::EntryKind::Other => protocol::EntryKind::Other,
+        },
         size: e.size,
         modified: e.mtime.map(utc::rfc3339),
         modified_unix: e.mtime,

@@ -22,8 +22,8 @@ pub mod state;
 mod tls;
 
 use catalog::Catalog;
-use datastore::{CreateOptions, Datastore, Manifest};
-use protocol::{DiskInfo, RecoveryPointInfo};
+use datastore::{StoreOptions, Datastore, Manifest};
+use protocol::{VmDisk, RecoveryPointInfo};
 use state::AppState;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -82,7 +82,7 @@ pub fn rp_info(m: &Manifest, job_id: Option<i64>) -> RecoveryPointInfo {
         disks: m
             .disks
             .iter()
-            .map(|d| DiskInfo {
+            .map(|d| VmDisk {
                 name: d.name.clone(),
                 format: d.format.clone(),
                 virtual_size: d.virtual_size,
@@ -116,9 +116,9 @@ fn datastore_dir(opts: &ServerOptions, cfg: &config::Config) -> PathBuf {
 fn open_datastore(dir: &Path, encrypt: bool) -> Result<(Datastore, Option<[u8; 32]>)> {
     let key_path = datastore::default_key_path(dir);
     if !dir.join("holdfast-datastore.json").exists() {
-        let opts = CreateOptions {
+        let opts = StoreOptions {
             key_file: encrypt.then(|| key_path.clone()),
-            ..CreateOptions::default()
+            ..StoreOptions::default()
         };
         Datastore::create(dir, &opts)?;
     }
@@ -460,7 +460,7 @@ pub fn replica_import(
     cat.add_recovery_point(&rp)?;
     // Only a newest point says anything about the replica as it is now.
     if latest {
-        cat.set_replica_state(&source.id, "ok")?;
+        cat.set_replica_state(&source.id, protocol::ReplicaState::Ok)?;
     }
     cat.audit(
         utc::now(),

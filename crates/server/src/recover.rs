@@ -13,7 +13,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use catalog::NewJob;
 use datastore::{Id, Manifest};
-use protocol::{
+use protocol::{ProviderKind, 
     DataSourceInfo, JobInfo, JobKind, RecoveryDone, RecoveryPointInfo, RecoveryRequest,
     RecoveryTarget, split_vm,
 };
@@ -108,19 +108,19 @@ fn target_host(
                     "--start needs --stop-vm (start = start the VM again after stopping it)",
                 ));
             }
-            match ds.provider.as_str() {
+            match ds.provider {
                 // At rest: nothing to stop (stop_vm is accepted and means nothing),
                 // and nothing to start.
-                "files" if *start => {
+                ProviderKind::Files if *start => {
                     return Err(bad(format!(
                         "{} is a VM at rest (files provider); there is nothing to start",
                         ds.name
                     )));
                 }
-                "files" => {}
+                ProviderKind::Files => {}
                 // The qemu provider sees only live QEMU processes: its disks are in use
                 // until QEMU is stopped, which the admin must ask for.
-                "qemu" if !*stop_vm => {
+                ProviderKind::Qemu if !*stop_vm => {
                     return Err(ApiErr(
                         StatusCode::CONFLICT,
                         format!(
@@ -129,8 +129,8 @@ fn target_host(
                         ),
                     ));
                 }
-                "qemu" => {}
-                other => {
+                ProviderKind::Qemu => {}
+                other @ ProviderKind::Hyperv => {
                     return Err(bad(format!(
                         "recovery to the original instance of a {other} VM is not supported yet; use --alternate"
                     )));

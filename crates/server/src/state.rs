@@ -145,7 +145,7 @@ impl AppState {
     }
 
     /// The job's agent reported `p`: the job has moved if its figures or step did.
-    pub fn progressed(&self, job: i64, p: &protocol::Progress) {
+    pub fn progressed(&self, job: i64, p: &protocol::JobProgress) {
         let now = Instant::now();
         let mut beats = locks::lock(&self.heartbeats);
         let b = beats.entry(job).or_insert_with(|| Beat::new(now));
@@ -239,7 +239,7 @@ impl AppState {
             return Ok(());
         }
         if let Some(ds) = &info.datasource_id {
-            cat.set_replica_state(ds, "ok")?;
+            cat.set_replica_state(ds, protocol::ReplicaState::Ok)?;
             if let Some(vm) = &info.vm {
                 for k in BACKUP_ALERTS {
                     self.notify.resolve_alerts(&cat, now, vm, Some(k))?;
@@ -325,7 +325,7 @@ impl AppState {
             .and_then(|g| cat.group(&g).ok())
             .map(|g| g.policy);
         if kind == "disk-resized" {
-            cat.set_replica_state(&ds, "inconsistent")?;
+            cat.set_replica_state(&ds, protocol::ReplicaState::Inconsistent)?;
             if policy
                 .as_ref()
                 .is_some_and(|p| p.consistency_check_when_inconsistent)

@@ -7,7 +7,7 @@
 
 use datastore::format::{self, PackEntry};
 use datastore::{
-    BackupRequest, BaseChoice, Consistency, CreateOptions, Datastore, DiskInput, Id, Manifest,
+    BackupRequest, BaseChoice, Consistency, StoreOptions, Datastore, DiskInput, Id, Manifest,
     Source, VerifyReport,
 };
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -82,7 +82,7 @@ pub fn s(p: &Path) -> &str {
 pub fn create_store(dir: &Path, encrypted: bool) -> Datastore {
     Datastore::create(
         dir,
-        &CreateOptions {
+        &StoreOptions {
             key_file: encrypted.then(|| datastore::default_key_path(dir)),
             ..Default::default()
         },

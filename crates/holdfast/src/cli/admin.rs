@@ -782,7 +782,7 @@ pub struct RecoverArgs {
     pub alternate: Option<String>,
     /// Disk format for --alternate: vhdx, vhd, qcow2 or raw (default: each disk's own).
     #[arg(long, requires = "alternate")]
-    pub format: Option<String>,
+    pub format: Option<protocol::DiskFormat>,
     /// HOST:DIR: the disk files, in their format, into DIR/holdfast_<time>_job<ID>/ on that host.
     #[arg(long, value_name = "HOST:DIR")]
     pub copy_to: Option<String>,
@@ -830,7 +830,7 @@ pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
         RecoveryTarget::Alternate {
             host,
             dir,
-            format: a.format.clone(),
+            format: a.format.map(|f| f.as_str().to_string()),
         }
     } else if let Some(x) = &a.copy_to {
         let (host, dir) = host_dir(x)?;
@@ -863,13 +863,10 @@ pub enum JobsCommand {
     /// List jobs, newest first (`--kind recovery --vm HOST/VM`: a VM's recovery
     /// history).
     List {
-        /// queued, running, succeeded, failed or cancelled.
         #[arg(long)]
-        state: Option<String>,
-        /// sync, express-full, consistency-check, initial-replica, recovery, verify,
-        /// prune or gc.
+        state: Option<JobState>,
         #[arg(long)]
-        kind: Option<String>,
+        kind: Option<JobKind>,
         /// Only the jobs of this HOST/VM.
         #[arg(long)]
         vm: Option<String>,
@@ -909,6 +906,7 @@ pub fn jobs(s: &ServerArgs, c: JobsCommand) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let mut path = format!("/jobs?limit={limit}");
+            let (state, kind) = (state.map(|s| s.to_string()), kind.map(|k| k.to_string()));
             for (k, v) in [("state", state), ("kind", kind), ("vm", vm)] {
                 if let Some(v) = v {
                     path.push_str(&format!("&{k}={}", seg(&v)));

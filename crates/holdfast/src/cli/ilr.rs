@@ -319,7 +319,7 @@ fn print_listing(l: &IlrListing, json: bool) -> anyhow::Result<()> {
         println!(
             "{:<7} {:>10} {:<20} {}{}",
             e.kind,
-            if e.kind == "dir" {
+            if e.kind == protocol::EntryKind::Dir {
                 "-".into()
             } else {
                 human(e.size)

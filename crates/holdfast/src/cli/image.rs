@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+use protocol::DiskFormat;
 use vdisk::{CreateOptions, DiskInfo, ExtentState, Format, Subformat};
 
 #[derive(Debug, Subcommand)]
@@ -49,8 +50,8 @@ pub struct ConvertArgs {
     /// Destination file.
     dst: PathBuf,
     /// Destination format.
-    #[arg(long, short = 'f', value_parser = ["raw", "vhdx", "vhd", "qcow2"])]
-    format: String,
+    #[arg(long, short = 'f')]
+    format: DiskFormat,
     /// dynamic (default) or fixed, for VHD and VHDX.
     #[arg(long, value_parser = ["dynamic", "fixed"])]
     subformat: Option<String>,
@@ -245,8 +246,18 @@ fn state_name(s: ExtentState) -> &'static str {
     }
 }
 
+/// The image format the CLI's `--format` names.
+pub(super) fn image_format(f: DiskFormat) -> Format {
+    match f {
+        DiskFormat::Vhdx => Format::Vhdx,
+        DiskFormat::Vhd => Format::Vhd,
+        DiskFormat::Qcow2 => Format::Qcow2,
+        DiskFormat::Raw => Format::Raw,
+    }
+}
+
 fn convert(a: &ConvertArgs) -> anyhow::Result<ExitCode> {
-    let format: Format = a.format.parse()?;
+    let format = image_format(a.format);
     let subformat: Subformat = match &a.subformat {
         Some(s) => s.parse()?,
         None if format == Format::Raw => Subformat::Fixed,

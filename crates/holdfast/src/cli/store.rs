@@ -152,8 +152,8 @@ pub struct RestoreArgs {
     #[arg(long, short = 'o')]
     output: PathBuf,
     /// Output format; default: the disk's original format.
-    #[arg(long, short = 'f', value_parser = ["raw", "vhdx", "vhd", "qcow2"])]
-    format: Option<String>,
+    #[arg(long, short = 'f')]
+    format: Option<protocol::DiskFormat>,
     /// Replace an existing output file.
     #[arg(long)]
     overwrite: bool,
@@ -228,7 +228,7 @@ pub fn create(a: &CreateArgs) -> anyhow::Result<ExitCode> {
     });
     let ds = Datastore::create(
         &a.dir,
-        &datastore::CreateOptions {
+        &datastore::StoreOptions {
             key_file: key_file.clone(),
             zstd_level: a.zstd_level,
             ..Default::default()
@@ -460,7 +460,7 @@ pub fn restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let disk = ds.open_disk(&m, disk_no, index)?;
     let rec = disk.record().clone();
     let format: Format = match &a.format {
-        Some(f) => f.parse()?,
+        Some(f) => super::image::image_format(*f),
         None => rec.format.parse().unwrap_or(Format::Raw),
     };
     let subformat = if format == Format::Raw {

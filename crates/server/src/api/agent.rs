@@ -282,7 +282,7 @@ pub(crate) async fn agent_progress(
     body: Bytes,
 ) -> ApiResult<Response> {
     own_job(&st, &host, id).await?;
-    let p: Progress = parse(&body)?;
+    let p: JobProgress = parse(&body)?;
     st.progressed(id, &p);
     let cancel = st
         .catalog(move |cat| {
@@ -293,7 +293,7 @@ pub(crate) async fn agent_progress(
             Ok::<_, catalog::Error>(cat.setting(&format!("cancel:{id}"))?.is_some())
         })
         .await?;
-    Ok(json(&ProgressReply { cancel }))
+    Ok(json(&JobProgressReply { cancel }))
 }
 
 pub(crate) async fn agent_commit(
@@ -378,7 +378,7 @@ fn record_point(
         let sent = cat.job(id).map(|j| j.bytes_sent).unwrap_or(0);
         cat.set_job_progress(
             id,
-            &Progress {
+            &JobProgress {
                 bytes_done: total,
                 bytes_total: total,
                 bytes_read: manifest.stats.bytes_read,
