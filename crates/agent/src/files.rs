@@ -18,7 +18,7 @@
 use crate::provider::{Provider, Snapshot};
 use crate::{Error, Result};
 use datastore::DiskInput;
-use protocol::{Consistency, VmDisk, JobKind, Manifest, VmInfo};
+use protocol::{Consistency, JobKind, Manifest, VmDisk, VmInfo};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -41,7 +41,7 @@ use crate::readahead::{self, ReadAhead};
 use crate::{Error, Result};
 use datastore::DiskInput;
 use locks::lock;
-use protocol::{Consistency, VmDisk, JobKind, Manifest, Note, VmInfo};
+use protocol::{Consistency, JobKind, Manifest, Note, VmDisk, VmInfo};
 use qemu::qga::Qga;
 use qemu::qmp::{BlockDevice, Qmp};
 use serde::{Deserialize, Serialize};

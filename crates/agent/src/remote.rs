@@ -319,7 +319,7 @@ mod tests {
     use super::*;
     use crate::files::FilesProvider;
     use crate::provider::Provider;
-    use datastore::{Consistency, StoreOptions, Datastore, Ingest, Source, backup_disks};
+    use datastore::{Consistency, Datastore, Ingest, Source, StoreOptions, backup_disks};
     use protocol::JobKind;
     use std::sync::atomic::AtomicU32;
     use vdisk::VirtualDisk;

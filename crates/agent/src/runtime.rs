@@ -11,7 +11,7 @@ use datastore::{BlockParams, DiskInput, backup_disks};
 use pki::AgentIdentity;
 use protocol::{
     AgentJob, Commit, CommitResponse, EnrollRequest, EnrollResponse, Failure, Inventory,
-    PollResponse, JobProgress, JobProgressReply, SessionStart, VmInfo,
+    JobProgress, JobProgressReply, PollResponse, SessionStart, VmInfo,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -8,8 +8,7 @@ use std::time::Instant;
 
 use catalog::{Catalog, NewJob};
 use protocol::{
-    Consistency, VmDisk, JobKind, JobState, Policy, RecoveryPointInfo, Stats, SyncFrequency,
-    VmInfo,
+    Consistency, JobKind, JobState, Policy, RecoveryPointInfo, Stats, SyncFrequency, VmDisk, VmInfo,
 };
 
 const BASE: i64 = 1_780_000_000;
@@ -35,10 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         mem.upsert_inventory(BASE, &host, &vms)?;
         for v in 0..10 {
-            ids.push((
-                mem.datasource_by_name(&host, &format!("vm{v}"))?.id,
-                format!("{host}/vm{v}"),
-            ));
+            let d = mem.datasource_by_name(&host, &format!("vm{v}"))?;
+            ids.push((d.id, d.name.to_string()));
         }
     }
     let policy = Policy::daily_at(14, SyncFrequency::Minutes(60), "20:00");

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use protocol::{DataSourceInfo, ProviderKind, ReplicaState, VmDisk, VmInfo};
+use protocol::{DataSourceInfo, DataSourceName, ProviderKind, ReplicaState, VmDisk, VmInfo};
 use rusqlite::params;
 
 use crate::{Catalog, Cols, Error, Result, random_id, sql_u64, to_json};
@@ -22,7 +22,11 @@ fn ds_row(r: &Cols) -> Result<DataSourceInfo> {
     let vm: String = r.get(2, "datasources.vm")?;
     Ok(DataSourceInfo {
         id: r.get(0, "datasources.id")?,
-        name: format!("{host}/{vm}"),
+        name: DataSourceName::new(&host, &vm).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "datasources.host, vm: {host:?}/{vm:?} is not HOST/VM"
+            ))
+        })?,
         host,
         vm,
         vm_id: r.get(3, "datasources.vm_id")?,
@@ -309,7 +313,16 @@ impl Catalog {
                         "INSERT INTO datasources
                              (id, host, vm, vm_id, provider, disks, size, first_seen, last_seen)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-                        params![id, host, v.name, v.vm_id, v.provider.as_str(), r.disks, r.size, now],
+                        params![
+                            id,
+                            host,
+                            v.name,
+                            v.vm_id,
+                            v.provider.as_str(),
+                            r.disks,
+                            r.size,
+                            now
+                        ],
                     )?;
                     (id, v.vm_id.clone(), stays)
                 }
@@ -330,7 +343,7 @@ impl Catalog {
     ) -> Result<()> {
         let v = r.v;
         if let Some(how) = how {
-            let from = self.datasource(id)?.name;
+            let from = self.datasource(id)?.name.to_string();
             if from != r.claimant {
                 self.record_move(r.now, id, &from, &r.claimant, &how)?;
                 out.moves.push(Move {
@@ -346,7 +359,14 @@ impl Catalog {
                  disks = ?6, size = ?7, present = 1, last_seen = ?8
              WHERE id = ?1",
             params![
-                id, r.host, v.name, vm_id, v.provider.as_str(), r.disks, r.size, r.now
+                id,
+                r.host,
+                v.name,
+                vm_id,
+                v.provider.as_str(),
+                r.disks,
+                r.size,
+                r.now
             ],
         )?;
         Ok(())
@@ -380,7 +400,8 @@ impl Catalog {
                 [host, vm.as_str()],
             )?;
             if !self.exists("SELECT 1 FROM vm_claims WHERE datasource_id = ?1", [&ds])? {
-                out.conflicts_ended.push(self.datasource(&ds)?.name);
+                out.conflicts_ended
+                    .push(self.datasource(&ds)?.name.to_string());
             }
         }
         Ok(())
@@ -535,7 +556,7 @@ impl Catalog {
         tx.commit()?;
         Ok(Move {
             datasource_id: d.id,
-            from: d.name,
+            from: d.name.to_string(),
             to: to_name,
             how: "administrator".into(),
         })
@@ -939,6 +960,9 @@ mod tests {
             )
             .unwrap();
         let e = c.datasource(&a.id).unwrap_err().to_string();
-        assert!(e.contains("datasources.replica_state: unknown \"Bad State\""), "{e}");
+        assert!(
+            e.contains("datasources.replica_state: unknown \"Bad State\""),
+            "{e}"
+        );
     }
 }

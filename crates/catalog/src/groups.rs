@@ -331,7 +331,10 @@ mod tests {
             .unwrap();
         assert_eq!(names(&g), ["h1/b"]);
         assert_eq!(g.policy.retention_days, 14);
-        assert_eq!(c.datasource(&aid).unwrap().replica_state, ReplicaState::Unprotected);
+        assert_eq!(
+            c.datasource(&aid).unwrap().replica_state,
+            ReplicaState::Unprotected
+        );
         assert_eq!(c.group_of(&aid).unwrap(), None);
 
         let e = c
@@ -371,7 +374,10 @@ mod tests {
         let gone = c.delete_group("pg2").unwrap();
         assert_eq!(names(&gone), ["h1/c"]);
         assert_eq!(c.group_of(&cid).unwrap(), None);
-        assert_eq!(c.datasource(&cid).unwrap().replica_state, ReplicaState::Unprotected);
+        assert_eq!(
+            c.datasource(&cid).unwrap().replica_state,
+            ReplicaState::Unprotected
+        );
         assert!(matches!(c.delete_group("pg2"), Err(Error::NotFound(_))));
         // c is free to join another group now.
         c.modify_group("pg1", &["h1/c".into()], &[], None).unwrap();

@@ -1,6 +1,6 @@
 //! Jobs: the queue the scheduler feeds and the history operators read.
 
-use protocol::{JobInfo, JobKind, JobLogLine, JobState, JobProgress};
+use protocol::{JobInfo, JobKind, JobLogLine, JobProgress, JobState};
 use rusqlite::params;
 use serde::Serialize;
 
@@ -135,7 +135,7 @@ fn job_info(r: &Cols) -> Result<JobInfo> {
         id: r.get(0, "jobs.id")?,
         kind,
         state: state(r, 2)?,
-        vm: r.get(3, "jobs.vm")?,
+        vm: r.opt_name(3, "jobs.vm")?,
         datasource_id: r.get(4, "jobs.datasource_id")?,
         trigger: r.get(5, "jobs.trigger")?,
         created: r.time(6, "jobs.created")?,
@@ -793,7 +793,7 @@ mod tests {
             .jobs_where(
                 &JobFilter {
                     kind: Some(failed[0].kind),
-                    vm: failed[0].vm.clone(),
+                    vm: failed[0].vm.as_ref().map(|v| v.to_string()),
                     ..JobFilter::default()
                 },
                 10,

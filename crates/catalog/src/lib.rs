@@ -367,6 +367,15 @@ impl Cols<'_> {
         parse(&s).ok_or_else(|| Error::Corrupt(format!("{what}: unknown {s:?}")))
     }
 
+    fn opt_name(&self, i: usize, what: &str) -> Result<Option<protocol::DataSourceName>> {
+        let s: Option<String> = self.get(i, what)?;
+        s.map(|s| {
+            protocol::DataSourceName::parse(&s)
+                .ok_or_else(|| Error::Corrupt(format!("{what}: {s:?} is not HOST/VM")))
+        })
+        .transpose()
+    }
+
     fn json<T: DeserializeOwned>(&self, i: usize, what: &str) -> Result<T> {
         let s: String = self.get(i, what)?;
         serde_json::from_str(&s).map_err(|e| Error::Corrupt(format!("{what}: {e}")))

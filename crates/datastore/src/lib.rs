@@ -38,5 +38,5 @@ pub use restore::{
     BlobSource, BlockRead, DiskRef, LocalBlobs, LocalPointDisk, PointDisk, block_extents,
     check_range,
 };
-pub use store::{BlobIndex, StoreOptions, DamagedPoint, Datastore, default_key_path};
+pub use store::{BlobIndex, DamagedPoint, Datastore, StoreOptions, default_key_path};
 pub use verify::{DiskDamage, FileDamage, PointDamage, VerifyReport};

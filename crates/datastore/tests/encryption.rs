@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use datastore::format::Kind;
-use datastore::{StoreOptions, Datastore, Id};
+use datastore::{Datastore, Id, StoreOptions};
 use std::collections::HashSet;
 use std::path::Path;
 

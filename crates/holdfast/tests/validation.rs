@@ -119,7 +119,11 @@ fn bad_vm_names_are_left_out_of_the_inventory_with_an_alert() {
     wait_until("the bad names' alert", Duration::from_secs(30), || {
         c.alerts().iter().any(|a| a.kind == "vm-name-invalid")
     });
-    let names: Vec<String> = c.datasources().into_iter().map(|d| d.name).collect();
+    let names: Vec<String> = c
+        .datasources()
+        .into_iter()
+        .map(|d| d.name.to_string())
+        .collect();
     assert_eq!(names, ["hv01/SQL Server (prod) – 2019", "hv01/web"]);
     let alert = c
         .alerts()

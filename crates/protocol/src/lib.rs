@@ -95,6 +95,27 @@ pub fn cap_chars(s: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
 mod enum_tests {
     use super::*;
 
+    #[test]
+    fn a_data_source_name_travels_as_host_slash_vm() {
+        let n = DataSourceName::parse("hv01/SQL Server (prod)").unwrap();
+        assert_eq!((n.host(), n.vm()), ("hv01", "SQL Server (prod)"));
+        assert_eq!(n, "hv01/SQL Server (prod)");
+        assert_eq!(
+            DataSourceName::new("hv01", "SQL Server (prod)"),
+            Some(n.clone())
+        );
+        let json = serde_json::to_string(&n).unwrap();
+        assert_eq!(json, "\"hv01/SQL Server (prod)\"");
+        assert_eq!(serde_json::from_str::<DataSourceName>(&json).unwrap(), n);
+        for bad in ["", "hv01", "/vm", "hv01/", "a/b/c"] {
+            assert_eq!(DataSourceName::parse(bad), None, "{bad:?}");
+            let e = serde_json::from_str::<DataSourceName>(&format!("{bad:?}")).unwrap_err();
+            assert!(e.to_string().contains("is not a data source name"), "{e}");
+        }
+        assert_eq!(DataSourceName::new("a/b", "c"), None);
+        assert_eq!(DataSourceName::new("a", "b/c"), None);
+    }
+
     /// Each string enum's `as_str` is serde's name of the variant, and `parse` inverts it.
     fn travels_as_its_names<T>(all: &[T], len: usize)
     where
@@ -338,8 +359,7 @@ pub struct Inventory {
 pub struct DataSourceInfo {
     /// Stable id of the data source (kept across hosts).
     pub id: String,
-    /// `HOST/VM`.
-    pub name: String,
+    pub name: DataSourceName,
     pub host: String,
     pub vm: String,
     pub vm_id: Option<String>,
@@ -485,7 +505,9 @@ pub struct DeleteGroupResponse {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecoveryPointInfo {
     pub id: String,
-    /// `HOST/VM` at the time of the backup.
+    /// The source's name at the time of the backup, from its manifest: `HOST/VM` for
+    /// points made through a server, but any name for points a local `holdfast backup
+    /// --source NAME` made, so a string (not a [`DataSourceName`]).
     pub vm: String,
     pub datasource_id: String,
     pub created: String,
@@ -603,7 +625,7 @@ pub struct JobInfo {
     pub kind: JobKind,
     pub state: JobState,
     /// `HOST/VM` for data-source jobs.
-    pub vm: Option<String>,
+    pub vm: Option<DataSourceName>,
     pub datasource_id: Option<String>,
     /// `schedule`, `admin`, `rerun of N`.
     pub trigger: String,
@@ -1033,6 +1055,100 @@ pub fn split_vm(s: &str) -> Option<(&str, &str)> {
         return None;
     }
     Some((h, v))
+}
+
+/// A data source's name, `HOST/VM`: the VM's name on the host that reports it. It
+/// travels as that one string (`"hv01/sql"`); [`host`](Self::host) and
+/// [`vm`](Self::vm) are its parts, and it reads as the whole string where a `&str` is
+/// wanted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DataSourceName {
+    full: String,
+    /// Byte offset of the `/` between host and VM.
+    slash: usize,
+}
+
+impl DataSourceName {
+    /// `HOST/VM` as [`split_vm`] accepts it.
+    pub fn parse(s: &str) -> Option<DataSourceName> {
+        let (host, _) = split_vm(s)?;
+        Some(DataSourceName {
+            full: s.to_string(),
+            slash: host.len(),
+        })
+    }
+
+    /// The name of `vm` on `host`; `None` when either is empty or holds a `/`.
+    pub fn new(host: &str, vm: &str) -> Option<DataSourceName> {
+        if host.contains('/') {
+            return None;
+        }
+        DataSourceName::parse(&format!("{host}/{vm}"))
+    }
+
+    pub fn host(&self) -> &str {
+        &self.full[..self.slash]
+    }
+
+    pub fn vm(&self) -> &str {
+        &self.full[self.slash + 1..]
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+}
+
+impl std::ops::Deref for DataSourceName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.full
+    }
+}
+
+impl AsRef<str> for DataSourceName {
+    fn as_ref(&self) -> &str {
+        &self.full
+    }
+}
+
+impl std::fmt::Display for DataSourceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+impl PartialEq<str> for DataSourceName {
+    fn eq(&self, other: &str) -> bool {
+        self.full == other
+    }
+}
+
+impl PartialEq<String> for DataSourceName {
+    fn eq(&self, other: &String) -> bool {
+        self.full == *other
+    }
+}
+
+impl PartialEq<&str> for DataSourceName {
+    fn eq(&self, other: &&str) -> bool {
+        self.full == *other
+    }
+}
+
+impl Serialize for DataSourceName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.full)
+    }
+}
+
+impl<'de> Deserialize<'de> for DataSourceName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DataSourceName::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!("{s:?} is not a data source name (HOST/VM)"))
+        })
+    }
 }
 
 /// Parses `HH:MM` (24 h) into minutes after midnight.

@@ -17,8 +17,8 @@
 //! are the common name of the agent's certificate and the `HOST` of `HOST:DIR`.
 
 use crate::{
-    AgentTokenRequest, CreateGroup, EnrollRequest, Exclusions, Inventory, ModifyGroup, Policy,
-    DiskFormat, RecoveryRequest, RecoveryTarget, ReplicaCreation, VmInfo, split_vm,
+    AgentTokenRequest, CreateGroup, DiskFormat, EnrollRequest, Exclusions, Inventory, ModifyGroup,
+    Policy, RecoveryRequest, RecoveryTarget, ReplicaCreation, VmInfo, split_vm,
 };
 
 /// Longest name, bytes (a file name's limit: a VM name becomes a folder name).
@@ -490,7 +490,7 @@ impl Exclusions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{VmDisk, SyncFrequency};
+    use crate::{SyncFrequency, VmDisk};
 
     #[test]
     fn names_follow_one_grammar() {

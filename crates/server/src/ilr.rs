@@ -199,7 +199,7 @@ fn fs_err(path: &str, e: fsview::Error) -> ApiErr {
 pub async fn check_point(
     st: std::sync::Arc<crate::state::AppState>,
     job: i64,
-    vm: Option<String>,
+    vm: Option<protocol::DataSourceName>,
     m: datastore::Manifest,
 ) {
     let st2 = st.clone();

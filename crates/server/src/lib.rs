@@ -22,8 +22,8 @@ pub mod state;
 mod tls;
 
 use catalog::Catalog;
-use datastore::{StoreOptions, Datastore, Manifest};
-use protocol::{VmDisk, RecoveryPointInfo};
+use datastore::{Datastore, Manifest, StoreOptions};
+use protocol::{RecoveryPointInfo, VmDisk};
 use state::AppState;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -202,7 +202,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         if j.kind == protocol::JobKind::Recovery {
             // Recoveries are never rerun on their own: what they write is the
             // operator's decision. The partial files were removed by the agent.
-            let vm = cat.job(j.id)?.vm.unwrap_or(subject);
+            let vm = cat.job(j.id)?.vm.map_or(subject, |v| v.to_string());
             notifier.raise_alert(
                 &cat,
                 now,

@@ -705,7 +705,7 @@ mod tests {
             id: 42,
             kind: JobKind::Sync,
             state: JobState::Succeeded,
-            vm: Some("hv01/web01".into()),
+            vm: protocol::DataSourceName::parse("hv01/web01"),
             datasource_id: Some("ds".into()),
             trigger: "admin".into(),
             created: "2026-01-02T03:00:00Z".into(),

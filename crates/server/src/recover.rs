@@ -13,9 +13,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use catalog::NewJob;
 use datastore::{Id, Manifest};
-use protocol::{ProviderKind, 
-    DataSourceInfo, JobInfo, JobKind, RecoveryDone, RecoveryPointInfo, RecoveryRequest,
-    RecoveryTarget, split_vm,
+use protocol::{
+    DataSourceInfo, JobInfo, JobKind, ProviderKind, RecoveryDone, RecoveryPointInfo,
+    RecoveryRequest, RecoveryTarget, split_vm,
 };
 use std::collections::HashSet;
 use std::sync::Arc;

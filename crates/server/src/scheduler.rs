@@ -95,7 +95,9 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
                 }
                 continue;
             }
-            if ds.replica_state == protocol::ReplicaState::Inconsistent && p.consistency_check_when_inconsistent {
+            if ds.replica_state == protocol::ReplicaState::Inconsistent
+                && p.consistency_check_when_inconsistent
+            {
                 st.queue(
                     now,
                     JobKind::ConsistencyCheck,

@@ -288,7 +288,10 @@ impl AppState {
         if cancelled {
             return Ok(());
         }
-        let subject = info.vm.clone().unwrap_or_else(|| "datastore".to_string());
+        let subject = info
+            .vm
+            .as_ref()
+            .map_or_else(|| "datastore".to_string(), |v| v.to_string());
         if info.kind == JobKind::Recovery {
             // Never rerun, and no backup alert: the data source's state is untouched.
             self.notify.raise_alert(

@@ -7,8 +7,8 @@
 
 use datastore::format::{self, PackEntry};
 use datastore::{
-    BackupRequest, BaseChoice, Consistency, StoreOptions, Datastore, DiskInput, Id, Manifest,
-    Source, VerifyReport,
+    BackupRequest, BaseChoice, Consistency, Datastore, DiskInput, Id, Manifest, Source,
+    StoreOptions, VerifyReport,
 };
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::FileExt;

@@ -926,7 +926,7 @@ pub fn jobs(s: &ServerArgs, c: JobsCommand) -> anyhow::Result<ExitCode> {
                     j.id,
                     j.kind.as_str(),
                     j.state.as_str(),
-                    j.vm.unwrap_or_else(|| "-".into()),
+                    j.vm.as_deref().unwrap_or("-"),
                     j.created,
                     human(j.bytes_read),
                     j.recovery_point.or(j.error).unwrap_or_default()

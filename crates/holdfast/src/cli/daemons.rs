@@ -635,7 +635,7 @@ fn demo_protect(d: &mut Demo) -> anyhow::Result<()> {
         println!(
             "  job {} initial replica of {}: {} read, {} sent -> {}",
             j.id,
-            j.vm.clone().unwrap_or_default(),
+            j.vm.as_deref().unwrap_or_default(),
             j.bytes_read,
             j.bytes_sent,
             j.recovery_point.clone().unwrap_or_default()
@@ -663,7 +663,7 @@ fn demo_change_and_sync(d: &mut Demo) -> anyhow::Result<()> {
         println!(
             "  job {} sync of {}: {} read, {} sent -> {}",
             j.id,
-            j.vm.unwrap_or_default(),
+            j.vm.as_deref().unwrap_or_default(),
             j.bytes_read,
             j.bytes_sent,
             j.recovery_point.unwrap_or_default()

@@ -4,12 +4,12 @@ use super::progress::Progress;
 use super::units::{human, parse_size};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use protocol::DiskFormat;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
-use protocol::DiskFormat;
 use vdisk::{CreateOptions, DiskInfo, ExtentState, Format, Subformat};
 
 #[derive(Debug, Subcommand)]

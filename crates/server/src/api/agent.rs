@@ -166,7 +166,7 @@ pub(crate) async fn agent_start(
     let ds_id = job.datasource_id.clone().unwrap_or_default();
     let ds = st.catalog(move |c| c.datasource(&ds_id)).await?;
     let source = Source {
-        name: ds.name.clone(),
+        name: ds.name.to_string(),
         id: ds.id.clone(),
     };
     let store = st.datastore.clone();
@@ -205,7 +205,7 @@ pub(crate) async fn agent_start(
         base: base.map(Into::into),
         excluded,
         source: Source {
-            name: ds.name,
+            name: ds.name.to_string(),
             id: ds.id,
         },
     }))
@@ -472,7 +472,7 @@ pub(crate) async fn agent_replica_params(
                 base: None,
                 excluded: exclusions(st, &ds.id)?.disks,
                 source: Source {
-                    name: ds.name,
+                    name: ds.name.to_string(),
                     id: ds.id,
                 },
             })
