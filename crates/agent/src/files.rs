@@ -15,7 +15,7 @@
 //! recovery points; there is no change tracking, so every backup reads everything and
 //! the pipeline compares blocks by checksum.
 
-use crate::provider::{Provider, Snapshot};
+use crate::provider::{Provider, View};
 use crate::{Error, Result};
 use datastore::DiskInput;
 use protocol::{Consistency, JobKind, Manifest, VmDisk, VmInfo};
@@ -366,12 +366,7 @@ impl Provider for FilesProvider {
         Ok(out)
     }
 
-    fn snapshot(
-        &self,
-        vm: &str,
-        kind: JobKind,
-        base: Option<&Manifest>,
-    ) -> Result<Box<dyn Snapshot>> {
+    fn open_view(&self, vm: &str, kind: JobKind, base: Option<&Manifest>) -> Result<Box<dyn View>> {
         let mut broken = None;
         let mut found = None;
         for f in self.scan()? {
@@ -414,16 +409,16 @@ impl Provider for FilesProvider {
                 }
             }
         }
-        Ok(Box::new(FilesSnapshot { disks }))
+        Ok(Box::new(FilesView { disks }))
     }
 }
 
 /// Files at rest need no view: the opened images are the view.
-struct FilesSnapshot {
+struct FilesView {
     disks: Vec<Opened>,
 }
 
-impl Snapshot for FilesSnapshot {
+impl View for FilesView {
     fn consistency(&self) -> Consistency {
         Consistency::CrashConsistent
     }
@@ -567,7 +562,7 @@ pub(crate) mod tests {
         assert_eq!(inv[0].disks[1].format, "vhdx");
         assert_eq!(inv[0].disks[1].virtual_size, 8 << 20);
 
-        let snap = prov.snapshot("vm1", JobKind::Sync, None).unwrap();
+        let snap = prov.open_view("vm1", JobKind::Sync, None).unwrap();
         assert_eq!(snap.consistency(), Consistency::CrashConsistent);
         let disks = snap.disks();
         assert_eq!(disks.len(), 2);
@@ -631,11 +626,11 @@ pub(crate) mod tests {
         assert_eq!(inv[0].name, "db01");
         assert_eq!(inv[0].vm_id.as_deref(), Some("uuid-1"));
         assert_eq!(names(&inv[0]), ["z.qcow2", "sub/a.raw"]);
-        let snap = prov.snapshot("db01", JobKind::ExpressFull, None).unwrap();
+        let snap = prov.open_view("db01", JobKind::ExpressFull, None).unwrap();
         let d: Vec<String> = snap.disks().into_iter().map(|d| d.name).collect();
         assert_eq!(d, ["z.qcow2", "sub/a.raw"]);
         // The folder name is not the VM's name any more.
-        let e = prov.snapshot("folder", JobKind::Sync, None).err().unwrap();
+        let e = prov.open_view("folder", JobKind::Sync, None).err().unwrap();
         assert_eq!(e.kind(), "vm-missing");
     }
 
@@ -650,7 +645,7 @@ pub(crate) mod tests {
         let inv = prov.inventory().unwrap();
         assert_eq!(names(&inv[0]), ["a.raw"]);
         let e = prov
-            .snapshot("vm", JobKind::ExpressFull, None)
+            .open_view("vm", JobKind::ExpressFull, None)
             .err()
             .unwrap();
         assert_eq!(e.kind(), "disk-missing");
@@ -666,11 +661,11 @@ pub(crate) mod tests {
         let prov = FilesProvider::new(t.path());
 
         let same = base_with(&[("os.qcow2", 4 << 20)]);
-        assert!(prov.snapshot("vm", JobKind::Sync, Some(&same)).is_ok());
+        assert!(prov.open_view("vm", JobKind::Sync, Some(&same)).is_ok());
 
         let smaller = base_with(&[("os.qcow2", 2 << 20)]);
         let e = prov
-            .snapshot("vm", JobKind::Sync, Some(&smaller))
+            .open_view("vm", JobKind::Sync, Some(&smaller))
             .err()
             .unwrap();
         assert_eq!(e.kind(), "disk-resized");
@@ -687,20 +682,20 @@ pub(crate) mod tests {
             JobKind::InitialReplica,
         ] {
             assert!(
-                prov.snapshot("vm", kind, Some(&smaller)).is_ok(),
+                prov.open_view("vm", kind, Some(&smaller)).is_ok(),
                 "{kind:?}"
             );
         }
 
         let gone = base_with(&[("os.qcow2", 4 << 20), ("old.raw", 1 << 20)]);
         let e = prov
-            .snapshot("vm", JobKind::Sync, Some(&gone))
+            .open_view("vm", JobKind::Sync, Some(&gone))
             .err()
             .unwrap();
         assert_eq!(e.kind(), "disk-missing");
         assert!(e.to_string().contains("old.raw"), "{e}");
         assert!(
-            prov.snapshot("vm", JobKind::ExpressFull, Some(&gone))
+            prov.open_view("vm", JobKind::ExpressFull, Some(&gone))
                 .is_ok()
         );
     }
@@ -717,7 +712,7 @@ pub(crate) mod tests {
         let inv = prov.inventory().unwrap();
         assert_eq!(inv.len(), 1);
         assert!(inv[0].disks.is_empty());
-        let e = prov.snapshot("vm", JobKind::Sync, None).err().unwrap();
+        let e = prov.open_view("vm", JobKind::Sync, None).err().unwrap();
         assert_eq!(e.kind(), "io");
         assert!(e.to_string().contains("broken.vhdx"), "{e}");
     }
@@ -744,11 +739,11 @@ pub(crate) mod tests {
             inv.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
             ["ok"]
         );
-        let e = prov.snapshot("bad", JobKind::Sync, None).err().unwrap();
+        let e = prov.open_view("bad", JobKind::Sync, None).err().unwrap();
         assert_eq!(e.kind(), "config");
         assert!(e.to_string().contains("vm.toml"), "{e}");
         assert_eq!(
-            prov.snapshot("empty", JobKind::Sync, None)
+            prov.open_view("empty", JobKind::Sync, None)
                 .err()
                 .unwrap()
                 .kind(),

@@ -5,7 +5,7 @@
 //!
 //! Everything hypervisor-specific lives behind [`Provider`]: it lists the VMs of the
 //! host ([`Provider::inventory`]) and takes a consistent point-in-time view of one VM's
-//! disks ([`Provider::snapshot`]). The view ([`Snapshot`]) hands the backup pipeline
+//! disks ([`Provider::open_view`]). The view ([`View`]) hands the backup pipeline
 //! its disks as [`vdisk::VirtualDisk`]s, says how consistent the view is, and
 //! optionally which byte ranges changed since the previous recovery point (change
 //! tracking); it is released when the backup is done, successful or not, so a
@@ -34,7 +34,7 @@ pub mod runtime;
 pub mod seed;
 
 pub use files::FilesProvider;
-pub use provider::{Provider, Snapshot};
+pub use provider::{Provider, View};
 pub use qemu::{ListedVm, QemuOptions, QemuProvider};
 pub use remote::{RemoteTarget, Transport};
 pub use runtime::{AgentOptions, default_threads, enroll, run};

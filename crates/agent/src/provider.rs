@@ -21,12 +21,7 @@ pub trait Provider: Send + Sync {
     /// detect a resize). `kind`: [`JobKind::Sync`] may use change tracking;
     /// `ExpressFull`, `ConsistencyCheck` and `InitialReplica` read everything and
     /// accept the disks as they are now.
-    fn snapshot(
-        &self,
-        vm: &str,
-        kind: JobKind,
-        base: Option<&Manifest>,
-    ) -> Result<Box<dyn Snapshot>>;
+    fn open_view(&self, vm: &str, kind: JobKind, base: Option<&Manifest>) -> Result<Box<dyn View>>;
 
     /// The VM's original instance, for a recovery over it ([`crate::original`]): its
     /// disk files, and how to stop and start it. The default serves VMs at rest
@@ -60,7 +55,7 @@ pub trait Provider: Send + Sync {
 }
 
 /// A point-in-time view of one VM's disks, held while the backup reads it.
-pub trait Snapshot: Send {
+pub trait View: Send {
     /// How consistent the view is.
     fn consistency(&self) -> Consistency;
 

@@ -36,7 +36,7 @@
 
 mod original;
 
-use crate::provider::{Instance, Provider, Snapshot};
+use crate::provider::{Instance, Provider, View};
 use crate::readahead::{self, ReadAhead};
 use crate::{Error, Result};
 use datastore::DiskInput;
@@ -147,7 +147,7 @@ pub struct QemuProvider {
     inner: Arc<Inner>,
 }
 
-/// The provider's state, shared with the snapshots it hands out (which outlive the
+/// The provider's state, shared with the views it hands out (which outlive the
 /// borrow of the provider).
 struct Inner {
     opts: QemuOptions,
@@ -161,7 +161,7 @@ struct Inner {
 struct VmSlot {
     qmp: Mutex<Option<Qmp>>,
     last: Mutex<Option<VmInfo>>,
-    /// A snapshot of this VM is out (taken and not released): its record's pending
+    /// A view of this VM is out (taken and not released): its record's pending
     /// view is in use, not a leftover.
     viewing: AtomicBool,
 }
@@ -726,13 +726,8 @@ impl Provider for QemuProvider {
         self.inner.inventory()
     }
 
-    fn snapshot(
-        &self,
-        vm: &str,
-        kind: JobKind,
-        base: Option<&Manifest>,
-    ) -> Result<Box<dyn Snapshot>> {
-        Inner::snapshot(&self.inner, vm, kind, base)
+    fn open_view(&self, vm: &str, kind: JobKind, base: Option<&Manifest>) -> Result<Box<dyn View>> {
+        Inner::open_view(&self.inner, vm, kind, base)
     }
 
     fn instance(&self, vm: &str) -> Result<Box<dyn Instance + '_>> {
@@ -769,7 +764,7 @@ impl Inner {
             // failed release left behind (QEMU did not answer then) is undone here
             // once QEMU answers again, not only at the VM's next backup.
             let r = self.try_with_qmp(&name, |qmp| {
-                // Read under the monitor's lock: a snapshot marks itself before it
+                // Read under the monitor's lock: a view marks itself before it
                 // takes the lock.
                 let viewing = slot.viewing.load(std::sync::atomic::Ordering::SeqCst);
                 if !viewing && self.load_state(&name)?.pending.is_some() {
@@ -790,12 +785,12 @@ impl Inner {
         Ok(out)
     }
 
-    fn snapshot(
+    fn open_view(
         self: &Arc<Self>,
         vm: &str,
         kind: JobKind,
         base: Option<&Manifest>,
-    ) -> Result<Box<dyn Snapshot>> {
+    ) -> Result<Box<dyn View>> {
         if !self.qmp_path(vm).exists() {
             return Err(Error::VmMissing(vm.to_string()));
         }
@@ -839,7 +834,7 @@ impl Inner {
             }
             Ok(())
         })();
-        let snap = QemuSnapshot {
+        let snap = QemuView {
             provider: self.clone(),
             vm: vm.to_string(),
             consistency: view.consistency,
@@ -860,7 +855,7 @@ impl Inner {
 }
 
 /// A view as taken in QEMU, before the NBD connections.
-struct View {
+struct TakenView {
     consistency: Consistency,
     disks: Vec<ViewDisk>,
     pending: Pending,
@@ -881,7 +876,7 @@ impl Inner {
         kind: JobKind,
         base: Option<&Manifest>,
         notes: &mut Vec<Note>,
-    ) -> Result<View> {
+    ) -> Result<TakenView> {
         let st = self.load_state(vm)?;
         let devices = Self::disks(vm, qmp)?;
         if devices.is_empty() {
@@ -927,7 +922,7 @@ impl Inner {
         tx.map_err(|e| hv(vm, "point-in-time transaction", e))?;
         resumed?;
         let disks = Self::export_views(vm, qmp, devices, dirty)?;
-        Ok(View {
+        Ok(TakenView {
             consistency,
             disks,
             pending,
@@ -1294,7 +1289,7 @@ impl Drop for ClearOnDrop<'_> {
     }
 }
 
-struct QemuSnapshot {
+struct QemuView {
     provider: Arc<Inner>,
     vm: String,
     consistency: Consistency,
@@ -1303,7 +1298,7 @@ struct QemuSnapshot {
     notes: Vec<Note>,
 }
 
-impl Snapshot for QemuSnapshot {
+impl View for QemuView {
     fn consistency(&self) -> Consistency {
         self.consistency
     }
@@ -1332,7 +1327,7 @@ impl Snapshot for QemuSnapshot {
     }
 
     fn release(self: Box<Self>, ok: bool) -> Result<()> {
-        let QemuSnapshot {
+        let QemuView {
             provider,
             vm,
             disks,

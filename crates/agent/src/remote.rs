@@ -444,7 +444,7 @@ mod tests {
         f.flaky.store(2, Ordering::Relaxed);
         let remote = target(&f, &ds, Arc::new(AtomicBool::new(false)));
         let prov = FilesProvider::new(t.path());
-        let snap = prov.snapshot("vm", JobKind::InitialReplica, None).unwrap();
+        let snap = prov.open_view("vm", JobKind::InitialReplica, None).unwrap();
         let disks = snap.disks();
         let (records, stats) = backup_disks(&remote, None, &disks, 2, &mut |_, _| {}).unwrap();
         drop(disks);
@@ -476,7 +476,7 @@ mod tests {
         let f2 = fake(&ds);
         let remote = target(&f2, &ds, Arc::new(AtomicBool::new(false)));
         let base = protocol::Manifest::from(m.clone());
-        let snap = prov.snapshot("vm", JobKind::Sync, Some(&base)).unwrap();
+        let snap = prov.open_view("vm", JobKind::Sync, Some(&base)).unwrap();
         let (_, stats) = backup_disks(&remote, None, &snap.disks(), 2, &mut |_, _| {}).unwrap();
         assert_eq!(remote.bytes_sent(), 0);
         assert_eq!(stats.blocks_new, 0);
@@ -511,7 +511,7 @@ mod tests {
         let cancel = Arc::new(AtomicBool::new(false));
         let remote = target(&f, &ds, cancel.clone());
         let snap = FilesProvider::new(t.path())
-            .snapshot("vm", JobKind::Sync, None)
+            .open_view("vm", JobKind::Sync, None)
             .unwrap();
         let disks = snap.disks();
         let r = backup_disks(&remote, None, &disks, 2, &mut |done, _| {
@@ -532,7 +532,7 @@ mod tests {
         Arc::get_mut(&mut f).unwrap().blobs_status = Some(403);
         let remote = target(&f, &ds, Arc::new(AtomicBool::new(false)));
         let snap = FilesProvider::new(t.path())
-            .snapshot("vm", JobKind::Sync, None)
+            .open_view("vm", JobKind::Sync, None)
             .unwrap();
         let r = backup_disks(&remote, None, &snap.disks(), 2, &mut |_, _| {});
         assert!(r.is_err());

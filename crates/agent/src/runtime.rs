@@ -1,7 +1,7 @@
 //! The agent's loop: enroll, report the inventory, long-poll for jobs, run each job on
 //! its own thread (bounded), report progress, commit or fail.
 
-use crate::provider::{Instance, Provider, Snapshot};
+use crate::provider::{Instance, Provider, View};
 use crate::recover::Recovered;
 use crate::remote::{RETRY_BUDGET, RemoteTarget, Transport, retry};
 use crate::{Error, Result};
@@ -491,7 +491,7 @@ fn backup_job(
 ) -> Result<String> {
     counters.set_step("taking the point-in-time view");
     let t0 = Instant::now();
-    let snap = provider.snapshot(&job.vm, job.kind, start.base.as_ref())?;
+    let snap = provider.open_view(&job.vm, job.kind, start.base.as_ref())?;
     let t_view = t0.elapsed();
     let consistency = snap.consistency();
     let mut notes = snap.notes();
@@ -501,10 +501,10 @@ fn backup_job(
     } else {
         Vec::new()
     };
-    let fail = |snap: Box<dyn Snapshot>, e: Error| {
+    let fail = |snap: Box<dyn View>, e: Error| {
         counters.set_step("releasing the view after a failure");
         if let Err(re) = snap.release(false) {
-            log(format_args!("{label}: releasing the snapshot: {re}"));
+            log(format_args!("{label}: releasing the view: {re}"));
         }
         Err(e)
     };
@@ -780,7 +780,7 @@ fn lock_take<T>(m: &Mutex<Option<T>>) -> Option<T> {
 
 /// Page, hibernation and swap files of each disk of the view (disk byte ranges), with
 /// a job-log note for each; a disk that cannot be examined is backed up whole, noted.
-fn page_files(snap: &dyn Snapshot, notes: &mut Vec<protocol::Note>) -> Vec<Vec<(u64, u64)>> {
+fn page_files(snap: &dyn View, notes: &mut Vec<protocol::Note>) -> Vec<Vec<(u64, u64)>> {
     snap.disks()
         .iter()
         .enumerate()
@@ -895,7 +895,7 @@ impl vdisk::VirtualDisk for Counting<'_> {
 fn backup(
     shared: &Shared,
     start: &SessionStart,
-    snap: &dyn Snapshot,
+    snap: &dyn View,
     special: &[Vec<(u64, u64)>],
     remote: &RemoteTarget,
     counters: &Counters,

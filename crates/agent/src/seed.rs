@@ -108,7 +108,7 @@ pub fn export(
     // Taken before the view: the point is dated no later than the data it holds, so
     // the import never ranks it above a point with newer data.
     let viewed = utc::rfc3339(utc::now());
-    let snap = provider.snapshot(vm, JobKind::InitialReplica, None)?;
+    let snap = provider.open_view(vm, JobKind::InitialReplica, None)?;
     let consistency = snap.consistency();
     // Nothing cancels an export but its own failure (the read deadline still holds).
     snap.start_reading(&Arc::new(AtomicBool::new(false)));
