@@ -186,6 +186,25 @@ fn fmt_of(rec: &DiskRecord) -> Format {
     rec.format.parse().unwrap_or(Format::Raw)
 }
 
+/// How a recovered disk's image is made, in `format`: raw fixed, the others dynamic;
+/// the point's sector sizes where the format keeps them. One choice, so a recovery into
+/// new files and one over the original instance write the same image.
+pub(crate) fn image_options(format: Format, rec: &DiskRecord) -> CreateOptions {
+    let subformat = if format == Format::Raw {
+        Subformat::Fixed
+    } else {
+        Subformat::Dynamic
+    };
+    let mut opts = CreateOptions::new(format, subformat, rec.virtual_size);
+    opts.logical_sector_size = if format == Format::Vhdx {
+        rec.logical_sector_size
+    } else {
+        512
+    };
+    opts.physical_sector_size = rec.physical_sector_size.max(opts.logical_sector_size);
+    opts
+}
+
 /// What a recovery into new files writes, into a folder it made.
 struct Planned {
     outputs: Vec<Output>,
@@ -323,18 +342,7 @@ fn write_planned(
             .get(o.disk)
             .ok_or_else(|| Error::Invalid(format!("no disk {}", o.disk)))?;
         let disk = open_disk(fetch, &m.id, rec)?;
-        let subformat = if o.format == Format::Raw {
-            Subformat::Fixed
-        } else {
-            Subformat::Dynamic
-        };
-        let mut opts = CreateOptions::new(o.format, subformat, rec.virtual_size);
-        opts.logical_sector_size = if o.format == Format::Vhdx {
-            rec.logical_sector_size
-        } else {
-            512
-        };
-        opts.physical_sector_size = rec.physical_sector_size.max(opts.logical_sector_size);
+        let opts = image_options(o.format, rec);
         vdisk::copy::write_image(&disk, &o.path, &opts, &mut |done, _| {
             progress(before.saturating_add(done), total)
         })
