@@ -343,21 +343,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 fn unix_time(dt: &fatfs::DateTime) -> Option<i64> {
     let (y, m, d) = (
         i64::from(dt.date.year),
-        i64::from(dt.date.month),
-        i64::from(dt.date.day),
+        u32::from(dt.date.month),
+        u32::from(dt.date.day),
     );
     let t = &dt.time;
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) || t.hour > 23 || t.min > 59 || t.sec > 59 {
         return None;
     }
-    // Days from civil (Howard Hinnant's algorithm), proleptic Gregorian.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = utc::days_from_civil(y, m, d);
     Some(days * 86_400 + i64::from(t.hour) * 3600 + i64::from(t.min) * 60 + i64::from(t.sec))
 }
 
