@@ -29,6 +29,17 @@ pub fn holdfast(args: &[&str]) -> Output {
     run_bounded(c, &format!("holdfast {args:?}"), HANG)
 }
 
+/// `holdfast backup -d DS --source vm -q DISK`, not yet started, its output piped: for
+/// the tests that kill it mid-run.
+pub fn backup_command(ds: &Path, disk: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["backup", "-d", s(ds), "--source", "vm", "-q", s(disk)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
 /// Runs `c` to completion; kills it and fails the test after `limit`.
 pub fn run_bounded(mut c: Command, what: &str, limit: Duration) -> Output {
     let mut child = c
