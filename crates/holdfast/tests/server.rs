@@ -274,19 +274,9 @@ fn authorization_and_bad_requests() {
         Some(403)
     );
     // No token, a wrong token.
-    let anon = Client::new(
-        &c.url,
-        pki::client_config_trusting(&ca).unwrap(),
-        Auth::None,
-    )
-    .unwrap();
+    let anon = c.anonymous();
     assert_eq!(status(anon.get("/jobs")), Some(401));
-    let wrong = Client::new(
-        &c.url,
-        pki::client_config_trusting(&ca).unwrap(),
-        Auth::Token("nope".into()),
-    )
-    .unwrap();
+    let wrong = c.client(Auth::Token("nope".into()));
     assert_eq!(status(wrong.get("/jobs")), Some(401));
     // A used token, a token pinning another CA.
     let tok = c.token("hv03");
