@@ -12,9 +12,8 @@
 //!
 //! Any failure before 3 removes the copies and leaves the disks as they were.
 
-use crate::fetch::{Fetch, open_disk};
+use crate::fetch::{Fetch, image_options, open_disk};
 use crate::provider::{Instance, OriginalDisk};
-use crate::recover::image_options;
 use crate::{Error, Result};
 use datastore::DiskRecord;
 use protocol::{RecoveryPlan, RecoveryTarget};

@@ -3,7 +3,7 @@
 //! (temporary name, fsync, rename: a cancelled or failed recovery leaves no partial
 //! file behind).
 
-use crate::fetch::{Fetch, RemotePointDisk, open_disk};
+use crate::fetch::{Fetch, RemotePointDisk, image_options, open_disk};
 use crate::{Error, Result};
 use datastore::DiskRecord;
 use protocol::{RecoveryPlan, RecoveryTarget};
@@ -184,25 +184,6 @@ pub fn recover(
 
 fn fmt_of(rec: &DiskRecord) -> Format {
     rec.format.parse().unwrap_or(Format::Raw)
-}
-
-/// How a recovered disk's image is made, in `format`: raw fixed, the others dynamic;
-/// the point's sector sizes where the format keeps them. One choice, so a recovery into
-/// new files and one over the original instance write the same image.
-pub(crate) fn image_options(format: Format, rec: &DiskRecord) -> CreateOptions {
-    let subformat = if format == Format::Raw {
-        Subformat::Fixed
-    } else {
-        Subformat::Dynamic
-    };
-    let mut opts = CreateOptions::new(format, subformat, rec.virtual_size);
-    opts.logical_sector_size = if format == Format::Vhdx {
-        rec.logical_sector_size
-    } else {
-        512
-    };
-    opts.physical_sector_size = rec.physical_sector_size.max(opts.logical_sector_size);
-    opts
 }
 
 /// What a recovery into new files writes, into a folder it made.
