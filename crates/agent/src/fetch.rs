@@ -1,7 +1,8 @@
 //! Reading a recovery point from the server during a recovery job: [`Fetch`] is the
 //! [`BlobSource`] of the agent's [`PointDisk`]s (blobs fetched through the job's
 //! `recovery-blob`/`recovery-blobs` routes, each one checked against its id, in
-//! parallel batches, paced by a [`Throttle`] and counted in `fetched`). Shared by the
+//! parallel batches, paced by a [`Throttle`] and counted in `fetched`), and
+//! `image_options`, how a recovered disk's image is created. Shared by the
 //! recoveries into new files (`recover.rs`) and over the original instance
 //! (`original.rs`).
 
@@ -16,6 +17,7 @@ use locks::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vdisk::{CreateOptions, Format, Subformat};
 
 /// Block requests in flight per read (the copy runs up to four reads at once).
 const FETCHERS: usize = 4;
@@ -198,6 +200,25 @@ pub fn open_disk<'a>(
 ) -> Result<RemotePointDisk<'a>> {
     PointDisk::with_record(fetch, point, rec.index as usize, rec)
         .map_err(|e| Error::Server(e.to_string()))
+}
+
+/// How a recovered disk's image is made, in `format`: raw fixed, the others dynamic;
+/// the point's sector sizes where the format keeps them. One choice, so a recovery into
+/// new files and one over the original instance write the same image.
+pub(crate) fn image_options(format: Format, rec: &DiskRecord) -> CreateOptions {
+    let subformat = if format == Format::Raw {
+        Subformat::Fixed
+    } else {
+        Subformat::Dynamic
+    };
+    let mut opts = CreateOptions::new(format, subformat, rec.virtual_size);
+    opts.logical_sector_size = if format == Format::Vhdx {
+        rec.logical_sector_size
+    } else {
+        512
+    };
+    opts.physical_sector_size = rec.physical_sector_size.max(opts.logical_sector_size);
+    opts
 }
 
 fn invalid(e: impl std::fmt::Display) -> vdisk::Error {

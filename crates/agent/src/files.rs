@@ -445,15 +445,7 @@ impl View for FilesView {
 pub(crate) mod tests {
     use super::*;
     use protocol::{DiskRecord, Source, Stats};
-    use std::process::Command;
-
-    pub(crate) fn qemu_img(args: &[&str]) {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img runs");
-        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
-    }
+    use testkit::qemu_img;
 
     fn p(path: &Path) -> &str {
         path.to_str().expect("utf-8 temp path")

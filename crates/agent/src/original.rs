@@ -12,7 +12,7 @@
 //!
 //! Any failure before 3 removes the copies and leaves the disks as they were.
 
-use crate::fetch::{Fetch, open_disk};
+use crate::fetch::{Fetch, image_options, open_disk};
 use crate::provider::{Instance, OriginalDisk};
 use crate::{Error, Result};
 use datastore::DiskRecord;
@@ -20,8 +20,8 @@ use protocol::{RecoveryPlan, RecoveryTarget};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
+use vdisk::Format;
 use vdisk::copy::TempPath;
-use vdisk::{CreateOptions, Format, Subformat};
 
 /// Runs a recovery over the original instance. `progress(done, total)` follows the
 /// bytes of virtual disk written; `note` receives the lines for the job log (VM
@@ -213,19 +213,7 @@ fn write_copy(
         .parse()
         .map_err(|e: vdisk::Error| Error::Invalid(e.to_string()))?;
     let disk = open_disk(fetch, point, rec)?;
-    let subformat = if format == Format::Raw {
-        Subformat::Fixed
-    } else {
-        Subformat::Dynamic
-    };
-    // As recover::recover chooses them, so both kinds of recovery write the same image.
-    let mut opts = CreateOptions::new(format, subformat, rec.virtual_size);
-    opts.logical_sector_size = if format == Format::Vhdx {
-        rec.logical_sector_size
-    } else {
-        512
-    };
-    opts.physical_sector_size = rec.physical_sector_size.max(opts.logical_sector_size);
+    let opts = image_options(format, rec);
     let result = (|| {
         let mut sink = vdisk::create(tmp.path(), &opts)?;
         vdisk::copy(&disk, sink.as_mut(), progress)?;

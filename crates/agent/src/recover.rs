@@ -3,7 +3,7 @@
 //! (temporary name, fsync, rename: a cancelled or failed recovery leaves no partial
 //! file behind).
 
-use crate::fetch::{Fetch, RemotePointDisk, open_disk};
+use crate::fetch::{Fetch, RemotePointDisk, image_options, open_disk};
 use crate::{Error, Result};
 use datastore::DiskRecord;
 use protocol::{RecoveryPlan, RecoveryTarget};
@@ -323,18 +323,7 @@ fn write_planned(
             .get(o.disk)
             .ok_or_else(|| Error::Invalid(format!("no disk {}", o.disk)))?;
         let disk = open_disk(fetch, &m.id, rec)?;
-        let subformat = if o.format == Format::Raw {
-            Subformat::Fixed
-        } else {
-            Subformat::Dynamic
-        };
-        let mut opts = CreateOptions::new(o.format, subformat, rec.virtual_size);
-        opts.logical_sector_size = if o.format == Format::Vhdx {
-            rec.logical_sector_size
-        } else {
-            512
-        };
-        opts.physical_sector_size = rec.physical_sector_size.max(opts.logical_sector_size);
+        let opts = image_options(o.format, rec);
         vdisk::copy::write_image(&disk, &o.path, &opts, &mut |done, _| {
             progress(before.saturating_add(done), total)
         })

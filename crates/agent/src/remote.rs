@@ -419,7 +419,7 @@ mod tests {
             })
             .collect();
         std::fs::write(vm.join("a.raw"), &data).unwrap();
-        crate::files::tests::qemu_img(&[
+        testkit::qemu_img(&[
             "create",
             "-q",
             "-f",

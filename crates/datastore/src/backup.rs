@@ -614,7 +614,14 @@ impl Pipe<'_> {
                     .ok_or_else(|| Error::Invalid(format!("base index piece {p} is malformed")))
             })
             .collect::<Result<Vec<Id>>>()?;
-        let miss = self.target.missing(&ids)?;
+        let miss = self.missing(&ids)?;
+        Ok(miss.into_iter().map(|m| !m).collect())
+    }
+
+    /// The target's answer for `ids`, one flag per id: a remote target's short or long
+    /// answer would misalign blocks and flags.
+    fn missing(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        let miss = self.target.missing(ids)?;
         if miss.len() != ids.len() {
             return Err(Error::Invalid(format!(
                 "target answered {} of {} ids",
@@ -622,7 +629,7 @@ impl Pipe<'_> {
                 ids.len()
             )));
         }
-        Ok(miss.into_iter().map(|m| !m).collect())
+        Ok(miss)
     }
 
     fn backup_disk(
@@ -1088,14 +1095,7 @@ impl Pipe<'_> {
                     }
                     let mut framed = framed_pool.take();
                     if !ids.is_empty() {
-                        let miss = self.target.missing(&ids)?;
-                        if miss.len() != ids.len() {
-                            return Err(Error::Invalid(format!(
-                                "target answered {} of {} ids",
-                                miss.len(),
-                                ids.len()
-                            )));
-                        }
+                        let miss = self.missing(&ids)?;
                         // In disk order, so new blobs lie in `framed` in disk order.
                         for ((&i, &id), m) in at.iter().zip(&ids).zip(miss) {
                             if !m {

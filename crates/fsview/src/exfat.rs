@@ -27,6 +27,7 @@ use crate::{Error, Result, le16, le32, le64};
 use std::cell::RefCell;
 use std::io::Write;
 use std::sync::Arc;
+use utc::days_from_civil;
 
 /// Directories larger than this are refused (the exFAT limit; a list is held in memory).
 pub(crate) const MAX_DIR_BYTES: u64 = 256 << 20;
@@ -349,17 +350,6 @@ fn set_checksum(set: &[u8]) -> u16 {
     c
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// Seconds since the epoch and nanoseconds for an exFAT timestamp, its 10 ms increment
 /// (0..=199) and UTC offset byte (bit 7: valid; bits 0-6: signed 15-minute steps). A time
 /// without a valid offset is local time of an unknown zone, taken as UTC. `None` for
@@ -368,8 +358,8 @@ fn unix_time(ts: u32, ms10: u8, utc: u8) -> Option<(i64, u32)> {
     let sec2 = i64::from(ts & 0x1F);
     let min = i64::from((ts >> 5) & 0x3F);
     let hour = i64::from((ts >> 11) & 0x1F);
-    let day = i64::from((ts >> 16) & 0x1F);
-    let month = i64::from((ts >> 21) & 0xF);
+    let day = (ts >> 16) & 0x1F;
+    let month = (ts >> 21) & 0xF;
     let year = 1980 + i64::from(ts >> 25);
     if sec2 > 29 || min > 59 || hour > 23 || !(1..=31).contains(&day) || !(1..=12).contains(&month)
     {

@@ -20,7 +20,7 @@
 //!   stray value there) goes to the own reader too.
 
 use crate::ext_common::{MAX_LINK, ROOT_INODE, check_size, ext_entry};
-use crate::fs::{Entry, EntryKind, FileSystem, READ_CHUNK};
+use crate::fs::{Entry, EntryKind, FileSystem, READ_CHUNK, fnv1a};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result};
@@ -125,16 +125,6 @@ fn kind_of(m: &Metadata) -> EntryKind {
     } else {
         EntryKind::Other
     }
-}
-
-/// FNV-1a: a stable hash (same id for the same path on every run and build).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 /// Id for an entry whose inode number ext4-view does not tell: the path's hash, top bit

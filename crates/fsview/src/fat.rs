@@ -17,7 +17,7 @@
 //! ancestor's id, and extraction sees it has been there. Files keep a hash of their
 //! path as id (an empty file has no cluster).
 
-use crate::fs::{Entry, EntryKind, FileSystem, find_name};
+use crate::fs::{Entry, EntryKind, FileSystem, find_name, fnv1a};
 use crate::probe::FsKind;
 use crate::volume::Volume;
 use crate::{Error, Result};
@@ -327,37 +327,20 @@ fn map_io(e: io::Error, what: &str) -> Error {
     }
 }
 
-/// FNV-1a: a stable hash for ids (fatfs does not expose first clusters).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 /// Seconds since the epoch for a FAT date and time. FAT stores local time with no zone;
 /// with nothing to say which zone, it is taken as UTC. `None` for impossible values
 /// (a zero date, month 13...).
 fn unix_time(dt: &fatfs::DateTime) -> Option<i64> {
     let (y, m, d) = (
         i64::from(dt.date.year),
-        i64::from(dt.date.month),
-        i64::from(dt.date.day),
+        u32::from(dt.date.month),
+        u32::from(dt.date.day),
     );
     let t = &dt.time;
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) || t.hour > 23 || t.min > 59 || t.sec > 59 {
         return None;
     }
-    // Days from civil (Howard Hinnant's algorithm), proleptic Gregorian.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = utc::days_from_civil(y, m, d);
     Some(days * 86_400 + i64::from(t.hour) * 3600 + i64::from(t.min) * 60 + i64::from(t.sec))
 }
 
@@ -381,6 +364,7 @@ fn entry(e: &FatEntry<'_>, path_key: &str, folder_id: Option<u64>) -> Entry {
         mode: None,
         id: match folder_id {
             Some(id) if e.is_dir() => id,
+            // fatfs does not expose first clusters: the path's hash.
             _ => fnv1a(path_key.as_bytes()),
         },
     }

@@ -91,6 +91,17 @@ pub trait FileSystem: Send {
     }
 }
 
+/// FNV-1a: a stable hash for entry ids where the file system gives none (the same id
+/// for the same path on every run and build).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 /// Names equal without case (full Unicode upper-casing, not a volume's own up-case
 /// table).
 pub(crate) fn eq_ci(a: &str, b: &str) -> bool {

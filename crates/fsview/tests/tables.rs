@@ -6,54 +6,13 @@ use fsview::{Error, FsKind, PartKind, PartitionTable, TableKind, probe, read_par
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-const MIB: u64 = 1 << 20;
+mod support;
+use support::{MIB, blank};
 
-/// Runs a tool, failing the test (with the package to install) when it is missing or
-/// fails. Returns stdout.
+/// Runs a tool (see [`support::run`]). Returns stdout.
 fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let pkg = match tool {
-        "sfdisk" => "fdisk",
-        "sgdisk" => "gdisk",
-        "mkfs.fat" => "dosfstools",
-        "mkntfs" => "ntfs-3g",
-        "mke2fs" => "e2fsprogs",
-        "mkswap" => "util-linux",
-        "qemu-img" => "qemu-utils",
-        _ => "?",
-    };
-    let mut cmd = Command::new(tool);
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => panic!(
-            "{tool} could not be started ({e}): install it with `apt-get install {pkg}` (or run scripts/install-deps)"
-        ),
-    };
-    if let Some(s) = stdin {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn blank(path: &Path, size: u64) {
-    File::create(path).unwrap().set_len(size).unwrap();
+    support::run(tool, args, stdin.map(str::as_bytes), &[])
 }
 
 /// Makes a file system of `size` bytes with `mk` (given the file path) in a file of its

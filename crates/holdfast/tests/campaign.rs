@@ -273,15 +273,6 @@ fn fuzz_rows() -> Vec<Row> {
 // ---------------------------------------------------------------------------------
 // kill -9 of the local `holdfast backup`
 
-fn backup_command(ds: &Path, disk: &Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(["backup", "-d", s(ds), "--source", "vm", "-q", s(disk)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
-
 /// Every committed point is listed and restores to what its backup read; returns how
 /// many are lost (missing or different).
 fn lost_points(

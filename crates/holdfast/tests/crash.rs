@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -17,15 +17,6 @@ const MIB: u64 = 1 << 20;
 /// is mostly reading and hashing the 48 MiB, a kill lands anywhere in it; the data of
 /// killed rounds accumulates into later backups' packs).
 const ROUND_RUNS: u32 = 16;
-
-fn backup_command(ds: &Path, disk: &Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(["backup", "-d", s(ds), "--source", "vm", "-q", s(disk)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
 
 /// Restores every listed point and checks it against what its backup read. Points
 /// that were never reported committed (killed after their manifest was written) must

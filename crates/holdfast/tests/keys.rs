@@ -4,7 +4,6 @@
 
 mod common;
 
-use client::{Auth, Client};
 use common::cluster::*;
 use common::*;
 use protocol::*;
@@ -142,13 +141,7 @@ fn a_malformed_public_key_does_not_use_up_the_token() {
     let t = tempfile::tempdir().unwrap();
     let c = Cluster::start(t.path(), FAST);
     let token = c.token("hv01");
-    let ca = std::fs::read_to_string(c.server_dir().join("ca.pem")).unwrap();
-    let anon = Client::new(
-        &c.url,
-        pki::client_config_trusting(&ca).unwrap(),
-        Auth::None,
-    )
-    .unwrap();
+    let anon = c.anonymous();
     for key in [
         "not a key".to_string(),
         "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_string(),

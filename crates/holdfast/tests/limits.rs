@@ -322,13 +322,7 @@ fn idle_and_half_sent_headers_close_but_slow_requests_complete() {
 fn enrolled_host(c: &Cluster, dir: &Path, host: &str) -> Client {
     let token = c.token(host);
     let key = pki::AgentIdentity::prepare(dir).unwrap();
-    let ca = std::fs::read_to_string(c.server_dir().join("ca.pem")).unwrap();
-    let anon = Client::new(
-        &c.url,
-        pki::client_config_trusting(&ca).unwrap(),
-        Auth::None,
-    )
-    .unwrap();
+    let anon = c.anonymous();
     let r: EnrollResponse = anon
         .post(
             "/enroll",

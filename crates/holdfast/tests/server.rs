@@ -44,20 +44,7 @@ fn restores_identical(ds: &Path, source: &str, disk: &Path, work: &Path) -> bool
     let want = work.join("want.raw");
     let got = work.join("got.raw");
     ok(&["image", "convert", s(disk), s(&want), "-f", "raw"]);
-    ok(&[
-        "restore",
-        "-d",
-        s(ds),
-        "--source",
-        source,
-        "-o",
-        s(&got),
-        "--format",
-        "raw",
-        "--overwrite",
-        "--no-fsync",
-        "-q",
-    ]);
+    restore_raw(ds, source, "latest", &got);
     let same = hash_file(&want) == hash_file(&got);
     std::fs::remove_file(&want).unwrap();
     std::fs::remove_file(&got).unwrap();
@@ -274,19 +261,9 @@ fn authorization_and_bad_requests() {
         Some(403)
     );
     // No token, a wrong token.
-    let anon = Client::new(
-        &c.url,
-        pki::client_config_trusting(&ca).unwrap(),
-        Auth::None,
-    )
-    .unwrap();
+    let anon = c.anonymous();
     assert_eq!(status(anon.get("/jobs")), Some(401));
-    let wrong = Client::new(
-        &c.url,
-        pki::client_config_trusting(&ca).unwrap(),
-        Auth::Token("nope".into()),
-    )
-    .unwrap();
+    let wrong = c.client(Auth::Token("nope".into()));
     assert_eq!(status(wrong.get("/jobs")), Some(401));
     // A used token, a token pinning another CA.
     let tok = c.token("hv03");
@@ -654,21 +631,11 @@ fn manual_replica_export_and_import_seed_the_first_recovery_point() {
     let mut c = Cluster::start(t.path(), FAST);
     let adir = c.agent("hv01", &vms);
     c.wait_datasources(1);
-    c.cli_ok(&[
-        "pg",
-        "create",
+    c.create_group(
         "seeded",
-        "--member",
-        "hv01/big",
-        "--retention-days",
-        "7",
-        "--sync-frequency",
-        "1440",
-        "--recovery-point-times",
-        "20:00",
-        "--replica",
-        "manual",
-    ]);
+        &["hv01/big"],
+        &["--recovery-point-times", "20:00", "--replica", "manual"],
+    );
     // Manual replica creation: nothing runs by itself.
     std::thread::sleep(Duration::from_secs(3));
     assert!(c.jobs().is_empty(), "{:?}", c.jobs());

@@ -36,6 +36,13 @@ impl Rng {
         }
     }
 
+    /// The next `n` bytes, as [`Rng::fill`] makes them.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0; n];
+        self.fill(&mut v);
+        v
+    }
+
     /// A seeded Fisher-Yates shuffle.
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {

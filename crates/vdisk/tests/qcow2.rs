@@ -4,25 +4,10 @@ mod common;
 use common::*;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 use vdisk::{CreateOptions, ExtentState, Format, Severity, Subformat};
 
 /// A size that is not a multiple of any cluster size.
 const ODD: u64 = (10 << 20) + 1536;
-
-fn qemu_io(file: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "qcow2"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = c.arg(s(file)).output().expect("qemu-io");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmds:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Flattens `img` with qemu-img and checks our reader and check against it.
 fn assert_reads_like_qemu(img: &Path) {

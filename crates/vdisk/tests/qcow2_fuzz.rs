@@ -1,8 +1,6 @@
 //! Mutation fuzzing of qcow2 images under an allocator that refuses huge allocations.
 mod common;
 use common::*;
-use std::path::Path;
-use std::process::Command;
 
 #[global_allocator]
 static A: common::CappedAlloc = common::CappedAlloc;
@@ -29,15 +27,6 @@ fn hot_regions(img: &[u8]) -> Vec<(usize, usize)> {
         hot.push((rb, 256));
     }
     hot
-}
-
-fn qemu_io(file: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "qcow2"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    assert!(c.arg(s(file)).status().unwrap().success());
 }
 
 #[test]

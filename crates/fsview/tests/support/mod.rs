@@ -1,4 +1,4 @@
-//! Fixture helpers shared by fsview's tests (files.rs, ntfs.rs) and by holdfast's
+//! Fixture helpers shared by fsview's tests (files.rs, ntfs.rs, exfat.rs, tables.rs) and by holdfast's
 //! item-level-recovery test, which includes this file by path
 //! (`#[path = "../../fsview/tests/support/mod.rs"] mod support;`). So it uses only the
 //! standard library, `libc` and `tempfile`, which both test crates have.
@@ -26,13 +26,14 @@ pub const GPT_BASIC_DATA: &str = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7";
 pub fn pkg(tool: &str) -> &'static str {
     match tool {
         "sfdisk" => "fdisk",
+        "sgdisk" => "gdisk",
         "mkfs.fat" => "dosfstools",
         "mke2fs" | "debugfs" => "e2fsprogs",
         "mcopy" => "mtools",
         "mkntfs" | "ntfs-3g" | "ntfsinfo" => "ntfs-3g",
         "mkfs.exfat" => "exfatprogs",
         "mount.exfat-fuse" => "exfat-fuse",
-        "mountpoint" | "umount" | "losetup" => "util-linux",
+        "mountpoint" | "umount" | "losetup" | "mkswap" => "util-linux",
         "qemu-img" => "qemu-utils",
         "sha256sum" => "coreutils",
         _ => "?",

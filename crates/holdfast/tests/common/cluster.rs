@@ -103,14 +103,19 @@ impl Cluster {
     }
 
     pub fn admin(&self) -> Client {
-        let ca = std::fs::read_to_string(self.server_dir().join("ca.pem")).unwrap();
         let token = std::fs::read_to_string(self.server_dir().join("admin.token")).unwrap();
-        Client::new(
-            &self.url,
-            pki::client_config_trusting(&ca).unwrap(),
-            Auth::Token(token.trim().to_string()),
-        )
-        .unwrap()
+        self.client(Auth::Token(token.trim().to_string()))
+    }
+
+    /// A client that trusts this server's CA and presents no credentials.
+    pub fn anonymous(&self) -> Client {
+        self.client(Auth::None)
+    }
+
+    /// A client that trusts this server's CA and presents `auth`.
+    pub fn client(&self, auth: Auth) -> Client {
+        let ca = std::fs::read_to_string(self.server_dir().join("ca.pem")).unwrap();
+        Client::new(&self.url, pki::client_config_trusting(&ca).unwrap(), auth).unwrap()
     }
 
     /// The admin CLI with this server's flags.

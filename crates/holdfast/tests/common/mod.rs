@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub use testkit::{Rng, qemu_img};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
 /// Longest any single command may take before the test calls it hung.
@@ -25,6 +27,17 @@ pub fn holdfast(args: &[&str]) -> Output {
     let mut c = Command::new(BIN);
     c.args(args);
     run_bounded(c, &format!("holdfast {args:?}"), HANG)
+}
+
+/// `holdfast backup -d DS --source vm -q DISK`, not yet started, its output piped: for
+/// the tests that kill it mid-run.
+pub fn backup_command(ds: &Path, disk: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["backup", "-d", s(ds), "--source", "vm", "-q", s(disk)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
 }
 
 /// Runs `c` to completion; kills it and fails the test after `limit`.
@@ -100,16 +113,6 @@ pub fn json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("holdfast {args:?}: {e}: {out}"))
 }
 
-pub fn qemu_img(args: &[&str]) {
-    let o = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -148,41 +151,6 @@ pub fn temp_files_under(dir: &Path) -> Vec<PathBuf> {
                 .is_some_and(|n| n.to_string_lossy().contains(".tmp-"))
         })
         .collect()
-}
-
-/// splitmix64: a small seeded generator, so fixtures are the same on every run.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0; the bias is irrelevant here).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let x = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&x[..c.len()]);
-        }
-    }
-
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0; n];
-        self.fill(&mut v);
-        v
-    }
 }
 
 /// Compressible text, `n` bytes.

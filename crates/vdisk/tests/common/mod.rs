@@ -72,6 +72,21 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Runs qemu-io's commands `cmds` on the qcow2 image `file`, failing the test on error.
+pub fn qemu_io(file: &Path, cmds: &[&str]) {
+    let mut c = std::process::Command::new("qemu-io");
+    c.args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(s(file)).output().expect("qemu-io");
+    assert!(
+        out.status.success(),
+        "qemu-io {cmds:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Compares every byte a [`vdisk::VirtualDisk`] reads with a raw file, in 1 MiB
 /// pieces, and checks that its map never calls non-zero bytes zero/unallocated.
 pub fn assert_disk_matches_raw(disk: &dyn vdisk::VirtualDisk, raw: &Path) {
