@@ -41,6 +41,7 @@ mod recovery_points;
 #[cfg(test)]
 mod scale_tests;
 mod schema;
+mod storage;
 
 use std::path::Path;
 use std::time::Duration;

@@ -3,7 +3,18 @@
 //! because databases in the field have already run it.
 
 /// Every migration step in order; `MIGRATIONS.len()` is the version this program writes.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+
+/// Storage targets for online copies. Where a target is (never its secret, which the
+/// server keeps in a file of its own).
+const V4: &str = r#"
+CREATE TABLE storage_targets (
+    name     TEXT PRIMARY KEY,
+    kind     TEXT NOT NULL,               -- azure, s3, folder
+    location TEXT NOT NULL,               -- JSON StorageLocation
+    created  INTEGER NOT NULL
+) WITHOUT ROWID;
+"#;
 
 /// Clusters (hosts VMs may move between on their own), VM-id claims held for an
 /// administrator, the record of data-source moves, and notes on resolved alerts.

@@ -11,6 +11,7 @@
 
 mod agent;
 mod fsutil;
+mod secrets;
 mod server;
 mod token;
 mod verify;
@@ -23,6 +24,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 pub use agent::{AgentIdentity, PendingKey};
+pub use secrets::SecretStore;
 pub use server::ServerPki;
 pub use token::{load_or_create_admin_token, make_token, parse_token, secret_hash, token_eq};
 pub use verify::{client_config_trusting, pinned_ca_config};

@@ -54,6 +54,9 @@ macro_rules! string_enum {
 mod validate;
 pub use validate::*;
 
+mod storage;
+pub use storage::*;
+
 mod manifest;
 pub use manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
 
@@ -140,6 +143,7 @@ mod enum_tests {
         travels_as_its_names(ProviderKind::ALL, 3);
         travels_as_its_names(ReplicaState::ALL, 3);
         travels_as_its_names(EntryKind::ALL, 4);
+        travels_as_its_names(StorageKind::ALL, 3);
         assert_eq!(JobKind::parse("express-full"), Some(JobKind::ExpressFull));
         assert_eq!(ReplicaState::parse("Bad State"), None);
         assert_eq!(DiskFormat::parse("vmdk"), None);

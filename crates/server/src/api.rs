@@ -9,6 +9,7 @@ mod datasources;
 mod enroll;
 mod groups;
 mod jobs;
+mod storage;
 
 use crate::http::{ApiErr, not_found};
 use crate::state::AppState;
@@ -53,6 +54,14 @@ pub fn router(st: Arc<AppState>) -> Router {
             get(clusters::cluster_show).delete(clusters::cluster_delete),
         )
         .route("/clusters/{name}/hosts", post(clusters::cluster_add_hosts))
+        .route(
+            "/storage",
+            get(storage::storage_list).post(storage::storage_add),
+        )
+        .route(
+            "/storage/{name}",
+            get(storage::storage_show).delete(storage::storage_remove),
+        )
         .route(
             "/clusters/{name}/hosts/{host}",
             axum::routing::delete(clusters::cluster_remove_host),

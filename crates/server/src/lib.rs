@@ -269,8 +269,11 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
             dir: ds_dir,
             master_key: master,
         },
-        pki,
-        admin_token,
+        state::ServerKeys {
+            pki,
+            admin_token,
+            secrets: pki::SecretStore::new(opts.data_dir.join("secrets")),
+        },
         threads,
         notifier,
     ));

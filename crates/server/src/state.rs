@@ -96,6 +96,15 @@ pub struct AppState {
     pub last_tick: Mutex<Option<std::time::Duration>>,
     /// Alert and job notifications; every alert is raised through it.
     pub notify: crate::notify::Notifier,
+    /// Storage targets' secrets (`DIR/secrets/NAME.secret`, mode 0600).
+    pub secrets: pki::SecretStore,
+}
+
+/// The server's own keys and the secrets it keeps for others.
+pub struct ServerKeys {
+    pub pki: pki::ServerPki,
+    pub admin_token: String,
+    pub secrets: pki::SecretStore,
 }
 
 impl AppState {
@@ -103,8 +112,7 @@ impl AppState {
         config: Config,
         catalog: Catalog,
         store: OpenStore,
-        pki: pki::ServerPki,
-        admin_token: String,
+        keys: ServerKeys,
         threads: usize,
         notify: crate::notify::Notifier,
     ) -> AppState {
@@ -114,8 +122,8 @@ impl AppState {
             datastore: store.datastore,
             datastore_dir: store.dir,
             master_key: store.master_key,
-            pki,
-            admin_token,
+            pki: keys.pki,
+            admin_token: keys.admin_token,
             sessions: Mutex::new(HashMap::new()),
             recoveries: Mutex::new(HashMap::new()),
             open_disks: crate::caches::OpenDisks::default(),
@@ -126,6 +134,7 @@ impl AppState {
             threads,
             last_tick: Mutex::new(None),
             notify,
+            secrets: keys.secrets,
         }
     }
 

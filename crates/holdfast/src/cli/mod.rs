@@ -7,6 +7,7 @@ mod export;
 mod ilr;
 mod image;
 mod progress;
+mod storage;
 mod store;
 mod units;
 
@@ -77,6 +78,9 @@ enum Command {
     /// Clusters: hosts a VM may move between on its own (live migration).
     #[command(subcommand)]
     Clusters(admin::ClustersCommand),
+    /// Storage targets for online copies: Azure Blob, S3, a folder.
+    #[command(subcommand)]
+    Storage(storage::StorageCommand),
     /// Take a recovery point of a VM now.
     BackupNow {
         /// HOST/VM
@@ -154,6 +158,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pg(c) => admin::pg(&cli.server, c),
         Command::Datasources(c) => admin::datasources(&cli.server, c),
         Command::Clusters(c) => admin::clusters(&cli.server, c),
+        Command::Storage(c) => storage::run(&cli.server, c),
         Command::BackupNow {
             vm,
             express_full,

@@ -1,0 +1,173 @@
+//! `holdfast storage`: named targets for online copies (Azure Blob, S3, a folder).
+
+use super::admin::{ServerArgs, print_json};
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use client::seg;
+use protocol::{AddStorage, StorageInfo, StorageKind, StorageLocation};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Debug, Subcommand)]
+pub enum StorageCommand {
+    /// Add a storage target. Azure: --account, --container, --key-file (the account
+    /// key), --endpoint for Azurite or a sovereign cloud. S3: --bucket, --region,
+    /// --access-key-file (two lines: the access key id, then the secret key),
+    /// --endpoint for an S3-compatible server. Folder: --path on the server.
+    Add(AddArgs),
+    /// List storage targets (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a storage target and its secret (refused while a protection group uses it;
+    /// the objects in it stay).
+    Remove { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Letters, digits, `-`, `.` and `_` (it becomes `online:NAME`).
+    pub name: String,
+    #[arg(long)]
+    pub kind: StorageKind,
+    #[arg(long)]
+    pub account: Option<String>,
+    #[arg(long)]
+    pub container: Option<String>,
+    #[arg(long)]
+    pub bucket: Option<String>,
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Service URL (http:// or https://).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Azure: a file holding the account key (one line).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// S3: a file holding the access key id and the secret access key, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub access_key_file: Option<PathBuf>,
+    /// Folder: an absolute path on the server.
+    #[arg(long)]
+    pub path: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Largest key file read (keys are under 100 bytes).
+const MAX_KEY_FILE: u64 = 4096;
+
+/// The non-empty lines of a key file.
+fn key_lines(path: &Path) -> anyhow::Result<Vec<String>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read the key file", path.display()))?
+        .len();
+    if len > MAX_KEY_FILE {
+        bail!(
+            "{}: {len} bytes is too large for a key file (at most {MAX_KEY_FILE})",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the key file", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+fn request(a: AddArgs) -> anyhow::Result<AddStorage> {
+    let mut location = StorageLocation {
+        account: a.account,
+        container: a.container,
+        bucket: a.bucket,
+        region: a.region,
+        endpoint: a.endpoint,
+        access_key_id: None,
+        path: a.path,
+    };
+    let secret = match (a.kind, a.key_file, a.access_key_file) {
+        (StorageKind::Azure, Some(f), None) => match key_lines(&f)?.as_slice() {
+            [key] => Some(key.clone()),
+            _ => bail!(
+                "--key-file {}: must hold one line, the account key",
+                f.display()
+            ),
+        },
+        (StorageKind::Azure, None, _) => bail!("--kind azure needs --key-file (the account key)"),
+        (StorageKind::S3, None, Some(f)) => match key_lines(&f)?.as_slice() {
+            [id, secret] => {
+                location.access_key_id = Some(id.clone());
+                Some(secret.clone())
+            }
+            _ => bail!(
+                "--access-key-file {}: must hold two lines, the access key id and the secret access key",
+                f.display()
+            ),
+        },
+        (StorageKind::S3, _, None) => {
+            bail!("--kind s3 needs --access-key-file (access key id and secret key)")
+        }
+        (StorageKind::Folder, None, None) => None,
+        (kind, _, _) => bail!("--kind {kind} takes only its own key file option"),
+    };
+    let req = AddStorage {
+        name: a.name,
+        kind: a.kind,
+        location,
+        secret,
+    };
+    // The same checks as the server's, with the same messages, before anything is sent.
+    req.validate().map_err(anyhow::Error::msg)?;
+    Ok(req)
+}
+
+fn show(t: &StorageInfo) {
+    println!("storage target {} ({}): {}", t.name, t.kind, t.url);
+}
+
+pub fn run(s: &ServerArgs, c: StorageCommand) -> anyhow::Result<ExitCode> {
+    let cl = s.client()?;
+    match c {
+        StorageCommand::Add(a) => {
+            let json = a.json;
+            let t: StorageInfo = cl.post("/storage", &request(a)?)?;
+            if json {
+                print_json(&t)?;
+            } else {
+                show(&t);
+            }
+        }
+        StorageCommand::List { json } => {
+            let list: Vec<StorageInfo> = cl.get("/storage")?;
+            if json {
+                return print_json(&list).map(|_| ExitCode::SUCCESS);
+            }
+            if list.is_empty() {
+                println!("no storage targets");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<20} {:<7} {:<21} {:<40} USED BY",
+                "NAME", "KIND", "ADDED", "WHERE"
+            );
+            for t in list {
+                println!(
+                    "{:<20} {:<7} {:<21} {:<40} {}",
+                    t.name,
+                    t.kind,
+                    t.created,
+                    t.url,
+                    t.used_by.join(", ")
+                );
+            }
+        }
+        StorageCommand::Remove { name } => {
+            let t: StorageInfo = cl.delete(&format!("/storage/{}", seg(&name)))?;
+            println!("storage target {} removed (its objects stay)", t.name);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,269 @@
+//! Storage targets (`holdfast storage`): added, listed and removed by administrators
+//! only; a target's secret reaches the server once and is never shown, logged or put
+//! in the catalog.
+
+mod common;
+
+use client::{Auth, Client};
+use common::cluster::*;
+use common::*;
+use protocol::*;
+
+const AZURE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+const S3_SECRET: &str = "wJalrXUtnFEMIK7MDENGbPxRfiCYSECRETKEY";
+
+/// Every file under `dir` (the server's folder), searched for `needle`; secrets files
+/// excepted.
+fn files_holding(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n == "secrets") {
+                    continue;
+                }
+                todo.push(p);
+            } else if let Ok(b) = std::fs::read(&p)
+                && b.windows(needle.len()).any(|w| w == needle.as_bytes())
+            {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn storage_targets_are_admin_only_and_their_secrets_never_shown() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(t.path(), FAST);
+    let keys = t.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let az_key = keys.join("azure.key");
+    std::fs::write(&az_key, format!("{AZURE_KEY}\n")).unwrap();
+    let s3_key = keys.join("s3.key");
+    std::fs::write(&s3_key, format!("AKIDHOLDFAST\n{S3_SECRET}\n")).unwrap();
+    let nas = t.path().join("nas");
+
+    let out = c.cli_ok(&[
+        "storage",
+        "add",
+        "offsite",
+        "--kind",
+        "azure",
+        "--account",
+        "devstoreaccount1",
+        "--container",
+        "holdfast",
+        "--endpoint",
+        "http://127.0.0.1:10000/devstoreaccount1",
+        "--key-file",
+        s(&az_key),
+    ]);
+    assert_eq!(
+        out.trim(),
+        "storage target offsite (azure): az://devstoreaccount1/holdfast"
+    );
+    c.cli_ok(&[
+        "storage",
+        "add",
+        "s3-copy",
+        "--kind",
+        "s3",
+        "--bucket",
+        "backups",
+        "--region",
+        "us-east-1",
+        "--endpoint",
+        "http://127.0.0.1:5000",
+        "--access-key-file",
+        s(&s3_key),
+    ]);
+    c.cli_ok(&[
+        "storage",
+        "add",
+        "nas",
+        "--kind",
+        "folder",
+        "--path",
+        s(&nas),
+    ]);
+
+    let json = c.cli_ok(&["storage", "list", "--json"]);
+    let list: Vec<StorageInfo> = serde_json::from_str(&json).unwrap();
+    let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["nas", "offsite", "s3-copy"]);
+    assert_eq!(list[2].url, "s3://backups");
+    assert_eq!(
+        list[2].location.access_key_id.as_deref(),
+        Some("AKIDHOLDFAST")
+    );
+    assert_eq!(list[0].location.path.as_deref(), Some(s(&nas)));
+    let table = c.cli_ok(&["storage", "list"]);
+    for secret in [AZURE_KEY, S3_SECRET] {
+        assert!(!json.contains(secret) && !table.contains(secret));
+        // Not in the catalog, its journal or anything else of the server's but the
+        // secret store.
+        assert_eq!(files_holding(&c.server_dir(), secret), Vec::<String>::new());
+    }
+    let sfile = c.server_dir().join("secrets/offsite.secret");
+    assert_eq!(std::fs::read_to_string(&sfile).unwrap(), AZURE_KEY);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sfile).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A second `add` of a name in use is refused and leaves the first's secret alone.
+    let other = keys.join("other.key");
+    std::fs::write(&other, "b3RoZXI=\n").unwrap();
+    let o = c.cli(&[
+        "storage",
+        "add",
+        "offsite",
+        "--kind",
+        "azure",
+        "--account",
+        "acct",
+        "--container",
+        "c",
+        "--key-file",
+        s(&other),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("\"offsite\" already exists"), "{err}");
+    assert_eq!(std::fs::read_to_string(&sfile).unwrap(), AZURE_KEY);
+
+    // Bad input: the field is named, nothing is kept.
+    for (args, want) in [
+        (
+            vec![
+                "storage",
+                "add",
+                "x",
+                "--kind",
+                "azure",
+                "--account",
+                "a",
+                "--key-file",
+                s(&az_key),
+            ],
+            "container: needed for kind azure",
+        ),
+        (
+            vec![
+                "storage",
+                "add",
+                "x",
+                "--kind",
+                "s3",
+                "--bucket",
+                "b",
+                "--region",
+                "r",
+                "--access-key-file",
+                s(&az_key),
+            ],
+            "must hold two lines",
+        ),
+        (
+            vec![
+                "storage",
+                "add",
+                "x",
+                "--kind",
+                "folder",
+                "--path",
+                "relative/dir",
+            ],
+            "path: ",
+        ),
+        (
+            vec![
+                "storage", "add", "a/b", "--kind", "folder", "--path", "/srv",
+            ],
+            "name: ",
+        ),
+        (
+            vec!["storage", "add", "x", "--kind", "gcs", "--path", "/srv"],
+            "invalid value 'gcs'",
+        ),
+    ] {
+        let o = c.cli(&args);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // The API refuses what the CLI would (a client that skips the CLI's checks).
+    let admin = c.admin();
+    let e = admin
+        .post::<_, StorageInfo>(
+            "/storage",
+            &AddStorage {
+                name: "y".into(),
+                kind: StorageKind::S3,
+                location: StorageLocation {
+                    bucket: Some("b".into()),
+                    region: Some("us-east-1".into()),
+                    access_key_id: Some("id".into()),
+                    ..StorageLocation::default()
+                },
+                secret: None,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("secret: needed for kind s3"), "{e}");
+    assert_eq!(admin.get::<Vec<StorageInfo>>("/storage").unwrap().len(), 3);
+
+    // Agents and anonymous callers may not see or change targets.
+    std::fs::create_dir_all(t.path().join("vms")).unwrap();
+    let adir = c.agent("hv01", &t.path().join("vms"));
+    wait_until(
+        "the agent enrolls",
+        std::time::Duration::from_secs(30),
+        || pki::AgentIdentity::load(&adir).is_ok(),
+    );
+    let id = pki::AgentIdentity::load(&adir).unwrap();
+    let agent = Client::new(&c.url, id.client_config().unwrap(), Auth::ClientCert).unwrap();
+    let e = agent.get::<Vec<StorageInfo>>("/storage").unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let e = agent
+        .post::<_, StorageInfo>(
+            "/storage",
+            &AddStorage {
+                name: "evil".into(),
+                kind: StorageKind::Folder,
+                location: StorageLocation {
+                    path: Some("/tmp/evil".into()),
+                    ..StorageLocation::default()
+                },
+                secret: None,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let e = agent.delete::<StorageInfo>("/storage/offsite").unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let e = c
+        .anonymous()
+        .get::<Vec<StorageInfo>>("/storage")
+        .unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+
+    // Remove forgets the target and its secret; a second remove is a 404.
+    let out = c.cli_ok(&["storage", "remove", "offsite"]);
+    assert!(out.contains("offsite removed"), "{out}");
+    assert!(!sfile.exists());
+    let o = c.cli(&["storage", "remove", "offsite"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not found"));
+
+    // Targets survive a restart (they are in the catalog).
+    c.kill_server();
+    c.start_server();
+    let list: Vec<StorageInfo> = c.admin().get("/storage").unwrap();
+    assert_eq!(list.len(), 2);
+}
