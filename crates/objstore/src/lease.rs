@@ -51,6 +51,8 @@ struct State {
     shared: usize,
     exclusive: bool,
     held: Option<Held>,
+    /// A thread is taking the lease (without holding the state's mutex meanwhile).
+    acquiring: bool,
     /// Set once renewal found the lease in another owner's hands; permanent.
     lost: Option<String>,
 }
@@ -224,6 +226,20 @@ fn acquire(inner: &Arc<Inner>, wait: bool) -> DsResult<Held> {
         } else {
             Duration::ZERO
         };
+    // Each lost race means another server changed the lease just now; a few are
+    // normal, endless ones are not.
+    let mut races = 0u32;
+    let mut raced = || {
+        races += 1;
+        if races > 20 {
+            Err(DsError::Invalid(format!(
+                "{}: the lease object changes under every attempt to take it",
+                inner.key_location(LEASE_KEY)
+            )))
+        } else {
+            Ok(())
+        }
+    };
     loop {
         let sent = Instant::now();
         if let Some(version) = put_lease(inner, PutMode::Create, core.body(0))? {
@@ -236,7 +252,8 @@ fn acquire(inner: &Arc<Inner>, wait: bool) -> DsResult<Held> {
             });
         }
         let Some((body, version)) = read_lease(inner)? else {
-            continue; // released between our create and our read
+            raced()?; // released between our create and our read
+            continue;
         };
         if (body.expires_unix as f64) < unix_now() {
             let sent = Instant::now();
@@ -249,7 +266,8 @@ fn acquire(inner: &Arc<Inner>, wait: bool) -> DsResult<Held> {
                     task: None,
                 });
             }
-            continue; // another server took it first
+            raced()?; // another server took it first
+            continue;
         }
         let now = Instant::now();
         if now >= deadline {
@@ -377,11 +395,22 @@ pub(crate) fn lock(
         if let Some(l) = &s.lost {
             return Err(lost_error(inner, l));
         }
+        let now = Instant::now();
+        if s.acquiring {
+            // Another thread is taking the lease; its outcome decides ours.
+            if now >= deadline {
+                return Err(DsError::Invalid(format!(
+                    "{}: timed out waiting for the lease",
+                    inner.location
+                )));
+            }
+            s = locks::wait_timeout(&core.cv, s, deadline - now);
+            continue;
+        }
         let conflict = s.exclusive || (exclusive && s.shared > 0);
         if !conflict {
             break;
         }
-        let now = Instant::now();
         if !wait || now >= deadline {
             return Err(DsError::Invalid(format!(
                 "{}: the datastore is busy ({}); try again later",
@@ -396,9 +425,15 @@ pub(crate) fn lock(
         s = locks::wait_timeout(&core.cv, s, deadline - now);
     }
     if s.held.is_none() {
-        // Nobody in this process holds a guard, so no renewal task runs: the state can
-        // stay locked while the lease is taken.
-        let mut held = acquire(inner, wait)?;
+        // Taken without the state's mutex, so writes and other lockers are not held up
+        // behind a wait for another server.
+        s.acquiring = true;
+        drop(s);
+        let got = acquire(inner, wait);
+        s = locks::lock(&core.state);
+        s.acquiring = false;
+        core.cv.notify_all();
+        let mut held = got?;
         held.task = Some(inner.handle.spawn(renew(inner.clone())));
         s.held = Some(held);
     }

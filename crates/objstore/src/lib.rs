@@ -134,7 +134,8 @@ pub struct Options {
     pub local_wait: Duration,
     /// TCP connect timeout of one attempt.
     pub connect_timeout: Duration,
-    /// Whole-request timeout of one attempt (an 8 MiB pack must fit in it).
+    /// Whole-request timeout of one attempt (an 8 MiB pack must fit in it: 30 s is
+    /// about 2.2 Mbit/s).
     pub request_timeout: Duration,
     /// Retries of a failed request (5xx, connection errors), with exponential backoff.
     pub max_retries: usize,
@@ -150,7 +151,7 @@ impl Default for Options {
             lock_wait: lease * 2 + Duration::from_secs(10),
             local_wait: Duration::from_secs(24 * 3600),
             connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
             max_retries: 5,
             retry_timeout: Duration::from_secs(20),
         }

@@ -274,6 +274,32 @@ fn lease(target: &Target) {
     let a = objstore::ObjectBackend::new(target, &opts).unwrap();
     let b = objstore::ObjectBackend::new(target, &opts).unwrap();
 
+    // Four servers race for a free lease: exactly one wins.
+    let racers: Vec<_> = (0..4)
+        .map(|_| objstore::ObjectBackend::new(target, &opts).unwrap())
+        .collect();
+    let start = std::sync::Barrier::new(racers.len());
+    let won = std::thread::scope(|s| {
+        let handles: Vec<_> = racers
+            .iter()
+            .map(|r| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    r.lock(true, false).ok()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(won.iter().filter(|g| g.is_some()).count(), 1);
+    drop(won);
+    assert!(!a.exists("locks/lease.json").unwrap());
+    drop(racers);
+
     let ga = a.lock(false, false).unwrap();
     let body = String::from_utf8(a.get("locks/lease.json").unwrap()).unwrap();
     assert!(body.contains(a.owner_id()), "{body}");
@@ -404,4 +430,43 @@ fn dead_endpoint_fails_in_time() {
     assert!(e.contains("s3://gone/points/a"), "{e}");
     assert!(!e.contains("testing"), "{e}");
     eprintln!("dead endpoint after {took:?}: {e}");
+}
+
+/// An endpoint that accepts connections and never answers fails within the request
+/// timeout and the retry budget, naming the target and the key.
+#[test]
+fn silent_endpoint_fails_in_time() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts and holds connections (bounded: the test ends long before 64).
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().take(64) {
+            match c {
+                Ok(c) => held.push(c),
+                Err(_) => break,
+            }
+        }
+    });
+    let t = Target::Azure {
+        account: AZURITE_ACCOUNT.into(),
+        container: "silent".into(),
+        endpoint: Some(format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}")),
+        access_key: Secret::new(AZURITE_KEY),
+    };
+    let opts = Options {
+        request_timeout: Duration::from_secs(2),
+        retry_timeout: Duration::from_secs(3),
+        ..Options::default()
+    };
+    let b = objstore::open_with(&t, &opts).unwrap();
+    let start = Instant::now();
+    let e = b.put("packs/00/p", b"data").unwrap_err().to_string();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(12), "took {took:?}");
+    assert!(e.contains("az://devstoreaccount1/silent/packs/00/p"), "{e}");
+    assert!(!e.contains(&AZURITE_KEY[..12]), "{e}");
+    eprintln!("silent endpoint after {took:?}: {e}");
+    drop(b);
+    drop(holder); // detached: it ends with the test process
 }
