@@ -123,9 +123,9 @@ impl Azurite {
         self.server.port
     }
 
-    /// Creates a container. `object_store` cannot, and Azurite creates none by itself
-    /// (not even with `--loose`), so this sends the one REST call, signed with the
-    /// account key (Shared Key).
+    /// Creates a container. `object_store` cannot, Azurite creates none by itself, and
+    /// it refuses unsigned requests even with `--loose` (403), so this sends the one
+    /// REST call, signed with the account key (Shared Key).
     pub fn create_container(&self, name: &str) {
         let date = http_date();
         let version = "2021-08-06";
