@@ -138,18 +138,7 @@ pub fn default_key_path(dir: &Path) -> PathBuf {
 impl Datastore {
     /// Creates a datastore in `dir` (which must not exist or be empty).
     pub fn create(dir: &Path, opts: &StoreOptions) -> Result<Datastore> {
-        if !(1..=22).contains(&opts.zstd_level) {
-            return Err(Error::Invalid(format!(
-                "zstd level {} is out of range (1-22)",
-                opts.zstd_level
-            )));
-        }
-        if !opts.block_size.is_power_of_two() || !(4096..=1 << 20).contains(&opts.block_size) {
-            return Err(Error::Invalid(format!(
-                "block size {} must be a power of two from 4096 to 1048576",
-                opts.block_size
-            )));
-        }
+        check_options(opts)?;
         match std::fs::read_dir(dir) {
             Ok(mut rd) => {
                 if rd.next().is_some() {
@@ -163,6 +152,28 @@ impl Datastore {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create folder", e))?;
             }
             Err(e) => return Err(Error::io(dir, "open folder", e)),
+        }
+        Self::create_on(
+            Box::new(LocalBackend::new(dir)),
+            &dir.display().to_string(),
+            opts,
+        )
+    }
+
+    /// Creates a datastore on any backend (an object store's container or bucket),
+    /// which must hold no object yet. `location` names it in messages. An encrypted
+    /// datastore's key file is written to the local path `opts.key_file`.
+    pub fn create_on(
+        backend: Box<dyn Backend>,
+        location: &str,
+        opts: &StoreOptions,
+    ) -> Result<Datastore> {
+        check_options(opts)?;
+        if let Some(e) = backend.list("")?.first() {
+            return Err(Error::Invalid(format!(
+                "{location}: not empty ({} exists); a new datastore needs an empty folder, container or bucket",
+                e.key
+            )));
         }
         let id = crypto::random_hex(16)?;
         let (keys, encryption) = match &opts.key_file {
@@ -193,18 +204,15 @@ impl Datastore {
             checksum: String::new(),
         };
         config.checksum = config.compute_checksum()?;
-        let backend = LocalBackend::new(dir);
         let mut body =
             serde_json::to_vec_pretty(&config).map_err(|e| Error::Invalid(e.to_string()))?;
         body.push(b'\n');
+        // Write-once: of two creators racing, one wins.
         if !backend.put_new(CONFIG_KEY, &body)? {
-            return Err(Error::Invalid(format!(
-                "{}: already a datastore",
-                dir.display()
-            )));
+            return Err(Error::Invalid(format!("{location}: already a datastore")));
         }
         Ok(Datastore {
-            backend: Box::new(backend),
+            backend,
             config,
             keys,
             threads: default_threads(),
@@ -214,56 +222,88 @@ impl Datastore {
     /// Opens the datastore in `dir`; an encrypted one needs its key file (`key_file`,
     /// else [`default_key_path`]).
     pub fn open(dir: &Path, key_file: Option<&Path>) -> Result<Datastore> {
-        let backend = LocalBackend::new(dir);
+        Self::open_inner(
+            Box::new(LocalBackend::new(dir)),
+            &dir.display().to_string(),
+            &dir.join(CONFIG_KEY).display().to_string(),
+            key_file,
+            Some(default_key_path(dir)),
+        )
+    }
+
+    /// Opens the datastore on any backend; an encrypted one needs its key file (there
+    /// is no default place beside an object store).
+    pub fn open_on(
+        backend: Box<dyn Backend>,
+        location: &str,
+        key_file: Option<&Path>,
+    ) -> Result<Datastore> {
+        Self::open_inner(
+            backend,
+            location,
+            &format!("{location}/{CONFIG_KEY}"),
+            key_file,
+            None,
+        )
+    }
+
+    fn open_inner(
+        backend: Box<dyn Backend>,
+        location: &str,
+        config_name: &str,
+        key_file: Option<&Path>,
+        default_key: Option<PathBuf>,
+    ) -> Result<Datastore> {
         let body = match backend.get(CONFIG_KEY) {
             Ok(b) => b,
             Err(Error::Missing { .. }) => {
                 return Err(Error::Format(format!(
-                    "{}: not a holdfast datastore ({CONFIG_KEY} not found); create one with `holdfast datastore create`",
-                    dir.display()
+                    "{location}: not a holdfast datastore ({CONFIG_KEY} not found); create one with `holdfast datastore create`"
                 )));
             }
             Err(e) => return Err(e),
         };
-        let config = parse_config(dir, &body)?;
+        let config = parse_config(config_name, &body)?;
         let keys = match &config.encryption {
             // A key given for a plain datastore is a mistake worth naming: the user
             // believes the data is encrypted, or has the wrong datastore.
             None if key_file.is_some() => {
                 return Err(Error::Key(format!(
-                    "{}: datastore {} is not encrypted, so it takes no key file; leave out --key-file (or check that this is the datastore meant)",
+                    "{}: datastore {location} is not encrypted, so it takes no key file; leave out --key-file (or check that this is the datastore meant)",
                     key_file
                         .map(Path::display)
                         .map(|d| d.to_string())
                         .unwrap_or_default(),
-                    dir.display()
                 )));
             }
             None => Keys::plain(),
             Some(enc) => {
                 if enc.algorithm != "aes-256-gcm" {
                     return Err(Error::Format(format!(
-                        "{}: unknown encryption {:?}",
-                        dir.display(),
+                        "{location}: unknown encryption {:?}",
                         enc.algorithm
                     )));
                 }
-                let path = key_file
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| default_key_path(dir));
+                let path = match key_file.map(Path::to_path_buf).or(default_key) {
+                    Some(p) => p,
+                    None => {
+                        return Err(Error::Key(format!(
+                            "{location}: the datastore is encrypted; give its key file (--key-file)"
+                        )));
+                    }
+                };
                 let master = crypto::read_key_file(&path)?;
                 if crypto::fingerprint(&master) != enc.key_fingerprint {
                     return Err(Error::Key(format!(
-                        "{}: wrong key: this key file does not belong to datastore {} (fingerprint mismatch)",
+                        "{}: wrong key: this key file does not belong to datastore {location} (fingerprint mismatch)",
                         path.display(),
-                        dir.display()
                     )));
                 }
                 Keys::from_master(&master)?
             }
         };
         Ok(Datastore {
-            backend: Box::new(backend),
+            backend,
             config,
             keys,
             threads: default_threads(),
@@ -656,30 +696,23 @@ impl Datastore {
     }
 }
 
-fn parse_config(dir: &Path, body: &[u8]) -> Result<Config> {
-    let name = dir.join(CONFIG_KEY);
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| Error::corrupt(name.display().to_string(), format!("not JSON: {e}")))?;
+fn parse_config(name: &str, body: &[u8]) -> Result<Config> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| Error::corrupt(name, format!("not JSON: {e}")))?;
     if v.get("format").and_then(|f| f.as_str()) != Some(CONFIG_FORMAT) {
         return Err(Error::Format(format!(
-            "{}: not a holdfast datastore configuration",
-            name.display()
+            "{name}: not a holdfast datastore configuration"
         )));
     }
     let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0);
     if version > CONFIG_VERSION as u64 {
         return Err(Error::Format(format!(
-            "{}: datastore format version {version} is newer than this holdfast understands ({CONFIG_VERSION}); upgrade holdfast",
-            name.display()
+            "{name}: datastore format version {version} is newer than this holdfast understands ({CONFIG_VERSION}); upgrade holdfast"
         )));
     }
-    let c: Config = serde_json::from_value(v)
-        .map_err(|e| Error::corrupt(name.display().to_string(), e.to_string()))?;
+    let c: Config = serde_json::from_value(v).map_err(|e| Error::corrupt(name, e.to_string()))?;
     if c.compute_checksum()? != c.checksum {
-        return Err(Error::corrupt(
-            name.display().to_string(),
-            "checksum mismatch",
-        ));
+        return Err(Error::corrupt(name, "checksum mismatch"));
     }
     if !c.block_size.is_power_of_two()
         || !(4096..=1 << 20).contains(&c.block_size)
@@ -688,12 +721,25 @@ fn parse_config(dir: &Path, body: &[u8]) -> Result<Config> {
         || !(1 << 20..=1 << 30).contains(&c.pack_size)
         || !(1..=22).contains(&c.zstd_level)
     {
-        return Err(Error::corrupt(
-            name.display().to_string(),
-            "a field is out of range",
-        ));
+        return Err(Error::corrupt(name, "a field is out of range"));
     }
     Ok(c)
+}
+
+fn check_options(opts: &StoreOptions) -> Result<()> {
+    if !(1..=22).contains(&opts.zstd_level) {
+        return Err(Error::Invalid(format!(
+            "zstd level {} is out of range (1-22)",
+            opts.zstd_level
+        )));
+    }
+    if !opts.block_size.is_power_of_two() || !(4096..=1 << 20).contains(&opts.block_size) {
+        return Err(Error::Invalid(format!(
+            "block size {} must be a power of two from 4096 to 1048576",
+            opts.block_size
+        )));
+    }
+    Ok(())
 }
 
 fn default_threads() -> usize {

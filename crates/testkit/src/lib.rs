@@ -1,8 +1,12 @@
 //! Helpers the tests of several crates share, so each test suite does not carry its
 //! own copy: [`Rng`], a seeded generator for deterministic fixtures, and [`run`] /
-//! [`qemu_img`], the external tools interop tests compare against. Only ever a
+//! [`qemu_img`], the external tools interop tests compare against, and [`Azurite`] /
+//! [`Moto`], the storage servers the object-storage tests run against. Only ever a
 //! dev-dependency; tests may panic here, that is how they fail.
 
+mod servers;
+
+pub use servers::{AZURITE_ACCOUNT, AZURITE_KEY, Azurite, Moto};
 use std::process::{Command, Output};
 
 /// splitmix64: a small seeded generator, so fixtures are the same on every run and

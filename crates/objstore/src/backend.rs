@@ -1,0 +1,420 @@
+//! `ObjectBackend`: the datastore's `Backend` over an `object_store` store.
+
+use crate::lease::{self, LeaseCore};
+use crate::{Error, Options, Target};
+use datastore::backend::{Entry, LockGuard};
+use datastore::{Backend, Error as DsError, Result as DsResult};
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{
+    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig,
+};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A datastore in an Azure Blob container or an S3 bucket.
+pub struct ObjectBackend {
+    pub(crate) inner: Arc<Inner>,
+    /// Owned here only so that dropping the backend stops its threads; taken in `Drop`.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+/// What requests, the lease's renewal task and lock guards share.
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) handle: tokio::runtime::Handle,
+    pub(crate) location: String,
+    pub(crate) opts: Options,
+    pub(crate) lease: LeaseCore,
+}
+
+impl std::fmt::Debug for ObjectBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectBackend")
+            .field("location", &self.inner.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ObjectBackend {
+    fn drop(&mut self) {
+        // Never blocks: dropping a runtime the normal way panics inside another
+        // runtime's async context.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl ObjectBackend {
+    /// Builds the client for an Azure or S3 target (no request is sent yet).
+    pub fn new(target: &Target, opts: &Options) -> Result<ObjectBackend, Error> {
+        let location = target.location();
+        let bad = |detail: String| Error::Target {
+            location: location.clone(),
+            detail,
+        };
+        let client = |endpoint: &Option<String>| {
+            let mut c = ClientOptions::new()
+                .with_connect_timeout(opts.connect_timeout)
+                .with_timeout(opts.request_timeout);
+            if endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://"))
+            {
+                c = c.with_allow_http(true);
+            }
+            c
+        };
+        let retry = RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: opts.max_retries,
+            retry_timeout: opts.retry_timeout,
+        };
+        let store: Arc<dyn ObjectStore> = match target {
+            Target::Azure {
+                account,
+                container,
+                endpoint,
+                access_key,
+            } => {
+                let mut b = object_store::azure::MicrosoftAzureBuilder::new()
+                    .with_account(account)
+                    .with_container_name(container)
+                    .with_access_key(access_key.expose())
+                    .with_client_options(client(endpoint))
+                    .with_retry(retry);
+                if let Some(e) = endpoint {
+                    // An explicit endpoint, not emulator mode: emulator mode takes its
+                    // URL from a process-wide environment variable.
+                    b = b.with_endpoint(e.clone());
+                }
+                Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+            }
+            Target::S3 {
+                bucket,
+                endpoint,
+                region,
+                access_key_id,
+                secret_access_key,
+            } => {
+                let mut b = object_store::aws::AmazonS3Builder::new()
+                    .with_bucket_name(bucket)
+                    .with_region(region)
+                    .with_access_key_id(access_key_id)
+                    .with_secret_access_key(secret_access_key.expose())
+                    .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
+                    .with_client_options(client(endpoint))
+                    .with_retry(retry);
+                if let Some(e) = endpoint {
+                    b = b
+                        .with_endpoint(e.clone())
+                        .with_virtual_hosted_style_request(false);
+                }
+                Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+            }
+            Target::Folder { .. } => {
+                return Err(bad(
+                    "a folder is a LocalBackend; open it with objstore::open".into(),
+                ));
+            }
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("objstore")
+            .enable_all()
+            .build()
+            .map_err(|e| bad(format!("cannot start the I/O runtime: {e}")))?;
+        let lease = LeaseCore::new(opts.lease)?;
+        Ok(ObjectBackend {
+            inner: Arc::new(Inner {
+                store,
+                handle: rt.handle().clone(),
+                location,
+                opts: opts.clone(),
+                lease,
+            }),
+            rt: Some(rt),
+        })
+    }
+
+    /// Test hook: the renewal task stops renewing, as in a server that hangs or loses
+    /// its network while holding the lease (the lease then expires under it).
+    #[doc(hidden)]
+    pub fn stop_renewing(&self) {
+        lease::stop_renewing(&self.inner);
+    }
+
+    /// The random id this backend writes into the lease object.
+    pub fn owner_id(&self) -> &str {
+        &self.inner.lease.owner
+    }
+}
+
+impl Inner {
+    /// The longest one call may take: every attempt, the backoff between them, and a
+    /// margin, so a wait on the channel always ends.
+    pub(crate) fn op_limit(&self) -> Duration {
+        self.opts.retry_timeout + self.opts.request_timeout + Duration::from_secs(5)
+    }
+
+    /// Runs `fut` on the backend's runtime and waits for it at most `limit`.
+    pub(crate) fn block<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+        limit: Duration,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let task = self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        match rx.recv_timeout(limit) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                task.abort();
+                None
+            }
+        }
+    }
+
+    /// Runs one store call for `key`, mapping its errors to the datastore's, each
+    /// naming the target and the key.
+    pub(crate) fn call<T: Send + 'static>(
+        &self,
+        key: &str,
+        op: &'static str,
+        limit: Duration,
+        fut: impl Future<Output = object_store::Result<T>> + Send + 'static,
+    ) -> DsResult<T> {
+        match self.block(fut, limit) {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) => Err(self.map_err(key, op, e)),
+            None => Err(DsError::Io {
+                path: self.key_location(key).into(),
+                op,
+                err: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", limit.as_secs()),
+                ),
+            }),
+        }
+    }
+
+    pub(crate) fn key_location(&self, key: &str) -> String {
+        format!("{}/{key}", self.location)
+    }
+
+    pub(crate) fn map_err(&self, key: &str, op: &'static str, e: object_store::Error) -> DsError {
+        match e {
+            object_store::Error::NotFound { .. } => DsError::Missing { key: key.into() },
+            e => DsError::Io {
+                path: self.key_location(key).into(),
+                op,
+                err: std::io::Error::other(e.to_string()),
+            },
+        }
+    }
+}
+
+/// A datastore key as an object path; the same rule as `LocalBackend`'s (no empty,
+/// `.`, `..` or hidden components).
+pub(crate) fn obj_path(key: &str) -> DsResult<ObjPath> {
+    if key.is_empty()
+        || key.starts_with('/')
+        || key
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
+    {
+        return Err(DsError::Invalid(format!("invalid datastore key {key:?}")));
+    }
+    ObjPath::parse(key).map_err(|e| DsError::Invalid(format!("invalid datastore key {key:?}: {e}")))
+}
+
+impl ObjectBackend {
+    fn put_mode(
+        &self,
+        key: &str,
+        data: &[u8],
+        mode: PutMode,
+    ) -> DsResult<object_store::Result<()>> {
+        let limit = lease::write_limit(&self.inner, key)?;
+        let path = obj_path(key)?;
+        let store = self.inner.store.clone();
+        let payload = PutPayload::from(data.to_vec());
+        let op = "put";
+        match self.inner.block(
+            async move {
+                store
+                    .put_opts(&path, payload, PutOptions::from(mode))
+                    .await
+                    .map(|_| ())
+            },
+            limit,
+        ) {
+            Some(r) => Ok(r),
+            None => Err(DsError::Io {
+                path: self.inner.key_location(key).into(),
+                op,
+                err: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", limit.as_secs()),
+                ),
+            }),
+        }
+    }
+}
+
+impl Backend for ObjectBackend {
+    fn put(&self, key: &str, data: &[u8]) -> DsResult<()> {
+        self.put_mode(key, data, PutMode::Overwrite)?
+            .map_err(|e| self.inner.map_err(key, "put", e))
+    }
+
+    fn put_new(&self, key: &str, data: &[u8]) -> DsResult<bool> {
+        match self.put_mode(key, data, PutMode::Create)? {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            // S3 answers 412 to If-None-Match; some object_store paths report it so.
+            Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. }) => Err(DsError::Invalid(format!(
+                "{}: this store cannot create an object only if it is absent (conditional PUT); \
+                 a datastore needs it for manifests and its lease",
+                self.inner.key_location(key)
+            ))),
+            Err(e) => Err(self.inner.map_err(key, "put (create only)", e)),
+        }
+    }
+
+    fn get(&self, key: &str) -> DsResult<Vec<u8>> {
+        let path = obj_path(key)?;
+        let store = self.inner.store.clone();
+        self.inner
+            .call(key, "get", self.inner.op_limit(), async move {
+                let r = store.get(&path).await?;
+                r.bytes().await.map(|b| b.to_vec())
+            })
+    }
+
+    fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> DsResult<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let path = obj_path(key)?;
+        let len = buf.len() as u64;
+        let truncated = || DsError::Corrupt {
+            key: key.into(),
+            detail: format!(
+                "truncated: {} bytes at offset {offset} are past its end",
+                buf.len()
+            ),
+        };
+        let Some(end) = offset.checked_add(len) else {
+            return Err(truncated());
+        };
+        let store = self.inner.store.clone();
+        let p = path.clone();
+        let got = self
+            .inner
+            .call(key, "read", self.inner.op_limit(), async move {
+                let opts = GetOptions {
+                    range: Some(GetRange::Bounded(offset..end)),
+                    ..Default::default()
+                };
+                let r = store.get_opts(&p, opts).await?;
+                r.bytes().await
+            });
+        match got {
+            Ok(b) if b.len() as u64 == len => {
+                buf.copy_from_slice(&b);
+                Ok(())
+            }
+            Ok(_) => Err(truncated()),
+            Err(DsError::Missing { key }) => Err(DsError::Missing { key }),
+            Err(e) => {
+                // A range starting past the end is refused by the store (416); name it
+                // as the short object it is, like LocalBackend does.
+                let store = self.inner.store.clone();
+                match self
+                    .inner
+                    .call(key, "stat", self.inner.op_limit(), async move {
+                        store.head(&path).await
+                    }) {
+                    Ok(meta) if meta.size < end => Err(truncated()),
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    fn list(&self, prefix: &str) -> DsResult<Vec<Entry>> {
+        let trimmed = prefix.trim_end_matches('/');
+        let p = if trimmed.is_empty() {
+            None
+        } else {
+            Some(obj_path(trimmed)?)
+        };
+        let store = self.inner.store.clone();
+        let mut out: Vec<Entry> =
+            self.inner
+                .call(prefix, "list", self.inner.op_limit(), async move {
+                    store
+                        .list(p.as_ref())
+                        .map_ok(|m| Entry {
+                            key: m.location.to_string(),
+                            size: m.size,
+                        })
+                        .try_collect::<Vec<_>>()
+                        .await
+                })?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> DsResult<()> {
+        let limit = lease::write_limit(&self.inner, key)?;
+        let path = obj_path(key)?;
+        let store = self.inner.store.clone();
+        match self.inner.call(
+            key,
+            "delete",
+            limit,
+            async move { store.delete(&path).await },
+        ) {
+            Ok(()) | Err(DsError::Missing { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn exists(&self, key: &str) -> DsResult<bool> {
+        let path = obj_path(key)?;
+        let store = self.inner.store.clone();
+        match self
+            .inner
+            .call(key, "stat", self.inner.op_limit(), async move {
+                store.head(&path).await
+            }) {
+            Ok(_) => Ok(true),
+            Err(DsError::Missing { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lock(&self, exclusive: bool, wait: bool) -> DsResult<Box<dyn LockGuard>> {
+        lease::lock(&self.inner, exclusive, wait)
+    }
+
+    fn remove_leftovers(&self) -> DsResult<u64> {
+        // Every write is one atomic PUT: nothing temporary is ever left behind.
+        Ok(0)
+    }
+
+    fn location(&self) -> String {
+        self.inner.location.clone()
+    }
+}

@@ -1,0 +1,505 @@
+//! The datastore lock on object storage: the lease object `locks/lease.json` (the
+//! design and why it is safe are in the crate's documentation).
+
+use crate::backend::Inner;
+use datastore::backend::LockGuard;
+use datastore::{Error as DsError, Result as DsResult};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const LEASE_KEY: &str = "locks/lease.json";
+
+/// The lease object's body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct LeaseBody {
+    owner: String,
+    host: String,
+    pid: u32,
+    expires_unix: u64,
+    /// Counts renewals, so a renewal whose answer was lost (and whose retry then
+    /// failed its precondition) is recognised as ours.
+    renewal: u64,
+}
+
+impl LeaseBody {
+    fn describe(&self) -> String {
+        format!(
+            "{} (pid {}, owner {}) holds the lease until {}",
+            self.host,
+            self.pid,
+            self.owner,
+            utc::rfc3339(i64::try_from(self.expires_unix).unwrap_or(i64::MAX))
+        )
+    }
+}
+
+/// The lease state of one backend.
+pub(crate) struct LeaseCore {
+    pub(crate) owner: String,
+    host: String,
+    pid: u32,
+    duration: Duration,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    shared: usize,
+    exclusive: bool,
+    held: Option<Held>,
+    /// A thread is taking the lease (without holding the state's mutex meanwhile).
+    acquiring: bool,
+    /// Set once renewal found the lease in another owner's hands; permanent.
+    lost: Option<String>,
+}
+
+struct Held {
+    version: UpdateVersion,
+    /// When the last successful renewal (or the taking) was sent.
+    renewed: Instant,
+    renewal: u64,
+    paused: bool,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LeaseCore {
+    pub(crate) fn new(duration: Duration) -> Result<LeaseCore, crate::Error> {
+        Ok(LeaseCore {
+            owner: datastore::crypto::random_hex(8)?,
+            host: host_name(),
+            pid: std::process::id(),
+            duration,
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn body(&self, renewal: u64) -> Vec<u8> {
+        let expires = unix_now() + self.duration.as_secs_f64();
+        let body = LeaseBody {
+            owner: self.owner.clone(),
+            host: self.host.clone(),
+            pid: self.pid,
+            // Rounded up: a later expiry only delays a taker.
+            expires_unix: expires.ceil() as u64,
+            renewal,
+        };
+        serde_json::to_vec_pretty(&body).unwrap_or_default()
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn lease_path() -> ObjPath {
+    ObjPath::from(LEASE_KEY)
+}
+
+fn lost_error(inner: &Inner, detail: &str) -> DsError {
+    DsError::Invalid(format!(
+        "lease lost: another server holds {}: {detail}; this server stopped writing to it",
+        inner.location
+    ))
+}
+
+/// Whether a write may start now, and how long it may take: refused once the lease is
+/// lost or has gone unrenewed for half its length; otherwise bounded so it ends
+/// before 3/4 of the lease after the last renewal.
+pub(crate) fn write_limit(inner: &Inner, key: &str) -> DsResult<Duration> {
+    let core = &inner.lease;
+    let (renewed, lost) = {
+        let s = locks::lock(&core.state);
+        (s.held.as_ref().map(|h| h.renewed), s.lost.clone())
+    };
+    if let Some(l) = lost {
+        return Err(lost_error(inner, &l));
+    }
+    let Some(renewed) = renewed else {
+        return Ok(inner.op_limit());
+    };
+    let age = renewed.elapsed();
+    if age > core.duration / 2 {
+        // Name the new owner when the lease shows one.
+        if let Some(body) = read_lease(inner).ok().flatten().map(|(b, _)| b)
+            && body.owner != core.owner
+        {
+            let d = body.describe();
+            locks::lock(&core.state).lost = Some(d.clone());
+            return Err(lost_error(inner, &d));
+        }
+        return Err(DsError::Invalid(format!(
+            "{}: not writing {key}: the lease on {} was last renewed {:.1} s ago (lease {} s); \
+             another server may take over, so writes stop until it is renewed",
+            inner.key_location(key),
+            inner.location,
+            age.as_secs_f64(),
+            core.duration.as_secs_f64()
+        )));
+    }
+    let left = (core.duration * 3 / 4).saturating_sub(age);
+    Ok(left.min(inner.op_limit()))
+}
+
+/// Reads the lease object: its body and version; `None` when there is none.
+fn read_lease(inner: &Inner) -> DsResult<Option<(LeaseBody, UpdateVersion)>> {
+    let store = inner.store.clone();
+    let r = inner.call(LEASE_KEY, "read lease", inner.op_limit(), async move {
+        let r = store.get(&lease_path()).await?;
+        let v = UpdateVersion {
+            e_tag: r.meta.e_tag.clone(),
+            version: r.meta.version.clone(),
+        };
+        Ok((r.bytes().await?, v))
+    });
+    let (bytes, version) = match r {
+        Ok(x) => x,
+        Err(DsError::Missing { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let body: LeaseBody = serde_json::from_slice(&bytes).map_err(|e| DsError::Corrupt {
+        key: inner.key_location(LEASE_KEY),
+        detail: format!(
+            "the lease object is not a lease ({e}); delete it if no server uses this datastore"
+        ),
+    })?;
+    Ok(Some((body, version)))
+}
+
+/// One conditional PUT of the lease; `Ok(None)` when its condition failed.
+fn put_lease(inner: &Inner, mode: PutMode, body: Vec<u8>) -> DsResult<Option<UpdateVersion>> {
+    let store = inner.store.clone();
+    let r = inner.block(
+        async move {
+            store
+                .put_opts(
+                    &lease_path(),
+                    PutPayload::from(body),
+                    PutOptions::from(mode),
+                )
+                .await
+        },
+        inner.op_limit(),
+    );
+    match r {
+        Some(Ok(res)) => Ok(Some(UpdateVersion {
+            e_tag: res.e_tag,
+            version: res.version,
+        })),
+        Some(Err(
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
+        )) => Ok(None),
+        Some(Err(object_store::Error::NotImplemented { .. })) => Err(DsError::Invalid(format!(
+            "{}: this store has no conditional PUT, which the datastore lease needs",
+            inner.location
+        ))),
+        Some(Err(e)) => Err(inner.map_err(LEASE_KEY, "write lease", e)),
+        None => Err(DsError::Io {
+            path: inner.key_location(LEASE_KEY).into(),
+            op: "write lease",
+            err: std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"),
+        }),
+    }
+}
+
+/// Takes the lease object: creates it, or takes over an expired one.
+fn acquire(inner: &Arc<Inner>, wait: bool) -> DsResult<Held> {
+    let core = &inner.lease;
+    let deadline = Instant::now()
+        + if wait {
+            inner.opts.lock_wait
+        } else {
+            Duration::ZERO
+        };
+    // Each lost race means another server changed the lease just now; a few are
+    // normal, endless ones are not.
+    let mut races = 0u32;
+    let mut raced = || {
+        races += 1;
+        if races > 20 {
+            Err(DsError::Invalid(format!(
+                "{}: the lease object changes under every attempt to take it",
+                inner.key_location(LEASE_KEY)
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    loop {
+        let sent = Instant::now();
+        if let Some(version) = put_lease(inner, PutMode::Create, core.body(0))? {
+            return Ok(Held {
+                version,
+                renewed: sent,
+                renewal: 0,
+                paused: false,
+                task: None,
+            });
+        }
+        let Some((body, version)) = read_lease(inner)? else {
+            raced()?; // released between our create and our read
+            continue;
+        };
+        if (body.expires_unix as f64) < unix_now() {
+            let sent = Instant::now();
+            if let Some(version) = put_lease(inner, PutMode::Update(version), core.body(0))? {
+                return Ok(Held {
+                    version,
+                    renewed: sent,
+                    renewal: 0,
+                    paused: false,
+                    task: None,
+                });
+            }
+            raced()?; // another server took it first
+            continue;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(DsError::Invalid(format!(
+                "{}: the datastore is in use by another server: {}; try again later{}",
+                inner.location,
+                body.describe(),
+                if wait { " (waited for it)" } else { "" }
+            )));
+        }
+        let until_expiry = Duration::from_secs_f64(
+            (body.expires_unix as f64 - unix_now()).clamp(0.0, 3600.0) + 0.1,
+        );
+        std::thread::sleep(
+            until_expiry
+                .min(core.duration / 3)
+                .min(deadline - now)
+                .max(Duration::from_millis(50)),
+        );
+    }
+}
+
+/// The renewal loop, on the backend's runtime.
+async fn renew(inner: Arc<Inner>) {
+    let core = &inner.lease;
+    loop {
+        tokio::time::sleep(core.duration / 3).await;
+        let (version, renewal) = {
+            let s = locks::lock(&core.state);
+            match &s.held {
+                Some(h) if s.lost.is_none() && !h.paused => (h.version.clone(), h.renewal + 1),
+                Some(_) if s.lost.is_none() => continue,
+                _ => return,
+            }
+        };
+        let sent = Instant::now();
+        let store = inner.store.clone();
+        let body = PutPayload::from(core.body(renewal));
+        let r = tokio::time::timeout(
+            core.duration / 3,
+            store.put_opts(
+                &lease_path(),
+                body,
+                PutOptions::from(PutMode::Update(version)),
+            ),
+        )
+        .await;
+        match r {
+            Ok(Ok(res)) => {
+                let mut s = locks::lock(&core.state);
+                if let Some(h) = s.held.as_mut() {
+                    h.version = UpdateVersion {
+                        e_tag: res.e_tag,
+                        version: res.version,
+                    };
+                    h.renewed = sent;
+                    h.renewal = renewal;
+                }
+            }
+            Ok(Err(
+                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+            )) => {
+                // Ours with a newer version (a retried renewal whose first try landed),
+                // or someone else's.
+                let store = inner.store.clone();
+                let got = tokio::time::timeout(core.duration / 3, async move {
+                    let r = store.get(&lease_path()).await?;
+                    let v = UpdateVersion {
+                        e_tag: r.meta.e_tag.clone(),
+                        version: r.meta.version.clone(),
+                    };
+                    Ok::<_, object_store::Error>((r.bytes().await?, v))
+                })
+                .await;
+                let mut s = locks::lock(&core.state);
+                match got {
+                    Ok(Ok((bytes, v))) => match serde_json::from_slice::<LeaseBody>(&bytes) {
+                        Ok(b) if b.owner == core.owner && b.renewal == renewal => {
+                            if let Some(h) = s.held.as_mut() {
+                                h.version = v;
+                                h.renewed = sent;
+                                h.renewal = renewal;
+                            }
+                        }
+                        Ok(b) => {
+                            s.lost = Some(b.describe());
+                            return;
+                        }
+                        Err(_) => {
+                            s.lost = Some("the lease object was replaced".into());
+                            return;
+                        }
+                    },
+                    Ok(Err(object_store::Error::NotFound { .. })) => {
+                        s.lost = Some("the lease object was removed".into());
+                        return;
+                    }
+                    // Unreachable store: try again; writes stop at lease/2 by themselves.
+                    _ => {}
+                }
+            }
+            // A failed or slow renewal: try again at the next tick.
+            _ => {}
+        }
+    }
+}
+
+pub(crate) fn stop_renewing(inner: &Inner) {
+    if let Some(h) = locks::lock(&inner.lease.state).held.as_mut() {
+        h.paused = true;
+    }
+}
+
+/// The datastore lock: local shared/exclusive counting, and the lease while any guard
+/// is held.
+pub(crate) fn lock(
+    inner: &Arc<Inner>,
+    exclusive: bool,
+    wait: bool,
+) -> DsResult<Box<dyn LockGuard>> {
+    let core = &inner.lease;
+    let deadline = Instant::now() + inner.opts.local_wait;
+    let mut s = locks::lock(&core.state);
+    loop {
+        if let Some(l) = &s.lost {
+            return Err(lost_error(inner, l));
+        }
+        let now = Instant::now();
+        if s.acquiring {
+            // Another thread is taking the lease; its outcome decides ours.
+            if now >= deadline {
+                return Err(DsError::Invalid(format!(
+                    "{}: timed out waiting for the lease",
+                    inner.location
+                )));
+            }
+            s = locks::wait_timeout(&core.cv, s, deadline - now);
+            continue;
+        }
+        let conflict = s.exclusive || (exclusive && s.shared > 0);
+        if !conflict {
+            break;
+        }
+        if !wait || now >= deadline {
+            return Err(DsError::Invalid(format!(
+                "{}: the datastore is busy ({}); try again later",
+                inner.location,
+                if exclusive {
+                    "a backup, verify or prune is running"
+                } else {
+                    "gc is running"
+                }
+            )));
+        }
+        s = locks::wait_timeout(&core.cv, s, deadline - now);
+    }
+    if s.held.is_none() {
+        // Taken without the state's mutex, so writes and other lockers are not held up
+        // behind a wait for another server.
+        s.acquiring = true;
+        drop(s);
+        let got = acquire(inner, wait);
+        s = locks::lock(&core.state);
+        s.acquiring = false;
+        core.cv.notify_all();
+        let mut held = got?;
+        held.task = Some(inner.handle.spawn(renew(inner.clone())));
+        s.held = Some(held);
+    }
+    if exclusive {
+        s.exclusive = true;
+    } else {
+        s.shared += 1;
+    }
+    Ok(Box::new(Guard {
+        inner: inner.clone(),
+        exclusive,
+    }))
+}
+
+struct Guard {
+    inner: Arc<Inner>,
+    exclusive: bool,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseGuard")
+            .field("location", &self.inner.location)
+            .field("exclusive", &self.exclusive)
+            .finish()
+    }
+}
+
+impl LockGuard for Guard {}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let core = &self.inner.lease;
+        let mut s = locks::lock(&core.state);
+        if self.exclusive {
+            s.exclusive = false;
+        } else {
+            s.shared = s.shared.saturating_sub(1);
+        }
+        core.cv.notify_all();
+        if s.exclusive || s.shared > 0 {
+            return;
+        }
+        let Some(mut held) = s.held.take() else {
+            return;
+        };
+        let ours = s.lost.is_none() && held.renewed.elapsed() < core.duration / 2;
+        if let Some(task) = held.task.take() {
+            task.abort();
+            // Let an in-flight renewal finish dying, so it cannot re-create the lease
+            // after the delete below.
+            let _ = self.inner.block(
+                async move {
+                    let _ = task.await;
+                },
+                Duration::from_secs(2),
+            );
+        }
+        if ours {
+            // Surely still ours (renewed less than lease/2 ago, so unexpired): delete.
+            // Otherwise leave it to expire rather than risk deleting a taker's lease.
+            let store = self.inner.store.clone();
+            let _ = self.inner.block(
+                async move { store.delete(&lease_path()).await },
+                self.inner.op_limit(),
+            );
+        }
+    }
+}
