@@ -267,3 +267,144 @@ fn storage_targets_are_admin_only_and_their_secrets_never_shown() {
     let list: Vec<StorageInfo> = c.admin().get("/storage").unwrap();
     assert_eq!(list.len(), 2);
 }
+
+/// Adds target `name` through the CLI; `extra` are its location flags.
+fn add(c: &Cluster, name: &str, kind: &str, extra: &[&str]) {
+    let mut args = vec!["storage", "add", name, "--kind", kind];
+    args.extend_from_slice(extra);
+    c.cli_ok(&args);
+}
+
+#[test]
+fn storage_test_probes_azurite_s3_and_a_folder_and_names_what_fails() {
+    let t = tempfile::tempdir().unwrap();
+    let c = Cluster::start(t.path(), FAST);
+    let azurite = testkit::Azurite::start();
+    azurite.create_container("holdfast");
+    let moto = testkit::Moto::start();
+    moto.create_bucket("holdfast");
+    let keys = t.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let az_key = keys.join("azure.key");
+    std::fs::write(&az_key, testkit::AZURITE_KEY).unwrap();
+    let s3_key = keys.join("s3.key");
+    std::fs::write(&s3_key, "AKIDHOLDFAST\nmoto-accepts-any-secret\n").unwrap();
+    let wrong_key = keys.join("wrong.key");
+    std::fs::write(&wrong_key, "d3Jvbmcta2V5LXdyb25nLWtleQ==").unwrap();
+    let (az_endpoint, s3_endpoint) = (azurite.endpoint(), moto.endpoint());
+
+    let azure = |key: &std::path::Path, container: &str| -> Vec<String> {
+        [
+            "--account",
+            testkit::AZURITE_ACCOUNT,
+            "--container",
+            container,
+            "--endpoint",
+            &az_endpoint,
+            "--key-file",
+            s(key),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let strs = |v: &[String]| {
+        v.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\u{0}")
+    };
+    let owned = azure(&az_key, "holdfast");
+    add(
+        &c,
+        "azurite",
+        "azure",
+        &strs(&owned).split('\u{0}').collect::<Vec<_>>(),
+    );
+    add(
+        &c,
+        "moto",
+        "s3",
+        &[
+            "--bucket",
+            "holdfast",
+            "--region",
+            "us-east-1",
+            "--endpoint",
+            &s3_endpoint,
+            "--access-key-file",
+            s(&s3_key),
+        ],
+    );
+    add(&c, "nas", "folder", &["--path", s(&t.path().join("nas"))]);
+
+    for name in ["azurite", "moto", "nas"] {
+        let out = c.cli_ok(&["storage", "test", name]);
+        assert!(out.contains("4 MiB probe written in"), "{out}");
+        let r: StorageTestReport =
+            serde_json::from_str(&c.cli_ok(&["storage", "test", name, "--json"])).unwrap();
+        assert_eq!(r.bytes, 4 << 20);
+        assert!(
+            r.write_bytes_per_sec > 0 && r.read_bytes_per_sec > 0,
+            "{r:?}"
+        );
+        assert!(r.put_ms > 0.0 && r.get_ms > 0.0, "{r:?}");
+    }
+    // The probe leaves nothing behind.
+    let left: Vec<_> = std::fs::read_dir(t.path().join("nas/probe"))
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+
+    // What fails is named, with a non-zero exit and in bounded time: a wrong key, a
+    // container that does not exist, a server that is not there.
+    let wrong = azure(&wrong_key, "holdfast");
+    add(
+        &c,
+        "wrong-key",
+        "azure",
+        &strs(&wrong).split('\u{0}').collect::<Vec<_>>(),
+    );
+    let nope = azure(&az_key, "no-such-container");
+    add(
+        &c,
+        "no-container",
+        "azure",
+        &strs(&nope).split('\u{0}').collect::<Vec<_>>(),
+    );
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    add(
+        &c,
+        "dead",
+        "s3",
+        &[
+            "--bucket",
+            "holdfast",
+            "--region",
+            "us-east-1",
+            "--endpoint",
+            &format!("http://127.0.0.1:{dead_port}"),
+            "--access-key-file",
+            s(&s3_key),
+        ],
+    );
+    for (name, url) in [
+        ("wrong-key", "az://devstoreaccount1/holdfast"),
+        ("no-container", "az://devstoreaccount1/no-such-container"),
+        ("dead", "s3://holdfast"),
+    ] {
+        let started = std::time::Instant::now();
+        let o = c.cli(&["storage", "test", name]);
+        assert!(!o.status.success(), "{name}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        eprintln!("{name} ({:?}): {}", started.elapsed(), err.trim());
+        assert!(err.contains(url) && err.contains("502"), "{name}: {err}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(90),
+            "{name} took {:?}",
+            started.elapsed()
+        );
+    }
+}

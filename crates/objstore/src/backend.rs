@@ -212,6 +212,15 @@ impl Inner {
 
     pub(crate) fn map_err(&self, key: &str, op: &'static str, e: object_store::Error) -> DsError {
         match e {
+            // An object written into a container or bucket that is not there.
+            object_store::Error::NotFound { .. } if op.starts_with("put") => DsError::Io {
+                path: self.key_location(key).into(),
+                op,
+                err: std::io::Error::other(format!(
+                    "the container or bucket {} does not exist; create it first ({e})",
+                    self.location
+                )),
+            },
             object_store::Error::NotFound { .. } => DsError::Missing { key: key.into() },
             e => DsError::Io {
                 path: self.key_location(key).into(),

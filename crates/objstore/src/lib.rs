@@ -208,9 +208,14 @@ pub fn probe(backend: &dyn Backend, bytes: usize) -> Result<ProbeReport, Error> 
         location: location.clone(),
         detail,
     };
+    // The store's own errors name the key but not always the target: add it.
+    let store = |e: datastore::Error| Error::Probe {
+        location: location.clone(),
+        detail: e.to_string(),
+    };
 
     let t = Instant::now();
-    backend.put(&key, &data)?;
+    backend.put(&key, &data).map_err(store)?;
     let put = t.elapsed();
 
     let t = Instant::now();
@@ -220,7 +225,7 @@ pub fn probe(backend: &dyn Backend, bytes: usize) -> Result<ProbeReport, Error> 
         Ok(b) => b,
         Err(e) => {
             let _ = backend.delete(&key);
-            return Err(e.into());
+            return Err(store(e));
         }
     };
     if back != data {
@@ -239,7 +244,7 @@ pub fn probe(backend: &dyn Backend, bytes: usize) -> Result<ProbeReport, Error> 
         Ok(l) => l,
         Err(e) => {
             let _ = backend.delete(&key);
-            return Err(e.into());
+            return Err(store(e));
         }
     };
     if !listed
@@ -251,9 +256,9 @@ pub fn probe(backend: &dyn Backend, bytes: usize) -> Result<ProbeReport, Error> 
     }
 
     let t = Instant::now();
-    backend.delete(&key)?;
+    backend.delete(&key).map_err(store)?;
     let delete = t.elapsed();
-    if backend.exists(&key)? {
+    if backend.exists(&key).map_err(store)? {
         return Err(fail(format!("{key} still exists after delete")));
     }
 

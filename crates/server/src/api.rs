@@ -62,6 +62,7 @@ pub fn router(st: Arc<AppState>) -> Router {
             "/storage/{name}",
             get(storage::storage_show).delete(storage::storage_remove),
         )
+        .route("/storage/{name}/test", post(storage::storage_test))
         .route(
             "/clusters/{name}/hosts/{host}",
             axum::routing::delete(clusters::cluster_remove_host),

@@ -4,7 +4,7 @@ use super::admin::{ServerArgs, print_json};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use client::seg;
-use protocol::{AddStorage, StorageInfo, StorageKind, StorageLocation};
+use protocol::{AddStorage, StorageInfo, StorageKind, StorageLocation, StorageTestReport};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -17,6 +17,13 @@ pub enum StorageCommand {
     Add(AddArgs),
     /// List storage targets (never their secrets).
     List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write, read back, list and delete a 4 MiB probe object on the target (from the
+    /// server), and report latency and throughput; exit 1 when the target fails.
+    Test {
+        name: String,
         #[arg(long)]
         json: bool,
     },
@@ -163,6 +170,25 @@ pub fn run(s: &ServerArgs, c: StorageCommand) -> anyhow::Result<ExitCode> {
                     t.used_by.join(", ")
                 );
             }
+        }
+        StorageCommand::Test { name, json } => {
+            let r: StorageTestReport = cl.post(&format!("/storage/{}/test", seg(&name)), &())?;
+            if json {
+                return print_json(&r).map(|_| ExitCode::SUCCESS);
+            }
+            let mib = |b: u64| b as f64 / f64::from(1 << 20);
+            println!(
+                "storage target {} ({}): {} MiB probe written in {:.1} ms ({:.1} MiB/s), read back in {:.1} ms ({:.1} MiB/s), listed in {:.1} ms, deleted in {:.1} ms",
+                r.name,
+                r.url,
+                mib(r.bytes),
+                r.put_ms,
+                mib(r.write_bytes_per_sec),
+                r.get_ms,
+                mib(r.read_bytes_per_sec),
+                r.list_ms,
+                r.delete_ms
+            );
         }
         StorageCommand::Remove { name } => {
             let t: StorageInfo = cl.delete(&format!("/storage/{}", seg(&name)))?;

@@ -75,3 +75,76 @@ pub(crate) async fn storage_remove(
         .await?;
     Ok(json(&t))
 }
+
+/// Bytes of the probe object `storage test` writes (half a pack: enough to show
+/// throughput, small enough for a slow link).
+const PROBE_BYTES: usize = 4 << 20;
+
+/// The target `t` as the object-storage crate opens it, with its secret.
+fn target(st: &crate::state::AppState, t: &StorageInfo) -> ApiResult<objstore::Target> {
+    let l = &t.location;
+    let missing = |what: &str| {
+        ApiErr(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "storage target {}: {what} is missing from the catalog",
+                t.name
+            ),
+        )
+    };
+    let secret = || -> ApiResult<objstore::Secret> {
+        Ok(objstore::Secret::new(
+            st.secrets.get(&t.name).map_err(secret_err)?,
+        ))
+    };
+    Ok(match t.kind {
+        StorageKind::Azure => objstore::Target::Azure {
+            account: l.account.clone().ok_or_else(|| missing("account"))?,
+            container: l.container.clone().ok_or_else(|| missing("container"))?,
+            endpoint: l.endpoint.clone(),
+            access_key: secret()?,
+        },
+        StorageKind::S3 => objstore::Target::S3 {
+            bucket: l.bucket.clone().ok_or_else(|| missing("bucket"))?,
+            endpoint: l.endpoint.clone(),
+            region: l.region.clone().ok_or_else(|| missing("region"))?,
+            access_key_id: l
+                .access_key_id
+                .clone()
+                .ok_or_else(|| missing("access_key_id"))?,
+            secret_access_key: secret()?,
+        },
+        StorageKind::Folder => objstore::Target::Folder {
+            path: l.path.clone().ok_or_else(|| missing("path"))?.into(),
+        },
+    })
+}
+
+/// Writes, reads back, lists and deletes a probe object: 502 when the target does not
+/// answer as it should, with what went wrong.
+pub(crate) async fn storage_test(
+    State(st): St,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let report = st
+        .offload(move |st| {
+            let t = st.cat().storage(&name)?;
+            let gateway = |e: objstore::Error| ApiErr(StatusCode::BAD_GATEWAY, e.to_string());
+            let backend = objstore::open(&target(st, &t)?).map_err(gateway)?;
+            let p = objstore::probe(backend.as_ref(), PROBE_BYTES).map_err(gateway)?;
+            Ok(StorageTestReport {
+                name: t.name,
+                url: t.url,
+                bytes: p.bytes,
+                put_ms: p.put_ms,
+                get_ms: p.get_ms,
+                list_ms: p.list_ms,
+                delete_ms: p.delete_ms,
+                write_bytes_per_sec: p.write_bytes_per_sec,
+                read_bytes_per_sec: p.read_bytes_per_sec,
+            })
+        })
+        .await?;
+    Ok(json(&report))
+}
