@@ -269,10 +269,17 @@ fn storage_targets_are_admin_only_and_their_secrets_never_shown() {
 }
 
 /// Adds target `name` through the CLI; `extra` are its location flags.
-fn add(c: &Cluster, name: &str, kind: &str, extra: &[&str]) {
+fn add(c: &Cluster, name: &str, kind: &str, extra: &[String]) {
     let mut args = vec!["storage", "add", name, "--kind", kind];
-    args.extend_from_slice(extra);
+    args.extend(extra.iter().map(String::as_str));
     c.cli_ok(&args);
+}
+
+fn flags(pairs: &[(&str, &str)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(k, v)| [format!("--{k}"), v.to_string()])
+        .collect()
 }
 
 #[test]
@@ -291,51 +298,31 @@ fn storage_test_probes_azurite_s3_and_a_folder_and_names_what_fails() {
     std::fs::write(&s3_key, "AKIDHOLDFAST\nmoto-accepts-any-secret\n").unwrap();
     let wrong_key = keys.join("wrong.key");
     std::fs::write(&wrong_key, "d3Jvbmcta2V5LXdyb25nLWtleQ==").unwrap();
-    let (az_endpoint, s3_endpoint) = (azurite.endpoint(), moto.endpoint());
-
-    let azure = |key: &std::path::Path, container: &str| -> Vec<String> {
-        [
-            "--account",
-            testkit::AZURITE_ACCOUNT,
-            "--container",
-            container,
-            "--endpoint",
-            &az_endpoint,
-            "--key-file",
-            s(key),
-        ]
-        .map(String::from)
-        .to_vec()
+    let az_endpoint = azurite.endpoint();
+    let azure = |key: &std::path::Path, container: &str| {
+        flags(&[
+            ("account", testkit::AZURITE_ACCOUNT),
+            ("container", container),
+            ("endpoint", &az_endpoint),
+            ("key-file", s(key)),
+        ])
     };
-    let strs = |v: &[String]| {
-        v.iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join("\u{0}")
+    let s3 = |endpoint: &str| {
+        flags(&[
+            ("bucket", "holdfast"),
+            ("region", "us-east-1"),
+            ("endpoint", endpoint),
+            ("access-key-file", s(&s3_key)),
+        ])
     };
-    let owned = azure(&az_key, "holdfast");
+    add(&c, "azurite", "azure", &azure(&az_key, "holdfast"));
+    add(&c, "moto", "s3", &s3(&moto.endpoint()));
     add(
         &c,
-        "azurite",
-        "azure",
-        &strs(&owned).split('\u{0}').collect::<Vec<_>>(),
+        "nas",
+        "folder",
+        &flags(&[("path", s(&t.path().join("nas")))]),
     );
-    add(
-        &c,
-        "moto",
-        "s3",
-        &[
-            "--bucket",
-            "holdfast",
-            "--region",
-            "us-east-1",
-            "--endpoint",
-            &s3_endpoint,
-            "--access-key-file",
-            s(&s3_key),
-        ],
-    );
-    add(&c, "nas", "folder", &["--path", s(&t.path().join("nas"))]);
 
     for name in ["azurite", "moto", "nas"] {
         let out = c.cli_ok(&["storage", "test", name]);
@@ -357,19 +344,12 @@ fn storage_test_probes_azurite_s3_and_a_folder_and_names_what_fails() {
 
     // What fails is named, with a non-zero exit and in bounded time: a wrong key, a
     // container that does not exist, a server that is not there.
-    let wrong = azure(&wrong_key, "holdfast");
-    add(
-        &c,
-        "wrong-key",
-        "azure",
-        &strs(&wrong).split('\u{0}').collect::<Vec<_>>(),
-    );
-    let nope = azure(&az_key, "no-such-container");
+    add(&c, "wrong-key", "azure", &azure(&wrong_key, "holdfast"));
     add(
         &c,
         "no-container",
         "azure",
-        &strs(&nope).split('\u{0}').collect::<Vec<_>>(),
+        &azure(&az_key, "no-such-container"),
     );
     let dead_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -379,16 +359,7 @@ fn storage_test_probes_azurite_s3_and_a_folder_and_names_what_fails() {
         &c,
         "dead",
         "s3",
-        &[
-            "--bucket",
-            "holdfast",
-            "--region",
-            "us-east-1",
-            "--endpoint",
-            &format!("http://127.0.0.1:{dead_port}"),
-            "--access-key-file",
-            s(&s3_key),
-        ],
+        &s3(&format!("http://127.0.0.1:{dead_port}")),
     );
     for (name, url) in [
         ("wrong-key", "az://devstoreaccount1/holdfast"),
