@@ -379,3 +379,145 @@ fn storage_test_probes_azurite_s3_and_a_folder_and_names_what_fails() {
         );
     }
 }
+
+/// `holdfast ARGS` with `env` set; must succeed; its stdout.
+fn local(env: &[(&str, String)], args: &[&str]) -> String {
+    let o = local_out(env, args);
+    assert!(
+        o.status.success(),
+        "holdfast {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn local_out(env: &[(&str, String)], args: &[&str]) -> std::process::Output {
+    let mut c = std::process::Command::new(BIN);
+    c.args(args)
+        .env_remove("HOLDFAST_STORAGE_KEY_FILE")
+        .env_remove("HOLDFAST_STORAGE_ENDPOINT")
+        .env_remove("HOLDFAST_STORAGE_REGION");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run_bounded(c, &format!("holdfast {args:?}"), HANG)
+}
+
+#[test]
+fn a_local_datastore_lives_on_azurite_and_s3_with_the_same_commands() {
+    let t = tempfile::tempdir().unwrap();
+    let azurite = testkit::Azurite::start();
+    azurite.create_container("store");
+    let moto = testkit::Moto::start();
+    moto.create_bucket("store");
+    let az_key = t.path().join("azure.key");
+    std::fs::write(&az_key, testkit::AZURITE_KEY).unwrap();
+    let s3_key = t.path().join("s3.key");
+    std::fs::write(&s3_key, "AKIDHOLDFAST\nmoto-accepts-any-secret\n").unwrap();
+    let disk = t.path().join("disk.raw");
+    make_disk(&disk, 16 << 20, 6 << 20, 7);
+    let enc_key = t.path().join("store.key");
+
+    let azure_env = vec![
+        ("HOLDFAST_STORAGE_KEY_FILE", s(&az_key).to_string()),
+        ("HOLDFAST_STORAGE_ENDPOINT", azurite.endpoint()),
+    ];
+    let s3_env = vec![
+        ("HOLDFAST_STORAGE_KEY_FILE", s(&s3_key).to_string()),
+        ("HOLDFAST_STORAGE_ENDPOINT", moto.endpoint()),
+    ];
+    let az_url = format!("az://{}/store", testkit::AZURITE_ACCOUNT);
+    // Encrypted on Azure (the key file must be named), plain on S3.
+    let o = local_out(&azure_env, &["datastore", "create", &az_url, "--encrypt"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs --key-file"));
+    local(
+        &azure_env,
+        &[
+            "datastore",
+            "create",
+            &az_url,
+            "--encrypt",
+            "--key-file",
+            s(&enc_key),
+        ],
+    );
+    local(&s3_env, &["datastore", "create", "s3://store"]);
+    // A second create on a store in use is refused.
+    let o = local_out(&s3_env, &["datastore", "create", "s3://store"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not empty"));
+
+    for (env, url, key) in [
+        (&azure_env, az_url.as_str(), Some(s(&enc_key))),
+        (&s3_env, "s3://store", None),
+    ] {
+        let with_key = |args: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            if let Some(k) = key {
+                v.extend(["--key-file".to_string(), k.to_string()]);
+            }
+            v
+        };
+        let run = |args: &[&str]| {
+            let v = with_key(args);
+            local(env, &v.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        run(&["backup", "-d", url, "--source", "vm1", s(&disk)]);
+        let points = run(&["recovery-points", "-d", url, "--json"]);
+        assert!(points.contains("\"vm1\""), "{points}");
+        let out = t.path().join(format!("restored-{}.raw", url.len()));
+        run(&["restore", "-d", url, "--source", "vm1", "-o", s(&out)]);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(&disk).unwrap(),
+            "{url}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&run(&["verify", "-d", url, "--json"])).unwrap();
+        assert_eq!(v["points"], 1, "{v}");
+        assert_eq!(v["damaged_files"], serde_json::json!([]), "{v}");
+        assert_eq!(v["damaged_points"], serde_json::json!([]), "{v}");
+        run(&["gc", "-d", url]);
+    }
+
+    // Two writers at once: one holds the lease, the other waits for it; both finish
+    // and both points are there.
+    let writers: Vec<_> = ["vm2", "vm3"]
+        .into_iter()
+        .map(|src| {
+            let env = s3_env.clone();
+            let disk = disk.clone();
+            std::thread::spawn(move || {
+                local(
+                    &env,
+                    &["backup", "-d", "s3://store", "--source", src, s(&disk)],
+                )
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let points = local(&s3_env, &["recovery-points", "-d", "s3://store", "--json"]);
+    for src in ["vm1", "vm2", "vm3"] {
+        assert!(points.contains(&format!("\"{src}\"")), "{points}");
+    }
+
+    // What is missing or malformed is named.
+    let o = local_out(&[], &["recovery-points", "-d", "s3://store"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("HOLDFAST_STORAGE_KEY_FILE"));
+    let o = local_out(
+        &azure_env,
+        &["recovery-points", "-d", "az://only-an-account"],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("az://ACCOUNT/CONTAINER"));
+    let o = local_out(&azure_env, &["recovery-points", "-d", &az_url]);
+    assert!(
+        !o.status.success(),
+        "an encrypted store opened without its key"
+    );
+}

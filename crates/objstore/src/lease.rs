@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 pub const LEASE_KEY: &str = "locks/lease.json";
 
+/// Longest a waiting taker sleeps before it looks at the lease again.
+const LOOK_AGAIN: Duration = Duration::from_secs(2);
+
 /// The lease object's body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct LeaseBody {
@@ -281,9 +284,12 @@ fn acquire(inner: &Arc<Inner>, wait: bool) -> DsResult<Held> {
         let until_expiry = Duration::from_secs_f64(
             (body.expires_unix as f64 - unix_now()).clamp(0.0, 3600.0) + 0.1,
         );
+        // A holder that finishes deletes the lease: look again soon rather than at
+        // its expiry (a GET and a conditional PUT every 2 s at most).
         std::thread::sleep(
             until_expiry
                 .min(core.duration / 3)
+                .min(LOOK_AGAIN)
                 .min(deadline - now)
                 .max(Duration::from_millis(50)),
         );

@@ -6,6 +6,7 @@ mod daemons;
 mod export;
 mod ilr;
 mod image;
+mod location;
 mod progress;
 mod storage;
 mod store;

@@ -66,7 +66,7 @@ pub struct AddArgs {
 const MAX_KEY_FILE: u64 = 4096;
 
 /// The non-empty lines of a key file.
-fn key_lines(path: &Path) -> anyhow::Result<Vec<String>> {
+pub(super) fn key_lines(path: &Path) -> anyhow::Result<Vec<String>> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("{}: cannot read the key file", path.display()))?
         .len();

@@ -22,7 +22,8 @@ pub enum DatastoreCommand {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Folder for the datastore.
+    /// Folder for the datastore, or object storage: az://ACCOUNT/CONTAINER or
+    /// s3://BUCKET (credentials from HOLDFAST_STORAGE_KEY_FILE, see docs/cli.md).
     dir: PathBuf,
     /// Encrypt everything stored (AES-256-GCM); writes a key file, by default DIR.key
     /// beside the folder. Keep a copy of it: without it nothing can be restored.
@@ -39,7 +40,8 @@ pub struct CreateArgs {
 /// Options every command that opens a datastore shares.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// The datastore folder.
+    /// The datastore folder, or az://ACCOUNT/CONTAINER or s3://BUCKET (credentials
+    /// from HOLDFAST_STORAGE_KEY_FILE, see docs/cli.md).
     #[arg(long, short = 'd')]
     datastore: PathBuf,
     /// Key file of an encrypted datastore (default: DATASTORE.key beside the folder).
@@ -57,6 +59,11 @@ impl StoreArgs {
 /// for a plain datastore is refused (by `Datastore::open`), and the key of an
 /// encrypted one that its group or others can read is warned about on stderr.
 pub(super) fn open_store(dir: &Path, key_file: Option<&Path>) -> anyhow::Result<Datastore> {
+    if let Some(target) = super::location::object_target(dir)? {
+        // Object storage has no "beside the folder": an encrypted one needs --key-file.
+        let backend = objstore::open(&target)?;
+        return Ok(Datastore::open_on(backend, &target.location(), key_file)?);
+    }
     let ds = Datastore::open(dir, key_file)?;
     if ds.keys().encrypted() {
         let key = key_file
@@ -221,19 +228,24 @@ pub struct ForgetArgs {
 }
 
 pub fn create(a: &CreateArgs) -> anyhow::Result<ExitCode> {
+    let target = super::location::object_target(&a.dir)?;
+    if target.is_some() && a.encrypt && a.key_file.is_none() {
+        bail!("--encrypt on object storage needs --key-file (there is no folder to put it beside)");
+    }
     let key_file = a.encrypt.then(|| {
         a.key_file
             .clone()
             .unwrap_or_else(|| datastore::default_key_path(&a.dir))
     });
-    let ds = Datastore::create(
-        &a.dir,
-        &datastore::StoreOptions {
-            key_file: key_file.clone(),
-            zstd_level: a.zstd_level,
-            ..Default::default()
-        },
-    )?;
+    let opts = datastore::StoreOptions {
+        key_file: key_file.clone(),
+        zstd_level: a.zstd_level,
+        ..Default::default()
+    };
+    let ds = match &target {
+        Some(t) => Datastore::create_on(objstore::open(t)?, &t.location(), &opts)?,
+        None => Datastore::create(&a.dir, &opts)?,
+    };
     println!(
         "created datastore {} (id {})",
         a.dir.display(),
