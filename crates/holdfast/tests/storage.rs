@@ -521,3 +521,79 @@ fn a_local_datastore_lives_on_azurite_and_s3_with_the_same_commands() {
         "an encrypted store opened without its key"
     );
 }
+
+#[test]
+fn a_backup_killed_on_object_storage_leaves_garbage_that_gc_removes() {
+    let t = tempfile::tempdir().unwrap();
+    let moto = testkit::Moto::start();
+    moto.create_bucket("store");
+    let s3_key = t.path().join("s3.key");
+    std::fs::write(&s3_key, "AKIDHOLDFAST\nmoto-accepts-any-secret\n").unwrap();
+    let env = vec![
+        ("HOLDFAST_STORAGE_KEY_FILE", s(&s3_key).to_string()),
+        ("HOLDFAST_STORAGE_ENDPOINT", moto.endpoint()),
+    ];
+    let store = objstore::open(&objstore::Target::S3 {
+        bucket: "store".into(),
+        endpoint: Some(moto.endpoint()),
+        region: "us-east-1".into(),
+        access_key_id: "AKIDHOLDFAST".into(),
+        secret_access_key: objstore::Secret::new("moto-accepts-any-secret"),
+    })
+    .unwrap();
+    local(&env, &["datastore", "create", "s3://store"]);
+    // Random data does not compress: many 8 MiB packs, so the kill lands mid-backup.
+    let disk = t.path().join("big.raw");
+    make_disk(&disk, 96 << 20, 96 << 20, 11);
+
+    let mut c = std::process::Command::new(BIN);
+    c.args(["backup", "-d", "s3://store", "--source", "vm", s(&disk)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in &env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().unwrap();
+    wait_until("a pack lands", std::time::Duration::from_secs(60), || {
+        !store.list("packs/").unwrap().is_empty()
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let orphans = store.list("packs/").unwrap();
+    assert!(!orphans.is_empty());
+    assert!(
+        store.list("points/").unwrap().is_empty(),
+        "no point may appear"
+    );
+    let points = local(&env, &["recovery-points", "-d", "s3://store", "--json"]);
+    assert!(!points.contains("\"vm\""), "{points}");
+
+    // The killed writer's lease expires (60 s) or is taken over; gc then removes
+    // every pack no manifest refers to.
+    let report = local(&env, &["gc", "-d", "s3://store", "--json"]);
+    assert!(
+        store.list("packs/").unwrap().is_empty(),
+        "gc left {:?} ({report})",
+        store.list("packs/").unwrap()
+    );
+
+    // And the store works: a backup, a byte-identical restore.
+    local(
+        &env,
+        &["backup", "-d", "s3://store", "--source", "vm", s(&disk)],
+    );
+    let out = t.path().join("out.raw");
+    local(
+        &env,
+        &[
+            "restore",
+            "-d",
+            "s3://store",
+            "--source",
+            "vm",
+            "-o",
+            s(&out),
+        ],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
+}
