@@ -69,6 +69,19 @@ struct Held {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl Held {
+    /// A lease just taken with the PUT sent at `sent`.
+    fn taken(version: UpdateVersion, sent: Instant) -> Held {
+        Held {
+            version,
+            renewed: sent,
+            renewal: 0,
+            paused: false,
+            task: None,
+        }
+    }
+}
+
 impl LeaseCore {
     pub(crate) fn new(duration: Duration) -> Result<LeaseCore, crate::Error> {
         Ok(LeaseCore {
@@ -246,13 +259,7 @@ fn acquire(inner: &Arc<Inner>, wait: bool) -> DsResult<Held> {
     loop {
         let sent = Instant::now();
         if let Some(version) = put_lease(inner, PutMode::Create, core.body(0))? {
-            return Ok(Held {
-                version,
-                renewed: sent,
-                renewal: 0,
-                paused: false,
-                task: None,
-            });
+            return Ok(Held::taken(version, sent));
         }
         let Some((body, version)) = read_lease(inner)? else {
             raced()?; // released between our create and our read
@@ -261,13 +268,7 @@ fn acquire(inner: &Arc<Inner>, wait: bool) -> DsResult<Held> {
         if (body.expires_unix as f64) < unix_now() {
             let sent = Instant::now();
             if let Some(version) = put_lease(inner, PutMode::Update(version), core.body(0))? {
-                return Ok(Held {
-                    version,
-                    renewed: sent,
-                    renewal: 0,
-                    paused: false,
-                    task: None,
-                });
+                return Ok(Held::taken(version, sent));
             }
             raced()?; // another server took it first
             continue;
