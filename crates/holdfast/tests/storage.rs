@@ -196,6 +196,19 @@ fn storage_targets_are_admin_only_and_their_secrets_never_shown() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // A folder target may not overlap the server's own folders.
+    let ds_dir = c.datastore();
+    let inside = ds_dir.join("online");
+    for p in [s(&ds_dir), s(&inside), "/", s(&c.server_dir())] {
+        let o = c.cli(&["storage", "add", "mine", "--kind", "folder", "--path", p]);
+        assert!(!o.status.success(), "{p}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("a storage target needs a folder of its own"),
+            "{p}: {err}"
+        );
+    }
+
     // The API refuses what the CLI would (a client that skips the CLI's checks).
     let admin = c.admin();
     let e = admin

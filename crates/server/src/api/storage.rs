@@ -25,9 +25,33 @@ pub(crate) async fn storage_show(
     Ok(json(&st.catalog(move |c| c.storage(&name)).await?))
 }
 
+/// A folder target must be apart from the server's own folders: a copy into the
+/// datastore (or a folder holding it) would mix the two, and gc of one would delete
+/// the other's data. Compared as written (absolute, no `..`, checked by `validate`).
+fn check_apart(st: &crate::state::AppState, req: &AddStorage) -> ApiResult<()> {
+    let Some(path) = req.location.path.as_deref().map(std::path::Path::new) else {
+        return Ok(());
+    };
+    let data_dir = st.secrets.dir().parent().unwrap_or(st.secrets.dir());
+    for (what, own) in [
+        ("the datastore", st.datastore_dir.as_path()),
+        ("the server's data folder", data_dir),
+    ] {
+        if path.starts_with(own) || own.starts_with(path) {
+            return Err(bad(format!(
+                "path: {} overlaps {what} ({}); a storage target needs a folder of its own",
+                path.display(),
+                own.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn storage_add(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
     let req: AddStorage = parse(&body)?;
     req.validate().map_err(bad)?;
+    check_apart(&st, &req)?;
     let t = st
         .offload(move |st| {
             // The row first: a name in use is refused before its secret is touched.
