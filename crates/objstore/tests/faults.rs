@@ -26,6 +26,9 @@ fn fault_options() -> Options {
     }
 }
 
+/// One backend call, for a table of them.
+type Op<'a> = Box<dyn Fn() -> datastore::Result<()> + 'a>;
+
 /// The most one failing operation may take with [`fault_options`].
 const FAIL_BOUND: Duration = Duration::from_secs(60);
 
@@ -101,7 +104,8 @@ fn storm_shorter_than_retries(store: Target, datastore: Target, proxy: &FaultPro
 }
 
 /// Every request refused: each operation fails within the bound, naming the target
-/// and the key; once the storm ends the same backend and datastore work again.
+/// and the key; so does a read whose connections are dropped; once the faults end the
+/// same backend and datastore work again.
 fn storm_longer_than_retries(store: Target, datastore: Target, proxy: &FaultProxy) {
     let tmp = tempfile::tempdir().unwrap();
     let b = objstore::open_with(&store, &fault_options()).unwrap();
@@ -112,30 +116,28 @@ fn storm_longer_than_retries(store: Target, datastore: Target, proxy: &FaultProx
     let ds_loc = datastore.location();
 
     proxy.refuse_all();
-    let ops: Vec<(&str, Box<dyn Fn() -> Result<(), datastore::Error> + '_>)> = vec![
-        ("put", Box::new(|| b.put("points/a", b"uno"))),
+    let ops: Vec<(&str, &str, Op)> = vec![
+        ("put", "points/a", Box::new(|| b.put("points/a", b"uno"))),
         (
             "put_new",
+            "points/c",
             Box::new(|| b.put_new("points/c", b"c").map(drop)),
         ),
-        ("get", Box::new(|| b.get("points/a").map(drop))),
-        ("list", Box::new(|| b.list("points/").map(drop))),
-        ("exists", Box::new(|| b.exists("points/a").map(drop))),
-        ("delete", Box::new(|| b.delete("points/a"))),
+        ("get", "points/a", Box::new(|| b.get("points/a").map(drop))),
+        ("list", "points/", Box::new(|| b.list("points/").map(drop))),
+        (
+            "exists",
+            "points/a",
+            Box::new(|| b.exists("points/a").map(drop)),
+        ),
+        ("delete", "points/a", Box::new(|| b.delete("points/a"))),
     ];
-    for (what, op) in &ops {
+    for (what, key, op) in &ops {
         let before = proxy.counts().refused;
         let t = Instant::now();
         let e = op().unwrap_err().to_string();
         let took = t.elapsed();
         assert!(took < FAIL_BOUND, "{what} took {took:?}");
-        let key = if *what == "list" {
-            "points/"
-        } else if *what == "put_new" {
-            "points/c"
-        } else {
-            "points/a"
-        };
         assert!(e.contains(&format!("{loc}/{key}")), "{what}: {e}");
         assert!(e.contains("503"), "{what}: {e}");
         // Retried: the first attempt and at least one retry were refused.
@@ -150,7 +152,20 @@ fn storm_longer_than_retries(store: Target, datastore: Target, proxy: &FaultProx
     assert!(e.contains(&ds_loc), "backup: {e}");
     eprintln!("backup failed after {took:?}: {e}");
 
-    // The storm ends: the same backend and the same datastore work again.
+    // Connections dropped without an answer: the same, named and in time.
+    proxy.pass();
+    proxy.reset(true);
+    let t = Instant::now();
+    let e = b.get("points/a").unwrap_err().to_string();
+    assert!(t.elapsed() < FAIL_BOUND, "took {:?}", t.elapsed());
+    assert!(e.contains(&format!("{loc}/points/a")), "{e}");
+    assert!(proxy.counts().dropped >= 2, "{:?}", proxy.counts());
+    eprintln!(
+        "get failed after {:?} of dropped connections: {e}",
+        t.elapsed()
+    );
+
+    // The faults end: the same backend and the same datastore work again.
     proxy.pass();
     b.put("points/a", b"uno").unwrap();
     assert_eq!(b.get("points/a").unwrap(), b"uno");
