@@ -298,10 +298,16 @@ fn acquire(inner: &Arc<Inner>, wait: bool) -> DsResult<Held> {
 }
 
 /// The renewal loop, on the backend's runtime.
-async fn renew(inner: Arc<Inner>) {
+async fn renew(inner: Arc<Inner>, taken: Instant) {
     let core = &inner.lease;
+    // Each attempt starts lease/3 after the previous one was *sent* (the first after
+    // the lease was taken), not after its answer: writes stop at lease/2 after the last
+    // successful send, so counting from answers would stop them whenever requests take
+    // longer than lease/12.
+    let mut next = taken + core.duration / 3;
     loop {
-        tokio::time::sleep(core.duration / 3).await;
+        tokio::time::sleep_until(next.into()).await;
+        next = Instant::now() + core.duration / 3;
         let (version, renewal) = {
             let s = locks::lock(&core.state);
             match &s.held {
@@ -441,7 +447,7 @@ pub(crate) fn lock(
         s.acquiring = false;
         core.cv.notify_all();
         let mut held = got?;
-        held.task = Some(inner.handle.spawn(renew(inner.clone())));
+        held.task = Some(inner.handle.spawn(renew(inner.clone(), held.renewed)));
         s.held = Some(held);
     }
     if exclusive {

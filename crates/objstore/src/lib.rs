@@ -18,8 +18,10 @@
 //!   its expiry has passed, it is taken over by a conditional update on the etag it was
 //!   read with (`PutMode::Update`). Both are atomic on the store, so of two servers
 //!   racing, exactly one wins; the other sees a precondition failure and reads again.
-//! - **Keeping it**: a background task renews it every lease/3 with a conditional
-//!   update on the last etag, moving the expiry to (time the renewal was sent) + lease.
+//! - **Keeping it**: a background task renews it every lease/3 (counted from when the
+//!   previous renewal was sent, so slow answers do not stretch the period) with a
+//!   conditional update on the last etag, moving the expiry to (time the renewal was
+//!   sent) + lease.
 //!   If renewal finds the lease in someone else's hands, the backend is marked lost and
 //!   every later write (`put`, `put_new`, `delete`) fails with "lease lost: another
 //!   server holds …".

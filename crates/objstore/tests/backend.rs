@@ -1,46 +1,14 @@
 //! One conformance run of the datastore `Backend` contract against a folder, Azurite
 //! (Azure Blob) and moto (S3), all real; then the lease against both object stores.
 
-use datastore::{
-    Backend, BackupRequest, BaseChoice, Consistency, Datastore, DiskInput, Source, StoreOptions,
-};
+mod common;
+
+use common::{azure_target, backup, restore, s3_target, test_options};
+use datastore::{Backend, Datastore, StoreOptions};
 use objstore::{Options, Secret, Target};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::{AZURITE_ACCOUNT, AZURITE_KEY, Azurite, Moto, Rng};
-use vdisk::VirtualDisk;
-
-fn azure_target(az: &Azurite, container: &str) -> Target {
-    az.create_container(container);
-    Target::Azure {
-        account: AZURITE_ACCOUNT.into(),
-        container: container.into(),
-        endpoint: Some(az.endpoint()),
-        access_key: Secret::new(AZURITE_KEY),
-    }
-}
-
-fn s3_target(moto: &Moto, bucket: &str) -> Target {
-    moto.create_bucket(bucket);
-    Target::S3 {
-        bucket: bucket.into(),
-        endpoint: Some(moto.endpoint()),
-        region: "us-east-1".into(),
-        access_key_id: "testing".into(),
-        secret_access_key: Secret::new("testing"),
-    }
-}
-
-/// Short lease and deadlines, so the lease tests run in seconds.
-fn test_options() -> Options {
-    Options {
-        lease: Duration::from_secs(2),
-        lock_wait: Duration::from_secs(10),
-        retry_timeout: Duration::from_secs(5),
-        ..Options::default()
-    }
-}
 
 /// The whole `Backend` contract and `probe` on `target`, then a datastore backup and
 /// restore on `fresh` (an empty container, bucket or folder).
@@ -193,40 +161,10 @@ fn datastore_round_trip(target: &Target, tmp: &Path) {
     rng.fill(&mut data[(6 << 20) - 4096..]);
     std::fs::write(&disk, &data).unwrap();
 
-    let opened = vdisk::open(&disk).unwrap();
-    let m = ds
-        .backup(
-            BackupRequest {
-                source: Source {
-                    name: "host/vm".into(),
-                    id: "vm-uuid".into(),
-                },
-                consistency: Consistency::CrashConsistent,
-                base: BaseChoice::Latest,
-                disks: vec![DiskInput {
-                    disk: opened.as_ref(),
-                    name: "disk.raw".into(),
-                    format: "raw".into(),
-                    changed: None,
-                    excluded: Vec::new(),
-                }],
-            },
-            &mut |_, _| {},
-        )
-        .unwrap();
+    let m = backup(&ds, &disk).unwrap();
     assert_eq!(ds.points().unwrap().0.len(), 1);
-
-    let idx = Arc::new(ds.blob_index().unwrap());
-    let pd = ds.open_disk(&m, 0, idx).unwrap();
-    let out = tmp.join("restored.raw");
-    let opts = vdisk::CreateOptions::new(
-        vdisk::Format::Raw,
-        vdisk::Subformat::Fixed,
-        pd.virtual_size(),
-    );
-    vdisk::copy::write_image(&pd, &out, &opts, &mut |_, _| {}).unwrap();
     assert!(
-        std::fs::read(&out).unwrap() == data,
+        restore(&ds, &m, &tmp.join("restored.raw")) == data,
         "restored disk differs"
     );
 

@@ -1,11 +1,14 @@
 //! Helpers the tests of several crates share, so each test suite does not carry its
 //! own copy: [`Rng`], a seeded generator for deterministic fixtures, and [`run`] /
 //! [`qemu_img`], the external tools interop tests compare against, and [`Azurite`] /
-//! [`Moto`], the storage servers the object-storage tests run against. Only ever a
+//! [`Moto`], the storage servers the object-storage tests run against, and [`FaultProxy`],
+//! which the fault tests put between a client and such a server. Only ever a
 //! dev-dependency; tests may panic here, that is how they fail.
 
+mod proxy;
 mod servers;
 
+pub use proxy::{FaultProxy, ProxyCounts};
 pub use servers::{AZURITE_ACCOUNT, AZURITE_KEY, Azurite, Moto};
 use std::process::{Command, Output};
 

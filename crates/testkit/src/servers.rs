@@ -18,7 +18,9 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A child server, killed (and reaped) on drop; its output goes to files in `dir`.
 struct Server {
-    child: Child,
+    child: Option<Child>,
+    tool: String,
+    args: Vec<String>,
     port: u16,
     dir: tempfile::TempDir,
 }
@@ -27,36 +29,70 @@ impl Server {
     fn start(tool: &str, args: impl Fn(u16, &std::path::Path) -> Vec<String>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let out = std::fs::File::create(dir.path().join("stdout")).unwrap();
-        let err = std::fs::File::create(dir.path().join("stderr")).unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
-        let child = Command::new(tool)
-            .args(args(port, &data))
+        let mut s = Server {
+            child: None,
+            tool: tool.into(),
+            args: args(port, &data),
+            port,
+            dir,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts the server (again) with the same arguments: same port, same data folder.
+    fn spawn(&mut self) {
+        let out = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("stdout"))
+            .unwrap();
+        let err = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("stderr"))
+            .unwrap();
+        let child = Command::new(&self.tool)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start {tool} ({e}): scripts/install-deps installs it")
+                panic!(
+                    "cannot start {} ({e}): scripts/install-deps installs it",
+                    self.tool
+                )
             });
-        let mut s = Server { child, port, dir };
-        s.wait_ready(tool);
-        s
+        self.child = Some(child);
+        self.wait_ready();
     }
 
-    fn wait_ready(&mut self, tool: &str) {
+    /// Kills the server (SIGKILL, as a crash) and reaps it; the data folder stays.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
-            let exited = self.child.try_wait().unwrap();
+            let exited = match self.child.as_mut() {
+                Some(c) => c.try_wait().unwrap(),
+                None => None,
+            };
             if exited.is_some() || Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                self.kill();
                 panic!(
-                    "{tool} did not open port {} within {} s ({}): {}{}",
+                    "{} did not open port {} within {} s ({}): {}{}",
+                    self.tool,
                     self.port,
                     START_DEADLINE.as_secs(),
                     exited.map_or("still running".into(), |s| s.to_string()),
@@ -75,8 +111,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -121,6 +156,19 @@ impl Azurite {
 
     pub fn port(&self) -> u16 {
         self.server.port
+    }
+
+    /// Kills Azurite at once (SIGKILL, as a crash or a power cut of the storage
+    /// server); its data folder stays for [`Azurite::restart`].
+    pub fn kill(&mut self) {
+        self.server.kill();
+    }
+
+    /// Starts Azurite again (killing it first if it runs) on the same port with the
+    /// same `--location`, and waits until it listens.
+    pub fn restart(&mut self) {
+        self.server.kill();
+        self.server.spawn();
     }
 
     /// Creates a container. `object_store` cannot, Azurite creates none by itself, and
