@@ -56,7 +56,11 @@ fn backup_restore_verify(ds: &Datastore, disk: &Path, data: &[u8], tmp: &Path) {
 }
 
 fn create_datastore(target: &Target) -> Datastore {
-    let b = objstore::open_with(target, &fault_options()).unwrap();
+    create_datastore_with(target, &fault_options())
+}
+
+fn create_datastore_with(target: &Target, opts: &Options) -> Datastore {
+    let b = objstore::open_with(target, opts).unwrap();
     let loc = b.location();
     Datastore::create_on(b, &loc, &StoreOptions::default()).unwrap()
 }
@@ -174,22 +178,36 @@ fn storm_longer_than_retries(store: Target, datastore: Target, proxy: &FaultProx
     backup_restore_verify(&ds, &disk, &data, tmp.path());
 }
 
-/// Every request delayed 300 ms: a backup completes and restores byte-identical.
+/// Each request slowed by [`SLOW_MS`], with a [`SLOW_LEASE`] lease.
+const SLOW_MS: u64 = 1100;
+const SLOW_LEASE: Duration = Duration::from_secs(12);
+
+/// Every request delayed [`SLOW_MS`]: a backup completes and restores byte-identical.
+/// The delay sits between lease/12 and lease/6: renewals timed from their answers
+/// (the bug this caught) let the lease age to lease/3 + 2 delays = 6.2 s > lease/2
+/// and stop writes; timed from their sending it ages to lease/3 + 1 delay = 5.1 s,
+/// leaving 0.9 s of slack for a loaded machine.
 fn slowed(datastore: Target, proxy: &FaultProxy) {
     let tmp = tempfile::tempdir().unwrap();
     let (disk, data) = make_disk(tmp.path(), "disk.raw", 4, 3);
-    let ds = create_datastore(&datastore);
-    proxy.delay_ms(300);
+    let ds = create_datastore_with(
+        &datastore,
+        &Options {
+            lease: SLOW_LEASE,
+            ..fault_options()
+        },
+    );
+    proxy.delay_ms(SLOW_MS);
     let before = proxy.counts();
     let t = Instant::now();
     let m = backup(&ds, &disk).unwrap();
     let took = t.elapsed();
     let n = proxy.counts().seen - before.seen;
     assert!(
-        took >= Duration::from_millis(300) * n as u32 / 2,
+        took >= Duration::from_millis(SLOW_MS) * n as u32 / 2,
         "{took:?}"
     );
-    eprintln!("backup with {n} requests delayed 300 ms each: {took:?}");
+    eprintln!("backup with {n} requests delayed {SLOW_MS} ms each: {took:?}");
     // Restored and verified at full speed (the restore reads block by block).
     proxy.pass();
     let out = tmp.path().join("restored.raw");
