@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{azure_target, backup, restore, s3_target, test_options};
+use common::{azure_target, backup, keys, restore, s3_target, test_options};
 use datastore::{Backend, Datastore, StoreOptions};
 use objstore::{Options, Secret, Target};
 use std::path::Path;
@@ -56,13 +56,10 @@ fn conformance(target: &Target, fresh: &Target, tmp: &Path) {
     // list: sorted, only under the prefix
     b.put("points/c", b"3").unwrap();
     b.put("pointsx/d", b"4").unwrap();
-    let keys: Vec<_> = b
-        .list("points/")
-        .unwrap()
-        .into_iter()
-        .map(|e| e.key)
-        .collect();
-    assert_eq!(keys, ["points/a", "points/b", "points/c"]);
+    assert_eq!(
+        keys(b.as_ref(), "points/"),
+        ["points/a", "points/b", "points/c"]
+    );
     let sizes: Vec<_> = b
         .list("points/")
         .unwrap()

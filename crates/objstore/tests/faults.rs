@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{azure_target_via, backup, backup_with_progress, restore, s3_target_via};
+use common::{azure_target_via, backup, backup_with_progress, keys, restore, s3_target_via};
 use datastore::{Backend, Datastore, StoreOptions};
 use objstore::{Options, Target};
 use std::path::Path;
@@ -87,13 +87,7 @@ fn storm_shorter_than_retries(store: Target, datastore: Target, proxy: &FaultPro
     });
     storm("get", &mut || assert!(b.get("points/a").unwrap() == data));
     storm("list", &mut || {
-        let keys: Vec<_> = b
-            .list("points/")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
-        assert_eq!(keys, ["points/a", "points/b"]);
+        assert_eq!(keys(b.as_ref(), "points/"), ["points/a", "points/b"]);
     });
     storm("exists", &mut || assert!(b.exists("points/b").unwrap()));
     storm("delete", &mut || b.delete("points/b").unwrap());

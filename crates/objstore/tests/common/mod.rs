@@ -43,6 +43,11 @@ pub fn s3_target(moto: &Moto, bucket: &str) -> Target {
 }
 
 /// Short lease and deadlines, so the lease tests run in seconds.
+/// The keys `b` lists under `prefix`, in its order.
+pub fn keys(b: &dyn datastore::Backend, prefix: &str) -> Vec<String> {
+    b.list(prefix).unwrap().into_iter().map(|e| e.key).collect()
+}
+
 pub fn test_options() -> Options {
     Options {
         lease: Duration::from_secs(2),
