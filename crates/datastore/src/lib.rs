@@ -23,6 +23,7 @@ pub mod prune;
 pub mod ranges;
 mod restore;
 mod store;
+mod throttle;
 mod verify;
 mod wire;
 
@@ -39,4 +40,5 @@ pub use restore::{
     check_range,
 };
 pub use store::{BlobIndex, DamagedPoint, Datastore, StoreOptions, default_key_path};
+pub use throttle::Throttle;
 pub use verify::{DiskDamage, FileDamage, PointDamage, VerifyReport};
