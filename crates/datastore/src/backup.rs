@@ -16,8 +16,10 @@ use crate::manifest::{
 };
 use crate::ranges::RangeCursor;
 use crate::store::{BlobIndex, Datastore};
+use crate::throttle::Throttle;
 use locks::lock;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::ScopedJoinHandle;
@@ -277,20 +279,39 @@ impl Datastore {
         req: BackupRequest<'_>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Manifest> {
+        self.backup_with(req, None, Pace::default(), progress)
+    }
+
+    /// [`Datastore::backup`], keeping a given id and creation time (a copy from another
+    /// datastore) when `identity` is set, its pack uploads paced and cancellable by `pace`.
+    pub(crate) fn backup_with(
+        &self,
+        req: BackupRequest<'_>,
+        identity: Option<&Identity>,
+        pace: Pace<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest> {
         let _lock = self.backend.lock(false, true)?;
         let (started, micros) = utc::now_micros();
         let index = self.blob_index()?;
         let base = self.resolve_base(&req)?;
-        let id = format!(
-            "{}-{}",
-            utc::id_stamp(started, micros),
-            crate::crypto::random_hex(4)?
-        );
+        let (id, created, created_unix) = match identity {
+            Some(i) => (i.id.clone(), i.created.clone(), i.created_unix),
+            None => (
+                format!(
+                    "{}-{}",
+                    utc::id_stamp(started, micros),
+                    crate::crypto::random_hex(4)?
+                ),
+                utc::rfc3339(started),
+                started,
+            ),
+        };
         let spare_packs = FreeList::<AlignedBuf>::default();
         let spare = &spare_packs;
         let (records, stats) = std::thread::scope(|scope| {
             let (up_tx, up_rx) = sync_channel::<PackMsg>(0);
-            let uploader = scope.spawn(move || self.upload_packs(up_rx, spare));
+            let uploader = scope.spawn(move || self.upload_packs(up_rx, spare, pace));
             let target = LocalTarget {
                 store: self,
                 index: &index,
@@ -310,13 +331,16 @@ impl Datastore {
                 Err(e) => Err(target.abandon().err().unwrap_or(e)),
             }
         })?;
+        if pace.cancelled() {
+            return Err(cancelled());
+        }
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
             version: MANIFEST_VERSION,
             id,
             source: req.source,
-            created: utc::rfc3339(started),
-            created_unix: started,
+            created,
+            created_unix,
             base: base.map(|b| b.id),
             consistency: req.consistency,
             disks: records,
@@ -354,14 +378,24 @@ impl Datastore {
     }
 
     /// Writes packs as they come, then makes them all durable and visible.
+    /// A cancelled backup stops taking packs but still makes those it stored durable:
+    /// their blobs are found (by the packs' trailers) by the next run, not sent again.
     fn upload_packs(
         &self,
         rx: Receiver<PackMsg>,
         spare: &FreeList<AlignedBuf>,
+        pace: Pace<'_>,
     ) -> Result<Vec<(Id, Vec<PackEntry>)>> {
         let mut out = Vec::new();
         let mut staged = Vec::new();
-        for (bytes, entries) in rx {
+        for (bytes, entries) in rx.iter() {
+            if pace.cancelled() {
+                break;
+            }
+            if let Some(t) = pace.throttle {
+                let never = AtomicBool::new(false);
+                t.take(bytes.len() as u64, pace.cancel.unwrap_or(&never));
+            }
             let id = format::pack_id(&bytes);
             staged.push(self.backend.stage(&format::pack_key(&id), &bytes)?);
             spare.give(bytes, 1);
@@ -370,8 +404,36 @@ impl Datastore {
         for s in staged {
             s.commit()?;
         }
+        if pace.cancelled() {
+            return Err(cancelled());
+        }
         Ok(out)
     }
+}
+
+/// The id and creation time a copied recovery point keeps.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    pub id: String,
+    pub created: String,
+    pub created_unix: i64,
+}
+
+/// What paces a backup's pack uploads, and what stops it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Pace<'a> {
+    pub throttle: Option<&'a Throttle>,
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl Pace<'_> {
+    pub fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+pub(crate) fn cancelled() -> Error {
+    Error::Invalid("cancelled: no recovery point was written".into())
 }
 
 type Packs = Vec<(Id, Vec<PackEntry>)>;

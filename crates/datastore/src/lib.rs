@@ -12,6 +12,7 @@
 
 pub mod backend;
 mod backup;
+mod copy;
 pub mod crypto;
 pub mod error;
 pub mod format;
@@ -29,6 +30,7 @@ mod wire;
 
 pub use backend::{Backend, LocalBackend};
 pub use backup::{BackupRequest, BaseChoice, BlockParams, BlockTarget, DiskInput, backup_disks};
+pub use copy::{CopyOptions, CopyReport};
 pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use id::Id;
