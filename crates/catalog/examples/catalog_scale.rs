@@ -64,6 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 stats: Stats::default(),
                 job_id: None,
                 volumes: None,
+                locations: vec!["disk".into()],
             });
         }
     }

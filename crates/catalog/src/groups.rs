@@ -75,6 +75,7 @@ impl Catalog {
     ) -> Result<GroupRow> {
         check_group_name(name)?;
         check_policy(policy)?;
+        self.check_online_target(policy)?;
         let tx = self.conn.unchecked_transaction()?;
         if self.exists("SELECT 1 FROM groups WHERE name = ?1", [name])? {
             return Err(Error::Conflict(format!(
@@ -91,6 +92,20 @@ impl Catalog {
         let row = self.group(name)?;
         tx.commit()?;
         Ok(row)
+    }
+
+    /// An online policy names a storage target that exists.
+    fn check_online_target(&self, p: &Policy) -> Result<()> {
+        match &p.online {
+            Some(o) => match self.storage(&o.storage) {
+                Err(Error::NotFound(_)) => Err(Error::Invalid(format!(
+                    "policy.online.storage: no storage target {:?}; add it with `holdfast storage add`",
+                    o.storage
+                ))),
+                r => r.map(|_| ()),
+            },
+            None => Ok(()),
+        }
     }
 
     /// Adds `member` (`HOST/VM`) to `group`; already a member is fine.
@@ -175,6 +190,7 @@ impl Catalog {
     ) -> Result<GroupRow> {
         if let Some(p) = policy {
             check_policy(p)?;
+            self.check_online_target(p)?;
         }
         let tx = self.conn.unchecked_transaction()?;
         // NotFound for the group before anything about members.

@@ -37,6 +37,7 @@ mod clusters;
 mod datasources;
 mod groups;
 mod jobs;
+mod online;
 mod recovery_points;
 #[cfg(test)]
 mod scale_tests;
@@ -444,6 +445,7 @@ pub(crate) mod test_util {
             stats: protocol::Stats::default(),
             job_id: None,
             volumes: None,
+            locations: vec!["disk".into()],
         }
     }
 }

@@ -39,6 +39,7 @@ fn rp_row(r: &Cols) -> Result<RecoveryPointInfo> {
             ),
             None => None,
         },
+        locations: vec!["disk".into()],
     })
 }
 

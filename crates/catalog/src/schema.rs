@@ -3,7 +3,23 @@
 //! because databases in the field have already run it.
 
 /// Every migration step in order; `MIGRATIONS.len()` is the version this program writes.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+
+/// Online copies: which recovery points each storage target holds. A copy outlives the
+/// point on disk (long-term retention), so it keeps the point's record of its own.
+const V5: &str = r#"
+CREATE TABLE online_points (
+    storage      TEXT NOT NULL REFERENCES storage_targets (name) ON DELETE CASCADE,
+    id           TEXT NOT NULL,
+    vm           TEXT NOT NULL,
+    created_unix INTEGER NOT NULL,
+    info         TEXT NOT NULL,           -- JSON RecoveryPointInfo, as copied
+    copied       INTEGER NOT NULL,
+    PRIMARY KEY (storage, id)
+) WITHOUT ROWID;
+CREATE INDEX online_points_id ON online_points (id);
+CREATE INDEX online_points_vm ON online_points (vm, created_unix);
+"#;
 
 /// Storage targets for online copies. Where a target is (never its secret, which the
 /// server keeps in a file of its own).

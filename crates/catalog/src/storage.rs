@@ -15,7 +15,7 @@ fn storage_row(r: &Cols) -> Result<StorageInfo> {
         url: location.url(kind),
         location,
         created: r.time(3, "storage_targets.created")?,
-        // No protection group keeps online copies yet.
+        // Filled in by `with_users`.
         used_by: Vec::new(),
     })
 }
@@ -50,12 +50,37 @@ impl Catalog {
 
     /// Every target, by name.
     pub fn storage_targets(&self) -> Result<Vec<StorageInfo>> {
-        self.all(&format!("{SELECT} ORDER BY name"), [], storage_row)
+        let mut all = self.all(&format!("{SELECT} ORDER BY name"), [], storage_row)?;
+        self.with_users(&mut all)?;
+        Ok(all)
     }
 
     pub fn storage(&self, name: &str) -> Result<StorageInfo> {
-        self.one(&format!("{SELECT} WHERE name = ?1"), [name], storage_row)?
-            .ok_or_else(|| Error::NotFound(format!("storage target {name:?}")))
+        let t = self
+            .one(&format!("{SELECT} WHERE name = ?1"), [name], storage_row)?
+            .ok_or_else(|| Error::NotFound(format!("storage target {name:?}")))?;
+        let mut one = [t];
+        self.with_users(&mut one)?;
+        let [t] = one;
+        Ok(t)
+    }
+
+    /// Fills each target's `used_by`: the groups whose online protection goes there.
+    fn with_users(&self, targets: &mut [StorageInfo]) -> Result<()> {
+        let groups = self.groups()?;
+        for t in targets {
+            t.used_by = groups
+                .iter()
+                .filter(|g| {
+                    g.policy
+                        .online
+                        .as_ref()
+                        .is_some_and(|o| o.storage == t.name)
+                })
+                .map(|g| g.name.clone())
+                .collect();
+        }
+        Ok(())
     }
 
     /// Forgets a target; refused while a protection group uses it.

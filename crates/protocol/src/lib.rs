@@ -136,7 +136,7 @@ mod enum_tests {
 
     #[test]
     fn string_enums_travel_as_their_names() {
-        travels_as_its_names(JobKind::ALL, 8);
+        travels_as_its_names(JobKind::ALL, 10);
         travels_as_its_names(JobState::ALL, 5);
         travels_as_its_names(Severity::ALL, 4);
         travels_as_its_names(DiskFormat::ALL, 4);
@@ -426,6 +426,9 @@ pub struct Policy {
     /// Expected daily churn of the members, percent (for the disk allocation review).
     #[serde(default = "default_churn")]
     pub churn_percent: f64,
+    /// Online protection: a second copy on a storage target (none = off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<OnlinePolicy>,
 }
 
 impl Policy {
@@ -442,6 +445,7 @@ impl Policy {
             consistency_check_daily: None,
             replica_creation: ReplicaCreation::Now,
             churn_percent: default_churn(),
+            online: None,
         }
     }
 }
@@ -526,6 +530,10 @@ pub struct RecoveryPointInfo {
     /// the backup); `None` until checked.
     #[serde(default)]
     pub volumes: Option<Vec<VolumeCheck>>,
+    /// Where the point lives: `disk` (the server's datastore) and `online:NAME` for
+    /// each storage target holding a copy.
+    #[serde(default)]
+    pub locations: Vec<String>,
 }
 
 /// One volume of a recovery point, opened from the datastore after the backup.
@@ -564,6 +572,11 @@ pub enum JobKind {
     Gc,
     /// Whole-VM recovery from a recovery point, written by an agent.
     Recovery,
+    /// Copies a data source's newest recovery point to its group's storage target,
+    /// then applies the online retention there.
+    OnlineCopy,
+    /// Verifies the online copy on a storage target (all or a sample).
+    OnlineVerify,
 }
 
 string_enum!(JobKind {
@@ -575,6 +588,8 @@ string_enum!(JobKind {
     Prune => "prune",
     Gc => "gc",
     Recovery => "recovery",
+    OnlineCopy => "online-copy",
+    OnlineVerify => "online-verify",
 });
 
 impl JobKind {
@@ -877,6 +892,9 @@ pub struct RecoveryRequest {
     /// E-mail addresses told when the recovery ends (success or failure).
     #[serde(default)]
     pub notify: Vec<String>,
+    /// `disk` (default) or `online:NAME`: recover from the copy on a storage target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 /// A bandwidth limit for recovery transfers by time of week (UTC): `work_kbps` on
@@ -1207,6 +1225,9 @@ impl Policy {
                 "churn_percent: {} is outside 0-100",
                 self.churn_percent
             ));
+        }
+        if let Some(o) = &self.online {
+            o.validate()?;
         }
         Ok(())
     }

@@ -301,3 +301,191 @@ mod tests {
         assert_eq!(back, info);
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Online protection
+
+/// A protection group's online protection: at each of `times` the newest recovery
+/// point of every member is copied to storage target `storage`, where `retention`
+/// (grandfather-father-son) decides how long copies stay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnlinePolicy {
+    pub storage: String,
+    /// Times of day, `HH:MM` UTC.
+    pub times: Vec<String>,
+    pub retention: OnlineRetention,
+    /// Upload limit in KiB/s (none = unlimited).
+    #[serde(default)]
+    pub bandwidth_kbps: Option<u64>,
+    /// `HH:MM-HH:MM` UTC: the limit applies only inside these hours (none = always).
+    #[serde(default)]
+    pub bandwidth_hours: Option<String>,
+}
+
+/// How many daily, weekly, monthly and yearly online copies are kept (the newest copy
+/// of each of the last N days, weeks, months, years that have one). MABS's limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnlineRetention {
+    #[serde(default)]
+    pub daily: u32,
+    #[serde(default)]
+    pub weekly: u32,
+    #[serde(default)]
+    pub monthly: u32,
+    #[serde(default)]
+    pub yearly: u32,
+}
+
+impl OnlineRetention {
+    /// `daily=N,weekly=N,monthly=N,yearly=N` (any subset, any order).
+    pub fn parse(s: &str) -> Result<OnlineRetention, String> {
+        let mut r = OnlineRetention::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected NAME=COUNT (daily=30)"))?;
+            let n: u32 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("{part:?}: {v:?} is not a count"))?;
+            match k.trim() {
+                "daily" => r.daily = n,
+                "weekly" => r.weekly = n,
+                "monthly" => r.monthly = n,
+                "yearly" => r.yearly = n,
+                other => {
+                    return Err(format!(
+                        "{other:?}: expected daily, weekly, monthly or yearly"
+                    ));
+                }
+            }
+        }
+        Ok(r)
+    }
+}
+
+impl std::fmt::Display for OnlineRetention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "daily={},weekly={},monthly={},yearly={}",
+            self.daily, self.weekly, self.monthly, self.yearly
+        )
+    }
+}
+
+/// `HH:MM-HH:MM` as minutes of the day.
+pub fn parse_hours(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.split_once('-')?;
+    Some((
+        crate::parse_time_of_day(a.trim())?,
+        crate::parse_time_of_day(b.trim())?,
+    ))
+}
+
+impl OnlinePolicy {
+    /// MABS's ranges (daily 0-180, weekly 0-104, monthly 0-60, yearly 0-10, at least
+    /// one copy kept); the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        check_host_name("online.storage", &self.storage)?;
+        if self.times.is_empty() || self.times.len() > 4 {
+            return Err("online.times: one to four times of day are needed".into());
+        }
+        for t in &self.times {
+            if crate::parse_time_of_day(t).is_none() {
+                return Err(format!("online.times: {t:?} is not a time of day HH:MM"));
+            }
+        }
+        let r = &self.retention;
+        for (field, n, max) in [
+            ("daily", r.daily, 180),
+            ("weekly", r.weekly, 104),
+            ("monthly", r.monthly, 60),
+            ("yearly", r.yearly, 10),
+        ] {
+            if n > max {
+                return Err(format!("online.retention.{field}: {n} is over {max}"));
+            }
+        }
+        if *r == OnlineRetention::default() {
+            return Err(
+                "online.retention: keep at least one copy (daily, weekly, monthly or yearly)"
+                    .into(),
+            );
+        }
+        if self.bandwidth_kbps == Some(0) {
+            return Err("online.bandwidth_kbps: 0 is no limit; leave it out".into());
+        }
+        if let Some(h) = &self.bandwidth_hours {
+            if self.bandwidth_kbps.is_none() {
+                return Err("online.bandwidth_hours: needs a bandwidth limit".into());
+            }
+            if parse_hours(h).is_none() {
+                return Err(format!("online.bandwidth_hours: {h:?} is not HH:MM-HH:MM"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The upload limit as a schedule: the limit inside the hours (every day), none
+    /// outside; `None` when there is no limit.
+    pub fn throttle(&self) -> Option<(Option<u64>, Option<crate::ThrottleSchedule>)> {
+        let kbps = self.bandwidth_kbps?;
+        Some(match &self.bandwidth_hours {
+            None => (Some(kbps), None),
+            Some(h) => {
+                let (a, b) = h.split_once('-').unwrap_or((h, h));
+                (
+                    None,
+                    Some(crate::ThrottleSchedule {
+                        work_kbps: kbps,
+                        other_kbps: 0,
+                        work_days: (1..=7).collect(),
+                        work_start: a.trim().to_string(),
+                        work_end: b.trim().to_string(),
+                    }),
+                )
+            }
+        })
+    }
+}
+
+/// `POST /api/v1/storage/{name}/attach` (admin): the key of the online copy on the
+/// target (the key file's text). The server keeps it, opens the copy and records its
+/// recovery points.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachStorage {
+    pub key: String,
+}
+
+/// The answer to an attach: what the target holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachReport {
+    pub name: String,
+    pub url: String,
+    pub recovery_points: u64,
+    pub sources: Vec<String>,
+}
+
+/// `GET /api/v1/storage/{name}/key` (admin): the key file of the target's online copy,
+/// to keep apart from the server (a new server needs it to attach the copy).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StorageKey {
+    pub name: String,
+    pub key: String,
+}
+
+/// `POST /api/v1/protection-groups/{name}/online-copy` (operator): copy now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OnlineCopyQueued {
+    pub group: String,
+    pub jobs: Vec<i64>,
+}
+
+/// `POST /api/v1/storage/{name}/verify` (admin): verify the online copy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyStorage {
+    /// Percent of the packs to read (1-100; none = all).
+    #[serde(default)]
+    pub sample_percent: Option<u8>,
+}

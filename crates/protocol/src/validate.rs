@@ -335,6 +335,14 @@ impl RecoveryRequest {
     /// The request's shape; whether the VM, point and host exist is the server's.
     pub fn validate(&self) -> Result<(), String> {
         check_vm_ref("vm", &self.vm)?;
+        if let Some(f) = &self.from
+            && f != "disk"
+        {
+            match f.strip_prefix("online:") {
+                Some(name) => check_host_name("from", name)?,
+                None => return Err(format!("from: {} is not `disk` or `online:NAME`", shown(f))),
+            }
+        }
         if let Some(p) = &self.point
             && (p.is_empty()
                 || p.len() > 128
@@ -654,6 +662,7 @@ mod tests {
             target,
             throttle_kbps: None,
             notify: vec![],
+            from: None,
         };
         let copy = |dir: &str, items: Vec<String>| RecoveryTarget::CopyTo {
             host: "hv01".into(),

@@ -91,6 +91,7 @@ pub fn rp_info(m: &Manifest, job_id: Option<i64>) -> RecoveryPointInfo {
         stats: m.stats.into(),
         job_id,
         volumes: None,
+        locations: vec!["disk".into()],
     }
 }
 
