@@ -33,6 +33,13 @@ impl SecretStore {
         Ok(self.dir.join(format!("{name}.secret")))
     }
 
+    /// The file of the secret called `name` (its folder made), for secrets another
+    /// crate writes itself (a datastore key file).
+    pub fn file(&self, name: &str) -> Result<PathBuf> {
+        ensure_dir(&self.dir)?;
+        self.path(name)
+    }
+
     /// Stores (or replaces) the secret called `name`.
     pub fn put(&self, name: &str, secret: &str) -> Result<()> {
         ensure_dir(&self.dir)?;

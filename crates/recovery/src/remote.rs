@@ -21,6 +21,8 @@ pub struct RemoteDisk {
     cl: Client,
     /// `/recovery-points/{id}/disks/{n}`.
     base: String,
+    /// `&from=…` when read from a storage target's online copy, else empty.
+    from: String,
     size: u64,
 }
 
@@ -42,10 +44,12 @@ fn client_err(e: client::Error) -> vdisk::Error {
 }
 
 impl RemoteDisk {
-    /// Disk `disk` (of `size` bytes) of recovery point `point`, read through `cl`.
-    pub fn new(cl: Client, point: &str, disk: usize, size: u64) -> RemoteDisk {
+    /// Disk `disk` (of `size` bytes) of recovery point `point`, read through `cl`
+    /// from the server's datastore, or from `from` (`online:NAME`).
+    pub fn new(cl: Client, point: &str, disk: usize, size: u64, from: Option<&str>) -> RemoteDisk {
         RemoteDisk {
             base: format!("/recovery-points/{}/disks/{disk}", seg(point)),
+            from: from_q(from),
             size,
             cl,
         }
@@ -84,7 +88,10 @@ impl VirtualDisk for RemoteDisk {
             let n = piece.len() as u64;
             let got = self
                 .cl
-                .get_bytes(&format!("{}/data?offset={pos}&length={n}", self.base))
+                .get_bytes(&format!(
+                    "{}/data?offset={pos}&length={n}{}",
+                    self.base, self.from
+                ))
                 .map_err(client_err)?;
             if got.len() as u64 != n {
                 return Err(remote_err(format!(
@@ -103,8 +110,8 @@ impl VirtualDisk for RemoteDisk {
         let list: Vec<DiskExtent> = self
             .cl
             .get(&format!(
-                "{}/map?offset={offset}&length={length}",
-                self.base
+                "{}/map?offset={offset}&length={length}{}",
+                self.base, self.from
             ))
             .map_err(client_err)?;
         // The answer must tile the asked range exactly.
@@ -137,14 +144,21 @@ impl VirtualDisk for RemoteDisk {
     }
 }
 
-/// `/recovery-points/{point}/browse?disk=N[&partition=P]`; a `path` goes after it
-/// ([`path_q`]).
-pub fn browse_path(point: &str, disk: u32, partition: Option<u32>) -> String {
+/// `/recovery-points/{point}/browse?disk=N[&partition=P][&from=F]`; a `path` goes
+/// after it ([`path_q`]).
+pub fn browse_path(point: &str, disk: u32, partition: Option<u32>, from: Option<&str>) -> String {
     let mut p = format!("/recovery-points/{}/browse?disk={disk}", seg(point));
     if let Some(n) = partition {
         p.push_str(&format!("&partition={n}"));
     }
+    p.push_str(&from_q(from));
     p
+}
+
+/// The `&from=` query parameter (`online:NAME`), or nothing for the datastore.
+pub fn from_q(from: Option<&str>) -> String {
+    from.map(|f| format!("&from={}", seg(f)))
+        .unwrap_or_default()
 }
 
 /// The `&path=` query parameter.
@@ -164,8 +178,14 @@ pub struct RemoteFs {
 
 impl RemoteFs {
     /// The file system of `disk` (`partition`, when given) of recovery point `point`.
-    pub fn new(cl: Client, point: &str, disk: u32, partition: Option<u32>) -> RemoteFs {
-        let base = browse_path(point, disk, partition);
+    pub fn new(
+        cl: Client,
+        point: &str,
+        disk: u32,
+        partition: Option<u32>,
+        from: Option<&str>,
+    ) -> RemoteFs {
+        let base = browse_path(point, disk, partition, from);
         RemoteFs {
             file: base.replace("/browse?", "/file?"),
             base,

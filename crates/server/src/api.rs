@@ -63,6 +63,9 @@ pub fn router(st: Arc<AppState>) -> Router {
             get(storage::storage_show).delete(storage::storage_remove),
         )
         .route("/storage/{name}/test", post(storage::storage_test))
+        .route("/storage/{name}/key", get(storage::storage_key))
+        .route("/storage/{name}/attach", post(storage::storage_attach))
+        .route("/storage/{name}/verify", post(storage::storage_verify))
         .route(
             "/clusters/{name}/hosts/{host}",
             axum::routing::delete(clusters::cluster_remove_host),
@@ -84,6 +87,10 @@ pub fn router(st: Arc<AppState>) -> Router {
             get(groups::group_show)
                 .patch(groups::group_modify)
                 .delete(groups::group_delete),
+        )
+        .route(
+            "/protection-groups/{name}/online-copy",
+            post(groups::group_online_copy),
         )
         .route("/recovery-points", get(jobs::recovery_points))
         .route("/recovery-points/{id}/browse", get(crate::ilr::browse))

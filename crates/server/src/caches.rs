@@ -18,6 +18,8 @@ pub type Opened = (Arc<Manifest>, Arc<dyn VirtualDisk>);
 
 /// A recovery point's disk kept open.
 struct OpenDisk {
+    /// Where it is read from: empty for the server's datastore, else a target's name.
+    place: String,
     point: String,
     disk: u32,
     opened: Instant,
@@ -32,21 +34,22 @@ pub struct OpenDisks(Mutex<Vec<OpenDisk>>);
 
 impl OpenDisks {
     /// Disk `disk` of point `id` with its manifest, when opened less than a minute ago.
-    pub fn get(&self, id: &str, disk: u32) -> Option<Opened> {
+    pub fn get(&self, place: &str, id: &str, disk: u32) -> Option<Opened> {
         let mut c = locks::lock(&self.0);
         c.retain(|o| o.opened.elapsed() < OPEN_FOR);
         c.iter()
-            .find(|o| o.point == id && o.disk == disk)
+            .find(|o| o.place == place && o.point == id && o.disk == disk)
             .map(|o| (o.manifest.clone(), o.vd.clone()))
     }
 
     /// Keeps disk `disk` of `manifest` open, dropping the oldest when full.
-    pub fn put(&self, disk: u32, manifest: Arc<Manifest>, vd: Arc<dyn VirtualDisk>) {
+    pub fn put(&self, place: &str, disk: u32, manifest: Arc<Manifest>, vd: Arc<dyn VirtualDisk>) {
         let mut c = locks::lock(&self.0);
         if c.len() >= OPEN_DISKS {
             c.remove(0);
         }
         c.push(OpenDisk {
+            place: place.to_string(),
             point: manifest.id.clone(),
             disk,
             opened: Instant::now(),
@@ -58,6 +61,8 @@ impl OpenDisks {
 
 /// What a running recovery job may read: the blob index and the point's blob ids.
 pub struct Access {
+    /// The datastore read (the server's, or a storage target's online copy).
+    pub store: Arc<datastore::Datastore>,
     pub index: Arc<BlobIndex>,
     pub allowed: HashSet<Id>,
 }

@@ -16,6 +16,8 @@ pub struct IlrQuery {
     disk: Option<u32>,
     partition: Option<u32>,
     path: Option<String>,
+    /// `disk` (default) or `online:NAME`: where to read the point.
+    from: Option<String>,
 }
 
 impl From<recovery::Error> for ApiErr {
@@ -33,16 +35,19 @@ impl From<recovery::Error> for ApiErr {
 
 pub(crate) fn open(
     st: &crate::state::AppState,
+    from: Option<&str>,
     id: &str,
     disk: u32,
 ) -> ApiResult<crate::caches::Opened> {
-    // The catalog knows every point the server holds: an unknown id is a 404, and a
-    // pruned point is gone at once even while its disk is cached.
-    st.cat().recovery_point(id)?;
-    if let Some(hit) = st.open_disks.get(id, disk) {
+    let from = crate::online::parse_from(from)?;
+    // Checked against the catalog first: an unknown id is a 404, and a pruned point
+    // is gone at once even while its disk is cached.
+    let store = crate::online::point_store(st, from.as_deref(), id)?;
+    let place = from.as_deref().unwrap_or("");
+    if let Some(hit) = st.open_disks.get(place, id, disk) {
         return Ok(hit);
     }
-    let m = st.datastore.point(id).map_err(|e| match e {
+    let m = store.point(id).map_err(|e| match e {
         datastore::Error::Missing { .. } => not_found(format!("no recovery point {id}")),
         e => e.into(),
     })?;
@@ -52,9 +57,9 @@ pub(crate) fn open(
             m.disks.len()
         )));
     }
-    let vd = recovery::open_disk(&st.datastore, &m, disk as usize)?;
+    let vd = recovery::open_disk(&store, &m, disk as usize)?;
     let m = std::sync::Arc::new(m);
-    st.open_disks.put(disk, m.clone(), vd.clone());
+    st.open_disks.put(place, disk, m.clone(), vd.clone());
     Ok((m, vd))
 }
 
@@ -67,7 +72,7 @@ pub async fn browse(
 ) -> ApiResult<Response> {
     let listing = blocking(move || {
         let disk = q.disk.unwrap_or(0);
-        let (m, d) = open(&st, &id, disk)?;
+        let (m, d) = open(&st, q.from.as_deref(), &id, disk)?;
         let path = q.path.as_deref().unwrap_or("/");
         Ok(recovery::browse(d, &m, disk as usize, q.partition, path)?)
     })
@@ -127,7 +132,7 @@ pub async fn file(
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<ApiResult<(u64, String)>>();
     tokio::task::spawn_blocking(move || {
         let disk = q.disk.unwrap_or(0);
-        let opened = open(&st, &id, disk).and_then(|(m, d)| {
+        let opened = open(&st, q.from.as_deref(), &id, disk).and_then(|(m, d)| {
             let mut fs = recovery::open_fs(d, &m, disk as usize, q.partition)?;
             let e = fs.stat(&path).map_err(|e| fs_err(&path, e))?;
             if e.kind != fsview::EntryKind::File {

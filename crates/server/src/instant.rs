@@ -20,6 +20,8 @@ pub const MAX_MAP: u64 = 1 << 40;
 pub struct RangeQuery {
     offset: u64,
     length: u64,
+    /// `disk` (default) or `online:NAME`: where to read the point.
+    from: Option<String>,
 }
 
 fn check(q: &RangeQuery, max: u64, size: u64) -> ApiResult<()> {
@@ -49,7 +51,7 @@ async fn with_disk<T: Send + 'static>(
     f: impl FnOnce(&dyn vdisk::VirtualDisk, RangeQuery) -> vdisk::Result<T> + Send + 'static,
 ) -> ApiResult<T> {
     blocking(move || {
-        let (_, d) = crate::ilr::open(&st, &id, n)?;
+        let (_, d) = crate::ilr::open(&st, q.from.as_deref(), &id, n)?;
         check(&q, max, d.virtual_size())?;
         f(d.as_ref(), q).map_err(internal)
     })

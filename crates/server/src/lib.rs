@@ -15,6 +15,7 @@ mod ilr;
 mod instant;
 mod maintenance;
 pub mod notify;
+mod online;
 pub mod recover;
 mod recovery_plan;
 pub mod scheduler;

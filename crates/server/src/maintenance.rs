@@ -23,9 +23,14 @@ pub fn run(st: &AppState, job: i64, kind: JobKind) -> Result<String, String> {
                     r.unhealed_blobs, r.missing_blobs
                 ));
             }
+            // Online targets are collected on the same schedule, after the disk.
+            let online = crate::online::gc_all(st, job)?;
             Ok(format!(
-                "gc: {} packs deleted, {} repacked, {} bytes freed",
-                r.packs_deleted, r.packs_repacked, r.bytes_freed
+                "gc: {} packs deleted, {} repacked, {} bytes freed{}",
+                r.packs_deleted,
+                r.packs_repacked,
+                r.bytes_freed,
+                online.iter().map(|o| format!("; {o}")).collect::<String>()
             ))
         }
         JobKind::Verify => {
@@ -68,6 +73,8 @@ pub fn run(st: &AppState, job: i64, kind: JobKind) -> Result<String, String> {
                 Err(msg)
             }
         }
+        JobKind::OnlineCopy => crate::online::copy(st, job),
+        JobKind::OnlineVerify => crate::online::verify(st, job),
         k => Err(format!("{} is not a server job", k.as_str())),
     }
 }

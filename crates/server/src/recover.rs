@@ -50,7 +50,18 @@ fn plan_and_queue(st: &AppState, req: &RecoveryRequest) -> ApiResult<JobInfo> {
     let (host, vm) =
         split_vm(&req.vm).ok_or_else(|| bad(format!("{:?} is not HOST/VM", req.vm)))?;
     let ds = st.cat().datasource_by_name(host, vm)?;
-    let points = st.cat().recovery_points(Some(&ds.id))?;
+    let points = match crate::online::parse_from(req.from.as_deref())? {
+        None => st.cat().recovery_points(Some(&ds.id))?,
+        Some(name) => {
+            st.cat().storage(&name)?;
+            st.cat()
+                .online_points(Some(&name))?
+                .into_iter()
+                .map(|(_, rp)| rp)
+                .filter(|rp| ds.name == rp.vm || rp.datasource_id == ds.id)
+                .collect()
+        }
+    };
     let point = pick_point(req, &ds, &points)?;
     let target_host = target_host(st, &req.target, &ds, point)?;
     check_host(st, &target_host)?;
@@ -196,6 +207,7 @@ fn queue_job(
         point: point.id.clone(),
         target: req.target.clone(),
         throttle_kbps: req.throttle_kbps.filter(|&k| k > 0),
+        from: crate::online::parse_from(req.from.as_deref())?,
     };
     let v = serde_json::to_string(&s).map_err(|e| internal(e.to_string()))?;
     let cat = st.cat();
@@ -276,22 +288,26 @@ fn describe(t: &RecoveryTarget) -> String {
 }
 
 /// The blobs a recovery job may read: every index piece and block of its point.
-fn build_access(st: &AppState, m: &Manifest) -> ApiResult<Access> {
-    let index = Arc::new(st.datastore.blob_index()?);
+fn build_access(store: Arc<datastore::Datastore>, m: &Manifest) -> ApiResult<Access> {
+    let index = Arc::new(store.blob_index()?);
     let mut allowed = HashSet::new();
     for d in &m.disks {
         for h in &d.pieces {
             let pid = Id::from_hex(h)
                 .ok_or_else(|| internal(format!("recovery point {}: bad piece id {h:?}", m.id)))?;
             allowed.insert(pid);
-            for b in st.datastore.read_piece(&index, pid)? {
+            for b in store.read_piece(&index, pid)? {
                 if !b.is_zero() {
                     allowed.insert(b);
                 }
             }
         }
     }
-    Ok(Access { index, allowed })
+    Ok(Access {
+        store,
+        index,
+        allowed,
+    })
 }
 
 /// The running recovery job `id` of agent `host`, and what it may read (built at its
@@ -311,8 +327,9 @@ async fn job_access(st: &Arc<AppState>, host: &str, id: i64) -> ApiResult<Arc<Ac
     let a = st
         .offload(move |st| {
             let s = stored(&st.cat(), id)?;
-            let m = st.datastore.point(&s.point)?;
-            build_access(st, &m)
+            let (store, _) = crate::recovery_plan::source(st, &s).map_err(internal)?;
+            let m = store.point(&s.point)?;
+            build_access(store, &m)
         })
         .await?;
     Ok(locks::lock(&st.recoveries)
@@ -346,8 +363,7 @@ pub(crate) async fn agent_blob(
         Id::from_hex(&blob).ok_or_else(|| bad(format!("blob id {blob:?} is not 64 hex digits")))?;
     let access = job_access(&st, &host, id).await?;
     check_allowed(&access, id, bid)?;
-    let st2 = st.clone();
-    let out = blocking(move || Ok(st2.datastore.framed_blob(&access.index, bid)?)).await?;
+    let out = blocking(move || Ok(access.store.framed_blob(&access.index, bid)?)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
 }
 
@@ -383,11 +399,10 @@ pub(crate) async fn agent_blobs(
     for &b in &ids {
         check_allowed(&access, id, b)?;
     }
-    let st2 = st.clone();
     let out = blocking(move || {
         let mut out = Vec::new();
         for b in ids {
-            let framed = st2.datastore.framed_blob(&access.index, b)?;
+            let framed = access.store.framed_blob(&access.index, b)?;
             let n = u32::try_from(framed.len())
                 .map_err(|_| internal(format!("blob {} is over 4 GiB", b.to_hex())))?;
             out.extend_from_slice(&n.to_le_bytes());

@@ -141,6 +141,13 @@ pub fn tick(st: &Arc<AppState>) -> Result<(), catalog::Error> {
             }
         }
     }
+    for g in &groups {
+        if let Some(o) = &g.policy.online
+            && due_daily(st, &format!("online:{}", g.name), &o.times, now)?
+        {
+            crate::online::queue_group(st, now, &g.name, "online schedule")?;
+        }
+    }
     let mt = &st.config.maintenance;
     for (kind, time) in [
         (JobKind::Prune, &mt.prune_time),

@@ -98,6 +98,8 @@ pub struct AppState {
     pub notify: crate::notify::Notifier,
     /// Storage targets' secrets (`DIR/secrets/NAME.secret`, mode 0600).
     pub secrets: pki::SecretStore,
+    /// Storage targets' online datastores opened so far.
+    pub online: crate::online::OnlineStores,
 }
 
 /// The server's own keys and the secrets it keeps for others.
@@ -135,6 +137,7 @@ impl AppState {
             last_tick: Mutex::new(None),
             notify,
             secrets: keys.secrets,
+            online: crate::online::OnlineStores::default(),
         }
     }
 

@@ -67,6 +67,25 @@ pub(crate) fn check_fits(st: &AppState, size: u64, policy: &Policy) -> ApiResult
     Ok(r)
 }
 
+/// A policy with online protection gets its target's online copy ready (made when the
+/// target is empty): a target that cannot be reached or holds another copy is refused
+/// now, not at the first copy.
+fn ready_online(st: &AppState, policy: &Policy) -> ApiResult<()> {
+    if let Some(o) = &policy.online {
+        match st.cat().storage(&o.storage) {
+            Err(catalog::Error::NotFound(_)) => {
+                return Err(bad(format!(
+                    "policy.online.storage: no storage target {:?}; add it with `holdfast storage add`",
+                    o.storage
+                )));
+            }
+            r => r?,
+        };
+        crate::online::store(st, &o.storage, true)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn mark_schedules_now(st: &AppState, g: &catalog::GroupRow) -> ApiResult<()> {
     let cat = st.cat();
     let t = now();
@@ -93,6 +112,7 @@ pub(crate) async fn group_create(State(st): St, _admin: Admin, body: Bytes) -> A
                 }
             }
             check_fits(st, size, &req.policy)?;
+            ready_online(st, &req.policy)?;
             let g = st
                 .cat()
                 .create_group(now(), &req.name, &req.policy, &req.members)?;
@@ -123,6 +143,9 @@ pub(crate) async fn group_modify(
     let g = st
         .offload(move |st| {
             let before = st.cat().group(&name)?;
+            if let Some(p) = &req.policy {
+                ready_online(st, p)?;
+            }
             let g = st.cat().modify_group(
                 &name,
                 &req.add_members,
@@ -193,4 +216,31 @@ pub(crate) async fn group_delete(
         name,
         recovery_points_deleted: deleted,
     }))
+}
+
+/// `POST /protection-groups/{name}/online-copy`: copy every member's newest recovery
+/// point to the group's storage target now.
+pub(crate) async fn group_online_copy(
+    State(st): St,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let out = st
+        .offload(move |st| {
+            let g = st.cat().group(&name)?;
+            if g.policy.online.is_none() {
+                return Err(ApiErr(
+                    StatusCode::CONFLICT,
+                    format!("protection group {name:?} has no online protection (pg modify --online STORAGE ...)"),
+                ));
+            }
+            let jobs = crate::online::queue_group(st, now(), &name, "admin")?;
+            st.cat()
+                .audit(now(), "admin", "online copy", &format!("{name}: jobs {jobs:?}"))?;
+            Ok(OnlineCopyQueued { group: name, jobs })
+        })
+        .await?;
+    let mut r = json(&out);
+    *r.status_mut() = StatusCode::ACCEPTED;
+    Ok(r)
 }

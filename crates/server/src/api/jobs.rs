@@ -26,11 +26,27 @@ pub(crate) async fn recovery_points(
                 Some(vm) => {
                     let (h, v) =
                         split_vm(vm).ok_or_else(|| bad(format!("vm {vm:?} is not HOST/VM")))?;
-                    Some(cat.datasource_by_name(h, v)?.id)
+                    match cat.datasource_by_name(h, v) {
+                        Ok(d) => Some(d.id),
+                        // Known only from online copies (a server rebuilt after a
+                        // disaster, or a VM whose data source is gone).
+                        Err(catalog::Error::NotFound(_)) => None,
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 None => None,
             };
-            Ok::<_, ApiErr>(cat.recovery_points(ds.as_deref())?)
+            if q.vm.is_some() && ds.is_none() {
+                let online = cat.recovery_points_everywhere(None, q.vm.as_deref())?;
+                if online.is_empty() {
+                    return Err(crate::http::not_found(format!(
+                        "no data source and no online copies for {}",
+                        q.vm.as_deref().unwrap_or_default()
+                    )));
+                }
+                return Ok(online);
+            }
+            Ok::<_, ApiErr>(cat.recovery_points_everywhere(ds.as_deref(), q.vm.as_deref())?)
         })
         .await?;
     Ok(json(&points))
@@ -83,7 +99,7 @@ struct NewServerJob {
 pub(crate) async fn job_create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
     let req: NewServerJob = parse(&body)?;
     let kind = JobKind::parse(&req.kind)
-        .filter(|k| !k.on_agent())
+        .filter(|k| !k.on_agent() && !matches!(k, JobKind::OnlineCopy | JobKind::OnlineVerify))
         .ok_or_else(|| {
             bad(format!(
                 "kind {:?}: verify, prune or gc (backups start with backup-now)",

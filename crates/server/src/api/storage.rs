@@ -88,6 +88,9 @@ pub(crate) async fn storage_remove(
         .offload(move |st| {
             let t = st.cat().remove_storage(&name)?;
             st.secrets.remove(&name).map_err(secret_err)?;
+            // The online copy's key stays (`NAME.online-key.secret`): the copy is still
+            // there, and a target added again under this name reads it.
+            crate::online::forget(st, &name);
             st.cat().audit(
                 now(),
                 "admin",
@@ -104,46 +107,6 @@ pub(crate) async fn storage_remove(
 /// throughput, small enough for a slow link).
 const PROBE_BYTES: usize = 4 << 20;
 
-/// The target `t` as the object-storage crate opens it, with its secret.
-fn target(st: &crate::state::AppState, t: &StorageInfo) -> ApiResult<objstore::Target> {
-    let l = &t.location;
-    let missing = |what: &str| {
-        ApiErr(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "storage target {}: {what} is missing from the catalog",
-                t.name
-            ),
-        )
-    };
-    let secret = || -> ApiResult<objstore::Secret> {
-        Ok(objstore::Secret::new(
-            st.secrets.get(&t.name).map_err(secret_err)?,
-        ))
-    };
-    Ok(match t.kind {
-        StorageKind::Azure => objstore::Target::Azure {
-            account: l.account.clone().ok_or_else(|| missing("account"))?,
-            container: l.container.clone().ok_or_else(|| missing("container"))?,
-            endpoint: l.endpoint.clone(),
-            access_key: secret()?,
-        },
-        StorageKind::S3 => objstore::Target::S3 {
-            bucket: l.bucket.clone().ok_or_else(|| missing("bucket"))?,
-            endpoint: l.endpoint.clone(),
-            region: l.region.clone().ok_or_else(|| missing("region"))?,
-            access_key_id: l
-                .access_key_id
-                .clone()
-                .ok_or_else(|| missing("access_key_id"))?,
-            secret_access_key: secret()?,
-        },
-        StorageKind::Folder => objstore::Target::Folder {
-            path: l.path.clone().ok_or_else(|| missing("path"))?.into(),
-        },
-    })
-}
-
 /// Writes, reads back, lists and deletes a probe object: 502 when the target does not
 /// answer as it should, with what went wrong.
 pub(crate) async fn storage_test(
@@ -155,7 +118,7 @@ pub(crate) async fn storage_test(
         .offload(move |st| {
             let t = st.cat().storage(&name)?;
             let gateway = |e: objstore::Error| ApiErr(StatusCode::BAD_GATEWAY, e.to_string());
-            let backend = objstore::open(&target(st, &t)?).map_err(gateway)?;
+            let backend = objstore::open(&crate::online::target(st, &t)?).map_err(gateway)?;
             let p = objstore::probe(backend.as_ref(), PROBE_BYTES).map_err(gateway)?;
             Ok(StorageTestReport {
                 name: t.name,
@@ -171,4 +134,147 @@ pub(crate) async fn storage_test(
         })
         .await?;
     Ok(json(&report))
+}
+
+/// `GET /storage/{name}/key`: the key file of the target's online copy (audited).
+pub(crate) async fn storage_key(
+    State(st): St,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let key = st
+        .offload(move |st| {
+            st.cat().storage(&name)?;
+            let path = crate::online::key_path(st, &name)?;
+            let key = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => crate::http::not_found(format!(
+                    "storage target {name} has no online copy yet (it is made when a protection group first uses the target)"
+                )),
+                _ => ApiErr(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{}: {e}", path.display()),
+                ),
+            })?;
+            st.cat().audit(now(), "admin", "storage key", &name)?;
+            Ok(StorageKey { name, key })
+        })
+        .await?;
+    Ok(json(&key))
+}
+
+/// `POST /storage/{name}/attach`: keeps the key of the online copy on the target,
+/// opens it and records its recovery points (a new server after a disaster). A
+/// different key than the one kept is refused.
+pub(crate) async fn storage_attach(
+    State(st): St,
+    _admin: Admin,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: AttachStorage = parse(&body)?;
+    if req.key.is_empty() || req.key.len() > 16 << 10 {
+        return Err(bad("key: the text of a key file (at most 16 KiB)"));
+    }
+    let report = st
+        .offload(move |st| {
+            let t = st.cat().storage(&name)?;
+            let path = crate::online::key_path(st, &name)?;
+            match std::fs::read_to_string(&path) {
+                Ok(have) if have == req.key => {}
+                Ok(_) => {
+                    return Err(ApiErr(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "storage target {name} already has another online key on this server"
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    st.secrets
+                        .put(&crate::online::key_name(&name), &req.key)
+                        .map_err(secret_err)?;
+                }
+            }
+            crate::online::forget(st, &name);
+            let opened = crate::online::store(st, &name, false);
+            let ds = match opened {
+                Ok(ds) => ds,
+                Err(e) => {
+                    // A key that opens nothing is not kept.
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+            };
+            let points = crate::online::list_points(&ds)?;
+            st.cat().replace_online_points(&name, &points, now())?;
+            let mut sources: Vec<String> = points.iter().map(|p| p.vm.clone()).collect();
+            sources.sort();
+            sources.dedup();
+            st.cat().audit(
+                now(),
+                "admin",
+                "storage attach",
+                &format!("{name}: {} recovery points", points.len()),
+            )?;
+            Ok(AttachReport {
+                name,
+                url: t.url,
+                recovery_points: points.len() as u64,
+                sources,
+            })
+        })
+        .await?;
+    Ok(json(&report))
+}
+
+/// `POST /storage/{name}/verify`: queues an online verify job (all, or a sample).
+pub(crate) async fn storage_verify(
+    State(st): St,
+    _admin: Admin,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: VerifyStorage = if body.is_empty() {
+        VerifyStorage::default()
+    } else {
+        parse(&body)?
+    };
+    if let Some(p) = req.sample_percent
+        && !(1..=100).contains(&p)
+    {
+        return Err(bad(format!("sample_percent: {p} is outside 1-100")));
+    }
+    let job = st
+        .offload(move |st| {
+            st.cat().storage(&name)?;
+            if !crate::online::key_path(st, &name)?.exists() {
+                return Err(ApiErr(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "storage target {name} holds no online copy this server has the key of"
+                    ),
+                ));
+            }
+            let cat = st.cat();
+            let id = cat.add_job(
+                now(),
+                &catalog::NewJob {
+                    kind: JobKind::OnlineVerify,
+                    datasource_id: None,
+                    trigger: "admin".into(),
+                    not_before: None,
+                    attempt: 1,
+                    rerun_of: None,
+                },
+            )?;
+            let row = serde_json::to_string(&(&name, req.sample_percent))
+                .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            cat.set_setting(&crate::online::verify_key(id), &row)?;
+            cat.job_log(now(), id, &format!("queued (verify online:{name})"))?;
+            Ok(cat.job(id)?)
+        })
+        .await?;
+    let mut r = json(&job);
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
 }
