@@ -336,6 +336,7 @@ fn recover_copies_alternate_original_throttle_and_refusals() {
         target,
         throttle_kbps: None,
         notify: Vec::new(),
+        from: None,
     };
     let copy = |dir: &str, disk: Option<u32>| RecoveryTarget::CopyTo {
         host: "hv01".into(),

@@ -330,6 +330,8 @@ pub struct PolicyArgs {
     /// Expected daily churn in percent, for the disk allocation review.
     #[arg(long)]
     churn_percent: Option<f64>,
+    #[command(flatten)]
+    online: super::online::OnlineArgs,
 }
 
 fn times(s: &str) -> Vec<String> {
@@ -349,6 +351,7 @@ impl PolicyArgs {
             || self.no_auto_consistency_check
             || self.replica.is_some()
             || self.churn_percent.is_some()
+            || self.online.any()
     }
 
     /// Applies the flags given on top of `base` (a new group starts from nothing).
@@ -367,7 +370,7 @@ impl PolicyArgs {
             // Checked with the rest of the policy, as the server checks it.
             Some(t) => Some(ReplicaCreation::At(t.to_string())),
         };
-        let p = match base {
+        let mut p = match base {
             Some(mut p) => {
                 if let Some(d) = self.retention_days {
                     p.retention_days = d;
@@ -414,8 +417,10 @@ impl PolicyArgs {
                 consistency_check_daily: self.consistency_check_daily.clone(),
                 replica_creation: replica.unwrap_or(ReplicaCreation::Now),
                 churn_percent: self.churn_percent.unwrap_or(5.0),
+                online: None,
             },
         };
+        self.online.apply(&mut p)?;
         p.validate_request().map_err(|e| anyhow!(e))?;
         Ok(p)
     }
@@ -454,6 +459,16 @@ pub enum PgCommand {
         remove: Vec<String>,
         #[command(flatten)]
         policy: PolicyArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy every member's newest recovery point to the group's storage target now
+    /// (online protection), as the online schedule would.
+    OnlineCopy {
+        name: String,
+        /// Wait for the copies to end; exit 1 if one fails.
+        #[arg(long)]
+        wait: bool,
         #[arg(long)]
         json: bool,
     },
@@ -501,6 +516,9 @@ fn show_group(g: &GroupInfo) {
             .map(|t| format!(", daily at {t} UTC"))
             .unwrap_or_default()
     );
+    if let Some(o) = &p.online {
+        println!("  online protection:  {}", super::online::describe(o));
+    }
     let a = &g.allocation;
     println!(
         "  disk allocation:    data {} -> needs {} ({}% churn x {} days); datastore {} free of {}{}",
@@ -530,6 +548,7 @@ pub fn pg(s: &ServerArgs, c: PgCommand) -> anyhow::Result<ExitCode> {
             };
             req.validate().map_err(|e| anyhow!(e))?;
             let g: GroupInfo = cl.post("/protection-groups", &req)?;
+            online_key(&cl, &g, &policy)?;
             if json {
                 print_json(&g)?;
             } else {
@@ -584,11 +603,35 @@ pub fn pg(s: &ServerArgs, c: PgCommand) -> anyhow::Result<ExitCode> {
             };
             req.validate().map_err(|e| anyhow!(e))?;
             let g: GroupInfo = cl.patch(&format!("/protection-groups/{}", seg(&name)), &req)?;
+            online_key(&cl, &g, &policy)?;
             if json {
                 print_json(&g)?;
             } else {
                 show_group(&g);
             }
+        }
+        PgCommand::OnlineCopy { name, wait, json } => {
+            let q: OnlineCopyQueued = cl.post(
+                &format!("/protection-groups/{}/online-copy", seg(&name)),
+                &(),
+            )?;
+            if !wait {
+                if json {
+                    return print_json(&q).map(|_| ExitCode::SUCCESS);
+                }
+                println!(
+                    "online copy of group {:?} queued: jobs {:?}",
+                    q.group, q.jobs
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut code = ExitCode::SUCCESS;
+            for id in q.jobs {
+                if wait_job(&cl, id, json)? != ExitCode::SUCCESS {
+                    code = ExitCode::from(1);
+                }
+            }
+            return Ok(code);
         }
         PgCommand::Delete { name, delete_data } => {
             let r: DeleteGroupResponse = cl.delete(&format!(
@@ -609,6 +652,23 @@ pub fn pg(s: &ServerArgs, c: PgCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Saves the online key when asked (`--online-key-file`); reminds to save it when a
+/// group keeps online copies and it was not asked.
+fn online_key(cl: &Client, g: &GroupInfo, policy: &PolicyArgs) -> anyhow::Result<()> {
+    match (&g.policy.online, policy.online.key_file()) {
+        (Some(o), Some(file)) => super::storage::save_key(cl, &o.storage, file),
+        (None, Some(_)) => bail!("--online-key-file: the group has no online protection"),
+        (Some(o), None) if policy.online.any() => {
+            eprintln!(
+                "online copies on {} are encrypted with a key of their own: save it apart from this server with `holdfast storage key {} --out FILE`",
+                o.storage, o.storage
+            );
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -802,6 +862,10 @@ pub struct RecoverArgs {
     /// server).
     #[arg(long, value_name = "EMAIL")]
     pub notify: Vec<String>,
+    /// Recover from the copy on a storage target: online:NAME (default: the
+    /// server's datastore).
+    #[arg(long, value_name = "online:NAME")]
+    pub from: Option<String>,
     /// Wait for the job; exit 0 only when the recovery succeeded.
     #[arg(long)]
     pub wait: bool,
@@ -851,6 +915,7 @@ pub fn recover(s: &ServerArgs, a: &RecoverArgs) -> anyhow::Result<ExitCode> {
         target,
         throttle_kbps: a.throttle,
         notify: a.notify.clone(),
+        from: a.from.clone(),
     };
     req.validate().map_err(|e| anyhow!(e))?;
     let cl = s.client()?;
@@ -1168,21 +1233,22 @@ pub fn recovery_points(s: &ServerArgs, a: &super::store::PointsArgs) -> anyhow::
         return print_json(&list).map(|_| ExitCode::SUCCESS);
     }
     println!(
-        "{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10}",
+        "{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10} LOCATIONS",
         "ID", "VM", "CREATED", "CONSISTENCY", "DISKS", "READ", "STORED"
     );
     let mut headers = calendar::DayHeaders::new();
     for r in list {
         headers.row(r.created_unix);
         println!(
-            "{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10}",
+            "{:<33} {:<28} {:<21} {:<17} {:>5} {:>10} {:>10} {}",
             r.id,
             r.vm,
             r.created,
             serde_json::to_value(r.consistency)?.as_str().unwrap_or("?"),
             r.disks.len(),
             human(r.stats.bytes_read),
-            human(r.stats.bytes_stored)
+            human(r.stats.bytes_stored),
+            r.locations.join(",")
         );
     }
     Ok(ExitCode::SUCCESS)

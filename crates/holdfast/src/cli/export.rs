@@ -36,6 +36,9 @@ pub struct ExportNbdArgs {
     /// Recovery point id, or `latest`.
     #[arg(long, default_value = "latest")]
     point: String,
+    /// Read the copy on a storage target (through the server): online:NAME.
+    #[arg(long, value_name = "online:NAME", conflicts_with = "datastore")]
+    from: Option<String>,
     /// Disk number (from 0); needed when the recovery point has several disks.
     #[arg(long)]
     disk: Option<usize>,
@@ -131,9 +134,12 @@ fn remote_disk(s: &ServerArgs, a: &ExportNbdArgs) -> anyhow::Result<Chosen> {
     let cl = s.client()?;
     let list: Vec<RecoveryPointInfo> =
         cl.get(&format!("/recovery-points?vm={}", seg(&a.source)))?;
+    let mut here = list
+        .iter()
+        .filter(|r| super::online::held_at(r, a.from.as_deref()));
     let p = match a.point.as_str() {
-        "latest" => list.iter().max_by_key(|r| (r.created_unix, r.id.clone())),
-        id => list.iter().find(|r| r.id == id),
+        "latest" => here.max_by_key(|r| (r.created_unix, r.id.clone())),
+        id => here.find(|r| r.id == id),
     }
     .ok_or_else(|| anyhow!("{} has no recovery point {:?}", a.source, a.point))?;
     let disk_no = match (a.disk, p.disks.len()) {
@@ -150,7 +156,13 @@ fn remote_disk(s: &ServerArgs, a: &ExportNbdArgs) -> anyhow::Result<Chosen> {
     };
     let d = &p.disks[disk_no];
     Ok(Chosen {
-        disk: Arc::new(RemoteDisk::new(cl, &p.id, disk_no, d.virtual_size)),
+        disk: Arc::new(RemoteDisk::new(
+            cl,
+            &p.id,
+            disk_no,
+            d.virtual_size,
+            a.from.as_deref(),
+        )),
         // The server's datastore block; reads of whole blocks pass through the cache.
         block: recovery::remote::REMOTE_BLOCK,
         point: p.id.clone(),

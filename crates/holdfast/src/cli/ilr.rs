@@ -47,6 +47,9 @@ pub struct Where {
     /// volume.
     #[arg(long)]
     partition: Option<u32>,
+    /// Read the copy on a storage target (through the server): online:NAME.
+    #[arg(long, value_name = "online:NAME", conflicts_with = "datastore")]
+    from: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -118,7 +121,13 @@ pub fn run(s: &ServerArgs, cmd: IlrCommand) -> anyhow::Result<ExitCode> {
                 None => {
                     let cl = s.client()?;
                     let id = server_point(&cl, &a.at)?;
-                    Box::new(RemoteFs::new(cl, &id, a.at.disk, a.at.partition))
+                    Box::new(RemoteFs::new(
+                        cl,
+                        &id,
+                        a.at.disk,
+                        a.at.partition,
+                        a.at.from.as_deref(),
+                    ))
                 }
             };
             std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
@@ -177,6 +186,7 @@ fn get_on_host(s: &ServerArgs, a: &GetArgs, host: &str, dir: &str) -> anyhow::Re
         },
         throttle_kbps: a.throttle,
         notify: a.notify.clone(),
+        from: a.at.from.clone(),
     };
     // The server's own check (folder, items), before anything is asked of it.
     req.validate().map_err(|e| anyhow!(e))?;
@@ -235,6 +245,7 @@ fn server_point(cl: &Client, w: &Where) -> anyhow::Result<String> {
     let list: Vec<RecoveryPointInfo> = cl.get(&format!("/recovery-points?vm={}", seg(&w.vm)))?;
     let t = at_time(w)?;
     list.iter()
+        .filter(|r| super::online::held_at(r, w.from.as_deref()))
         .filter(|r| t.is_none_or(|t| r.created_unix <= t))
         .max_by_key(|r| (r.created_unix, r.id.clone()))
         .map(|r| r.id.clone())
@@ -245,7 +256,7 @@ fn server_point(cl: &Client, w: &Where) -> anyhow::Result<String> {
 }
 
 fn browse_path(id: &str, w: &Where) -> String {
-    recovery::remote::browse_path(id, w.disk, w.partition)
+    recovery::remote::browse_path(id, w.disk, w.partition, w.from.as_deref())
 }
 
 use fsview::shown;

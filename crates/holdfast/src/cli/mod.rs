@@ -7,6 +7,7 @@ mod export;
 mod ilr;
 mod image;
 mod location;
+mod online;
 mod progress;
 mod storage;
 mod store;
@@ -147,7 +148,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(a) => store::restore(&a),
         Command::Ilr(c) => ilr::run(&cli.server, c),
         Command::ExportNbd(a) => export::export_nbd(&cli.server, &a),
-        Command::Verify(a) => store::verify(&a),
+        Command::Verify(a) => match &a.storage {
+            Some(name) => storage::verify(&cli.server, name, a.sample, a.json),
+            None => store::verify(&a),
+        },
         Command::Prune(a) => store::prune(&a),
         Command::Gc(a) => store::gc(&a),
         Command::Forget(a) => store::forget(&a),

@@ -4,7 +4,10 @@ use super::admin::{ServerArgs, print_json};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use client::seg;
-use protocol::{AddStorage, StorageInfo, StorageKind, StorageLocation, StorageTestReport};
+use protocol::{
+    AddStorage, AttachReport, AttachStorage, StorageInfo, StorageKey, StorageKind, StorageLocation,
+    StorageTestReport,
+};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -30,6 +33,66 @@ pub enum StorageCommand {
     /// Forget a storage target and its secret (refused while a protection group uses it;
     /// the objects in it stay).
     Remove { name: String },
+    /// Save the key of the target's online copy to a new file (mode 0600). Keep it away
+    /// from the server: a new server needs it to attach the copy after a disaster.
+    Key {
+        name: String,
+        /// The file to write (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Attach the online copy on a target (a new server after a disaster, or another
+    /// server's copy): the server keeps the key, opens the copy and lists its recovery
+    /// points as `online:NAME`; `recover`, `ilr` and `export-nbd` then read them with
+    /// `--from online:NAME`.
+    Attach {
+        name: String,
+        /// The key file saved with `holdfast storage key` (or `pg ... --online-key-file`).
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Writes `text` to a new file readable by its owner only, durably.
+pub(super) fn write_new_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "{}: cannot create the key file (it must not exist)",
+                path.display()
+            )
+        })?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("{}: cannot write the key file", path.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("{}: cannot sync the folder", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Fetches target `name`'s online key from the server and saves it to `out`.
+pub(super) fn save_key(cl: &client::Client, name: &str, out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        bail!("{}: exists; give a new file for the key", out.display());
+    }
+    let k: StorageKey = cl.get(&format!("/storage/{}/key", seg(name)))?;
+    write_new_private(out, &k.key)?;
+    eprintln!(
+        "the key of the online copy on {name} is saved in {} (mode 0600); keep it apart from this server",
+        out.display()
+    );
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -194,6 +257,60 @@ pub fn run(s: &ServerArgs, c: StorageCommand) -> anyhow::Result<ExitCode> {
             let t: StorageInfo = cl.delete(&format!("/storage/{}", seg(&name)))?;
             println!("storage target {} removed (its objects stay)", t.name);
         }
+        StorageCommand::Key { name, out } => save_key(&cl, &name, &out)?,
+        StorageCommand::Attach {
+            name,
+            key_file,
+            json,
+        } => {
+            let meta = std::fs::metadata(&key_file)
+                .with_context(|| format!("{}: cannot read the key file", key_file.display()))?;
+            if meta.len() > MAX_KEY_FILE {
+                bail!(
+                    "{}: {} bytes is too large for a key file (at most {MAX_KEY_FILE})",
+                    key_file.display(),
+                    meta.len()
+                );
+            }
+            let key = std::fs::read_to_string(&key_file)
+                .with_context(|| format!("{}: cannot read the key file", key_file.display()))?;
+            let r: AttachReport = cl.post(
+                &format!("/storage/{}/attach", seg(&name)),
+                &AttachStorage { key },
+            )?;
+            if json {
+                return print_json(&r).map(|_| ExitCode::SUCCESS);
+            }
+            println!(
+                "attached the online copy on {} ({}): {} recovery points of {}",
+                r.name,
+                r.url,
+                r.recovery_points,
+                if r.sources.is_empty() {
+                    "no VM".to_string()
+                } else {
+                    r.sources.join(", ")
+                }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `holdfast verify --storage NAME [--sample P]`: an online verify job on the server,
+/// waited for; exit 1 when it finds damage or fails.
+pub fn verify(
+    s: &ServerArgs,
+    name: &str,
+    sample: Option<u8>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let cl = s.client()?;
+    let j: protocol::JobInfo = cl.post(
+        &format!("/storage/{}/verify", seg(name)),
+        &protocol::VerifyStorage {
+            sample_percent: sample,
+        },
+    )?;
+    super::admin::started(&cl, j, true, json)
 }

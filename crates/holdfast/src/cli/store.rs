@@ -4,7 +4,7 @@
 
 use super::progress::Progress;
 use super::units::human;
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use datastore::{BackupRequest, BaseChoice, Datastore, DiskInput, Manifest, Retention, Source};
 use serde_json::json;
@@ -173,10 +173,23 @@ pub struct RestoreArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    #[command(flatten)]
-    store: StoreArgs,
+    /// The datastore folder, or az://ACCOUNT/CONTAINER or s3://BUCKET (credentials
+    /// from HOLDFAST_STORAGE_KEY_FILE, see docs/cli.md).
+    #[arg(long, short = 'd', required_unless_present = "storage")]
+    datastore: Option<PathBuf>,
+    /// Key file of an encrypted datastore (default: DATASTORE.key beside the folder).
+    #[arg(long, requires = "datastore")]
+    key_file: Option<PathBuf>,
+    /// Verify the online copy on this storage target instead, through the server (a
+    /// job; damage raises an alert as on disk).
+    #[arg(long, conflicts_with = "datastore")]
+    pub storage: Option<String>,
+    /// Read only this percent of the packs, chosen at random (every manifest and index
+    /// is still read).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub sample: Option<u8>,
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     #[arg(long, short = 'q')]
     quiet: bool,
 }
@@ -509,16 +522,24 @@ pub fn restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    let ds = a.store.open()?;
+    let dir = a
+        .datastore
+        .as_deref()
+        .ok_or_else(|| anyhow!("give -d DATASTORE (or --storage NAME)"))?;
+    let ds = open_store(dir, a.key_file.as_deref())?;
     let bar = Progress::new("verifying", 0, !a.quiet && !a.json);
     let mut set_len = true;
-    let r = ds.verify(&mut |done, total| {
+    let mut progress = |done, total| {
         if set_len {
             bar.set_len(total);
             set_len = false;
         }
         bar.set(done)
-    });
+    };
+    let r = match a.sample {
+        Some(p) if p < 100 => ds.verify_sample(p, &mut progress),
+        _ => ds.verify(&mut progress),
+    };
     bar.finish();
     let r = r?;
     if a.json {
