@@ -41,6 +41,6 @@ pub use restore::{
     BlobSource, BlockRead, DiskRef, LocalBlobs, LocalPointDisk, PointDisk, block_extents,
     check_range,
 };
-pub use store::{BlobIndex, DamagedPoint, Datastore, StoreOptions, default_key_path};
+pub use store::{BlobIndex, CONFIG_KEY, DamagedPoint, Datastore, StoreOptions, default_key_path};
 pub use throttle::Throttle;
 pub use verify::{DiskDamage, FileDamage, PointDamage, VerifyReport};

@@ -15,6 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 #[derive(Debug, Default, Serialize)]
 pub struct VerifyReport {
     pub packs: u64,
+    /// Packs whose every blob was read and checked (all of them, unless sampled).
+    pub packs_read: u64,
+    /// The share of packs read in full, in percent (100: a full verify).
+    pub sample_percent: u8,
     pub blobs: u64,
     pub bytes: u64,
     pub points: u64,
@@ -60,6 +64,10 @@ impl VerifyReport {
     }
 }
 
+/// What reading one pack found: good blob ids, damaged copies, a trailer problem, and
+/// the bytes read.
+type PackCheck = (Vec<Id>, Vec<(BadLoc, Id, String)>, Option<String>, u64);
+
 /// The reason alone: the key and offset are reported beside it.
 fn detail(e: crate::Error) -> String {
     match e {
@@ -72,8 +80,27 @@ impl Datastore {
     /// Reads and checks everything. Records damaged blob copies so that later backups
     /// store those blocks again (heal) and gc drops the damaged copies.
     pub fn verify(&self, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result<VerifyReport> {
+        self.verify_sample(100, progress)
+    }
+
+    /// [`Datastore::verify`] reading only `percent` % of the packs in full (chosen at
+    /// random, rounded up; every blob in them checked), which
+    /// on object storage costs that share of the download. Every manifest and every
+    /// index piece is still read and checked (the index pieces of the other packs too),
+    /// so damage there is always found; damage in the data blobs of packs not read is
+    /// not. 100 (or more) is the full verify. Damage found in earlier runs in packs not
+    /// read this time stays recorded.
+    pub fn verify_sample(
+        &self,
+        percent: u8,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<VerifyReport> {
         let _lock = self.backend.lock(false, true)?;
-        let mut report = VerifyReport::default();
+        let percent = percent.min(100);
+        let mut report = VerifyReport {
+            sample_percent: percent,
+            ..VerifyReport::default()
+        };
         let mut files = Vec::new();
         let mut damaged_files = Vec::new();
         let tables = self.pack_tables(&mut files, &mut damaged_files)?;
@@ -97,9 +124,24 @@ impl Datastore {
                 }
             }
         }
+        let full = sample(tables.len(), percent)?;
+        // Copies earlier verifies found damaged stay so in packs not read now.
+        let known_bad: HashSet<BadLoc> = if percent < 100 {
+            self.damaged()?.into_iter().collect()
+        } else {
+            HashSet::new()
+        };
+        // What is read: every blob of a sampled pack, the index pieces of the others.
+        let reads = |i: usize, e: &format::PackEntry| full[i] || e.kind == format::Kind::Index;
         let total: u64 = tables
             .iter()
-            .map(|(_, e)| e.iter().map(|x| x.len as u64).sum::<u64>())
+            .enumerate()
+            .map(|(i, (_, e))| {
+                e.iter()
+                    .filter(|x| reads(i, x))
+                    .map(|x| x.len as u64)
+                    .sum::<u64>()
+            })
             .sum();
         let sizes = self.pack_sizes()?;
         let good: Mutex<HashSet<Id>> = Mutex::new(HashSet::new());
@@ -116,28 +158,13 @@ impl Datastore {
                         let Some((pack, entries)) = tables.get(i) else {
                             return;
                         };
-                        let key = format::pack_key(pack);
-                        let mut ok_ids = Vec::with_capacity(entries.len());
-                        let mut bad_here = Vec::new();
-                        let mut bytes = 0u64;
-                        for e in entries {
-                            let r = self.read_entry(*pack, e, &mut plain);
-                            match r {
-                                Ok(_) => ok_ids.push(e.id),
-                                Err(err) => bad_here.push(((*pack, e.offset), e.id, detail(err))),
-                            }
-                            bytes += e.len as u64;
-                        }
-                        // The trailer is what rebuilds the index if an index file is lost.
-                        let trailer = match sizes.get(&key) {
-                            Some(&size) => self.read_trailer(&key, size),
-                            None => Err(crate::Error::Missing { key: key.clone() }),
-                        };
-                        let trailer_problem = match trailer {
-                            Ok(t) if t == *entries => None,
-                            Ok(_) => Some("pack trailer does not match the index file".to_string()),
-                            Err(e) => Some(detail(e)),
-                        };
+                        let (ok_ids, bad_here, trailer_problem, bytes) = self.check_pack(
+                            *pack,
+                            entries,
+                            (full[i], &known_bad),
+                            &sizes,
+                            &mut plain,
+                        );
                         if let Some(p) = trailer_problem {
                             locks::lock(&bad_trailers).push((*pack, p));
                         }
@@ -154,12 +181,23 @@ impl Datastore {
         let good = locks::into_inner(good);
         let bad = locks::into_inner(bad);
         report.packs = tables.len() as u64;
+        report.packs_read = full.iter().filter(|&&f| f).count() as u64;
         report.blobs = tables.iter().map(|(_, e)| e.len() as u64).sum();
         report.bytes = total;
         let bad_trailers = locks::into_inner(bad_trailers);
         // Record damaged locations before reading indexes, so pieces come from good copies.
         // A damaged trailer is recorded as offset u32::MAX: gc then rewrites the pack.
         let mut bad_locs: Vec<BadLoc> = bad.iter().map(|b| b.0).collect();
+        if percent < 100 {
+            // Keep what earlier verifies found in packs not read in full this time.
+            let read: HashSet<Id> = tables
+                .iter()
+                .zip(&full)
+                .filter(|(_, f)| **f)
+                .map(|((p, _), _)| *p)
+                .collect();
+            bad_locs.extend(known_bad.iter().filter(|(p, _)| !read.contains(p)));
+        }
         for (pack, problem) in &bad_trailers {
             bad_locs.push((*pack, crate::store::TRAILER_DAMAGED));
             let key = format::pack_key(pack);
@@ -199,6 +237,47 @@ impl Datastore {
             }
         }
         Ok(report)
+    }
+
+    /// Reads one pack's blobs (all of them when `full`, else its index pieces; the
+    /// other blobs then count as good, unread) and, when `full`, its trailer.
+    fn check_pack(
+        &self,
+        pack: Id,
+        entries: &[format::PackEntry],
+        (full, known_bad): (bool, &HashSet<BadLoc>),
+        sizes: &std::collections::HashMap<String, u64>,
+        plain: &mut Vec<u8>,
+    ) -> PackCheck {
+        let key = format::pack_key(&pack);
+        let mut ok_ids = Vec::with_capacity(entries.len());
+        let mut bad_here = Vec::new();
+        let mut bytes = 0u64;
+        for e in entries {
+            if !full && e.kind != format::Kind::Index {
+                if !known_bad.contains(&(pack, e.offset)) {
+                    ok_ids.push(e.id);
+                }
+                continue;
+            }
+            match self.read_entry(pack, e, plain) {
+                Ok(_) => ok_ids.push(e.id),
+                Err(err) => bad_here.push(((pack, e.offset), e.id, detail(err))),
+            }
+            bytes += e.len as u64;
+        }
+        // The trailer is what rebuilds the index if an index file is lost.
+        let trailer = match sizes.get(&key) {
+            Some(_) if !full => Ok(entries.to_vec()),
+            Some(&size) => self.read_trailer(&key, size),
+            None => Err(crate::Error::Missing { key: key.clone() }),
+        };
+        let trailer_problem = match trailer {
+            Ok(t) if t == entries => None,
+            Ok(_) => Some("pack trailer does not match the index file".to_string()),
+            Err(e) => Some(detail(e)),
+        };
+        (ok_ids, bad_here, trailer_problem, bytes)
     }
 
     fn check_point(
@@ -257,4 +336,27 @@ impl Datastore {
             disks,
         })
     }
+}
+
+/// Which of `n` packs to read in full: `percent` % of them (rounded up) chosen at
+/// random, all of them at 100.
+fn sample(n: usize, percent: u8) -> Result<Vec<bool>> {
+    if percent >= 100 {
+        return Ok(vec![true; n]);
+    }
+    let want = (n * usize::from(percent)).div_ceil(100);
+    let mut order: Vec<usize> = (0..n).collect();
+    // A Fisher-Yates shuffle's first `want` places, from the system's random source.
+    let mut r = [0u8; 8];
+    for i in 0..want.min(n) {
+        crate::crypto::random(&mut r)?;
+        let span = (n - i) as u64;
+        let j = i + (u64::from_le_bytes(r) % span) as usize;
+        order.swap(i, j);
+    }
+    let mut full = vec![false; n];
+    for &i in order.iter().take(want) {
+        full[i] = true;
+    }
+    Ok(full)
 }

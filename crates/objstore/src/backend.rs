@@ -12,11 +12,81 @@ use object_store::{
 };
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Requests a backend sent, by kind, and the object bytes moved: for figures (requests
+/// per GiB copied; what a provider bills). Counted per datastore call: the client's own
+/// retries are not counted again, a listing counts its pages (1,000 keys a page on S3,
+/// 5,000 on Azure), and the lease's requests (lock, renewals) are not counted.
+#[derive(Debug, Default)]
+pub struct Counters {
+    get: AtomicU64,
+    put: AtomicU64,
+    list: AtomicU64,
+    delete: AtomicU64,
+    head: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+}
+
+/// A [`Counters`] reading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RequestCounts {
+    pub get: u64,
+    pub put: u64,
+    pub list: u64,
+    pub delete: u64,
+    pub head: u64,
+    /// Every request above.
+    pub total: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> RequestCounts {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (get, put, list, delete, head) = (
+            r(&self.get),
+            r(&self.put),
+            r(&self.list),
+            r(&self.delete),
+            r(&self.head),
+        );
+        RequestCounts {
+            get,
+            put,
+            list,
+            delete,
+            head,
+            total: get
+                .saturating_add(put)
+                .saturating_add(list)
+                .saturating_add(delete)
+                .saturating_add(head),
+            bytes_up: r(&self.bytes_up),
+            bytes_down: r(&self.bytes_down),
+        }
+    }
+
+    fn add(a: &AtomicU64, n: u64) {
+        a.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl serde::Serialize for Counters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.snapshot().serialize(s)
+    }
+}
 
 /// A datastore in an Azure Blob container or an S3 bucket.
 pub struct ObjectBackend {
     pub(crate) inner: Arc<Inner>,
+    counters: Arc<Counters>,
+    /// Keys a listing page holds (S3 1,000, Azure 5,000), to count listing requests.
+    list_page: u64,
     /// Owned here only so that dropping the backend stops its threads; taken in `Drop`.
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -132,7 +202,13 @@ impl ObjectBackend {
             .build()
             .map_err(|e| bad(format!("cannot start the I/O runtime: {e}")))?;
         let lease = LeaseCore::new(opts.lease)?;
+        let list_page = match target {
+            Target::S3 { .. } => 1000,
+            _ => 5000,
+        };
         Ok(ObjectBackend {
+            counters: Arc::default(),
+            list_page,
             inner: Arc::new(Inner {
                 store,
                 handle: rt.handle().clone(),
@@ -149,6 +225,11 @@ impl ObjectBackend {
     #[doc(hidden)]
     pub fn stop_renewing(&self) {
         lease::stop_renewing(&self.inner);
+    }
+
+    /// The request counters of this backend (shared: they keep counting).
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
     }
 
     /// The random id this backend writes into the lease object.
@@ -254,6 +335,8 @@ impl ObjectBackend {
     ) -> DsResult<object_store::Result<()>> {
         let limit = lease::write_limit(&self.inner, key)?;
         let path = obj_path(key)?;
+        Counters::add(&self.counters.put, 1);
+        Counters::add(&self.counters.bytes_up, data.len() as u64);
         let store = self.inner.store.clone();
         let payload = PutPayload::from(data.to_vec());
         let op = "put";
@@ -303,11 +386,15 @@ impl Backend for ObjectBackend {
     fn get(&self, key: &str) -> DsResult<Vec<u8>> {
         let path = obj_path(key)?;
         let store = self.inner.store.clone();
-        self.inner
+        Counters::add(&self.counters.get, 1);
+        let got = self
+            .inner
             .call(key, "get", self.inner.op_limit(), async move {
                 let r = store.get(&path).await?;
                 r.bytes().await.map(|b| b.to_vec())
-            })
+            })?;
+        Counters::add(&self.counters.bytes_down, got.len() as u64);
+        Ok(got)
     }
 
     fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> DsResult<()> {
@@ -328,6 +415,7 @@ impl Backend for ObjectBackend {
         };
         let store = self.inner.store.clone();
         let p = path.clone();
+        Counters::add(&self.counters.get, 1);
         let got = self
             .inner
             .call(key, "read", self.inner.op_limit(), async move {
@@ -340,6 +428,7 @@ impl Backend for ObjectBackend {
             });
         match got {
             Ok(b) if b.len() as u64 == len => {
+                Counters::add(&self.counters.bytes_down, len);
                 buf.copy_from_slice(&b);
                 Ok(())
             }
@@ -349,6 +438,7 @@ impl Backend for ObjectBackend {
                 // A range starting past the end is refused by the store (416); name it
                 // as the short object it is, like LocalBackend does.
                 let store = self.inner.store.clone();
+                Counters::add(&self.counters.head, 1);
                 match self
                     .inner
                     .call(key, "stat", self.inner.op_limit(), async move {
@@ -381,6 +471,10 @@ impl Backend for ObjectBackend {
                         .try_collect::<Vec<_>>()
                         .await
                 })?;
+        Counters::add(
+            &self.counters.list,
+            (out.len() as u64).div_ceil(self.list_page).max(1),
+        );
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
@@ -389,6 +483,7 @@ impl Backend for ObjectBackend {
         let limit = lease::write_limit(&self.inner, key)?;
         let path = obj_path(key)?;
         let store = self.inner.store.clone();
+        Counters::add(&self.counters.delete, 1);
         match self.inner.call(
             key,
             "delete",
@@ -403,6 +498,7 @@ impl Backend for ObjectBackend {
     fn exists(&self, key: &str) -> DsResult<bool> {
         let path = obj_path(key)?;
         let store = self.inner.store.clone();
+        Counters::add(&self.counters.head, 1);
         match self
             .inner
             .call(key, "stat", self.inner.op_limit(), async move {

@@ -53,7 +53,7 @@
 mod backend;
 mod lease;
 
-pub use backend::ObjectBackend;
+pub use backend::{Counters, ObjectBackend, RequestCounts};
 
 use datastore::Backend;
 use std::path::PathBuf;
@@ -188,6 +188,25 @@ pub fn open_with(target: &Target, opts: &Options) -> Result<Box<dyn Backend>, Er
 }
 
 /// What [`probe`] measured.
+/// [`open_with`], also returning the backend's request counters (see [`Counters`]):
+/// a folder target's stay zero, nothing counts local file access.
+pub fn open_counted(
+    target: &Target,
+    opts: &Options,
+) -> Result<(Box<dyn Backend>, std::sync::Arc<Counters>), Error> {
+    match target {
+        Target::Folder { path } => Ok((
+            Box::new(datastore::LocalBackend::new(path)),
+            std::sync::Arc::default(),
+        )),
+        _ => {
+            let b = ObjectBackend::new(target, opts)?;
+            let c = b.counters();
+            Ok((Box::new(b), c))
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProbeReport {
     pub bytes: u64,

@@ -2,6 +2,7 @@
 
 mod admin;
 mod calendar;
+mod copy;
 mod daemons;
 mod export;
 mod ilr;
@@ -58,6 +59,9 @@ enum Command {
     Gc(store::GcArgs),
     /// Remove given recovery points (their data goes at the next gc).
     Forget(store::ForgetArgs),
+    /// Copy recovery points into another datastore (a folder, Azure Blob, S3): each
+    /// source's newest, or one given; only blocks the target lacks are uploaded.
+    Copy(copy::CopyArgs),
     /// Run the backup server (API, scheduler, catalog, datastore).
     Server(daemons::ServerCmd),
     /// Run the protection agent on a hypervisor host.
@@ -155,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prune(a) => store::prune(&a),
         Command::Gc(a) => store::gc(&a),
         Command::Forget(a) => store::forget(&a),
+        Command::Copy(a) => copy::copy(&a),
         Command::Server(a) => daemons::server(a),
         Command::Agent(a) => daemons::agent(&cli.server, a),
         Command::Demo(a) => daemons::demo(a),
