@@ -210,7 +210,8 @@ mod tests {
         assert_eq!(c.recovery_points_everywhere(None, None).unwrap().len(), 4);
         c.remove_online_points("cloud", &["old".into()]).unwrap();
         assert!(c.online_point("cloud", "old").unwrap().is_none());
-        c.replace_online_points("nas", std::slice::from_ref(&b), 40).unwrap();
+        c.replace_online_points("nas", std::slice::from_ref(&b), 40)
+            .unwrap();
         let nas: Vec<String> = c
             .online_points(Some("nas"))
             .unwrap()

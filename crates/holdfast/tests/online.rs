@@ -480,7 +480,11 @@ fn a_copy_cut_off_mid_upload_fails_cleanly_and_resumes() {
     let landed = proxy.counts().bytes_up - before;
     assert!(landed < 48 << 20, "{landed}");
     let rps = points(&c, "hv01/db");
-    assert_eq!(rps[0].locations, vec!["disk"], "a failed copy is not listed");
+    assert_eq!(
+        rps[0].locations,
+        vec!["disk"],
+        "a failed copy is not listed"
+    );
 
     // The target answers again: the copy completes, without sending what landed.
     proxy.reset(false);

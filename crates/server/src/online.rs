@@ -411,11 +411,9 @@ pub(crate) fn verify(st: &AppState, job: i64) -> Result<String, String> {
     let (name, sample): (String, Option<u8>) =
         serde_json::from_str(&row).map_err(|e| format!("online verify job {job}: {e}"))?;
     let ds = store(st, &name, false).map_err(|e| e.1)?;
-    let r = match sample {
-        Some(p) if p < 100 => return Err(format!("PENDING sample {p}")),
-        _ => ds.verify(&mut |_, _| {}),
-    }
-    .map_err(|e| format!("online:{name}: {e}"))?;
+    let r = ds
+        .verify_sample(sample.unwrap_or(100), &mut |_, _| {})
+        .map_err(|e| format!("online:{name}: {e}"))?;
     let place = format!("online:{name}");
     let now = utc::now();
     if r.damaged_files.is_empty() && r.damaged_points.is_empty() {
@@ -424,7 +422,7 @@ pub(crate) fn verify(st: &AppState, job: i64) -> Result<String, String> {
             .resolve_alerts(&st.cat(), now, &place, Some("damage"));
         return Ok(format!(
             "verify {place}: {} blobs in {} of {} packs, {} recovery points: no damage",
-            r.blobs, r.packs, r.packs, r.points
+            r.blobs, r.packs_read, r.packs, r.points
         ));
     }
     let names: Vec<String> = r.damaged_points.iter().map(|p| p.id.clone()).collect();

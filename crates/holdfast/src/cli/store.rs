@@ -536,19 +536,24 @@ pub fn verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
         }
         bar.set(done)
     };
-    let r = match a.sample {
-        Some(p) if p < 100 => ds.verify_sample(p, &mut progress),
-        _ => ds.verify(&mut progress),
-    };
+    let r = ds.verify_sample(a.sample.unwrap_or(100), &mut progress);
     bar.finish();
     let r = r?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "checked {} recovery point(s), {} pack(s), {} blob(s), {}",
+            "checked {} recovery point(s), {} pack(s){}, {} blob(s), {}",
             r.points,
             r.packs,
+            if r.packs_read < r.packs {
+                format!(
+                    " ({} read in full: a {}% sample)",
+                    r.packs_read, r.sample_percent
+                )
+            } else {
+                String::new()
+            },
             r.blobs,
             human(r.bytes)
         );
