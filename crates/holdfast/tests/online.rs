@@ -67,7 +67,8 @@ fn copy_now(c: &Cluster, group: &str) -> Vec<i64> {
     q.jobs
 }
 
-fn azure_target(c: &Cluster, az: &testkit::Azurite, name: &str, keys: &Path) {
+/// `storage add NAME` for Azurite's container `offsite`, reached at `endpoint`.
+fn azure_target(c: &Cluster, endpoint: &str, name: &str, keys: &Path) {
     let key = keys.join("account.key");
     std::fs::write(&key, testkit::AZURITE_KEY).unwrap();
     c.cli_ok(&[
@@ -81,7 +82,7 @@ fn azure_target(c: &Cluster, az: &testkit::Azurite, name: &str, keys: &Path) {
         "--container",
         "offsite",
         "--endpoint",
-        &az.endpoint(),
+        endpoint,
         "--key-file",
         s(&key),
     ]);
@@ -101,7 +102,7 @@ fn online_copies_are_listed_read_back_and_attached_by_a_new_server() {
     let mut c = Cluster::start(&one, FAST);
     c.agent("hv01", &vms);
     c.wait_datasources(1);
-    azure_target(&c, &az, "cloud", &work);
+    azure_target(&c, &az.endpoint(), "cloud", &work);
     c.protect_daily("g", &["hv01/web"]);
     // Online protection turned on later, as an administrator would; the key saved.
     let key = work.join("cloud.key");
@@ -196,7 +197,7 @@ fn online_copies_are_listed_read_back_and_attached_by_a_new_server() {
     drop(c);
     let two = t.path().join("two");
     let mut c2 = Cluster::start(&two, FAST);
-    azure_target(&c2, &az, "cloud", &work);
+    azure_target(&c2, &az.endpoint(), "cloud", &work);
     let r: AttachReport = serde_json::from_str(&c2.cli_ok(&[
         "storage",
         "attach",
@@ -429,27 +430,12 @@ fn a_copy_cut_off_mid_upload_fails_cleanly_and_resumes() {
     let mut c = Cluster::start(t.path(), FAST);
     c.agent("hv01", &vms);
     c.wait_datasources(1);
-    let key = t.path().join("account.key");
-    std::fs::write(&key, testkit::AZURITE_KEY).unwrap();
-    c.cli_ok(&[
-        "storage",
-        "add",
-        "cloud",
-        "--kind",
-        "azure",
-        "--account",
-        testkit::AZURITE_ACCOUNT,
-        "--container",
-        "offsite",
-        "--endpoint",
-        &format!(
-            "http://127.0.0.1:{}/{}",
-            proxy.port(),
-            testkit::AZURITE_ACCOUNT
-        ),
-        "--key-file",
-        s(&key),
-    ]);
+    let endpoint = format!(
+        "http://127.0.0.1:{}/{}",
+        proxy.port(),
+        testkit::AZURITE_ACCOUNT
+    );
+    azure_target(&c, &endpoint, "cloud", t.path());
     c.protect_daily("g", &["hv01/db"]);
     c.cli_ok(&[
         "pg",

@@ -66,3 +66,17 @@ pub struct Access {
     pub index: Arc<BlobIndex>,
     pub allowed: HashSet<Id>,
 }
+
+/// Storage targets' online datastores opened so far, by target name (opening one reads
+/// its config over the network).
+#[derive(Default)]
+pub struct OnlineStores(Mutex<std::collections::HashMap<String, Arc<datastore::Datastore>>>);
+
+impl OnlineStores {
+    pub fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Arc<datastore::Datastore>>>
+    {
+        locks::lock(&self.0)
+    }
+}

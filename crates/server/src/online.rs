@@ -10,16 +10,10 @@ use crate::state::AppState;
 use axum::http::StatusCode;
 use datastore::{CopyOptions, Datastore, Retention, StoreOptions, Throttle};
 use protocol::{JobKind, OnlinePolicy, Severity, StorageInfo, StorageKind};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// The targets' datastores opened so far (opening one reads its config over the
-/// network).
-#[derive(Default)]
-pub struct OnlineStores(Mutex<HashMap<String, Arc<Datastore>>>);
 
 /// The secret holding the key file of target `name`'s online copy.
 pub(crate) fn key_name(name: &str) -> String {
@@ -87,7 +81,7 @@ pub(crate) fn target(st: &AppState, t: &StorageInfo) -> ApiResult<objstore::Targ
 /// (encrypted with a new key, the server's block size); a target holding a datastore
 /// this server has no key for must be attached (`holdfast storage attach`).
 pub(crate) fn store(st: &AppState, name: &str, create: bool) -> ApiResult<Arc<Datastore>> {
-    let mut open = locks::lock(&st.online.0);
+    let mut open = st.online.lock();
     if let Some(ds) = open.get(name) {
         return Ok(ds.clone());
     }
@@ -136,7 +130,7 @@ pub(crate) fn store(st: &AppState, name: &str, create: bool) -> ApiResult<Arc<Da
 
 /// Forgets an opened target (removed, or attached anew).
 pub(crate) fn forget(st: &AppState, name: &str) {
-    locks::lock(&st.online.0).remove(name);
+    st.online.lock().remove(name);
 }
 
 /// `from` of a read: none or `disk` is the server's datastore, `online:NAME` a target.
@@ -190,19 +184,7 @@ pub(crate) fn queue_copy(
     {
         return Ok(j.id);
     }
-    let id = cat.add_job(
-        now,
-        &catalog::NewJob {
-            kind: JobKind::OnlineCopy,
-            datasource_id: Some(ds.to_string()),
-            trigger: trigger.to_string(),
-            not_before: None,
-            attempt: 1,
-            rerun_of: None,
-        },
-    )?;
-    cat.job_log(now, id, &format!("queued ({trigger})"))?;
-    Ok(id)
+    crate::state::add_job(&cat, now, JobKind::OnlineCopy, Some(ds), trigger)
 }
 
 /// Queues an online copy of every member of `group` that has a recovery point.

@@ -99,7 +99,7 @@ pub struct AppState {
     /// Storage targets' secrets (`DIR/secrets/NAME.secret`, mode 0600).
     pub secrets: pki::SecretStore,
     /// Storage targets' online datastores opened so far.
-    pub online: crate::online::OnlineStores,
+    pub online: crate::caches::OnlineStores,
 }
 
 /// The server's own keys and the secrets it keeps for others.
@@ -137,7 +137,7 @@ impl AppState {
             last_tick: Mutex::new(None),
             notify,
             secrets: keys.secrets,
-            online: crate::online::OnlineStores::default(),
+            online: crate::caches::OnlineStores::default(),
         }
     }
 
@@ -403,20 +403,32 @@ impl AppState {
         {
             return Ok((j.id, false));
         }
-        let id = cat.add_job(
-            now,
-            &NewJob {
-                kind,
-                datasource_id: datasource_id.map(str::to_string),
-                trigger: trigger.to_string(),
-                not_before: None,
-                attempt: 1,
-                rerun_of: None,
-            },
-        )?;
-        cat.job_log(now, id, &format!("queued ({trigger})"))?;
+        let id = add_job(&cat, now, kind, datasource_id, trigger)?;
         drop(cat);
         self.wake.notify_waiters();
         Ok((id, true))
     }
+}
+
+/// Adds a first attempt of a job, queued now, with its first log line.
+pub fn add_job(
+    cat: &Catalog,
+    now: i64,
+    kind: JobKind,
+    datasource_id: Option<&str>,
+    trigger: &str,
+) -> Result<i64, catalog::Error> {
+    let id = cat.add_job(
+        now,
+        &NewJob {
+            kind,
+            datasource_id: datasource_id.map(str::to_string),
+            trigger: trigger.to_string(),
+            not_before: None,
+            attempt: 1,
+            rerun_of: None,
+        },
+    )?;
+    cat.job_log(now, id, &format!("queued ({trigger})"))?;
+    Ok(id)
 }

@@ -658,7 +658,7 @@ pub fn pg(s: &ServerArgs, c: PgCommand) -> anyhow::Result<ExitCode> {
 /// group keeps online copies and it was not asked.
 fn online_key(cl: &Client, g: &GroupInfo, policy: &PolicyArgs) -> anyhow::Result<()> {
     match (&g.policy.online, policy.online.key_file()) {
-        (Some(o), Some(file)) => super::storage::save_key(cl, &o.storage, file),
+        (Some(o), Some(file)) => super::online::save_key(cl, &o.storage, file),
         (None, Some(_)) => bail!("--online-key-file: the group has no online protection"),
         (Some(o), None) if policy.online.any() => {
             eprintln!(

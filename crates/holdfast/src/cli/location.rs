@@ -30,7 +30,7 @@ pub(super) fn object_target(dir: &Path) -> anyhow::Result<Option<objstore::Targe
     };
     let key_file = std::env::var_os(KEY_FILE_ENV)
         .with_context(|| format!("{s}: object storage needs {KEY_FILE_ENV} (the key file)"))?;
-    let lines = super::storage::key_lines(Path::new(&key_file))?;
+    let lines = key_lines(Path::new(&key_file))?;
     let endpoint = std::env::var(ENDPOINT_ENV).ok().filter(|e| !e.is_empty());
     if azure {
         let Some((account, container)) = rest.split_once('/').filter(|(a, c)| word(a) && word(c))
@@ -63,4 +63,31 @@ pub(super) fn object_target(dir: &Path) -> anyhow::Result<Option<objstore::Targe
             secret_access_key: objstore::Secret::new(secret.clone()),
         }))
     }
+}
+
+/// Largest key file read (keys are under 100 bytes; a datastore key file under 1 KiB).
+const MAX_KEY_FILE: u64 = 4096;
+
+/// A key file's text, read only when it is small enough to be one.
+pub(super) fn read_key_file(path: &Path) -> anyhow::Result<String> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read the key file", path.display()))?
+        .len();
+    if len > MAX_KEY_FILE {
+        bail!(
+            "{}: {len} bytes is too large for a key file (at most {MAX_KEY_FILE})",
+            path.display()
+        );
+    }
+    std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the key file", path.display()))
+}
+
+/// The non-empty lines of a key file.
+pub(super) fn key_lines(path: &Path) -> anyhow::Result<Vec<String>> {
+    Ok(read_key_file(path)?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
 }

@@ -1,9 +1,12 @@
 //! Online protection from the CLI: a protection group's `--online*` flags, and saving
 //! the online copy's key when a group first uses a target.
 
-use anyhow::{anyhow, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::Args;
+use client::seg;
+use protocol::StorageKey;
 use protocol::{OnlinePolicy, OnlineRetention, Policy};
+use std::path::Path;
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
@@ -140,6 +143,46 @@ pub fn describe(o: &OnlinePolicy) -> String {
             _ => String::new(),
         }
     )
+}
+
+/// Writes `text` to a new file readable by its owner only, durably.
+pub fn write_new_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "{}: cannot create the key file (it must not exist)",
+                path.display()
+            )
+        })?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("{}: cannot write the key file", path.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("{}: cannot sync the folder", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Fetches target `name`'s online key from the server and saves it to `out`.
+pub fn save_key(cl: &client::Client, name: &str, out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        bail!("{}: exists; give a new file for the key", out.display());
+    }
+    let k: StorageKey = cl.get(&format!("/storage/{}/key", seg(name)))?;
+    write_new_private(out, &k.key)?;
+    eprintln!(
+        "the key of the online copy on {name} is saved in {} (mode 0600); keep it apart from this server",
+        out.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

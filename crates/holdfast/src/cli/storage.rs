@@ -1,14 +1,14 @@
 //! `holdfast storage`: named targets for online copies (Azure Blob, S3, a folder).
 
 use super::admin::{ServerArgs, print_json};
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use client::seg;
 use protocol::{
-    AddStorage, AttachReport, AttachStorage, StorageInfo, StorageKey, StorageKind, StorageLocation,
+    AddStorage, AttachReport, AttachStorage, StorageInfo, StorageKind, StorageLocation,
     StorageTestReport,
 };
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Subcommand)]
@@ -55,46 +55,6 @@ pub enum StorageCommand {
     },
 }
 
-/// Writes `text` to a new file readable by its owner only, durably.
-pub(super) fn write_new_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| {
-            format!(
-                "{}: cannot create the key file (it must not exist)",
-                path.display()
-            )
-        })?;
-    f.write_all(text.as_bytes())
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("{}: cannot write the key file", path.display()))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("{}: cannot sync the folder", dir.display()))?;
-    }
-    Ok(())
-}
-
-/// Fetches target `name`'s online key from the server and saves it to `out`.
-pub(super) fn save_key(cl: &client::Client, name: &str, out: &Path) -> anyhow::Result<()> {
-    if out.exists() {
-        bail!("{}: exists; give a new file for the key", out.display());
-    }
-    let k: StorageKey = cl.get(&format!("/storage/{}/key", seg(name)))?;
-    write_new_private(out, &k.key)?;
-    eprintln!(
-        "the key of the online copy on {name} is saved in {} (mode 0600); keep it apart from this server",
-        out.display()
-    );
-    Ok(())
-}
-
 #[derive(Debug, Args)]
 pub struct AddArgs {
     /// Letters, digits, `-`, `.` and `_` (it becomes `online:NAME`).
@@ -125,29 +85,6 @@ pub struct AddArgs {
     pub json: bool,
 }
 
-/// Largest key file read (keys are under 100 bytes).
-const MAX_KEY_FILE: u64 = 4096;
-
-/// The non-empty lines of a key file.
-pub(super) fn key_lines(path: &Path) -> anyhow::Result<Vec<String>> {
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("{}: cannot read the key file", path.display()))?
-        .len();
-    if len > MAX_KEY_FILE {
-        bail!(
-            "{}: {len} bytes is too large for a key file (at most {MAX_KEY_FILE})",
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the key file", path.display()))?;
-    Ok(text
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect())
-}
-
 fn request(a: AddArgs) -> anyhow::Result<AddStorage> {
     let mut location = StorageLocation {
         account: a.account,
@@ -159,7 +96,7 @@ fn request(a: AddArgs) -> anyhow::Result<AddStorage> {
         path: a.path,
     };
     let secret = match (a.kind, a.key_file, a.access_key_file) {
-        (StorageKind::Azure, Some(f), None) => match key_lines(&f)?.as_slice() {
+        (StorageKind::Azure, Some(f), None) => match super::location::key_lines(&f)?.as_slice() {
             [key] => Some(key.clone()),
             _ => bail!(
                 "--key-file {}: must hold one line, the account key",
@@ -167,7 +104,7 @@ fn request(a: AddArgs) -> anyhow::Result<AddStorage> {
             ),
         },
         (StorageKind::Azure, None, _) => bail!("--kind azure needs --key-file (the account key)"),
-        (StorageKind::S3, None, Some(f)) => match key_lines(&f)?.as_slice() {
+        (StorageKind::S3, None, Some(f)) => match super::location::key_lines(&f)?.as_slice() {
             [id, secret] => {
                 location.access_key_id = Some(id.clone());
                 Some(secret.clone())
@@ -257,23 +194,13 @@ pub fn run(s: &ServerArgs, c: StorageCommand) -> anyhow::Result<ExitCode> {
             let t: StorageInfo = cl.delete(&format!("/storage/{}", seg(&name)))?;
             println!("storage target {} removed (its objects stay)", t.name);
         }
-        StorageCommand::Key { name, out } => save_key(&cl, &name, &out)?,
+        StorageCommand::Key { name, out } => super::online::save_key(&cl, &name, &out)?,
         StorageCommand::Attach {
             name,
             key_file,
             json,
         } => {
-            let meta = std::fs::metadata(&key_file)
-                .with_context(|| format!("{}: cannot read the key file", key_file.display()))?;
-            if meta.len() > MAX_KEY_FILE {
-                bail!(
-                    "{}: {} bytes is too large for a key file (at most {MAX_KEY_FILE})",
-                    key_file.display(),
-                    meta.len()
-                );
-            }
-            let key = std::fs::read_to_string(&key_file)
-                .with_context(|| format!("{}: cannot read the key file", key_file.display()))?;
+            let key = super::location::read_key_file(&key_file)?;
             let r: AttachReport = cl.post(
                 &format!("/storage/{}/attach", seg(&name)),
                 &AttachStorage { key },

@@ -256,21 +256,16 @@ pub(crate) async fn storage_verify(
                 ));
             }
             let cat = st.cat();
-            let id = cat.add_job(
+            let id = crate::state::add_job(
+                &cat,
                 now(),
-                &catalog::NewJob {
-                    kind: JobKind::OnlineVerify,
-                    datasource_id: None,
-                    trigger: "admin".into(),
-                    not_before: None,
-                    attempt: 1,
-                    rerun_of: None,
-                },
+                JobKind::OnlineVerify,
+                None,
+                &format!("admin: verify online:{name}"),
             )?;
             let row = serde_json::to_string(&(&name, req.sample_percent))
                 .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
             cat.set_setting(&crate::online::verify_key(id), &row)?;
-            cat.job_log(now(), id, &format!("queued (verify online:{name})"))?;
             Ok(cat.job(id)?)
         })
         .await?;
