@@ -40,6 +40,8 @@ pub enum Error {
     Pki(#[from] pki::Error),
     #[error(transparent)]
     Notify(#[from] notify::Error),
+    #[error(transparent)]
+    Storage(#[from] objstore::Error),
     #[error("{what}: {err}")]
     Io {
         what: String,
@@ -57,6 +59,27 @@ pub struct ServerOptions {
     pub listen: Option<std::net::SocketAddr>,
     /// `--config FILE` (must exist); default `DIR/holdfast.toml` if present.
     pub config_file: Option<PathBuf>,
+    /// `--datastore-url`: the datastore on object storage rather than in a folder.
+    pub datastore_target: Option<objstore::Target>,
+    /// Key file of an encrypted datastore on object storage (default
+    /// `DIR/datastore.key`: object storage has no folder to keep it beside).
+    pub datastore_key_file: Option<PathBuf>,
+    /// The lease length on object storage (default 60 s).
+    pub lease: Option<std::time::Duration>,
+}
+
+impl ServerOptions {
+    /// A server on `data_dir` with every other option at its default.
+    pub fn new(data_dir: &Path) -> ServerOptions {
+        ServerOptions {
+            data_dir: data_dir.to_path_buf(),
+            listen: None,
+            config_file: None,
+            datastore_target: None,
+            datastore_key_file: None,
+            lease: None,
+        }
+    }
 }
 
 /// What a started server tells its operator.
@@ -66,7 +89,8 @@ pub struct Started {
     pub ca_fingerprint: String,
     pub admin_token_file: PathBuf,
     pub ca_file: PathBuf,
-    pub datastore: PathBuf,
+    /// The datastore's folder, or its URL on object storage.
+    pub datastore: String,
 }
 
 /// A recovery point as the catalog lists it.
@@ -136,15 +160,84 @@ fn open_datastore(dir: &Path, encrypt: bool) -> Result<(Datastore, Option<[u8; 3
     Ok((ds, master))
 }
 
-/// Replaces the catalog's recovery points with what the datastore holds.
-pub fn rebuild_catalog(data_dir: &Path, config_file: Option<PathBuf>) -> Result<(u64, u64)> {
-    let opts = ServerOptions {
-        data_dir: data_dir.to_path_buf(),
-        listen: None,
-        config_file,
+/// The datastore's configuration object (`Datastore::create` writes it first).
+const DATASTORE_CONFIG: &str = "holdfast-datastore.json";
+
+/// An open datastore, and on object storage the lease hold that keeps other servers
+/// out while it lives.
+struct Opened {
+    ds: Datastore,
+    master: Option<[u8; 32]>,
+    hold: Option<Box<dyn datastore::backend::LeaseHold>>,
+    /// The folder or the URL, for messages.
+    location: String,
+}
+
+/// Opens (creating on first start) the datastore in its folder or on object storage.
+/// On object storage the lease is taken without waiting: another server holding it
+/// is an error naming that server and when its lease expires.
+fn open_any(opts: &ServerOptions, cfg: &config::Config) -> Result<Opened> {
+    let Some(target) = &opts.datastore_target else {
+        let dir = datastore_dir(opts, cfg);
+        let (ds, master) = open_datastore(&dir, cfg.encrypt_datastore)?;
+        return Ok(Opened {
+            ds,
+            master,
+            hold: None,
+            location: dir.display().to_string(),
+        });
     };
-    let cfg = load_config(&opts)?;
-    let (ds, _) = open_datastore(&datastore_dir(&opts, &cfg), cfg.encrypt_datastore)?;
+    let location = target.location();
+    let mut o = objstore::Options::default();
+    if let Some(l) = opts.lease {
+        o.lease = l;
+    }
+    let backend = objstore::open_with(target, &o)?;
+    let key_path = opts
+        .datastore_key_file
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join("datastore.key"));
+    let ds = if backend.exists(DATASTORE_CONFIG)? {
+        // Whether it is encrypted decides whether the key file is used (as in a
+        // folder, a stray key file beside a plain datastore is not).
+        let body = backend.get(DATASTORE_CONFIG)?;
+        let encrypted = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("encryption").map(|e| !e.is_null()))
+            .unwrap_or(false);
+        let key = encrypted.then_some(key_path.as_path());
+        Datastore::open_on(backend, &location, key)?
+    } else {
+        // Write-once configuration: of two servers creating it at once, one wins and
+        // the other fails here; neither writes anything else before the lease below.
+        let so = StoreOptions {
+            key_file: cfg.encrypt_datastore.then(|| key_path.clone()),
+            ..StoreOptions::default()
+        };
+        Datastore::create_on(backend, &location, &so)?
+    };
+    let hold = ds.backend().hold()?;
+    let master = if ds.keys().encrypted() {
+        if let Some(w) = datastore::crypto::key_file_exposure(&key_path) {
+            eprintln!("holdfast server: warning: {w}");
+        }
+        Some(datastore::crypto::read_key_file(&key_path)?)
+    } else {
+        None
+    };
+    Ok(Opened {
+        ds,
+        master,
+        hold,
+        location,
+    })
+}
+
+/// Replaces the catalog's recovery points with what the datastore holds.
+pub fn rebuild_catalog(opts: &ServerOptions) -> Result<(u64, u64)> {
+    let cfg = load_config(opts)?;
+    let Opened { ds, hold, .. } = open_any(opts, &cfg)?;
+    let data_dir = &opts.data_dir;
     let cat = Catalog::open(&data_dir.join("catalog.db"))?;
     let (points, damaged) = ds.points()?;
     let rps: Vec<RecoveryPointInfo> = points.iter().map(|m| rp_info(m, None)).collect();
@@ -159,6 +252,7 @@ pub fn rebuild_catalog(data_dir: &Path, config_file: Option<PathBuf>) -> Result<
             damaged.len()
         ),
     )?;
+    drop(hold);
     Ok((rps.len() as u64, damaged.len() as u64))
 }
 
@@ -170,7 +264,17 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     std::fs::create_dir_all(&opts.data_dir)
         .map_err(io(format!("creating {}", opts.data_dir.display())))?;
     let ds_dir = datastore_dir(&opts, &cfg);
-    let (mut ds, master) = open_datastore(&ds_dir, cfg.encrypt_datastore)?;
+    let Opened {
+        mut ds,
+        master,
+        hold,
+        location,
+    } = open_any(&opts, &cfg)?;
+    if hold.is_some() {
+        eprintln!(
+            "holdfast server: datastore {location} on object storage (no fixed capacity: free space is not checked); this server holds its lease"
+        );
+    }
     ds.backend().remove_leftovers()?;
     let cat = Catalog::open(&opts.data_dir.join("catalog.db"))?;
     let mut names = cfg.public_names.clone();
@@ -257,11 +361,11 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         ca_fingerprint: pki.ca_fingerprint(),
         admin_token_file: opts.data_dir.join("admin.token"),
         ca_file: opts.data_dir.join("ca.pem"),
-        datastore: ds_dir.clone(),
+        datastore: location,
     };
     let listen = cfg.listen;
     let http = cfg.http.clone();
-    let st = Arc::new(AppState::new(
+    let mut st = AppState::new(
         cfg,
         cat,
         state::OpenStore {
@@ -276,7 +380,12 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         },
         threads,
         notifier,
-    ));
+    );
+    st.datastore_url = opts.datastore_target.as_ref().map(|t| t.location());
+    let st = Arc::new(st);
+    if let Some(hold) = hold {
+        watch_lease(st.clone(), hold)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -294,6 +403,40 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         tls::serve(listener, tls, api::router(st), http).await;
         Ok(())
     })
+}
+
+/// Watches the lease hold for the server's life. A lost lease means another server
+/// took the datastore over (this one went unrenewed past the lease's expiry): every
+/// write already fails with "lease lost"; the server logs it, raises an alert and
+/// exits (code 3), so it neither serves a stale catalog nor competes with the new
+/// holder. A supervisor restarting it gets the holder's name until that one stops.
+fn watch_lease(st: Arc<AppState>, hold: Box<dyn datastore::backend::LeaseHold>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("lease-watch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let Some(why) = hold.lost() else { continue };
+                eprintln!("holdfast server: {why}; exiting");
+                let cat = st.cat();
+                if let Err(e) = st.notify.raise_alert(
+                    &cat,
+                    utc::now(),
+                    protocol::Severity::Error,
+                    "datastore",
+                    "lease-lost",
+                    &format!("{why}; the server stopped"),
+                ) {
+                    eprintln!("holdfast server: raising the lease alert: {e}");
+                }
+                std::process::exit(3);
+            }
+        })
+        .map_err(|err| Error::Io {
+            what: "starting the lease watch".into(),
+            err,
+        })?;
+    Ok(())
 }
 
 fn display_addr(a: std::net::SocketAddr) -> String {
@@ -343,9 +486,8 @@ pub fn replica_import(
     as_older_point: bool,
 ) -> Result<SeedImport> {
     let opts = ServerOptions {
-        data_dir: data_dir.to_path_buf(),
-        listen: None,
         config_file,
+        ..ServerOptions::new(data_dir)
     };
     let cfg = load_config(&opts)?;
     let seed_file = seed_dir.join("seed.json");
