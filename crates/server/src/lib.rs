@@ -173,10 +173,62 @@ struct Opened {
     location: String,
 }
 
+/// The file in the data dir that records the URL of a datastore on object storage,
+/// so the catalog is never paired with another datastore by mistake.
+pub const DATASTORE_URL_FILE: &str = "datastore.url";
+
+/// The datastore URL `data_dir` records, if its datastore is on object storage.
+pub fn recorded_datastore_url(data_dir: &Path) -> Result<Option<String>> {
+    let path = data_dir.join(DATASTORE_URL_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(Error::Io {
+            what: format!("reading {}", path.display()),
+            err,
+        }),
+    }
+}
+
+/// Refuses a datastore other than the one the data dir's catalog describes: a start
+/// without `--datastore-url` would otherwise create an empty folder datastore beside
+/// a catalog of points on object storage.
+fn check_recorded(opts: &ServerOptions) -> Result<()> {
+    let file = opts.data_dir.join(DATASTORE_URL_FILE);
+    let given = opts.datastore_target.as_ref().map(|t| t.location());
+    match (recorded_datastore_url(&opts.data_dir)?, given) {
+        (Some(r), None) => Err(Error::Config(format!(
+            "{}: this server's datastore is on object storage, {r} (recorded in {}); give --datastore-url {r}",
+            opts.data_dir.display(),
+            file.display()
+        ))),
+        (Some(r), Some(g)) if r != g => Err(Error::Config(format!(
+            "{}: this server's catalog describes the datastore {r}, not {g}; to move to {g}, remove {} and run --rebuild-catalog",
+            opts.data_dir.display(),
+            file.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Records the URL (once the lease is held), written whole under a temporary name.
+fn record_url(opts: &ServerOptions, url: &str) -> Result<()> {
+    let path = opts.data_dir.join(DATASTORE_URL_FILE);
+    let tmp = opts.data_dir.join(format!(".{DATASTORE_URL_FILE}.tmp"));
+    std::fs::create_dir_all(&opts.data_dir)
+        .and_then(|_| std::fs::write(&tmp, format!("{url}\n")))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|err| Error::Io {
+            what: format!("writing {}", path.display()),
+            err,
+        })
+}
+
 /// Opens (creating on first start) the datastore in its folder or on object storage.
 /// On object storage the lease is taken without waiting: another server holding it
 /// is an error naming that server and when its lease expires.
 fn open_any(opts: &ServerOptions, cfg: &config::Config) -> Result<Opened> {
+    check_recorded(opts)?;
     let Some(target) = &opts.datastore_target else {
         let dir = datastore_dir(opts, cfg);
         let (ds, master) = open_datastore(&dir, cfg.encrypt_datastore)?;
@@ -217,6 +269,7 @@ fn open_any(opts: &ServerOptions, cfg: &config::Config) -> Result<Opened> {
         Datastore::create_on(backend, &location, &so)?
     };
     let hold = ds.backend().hold()?;
+    record_url(opts, &location)?;
     let master = if ds.keys().encrypted() {
         if let Some(w) = datastore::crypto::key_file_exposure(&key_path) {
             eprintln!("holdfast server: warning: {w}");
@@ -472,7 +525,8 @@ const SEED_CLOCK_SKEW: i64 = 300;
 /// Imports a replica seed (`holdfast replica import`): replays its blobs through the
 /// datastore's ingest (each verified as an agent's would be), commits the recovery
 /// point, dated by the seed's view time, and records it in the catalog. Safe while the
-/// server runs (the datastore's shared lock and SQLite's locking serialize with it).
+/// server runs (the datastore's shared lock and SQLite's locking serialize with it);
+/// on object storage the running server holds the lease, so stop it first.
 ///
 /// A seed whose view is not newer than the VM's newest recovery point is refused (it
 /// would become the "latest" point with older data) unless `as_older_point`: it is then
@@ -480,16 +534,12 @@ const SEED_CLOCK_SKEW: i64 = 300;
 /// synchronization, what `recover` takes by default). A seed already imported is a
 /// no-op ([`SeedImport::AlreadyImported`]).
 pub fn replica_import(
-    data_dir: &Path,
-    config_file: Option<PathBuf>,
+    opts: &ServerOptions,
     seed_dir: &Path,
     as_older_point: bool,
 ) -> Result<SeedImport> {
-    let opts = ServerOptions {
-        config_file,
-        ..ServerOptions::new(data_dir)
-    };
-    let cfg = load_config(&opts)?;
+    let data_dir = &opts.data_dir;
+    let cfg = load_config(opts)?;
     let seed_file = seed_dir.join("seed.json");
     let text = std::fs::read(&seed_file).map_err(|err| Error::Io {
         what: format!(
@@ -539,7 +589,11 @@ pub fn replica_import(
             utc::rfc3339(now)
         )));
     }
-    let (ds, _) = open_datastore(&datastore_dir(&opts, &cfg), cfg.encrypt_datastore)?;
+    // On object storage this takes the lease: refused (naming the server) while the
+    // server runs there.
+    let Opened {
+        ds, hold: _hold, ..
+    } = open_any(opts, &cfg)?;
     let ds = Arc::new(ds);
     let cat = Catalog::open(&data_dir.join("catalog.db"))?;
     let (host, vm) = protocol::split_vm(&seed.source.name).ok_or_else(|| {

@@ -868,27 +868,48 @@ pub fn replica(s: &ServerArgs, c: ReplicaCommand) -> anyhow::Result<ExitCode> {
             config,
             as_older_point,
             from,
-        } => match server::replica_import(&data_dir, config, &from, as_older_point)? {
-            server::SeedImport::Imported { point, latest } => println!(
-                "imported {} as recovery point {} of {}, {} ({} bytes stored)",
-                point.vm,
-                point.id,
-                point.created,
-                if latest {
-                    "its latest"
-                } else {
-                    "an older point; the latest is unchanged"
-                },
-                point.stats.bytes_stored
-            ),
-            server::SeedImport::AlreadyImported { point } => println!(
-                "{} was imported before, as recovery point {} of {} of {}: nothing imported",
-                from.display(),
-                point.id,
-                point.vm,
-                point.created
-            ),
-        },
+        } => {
+            // A datastore on object storage is where the data dir records it.
+            let datastore_target = match server::recorded_datastore_url(&data_dir)? {
+                Some(url) => super::location::object_target(Path::new(&url))?,
+                None => None,
+            };
+            let opts = server::ServerOptions {
+                config_file: config,
+                datastore_target,
+                ..server::ServerOptions::new(&data_dir)
+            };
+            replica_import(&opts, &from, as_older_point)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn replica_import(
+    opts: &server::ServerOptions,
+    from: &Path,
+    as_older_point: bool,
+) -> anyhow::Result<()> {
+    match server::replica_import(opts, from, as_older_point)? {
+        server::SeedImport::Imported { point, latest } => println!(
+            "imported {} as recovery point {} of {}, {} ({} bytes stored)",
+            point.vm,
+            point.id,
+            point.created,
+            if latest {
+                "its latest"
+            } else {
+                "an older point; the latest is unchanged"
+            },
+            point.stats.bytes_stored
+        ),
+        server::SeedImport::AlreadyImported { point } => println!(
+            "{} was imported before, as recovery point {} of {} of {}: nothing imported",
+            from.display(),
+            point.id,
+            point.vm,
+            point.created
+        ),
+    }
+    Ok(())
 }
