@@ -258,7 +258,8 @@ fn lease_protects_the_datastore(place: &Place, t: &Path) {
         "{err}"
     );
     assert!(err.contains("holds the lease until"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10), "B waited");
+    let refused = started.elapsed();
+    assert!(refused < Duration::from_secs(10), "B waited");
     assert!(o.stdout.is_empty(), "B started: {:?}", o.stdout);
 
     // A is killed (SIGKILL) in the middle of a backup of `big`.
@@ -278,6 +279,7 @@ fn lease_protects_the_datastore(place: &Place, t: &Path) {
         j.bytes_sent > 48 << 20
     });
     sigkill(&mut a);
+    let killed = Instant::now();
     let packs_left = place.keys("packs/").len();
     assert!(
         packs_left > packs_kept,
@@ -313,6 +315,7 @@ fn lease_protects_the_datastore(place: &Place, t: &Path) {
     assert!(out.contains("1 recovery points"), "{out}");
     let mut b = start_server(place, &t.join("b"));
     let b_pid = b.server.as_ref().unwrap().id();
+    let takeover = killed.elapsed();
     assert_eq!(
         place.lease().unwrap()["pid"].as_u64(),
         Some(u64::from(b_pid))
@@ -324,6 +327,13 @@ fn lease_protects_the_datastore(place: &Place, t: &Path) {
         place.keys("packs/").len(),
         packs_kept,
         "gc left packs of the killed backup (there were {packs_left})"
+    );
+    eprintln!(
+        "figures: {} packs after the first backup, {packs_left} after the kill, {} after B's gc; B refused in {:.2} s; B serving {:.1} s after the kill (lease {LEASE_SECONDS} s)",
+        packs_kept,
+        place.keys("packs/").len(),
+        refused.as_secs_f64(),
+        takeover.as_secs_f64()
     );
     let points: Vec<RecoveryPointInfo> = b.admin().get("/recovery-points").unwrap();
     assert_eq!(points.iter().map(|p| &p.id).collect::<Vec<_>>(), [&point]);
