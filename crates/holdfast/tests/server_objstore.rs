@@ -2,8 +2,9 @@
 //! moto), proven safe. A server holds the datastore's lease for its whole life: a
 //! second server on the same URL is refused naming the first; a server killed in the
 //! middle of a backup leaves only packs no manifest references, which the next
-//! server's gc removes once it has taken the expired lease over; and a server that
-//! finds its lease taken over (it was stalled past the expiry) stops.
+//! server's gc removes once it has taken the expired lease over; a server that finds
+//! its lease taken over (it was stalled past the expiry) stops with an alert; and one
+//! stopped with SIGTERM releases the lease at once.
 
 mod common;
 
@@ -364,7 +365,7 @@ fn lease_protects_the_datastore(place: &Place, t: &Path) {
     let b_child = b.server.as_ref().unwrap();
     signal(b_child, "-STOP");
     until_expired(place);
-    let c = start_server(place, &t.join("c"));
+    let mut c = start_server(place, &t.join("c"));
     signal(b.server.as_ref().unwrap(), "-CONT");
     let code = wait_exit(b.server.as_mut().unwrap(), Duration::from_secs(20));
     assert_eq!(code, Some(3));
@@ -374,6 +375,23 @@ fn lease_protects_the_datastore(place: &Place, t: &Path) {
     assert_eq!(
         place.lease().unwrap()["pid"].as_u64(),
         Some(u64::from(c_pid))
+    );
+
+    // C stopped with SIGTERM deletes its lease, so B starts again at once, and finds
+    // the alert it raised when it lost the lease.
+    signal(c.server.as_ref().unwrap(), "-TERM");
+    assert_eq!(
+        wait_exit(c.server.as_mut().unwrap(), Duration::from_secs(20)),
+        Some(0)
+    );
+    assert!(place.lease().is_none(), "C left its lease behind");
+    let b = start_server(place, &t.join("b"));
+    let alerts: Vec<AlertInfo> = b.admin().get("/alerts").unwrap();
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.kind == "lease-lost" && a.message.contains("lease lost")),
+        "{alerts:?}"
     );
 }
 

@@ -22,6 +22,7 @@ pub mod state;
 mod tls;
 
 use catalog::Catalog;
+use datastore::backend::LeaseHold;
 use datastore::{Datastore, Manifest, StoreOptions};
 use protocol::{RecoveryPointInfo, VmDisk};
 use state::AppState;
@@ -168,7 +169,7 @@ const DATASTORE_CONFIG: &str = "holdfast-datastore.json";
 struct Opened {
     ds: Datastore,
     master: Option<[u8; 32]>,
-    hold: Option<Box<dyn datastore::backend::LeaseHold>>,
+    hold: Option<Box<dyn LeaseHold>>,
     /// The folder or the URL, for messages.
     location: String,
 }
@@ -347,67 +348,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     ds.set_threads(threads);
     let notifier = notify::Notifier::start(&cfg)?;
-    // Jobs that were running when the server stopped: failed, and run again now.
-    let now = utc::now();
-    for j in cat.fail_interrupted_jobs(now, "the server stopped while the job ran")? {
-        let subject = j
-            .host
-            .as_deref()
-            .zip(j.vm.as_deref())
-            .map(|(h, v)| format!("{h}/{v}"))
-            .unwrap_or_else(|| "datastore".into());
-        if j.kind == protocol::JobKind::Recovery {
-            // Recoveries are never rerun on their own: what they write is the
-            // operator's decision. The partial files were removed by the agent.
-            let vm = cat.job(j.id)?.vm.map_or(subject, |v| v.to_string());
-            notifier.raise_alert(
-                &cat,
-                now,
-                protocol::Severity::Error,
-                &vm,
-                "recovery-failed",
-                &format!(
-                    "recovery job {} was interrupted by a server restart; start it again",
-                    j.id
-                ),
-            )?;
-            continue;
-        }
-        notifier.raise_alert(
-            &cat,
-            now,
-            protocol::Severity::Warning,
-            &subject,
-            "interrupted",
-            &format!(
-                "job {} ({}) was interrupted by a server restart; it runs again",
-                j.id,
-                j.kind.as_str()
-            ),
-        )?;
-        let id = cat.add_job(
-            now,
-            &catalog::NewJob {
-                kind: j.kind,
-                datasource_id: j.datasource_id.clone(),
-                trigger: format!("rerun of {} (server restart)", j.id),
-                not_before: None,
-                attempt: j.attempt + 1,
-                rerun_of: Some(j.id),
-            },
-        )?;
-        cat.job_log(now, id, "queued after a server restart")?;
-        // A job that asked for e-mail hears of its end now.
-        let key = format!("notify:{}", j.id);
-        match state::job_recipients(&cat, &key) {
-            Ok(to) if !to.is_empty() => {
-                cat.delete_setting(&key)?;
-                notifier.job_finished(&cat.job(j.id)?, to);
-            }
-            Ok(_) => {}
-            Err(e) => eprintln!("holdfast server: notify: job {}: {e}", j.id),
-        }
-    }
+    requeue_interrupted(&cat, &notifier)?;
     let tls = pki.server_config()?;
     let mut started = Started {
         url: String::new(),
@@ -436,14 +377,16 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     );
     st.datastore_url = opts.datastore_target.as_ref().map(|t| t.location());
     let st = Arc::new(st);
-    if let Some(hold) = hold {
-        watch_lease(st.clone(), hold)?;
-    }
+    let hold = match hold {
+        Some(h) => Some(watch_lease(st.clone(), h)?),
+        None => None,
+    };
+    let on_object_storage = hold.is_some();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(io("starting the runtime".into()))?;
-    rt.block_on(async move {
+    let served = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(io(format!("listening on {listen}")))?;
@@ -453,9 +396,120 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         st.notify.set_url(&started.url);
         on_start(&started);
         tokio::spawn(scheduler::run(st.clone()));
-        tls::serve(listener, tls, api::router(st), http).await;
+        let serve = tls::serve(listener, tls, api::router(st.clone()), http);
+        if on_object_storage {
+            // SIGTERM/SIGINT release the lease, so a restart need not wait for it to
+            // expire; on a folder the process just ends, as flock needs nothing more.
+            tokio::select! {
+                _ = serve => {}
+                _ = stop_signal() => {}
+            }
+        } else {
+            serve.await;
+        }
         Ok(())
-    })
+    });
+    // Stopping: running jobs' datastore sessions end (they run again at the next
+    // start), blocking work gets a few seconds, then the lease is deleted if nothing
+    // still holds it.
+    locks::lock(&st.sessions).clear();
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    if let Some(slot) = hold {
+        drop(locks::lock(&slot).take());
+        eprintln!(
+            "holdfast server: stopped; the lease on {} is released",
+            started.datastore
+        );
+    }
+    served
+}
+
+/// Jobs that were running when the server stopped: failed, alerted, and (but
+/// recoveries) queued again.
+fn requeue_interrupted(cat: &Catalog, notifier: &notify::Notifier) -> Result<()> {
+    let now = utc::now();
+    for j in cat.fail_interrupted_jobs(now, "the server stopped while the job ran")? {
+        let subject = j
+            .host
+            .as_deref()
+            .zip(j.vm.as_deref())
+            .map(|(h, v)| format!("{h}/{v}"))
+            .unwrap_or_else(|| "datastore".into());
+        if j.kind == protocol::JobKind::Recovery {
+            // Recoveries are never rerun on their own: what they write is the
+            // operator's decision. The partial files were removed by the agent.
+            let vm = cat.job(j.id)?.vm.map_or(subject, |v| v.to_string());
+            notifier.raise_alert(
+                cat,
+                now,
+                protocol::Severity::Error,
+                &vm,
+                "recovery-failed",
+                &format!(
+                    "recovery job {} was interrupted by a server restart; start it again",
+                    j.id
+                ),
+            )?;
+            continue;
+        }
+        notifier.raise_alert(
+            cat,
+            now,
+            protocol::Severity::Warning,
+            &subject,
+            "interrupted",
+            &format!(
+                "job {} ({}) was interrupted by a server restart; it runs again",
+                j.id,
+                j.kind.as_str()
+            ),
+        )?;
+        let id = cat.add_job(
+            now,
+            &catalog::NewJob {
+                kind: j.kind,
+                datasource_id: j.datasource_id.clone(),
+                trigger: format!("rerun of {} (server restart)", j.id),
+                not_before: None,
+                attempt: j.attempt + 1,
+                rerun_of: Some(j.id),
+            },
+        )?;
+        cat.job_log(now, id, "queued after a server restart")?;
+        // A job that asked for e-mail hears of its end now.
+        let key = format!("notify:{}", j.id);
+        match state::job_recipients(cat, &key) {
+            Ok(to) if !to.is_empty() => {
+                cat.delete_setting(&key)?;
+                notifier.job_finished(&cat.job(j.id)?, to);
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("holdfast server: notify: job {}: {e}", j.id),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT; never when the handlers cannot be installed.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!(
+                "holdfast server: no stop signal handler ({e}); the lease is left to expire at exit"
+            );
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Watches the lease hold for the server's life. A lost lease means another server
@@ -463,13 +517,20 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
 /// write already fails with "lease lost"; the server logs it, raises an alert and
 /// exits (code 3), so it neither serves a stale catalog nor competes with the new
 /// holder. A supervisor restarting it gets the holder's name until that one stops.
-fn watch_lease(st: Arc<AppState>, hold: Box<dyn datastore::backend::LeaseHold>) -> Result<()> {
+/// Returns the slot holding the hold: emptied at a clean stop, which ends the watch.
+fn watch_lease(st: Arc<AppState>, hold: Box<dyn LeaseHold>) -> Result<HoldSlot> {
+    let slot: HoldSlot = Arc::new(std::sync::Mutex::new(Some(hold)));
+    let watched = slot.clone();
     std::thread::Builder::new()
         .name("lease-watch".into())
         .spawn(move || {
             loop {
                 std::thread::sleep(std::time::Duration::from_millis(500));
-                let Some(why) = hold.lost() else { continue };
+                let why = match locks::lock(&watched).as_ref() {
+                    Some(h) => h.lost(),
+                    None => return,
+                };
+                let Some(why) = why else { continue };
                 eprintln!("holdfast server: {why}; exiting");
                 let cat = st.cat();
                 if let Err(e) = st.notify.raise_alert(
@@ -489,8 +550,11 @@ fn watch_lease(st: Arc<AppState>, hold: Box<dyn datastore::backend::LeaseHold>) 
             what: "starting the lease watch".into(),
             err,
         })?;
-    Ok(())
+    Ok(slot)
 }
+
+/// The server's lease hold, shared by the stop path and the watch.
+type HoldSlot = Arc<std::sync::Mutex<Option<Box<dyn LeaseHold>>>>;
 
 fn display_addr(a: std::net::SocketAddr) -> String {
     if a.ip().is_unspecified() {
