@@ -557,3 +557,76 @@ impl Drop for Guard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{ObjectBackend, Options, Secret, Target};
+    use datastore::Backend;
+    use std::time::Duration;
+    use testkit::{AZURITE_ACCOUNT, AZURITE_KEY, Azurite};
+
+    /// A hold keeps the lease without conflicting with the process's own shared and
+    /// exclusive guards; another process's hold is refused at once, naming it; the
+    /// lease goes only when the hold and every guard are gone.
+    #[test]
+    fn a_hold_keeps_the_lease_and_lets_gc_run() {
+        let az = Azurite::start();
+        az.create_container("hold");
+        let target = Target::Azure {
+            account: AZURITE_ACCOUNT.into(),
+            container: "hold".into(),
+            endpoint: Some(az.endpoint()),
+            access_key: Secret::new(AZURITE_KEY),
+        };
+        let opts = Options {
+            lease: Duration::from_secs(3),
+            lock_wait: Duration::from_secs(10),
+            retry_timeout: Duration::from_secs(5),
+            ..Options::default()
+        };
+        let a = ObjectBackend::new(&target, &opts).unwrap();
+        let b = ObjectBackend::new(&target, &opts).unwrap();
+
+        let hold = a.hold().unwrap().expect("object storage holds");
+        assert!(a.exists(super::LEASE_KEY).unwrap());
+        // gc (exclusive) and then a backup (shared) run under the hold.
+        let x = a.lock(true, false).unwrap();
+        a.put("packs/x", b"under the hold").unwrap();
+        drop(x);
+        let sh = a.lock(false, false).unwrap();
+        assert!(a.lock(true, false).is_err(), "exclusive beside shared");
+        drop(sh);
+
+        let t = std::time::Instant::now();
+        let e = b.hold().unwrap_err().to_string();
+        assert!(t.elapsed() < Duration::from_secs(2), "the hold waited");
+        assert!(
+            e.contains("in use by another server") && e.contains(a.owner_id()),
+            "{e}"
+        );
+        // Renewed past several lease lengths: still held, writes still go.
+        std::thread::sleep(Duration::from_secs(4));
+        a.put("packs/y", b"still held").unwrap();
+        assert_eq!(hold.lost(), None);
+
+        // Guards dropping leave the lease to the hold; dropping the hold frees it.
+        assert!(a.exists(super::LEASE_KEY).unwrap());
+        drop(hold);
+        assert!(!a.exists(super::LEASE_KEY).unwrap());
+        let hb = b.hold().unwrap().unwrap();
+
+        // `a` stopped renewing and taken over: its hold reports the loss.
+        drop(hb);
+        let ha = a.hold().unwrap().unwrap();
+        a.stop_renewing();
+        std::thread::sleep(Duration::from_secs(4));
+        let hb = b.hold().unwrap().unwrap();
+        let e = a
+            .put("packs/z", b"after the takeover")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lease lost"), "{e}");
+        assert!(ha.lost().is_some_and(|l| l.contains("lease lost")));
+        drop(hb);
+    }
+}
