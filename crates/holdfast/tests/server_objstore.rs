@@ -114,9 +114,14 @@ impl Place {
 /// A server started on `place` in `root/server` (stderr kept in `root/server.err`),
 /// as a [`Cluster`] for the admin CLI and agents; returns once it answers.
 fn start_server(place: &Place, root: &Path) -> Cluster {
+    start_server_with(place, root, FAST)
+}
+
+/// [`start_server`] with this configuration.
+fn start_server_with(place: &Place, root: &Path, toml: &str) -> Cluster {
     let sdir = root.join("server");
     std::fs::create_dir_all(&sdir).unwrap();
-    std::fs::write(sdir.join("holdfast.toml"), FAST).unwrap();
+    std::fs::write(sdir.join("holdfast.toml"), toml).unwrap();
     let err = std::fs::File::create(root.join("server.err")).unwrap();
     let mut child = place
         .server_command(&sdir, &["--listen", "127.0.0.1:0"])
@@ -409,4 +414,58 @@ fn server_on_moto_holds_its_lease_and_recovers_from_a_crash() {
     let moto = Moto::start();
     let place = s3_place(&moto, t.path());
     lease_protects_the_datastore(&place, t.path());
+}
+
+/// `encrypt_datastore` on object storage: the server creates the datastore encrypted
+/// with its key in the data dir (there is no folder to put it beside), backs up through
+/// it, and the point restores with that key and not without it.
+#[test]
+fn encrypted_datastore_on_azurite_keeps_its_key_in_the_data_dir() {
+    let t = tempfile::tempdir().unwrap();
+    let az = Azurite::start();
+    let place = azure_place(&az, t.path());
+    let vms = t.path().join("vms");
+    let disk = vm(&vms, "small", 16 << 20, 8 << 20, 3);
+    let mut c = start_server_with(
+        &place,
+        &t.path().join("a"),
+        &format!("encrypt_datastore = true\n{FAST}"),
+    );
+    let key = c.server_dir().join("datastore.key");
+    assert!(key.exists(), "no key file in the data dir");
+    let config =
+        String::from_utf8(place.backend().get("holdfast-datastore.json").unwrap()).unwrap();
+    assert!(config.contains("aes-256-gcm"), "{config}");
+    c.agent("hv01", &vms);
+    c.wait_datasources(1);
+    let j: JobInfo =
+        serde_json::from_str(&c.cli_ok(&["backup-now", "hv01/small", "--wait", "--json"])).unwrap();
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    let got = t.path().join("restored.raw");
+    let restore = |key: Option<&Path>| {
+        let mut args = vec![
+            "restore",
+            "-d",
+            &place.url,
+            "--source",
+            "hv01/small",
+            "--point",
+            "latest",
+            "-o",
+            s(&got),
+            "--format",
+            "raw",
+            "--overwrite",
+            "-q",
+        ];
+        if let Some(k) = key {
+            args.extend_from_slice(&["--key-file", s(k)]);
+        }
+        place.holdfast(&args)
+    };
+    let o = restore(None);
+    assert!(!o.status.success(), "restored without the key");
+    let o = restore(Some(&key));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(hash_file(&got), hash_file(&disk));
 }
