@@ -468,4 +468,22 @@ fn encrypted_datastore_on_azurite_keeps_its_key_in_the_data_dir() {
     let o = restore(Some(&key));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(hash_file(&got), hash_file(&disk));
+
+    // A data dir whose catalog belongs to a folder datastore is not paired with the
+    // URL's datastore by a start with --datastore-url.
+    let other = t.path().join("folder-server");
+    let o = place.holdfast(&["datastore", "create", s(&other.join("datastore"))]);
+    assert!(o.status.success());
+    let o = place.holdfast(&[
+        "server",
+        "--data-dir",
+        s(&other),
+        "--datastore-url",
+        &place.url,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("datastore is the folder"), "{err}");
 }

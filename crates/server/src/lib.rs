@@ -228,16 +228,29 @@ fn record_url(opts: &ServerOptions, url: &str) -> Result<()> {
 /// Opens (creating on first start) the datastore in its folder or on object storage.
 /// On object storage the lease is taken without waiting: another server holding it
 /// is an error naming that server and when its lease expires.
-fn open_any(opts: &ServerOptions, cfg: &config::Config) -> Result<Opened> {
+/// `rebuilding`: for `--rebuild-catalog`, which may pair the catalog with a new datastore.
+fn open_any(opts: &ServerOptions, cfg: &config::Config, rebuilding: bool) -> Result<Opened> {
     check_recorded(opts)?;
+    let folder = datastore_dir(opts, cfg);
+    if opts.datastore_target.is_some()
+        && !rebuilding
+        && recorded_datastore_url(&opts.data_dir)?.is_none()
+        && folder.join(DATASTORE_CONFIG).exists()
+    {
+        // The catalog describes the folder's points, which the URL does not hold.
+        return Err(Error::Config(format!(
+            "{}: this server's datastore is the folder {}; to use --datastore-url instead, run --rebuild-catalog with it first (the catalog then lists the URL's recovery points)",
+            opts.data_dir.display(),
+            folder.display()
+        )));
+    }
     let Some(target) = &opts.datastore_target else {
-        let dir = datastore_dir(opts, cfg);
-        let (ds, master) = open_datastore(&dir, cfg.encrypt_datastore)?;
+        let (ds, master) = open_datastore(&folder, cfg.encrypt_datastore)?;
         return Ok(Opened {
             ds,
             master,
             hold: None,
-            location: dir.display().to_string(),
+            location: folder.display().to_string(),
         });
     };
     let location = target.location();
@@ -290,7 +303,7 @@ fn open_any(opts: &ServerOptions, cfg: &config::Config) -> Result<Opened> {
 /// Replaces the catalog's recovery points with what the datastore holds.
 pub fn rebuild_catalog(opts: &ServerOptions) -> Result<(u64, u64)> {
     let cfg = load_config(opts)?;
-    let Opened { ds, hold, .. } = open_any(opts, &cfg)?;
+    let Opened { ds, hold, .. } = open_any(opts, &cfg, true)?;
     let data_dir = &opts.data_dir;
     let cat = Catalog::open(&data_dir.join("catalog.db"))?;
     let (points, damaged) = ds.points()?;
@@ -323,7 +336,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         master,
         hold,
         location,
-    } = open_any(&opts, &cfg)?;
+    } = open_any(&opts, &cfg, false)?;
     if hold.is_some() {
         eprintln!(
             "holdfast server: datastore {location} on object storage (no fixed capacity: free space is not checked); this server holds its lease"
@@ -657,7 +670,7 @@ pub fn replica_import(
     // server runs there.
     let Opened {
         ds, hold: _hold, ..
-    } = open_any(opts, &cfg)?;
+    } = open_any(opts, &cfg, false)?;
     let ds = Arc::new(ds);
     let cat = Catalog::open(&data_dir.join("catalog.db"))?;
     let (host, vm) = protocol::split_vm(&seed.source.name).ok_or_else(|| {
