@@ -22,6 +22,13 @@ pub struct Entry {
 /// Held while a backup, verify or prune runs (shared) or while gc runs (exclusive).
 pub trait LockGuard: Send + std::fmt::Debug {}
 
+/// A server's lifetime hold of the datastore's lease ([`Backend::hold`]).
+pub trait LeaseHold: Send + Sync + std::fmt::Debug {
+    /// Why the lease is gone (another server took it over), once it is: every write
+    /// fails from then on.
+    fn lost(&self) -> Option<String>;
+}
+
 /// A write started by [`Backend::stage`], made durable and visible by `commit`.
 pub trait Staged: Send {
     fn commit(self: Box<Self>) -> Result<()>;
@@ -53,6 +60,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Takes the datastore lock: shared (backups, verify, prune) or exclusive (gc).
     /// Without `wait`, a conflicting holder makes this fail at once.
     fn lock(&self, exclusive: bool, wait: bool) -> Result<Box<dyn LockGuard>>;
+    /// Takes the lock that keeps other servers out for as long as the returned hold
+    /// lives, without waiting for another holder and without conflicting with this
+    /// process's own [`Backend::lock`] guards. `None` where each operation's lock is
+    /// enough (a folder: `flock` ends with its process).
+    fn hold(&self) -> Result<Option<Box<dyn LeaseHold>>> {
+        Ok(None)
+    }
     /// Removes what interrupted writes left behind (temporary objects); returns the
     /// bytes freed. Only called under the exclusive lock.
     fn remove_leftovers(&self) -> Result<u64>;

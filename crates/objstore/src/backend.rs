@@ -514,6 +514,10 @@ impl Backend for ObjectBackend {
         lease::lock(&self.inner, exclusive, wait)
     }
 
+    fn hold(&self) -> DsResult<Option<Box<dyn datastore::backend::LeaseHold>>> {
+        lease::hold(&self.inner).map(Some)
+    }
+
     fn remove_leftovers(&self) -> DsResult<u64> {
         // Every write is one atomic PUT: nothing temporary is ever left behind.
         Ok(0)

@@ -2,7 +2,7 @@
 //! design and why it is safe are in the crate's documentation).
 
 use crate::backend::Inner;
-use datastore::backend::LockGuard;
+use datastore::backend::{LeaseHold, LockGuard};
 use datastore::{Error as DsError, Result as DsResult};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
@@ -53,6 +53,9 @@ pub(crate) struct LeaseCore {
 struct State {
     shared: usize,
     exclusive: bool,
+    /// Holds ([`hold`]): keep the lease without counting as a shared or exclusive
+    /// holder, so a server that holds it for its whole life can still run gc.
+    holds: usize,
     held: Option<Held>,
     /// A thread is taking the lease (without holding the state's mutex meanwhile).
     acquiring: bool,
@@ -394,6 +397,15 @@ pub(crate) fn stop_renewing(inner: &Inner) {
     }
 }
 
+/// What a guard counts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Shared,
+    Exclusive,
+    /// Keeps the lease owned; conflicts with nothing in this process.
+    Hold,
+}
+
 /// The datastore lock: local shared/exclusive counting, and the lease while any guard
 /// is held.
 pub(crate) fn lock(
@@ -401,6 +413,22 @@ pub(crate) fn lock(
     exclusive: bool,
     wait: bool,
 ) -> DsResult<Box<dyn LockGuard>> {
+    let kind = if exclusive {
+        Kind::Exclusive
+    } else {
+        Kind::Shared
+    };
+    Ok(Box::new(take(inner, kind, wait)?))
+}
+
+/// A server's lifetime hold of the lease: taken without waiting for another server,
+/// and counted apart from shared and exclusive guards, so the server's own gc
+/// (exclusive) still runs while it is held.
+pub(crate) fn hold(inner: &Arc<Inner>) -> DsResult<Box<dyn LeaseHold>> {
+    Ok(Box::new(take(inner, Kind::Hold, false)?))
+}
+
+fn take(inner: &Arc<Inner>, kind: Kind, wait: bool) -> DsResult<Guard> {
     let core = &inner.lease;
     let deadline = Instant::now() + inner.opts.local_wait;
     let mut s = locks::lock(&core.state);
@@ -420,7 +448,11 @@ pub(crate) fn lock(
             s = locks::wait_timeout(&core.cv, s, deadline - now);
             continue;
         }
-        let conflict = s.exclusive || (exclusive && s.shared > 0);
+        let conflict = match kind {
+            Kind::Shared => s.exclusive,
+            Kind::Exclusive => s.exclusive || s.shared > 0,
+            Kind::Hold => false,
+        };
         if !conflict {
             break;
         }
@@ -428,7 +460,7 @@ pub(crate) fn lock(
             return Err(DsError::Invalid(format!(
                 "{}: the datastore is busy ({}); try again later",
                 inner.location,
-                if exclusive {
+                if kind == Kind::Exclusive {
                     "a backup, verify or prune is running"
                 } else {
                     "gc is running"
@@ -450,44 +482,53 @@ pub(crate) fn lock(
         held.task = Some(inner.handle.spawn(renew(inner.clone(), held.renewed)));
         s.held = Some(held);
     }
-    if exclusive {
-        s.exclusive = true;
-    } else {
-        s.shared += 1;
+    match kind {
+        Kind::Exclusive => s.exclusive = true,
+        Kind::Shared => s.shared += 1,
+        Kind::Hold => s.holds += 1,
     }
-    Ok(Box::new(Guard {
+    Ok(Guard {
         inner: inner.clone(),
-        exclusive,
-    }))
+        kind,
+    })
 }
 
 struct Guard {
     inner: Arc<Inner>,
-    exclusive: bool,
+    kind: Kind,
 }
 
 impl std::fmt::Debug for Guard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LeaseGuard")
             .field("location", &self.inner.location)
-            .field("exclusive", &self.exclusive)
+            .field("kind", &self.kind)
             .finish()
     }
 }
 
 impl LockGuard for Guard {}
 
+impl LeaseHold for Guard {
+    fn lost(&self) -> Option<String> {
+        let s = locks::lock(&self.inner.lease.state);
+        s.lost
+            .as_ref()
+            .map(|l| lost_error(&self.inner, l).to_string())
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         let core = &self.inner.lease;
         let mut s = locks::lock(&core.state);
-        if self.exclusive {
-            s.exclusive = false;
-        } else {
-            s.shared = s.shared.saturating_sub(1);
+        match self.kind {
+            Kind::Exclusive => s.exclusive = false,
+            Kind::Shared => s.shared = s.shared.saturating_sub(1),
+            Kind::Hold => s.holds = s.holds.saturating_sub(1),
         }
         core.cv.notify_all();
-        if s.exclusive || s.shared > 0 {
+        if s.exclusive || s.shared > 0 || s.holds > 0 {
             return;
         }
         let Some(mut held) = s.held.take() else {
@@ -514,5 +555,78 @@ impl Drop for Guard {
                 self.inner.op_limit(),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{ObjectBackend, Options, Secret, Target};
+    use datastore::Backend;
+    use std::time::Duration;
+    use testkit::{AZURITE_ACCOUNT, AZURITE_KEY, Azurite};
+
+    /// A hold keeps the lease without conflicting with the process's own shared and
+    /// exclusive guards; another process's hold is refused at once, naming it; the
+    /// lease goes only when the hold and every guard are gone.
+    #[test]
+    fn a_hold_keeps_the_lease_and_lets_gc_run() {
+        let az = Azurite::start();
+        az.create_container("hold");
+        let target = Target::Azure {
+            account: AZURITE_ACCOUNT.into(),
+            container: "hold".into(),
+            endpoint: Some(az.endpoint()),
+            access_key: Secret::new(AZURITE_KEY),
+        };
+        let opts = Options {
+            lease: Duration::from_secs(3),
+            lock_wait: Duration::from_secs(10),
+            retry_timeout: Duration::from_secs(5),
+            ..Options::default()
+        };
+        let a = ObjectBackend::new(&target, &opts).unwrap();
+        let b = ObjectBackend::new(&target, &opts).unwrap();
+
+        let hold = a.hold().unwrap().expect("object storage holds");
+        assert!(a.exists(super::LEASE_KEY).unwrap());
+        // gc (exclusive) and then a backup (shared) run under the hold.
+        let x = a.lock(true, false).unwrap();
+        a.put("packs/x", b"under the hold").unwrap();
+        drop(x);
+        let sh = a.lock(false, false).unwrap();
+        assert!(a.lock(true, false).is_err(), "exclusive beside shared");
+        drop(sh);
+
+        let t = std::time::Instant::now();
+        let e = b.hold().unwrap_err().to_string();
+        assert!(t.elapsed() < Duration::from_secs(2), "the hold waited");
+        assert!(
+            e.contains("in use by another server") && e.contains(a.owner_id()),
+            "{e}"
+        );
+        // Renewed past several lease lengths: still held, writes still go.
+        std::thread::sleep(Duration::from_secs(4));
+        a.put("packs/y", b"still held").unwrap();
+        assert_eq!(hold.lost(), None);
+
+        // Guards dropping leave the lease to the hold; dropping the hold frees it.
+        assert!(a.exists(super::LEASE_KEY).unwrap());
+        drop(hold);
+        assert!(!a.exists(super::LEASE_KEY).unwrap());
+        let hb = b.hold().unwrap().unwrap();
+
+        // `a` stopped renewing and taken over: its hold reports the loss.
+        drop(hb);
+        let ha = a.hold().unwrap().unwrap();
+        a.stop_renewing();
+        std::thread::sleep(Duration::from_secs(4));
+        let hb = b.hold().unwrap().unwrap();
+        let e = a
+            .put("packs/z", b"after the takeover")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lease lost"), "{e}");
+        assert!(ha.lost().is_some_and(|l| l.contains("lease lost")));
+        drop(hb);
     }
 }

@@ -40,7 +40,10 @@
 //!
 //! Inside one process, shared and exclusive guards behave like `LocalBackend`'s flock
 //! (many shared, or one exclusive); across processes the lease is exclusive: one server
-//! writes a datastore at a time. A crash leaves at most a lease that expires after one
+//! writes a datastore at a time. A *hold* (`Backend::hold`) keeps the lease for as long
+//! as it lives without counting as either, so a server can hold it for its whole life
+//! and still run its own gc (exclusive); it is taken without waiting, and reports when
+//! the lease was lost. A crash leaves at most a lease that expires after one
 //! lease length, and objects no manifest references, which gc removes.
 //!
 //! # Threads

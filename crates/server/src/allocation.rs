@@ -31,9 +31,20 @@ pub fn required(size: u64, policy: &Policy) -> u64 {
     size.saturating_add(churn.min(u64::MAX as f64 / 2.0) as u64)
 }
 
+/// On object storage (`st.datastore_url`) there is no file system to measure: object
+/// storage has no fixed capacity, so the figures are 0 and every policy fits.
 pub fn review(st: &AppState, size: u64, policy: &Policy) -> AllocationReview {
-    let (free, total) = fs_space(&st.datastore_dir).unwrap_or((0, 0));
     let required = required(size, policy);
+    if st.datastore_url.is_some() {
+        return AllocationReview {
+            data_size: size,
+            required,
+            datastore_free: 0,
+            datastore_total: 0,
+            fits: true,
+        };
+    }
+    let (free, total) = fs_space(&st.datastore_dir).unwrap_or((0, 0));
     AllocationReview {
         data_size: size,
         required,

@@ -23,6 +23,7 @@ pub mod state;
 mod tls;
 
 use catalog::Catalog;
+use datastore::backend::LeaseHold;
 use datastore::{Datastore, Manifest, StoreOptions};
 use protocol::{RecoveryPointInfo, VmDisk};
 use state::AppState;
@@ -41,6 +42,8 @@ pub enum Error {
     Pki(#[from] pki::Error),
     #[error(transparent)]
     Notify(#[from] notify::Error),
+    #[error(transparent)]
+    Storage(#[from] objstore::Error),
     #[error("{what}: {err}")]
     Io {
         what: String,
@@ -58,6 +61,27 @@ pub struct ServerOptions {
     pub listen: Option<std::net::SocketAddr>,
     /// `--config FILE` (must exist); default `DIR/holdfast.toml` if present.
     pub config_file: Option<PathBuf>,
+    /// `--datastore-url`: the datastore on object storage rather than in a folder.
+    pub datastore_target: Option<objstore::Target>,
+    /// Key file of an encrypted datastore on object storage (default
+    /// `DIR/datastore.key`: object storage has no folder to keep it beside).
+    pub datastore_key_file: Option<PathBuf>,
+    /// The lease length on object storage (default 60 s).
+    pub lease: Option<std::time::Duration>,
+}
+
+impl ServerOptions {
+    /// A server on `data_dir` with every other option at its default.
+    pub fn new(data_dir: &Path) -> ServerOptions {
+        ServerOptions {
+            data_dir: data_dir.to_path_buf(),
+            listen: None,
+            config_file: None,
+            datastore_target: None,
+            datastore_key_file: None,
+            lease: None,
+        }
+    }
 }
 
 /// What a started server tells its operator.
@@ -67,7 +91,8 @@ pub struct Started {
     pub ca_fingerprint: String,
     pub admin_token_file: PathBuf,
     pub ca_file: PathBuf,
-    pub datastore: PathBuf,
+    /// The datastore's folder, or its URL on object storage.
+    pub datastore: String,
 }
 
 /// A recovery point as the catalog lists it.
@@ -138,15 +163,150 @@ fn open_datastore(dir: &Path, encrypt: bool) -> Result<(Datastore, Option<[u8; 3
     Ok((ds, master))
 }
 
-/// Replaces the catalog's recovery points with what the datastore holds.
-pub fn rebuild_catalog(data_dir: &Path, config_file: Option<PathBuf>) -> Result<(u64, u64)> {
-    let opts = ServerOptions {
-        data_dir: data_dir.to_path_buf(),
-        listen: None,
-        config_file,
+/// The datastore's configuration object (`Datastore::create` writes it first).
+const DATASTORE_CONFIG: &str = "holdfast-datastore.json";
+
+/// An open datastore, and on object storage the lease hold that keeps other servers
+/// out while it lives.
+struct Opened {
+    ds: Datastore,
+    master: Option<[u8; 32]>,
+    hold: Option<Box<dyn LeaseHold>>,
+    /// The folder or the URL, for messages.
+    location: String,
+}
+
+/// The file in the data dir that records the URL of a datastore on object storage,
+/// so the catalog is never paired with another datastore by mistake.
+pub const DATASTORE_URL_FILE: &str = "datastore.url";
+
+/// The datastore URL `data_dir` records, if its datastore is on object storage.
+pub fn recorded_datastore_url(data_dir: &Path) -> Result<Option<String>> {
+    let path = data_dir.join(DATASTORE_URL_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(Error::Io {
+            what: format!("reading {}", path.display()),
+            err,
+        }),
+    }
+}
+
+/// Refuses a datastore other than the one the data dir's catalog describes: a start
+/// without `--datastore-url` would otherwise create an empty folder datastore beside
+/// a catalog of points on object storage.
+fn check_recorded(opts: &ServerOptions) -> Result<()> {
+    let file = opts.data_dir.join(DATASTORE_URL_FILE);
+    let given = opts.datastore_target.as_ref().map(|t| t.location());
+    match (recorded_datastore_url(&opts.data_dir)?, given) {
+        (Some(r), None) => Err(Error::Config(format!(
+            "{}: this server's datastore is on object storage, {r} (recorded in {}); give --datastore-url {r}",
+            opts.data_dir.display(),
+            file.display()
+        ))),
+        (Some(r), Some(g)) if r != g => Err(Error::Config(format!(
+            "{}: this server's catalog describes the datastore {r}, not {g}; to move to {g}, remove {} and run --rebuild-catalog",
+            opts.data_dir.display(),
+            file.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Records the URL (once the lease is held), written whole under a temporary name.
+fn record_url(opts: &ServerOptions, url: &str) -> Result<()> {
+    let path = opts.data_dir.join(DATASTORE_URL_FILE);
+    let tmp = opts.data_dir.join(format!(".{DATASTORE_URL_FILE}.tmp"));
+    std::fs::create_dir_all(&opts.data_dir)
+        .and_then(|_| std::fs::write(&tmp, format!("{url}\n")))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|err| Error::Io {
+            what: format!("writing {}", path.display()),
+            err,
+        })
+}
+
+/// Opens (creating on first start) the datastore in its folder or on object storage.
+/// On object storage the lease is taken without waiting: another server holding it
+/// is an error naming that server and when its lease expires.
+/// `rebuilding`: for `--rebuild-catalog`, which may pair the catalog with a new datastore.
+fn open_any(opts: &ServerOptions, cfg: &config::Config, rebuilding: bool) -> Result<Opened> {
+    check_recorded(opts)?;
+    let folder = datastore_dir(opts, cfg);
+    if opts.datastore_target.is_some()
+        && !rebuilding
+        && recorded_datastore_url(&opts.data_dir)?.is_none()
+        && folder.join(DATASTORE_CONFIG).exists()
+    {
+        // The catalog describes the folder's points, which the URL does not hold.
+        return Err(Error::Config(format!(
+            "{}: this server's datastore is the folder {}; to use --datastore-url instead, run --rebuild-catalog with it first (the catalog then lists the URL's recovery points)",
+            opts.data_dir.display(),
+            folder.display()
+        )));
+    }
+    let Some(target) = &opts.datastore_target else {
+        let (ds, master) = open_datastore(&folder, cfg.encrypt_datastore)?;
+        return Ok(Opened {
+            ds,
+            master,
+            hold: None,
+            location: folder.display().to_string(),
+        });
     };
-    let cfg = load_config(&opts)?;
-    let (ds, _) = open_datastore(&datastore_dir(&opts, &cfg), cfg.encrypt_datastore)?;
+    let location = target.location();
+    let mut o = objstore::Options::default();
+    if let Some(l) = opts.lease {
+        o.lease = l;
+    }
+    let backend = objstore::open_with(target, &o)?;
+    let key_path = opts
+        .datastore_key_file
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join("datastore.key"));
+    let ds = if backend.exists(DATASTORE_CONFIG)? {
+        // Whether it is encrypted decides whether the key file is used (as in a
+        // folder, a stray key file beside a plain datastore is not).
+        let body = backend.get(DATASTORE_CONFIG)?;
+        let encrypted = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("encryption").map(|e| !e.is_null()))
+            .unwrap_or(false);
+        let key = encrypted.then_some(key_path.as_path());
+        Datastore::open_on(backend, &location, key)?
+    } else {
+        // Write-once configuration: of two servers creating it at once, one wins and
+        // the other fails here; neither writes anything else before the lease below.
+        let so = StoreOptions {
+            key_file: cfg.encrypt_datastore.then(|| key_path.clone()),
+            ..StoreOptions::default()
+        };
+        Datastore::create_on(backend, &location, &so)?
+    };
+    let hold = ds.backend().hold()?;
+    record_url(opts, &location)?;
+    let master = if ds.keys().encrypted() {
+        if let Some(w) = datastore::crypto::key_file_exposure(&key_path) {
+            eprintln!("holdfast server: warning: {w}");
+        }
+        Some(datastore::crypto::read_key_file(&key_path)?)
+    } else {
+        None
+    };
+    Ok(Opened {
+        ds,
+        master,
+        hold,
+        location,
+    })
+}
+
+/// Replaces the catalog's recovery points with what the datastore holds.
+pub fn rebuild_catalog(opts: &ServerOptions) -> Result<(u64, u64)> {
+    let cfg = load_config(opts)?;
+    let Opened { ds, hold, .. } = open_any(opts, &cfg, true)?;
+    let data_dir = &opts.data_dir;
     let cat = Catalog::open(&data_dir.join("catalog.db"))?;
     let (points, damaged) = ds.points()?;
     let rps: Vec<RecoveryPointInfo> = points.iter().map(|m| rp_info(m, None)).collect();
@@ -161,6 +321,7 @@ pub fn rebuild_catalog(data_dir: &Path, config_file: Option<PathBuf>) -> Result<
             damaged.len()
         ),
     )?;
+    drop(hold);
     Ok((rps.len() as u64, damaged.len() as u64))
 }
 
@@ -172,7 +333,17 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     std::fs::create_dir_all(&opts.data_dir)
         .map_err(io(format!("creating {}", opts.data_dir.display())))?;
     let ds_dir = datastore_dir(&opts, &cfg);
-    let (mut ds, master) = open_datastore(&ds_dir, cfg.encrypt_datastore)?;
+    let Opened {
+        mut ds,
+        master,
+        hold,
+        location,
+    } = open_any(&opts, &cfg, false)?;
+    if hold.is_some() {
+        eprintln!(
+            "holdfast server: datastore {location} on object storage (no fixed capacity: free space is not checked); this server holds its lease"
+        );
+    }
     ds.backend().remove_leftovers()?;
     let cat = Catalog::open(&opts.data_dir.join("catalog.db"))?;
     let mut names = cfg.public_names.clone();
@@ -192,7 +363,85 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     ds.set_threads(threads);
     let notifier = notify::Notifier::start(&cfg)?;
-    // Jobs that were running when the server stopped: failed, and run again now.
+    requeue_interrupted(&cat, &notifier)?;
+    let tls = pki.server_config()?;
+    let mut started = Started {
+        url: String::new(),
+        ca_fingerprint: pki.ca_fingerprint(),
+        admin_token_file: opts.data_dir.join("admin.token"),
+        ca_file: opts.data_dir.join("ca.pem"),
+        datastore: location,
+    };
+    let listen = cfg.listen;
+    let http = cfg.http.clone();
+    let mut st = AppState::new(
+        cfg,
+        cat,
+        state::OpenStore {
+            datastore: Arc::new(ds),
+            dir: ds_dir,
+            master_key: master,
+        },
+        state::ServerKeys {
+            pki,
+            admin_token,
+            secrets: pki::SecretStore::new(opts.data_dir.join("secrets")),
+        },
+        threads,
+        notifier,
+    );
+    st.datastore_url = opts.datastore_target.as_ref().map(|t| t.location());
+    let st = Arc::new(st);
+    let hold = match hold {
+        Some(h) => Some(watch_lease(st.clone(), h)?),
+        None => None,
+    };
+    let on_object_storage = hold.is_some();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io("starting the runtime".into()))?;
+    let served = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(io(format!("listening on {listen}")))?;
+        // The bound address: `--listen 127.0.0.1:0` picks a free port.
+        let bound = listener.local_addr().unwrap_or(listen);
+        started.url = format!("https://{}", display_addr(bound));
+        st.notify.set_url(&started.url);
+        on_start(&started);
+        tokio::spawn(scheduler::run(st.clone()));
+        let serve = tls::serve(listener, tls, api::router(st.clone()), http);
+        if on_object_storage {
+            // SIGTERM/SIGINT release the lease, so a restart need not wait for it to
+            // expire; on a folder the process just ends, as flock needs nothing more.
+            tokio::select! {
+                _ = serve => {}
+                _ = stop_signal() => {}
+            }
+        } else {
+            serve.await;
+        }
+        Ok(())
+    });
+    // Stopping: running jobs' datastore sessions end (they run again at the next
+    // start), blocking work gets a few seconds, then the lease is deleted if nothing
+    // still holds it.
+    locks::lock(&st.sessions).clear();
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    if let Some(slot) = hold {
+        drop(locks::lock(&slot).take());
+        eprintln!(
+            "holdfast server: stopped; the lease on {} is released",
+            started.datastore
+        );
+    }
+    served
+}
+
+/// Jobs that were running when the server stopped: failed, alerted, and (but
+/// recoveries) queued again.
+fn requeue_interrupted(cat: &Catalog, notifier: &notify::Notifier) -> Result<()> {
     let now = utc::now();
     for j in cat.fail_interrupted_jobs(now, "the server stopped while the job ran")? {
         let subject = j
@@ -206,7 +455,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
             // operator's decision. The partial files were removed by the agent.
             let vm = cat.job(j.id)?.vm.map_or(subject, |v| v.to_string());
             notifier.raise_alert(
-                &cat,
+                cat,
                 now,
                 protocol::Severity::Error,
                 &vm,
@@ -219,7 +468,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
             continue;
         }
         notifier.raise_alert(
-            &cat,
+            cat,
             now,
             protocol::Severity::Warning,
             &subject,
@@ -244,7 +493,7 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         cat.job_log(now, id, "queued after a server restart")?;
         // A job that asked for e-mail hears of its end now.
         let key = format!("notify:{}", j.id);
-        match state::job_recipients(&cat, &key) {
+        match state::job_recipients(cat, &key) {
             Ok(to) if !to.is_empty() => {
                 cat.delete_setting(&key)?;
                 notifier.job_finished(&cat.job(j.id)?, to);
@@ -253,50 +502,74 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
             Err(e) => eprintln!("holdfast server: notify: job {}: {e}", j.id),
         }
     }
-    let tls = pki.server_config()?;
-    let mut started = Started {
-        url: String::new(),
-        ca_fingerprint: pki.ca_fingerprint(),
-        admin_token_file: opts.data_dir.join("admin.token"),
-        ca_file: opts.data_dir.join("ca.pem"),
-        datastore: ds_dir.clone(),
-    };
-    let listen = cfg.listen;
-    let http = cfg.http.clone();
-    let st = Arc::new(AppState::new(
-        cfg,
-        cat,
-        state::OpenStore {
-            datastore: Arc::new(ds),
-            dir: ds_dir,
-            master_key: master,
-        },
-        state::ServerKeys {
-            pki,
-            admin_token,
-            secrets: pki::SecretStore::new(opts.data_dir.join("secrets")),
-        },
-        threads,
-        notifier,
-    ));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(io("starting the runtime".into()))?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(io(format!("listening on {listen}")))?;
-        // The bound address: `--listen 127.0.0.1:0` picks a free port.
-        let bound = listener.local_addr().unwrap_or(listen);
-        started.url = format!("https://{}", display_addr(bound));
-        st.notify.set_url(&started.url);
-        on_start(&started);
-        tokio::spawn(scheduler::run(st.clone()));
-        tls::serve(listener, tls, api::router(st), http).await;
-        Ok(())
-    })
+    Ok(())
 }
+
+/// Resolves on SIGTERM or SIGINT; never when the handlers cannot be installed.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!(
+                "holdfast server: no stop signal handler ({e}); the lease is left to expire at exit"
+            );
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Watches the lease hold for the server's life. A lost lease means another server
+/// took the datastore over (this one went unrenewed past the lease's expiry): every
+/// write already fails with "lease lost"; the server logs it, raises an alert and
+/// exits (code 3), so it neither serves a stale catalog nor competes with the new
+/// holder. A supervisor restarting it gets the holder's name until that one stops.
+/// Returns the slot holding the hold: emptied at a clean stop, which ends the watch.
+fn watch_lease(st: Arc<AppState>, hold: Box<dyn LeaseHold>) -> Result<HoldSlot> {
+    let slot: HoldSlot = Arc::new(std::sync::Mutex::new(Some(hold)));
+    let watched = slot.clone();
+    std::thread::Builder::new()
+        .name("lease-watch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let why = match locks::lock(&watched).as_ref() {
+                    Some(h) => h.lost(),
+                    None => return,
+                };
+                let Some(why) = why else { continue };
+                eprintln!("holdfast server: {why}; exiting");
+                let cat = st.cat();
+                if let Err(e) = st.notify.raise_alert(
+                    &cat,
+                    utc::now(),
+                    protocol::Severity::Error,
+                    "datastore",
+                    "lease-lost",
+                    &format!("{why}; the server stopped"),
+                ) {
+                    eprintln!("holdfast server: raising the lease alert: {e}");
+                }
+                std::process::exit(3);
+            }
+        })
+        .map_err(|err| Error::Io {
+            what: "starting the lease watch".into(),
+            err,
+        })?;
+    Ok(slot)
+}
+
+/// The server's lease hold, shared by the stop path and the watch.
+type HoldSlot = Arc<std::sync::Mutex<Option<Box<dyn LeaseHold>>>>;
 
 fn display_addr(a: std::net::SocketAddr) -> String {
     if a.ip().is_unspecified() {
@@ -331,7 +604,8 @@ const SEED_CLOCK_SKEW: i64 = 300;
 /// Imports a replica seed (`holdfast replica import`): replays its blobs through the
 /// datastore's ingest (each verified as an agent's would be), commits the recovery
 /// point, dated by the seed's view time, and records it in the catalog. Safe while the
-/// server runs (the datastore's shared lock and SQLite's locking serialize with it).
+/// server runs (the datastore's shared lock and SQLite's locking serialize with it);
+/// on object storage the running server holds the lease, so stop it first.
 ///
 /// A seed whose view is not newer than the VM's newest recovery point is refused (it
 /// would become the "latest" point with older data) unless `as_older_point`: it is then
@@ -339,17 +613,12 @@ const SEED_CLOCK_SKEW: i64 = 300;
 /// synchronization, what `recover` takes by default). A seed already imported is a
 /// no-op ([`SeedImport::AlreadyImported`]).
 pub fn replica_import(
-    data_dir: &Path,
-    config_file: Option<PathBuf>,
+    opts: &ServerOptions,
     seed_dir: &Path,
     as_older_point: bool,
 ) -> Result<SeedImport> {
-    let opts = ServerOptions {
-        data_dir: data_dir.to_path_buf(),
-        listen: None,
-        config_file,
-    };
-    let cfg = load_config(&opts)?;
+    let data_dir = &opts.data_dir;
+    let cfg = load_config(opts)?;
     let seed_file = seed_dir.join("seed.json");
     let text = std::fs::read(&seed_file).map_err(|err| Error::Io {
         what: format!(
@@ -399,7 +668,11 @@ pub fn replica_import(
             utc::rfc3339(now)
         )));
     }
-    let (ds, _) = open_datastore(&datastore_dir(&opts, &cfg), cfg.encrypt_datastore)?;
+    // On object storage this takes the lease: refused (naming the server) while the
+    // server runs there.
+    let Opened {
+        ds, hold: _hold, ..
+    } = open_any(opts, &cfg, false)?;
     let ds = Arc::new(ds);
     let cat = Catalog::open(&data_dir.join("catalog.db"))?;
     let (host, vm) = protocol::split_vm(&seed.source.name).ok_or_else(|| {

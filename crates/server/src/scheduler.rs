@@ -201,6 +201,11 @@ fn watchdog(st: &AppState, now: i64) -> Result<(), catalog::Error> {
 }
 
 fn space_alert(st: &AppState, now: i64) -> Result<(), catalog::Error> {
+    // Object storage: no fixed capacity, and no file system of the datastore's to
+    // measure (the data dir's is not it).
+    if st.datastore_url.is_some() {
+        return Ok(());
+    }
     let Some((free, total)) = crate::allocation::fs_space(&st.datastore_dir) else {
         return Ok(());
     };

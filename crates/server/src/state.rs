@@ -73,6 +73,8 @@ pub struct AppState {
     catalog: Mutex<Catalog>,
     pub datastore: Arc<Datastore>,
     pub datastore_dir: std::path::PathBuf,
+    /// The datastore's URL when it is on object storage (`--datastore-url`).
+    pub datastore_url: Option<String>,
     /// The datastore's master key when encrypted (agents build blobs with it).
     pub master_key: Option<[u8; 32]>,
     pub pki: pki::ServerPki,
@@ -123,6 +125,7 @@ impl AppState {
             catalog: Mutex::new(catalog),
             datastore: store.datastore,
             datastore_dir: store.dir,
+            datastore_url: None,
             master_key: store.master_key,
             pki: keys.pki,
             admin_token: keys.admin_token,

@@ -28,11 +28,39 @@ pub struct ServerCmd {
     /// Rebuild the catalog's recovery points from the datastore, then exit.
     #[arg(long)]
     rebuild_catalog: bool,
+    /// Keep the datastore on object storage: az://ACCOUNT/CONTAINER or s3://BUCKET
+    /// (credentials from HOLDFAST_STORAGE_KEY_FILE, see docs/cli.md); created on
+    /// first start. The server holds its lease while it runs.
+    #[arg(long, value_name = "URL")]
+    datastore_url: Option<PathBuf>,
+    /// Key file of an encrypted datastore on object storage (default
+    /// DATA_DIR/datastore.key; written there when the server creates it).
+    #[arg(long, requires = "datastore_url")]
+    datastore_key_file: Option<PathBuf>,
+    /// Lease length on object storage, in seconds (default 60): another server can
+    /// take the datastore over this long after this one stops renewing.
+    #[arg(long, value_name = "SECONDS", requires = "datastore_url", value_parser = clap::value_parser!(u64).range(3..=3600))]
+    lease_seconds: Option<u64>,
 }
 
 pub fn server(a: ServerCmd) -> anyhow::Result<ExitCode> {
+    let datastore_target = match &a.datastore_url {
+        Some(url) => Some(
+            super::location::object_target(url)?
+                .with_context(|| format!("--datastore-url {}: write az://ACCOUNT/CONTAINER or s3://BUCKET (a folder is `datastore` in the configuration)", url.display()))?,
+        ),
+        None => None,
+    };
+    let opts = server::ServerOptions {
+        data_dir: a.data_dir,
+        listen: a.listen,
+        config_file: a.config,
+        datastore_target,
+        datastore_key_file: a.datastore_key_file,
+        lease: a.lease_seconds.map(Duration::from_secs),
+    };
     if a.rebuild_catalog {
-        let (n, bad) = server::rebuild_catalog(&a.data_dir, a.config.clone())?;
+        let (n, bad) = server::rebuild_catalog(&opts)?;
         println!("catalog rebuilt: {n} recovery points from the datastore ({bad} unreadable)");
         return Ok(if bad > 0 {
             ExitCode::from(2)
@@ -40,18 +68,13 @@ pub fn server(a: ServerCmd) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         });
     }
-    let opts = server::ServerOptions {
-        data_dir: a.data_dir,
-        listen: a.listen,
-        config_file: a.config,
-    };
     server::run(opts, |s| {
         // A closed stdout (a supervisor that stopped reading) must not stop the server.
         let text = format!(
             "holdfast server listening on {}\n  CA fingerprint (SHA-256): {}\n  datastore:   {}\n  admin token: {}\n  CA file:     {}\nadmin CLI:\n  export HOLDFAST_SERVER={}\n  export HOLDFAST_TOKEN_FILE={}\n  export HOLDFAST_CA_FILE={}\n",
             s.url,
             s.ca_fingerprint,
-            s.datastore.display(),
+            s.datastore,
             s.admin_token_file.display(),
             s.ca_file.display(),
             s.url,
@@ -845,27 +868,48 @@ pub fn replica(s: &ServerArgs, c: ReplicaCommand) -> anyhow::Result<ExitCode> {
             config,
             as_older_point,
             from,
-        } => match server::replica_import(&data_dir, config, &from, as_older_point)? {
-            server::SeedImport::Imported { point, latest } => println!(
-                "imported {} as recovery point {} of {}, {} ({} bytes stored)",
-                point.vm,
-                point.id,
-                point.created,
-                if latest {
-                    "its latest"
-                } else {
-                    "an older point; the latest is unchanged"
-                },
-                point.stats.bytes_stored
-            ),
-            server::SeedImport::AlreadyImported { point } => println!(
-                "{} was imported before, as recovery point {} of {} of {}: nothing imported",
-                from.display(),
-                point.id,
-                point.vm,
-                point.created
-            ),
-        },
+        } => {
+            // A datastore on object storage is where the data dir records it.
+            let datastore_target = match server::recorded_datastore_url(&data_dir)? {
+                Some(url) => super::location::object_target(Path::new(&url))?,
+                None => None,
+            };
+            let opts = server::ServerOptions {
+                config_file: config,
+                datastore_target,
+                ..server::ServerOptions::new(&data_dir)
+            };
+            replica_import(&opts, &from, as_older_point)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn replica_import(
+    opts: &server::ServerOptions,
+    from: &Path,
+    as_older_point: bool,
+) -> anyhow::Result<()> {
+    match server::replica_import(opts, from, as_older_point)? {
+        server::SeedImport::Imported { point, latest } => println!(
+            "imported {} as recovery point {} of {}, {} ({} bytes stored)",
+            point.vm,
+            point.id,
+            point.created,
+            if latest {
+                "its latest"
+            } else {
+                "an older point; the latest is unchanged"
+            },
+            point.stats.bytes_stored
+        ),
+        server::SeedImport::AlreadyImported { point } => println!(
+            "{} was imported before, as recovery point {} of {} of {}: nothing imported",
+            from.display(),
+            point.id,
+            point.vm,
+            point.created
+        ),
+    }
+    Ok(())
 }
