@@ -1,16 +1,15 @@
 //! `ObjectBackend`: the datastore's `Backend` over an `object_store` store.
 
-use crate::lease::{self, LeaseCore};
+use crate::inner::{Inner, LeaseCore, obj_path};
+use crate::lease;
 use crate::{Error, Options, Target};
 use datastore::backend::{Entry, LockGuard};
 use datastore::{Backend, Error as DsError, Result as DsResult};
 use futures::TryStreamExt;
-use object_store::path::Path as ObjPath;
 use object_store::{
     ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
     PutPayload, RetryConfig,
 };
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -89,15 +88,6 @@ pub struct ObjectBackend {
     list_page: u64,
     /// Owned here only so that dropping the backend stops its threads; taken in `Drop`.
     rt: Option<tokio::runtime::Runtime>,
-}
-
-/// What requests, the lease's renewal task and lock guards share.
-pub(crate) struct Inner {
-    pub(crate) store: Arc<dyn ObjectStore>,
-    pub(crate) handle: tokio::runtime::Handle,
-    pub(crate) location: String,
-    pub(crate) opts: Options,
-    pub(crate) lease: LeaseCore,
 }
 
 impl std::fmt::Debug for ObjectBackend {
@@ -236,94 +226,6 @@ impl ObjectBackend {
     pub fn owner_id(&self) -> &str {
         &self.inner.lease.owner
     }
-}
-
-impl Inner {
-    /// The longest one call may take: every attempt, the backoff between them, and a
-    /// margin, so a wait on the channel always ends.
-    pub(crate) fn op_limit(&self) -> Duration {
-        self.opts.retry_timeout + self.opts.request_timeout + Duration::from_secs(5)
-    }
-
-    /// Runs `fut` on the backend's runtime and waits for it at most `limit`.
-    pub(crate) fn block<T: Send + 'static>(
-        &self,
-        fut: impl Future<Output = T> + Send + 'static,
-        limit: Duration,
-    ) -> Option<T> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let task = self.handle.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        match rx.recv_timeout(limit) {
-            Ok(v) => Some(v),
-            Err(_) => {
-                task.abort();
-                None
-            }
-        }
-    }
-
-    /// Runs one store call for `key`, mapping its errors to the datastore's, each
-    /// naming the target and the key.
-    pub(crate) fn call<T: Send + 'static>(
-        &self,
-        key: &str,
-        op: &'static str,
-        limit: Duration,
-        fut: impl Future<Output = object_store::Result<T>> + Send + 'static,
-    ) -> DsResult<T> {
-        match self.block(fut, limit) {
-            Some(Ok(v)) => Ok(v),
-            Some(Err(e)) => Err(self.map_err(key, op, e)),
-            None => Err(DsError::Io {
-                path: self.key_location(key).into(),
-                op,
-                err: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer within {} s", limit.as_secs()),
-                ),
-            }),
-        }
-    }
-
-    pub(crate) fn key_location(&self, key: &str) -> String {
-        format!("{}/{key}", self.location)
-    }
-
-    pub(crate) fn map_err(&self, key: &str, op: &'static str, e: object_store::Error) -> DsError {
-        match e {
-            // An object written into a container or bucket that is not there.
-            object_store::Error::NotFound { .. } if op.starts_with("put") => DsError::Io {
-                path: self.key_location(key).into(),
-                op,
-                err: std::io::Error::other(format!(
-                    "the container or bucket {} does not exist; create it first ({e})",
-                    self.location
-                )),
-            },
-            object_store::Error::NotFound { .. } => DsError::Missing { key: key.into() },
-            e => DsError::Io {
-                path: self.key_location(key).into(),
-                op,
-                err: std::io::Error::other(e.to_string()),
-            },
-        }
-    }
-}
-
-/// A datastore key as an object path; the same rule as `LocalBackend`'s (no empty,
-/// `.`, `..` or hidden components).
-pub(crate) fn obj_path(key: &str) -> DsResult<ObjPath> {
-    if key.is_empty()
-        || key.starts_with('/')
-        || key
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
-    {
-        return Err(DsError::Invalid(format!("invalid datastore key {key:?}")));
-    }
-    ObjPath::parse(key).map_err(|e| DsError::Invalid(format!("invalid datastore key {key:?}: {e}")))
 }
 
 impl ObjectBackend {

@@ -1,7 +1,7 @@
 //! The datastore lock on object storage: the lease object `locks/lease.json` (the
 //! design and why it is safe are in the crate's documentation).
 
-use crate::backend::Inner;
+use crate::inner::{Held, Inner, LeaseCore, State};
 use datastore::backend::{LeaseHold, LockGuard};
 use datastore::{Error as DsError, Result as DsResult};
 use object_store::path::Path as ObjPath;
@@ -37,39 +37,6 @@ impl LeaseBody {
             utc::rfc3339(i64::try_from(self.expires_unix).unwrap_or(i64::MAX))
         )
     }
-}
-
-/// The lease state of one backend.
-pub(crate) struct LeaseCore {
-    pub(crate) owner: String,
-    host: String,
-    pid: u32,
-    duration: Duration,
-    state: Mutex<State>,
-    cv: Condvar,
-}
-
-#[derive(Default)]
-struct State {
-    shared: usize,
-    exclusive: bool,
-    /// Holds ([`hold`]): keep the lease without counting as a shared or exclusive
-    /// holder, so a server that holds it for its whole life can still run gc.
-    holds: usize,
-    held: Option<Held>,
-    /// A thread is taking the lease (without holding the state's mutex meanwhile).
-    acquiring: bool,
-    /// Set once renewal found the lease in another owner's hands; permanent.
-    lost: Option<String>,
-}
-
-struct Held {
-    version: UpdateVersion,
-    /// When the last successful renewal (or the taking) was sent.
-    renewed: Instant,
-    renewal: u64,
-    paused: bool,
-    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Held {
@@ -268,7 +235,11 @@ fn acquire(inner: &Arc<Inner>, wait: bool) -> DsResult<Held> {
             raced()?; // released between our create and our read
             continue;
         };
-        if (body.expires_unix as f64) < unix_now() {
+        // Ours too: a release whose delete did not reach the store (the network was
+        // down) left it behind. This backend holds no guard now (only then is the
+        // lease taken), so nobody relies on it: take it back at once rather than
+        // wait for its expiry.
+        if (body.expires_unix as f64) < unix_now() || body.owner == core.owner {
             let sent = Instant::now();
             if let Some(version) = put_lease(inner, PutMode::Update(version), core.body(0))? {
                 return Ok(Held::taken(version, sent));

@@ -54,6 +54,7 @@
 //! alike (never `block_on`, which panics inside a runtime).
 
 mod backend;
+mod inner;
 mod lease;
 
 pub use backend::{Counters, ObjectBackend, RequestCounts};

@@ -366,3 +366,37 @@ fn storage_killed_mid_upload_azurite() {
     let report = ds.verify(&mut |_, _| {}).unwrap();
     assert!(report.is_clean(), "{report:?}");
 }
+
+/// A lease whose release never reached the store (the connection dropped) is taken
+/// back at once by the same backend, not after its expiry; another backend still waits.
+#[test]
+fn an_unreleased_lease_of_our_own_is_taken_back_at_once() {
+    let az = Azurite::start();
+    let proxy = FaultProxy::start(az.port());
+    let target = azure_target_via(&az, "lease", proxy.port());
+    let opts = Options {
+        lease: Duration::from_secs(60),
+        lock_wait: Duration::from_secs(1),
+        retry_timeout: Duration::from_secs(2),
+        max_retries: 1,
+        ..Options::default()
+    };
+    let b = objstore::open_with(&target, &opts).unwrap();
+    let guard = b.lock(true, false).unwrap();
+    proxy.reset(true);
+    drop(guard);
+    proxy.reset(false);
+    assert_eq!(
+        keys(b.as_ref(), "locks/"),
+        vec!["locks/lease.json"],
+        "left behind"
+    );
+    let other = objstore::open_with(&target, &opts).unwrap();
+    let e = other.lock(true, true).unwrap_err().to_string();
+    assert!(e.contains("in use by another server"), "{e}");
+    let t = Instant::now();
+    let again = b.lock(true, false).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    drop(again);
+    assert!(keys(b.as_ref(), "locks/").is_empty());
+}
