@@ -520,14 +520,22 @@ fn show_group(g: &GroupInfo) {
         println!("  online protection:  {}", super::online::describe(o));
     }
     let a = &g.allocation;
+    // A datastore on object storage has no fixed capacity (the server reports 0 of 0).
+    let room = if a.datastore_total == 0 {
+        "datastore on object storage (no fixed capacity)".to_string()
+    } else {
+        format!(
+            "datastore {} free of {}",
+            human(a.datastore_free),
+            human(a.datastore_total)
+        )
+    };
     println!(
-        "  disk allocation:    data {} -> needs {} ({}% churn x {} days); datastore {} free of {}{}",
+        "  disk allocation:    data {} -> needs {} ({}% churn x {} days); {room}{}",
         human(a.data_size),
         human(a.required),
         p.churn_percent,
         p.retention_days,
-        human(a.datastore_free),
-        human(a.datastore_total),
         if a.fits { "" } else { "  ** DOES NOT FIT **" }
     );
 }
