@@ -213,6 +213,18 @@ fn online_copies_are_listed_read_back_and_attached_by_a_new_server() {
     let ids: Vec<&str> = rps.iter().map(|p| p.id.as_str()).collect();
     assert_eq!(ids, vec![second.as_str()]);
     assert!(rps.iter().all(|p| p.locations == vec!["online:cloud"]));
+    // The calendar shows the day of the online copy.
+    let days: serde_json::Value = serde_json::from_str(&c2.cli_ok(&[
+        "recovery-points",
+        "list",
+        "--vm",
+        "hv01/web",
+        "--days",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(days[0]["recovery_points"], 1, "{days}");
+    assert_eq!(days[0]["vms"][0], "hv01/web", "{days}");
     // A wrong key is refused and changes nothing.
     let wrong = work.join("wrong.key");
     std::fs::write(&wrong, "not a key\n").unwrap();

@@ -260,6 +260,40 @@ fn storage_targets_are_admin_only_and_their_secrets_never_shown() {
     assert_eq!(e.status(), Some(403), "{e}");
     let e = agent.delete::<StorageInfo>("/storage/offsite").unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");
+    // The online copy's key, attaching another key, verifying and copying now are the
+    // administrator's too: an agent gets 403 and an anonymous caller 401 on each.
+    for anyone in [&agent, &c.anonymous()] {
+        let want = if std::ptr::eq(anyone, &agent) {
+            403
+        } else {
+            401
+        };
+        let e = anyone
+            .get::<StorageKey>("/storage/offsite/key")
+            .unwrap_err();
+        assert_eq!(e.status(), Some(want), "{e}");
+        let e = anyone
+            .post::<_, AttachReport>(
+                "/storage/offsite/attach",
+                &AttachStorage {
+                    key: "planted".into(),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.status(), Some(want), "{e}");
+        let e = anyone
+            .post::<_, JobInfo>("/storage/offsite/verify", &VerifyStorage::default())
+            .unwrap_err();
+        assert_eq!(e.status(), Some(want), "{e}");
+        let e = anyone
+            .post::<_, OnlineCopyQueued>("/protection-groups/g/online-copy", &())
+            .unwrap_err();
+        assert_eq!(e.status(), Some(want), "{e}");
+        let e = anyone
+            .get_bytes("/recovery-points/x/browse?from=online:offsite")
+            .unwrap_err();
+        assert_eq!(e.status(), Some(want), "{e}");
+    }
     let e = c
         .anonymous()
         .get::<Vec<StorageInfo>>("/storage")
