@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Online-copy benchmark: `holdfast copy` of a local datastore into object storage
 # (Azurite for Azure Blob, moto for S3, both started here), against `rclone copy` of the
-# same datastore folder to moto. (rclone 1.60, Debian 12's, takes no Azure endpoint URL:
-# its emulator mode hung here before sending a request, so the anchor is S3 only.)
+# same datastore folder to moto. (rclone 1.60, Debian 12's, takes no Azure endpoint URL,
+# only a host suffix after ACCOUNT. over https, and its emulator mode builds URLs with no
+# scheme, "unsupported protocol scheme", retrying forever: the anchor is S3 only.)
 #
 #   bench/online.sh [SIZE]          default 4G   (e.g. bench/online.sh 1G)
 #
