@@ -242,10 +242,10 @@ fn differing_ranges(
         }
         let parse = |h: &str| {
             Id::from_hex(h).ok_or_else(|| {
-                Error::corrupt(
-                    format!("points/{}", rec.index),
-                    format!("bad piece id {h:?}"),
-                )
+                Error::Invalid(format!(
+                    "recovery point {} or the one copied, disk {disk}: bad index piece id {h:?}",
+                    base.id
+                ))
             })
         };
         let ids_a = src.read_piece(idx, parse(a)?)?;

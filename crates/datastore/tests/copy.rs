@@ -178,3 +178,30 @@ fn throttled_copy_is_paced() {
         "paced copy",
     );
 }
+
+#[test]
+fn without_a_shared_point_the_copy_reads_whole_disks_and_dedups() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("disk.raw");
+    let mut ma = gen_raw(&a, 8 << 20, 40);
+    let src = create_store(&d.path().join("src"), false);
+    let dst = create_store(&d.path().join("dst"), true);
+    let m1 = backup_full(&src, "h/vm", &a);
+    copy(&dst, &src, &m1.id);
+    mutate(&a, &mut ma, &mut Rng::new(41), 5);
+    let m2 = backup_full(&src, "h/vm", &a);
+    // The source no longer holds the point the target has: nothing to compare with.
+    src.forget(&m1.id).unwrap();
+    let r = copy(&dst, &src, &m2.id);
+    assert!(!r.ranges_compared, "{r:?}");
+    assert_eq!(r.base.as_deref(), Some(m1.id.as_str()));
+    // Every data block read (the source's zero blocks are holes, never read).
+    assert!(
+        r.bytes_read > 6 << 20 && r.bytes_read <= m2.stats.bytes_read,
+        "{r:?}"
+    );
+    // Dedup against the target's own blobs still sends only what is new.
+    assert_eq!(r.blobs_new, m2.stats.blocks_new, "{r:?} {:?}", m2.stats);
+    let t2 = dst.point(&m2.id).unwrap();
+    assert_same(&restore(&dst, &t2, 0), &ma, "copy without a shared point");
+}
