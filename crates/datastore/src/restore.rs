@@ -109,33 +109,84 @@ impl BlobSource for LocalBlobs<'_> {
 
     fn read_blocks(&self, disk: DiskRef<'_>, reads: &mut [BlockRead<'_>]) -> vdisk::Result<()> {
         let bs = disk.rec.block_size as u64;
+        let at = |block: u64, what: String| {
+            vdisk::Error::Invalid(format!(
+                "recovery point {} disk {} offset {}: {what}",
+                disk.point,
+                disk.rec.index,
+                block.saturating_mul(bs)
+            ))
+        };
+        let mut locs = Vec::with_capacity(reads.len());
+        for r in reads.iter() {
+            let loc = self
+                .index
+                .map
+                .get(&r.id)
+                .ok_or_else(|| at(r.block, format!("blob {} is missing", r.id)))?;
+            locs.push(*loc);
+        }
         let mut plain = Vec::with_capacity(bs as usize);
-        for r in reads {
-            let at = |what: String| {
-                vdisk::Error::Invalid(format!(
-                    "recovery point {} disk {} offset {}: {what}",
-                    disk.point,
-                    disk.rec.index,
-                    r.block * bs
-                ))
-            };
-            if r.within == 0 && r.out.len() == r.block_len {
-                // A whole block: decode straight into the caller's buffer.
-                self.store
-                    .read_blob_into(&self.index, r.id, r.out)
-                    .map_err(|e| at(e.to_string()))?;
-            } else {
-                self.store
-                    .read_blob(&self.index, r.id, &mut plain)
-                    .map_err(|e| at(e.to_string()))?;
-                let src = plain
-                    .get(r.within..r.within + r.out.len())
-                    .ok_or_else(|| at(format!("block is {} bytes, too short", plain.len())))?;
-                r.out.copy_from_slice(src);
+        let mut run = Vec::new();
+        let mut i = 0;
+        while i < reads.len() {
+            let j = run_end(&locs, i);
+            let first = locs[i];
+            let start = u64::from(first.offset);
+            let last = locs[j - 1];
+            let end = u64::from(last.offset) + u64::from(last.len);
+            let key = crate::format::pack_key(&self.index.packs[first.pack as usize]);
+            run.resize((end - start) as usize, 0);
+            self.store
+                .backend
+                .get_range(&key, start, &mut run)
+                .map_err(|e| at(reads[i].block, e.to_string()))?;
+            let keys = self.store.keys();
+            for (r, loc) in reads[i..j].iter_mut().zip(&locs[i..j]) {
+                let off = u64::from(loc.offset);
+                let from = (off - start) as usize;
+                let framed = &mut run[from..from + loc.len as usize];
+                if r.within == 0 && r.out.len() == r.block_len {
+                    // A whole block: decode straight into the caller's buffer.
+                    crate::format::decode_blob_into(keys, &key, off, r.id, framed, r.out)
+                        .map_err(|e| at(r.block, e.to_string()))?;
+                } else {
+                    crate::format::decode_blob(keys, &key, off, r.id, framed, &mut plain)
+                        .map_err(|e| at(r.block, e.to_string()))?;
+                    let src = plain.get(r.within..r.within + r.out.len()).ok_or_else(|| {
+                        at(r.block, format!("block is {} bytes, too short", plain.len()))
+                    })?;
+                    r.out.copy_from_slice(src);
+                }
             }
+            i = j;
         }
         Ok(())
     }
+}
+
+/// The most one ranged read of adjacent blobs fetches (a pack is 8 MiB).
+const MAX_RUN: u64 = 8 << 20;
+
+/// The end (exclusive) of the run of reads from `i` whose blobs lie one after another
+/// in one pack: they are fetched with one ranged read (on object storage one request
+/// instead of one a block).
+fn run_end(locs: &[crate::store::Loc], i: usize) -> usize {
+    let first = locs[i];
+    let start = u64::from(first.offset);
+    let mut end = start + u64::from(first.len);
+    let mut j = i + 1;
+    while let Some(l) = locs.get(j) {
+        if l.pack != first.pack
+            || u64::from(l.offset) != end
+            || end - start + u64::from(l.len) > MAX_RUN
+        {
+            break;
+        }
+        end += u64::from(l.len);
+        j += 1;
+    }
+    j
 }
 
 impl Datastore {
