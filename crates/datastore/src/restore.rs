@@ -154,7 +154,10 @@ impl BlobSource for LocalBlobs<'_> {
                     crate::format::decode_blob(keys, &key, off, r.id, framed, &mut plain)
                         .map_err(|e| at(r.block, e.to_string()))?;
                     let src = plain.get(r.within..r.within + r.out.len()).ok_or_else(|| {
-                        at(r.block, format!("block is {} bytes, too short", plain.len()))
+                        at(
+                            r.block,
+                            format!("block is {} bytes, too short", plain.len()),
+                        )
                     })?;
                     r.out.copy_from_slice(src);
                 }
