@@ -132,7 +132,7 @@ impl crate::store::Datastore {
         let plan = plan(&points, rules, utc::now(), sources)?;
         if !dry_run {
             for d in plan.iter().filter(|d| !d.keep) {
-                self.forget(&d.id)?;
+                self.forget_locked(&d.id)?;
             }
         }
         Ok(plan)

@@ -442,6 +442,14 @@ impl Datastore {
 
     /// Removes a recovery point's manifest (its data goes at the next gc).
     pub fn forget(&self, id: &str) -> Result<()> {
+        // Under the lock as prune removes points: on object storage, the lease fences
+        // the delete against another server writing.
+        let _lock = self.backend.lock(false, true)?;
+        self.forget_locked(id)
+    }
+
+    /// [`Datastore::forget`] for a caller that holds the lock (prune).
+    pub(crate) fn forget_locked(&self, id: &str) -> Result<()> {
         self.backend.delete(&Self::point_key(id))
     }
 
