@@ -114,6 +114,16 @@ pub struct SessionInfo {
     pub expires: String,
 }
 
+/// `GET /session`: who the caller is (any way of signing in).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Whoami {
+    pub name: String,
+    pub role: Role,
+    /// With a session cookie: its CSRF token, so a reloaded page can find it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csrf: Option<String>,
+}
+
 /// One API token as `GET /tokens` lists it (never its secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenInfo {

@@ -1,8 +1,8 @@
 //! Item-level recovery over the API: browse a recovery point's volumes and folders,
-//! download one file. Admin only. The work (datastore reads, decompression) runs on
+//! download one file (browsing: any role; the file: restore or higher). The work (datastore reads, decompression) runs on
 //! blocking threads; a file streams in 1 MiB pieces, never whole in memory.
 
-use crate::auth::Admin;
+use crate::auth::{Read, Restore};
 use crate::http::{ApiErr, ApiResult, St, bad, blocking, json, not_found};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -66,7 +66,7 @@ pub(crate) fn open(
 /// `GET /recovery-points/{id}/browse?disk=N&partition=P&path=/x`
 pub async fn browse(
     State(st): St,
-    _admin: Admin,
+    _caller: Read,
     Path(id): Path<String>,
     Query(q): Query<IlrQuery>,
 ) -> ApiResult<Response> {
@@ -120,7 +120,7 @@ impl Write for ChunkSender {
 /// breaks the transfer (the length announced does not arrive).
 pub async fn file(
     State(st): St,
-    _admin: Admin,
+    _caller: Restore,
     Path(id): Path<String>,
     Query(q): Query<IlrQuery>,
 ) -> ApiResult<Response> {
