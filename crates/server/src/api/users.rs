@@ -361,7 +361,7 @@ pub(crate) async fn token_create(
     Ok(created(json(&CreatedToken { info, token })))
 }
 
-/// `DELETE /tokens/{id}` (admin).
+/// `DELETE /tokens/{id}` (admin): answers `{id, revoked: true}`.
 pub(crate) async fn token_delete(
     State(st): St,
     Admin(caller): Admin,
@@ -372,5 +372,5 @@ pub(crate) async fn token_delete(
         c.audit(now(), &caller.name, "token revoke", &id.to_string())
     })
     .await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(json(&serde_json::json!({ "id": id, "revoked": true })))
 }
