@@ -264,15 +264,16 @@ pub(crate) async fn user_password(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
+    let own = caller.name == name && caller.session.is_some();
+    if caller.role < Role::Admin && !own {
+        return Err(forbidden(format!(
+            "{} (role {}) may change only its own password, signed in",
+            caller.name, caller.role
+        )));
+    }
     let req: SetPassword = parse(&body)?;
     check_password(&req.new).map_err(bad)?;
     if caller.role < Role::Admin {
-        if caller.name != name || caller.session.is_none() {
-            return Err(forbidden(format!(
-                "{} (role {}) may change only its own password, signed in",
-                caller.name, caller.role
-            )));
-        }
         if let Err(e) = check_old(&st, &caller, req.old.clone()).await {
             tokio::time::sleep(FAIL_DELAY).await;
             return Err(e);
