@@ -5,7 +5,6 @@
 
 mod common;
 #[path = "../../fsview/tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use common::cluster::*;

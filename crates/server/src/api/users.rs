@@ -273,11 +273,11 @@ pub(crate) async fn user_password(
     }
     let req: SetPassword = parse(&body)?;
     check_password(&req.new).map_err(bad)?;
-    if caller.role < Role::Admin {
-        if let Err(e) = check_old(&st, &caller, req.old.clone()).await {
-            tokio::time::sleep(FAIL_DELAY).await;
-            return Err(e);
-        }
+    if caller.role < Role::Admin
+        && let Err(e) = check_old(&st, &caller, req.old.clone()).await
+    {
+        tokio::time::sleep(FAIL_DELAY).await;
+        return Err(e);
     }
     let hash = hash_new(req.new).await?;
     st.catalog(move |c| {
