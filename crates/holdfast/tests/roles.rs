@@ -574,6 +574,39 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
     assert_eq!(as_tok(&t2), 401);
     drop(db);
 
+    // A token made by an admin user (through its session) stops with its creator.
+    create_user(&c, t.path(), "ada", Role::Admin, "ada-secret-pw");
+    let r = login(&c, &h, "ada", "ada-secret-pw");
+    let ac = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let ai: SessionInfo = r.json().unwrap();
+    let made: CreatedToken = h
+        .post(url(&c, "/tokens"))
+        .header("cookie", &ac)
+        .header("x-csrf-token", &ai.csrf)
+        .json(&serde_json::json!({ "name": "ada-script", "role": "operator" }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(made.info.created_by, "ada");
+    assert_eq!(as_tok(&made.token), 200);
+    c.cli_ok(&["users", "disable", "ada"]);
+    assert_eq!(as_tok(&made.token), 401);
+    c.cli_ok(&["users", "enable", "ada"]);
+    assert_eq!(as_tok(&made.token), 200);
+    let audit: Vec<AuditEntryJson> = c.admin().get("/audit").unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.actor == "ada" && e.action == "token create")
+    );
+
     // Nothing secret is in the catalog in clear: not the passwords, not the tokens.
     let mut bytes = Vec::new();
     for f in std::fs::read_dir(c.server_dir()).unwrap() {
@@ -597,8 +630,10 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
         "olive-new-password",
         "dora-secret-pw",
         "dora-second-pw",
+        "ada-secret-pw",
         &tok,
         &t2,
+        &made.token,
     ] {
         assert!(
             !text.contains(secret),
