@@ -351,15 +351,10 @@ fn create_user(c: &Cluster, dir: &Path, name: &str, role: Role, password: &str) 
     ]);
 }
 
-#[test]
-fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
-    let t = tempfile::tempdir().unwrap();
-    let c = Cluster::start(t.path(), FAST);
-    let h = http(&c, None);
-    create_user(&c, t.path(), "olive", Role::Operator, "olive-secret-pw");
-
+/// Sign-in, the cookie's flags, CSRF on changes, sign-out.
+fn session_flow(c: &Cluster, h: &Http) {
     // Sign in: the cookie's flags, the CSRF token in the answer.
-    let r = login(&c, &h, "olive", "olive-secret-pw");
+    let r = login(c, h, "olive", "olive-secret-pw");
     assert_eq!(r.status().as_u16(), 201);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     for flag in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
@@ -373,7 +368,7 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
     let info: SessionInfo = r.json().unwrap();
     assert_eq!((info.user.as_str(), info.role), ("olive", Role::Operator));
     let who: Whoami = h
-        .get(url(&c, "/session"))
+        .get(url(c, "/session"))
         .header("cookie", &cookie)
         .send()
         .unwrap()
@@ -386,7 +381,7 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
     let body = serde_json::json!({ "kind": "gc" });
     let job = |csrf: Option<&str>| {
         let mut rb = h
-            .post(url(&c, "/jobs"))
+            .post(url(c, "/jobs"))
             .header("cookie", &cookie)
             .json(&body);
         if let Some(x) = csrf {
@@ -411,7 +406,7 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
 
     // Sign out (a change: CSRF needed), then the cookie is worth nothing.
     let out = |csrf: Option<&str>| {
-        let mut rb = h.delete(url(&c, "/session")).header("cookie", &cookie);
+        let mut rb = h.delete(url(c, "/session")).header("cookie", &cookie);
         if let Some(x) = csrf {
             rb = rb.header("x-csrf-token", x);
         }
@@ -427,17 +422,20 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
             .contains("Max-Age=0")
     );
     let r = h
-        .get(url(&c, "/jobs"))
+        .get(url(c, "/jobs"))
         .header("cookie", &cookie)
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
+}
 
+/// Five wrong passwords lock a user; an admin's reset unlocks it.
+fn lockout(c: &Cluster, h: &Http, dir: &Path) {
     // Five wrong passwords in a row lock the user; the right one is refused meanwhile.
     let started = std::time::Instant::now();
     for _ in 0..5 {
         assert_eq!(
-            login(&c, &h, "olive", "wrong-password").status().as_u16(),
+            login(c, h, "olive", "wrong-password").status().as_u16(),
             401
         );
     }
@@ -447,7 +445,7 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
         "{:?}",
         started.elapsed()
     );
-    let r = login(&c, &h, "olive", "olive-secret-pw");
+    let r = login(c, h, "olive", "olive-secret-pw");
     assert_eq!(r.status().as_u16(), 429);
     assert!(r.text().unwrap().contains("locked until"));
     let users: Vec<UserInfo> = c.admin().get("/users").unwrap();
@@ -459,7 +457,7 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
             .any(|e| e.actor == "olive" && e.action == "user locked")
     );
     // An admin's reset ends the lock.
-    let pw = t.path().join("new.pw");
+    let pw = dir.join("new.pw");
     std::fs::write(&pw, "olive-new-password\n").unwrap();
     c.cli_ok(&[
         "users",
@@ -469,21 +467,19 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
         s(&pw),
     ]);
     assert_eq!(
-        login(&c, &h, "olive", "olive-new-password")
-            .status()
-            .as_u16(),
+        login(c, h, "olive", "olive-new-password").status().as_u16(),
         201
     );
 
     // Unknown users answer like wrong passwords.
-    assert_eq!(
-        login(&c, &h, "nobody", "whatever-pw").status().as_u16(),
-        401
-    );
+    assert_eq!(login(c, h, "nobody", "whatever-pw").status().as_u16(), 401);
+}
 
+/// Disabled users and changing one's own password.
+fn disabled_users_and_own_password(c: &Cluster, h: &Http, dir: &Path) {
     // A disabled user cannot sign in, and its open session stops working.
-    create_user(&c, t.path(), "dora", Role::Auditor, "dora-secret-pw");
-    let r = login(&c, &h, "dora", "dora-secret-pw");
+    create_user(c, dir, "dora", Role::Auditor, "dora-secret-pw");
+    let r = login(c, h, "dora", "dora-secret-pw");
     let dora = r.headers()["set-cookie"]
         .to_str()
         .unwrap()
@@ -492,24 +488,18 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
         .unwrap()
         .to_string();
     c.cli_ok(&["users", "disable", "dora"]);
-    assert_eq!(
-        login(&c, &h, "dora", "dora-secret-pw").status().as_u16(),
-        403
-    );
+    assert_eq!(login(c, h, "dora", "dora-secret-pw").status().as_u16(), 403);
     let r = h
-        .get(url(&c, "/status"))
+        .get(url(c, "/status"))
         .header("cookie", &dora)
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     c.cli_ok(&["users", "enable", "dora"]);
-    assert_eq!(
-        login(&c, &h, "dora", "dora-secret-pw").status().as_u16(),
-        201
-    );
+    assert_eq!(login(c, h, "dora", "dora-secret-pw").status().as_u16(), 201);
 
     // A user changes its own password only with the old one; not another's.
-    let r = login(&c, &h, "dora", "dora-secret-pw");
+    let r = login(c, h, "dora", "dora-secret-pw");
     let dc = r.headers()["set-cookie"]
         .to_str()
         .unwrap()
@@ -519,7 +509,7 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
         .to_string();
     let di: SessionInfo = r.json().unwrap();
     let change = |who: &str, old: &str| {
-        h.post(url(&c, &format!("/users/{who}/password")))
+        h.post(url(c, &format!("/users/{who}/password")))
             .header("cookie", &dc)
             .header("x-csrf-token", &di.csrf)
             .json(&serde_json::json!({ "old": old, "new": "dora-second-pw" }))
@@ -531,11 +521,12 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
     assert_eq!(change("olive", "dora-secret-pw"), 403);
     assert_eq!(change("dora", "not-the-old-one"), 403);
     assert_eq!(change("dora", "dora-secret-pw"), 204);
-    assert_eq!(
-        login(&c, &h, "dora", "dora-second-pw").status().as_u16(),
-        201
-    );
+    assert_eq!(login(c, h, "dora", "dora-second-pw").status().as_u16(), 201);
+}
 
+/// API tokens: shown once, expired, revoked, stopped with their creator. Returns the
+/// tokens made, to search the catalog for.
+fn tokens(c: &Cluster, h: &Http, dir: &Path) -> Vec<String> {
     // Tokens: shown once (the list has no secret); an expired one is refused.
     let out = c.cli_ok(&[
         "tokens",
@@ -552,7 +543,7 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
     let list = c.cli_ok(&["tokens", "list", "--json"]);
     assert!(!list.contains(&tok[4..]), "{list}");
     let as_tok = |tok: &str| {
-        h.get(url(&c, "/status"))
+        h.get(url(c, "/status"))
             .bearer_auth(tok)
             .send()
             .unwrap()
@@ -566,7 +557,7 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
         .unwrap();
     assert_eq!(as_tok(&tok), 401);
     // Revoked: refused too.
-    let t2 = create_token(&c, "ci2", Role::Auditor, &[]);
+    let t2 = create_token(c, "ci2", Role::Auditor, &[]);
     assert_eq!(as_tok(&t2), 200);
     let tokens: Vec<TokenInfo> = c.admin().get("/tokens").unwrap();
     let id = tokens.iter().find(|t| t.name == "ci2").unwrap().id;
@@ -575,8 +566,8 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
     drop(db);
 
     // A token made by an admin user (through its session) stops with its creator.
-    create_user(&c, t.path(), "ada", Role::Admin, "ada-secret-pw");
-    let r = login(&c, &h, "ada", "ada-secret-pw");
+    create_user(c, dir, "ada", Role::Admin, "ada-secret-pw");
+    let r = login(c, h, "ada", "ada-secret-pw");
     let ac = r.headers()["set-cookie"]
         .to_str()
         .unwrap()
@@ -586,7 +577,7 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
         .to_string();
     let ai: SessionInfo = r.json().unwrap();
     let made: CreatedToken = h
-        .post(url(&c, "/tokens"))
+        .post(url(c, "/tokens"))
         .header("cookie", &ac)
         .header("x-csrf-token", &ai.csrf)
         .json(&serde_json::json!({ "name": "ada-script", "role": "operator" }))
@@ -606,6 +597,20 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
             .iter()
             .any(|e| e.actor == "ada" && e.action == "token create")
     );
+
+    vec![tok, t2, made.token]
+}
+
+#[test]
+fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
+    let t = tempfile::tempdir().unwrap();
+    let c = Cluster::start(t.path(), FAST);
+    let h = http(&c, None);
+    create_user(&c, t.path(), "olive", Role::Operator, "olive-secret-pw");
+    session_flow(&c, &h);
+    lockout(&c, &h, t.path());
+    disabled_users_and_own_password(&c, &h, t.path());
+    let made = tokens(&c, &h, t.path());
 
     // Nothing secret is in the catalog in clear: not the passwords, not the tokens.
     let mut bytes = Vec::new();
@@ -631,9 +636,9 @@ fn sessions_csrf_lockout_disabled_users_and_expired_tokens() {
         "dora-secret-pw",
         "dora-second-pw",
         "ada-secret-pw",
-        &tok,
-        &t2,
-        &made.token,
+        &made[0],
+        &made[1],
+        &made[2],
     ] {
         assert!(
             !text.contains(secret),

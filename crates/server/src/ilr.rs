@@ -1,6 +1,7 @@
 //! Item-level recovery over the API: browse a recovery point's volumes and folders
 //! (any role), download one file (role restore or higher). The work (datastore reads,
-//! decompression) runs on blocking threads; a file streams in 1 MiB pieces, never whole in memory.
+//! decompression) runs on blocking threads; a file streams in 1 MiB pieces, never
+//! whole in memory.
 
 use crate::auth::{Read, Restore};
 use crate::http::{ApiErr, ApiResult, St, bad, blocking, json, not_found};
