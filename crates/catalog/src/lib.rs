@@ -25,6 +25,7 @@
 //! | `schedule_runs`  | when each schedule last fired, so restarts do not re-fire |
 //! | `clusters`, `cluster_hosts` | hosts VMs may move between on their own; a host in at most one |
 //! | `vm_claims`      | VMs reported under another host's VM id, held for an administrator |
+//! | `users`, `api_tokens`, `sessions` | console users (argon2id), script tokens and sign-ins, secrets by hash |
 //! | `datasource_moves` | every change of a data source's `HOST/VM` (old names say where it went) |
 //!
 //! Everything is synchronous on one connection; the server wraps a [`Catalog`] in a
@@ -43,6 +44,7 @@ mod recovery_points;
 mod scale_tests;
 mod schema;
 mod storage;
+mod users;
 
 use std::path::Path;
 use std::time::Duration;
@@ -57,6 +59,7 @@ pub use alerts::Raised;
 pub use datasources::{Conflict, InventoryOutcome, Move};
 pub use groups::{GroupMember, GroupRow};
 pub use jobs::{JobFilter, JobRow, NewJob};
+pub use users::{Credentials, LoginFailure, SessionRow, TokenAuth};
 
 /// Catalog errors. The server maps `NotFound` and `Moved` to 404, `Conflict` to 409, `Invalid` to
 /// 400 and everything else to 500; messages name the thing concerned.

@@ -3,7 +3,41 @@
 //! because databases in the field have already run it.
 
 /// Every migration step in order; `MIGRATIONS.len()` is the version this program writes.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+
+/// Console users (argon2id PHC strings, never a password), API tokens for scripts and
+/// sign-in sessions; tokens and session ids by SHA-256 of the secret only.
+const V6: &str = r#"
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY,
+    role          TEXT NOT NULL,          -- admin, operator, restore, auditor
+    password_hash TEXT NOT NULL,
+    disabled      INTEGER NOT NULL DEFAULT 0,
+    created       INTEGER NOT NULL,
+    failed_logins INTEGER NOT NULL DEFAULT 0,
+    locked_until  INTEGER
+) WITHOUT ROWID;
+
+CREATE TABLE api_tokens (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created    INTEGER NOT NULL,
+    expires    INTEGER,
+    created_by TEXT NOT NULL
+);
+
+CREATE TABLE sessions (
+    id_hash   TEXT PRIMARY KEY,
+    user      TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+    csrf      TEXT NOT NULL,
+    created   INTEGER NOT NULL,
+    expires   INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX sessions_user ON sessions (user);
+"#;
 
 /// Online copies: which recovery points each storage target holds. A copy outlives the
 /// point on disk (long-term retention), so it keeps the point's record of its own.

@@ -11,6 +11,7 @@
 
 mod agent;
 mod fsutil;
+mod password;
 mod secrets;
 mod server;
 mod token;
@@ -24,6 +25,9 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 pub use agent::{AgentIdentity, PendingKey};
+pub use password::{
+    API_TOKEN_PREFIX, MAX_PASSWORD, hash_password, make_api_token, random_secret, verify_password,
+};
 pub use secrets::SecretStore;
 pub use server::ServerPki;
 pub use token::{load_or_create_admin_token, make_token, parse_token, secret_hash, token_eq};
@@ -64,6 +68,9 @@ pub enum Error {
     /// The system random number generator failed.
     #[error("random number generator failed")]
     Rng,
+    /// Hashing a password failed (or it is too long).
+    #[error("password: {0}")]
+    Password(String),
 }
 
 /// Result of this crate.

@@ -57,6 +57,9 @@ pub use validate::*;
 mod storage;
 pub use storage::*;
 
+mod users;
+pub use users::*;
+
 mod manifest;
 pub use manifest::{Consistency, DiskRecord, Manifest, Source, Stats};
 

@@ -1,7 +1,9 @@
-//! The HTTPS API's router: one for admins (bearer token), agents (client certificate)
-//! and enrollment (one-time token). The handlers live in the modules below and in
-//! `ilr`, `instant` and `recover`; who may call what is decided by their extractors
-//! (`crate::auth`).
+//! The HTTPS API's router: users and scripts (the admin token, API tokens, session
+//! cookies; each with a role), agents (client certificate) and enrollment (one-time
+//! token). The handlers live in the modules below and in `ilr`, `instant` and
+//! `recover`; who may call what is decided by their extractors (`crate::auth`: `Admin`,
+//! `Operate`, `Restore`, `Read`, `AgentHost`), and crates/holdfast/tests/roles.rs checks
+//! every route against its table.
 
 mod agent;
 mod clusters;
@@ -10,6 +12,7 @@ mod enroll;
 mod groups;
 mod jobs;
 mod storage;
+mod users;
 
 use crate::http::{ApiErr, not_found};
 use crate::state::AppState;
@@ -18,7 +21,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, patch, post};
 use protocol::API;
 use std::sync::Arc;
 
@@ -110,6 +113,17 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/alerts", get(jobs::alerts_list))
         .route("/alerts/{id}/resolve", post(jobs::alert_resolve))
         .route("/audit", get(jobs::audit_list))
+        .route(
+            "/session",
+            get(users::session_show)
+                .post(users::session_create)
+                .delete(users::session_delete),
+        )
+        .route("/users", get(users::users_list).post(users::user_create))
+        .route("/users/{name}", patch(users::user_modify))
+        .route("/users/{name}/password", post(users::user_password))
+        .route("/tokens", get(users::tokens_list).post(users::token_create))
+        .route("/tokens/{id}", delete(users::token_delete))
         .route("/agent/inventory", post(agent::agent_inventory))
         .route("/agent/replica-params", post(agent::agent_replica_params))
         .route("/agent/jobs/{id}/start", post(agent::agent_start))

@@ -1,8 +1,9 @@
-//! Item-level recovery over the API: browse a recovery point's volumes and folders,
-//! download one file. Admin only. The work (datastore reads, decompression) runs on
-//! blocking threads; a file streams in 1 MiB pieces, never whole in memory.
+//! Item-level recovery over the API: browse a recovery point's volumes and folders
+//! (any role), download one file (role restore or higher). The work (datastore reads,
+//! decompression) runs on blocking threads; a file streams in 1 MiB pieces, never
+//! whole in memory.
 
-use crate::auth::Admin;
+use crate::auth::{Read, Restore};
 use crate::http::{ApiErr, ApiResult, St, bad, blocking, json, not_found};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -66,7 +67,7 @@ pub(crate) fn open(
 /// `GET /recovery-points/{id}/browse?disk=N&partition=P&path=/x`
 pub async fn browse(
     State(st): St,
-    _admin: Admin,
+    _caller: Read,
     Path(id): Path<String>,
     Query(q): Query<IlrQuery>,
 ) -> ApiResult<Response> {
@@ -120,7 +121,7 @@ impl Write for ChunkSender {
 /// breaks the transfer (the length announced does not arrive).
 pub async fn file(
     State(st): St,
-    _admin: Admin,
+    _caller: Restore,
     Path(id): Path<String>,
     Query(q): Query<IlrQuery>,
 ) -> ApiResult<Response> {

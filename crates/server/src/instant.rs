@@ -3,7 +3,7 @@
 //! recovery needs neither the datastore folder nor an unauthenticated NBD port on the
 //! backup server. Reads are decoded and checked here, like every datastore read.
 
-use crate::auth::Admin;
+use crate::auth::{Read, Restore};
 use crate::http::{ApiErr, ApiResult, St, bad, blocking, json};
 use axum::extract::{Path, Query, State};
 use axum::http::header;
@@ -61,7 +61,7 @@ async fn with_disk<T: Send + 'static>(
 /// `GET /recovery-points/{id}/disks/{n}/data?offset=O&length=L`: the bytes.
 pub async fn data(
     State(st): St,
-    _admin: Admin,
+    _caller: Restore,
     Path(at): Path<(String, u32)>,
     Query(q): Query<RangeQuery>,
 ) -> ApiResult<Response> {
@@ -76,7 +76,7 @@ pub async fn data(
 /// `GET /recovery-points/{id}/disks/{n}/map?offset=O&length=L`: data and zero extents.
 pub async fn map(
     State(st): St,
-    _admin: Admin,
+    _caller: Read,
     Path(at): Path<(String, u32)>,
     Query(q): Query<RangeQuery>,
 ) -> ApiResult<Response> {

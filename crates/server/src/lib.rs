@@ -346,6 +346,14 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
     }
     ds.backend().remove_leftovers()?;
     let cat = Catalog::open(&opts.data_dir.join("catalog.db"))?;
+    if cat.users()?.is_empty() {
+        eprintln!(
+            "holdfast server: no console users yet; create the first with \
+             `holdfast users create NAME --role admin` (the CLI uses the admin token in {}), \
+             then sign in with that name and password",
+            opts.data_dir.join("admin.token").display()
+        );
+    }
     let mut names = cfg.public_names.clone();
     if let Ok(h) = std::fs::read_to_string("/etc/hostname") {
         let h = h.trim();

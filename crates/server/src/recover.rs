@@ -2,7 +2,7 @@
 //! agent, and the agent reads the recovery point's blobs through
 //! `GET /agent/jobs/{id}/recovery-blob/{blob}`, limited to the blobs of that point.
 
-use crate::auth::{Admin, AgentHost};
+use crate::auth::{AgentHost, Restore};
 use crate::caches::Access;
 use crate::http::{ApiErr, ApiResult, St, bad, blocking, json, not_found};
 use crate::recovery_plan::{Stored, key, stored};
@@ -33,12 +33,18 @@ fn check_host(st: &AppState, host: &str) -> ApiResult<()> {
     }
 }
 
-/// `POST /recoveries` (admin).
-pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
+/// `POST /recoveries` (restore or higher).
+pub(crate) async fn create(
+    State(st): St,
+    Restore(caller): Restore,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: RecoveryRequest =
         serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     req.validate().map_err(bad)?;
-    let job = st.offload(move |st| plan_and_queue(st, &req)).await?;
+    let job = st
+        .offload(move |st| plan_and_queue(st, &req, &caller.name))
+        .await?;
     let mut r = json(&job);
     *r.status_mut() = StatusCode::CREATED;
     Ok(r)
@@ -46,7 +52,7 @@ pub(crate) async fn create(State(st): St, _admin: Admin, body: Bytes) -> ApiResu
 
 /// The phases of `POST /recoveries`: the data source and its point, the target host
 /// and its agent, then the job queued with its stored plan.
-fn plan_and_queue(st: &AppState, req: &RecoveryRequest) -> ApiResult<JobInfo> {
+fn plan_and_queue(st: &AppState, req: &RecoveryRequest, who: &str) -> ApiResult<JobInfo> {
     let (host, vm) =
         split_vm(&req.vm).ok_or_else(|| bad(format!("{:?} is not HOST/VM", req.vm)))?;
     let ds = st.cat().datasource_by_name(host, vm)?;
@@ -66,7 +72,7 @@ fn plan_and_queue(st: &AppState, req: &RecoveryRequest) -> ApiResult<JobInfo> {
     let target_host = target_host(st, &req.target, &ds, point)?;
     check_host(st, &target_host)?;
     crate::http::check_recipients(st, &req.notify)?;
-    let id = queue_job(st, req, &ds, point, &target_host)?;
+    let id = queue_job(st, req, &ds, point, &target_host, who)?;
     st.notify_job(id, &req.notify)?;
     st.wake.notify_waiters();
     Ok(st.cat().job(id)?)
@@ -200,6 +206,7 @@ fn queue_job(
     ds: &DataSourceInfo,
     point: &RecoveryPointInfo,
     target_host: &str,
+    who: &str,
 ) -> ApiResult<i64> {
     let now = utc::now();
     let s = Stored {
@@ -216,7 +223,7 @@ fn queue_job(
         &NewJob {
             kind: JobKind::Recovery,
             datasource_id: Some(ds.id.clone()),
-            trigger: "admin".into(),
+            trigger: who.into(),
             not_before: None,
             attempt: 1,
             rerun_of: None,
@@ -234,7 +241,7 @@ fn queue_job(
             describe(&req.target)
         ),
     )?;
-    cat.audit(now, "admin", "recover", &format!("{} job {id}", ds.name))?;
+    cat.audit(now, who, "recover", &format!("{} job {id}", ds.name))?;
     Ok(id)
 }
 

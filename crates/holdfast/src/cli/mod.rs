@@ -13,6 +13,7 @@ mod progress;
 mod storage;
 mod store;
 mod units;
+mod users;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -126,6 +127,12 @@ enum Command {
     /// Offline seeding: export a VM's first copy on the host, import it on the server.
     #[command(subcommand)]
     Replica(daemons::ReplicaCommand),
+    /// Console users and their roles (admin, operator, restore, auditor).
+    #[command(subcommand)]
+    Users(users::UsersCommand),
+    /// API tokens for scripts, with a role and an expiry; shown once.
+    #[command(subcommand)]
+    Tokens(users::TokensCommand),
 }
 
 impl Cli {
@@ -183,5 +190,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Jobs(c) => admin::jobs(&cli.server, c),
         Command::Alerts(c) => admin::alerts(&cli.server, c),
         Command::Replica(c) => daemons::replica(&cli.server, c),
+        Command::Users(c) => users::users(&cli.server, c),
+        Command::Tokens(c) => users::tokens(&cli.server, c),
     }
 }

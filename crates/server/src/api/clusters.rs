@@ -1,6 +1,6 @@
 //! Clusters: hosts among which a VM may move without a conflict.
 
-use crate::auth::Admin;
+use crate::auth::{Admin, Read};
 use crate::http::{ApiResult, St, json, now, parse};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -8,13 +8,13 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use protocol::*;
 
-pub(crate) async fn clusters_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
+pub(crate) async fn clusters_list(State(st): St, _: Read) -> ApiResult<Response> {
     Ok(json(&st.catalog(|c| c.clusters()).await?))
 }
 
 pub(crate) async fn cluster_show(
     State(st): St,
-    _admin: Admin,
+    _: Read,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     Ok(json(&st.catalog(move |c| c.cluster(&name)).await?))
@@ -22,7 +22,7 @@ pub(crate) async fn cluster_show(
 
 pub(crate) async fn cluster_create(
     State(st): St,
-    _admin: Admin,
+    Admin(caller): Admin,
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: CreateCluster = parse(&body)?;
@@ -31,7 +31,7 @@ pub(crate) async fn cluster_create(
             let k = cat.create_cluster(now(), &req.name, &req.hosts)?;
             cat.audit(
                 now(),
-                "admin",
+                &caller.name,
                 "cluster create",
                 &format!("{} hosts {}", k.name, k.hosts.join(",")),
             )?;
@@ -45,7 +45,7 @@ pub(crate) async fn cluster_create(
 
 pub(crate) async fn cluster_add_hosts(
     State(st): St,
-    _admin: Admin,
+    Admin(caller): Admin,
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -55,7 +55,7 @@ pub(crate) async fn cluster_add_hosts(
             let k = cat.add_cluster_hosts(&name, &req.hosts)?;
             cat.audit(
                 now(),
-                "admin",
+                &caller.name,
                 "cluster add-host",
                 &format!("{name} {}", req.hosts.join(",")),
             )?;
@@ -67,7 +67,7 @@ pub(crate) async fn cluster_add_hosts(
 
 pub(crate) async fn cluster_remove_host(
     State(st): St,
-    _admin: Admin,
+    Admin(caller): Admin,
     Path((name, host)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let k = st
@@ -75,7 +75,7 @@ pub(crate) async fn cluster_remove_host(
             let k = cat.remove_cluster_host(&name, &host)?;
             cat.audit(
                 now(),
-                "admin",
+                &caller.name,
                 "cluster remove-host",
                 &format!("{name} {host}"),
             )?;
@@ -87,14 +87,14 @@ pub(crate) async fn cluster_remove_host(
 
 pub(crate) async fn cluster_delete(
     State(st): St,
-    _admin: Admin,
+    Admin(caller): Admin,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     let k = st
         .catalog(move |cat| {
             let k = cat.cluster(&name)?;
             cat.delete_cluster(&name)?;
-            cat.audit(now(), "admin", "cluster delete", &name)?;
+            cat.audit(now(), &caller.name, "cluster delete", &name)?;
             Ok::<_, catalog::Error>(k)
         })
         .await?;

@@ -1,6 +1,6 @@
 //! Data sources: the list, backups on demand, exclusions and moves to another host.
 
-use crate::auth::Admin;
+use crate::auth::{Admin, Operate, Read};
 use crate::http::{ApiErr, ApiResult, St, bad, check_recipients, json, now, parse};
 use crate::state::AppState;
 use axum::body::Bytes;
@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use protocol::*;
 
-pub(crate) async fn datasources(State(st): St, _admin: Admin) -> ApiResult<Response> {
+pub(crate) async fn datasources(State(st): St, _: Read) -> ApiResult<Response> {
     Ok(json(&st.catalog(|c| c.datasources()).await?))
 }
 
@@ -19,6 +19,7 @@ pub(crate) fn queue_for_vm(
     vm: &str,
     kind: JobKind,
     notify: &[String],
+    who: &str,
 ) -> ApiResult<Response> {
     let ds = st.cat().datasource_by_name(host, vm)?;
     // An active backup job is answered as is; a recovery is not a backup to follow.
@@ -34,15 +35,11 @@ pub(crate) fn queue_for_vm(
             ),
         ));
     }
-    let (id, new) = st.queue(now(), kind, Some(&ds.id), "admin")?;
+    let (id, new) = st.queue(now(), kind, Some(&ds.id), who)?;
     // Told before the job can end: the agent picks it up no sooner than its next poll.
     st.notify_job(id, notify)?;
-    st.cat().audit(
-        now(),
-        "admin",
-        kind.as_str(),
-        &format!("{host}/{vm} job {id}"),
-    )?;
+    st.cat()
+        .audit(now(), who, kind.as_str(), &format!("{host}/{vm} job {id}"))?;
     let job = st.cat().job(id)?;
     let mut r = json(&job);
     if new {
@@ -53,7 +50,7 @@ pub(crate) fn queue_for_vm(
 
 pub(crate) async fn backup_now(
     State(st): St,
-    _admin: Admin,
+    Operate(caller): Operate,
     Path((host, vm)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -72,17 +69,17 @@ pub(crate) async fn backup_now(
         } else {
             JobKind::Sync
         };
-        queue_for_vm(st, &host, &vm, kind, &req.notify)
+        queue_for_vm(st, &host, &vm, kind, &req.notify, &caller.name)
     })
     .await
 }
 
 pub(crate) async fn consistency_check(
     State(st): St,
-    _admin: Admin,
+    Operate(caller): Operate,
     Path((host, vm)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    st.offload(move |st| queue_for_vm(st, &host, &vm, JobKind::ConsistencyCheck, &[]))
+    st.offload(move |st| queue_for_vm(st, &host, &vm, JobKind::ConsistencyCheck, &[], &caller.name))
         .await
 }
 
@@ -100,7 +97,7 @@ pub(crate) fn exclusions(st: &AppState, ds_id: &str) -> ApiResult<Exclusions> {
 
 pub(crate) async fn exclusions_get(
     State(st): St,
-    _admin: Admin,
+    _: Read,
     Path((host, vm)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let ex = st
@@ -114,7 +111,7 @@ pub(crate) async fn exclusions_get(
 
 pub(crate) async fn exclusions_put(
     State(st): St,
-    _admin: Admin,
+    Operate(caller): Operate,
     Path((host, vm)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -135,7 +132,7 @@ pub(crate) async fn exclusions_put(
                 st.cat().set_setting(&key, &v)?;
             }
             st.cat()
-                .audit(now(), "admin", "exclusions", &format!("{host}/{vm}"))?;
+                .audit(now(), &caller.name, "exclusions", &format!("{host}/{vm}"))?;
             Ok(ex)
         })
         .await?;
@@ -171,7 +168,7 @@ pub(crate) fn moved(
 /// another host reports under its id or name.
 pub(crate) async fn datasource_move(
     State(st): St,
-    _admin: Admin,
+    Admin(caller): Admin,
     Path((host, vm)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -193,7 +190,7 @@ pub(crate) async fn datasource_move(
                 ));
             }
             let m = cat.move_datasource(t, &host, &vm, &req.to)?;
-            moved(st, &cat, t, "admin", &m)?;
+            moved(st, &cat, t, &caller.name, &m)?;
             Ok(cat.datasource(&m.datasource_id)?)
         })
         .await?;

@@ -1,6 +1,6 @@
 //! Status, the CA, enrollment of agents (one-time tokens) and the agents list.
 
-use crate::auth::Admin;
+use crate::auth::{Admin, Read};
 use crate::http::{ApiErr, ApiResult, St, bad, forbidden, json, now, parse};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -10,7 +10,7 @@ use protocol::*;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-pub(crate) async fn status(State(st): St, _admin: Admin) -> ApiResult<Response> {
+pub(crate) async fn status(State(st): St, _: Read) -> ApiResult<Response> {
     let c = st.catalog(|c| c.counts()).await?;
     Ok(json(&ServerStatus {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -38,7 +38,11 @@ pub(crate) async fn ca(State(st): St) -> Response {
     }))
 }
 
-pub(crate) async fn agent_token(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
+pub(crate) async fn agent_token(
+    State(st): St,
+    Admin(caller): Admin,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: AgentTokenRequest = parse(&body)?;
     req.validate().map_err(bad)?;
     let host = req.host.as_str();
@@ -50,7 +54,7 @@ pub(crate) async fn agent_token(State(st): St, _admin: Admin, body: Bytes) -> Ap
     let h = host.to_string();
     st.catalog(move |cat| {
         cat.add_enroll_token(now(), &h, &hash, expires)?;
-        cat.audit(now(), "admin", "agent-token create", &h)
+        cat.audit(now(), &caller.name, "agent-token create", &h)
     })
     .await?;
     Ok(json(&AgentTokenResponse {
@@ -116,7 +120,7 @@ pub(crate) async fn enroll(State(st): St, body: Bytes) -> ApiResult<Response> {
     }))
 }
 
-pub(crate) async fn agents_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
+pub(crate) async fn agents_list(State(st): St, _: Read) -> ApiResult<Response> {
     let rows = st.catalog(|c| c.agents()).await?;
     let polling = locks::lock(&st.polling).clone();
     let window = Duration::from_secs(st.config.scheduler.poll_seconds + 15);
@@ -133,13 +137,13 @@ pub(crate) async fn agents_list(State(st): St, _admin: Admin) -> ApiResult<Respo
 
 pub(crate) async fn agent_revoke(
     State(st): St,
-    _admin: Admin,
+    Admin(caller): Admin,
     Path(host): Path<String>,
 ) -> ApiResult<Response> {
     let h = host.clone();
     st.catalog(move |cat| {
         cat.revoke_agent(now(), &h)?;
-        cat.audit(now(), "admin", "agent revoke", &h)
+        cat.audit(now(), &caller.name, "agent revoke", &h)
     })
     .await?;
     Ok(json(&serde_json::json!({ "host": host, "revoked": true })))

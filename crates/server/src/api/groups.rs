@@ -1,7 +1,7 @@
 //! Protection groups, with their disk allocation review.
 
-use crate::auth::Admin;
-use crate::http::{ApiErr, ApiResult, St, bad, json, now, parse};
+use crate::auth::{Operate, Read};
+use crate::http::{ApiErr, ApiResult, St, bad, forbidden, json, now, parse};
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -21,7 +21,7 @@ pub(crate) fn group_info(st: &AppState, g: catalog::GroupRow) -> GroupInfo {
     }
 }
 
-pub(crate) async fn groups_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
+pub(crate) async fn groups_list(State(st): St, _: Read) -> ApiResult<Response> {
     let out = st
         .offload(|st| {
             let rows = st.cat().groups()?;
@@ -36,7 +36,7 @@ pub(crate) async fn groups_list(State(st): St, _admin: Admin) -> ApiResult<Respo
 
 pub(crate) async fn group_show(
     State(st): St,
-    _admin: Admin,
+    _: Read,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     let g = st
@@ -100,7 +100,11 @@ pub(crate) fn mark_schedules_now(st: &AppState, g: &catalog::GroupRow) -> ApiRes
     Ok(())
 }
 
-pub(crate) async fn group_create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
+pub(crate) async fn group_create(
+    State(st): St,
+    Operate(caller): Operate,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: CreateGroup = parse(&body)?;
     req.validate().map_err(bad)?;
     let g = st
@@ -119,7 +123,7 @@ pub(crate) async fn group_create(State(st): St, _admin: Admin, body: Bytes) -> A
             mark_schedules_now(st, &g)?;
             st.cat().audit(
                 now(),
-                "admin",
+                &caller.name,
                 "pg create",
                 &format!("{} members {}", g.name, g.member_names().join(",")),
             )?;
@@ -134,7 +138,7 @@ pub(crate) async fn group_create(State(st): St, _admin: Admin, body: Bytes) -> A
 
 pub(crate) async fn group_modify(
     State(st): St,
-    _admin: Admin,
+    Operate(caller): Operate,
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -162,7 +166,7 @@ pub(crate) async fn group_modify(
                 }
             }
             mark_schedules_now(st, &g)?;
-            st.cat().audit(now(), "admin", "pg modify", &name)?;
+            st.cat().audit(now(), &caller.name, "pg modify", &name)?;
             Ok(group_info(st, g))
         })
         .await?;
@@ -177,10 +181,17 @@ pub(crate) struct DeleteQuery {
 
 pub(crate) async fn group_delete(
     State(st): St,
-    _admin: Admin,
+    Operate(caller): Operate,
     Path(name): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<Response> {
+    // Deleting the data is deleting recovery points: admins only.
+    if q.delete_data && caller.role < protocol::Role::Admin {
+        return Err(forbidden(format!(
+            "{} (role {}) may not delete recovery points (--delete-data): it needs role admin",
+            caller.name, caller.role
+        )));
+    }
     let n = name.clone();
     let deleted = st
         .offload(move |st| {
@@ -205,7 +216,7 @@ pub(crate) async fn group_delete(
             }
             st.cat().audit(
                 now(),
-                "admin",
+                &caller.name,
                 "pg delete",
                 &format!("{name} delete_data={} points={deleted}", q.delete_data),
             )?;
@@ -222,7 +233,7 @@ pub(crate) async fn group_delete(
 /// point to the group's storage target now.
 pub(crate) async fn group_online_copy(
     State(st): St,
-    _admin: Admin,
+    Operate(caller): Operate,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     let out = st
@@ -234,9 +245,9 @@ pub(crate) async fn group_online_copy(
                     format!("protection group {name:?} has no online protection (pg modify --online STORAGE ...)"),
                 ));
             }
-            let jobs = crate::online::queue_group(st, now(), &name, "admin")?;
+            let jobs = crate::online::queue_group(st, now(), &name, &caller.name)?;
             st.cat()
-                .audit(now(), "admin", "online copy", &format!("{name}: jobs {jobs:?}"))?;
+                .audit(now(), &caller.name, "online copy", &format!("{name}: jobs {jobs:?}"))?;
             Ok(OnlineCopyQueued { group: name, jobs })
         })
         .await?;

@@ -1,6 +1,6 @@
 //! What admins read and act on: recovery points, jobs, alerts and the audit log.
 
-use crate::auth::Admin;
+use crate::auth::{Operate, Read};
 use crate::http::{ApiErr, ApiResult, St, bad, json, now, parse};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -17,7 +17,7 @@ pub(crate) struct RpQuery {
 
 pub(crate) async fn recovery_points(
     State(st): St,
-    _admin: Admin,
+    _: Read,
     Query(q): Query<RpQuery>,
 ) -> ApiResult<Response> {
     let points = st
@@ -62,7 +62,7 @@ pub(crate) struct JobsQuery {
 
 pub(crate) async fn jobs_list(
     State(st): St,
-    _admin: Admin,
+    _: Read,
     Query(q): Query<JobsQuery>,
 ) -> ApiResult<Response> {
     let state = match &q.state {
@@ -96,7 +96,11 @@ struct NewServerJob {
 }
 
 /// Server-side jobs on demand (verify, prune, gc).
-pub(crate) async fn job_create(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
+pub(crate) async fn job_create(
+    State(st): St,
+    Operate(caller): Operate,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: NewServerJob = parse(&body)?;
     let kind = JobKind::parse(&req.kind)
         .filter(|k| !k.on_agent() && !matches!(k, JobKind::OnlineCopy | JobKind::OnlineVerify))
@@ -108,7 +112,7 @@ pub(crate) async fn job_create(State(st): St, _admin: Admin, body: Bytes) -> Api
         })?;
     let job = st
         .offload(move |st| {
-            let (id, _) = st.queue(now(), kind, None, "admin")?;
+            let (id, _) = st.queue(now(), kind, None, &caller.name)?;
             Ok(st.cat().job(id)?)
         })
         .await?;
@@ -125,7 +129,7 @@ pub(crate) struct JobQuery {
 
 pub(crate) async fn job_show(
     State(st): St,
-    _admin: Admin,
+    _: Read,
     Path(id): Path<i64>,
     Query(q): Query<JobQuery>,
 ) -> ApiResult<Response> {
@@ -146,7 +150,7 @@ pub(crate) async fn job_show(
 
 pub(crate) async fn job_cancel(
     State(st): St,
-    _admin: Admin,
+    Operate(caller): Operate,
     Path(id): Path<i64>,
 ) -> ApiResult<Response> {
     let job = st
@@ -170,7 +174,7 @@ pub(crate) async fn job_cancel(
                 }
             }
             st.cat()
-                .audit(now(), "admin", "job cancel", &id.to_string())?;
+                .audit(now(), &caller.name, "job cancel", &id.to_string())?;
             Ok(st.cat().job(id)?)
         })
         .await?;
@@ -185,7 +189,7 @@ pub(crate) struct AlertsQuery {
 
 pub(crate) async fn alerts_list(
     State(st): St,
-    _admin: Admin,
+    _: Read,
     Query(q): Query<AlertsQuery>,
 ) -> ApiResult<Response> {
     Ok(json(&st.catalog(move |c| c.alerts(q.all)).await?))
@@ -193,7 +197,7 @@ pub(crate) async fn alerts_list(
 
 pub(crate) async fn alert_resolve(
     State(st): St,
-    _admin: Admin,
+    Operate(caller): Operate,
     Path(id): Path<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -206,7 +210,7 @@ pub(crate) async fn alert_resolve(
             let a = st.notify.resolve_alert(&cat, now(), id, note)?;
             cat.audit(
                 now(),
-                "admin",
+                &caller.name,
                 "alert resolve",
                 &format!(
                     "{id} {} {}{}",
@@ -221,6 +225,6 @@ pub(crate) async fn alert_resolve(
     Ok(json(&a))
 }
 
-pub(crate) async fn audit_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
+pub(crate) async fn audit_list(State(st): St, _: Read) -> ApiResult<Response> {
     Ok(json(&st.catalog(|c| c.audit_log(500)).await?))
 }

@@ -1,7 +1,7 @@
 //! Storage targets: where online copies go. The secret of a target is written to the
 //! server's secret store, never to the catalog, a log or an answer.
 
-use crate::auth::Admin;
+use crate::auth::{Admin, Operate, Read};
 use crate::http::{ApiErr, ApiResult, St, bad, json, now, parse};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -13,13 +13,13 @@ fn secret_err(e: pki::Error) -> ApiErr {
     ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-pub(crate) async fn storage_list(State(st): St, _admin: Admin) -> ApiResult<Response> {
+pub(crate) async fn storage_list(State(st): St, _: Read) -> ApiResult<Response> {
     Ok(json(&st.catalog(|c| c.storage_targets()).await?))
 }
 
 pub(crate) async fn storage_show(
     State(st): St,
-    _admin: Admin,
+    _: Read,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     Ok(json(&st.catalog(move |c| c.storage(&name)).await?))
@@ -48,7 +48,11 @@ fn check_apart(st: &crate::state::AppState, req: &AddStorage) -> ApiResult<()> {
     Ok(())
 }
 
-pub(crate) async fn storage_add(State(st): St, _admin: Admin, body: Bytes) -> ApiResult<Response> {
+pub(crate) async fn storage_add(
+    State(st): St,
+    Admin(caller): Admin,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: AddStorage = parse(&body)?;
     req.validate().map_err(bad)?;
     check_apart(&st, &req)?;
@@ -67,7 +71,7 @@ pub(crate) async fn storage_add(State(st): St, _admin: Admin, body: Bytes) -> Ap
             }
             st.cat().audit(
                 now(),
-                "admin",
+                &caller.name,
                 "storage add",
                 &format!("{} ({}, {})", t.name, t.kind, t.url),
             )?;
@@ -81,7 +85,7 @@ pub(crate) async fn storage_add(State(st): St, _admin: Admin, body: Bytes) -> Ap
 
 pub(crate) async fn storage_remove(
     State(st): St,
-    _admin: Admin,
+    Admin(caller): Admin,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     let t = st
@@ -93,7 +97,7 @@ pub(crate) async fn storage_remove(
             crate::online::forget(st, &name);
             st.cat().audit(
                 now(),
-                "admin",
+                &caller.name,
                 "storage remove",
                 &format!("{} ({})", t.name, t.url),
             )?;
@@ -111,7 +115,7 @@ const PROBE_BYTES: usize = 4 << 20;
 /// answer as it should, with what went wrong.
 pub(crate) async fn storage_test(
     State(st): St,
-    _admin: Admin,
+    _: Operate,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     let report = st
@@ -139,7 +143,7 @@ pub(crate) async fn storage_test(
 /// `GET /storage/{name}/key`: the key file of the target's online copy (audited).
 pub(crate) async fn storage_key(
     State(st): St,
-    _admin: Admin,
+    Admin(caller): Admin,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     let key = st
@@ -155,7 +159,7 @@ pub(crate) async fn storage_key(
                     format!("{}: {e}", path.display()),
                 ),
             })?;
-            st.cat().audit(now(), "admin", "storage key", &name)?;
+            st.cat().audit(now(), &caller.name, "storage key", &name)?;
             Ok(StorageKey { name, key })
         })
         .await?;
@@ -167,7 +171,7 @@ pub(crate) async fn storage_key(
 /// different key than the one kept is refused.
 pub(crate) async fn storage_attach(
     State(st): St,
-    _admin: Admin,
+    Admin(caller): Admin,
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -212,7 +216,7 @@ pub(crate) async fn storage_attach(
             sources.dedup();
             st.cat().audit(
                 now(),
-                "admin",
+                &caller.name,
                 "storage attach",
                 &format!("{name}: {} recovery points", points.len()),
             )?;
@@ -230,7 +234,7 @@ pub(crate) async fn storage_attach(
 /// `POST /storage/{name}/verify`: queues an online verify job (all, or a sample).
 pub(crate) async fn storage_verify(
     State(st): St,
-    _admin: Admin,
+    Operate(caller): Operate,
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -261,7 +265,7 @@ pub(crate) async fn storage_verify(
                 now(),
                 JobKind::OnlineVerify,
                 None,
-                &format!("admin: verify online:{name}"),
+                &format!("{}: verify online:{name}", caller.name),
             )?;
             let row = serde_json::to_string(&(&name, req.sample_percent))
                 .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
