@@ -122,6 +122,17 @@ impl Browser {
                 .await
         });
         b.client = Some(client);
+        // --window-size counts the window's frame: grow the window so the page itself
+        // (and so each screenshot) is width x height.
+        let frame = b.execute("return [window.outerWidth - window.innerWidth, window.outerHeight - window.innerHeight]");
+        let extra = |i: usize| {
+            frame[i]
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(0)
+        };
+        let (w, h) = (width + extra(0), height + extra(1));
+        b.block("sizing the window", b.c().set_window_size(w, h));
         b
     }
 
