@@ -159,6 +159,27 @@ fn console_pages_in_chromium() {
     let day = utc::civil_from_days(points[0].created_unix.div_euclid(86_400)).2;
     assert_eq!(b.texts(".calendar strong"), vec![day.to_string()]);
 
+    // Every page carries its security headers; the API under the same origin still
+    // answers as before, and the interim cookie alone opens none of it (only the
+    // console turns it into a bearer token), so a forged cross-site API call gets 401.
+    let h = b.execute(
+        "return fetch('/hosts').then(r => [r.status, r.headers.get('content-security-policy'), r.headers.get('x-content-type-options'), r.headers.get('cache-control')])",
+    );
+    assert_eq!(h[0], 200, "{h}");
+    assert!(
+        h[1].as_str().unwrap().starts_with("default-src 'self'"),
+        "{h}"
+    );
+    assert!(
+        h[1].as_str().unwrap().contains("frame-ancestors 'none'"),
+        "{h}"
+    );
+    assert_eq!(h[2], "nosniff", "{h}");
+    assert_eq!(h[3], "no-store", "{h}");
+    let api = b.execute("return fetch('/api/v1/status').then(r => r.status)");
+    assert_eq!(api, 401, "{api}");
+    b.console_errors(); // the 401 above is logged as a failed load
+
     // An unknown filter is refused, not passed on.
     b.goto(&format!("{base}/jobs?state=bogus"));
     assert!(
