@@ -419,7 +419,12 @@ pub fn run(opts: ServerOptions, on_start: impl FnOnce(&Started)) -> Result<()> {
         st.notify.set_url(&started.url);
         on_start(&started);
         tokio::spawn(scheduler::run(st.clone()));
-        let serve = tls::serve(listener, tls, api::router(st.clone()), http);
+        let serve = tls::serve(
+            listener,
+            tls,
+            console::router(api::router(st.clone())),
+            http,
+        );
         if on_object_storage {
             // SIGTERM/SIGINT release the lease, so a restart need not wait for it to
             // expire; on a folder the process just ends, as flock needs nothing more.

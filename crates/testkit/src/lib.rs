@@ -2,9 +2,11 @@
 //! own copy: [`Rng`], a seeded generator for deterministic fixtures, and [`run`] /
 //! [`qemu_img`], the external tools interop tests compare against, and [`Azurite`] /
 //! [`Moto`], the storage servers the object-storage tests run against, and [`FaultProxy`],
-//! which the fault tests put between a client and such a server. Only ever a
+//! which the fault tests put between a client and such a server, and [`browser::Browser`],
+//! headless Chromium through chromedriver for the console's tests. Only ever a
 //! dev-dependency; tests may panic here, that is how they fail.
 
+pub mod browser;
 mod proxy;
 mod servers;
 
