@@ -58,7 +58,7 @@ pub async fn dashboard(State(api): State<Api>, headers: HeaderMap) -> Page {
                 li { strong { (count(ReplicaState::Ok)) } " OK" }
                 li { strong { (count(ReplicaState::Inconsistent)) } " inconsistent" }
                 li { strong { (count(ReplicaState::Unprotected)) } " without a replica yet" }
-                li { strong { (sources.len() - protected.len()) } " VMs not protected" }
+                li { strong { (sources.len().saturating_sub(protected.len())) } " VMs not protected" }
             }
             table {
                 thead { tr { th scope="col" { "VM" } th scope="col" { "Group" } th scope="col" { "Replica" } th scope="col" { "Last recovery point" } } }

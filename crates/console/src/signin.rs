@@ -7,7 +7,7 @@ use crate::api::{ADMIN_COOKIE, Api, ApiError, Caller};
 use crate::view::{page, respond};
 use axum::Form;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -38,7 +38,27 @@ pub async fn form() -> Response {
     respond(StatusCode::OK, login_page(None))
 }
 
-pub async fn login(State(api): State<Api>, Form(f): Form<Login>) -> Response {
+/// Whether a POST came from another site. Browsers name the initiator in
+/// `Sec-Fetch-Site`; a form of this console sends `same-origin`. SameSite=Strict already
+/// keeps the cookie off cross-site requests; this also stops another site from signing
+/// a browser in or out (interim: the user sessions bring CSRF tokens).
+fn cross_site(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() != b"same-origin" && v.as_bytes() != b"none")
+}
+
+fn refused() -> Response {
+    respond(
+        StatusCode::FORBIDDEN,
+        login_page(Some("Refused: the form was sent from another site.")),
+    )
+}
+
+pub async fn login(State(api): State<Api>, headers: HeaderMap, Form(f): Form<Login>) -> Response {
+    if cross_site(&headers) {
+        return refused();
+    }
     let token = f.token.trim();
     // Only characters a cookie value may hold unquoted: the token can never break
     // out of its cookie into attributes of its own.
@@ -70,7 +90,10 @@ pub async fn login(State(api): State<Api>, Form(f): Form<Login>) -> Response {
     with_cookie(Redirect::to("/"), &cookie)
 }
 
-pub async fn logout() -> Response {
+pub async fn logout(headers: HeaderMap) -> Response {
+    if cross_site(&headers) {
+        return refused();
+    }
     let cookie = format!("{ADMIN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Strict");
     with_cookie(Redirect::to("/login"), &cookie)
 }
@@ -86,5 +109,59 @@ fn with_cookie(r: Redirect, cookie: &str) -> Response {
             StatusCode::BAD_REQUEST,
             login_page(Some("That is not a token.")),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn post(path: &str, site: Option<&str>, body: &str) -> Response {
+        let mut req =
+            Request::post(path).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(s) = site {
+            req = req.header("sec-fetch-site", s);
+        }
+        // The console with an empty API behind it: no token can be checked, so only
+        // what is refused before the API is asked shows here.
+        let app = crate::router(axum::Router::new());
+        app.oneshot(req.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn cross_site_posts_are_refused() {
+        for path in ["/login", "/logout"] {
+            let r = post(path, Some("cross-site"), "token=abc").await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+            assert!(r.headers().get(header::SET_COOKIE).is_none(), "{path}");
+            let r = post(path, Some("same-site"), "token=abc").await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+        }
+        let r = post("/logout", Some("same-origin"), "").await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let c = r
+            .headers()
+            .get(header::SET_COOKIE)
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert!(
+            c.starts_with("holdfast_admin=; ") && c.contains("Max-Age=0") && c.contains("HttpOnly"),
+            "{c}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tokens_that_could_break_the_cookie_are_refused() {
+        for bad in ["a%3Bb", "a%20b", "", "a%0D%0Ab"] {
+            let r = post("/login", None, &format!("token={bad}")).await;
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+            assert!(r.headers().get(header::SET_COOKIE).is_none());
+        }
     }
 }
