@@ -179,6 +179,7 @@ fn online_copies_are_listed_read_back_and_attached_by_a_new_server() {
         std::fs::read(got.join("big.bin")).unwrap(),
         Rng::new(5).bytes(1 << 20)
     );
+    let want = std::fs::read(&disk).unwrap();
     // A point the target does not hold is refused by name.
     let out = c.cli(&[
         "ilr",
@@ -190,7 +191,6 @@ fn online_copies_are_listed_read_back_and_attached_by_a_new_server() {
         &first,
     ]);
     assert!(!out.status.success());
-    let want = std::fs::read(&disk).unwrap();
 
     // The server is lost. A new one attaches the copy with the key alone.
     c.kill_server();
@@ -225,6 +225,16 @@ fn online_copies_are_listed_read_back_and_attached_by_a_new_server() {
     .unwrap();
     assert_eq!(days[0]["recovery_points"], 1, "{days}");
     assert_eq!(days[0]["vms"][0], "hv01/web", "{days}");
+    // Block reads (what `export-nbd --from online:cloud` serves) come from the copy: this
+    // server has the point nowhere else.
+    let at = 20u64 << 20;
+    let bytes = c2
+        .admin()
+        .get_bytes(&format!(
+            "/recovery-points/{second}/disks/0/data?offset={at}&length=65536&from=online:cloud"
+        ))
+        .unwrap();
+    assert!(bytes[..] == want[at as usize..at as usize + 65536]);
     // A wrong key is refused and changes nothing.
     let wrong = work.join("wrong.key");
     std::fs::write(&wrong, "not a key\n").unwrap();
