@@ -161,24 +161,6 @@ fn online_copies_are_listed_read_back_and_attached_by_a_new_server() {
     assert_eq!(at(&first), vec!["disk"]);
     assert_eq!(at(&second), vec!["disk", "online:cloud"]);
 
-    // Item-level recovery from the online copy.
-    let got = work.join("got");
-    c.cli_ok(&[
-        "ilr",
-        "get",
-        "hv01/web",
-        "--from",
-        "online:cloud",
-        "--point",
-        &second,
-        "/big.bin",
-        "--to-folder",
-        s(&got),
-    ]);
-    assert_eq!(
-        std::fs::read(got.join("big.bin")).unwrap(),
-        Rng::new(5).bytes(1 << 20)
-    );
     let want = std::fs::read(&disk).unwrap();
     // A point the target does not hold is refused by name.
     let out = c.cli(&[
@@ -235,6 +217,24 @@ fn online_copies_are_listed_read_back_and_attached_by_a_new_server() {
         ))
         .unwrap();
     assert!(bytes[..] == want[at as usize..at as usize + 65536]);
+    // Item-level recovery from the online copy, on the server that has it nowhere else.
+    let got = work.join("got");
+    c2.cli_ok(&[
+        "ilr",
+        "get",
+        "hv01/web",
+        "--from",
+        "online:cloud",
+        "--point",
+        &second,
+        "/big.bin",
+        "--to-folder",
+        s(&got),
+    ]);
+    assert_eq!(
+        std::fs::read(got.join("big.bin")).unwrap(),
+        Rng::new(5).bytes(1 << 20)
+    );
     // A wrong key is refused and changes nothing.
     let wrong = work.join("wrong.key");
     std::fs::write(&wrong, "not a key\n").unwrap();
